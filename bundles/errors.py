@@ -77,6 +77,14 @@ class UnknownTargetError(TrustError):
     """The signed targets metadata does not list the requested target."""
 
 
+class MixAndMatchError(TrustError):
+    """A metadata file differs from the length or hash its parent role lists (old and new metadata mixed)."""
+
+
+class VersionConflictError(TrustError):
+    """New signed metadata is not exactly one version after the current one (stale or replayed publication)."""
+
+
 class KeyFileError(EdgeFleetError):
     """A key file is missing, unreadable or has unsafe permissions."""
 
@@ -149,6 +157,7 @@ __all__ = [
     "IntegrityError",
     "KeyFileError",
     "ManifestError",
+    "MixAndMatchError",
     "ModelNotReadyError",
     "NoCompatibleVariantError",
     "RollbackAttackError",
@@ -159,4 +168,5 @@ __all__ = [
     "TransportError",
     "TrustError",
     "UnknownTargetError",
+    "VersionConflictError",
 ]
