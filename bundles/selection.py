@@ -1,0 +1,309 @@
+"""Variant selection: which variant of a bundle should this device run?
+
+A device describes itself as :class:`DeviceCapabilities` (arch, OS, installed runtimes and their
+versions, accelerators, free memory and disk, preferences); :func:`probe_capabilities` measures the
+running host. :func:`select_variant` keeps the variants whose requirements the device meets and
+picks the best; when none fits it raises :class:`NoCompatibleVariantError` listing, per variant,
+every reason it was rejected, so an operator sees at once what a device lacks.
+
+Ranking (best first): the device's ``preferences`` (targets, precisions, ``target:precision`` or
+variant ids, earliest wins); then ``passed`` before ``structural``; then variants that use an
+accelerator the device has; then smaller variants (a quantised variant is only published when it
+met its accuracy and latency gates, so smaller is better); then the variant id for a stable order.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bundles.errors import ConfigError, NoCompatibleVariantError
+from bundles.manifest import Manifest, Variant
+
+_ARCH_ALIASES = {
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "arm64": "aarch64",
+    "armv8l": "aarch64",
+    "armv7": "armv7l",
+    "i686": "x86",
+    "i386": "x86",
+}
+RUNTIME_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
+    "litert": ("ai-edge-litert",),
+    "tflite_runtime": ("tflite-runtime",),
+    "llama_cpp": ("llama-cpp-python",),
+    "coreml": ("coremltools",),
+}
+"""Runtime name used in ``Requirements.runtime`` -> the pip distributions that provide it."""
+_ORT_PROVIDER_ACCELERATORS = {
+    "CUDAExecutionProvider": "cuda",
+    "TensorrtExecutionProvider": "tensorrt",
+    "ROCMExecutionProvider": "rocm",
+    "OpenVINOExecutionProvider": "openvino",
+    "CoreMLExecutionProvider": "coreml",
+    "DmlExecutionProvider": "directml",
+}
+_DEVICE_FILE_ACCELERATORS = {"/dev/nvidia0": "nvidia-gpu", "/dev/nvhost-ctrl": "nvidia-gpu", "/dev/apex_0": "edgetpu"}
+
+
+def normalize_arch(machine: str) -> str:
+    """``platform.machine()`` spellings folded to one name per architecture (x86_64, aarch64, ...)."""
+    lowered = machine.strip().lower()
+    return _ARCH_ALIASES.get(lowered, lowered)
+
+
+@dataclass(frozen=True)
+class DeviceCapabilities:
+    """What a device can run. ``memory_mb``/``disk_free_mb`` of ``None`` mean unknown (not checked)."""
+
+    arch: str
+    os: str
+    python: str = ""
+    runtimes: dict[str, str] = field(default_factory=dict)
+    accelerators: tuple[str, ...] = ()
+    memory_mb: int | None = None
+    disk_free_mb: int | None = None
+    preferences: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = (
+        "arch", "os", "python", "runtimes", "accelerators", "memory_mb", "disk_free_mb", "preferences",
+    )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeviceCapabilities:
+        """Parse capabilities sent by a device (:class:`ConfigError` if malformed); unknown keys go to ``extra``."""
+        if not isinstance(data, Mapping) or not all(isinstance(data.get(k), str) for k in ("arch", "os")):
+            raise ConfigError("capabilities: 'arch' and 'os' are required strings")
+        runtimes = data.get("runtimes") or {}
+        if not isinstance(runtimes, Mapping):
+            raise ConfigError("capabilities.runtimes: expected an object of runtime -> version")
+        return cls(
+            arch=normalize_arch(data["arch"]),
+            os=str(data["os"]).lower(),
+            python=str(data.get("python") or ""),
+            runtimes={str(k): str(v) for k, v in runtimes.items()},
+            accelerators=tuple(str(a) for a in data.get("accelerators") or ()),
+            memory_mb=_optional_int(data, "memory_mb"),
+            disk_free_mb=_optional_int(data, "disk_free_mb"),
+            preferences=tuple(str(p) for p in data.get("preferences") or ()),
+            extra={k: v for k, v in data.items() if k not in cls.KNOWN},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "arch": self.arch,
+            "os": self.os,
+            "python": self.python,
+            "runtimes": dict(self.runtimes),
+            "accelerators": list(self.accelerators),
+            "memory_mb": self.memory_mb,
+            "disk_free_mb": self.disk_free_mb,
+            "preferences": list(self.preferences),
+        }
+        return {**self.extra, **out}
+
+
+def _optional_int(data: Mapping[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"capabilities.{key}: expected a number, got {type(value).__name__}")
+    return int(value)
+
+
+# --- probing the running host --------------------------------------------------------------------
+
+
+def probe_capabilities(data_dir: str | Path = ".", preferences: tuple[str, ...] = ()) -> DeviceCapabilities:
+    """Measure this host: arch, OS, Python, installed runtimes, accelerators, memory, free disk.
+
+    ``data_dir`` is where bundles will be stored (its file system's free space is reported).
+    """
+    os_name = platform.system().lower()
+    return DeviceCapabilities(
+        arch=normalize_arch(platform.machine()),
+        os=os_name,
+        python=platform.python_version(),
+        runtimes=installed_runtimes(os_name),
+        accelerators=probe_accelerators(),
+        memory_mb=available_memory_mb(),
+        disk_free_mb=_disk_free_mb(Path(data_dir)),
+        preferences=preferences,
+    )
+
+
+def installed_runtimes(os_name: str | None = None) -> dict[str, str]:
+    """Runtime name -> installed version, from package metadata (no runtime is imported)."""
+    os_name = os_name or platform.system().lower()
+    found: dict[str, str] = {}
+    for runtime, dists in RUNTIME_DISTRIBUTIONS.items():
+        if runtime == "coreml" and os_name != "darwin":
+            continue  # coremltools converts anywhere but predicts only on macOS
+        version = _first_installed(dists)
+        if version is not None:
+            found[runtime] = version
+    return found
+
+
+def _first_installed(dists: tuple[str, ...]) -> str | None:
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def probe_accelerators() -> tuple[str, ...]:
+    """Accelerators seen through ONNX Runtime's providers and well-known device files."""
+    found = {name for path, name in _DEVICE_FILE_ACCELERATORS.items() if os.path.exists(path)}
+    found.update(_ort_accelerators())
+    if glob.glob("/dev/nvhost-*"):
+        found.add("nvidia-gpu")
+    return tuple(sorted(found))
+
+
+def _ort_accelerators() -> set[str]:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return set()
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    except Exception:  # a broken runtime install must not stop the agent from reporting the rest
+        return set()
+    return {_ORT_PROVIDER_ACCELERATORS[p] for p in providers if p in _ORT_PROVIDER_ACCELERATORS}
+
+
+def available_memory_mb() -> int | None:
+    """Memory available to new processes (MemAvailable on Linux), in MiB; None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+        page_bytes = os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(pages * page_bytes) // (1 << 20)
+
+
+def _disk_free_mb(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path if path.exists() else Path.cwd()).free // (1 << 20)
+    except OSError:
+        return None
+
+
+# --- selecting -----------------------------------------------------------------------------------
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """Numeric release parts of a version string: ``"1.20.1rc1"`` -> ``(1, 20, 1)``."""
+    parts: list[int] = []
+    for piece in version.strip().lstrip("vV").split("."):
+        match = re.match(r"\d+", piece)
+        if match is None:
+            break
+        parts.append(int(match.group()))
+        if match.end() != len(piece):
+            break
+    return tuple(parts)
+
+
+def version_at_least(installed: str, minimum: str) -> bool:
+    """``installed >= minimum`` comparing numeric release parts (``1.20`` == ``1.20.0``)."""
+    have, need = version_tuple(installed), version_tuple(minimum)
+    width = max(len(have), len(need))
+    return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
+
+
+def rejection_reasons(variant: Variant, caps: DeviceCapabilities) -> list[str]:
+    """Every reason ``variant`` cannot run on ``caps``; empty when it can."""
+    req = variant.requirements
+    reasons: list[str] = []
+    installed = caps.runtimes.get(req.runtime)
+    if installed is None:
+        reasons.append(f"runtime {req.runtime} is not installed")
+    elif not version_at_least(installed, req.min_runtime_version):
+        reasons.append(f"runtime {req.runtime} {installed} is older than the required {req.min_runtime_version}")
+    if req.arch and caps.arch not in {normalize_arch(a) for a in req.arch}:
+        reasons.append(f"arch {caps.arch} is not one of {', '.join(req.arch)}")
+    if req.os and caps.os not in {o.lower() for o in req.os}:
+        reasons.append(f"os {caps.os} is not one of {', '.join(req.os)}")
+    missing = [a for a in req.accelerators if a not in caps.accelerators]
+    if missing:
+        reasons.append(f"accelerator {', '.join(missing)} is not available")
+    if caps.memory_mb is not None and caps.memory_mb < req.min_memory_mb:
+        reasons.append(f"{caps.memory_mb} MB of memory free, {req.min_memory_mb} MB required")
+    size_mb = -(-variant.size_bytes // (1 << 20))
+    if caps.disk_free_mb is not None and caps.disk_free_mb < size_mb:
+        reasons.append(f"{caps.disk_free_mb} MB of disk free, {size_mb} MB required")
+    return reasons
+
+
+def _preference_rank(variant: Variant, preferences: tuple[str, ...]) -> int:
+    keys = {variant.id, variant.target, variant.precision, f"{variant.target}:{variant.precision}"}
+    for rank, preference in enumerate(preferences):
+        if preference in keys:
+            return rank
+    return len(preferences)
+
+
+def _rank_key(variant: Variant, caps: DeviceCapabilities) -> tuple[int, int, int, int, str]:
+    return (
+        _preference_rank(variant, caps.preferences),
+        0 if variant.status == "passed" else 1,
+        -len(variant.requirements.accelerators),
+        variant.size_bytes,
+        variant.id,
+    )
+
+
+def compatible_variants(manifest: Manifest, caps: DeviceCapabilities) -> list[Variant]:
+    """The variants that can run on ``caps``, best first."""
+    fitting = [v for v in manifest.variants if not rejection_reasons(v, caps)]
+    return sorted(fitting, key=lambda v: _rank_key(v, caps))
+
+
+def select_variant(manifest: Manifest, caps: DeviceCapabilities) -> Variant:
+    """The best variant for ``caps``; :class:`NoCompatibleVariantError` with per-variant reasons if none."""
+    ranked = compatible_variants(manifest, caps)
+    if ranked:
+        return ranked[0]
+    reasons = {v.id: rejection_reasons(v, caps) for v in manifest.variants}
+    detail = "; ".join(f"{vid}: {', '.join(why)}" for vid, why in reasons.items())
+    raise NoCompatibleVariantError(f"{manifest.ref}: no variant can run on this device ({detail})", reasons)
+
+
+__all__ = [
+    "RUNTIME_DISTRIBUTIONS",
+    "DeviceCapabilities",
+    "available_memory_mb",
+    "compatible_variants",
+    "installed_runtimes",
+    "normalize_arch",
+    "probe_accelerators",
+    "probe_capabilities",
+    "rejection_reasons",
+    "select_variant",
+    "version_at_least",
+    "version_tuple",
+]
