@@ -255,6 +255,9 @@ class FileRef:
     path: str
     sha256: str
     size_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("path", "sha256", "size_bytes")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "file") -> FileRef:
@@ -267,10 +270,10 @@ class FileRef:
         size = _require(data, "size_bytes", int, where)
         if size < 0:
             raise ManifestError(f"{where}[{path}].size_bytes: negative")
-        return cls(path=path, sha256=sha, size_bytes=size)
+        return cls(path=path, sha256=sha, size_bytes=size, extra=_extra(data, cls.KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "size_bytes": self.size_bytes}
+        return {**self.extra, "path": self.path, "sha256": self.sha256, "size_bytes": self.size_bytes}
 
 
 def _check_relative_path(path: str, where: str) -> None:
@@ -356,11 +359,16 @@ class EncodedTensor:
     dtype: str
     shape: tuple[int, ...]
     data: tuple[Any, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("dtype", "shape", "data")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "tensor") -> EncodedTensor:
         data = _mapping(data, where)
         shape = tuple(_require(data, "shape", list, where))
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ManifestError(f"{where}.shape: dimensions must be non-negative integers, got {list(shape)}")
         values = tuple(_require(data, "data", list, where))
         count = 1
         for d in shape:
@@ -368,10 +376,10 @@ class EncodedTensor:
         if count != len(values):
             raise ManifestError(f"{where}: shape {list(shape)} needs {count} values, got {len(values)}")
         dtype = _one_of(_require(data, "dtype", str, where), DTYPES, f"{where}.dtype")
-        return cls(dtype=dtype, shape=shape, data=values)
+        return cls(dtype=dtype, shape=shape, data=values, extra=_extra(data, cls.KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape), "data": list(self.data)}
+        return {**self.extra, "dtype": self.dtype, "shape": list(self.shape), "data": list(self.data)}
 
 
 @dataclass(frozen=True)
@@ -380,6 +388,9 @@ class GoldenCase:
 
     inputs: dict[str, EncodedTensor]
     expected: dict[str, EncodedTensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("inputs", "expected")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "golden") -> GoldenCase:
@@ -389,10 +400,12 @@ class GoldenCase:
         return cls(
             inputs={k: EncodedTensor.from_dict(v, f"{where}.inputs.{k}") for k, v in inputs.items()},
             expected={k: EncodedTensor.from_dict(v, f"{where}.expected.{k}") for k, v in expected.items()},
+            extra=_extra(data, cls.KNOWN),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
             "expected": {k: v.to_dict() for k, v in self.expected.items()},
         }
@@ -404,13 +417,20 @@ class Golden:
 
     ``top1_agreement`` (0..1), when set, also requires that fraction of argmax agreement on the
     first output, which is what matters for a quantised classifier whose logits move slightly.
-    Expected outputs are the *model* outputs (before post-processing).
+    Expected outputs are the *model* outputs (before post-processing). ``variant_tolerances``
+    overrides ``atol``/``rtol``/``top1_agreement`` per variant id (a quantised variant is checked
+    against the same expected outputs with the looser tolerance its gates accepted).
     """
 
     cases: tuple[GoldenCase, ...] = ()
     atol: float = 1e-4
     rtol: float = 1e-3
     top1_agreement: float | None = None
+    variant_tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("cases", "atol", "rtol", "top1_agreement", "variant_tolerances")
+    TOLERANCE_KEYS: ClassVar[tuple[str, ...]] = ("atol", "rtol", "top1_agreement")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "golden") -> Golden:
@@ -422,13 +442,38 @@ class Golden:
             atol=float(_optional(data, "atol", (int, float), where, 1e-4)),
             rtol=float(_optional(data, "rtol", (int, float), where, 1e-3)),
             top1_agreement=None if top1 is None else float(top1),
+            variant_tolerances=_variant_tolerances(data, where),
+            extra=_extra(data, cls.KNOWN),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cases": [c.to_dict() for c in self.cases], "atol": self.atol, "rtol": self.rtol}
         if self.top1_agreement is not None:
             out["top1_agreement"] = self.top1_agreement
-        return out
+        if self.variant_tolerances:
+            out["variant_tolerances"] = {k: dict(v) for k, v in self.variant_tolerances.items()}
+        return {**self.extra, **out}
+
+    def tolerance_for(self, variant_id: str) -> tuple[float, float, float | None]:
+        """``(atol, rtol, top1_agreement)`` that apply to ``variant_id``."""
+        override = self.variant_tolerances.get(variant_id, {})
+        return (
+            override.get("atol", self.atol),
+            override.get("rtol", self.rtol),
+            override.get("top1_agreement", self.top1_agreement),
+        )
+
+
+def _variant_tolerances(data: Mapping[str, Any], where: str) -> dict[str, dict[str, float]]:
+    raw = _mapping(_optional(data, "variant_tolerances", dict, where, {}), f"{where}.variant_tolerances")
+    out: dict[str, dict[str, float]] = {}
+    for vid, tol in raw.items():
+        tol = _mapping(tol, f"{where}.variant_tolerances.{vid}")
+        unknown = sorted(set(tol) - set(Golden.TOLERANCE_KEYS))
+        if unknown:
+            raise ManifestError(f"{where}.variant_tolerances.{vid}: unknown keys {unknown}")
+        out[str(vid)] = {k: float(_require(tol, k, (int, float), f"{where}.variant_tolerances.{vid}")) for k in tol}
+    return out
 
 
 @dataclass(frozen=True)
@@ -443,6 +488,9 @@ class Histogram:
     edges: tuple[float, ...] = ()
     categories: tuple[str, ...] = ()
     freqs: tuple[float, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("name", "edges", "categories", "freqs")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "histogram") -> Histogram:
@@ -457,7 +505,7 @@ class Histogram:
             raise ManifestError(f"{where}: {len(freqs)} frequencies do not match {bins} bins")
         if edges and any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
             raise ManifestError(f"{where}.edges: must be strictly ascending")
-        return cls(name=name, edges=edges, categories=cats, freqs=freqs)
+        return cls(name=name, edges=edges, categories=cats, freqs=freqs, extra=_extra(data, cls.KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "freqs": list(self.freqs)}
@@ -465,7 +513,7 @@ class Histogram:
             out["edges"] = list(self.edges)
         if self.categories:
             out["categories"] = list(self.categories)
-        return out
+        return {**self.extra, **out}
 
 
 @dataclass(frozen=True)
@@ -474,6 +522,9 @@ class DriftBaseline:
 
     features: tuple[Histogram, ...] = ()
     output: Histogram | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("features", "output")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "drift_baseline") -> DriftBaseline:
@@ -483,13 +534,14 @@ class DriftBaseline:
         return cls(
             features=tuple(Histogram.from_dict(f, f"{where}.features") for f in feats),
             output=None if out is None else Histogram.from_dict(out, f"{where}.output"),
+            extra=_extra(data, cls.KNOWN),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"features": [f.to_dict() for f in self.features]}
         if self.output is not None:
             out["output"] = self.output.to_dict()
-        return out
+        return {**self.extra, **out}
 
 
 @dataclass(frozen=True)
