@@ -1,0 +1,278 @@
+"""Publications: how a release leaves the workstation and enters the fleet server's repository.
+
+The workstation holds the offline targets (release) key. :func:`make_publication` takes the
+repository's current signed targets metadata (version N) and the trusted root, adds or replaces
+the given files, signs version N+1 with the release key, and packs it into one ``.tar.gz``::
+
+    targets.json                   the new signed targets metadata (version N+1)
+    targets/<target path>          each new or changed target file
+
+The server never signs targets: it reads the package with :func:`read_publication` (strict tar
+checks: regular files only, no traversal, size caps) and ``TufRepository.accept_publication``
+verifies the signature against its trusted root before anything is stored. Each target of a
+bundle carries ``custom = {"edgefleet": {"kind", "name", "version", "variant"}}`` derived from its
+path (``<name>/<version>/manifest.json`` or ``<name>/<version>/<variant_id>.tar.gz``).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import tarfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+
+from bundles.errors import ArchiveError, ConfigError, TrustError
+from bundles.tuf.common import (
+    atomic_file,
+    check_signer_role,
+    expires_after,
+    parse_metadata,
+    serialize,
+    verify_signatures,
+)
+
+TARGETS_MEMBER = "targets.json"
+FILES_PREFIX = "targets/"
+_BUNDLE_TARGET = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)/(?P<version>[0-9]+)/(?P<file>[^/]+)$")
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9@+=,_.-][A-Za-z0-9@+=,_. -]*$")
+_COPY_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PublicationLimits:
+    """Caps applied while unpacking a publication, so a hostile upload cannot fill the server's disk."""
+
+    max_total_bytes: int = 8 << 30
+    max_member_bytes: int = 4 << 30
+    max_members: int = 10_000
+    max_metadata_bytes: int = 5_000_000
+
+
+@dataclass
+class Publication:
+    """An unpacked publication: the new signed targets metadata and the files it brings."""
+
+    targets_bytes: bytes
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# --- workstation side -----------------------------------------------------------------------------
+def make_publication(
+    current_targets_bytes: bytes | None,
+    root_bytes: bytes,
+    files: Mapping[str, str | Path],
+    targets_signer: Signer,
+    out_path: str | Path,
+    expires_days: float = 90,
+    *,
+    custom: Mapping[str, Mapping[str, Any]] | None = None,
+    remove: Iterable[str] = (),
+    now: datetime | None = None,
+) -> Path:
+    """Sign targets version N+1 adding ``files`` (target path -> local file) and pack it at ``out_path``.
+
+    ``custom`` overrides the derived ``custom`` field of a target; ``remove`` drops target paths.
+    """
+    targets_bytes = build_targets(
+        current_targets_bytes, root_bytes, files, targets_signer, expires_days, custom=custom, remove=remove, now=now
+    )
+    out = Path(out_path)
+    with atomic_file(out) as f:
+        _pack(targets_bytes, files, f)
+    return out
+
+
+def build_targets(
+    current_targets_bytes: bytes | None,
+    root_bytes: bytes,
+    files: Mapping[str, str | Path],
+    targets_signer: Signer,
+    expires_days: float = 90,
+    *,
+    custom: Mapping[str, Mapping[str, Any]] | None = None,
+    remove: Iterable[str] = (),
+    now: datetime | None = None,
+) -> bytes:
+    """The signed bytes of the next targets version (see :func:`make_publication`)."""
+    root = parse_metadata(root_bytes, Root, "root").signed
+    check_signer_role(root, "targets", targets_signer)
+    current_version, current_targets = _current_targets(current_targets_bytes, root)
+    targets = Targets(version=current_version + 1, targets=current_targets)
+    for path in remove:
+        if targets.targets.pop(path, None) is None:
+            raise ConfigError(f"cannot remove target {path}: the current targets do not list it")
+    for path, local in files.items():
+        targets.targets[path] = _target_file(path, Path(local), (custom or {}).get(path))
+    targets.expires = expires_after(timedelta(days=expires_days), now)
+    md = Metadata(targets)
+    md.sign(targets_signer)
+    return serialize(md)
+
+
+def edgefleet_custom(target_path: str) -> dict[str, Any] | None:
+    """The ``custom`` field of a bundle target, derived from its path; ``None`` for other targets."""
+    match = _BUNDLE_TARGET.match(target_path)
+    if match is None:
+        return None
+    name, version, filename = match["name"], int(match["version"]), match["file"]
+    if filename == "manifest.json":
+        return {"edgefleet": {"kind": "manifest", "name": name, "version": version, "variant": None}}
+    if filename.endswith(".tar.gz"):
+        variant = filename[: -len(".tar.gz")]
+        return {"edgefleet": {"kind": "variant", "name": name, "version": version, "variant": variant}}
+    return None
+
+
+def validate_target_path(path: str) -> str:
+    """Return ``path`` if it is a safe relative target path, else raise :class:`ConfigError`.
+
+    Target paths become file paths on the server and URLs on devices: no absolute paths, no ``..``,
+    no empty segments, no backslashes or control characters.
+    """
+    segments = path.split("/")
+    if not path or len(path) > 512 or any(not _SAFE_SEGMENT.match(s) or s in (".", "..") for s in segments):
+        raise ConfigError(f"unsafe target path {path!r}: use relative a/b/c paths of letters, digits and ._-")
+    return path
+
+
+def _current_targets(current_targets_bytes: bytes | None, root: Root) -> tuple[int, dict[str, TargetFile]]:
+    """Version and targets of the verified current metadata; (0, {}) before the first publication."""
+    if current_targets_bytes is None:
+        return 0, {}
+    md = parse_metadata(current_targets_bytes, Targets, "current targets")
+    verify_signatures(root, "targets", md, f"current targets v{md.signed.version}")
+    return md.signed.version, dict(md.signed.targets)
+
+
+def _target_file(path: str, local: Path, custom: Mapping[str, Any] | None) -> TargetFile:
+    validate_target_path(path)
+    if not local.is_file():
+        raise ConfigError(f"file {local} for target {path} does not exist")
+    info = TargetFile.from_file(path, str(local), ["sha256"])
+    value = dict(custom) if custom is not None else edgefleet_custom(path)
+    if value is not None:
+        info.unrecognized_fields["custom"] = value
+    return info
+
+
+def _pack(targets_bytes: bytes, files: Mapping[str, str | Path], out: IO[bytes]) -> None:
+    """Write the publication tar.gz to ``out``, streaming each file (models can be large)."""
+    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        _add_member(tar, TARGETS_MEMBER, io.BytesIO(targets_bytes), len(targets_bytes))
+        for path, local in sorted(files.items()):
+            with open(local, "rb") as f:
+                _add_member(tar, FILES_PREFIX + path, f, Path(local).stat().st_size)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: IO[bytes], size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    tar.addfile(info, data)
+
+
+# --- server side --------------------------------------------------------------------------------
+def read_publication(
+    publication_path: str | Path, dest_dir: str | Path, limits: PublicationLimits | None = None
+) -> Publication:
+    """Unpack a publication into ``dest_dir`` with strict checks; the signature is checked by the caller.
+
+    Raises :class:`ArchiveError` for anything but regular files at safe paths, duplicates, sizes
+    over ``limits``, a missing ``targets.json``, or an unreadable archive.
+    """
+    limits = limits or PublicationLimits()
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    publication = Publication(targets_bytes=b"")
+    try:
+        with tarfile.open(publication_path, mode="r:gz") as tar:
+            _extract_members(tar, dest, limits, publication)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ArchiveError(f"publication {publication_path} is not a readable tar.gz: {e}") from e
+    if not publication.targets_bytes:
+        raise ArchiveError(f"publication {publication_path} has no {TARGETS_MEMBER}")
+    return publication
+
+
+def _extract_members(tar: tarfile.TarFile, dest: Path, limits: PublicationLimits, publication: Publication) -> None:
+    total_bytes = 0
+    count = 0
+    seen: set[str] = set()
+    while (member := tar.next()) is not None:
+        count += 1
+        if count > limits.max_members:
+            raise ArchiveError(f"publication has more than {limits.max_members} members")
+        if member.isdir():
+            continue
+        name = _check_member(member, limits, seen)
+        total_bytes += member.size
+        if total_bytes > limits.max_total_bytes:
+            raise ArchiveError(f"publication unpacks to more than {limits.max_total_bytes} bytes")
+        _store_member(tar, member, name, dest, limits, publication)
+
+
+def _check_member(member: tarfile.TarInfo, limits: PublicationLimits, seen: set[str]) -> str:
+    name = member.name
+    if not member.isreg():
+        raise ArchiveError(f"publication member {name!r} is not a regular file (links and devices are refused)")
+    if name in seen:
+        raise ArchiveError(f"publication member {name!r} appears twice")
+    seen.add(name)
+    if member.size > limits.max_member_bytes:
+        raise ArchiveError(f"publication member {name!r} is larger than {limits.max_member_bytes} bytes")
+    if name == TARGETS_MEMBER:
+        if member.size > limits.max_metadata_bytes:
+            raise ArchiveError(f"{TARGETS_MEMBER} is larger than {limits.max_metadata_bytes} bytes")
+        return name
+    if not name.startswith(FILES_PREFIX):
+        raise ArchiveError(f"publication member {name!r} is outside targets/")
+    try:
+        validate_target_path(name[len(FILES_PREFIX) :])
+    except ConfigError:
+        raise ArchiveError(f"publication member {name!r} has an unsafe path") from None
+    return name
+
+
+def _store_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: Path, limits: PublicationLimits, pub: Publication
+) -> None:
+    source = tar.extractfile(member)
+    if source is None:
+        raise ArchiveError(f"publication member {name!r} cannot be read")
+    if name == TARGETS_MEMBER:
+        pub.targets_bytes = source.read(limits.max_metadata_bytes + 1)
+        return
+    target_path = name[len(FILES_PREFIX) :]
+    out = dest.joinpath(*PurePosixPath(target_path).parts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:
+        shutil.copyfileobj(source, f, _COPY_CHUNK_BYTES)
+    pub.files[target_path] = out
+
+
+def parse_publication_targets(publication: Publication) -> Metadata[Targets]:
+    """The publication's targets metadata, parsed but not yet verified."""
+    if not publication.targets_bytes:
+        raise TrustError("publication carries empty targets metadata")
+    return parse_metadata(publication.targets_bytes, Targets, "published targets")
+
+
+__all__ = [
+    "Publication",
+    "PublicationLimits",
+    "build_targets",
+    "edgefleet_custom",
+    "make_publication",
+    "parse_publication_targets",
+    "read_publication",
+    "validate_target_path",
+]
