@@ -110,6 +110,9 @@ class InstallError(EdgeFleetError):
 class SelfTestError(InstallError):
     """A bundle's golden inputs did not reproduce their expected outputs within tolerance."""
 
+    report: object | None = None
+    """The :class:`bundles.predictor.SelfTestReport` with every number, when the Predictor raised it."""
+
 
 class InferenceError(EdgeFleetError):
     """A prediction could not be made."""
