@@ -1,0 +1,175 @@
+"""Agent configuration: one plain dataclass, loaded from a TOML file and the environment.
+
+Precedence, lowest first: the defaults below, the TOML file (keys at the top level or under an
+``[agent]`` table), then environment variables ``EDGEFLEET_AGENT_<KEY>`` (for example
+``EDGEFLEET_AGENT_POLL_INTERVAL_S=60``). Every limit carries its unit in its name; byte limits also
+accept a string with a unit (``"2GB"``, ``"512MiB"``) so that an operator can write what they mean.
+The file is found at ``--config``, else ``$EDGEFLEET_AGENT_CONFIG``, else
+``/etc/edgefleet/agent.toml`` if it exists; with no file the defaults and environment apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundles.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 devices
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
+ENV_PREFIX = "EDGEFLEET_AGENT_"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_PREFIXES = ("k", "m", "g", "t")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Every setting of the agent, with its unit in its name.
+
+    ``server_url`` and the access token come from enrollment (stored under ``state_dir``); setting
+    ``server_url`` here only matters before enrollment.
+    """
+
+    state_dir: Path = Path("/var/lib/edgefleet-agent")
+    server_url: str = ""
+    # update loop
+    poll_interval_s: float = 300.0
+    jitter_s: float = 30.0
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 600.0
+    request_timeout_s: float = 30.0
+    max_state_saves: int = 28
+    # download and install limits
+    max_bundle_bytes: int = 2 * 10**9
+    min_free_disk_bytes: int = 100 * 10**6
+    max_archive_members: int = 10_000
+    # health check: slack over the manifest's budgets (1.5 = 50 % over the budget still passes)
+    health_latency_slack: float = 1.5
+    health_memory_slack: float = 1.5
+    health_runs: int = 5
+    # inference
+    threads: int = 0  # 0 = the manifest's runtime_config.threads
+    max_concurrency: int = 4
+    max_waiting: int = 16
+    queue_timeout_s: float = 1.0
+    # localhost API
+    http_host: str = "127.0.0.1"
+    http_port: int = 8181
+    log_level: str = "info"
+
+    @property
+    def identity_dir(self) -> Path:
+        """Device key, access token and the server's TUF root."""
+        return self.state_dir / "identity"
+
+    @property
+    def models_dir(self) -> Path:
+        """One directory per model with its A/B slots."""
+        return self.state_dir / "models"
+
+    @property
+    def tuf_dir(self) -> Path:
+        """TUF metadata and downloaded targets (the download cache)."""
+        return self.state_dir / "tuf"
+
+    @property
+    def record_path(self) -> Path:
+        """The persisted deployment record of the update state machine."""
+        return self.state_dir / "deployment.json"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
+
+
+def parse_bytes(value: Any, key: str) -> int:
+    """``2000``, ``"2GB"``, ``"512MiB"`` -> bytes; anything else is a ConfigError naming ``key``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ConfigError(f"{key}: '{value}' is not a size (examples: 1048576, \"512MB\", \"2GiB\")")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    base = 1024 if "i" in unit else 1000
+    power = _PREFIXES.index(unit[0]) + 1 if unit[:1] in _PREFIXES else 0
+    return int(number * base**power)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a TOML or environment value to the type of field ``key``."""
+    kind = _FIELDS[key].type
+    try:
+        if key.endswith("_bytes"):
+            return parse_bytes(value, key)
+        if kind in ("Path", Path):
+            return Path(str(value)).expanduser()
+        if kind in ("int", int):
+            return int(value)
+        if kind in ("float", float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: '{value}' is not a valid {kind}") from e
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read agent config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"agent config {path} is not valid TOML: {e}") from e
+    table = data.get("agent", data)
+    return dict(table) if isinstance(table, Mapping) else {}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        name[len(ENV_PREFIX) :].lower(): value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() in _FIELDS
+    }
+
+
+def _validate(config: AgentConfig) -> AgentConfig:
+    positive = ("poll_interval_s", "backoff_initial_s", "backoff_max_s", "request_timeout_s", "max_concurrency")
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {getattr(config, key)}")
+    if config.max_state_saves < 4:
+        raise ConfigError(f"max_state_saves: must be at least 4, got {config.max_state_saves}")
+    if config.max_waiting < 0 or config.threads < 0:
+        raise ConfigError("max_waiting and threads must not be negative")
+    return config
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> AgentConfig:
+    """Build the config from defaults, the TOML file, the environment, then ``overrides``.
+
+    Raises:
+        ConfigError: the file is unreadable or invalid, or a key has an invalid value.
+    """
+    env = os.environ if environ is None else environ
+    chosen = path or env.get(f"{ENV_PREFIX}CONFIG") or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    raw: dict[str, Any] = _read_toml(Path(chosen)) if chosen else {}
+    values = dict(raw)
+    values.update(_from_env(env))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    bad = sorted(k for k in values if k not in _FIELDS)
+    if bad:
+        raise ConfigError(f"unknown agent setting(s): {', '.join(bad)}")
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    return _validate(AgentConfig(**coerced))
