@@ -1,0 +1,287 @@
+"""The offline buffer: telemetry items in SQLite under a disk cap, evicted by priority.
+
+Items (events, windows, samples) are stored as zlib-compressed JSON in one table with a priority
+(0 is kept longest), so a device that is offline for weeks keeps its install events and errors and
+loses routine samples first. Every eviction is counted by kind and reason in ``drops``; the counts
+are turned into a ``drops`` event (priority 0) when the next batch is built, so the server learns
+what was lost.
+
+Uploads are idempotent: :meth:`TelemetryBuffer.next_batch` marks the items it hands out with a
+batch id and returns the same batch (same id, same items) until :meth:`ack` deletes them, so a
+retry after a lost answer is the same batch and the server counts it once.
+
+Size accounting: the payload bytes plus :data:`ROW_OVERHEAD_BYTES` per row are kept under
+``cap_bytes * FILL_FACTOR``; the rest of the cap is headroom for SQLite pages, indexes and the WAL
+(the two-week test checks the real file sizes). Stdlib ``sqlite3`` in WAL mode; one lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundles.errors import ConfigError
+
+ROW_OVERHEAD_BYTES = 48
+FILL_FACTOR = 0.8
+PRIORITIES = {
+    "event:install": 0,
+    "event:error": 0,
+    "event:drops": 0,
+    "sample:error": 0,
+    "event:breaker": 1,
+    "event:heartbeat": 1,
+    "event": 1,
+    "window": 2,
+    "sample:fallback": 3,
+    "sample:low_confidence": 3,
+    "sample:rate": 4,
+}
+"""Priority by ``kind:label`` (then by ``kind``); 0 is evicted last. Install events and errors first."""
+COALESCED = frozenset({"event:heartbeat"})
+"""Labels of which only the newest item is kept (a heartbeat replaces the previous one)."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    label TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    batch_id TEXT
+);
+CREATE INDEX IF NOT EXISTS ix_items_evict ON items (priority, seq);
+CREATE INDEX IF NOT EXISTS ix_items_label ON items (label);
+CREATE TABLE IF NOT EXISTS drops (label TEXT PRIMARY KEY, items INTEGER NOT NULL, size_bytes INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items handed out for one upload; the same id until acknowledged."""
+
+    batch_id: str
+    events: list[dict[str, Any]]
+    windows: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_id": self.batch_id, "events": self.events, "windows": self.windows, "samples": self.samples}
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.windows) + len(self.samples)
+
+
+def priority_of(kind: str, label: str) -> int:
+    """The priority of an item (``kind`` event/window/sample, ``label`` its type or capture reason)."""
+    return PRIORITIES.get(f"{kind}:{label}", PRIORITIES.get(kind, 4))
+
+
+class TelemetryBuffer:
+    """A capped, prioritised SQLite queue of telemetry items (see the module docstring)."""
+
+    def __init__(self, path: str | Path, cap_bytes: int) -> None:
+        if cap_bytes < 64 * 1024:
+            raise ConfigError(f"telemetry buffer cap {cap_bytes} bytes is too small (minimum 64 KiB)")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.cap_bytes = cap_bytes
+        self.budget_bytes = int(cap_bytes * FILL_FACTOR)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._configure()
+        self.used_bytes = self._measure()
+
+    def _configure(self) -> None:
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA journal_size_limit={4 * 1024 * 1024}")
+        self._db.execute("PRAGMA wal_autocheckpoint=256")
+        self._db.executescript(_SCHEMA)
+
+    def _measure(self) -> int:
+        row = self._db.execute("SELECT COALESCE(SUM(size_bytes + ?), 0) FROM items", (ROW_OVERHEAD_BYTES,)).fetchone()
+        return int(row[0])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self.used_bytes = self._measure()
+                raise
+            self._db.execute("COMMIT")
+
+    def put(self, kind: str, label: str, item: dict[str, Any]) -> bool:
+        """Store one item; False (and a counted drop) if the cap leaves no room for it."""
+        body = zlib.compress(json.dumps(item, separators=(",", ":")).encode("utf-8"), 6)
+        return self.put_many([(kind, label, body)]) == 1
+
+    def put_many(self, items: list[tuple[str, str, bytes]]) -> int:
+        """Store pre-compressed items in one transaction; returns how many were kept."""
+        kept = 0
+        with self._transaction() as db:
+            for kind, label, body in items:
+                kept += self._insert(db, kind, label, body)
+        return kept
+
+    def _insert(self, db: sqlite3.Connection, kind: str, label: str, body: bytes) -> int:
+        key = f"{kind}:{label}"
+        if key in COALESCED:
+            query = "SELECT seq FROM items WHERE label = ? AND kind = ? AND batch_id IS NULL"
+            old = self._seqs(db, query, (label, kind))
+            self._delete_rows(db, old)
+        priority = priority_of(kind, label)
+        need = len(body) + ROW_OVERHEAD_BYTES
+        if not self._make_room(db, need, priority):
+            self._count_drop(db, f"{kind}:cap", 1, len(body))
+            return 0
+        db.execute(
+            "INSERT INTO items (kind, label, priority, size_bytes, body) VALUES (?, ?, ?, ?, ?)",
+            (kind, label, priority, len(body), body),
+        )
+        self.used_bytes += need
+        return 1
+
+    def _make_room(self, db: sqlite3.Connection, need: int, priority: int) -> bool:
+        """Evict lower-or-equal priority items, lowest priority and oldest first, until ``need`` fits."""
+        while self.used_bytes + need > self.budget_bytes:
+            victims = db.execute(
+                "SELECT seq, kind, size_bytes FROM items WHERE batch_id IS NULL AND priority >= ? "
+                "ORDER BY priority DESC, seq ASC LIMIT 64",
+                (priority,),
+            ).fetchall()
+            if not victims:
+                return False
+            for seq, kind, size in victims:
+                db.execute("DELETE FROM items WHERE seq = ?", (seq,))
+                self.used_bytes -= size + ROW_OVERHEAD_BYTES
+                self._count_drop(db, f"{kind}:cap", 1, size)
+                if self.used_bytes + need <= self.budget_bytes:
+                    break
+        return True
+
+    def _delete_rows(self, db: sqlite3.Connection, seqs: list[int]) -> None:
+        for seq in seqs:
+            size = db.execute("SELECT size_bytes FROM items WHERE seq = ?", (seq,)).fetchone()
+            if size is not None:
+                db.execute("DELETE FROM items WHERE seq = ?", (seq,))
+                self.used_bytes -= int(size[0]) + ROW_OVERHEAD_BYTES
+
+    def _seqs(self, db: sqlite3.Connection, query: str, params: tuple[Any, ...]) -> list[int]:
+        return [int(row[0]) for row in db.execute(query, params).fetchall()]
+
+    def _count_drop(self, db: sqlite3.Connection, label: str, items: int, size_bytes: int) -> None:
+        db.execute(
+            "INSERT INTO drops (label, items, size_bytes) VALUES (?, ?, ?) ON CONFLICT(label) DO UPDATE SET "
+            "items = items + excluded.items, size_bytes = size_bytes + excluded.size_bytes",
+            (label, items, size_bytes),
+        )
+
+    def drops(self) -> dict[str, int]:
+        """Items dropped so far and not yet reported, by ``kind:reason``."""
+        with self._lock:
+            return {label: int(n) for label, n, _ in self._db.execute("SELECT label, items, size_bytes FROM drops")}
+
+    def next_batch(self, max_items: int = 500, max_bytes: int = 1_000_000) -> Batch | None:
+        """The in-flight batch if there is one, else a new one (highest priority, oldest first)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT batch_id FROM items WHERE batch_id IS NOT NULL LIMIT 1").fetchone()
+            if row is None:
+                self._report_drops(db)
+                batch_id = uuid.uuid4().hex
+                picked = self._pick(db, max_items, max_bytes)
+                if not picked:
+                    return None
+                db.executemany("UPDATE items SET batch_id = ? WHERE seq = ?", [(batch_id, seq) for seq in picked])
+            else:
+                batch_id = row[0]
+            rows = db.execute("SELECT kind, body FROM items WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
+        return _assemble(batch_id, rows)
+
+    def _pick(self, db: sqlite3.Connection, max_items: int, max_bytes: int) -> list[int]:
+        picked: list[int] = []
+        total = 0
+        cursor = db.execute("SELECT seq, size_bytes FROM items ORDER BY priority ASC, seq ASC LIMIT ?", (max_items,))
+        for seq, size in cursor.fetchall():
+            if picked and total + size > max_bytes:
+                break
+            picked.append(seq)
+            total += size
+        return picked
+
+    def _report_drops(self, db: sqlite3.Connection) -> None:
+        """Turn the drop counts into a ``drops`` event (priority 0) and reset them."""
+        counts = {label: int(n) for label, n in db.execute("SELECT label, items FROM drops WHERE items > 0")}
+        if not counts:
+            return
+        from device_agent.telemetry.events import make_event
+
+        event = make_event("drops", dropped=counts)
+        body = zlib.compress(json.dumps(event, separators=(",", ":")).encode("utf-8"), 6)
+        db.execute("DELETE FROM drops")
+        self._insert(db, "event", "drops", body)
+
+    def ack(self, batch_id: str) -> int:
+        """The server has the batch: delete its items. Returns how many were deleted."""
+        with self._transaction() as db:
+            seqs = self._seqs(db, "SELECT seq FROM items WHERE batch_id = ?", (batch_id,))
+            self._delete_rows(db, seqs)
+        return len(seqs)
+
+    def reject(self, batch_id: str, reason: str) -> None:
+        """The server refused the batch for good: drop its items and count them under ``reason``."""
+        with self._transaction() as db:
+            for kind, count, size in db.execute(
+                "SELECT kind, COUNT(*), SUM(size_bytes) FROM items WHERE batch_id = ? GROUP BY kind", (batch_id,)
+            ).fetchall():
+                self._count_drop(db, f"{kind}:{reason}", int(count), int(size))
+            self._delete_rows(db, self._seqs(db, "SELECT seq FROM items WHERE batch_id = ?", (batch_id,)))
+
+    def stats(self) -> dict[str, int]:
+        """Items and bytes held (for heartbeats and tests)."""
+        with self._lock:
+            items = int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        return {"items": items, "bytes": self.used_bytes, "cap_bytes": self.cap_bytes}
+
+    def count_by_label(self) -> dict[str, int]:
+        """Items held by ``kind:label``."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, label, COUNT(*) FROM items GROUP BY kind, label").fetchall()
+        return {f"{kind}:{label}": int(n) for kind, label, n in rows}
+
+    def disk_bytes(self) -> int:
+        """Bytes the buffer takes on disk (database, WAL and shared-memory files)."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            candidate = Path(str(self.path) + suffix)
+            if candidate.exists():
+                total += candidate.stat().st_size
+        return total
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _assemble(batch_id: str, rows: list[tuple[str, bytes]]) -> Batch:
+    batch = Batch(batch_id, [], [], [])
+    lists = {"event": batch.events, "window": batch.windows, "sample": batch.samples}
+    for kind, body in rows:
+        lists[kind].append(json.loads(zlib.decompress(body)))
+    return batch

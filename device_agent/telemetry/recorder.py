@@ -1,0 +1,217 @@
+"""The recorder: sees every answer of the serving pipeline and turns it into telemetry.
+
+Flow: :meth:`TelemetryRecorder.record` (on the request path, under one lock) counts the request in
+the current window of its (model, version) and offers it to that window's sampler. When the
+wall-clock window ends (windows are aligned to multiples of ``window_s`` so that devices' windows
+line up), :meth:`TelemetryRecorder.tick` closes every open window and writes the window payloads and
+the kept samples into the offline buffer in one transaction. Events (installs, heartbeats, breaker
+changes) go straight to the buffer. The uploader drains the buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bundles.errors import ConfigError
+from bundles.manifest import Manifest
+from device_agent.telemetry.buffer import TelemetryBuffer
+from device_agent.telemetry.events import install_event, make_event
+from device_agent.telemetry.sampling import Candidate, WindowSampler
+from device_agent.telemetry.windows import BinPlan, WindowAccumulator, compile_plan
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """Telemetry knobs; the server can change the first four through the desired state.
+
+    The defaults fit two weeks offline at 1 request/s in 50 MB (``docs/telemetry.md`` has the
+    arithmetic and ``tests/device_agent/telemetry/test_buffer.py`` the proof).
+    """
+
+    window_s: float = 60.0
+    sample_rate: float = 0.01
+    reservoir_size: int = 20
+    upload_interval_s: float = 60.0
+    max_forced_per_window: int = 20
+    buffer_cap_bytes: int = 50_000_000
+    batch_max_items: int = 500
+    batch_max_bytes: int = 1_000_000
+    histograms: bool = True
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0 or not 0.0 <= self.sample_rate <= 1.0 or self.reservoir_size < 0:
+            raise ConfigError(f"telemetry settings out of range: {self}")
+
+    def with_desired(self, section: Mapping[str, Any] | None) -> TelemetrySettings:
+        """These settings updated by the desired state's ``telemetry`` section (unknown keys ignored)."""
+        if not section:
+            return self
+        known = {"window_s": float, "sample_rate": float, "reservoir_size": int, "upload_interval_s": float}
+        changes = {key: kind(section[key]) for key, kind in known.items() if section.get(key) is not None}
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class _OpenWindow:
+    manifest: Manifest | None
+    accumulator: WindowAccumulator
+    sampler: WindowSampler
+
+
+class TelemetryRecorder:
+    """Counts, samples and buffers; see the module docstring. Thread-safe."""
+
+    def __init__(
+        self,
+        buffer: TelemetryBuffer,
+        settings: TelemetrySettings | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.settings = settings or TelemetrySettings()
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - sampling, not security
+        self._lock = threading.Lock()
+        self._plans: dict[tuple[str, int], BinPlan] = {}
+        self._open: dict[tuple[str, int], _OpenWindow] = {}
+        self._window_start, self._window_end = self._bounds(clock())
+
+    def _bounds(self, now: float) -> tuple[float, float]:
+        start = math.floor(now / self.settings.window_s) * self.settings.window_s
+        return start, start + self.settings.window_s
+
+    def record(
+        self,
+        model: str,
+        manifest: Manifest | None,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+        source: str | None,
+        latency_ms: float,
+        fallback_reason: str | None = None,
+        error: str | None = None,
+        confidence: float | None = None,
+        low_confidence: bool = False,
+    ) -> None:
+        """Count one answer (``source`` None means the request failed) and maybe keep it as a sample."""
+        now = self.clock()
+        if now >= self._window_end:
+            self.tick(now)
+        version = manifest.version if manifest is not None else 0
+        with self._lock:
+            window = self._open.get((model, version)) or self._open_window(model, version, manifest)
+            if self.settings.histograms:
+                window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason)
+            reason = _forced_reason(source, fallback_reason, low_confidence)
+            slot = window.sampler.slot_for(reason)
+            if slot is not None:
+                reservoir, index = slot
+                candidate = Candidate(
+                    _iso(now), model, version, reason or "rate", {k: np.array(v) for k, v in inputs.items()},
+                    dict(outputs or {}), source, latency_ms, fallback_reason, error, confidence,
+                )  # fmt: skip
+                reservoir.put(index, candidate)
+
+    def _open_window(self, model: str, version: int, manifest: Manifest | None) -> _OpenWindow:
+        plan = self._plans.get((model, version))
+        if plan is None:
+            plan = self._plans[(model, version)] = compile_plan(manifest)
+        start, end = _utc(self._window_start), _utc(self._window_end)
+        settings = self.settings
+        window = _OpenWindow(
+            manifest,
+            WindowAccumulator(model, version, plan, start, end),
+            WindowSampler(settings.sample_rate, settings.reservoir_size, settings.max_forced_per_window, self.rng),
+        )
+        self._open[(model, version)] = window
+        return window
+
+    def tick(self, now: float | None = None, force: bool = False) -> int:
+        """Close the windows if their time is over (or ``force``); returns how many items were buffered."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            if not force and now < self._window_end:
+                return 0
+            closing, self._open = self._open, {}
+            self._window_start, self._window_end = self._bounds(now)
+        items: list[tuple[str, str, bytes]] = []
+        for window in closing.values():
+            items += _items_of(window)
+        return self.buffer.put_many(items) if items else 0
+
+    def flush(self) -> int:
+        """Close the open windows now (at shutdown, or before an upload in tests)."""
+        return self.tick(force=True)
+
+    def event(self, event: dict[str, Any]) -> bool:
+        """Buffer an event dict (``device_agent.telemetry.events``)."""
+        return self.buffer.put("event", str(event["type"]), event)
+
+    def install(
+        self,
+        model: str,
+        to_version: int,
+        result: str,
+        from_version: int | None = None,
+        deployment_id: int | None = None,
+        reason: str | None = None,
+        state_path: Sequence[str] = (),
+    ) -> bool:
+        """Buffer the outcome of an install (kept before anything else when the disk cap is reached)."""
+        return self.event(install_event(model, to_version, result, from_version, deployment_id, reason, state_path))
+
+    def heartbeat(self, uptime_s: float, models: Sequence[Mapping[str, Any]]) -> bool:
+        """Buffer a heartbeat; only the newest one is kept while offline."""
+        buffer = self.buffer.stats()
+        return self.event(make_event("heartbeat", uptime_s=round(uptime_s, 1), models=list(models), buffer=buffer))
+
+    def breaker_changed(self, model: str, state: str, failures: int) -> bool:
+        """Buffer a circuit-breaker state change of the cloud fallback."""
+        return self.event(make_event("breaker", model, None, state=state, failures=failures))
+
+
+def _forced_reason(source: str | None, fallback_reason: str | None, low_confidence: bool) -> str | None:
+    if source is None:
+        return "error"
+    if fallback_reason is not None and source != "local":
+        return "fallback"
+    if low_confidence:
+        return "low_confidence"
+    return None
+
+
+def _items_of(window: _OpenWindow) -> list[tuple[str, str, bytes]]:
+    """The compressed buffer items of a closing window: its samples, then the window if it has requests."""
+    samples = window.sampler.close(window.manifest)
+    for sample in samples:
+        window.accumulator.count_capture(sample["capture_reason"])
+    items = [("sample", s["capture_reason"], _compress(s)) for s in samples]
+    payload = window.accumulator.close()
+    if payload["counters"]["requests"]:
+        items.append(("window", "window", _compress(payload)))
+    return items
+
+
+def _compress(item: Mapping[str, Any]) -> bytes:
+    return zlib.compress(json.dumps(item, separators=(",", ":")).encode("utf-8"), 6)
+
+
+def _utc(epoch_s: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch_s, dt.timezone.utc)
+
+
+def _iso(epoch_s: float) -> str:
+    return _utc(epoch_s).isoformat()

@@ -1,0 +1,179 @@
+"""Sampled prediction logs with provenance: which requests are kept, and with what probability.
+
+Two streams per window, each bounded by its own reservoir (Algorithm R) so that disk use does not
+grow with traffic:
+
+- routine: every request is a candidate with probability ``sample_rate`` (a Bernoulli draw); the
+  candidates go through a reservoir of ``reservoir_size``. A kept sample's inclusion probability is
+  ``sample_rate * min(1, reservoir_size / candidates)``.
+- forced: errors, fallbacks and low-confidence answers are always candidates, bounded by a
+  reservoir of ``max_forced_per_window``; inclusion probability ``min(1, max / forced)``.
+
+Inclusion probabilities are only known when the window closes (the reservoir's final size), so
+samples are finalised then (:meth:`WindowSampler.close`), with redaction and JSON encoding done for
+the few kept records only.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bundles.manifest import Manifest
+
+FORCED_REASONS = ("error", "fallback", "low_confidence")
+CAPTURE_REASONS = ("rate", *FORCED_REASONS)
+
+
+@dataclass
+class Candidate:
+    """One request kept in a reservoir until the window closes."""
+
+    at: str
+    model: str
+    version: int
+    reason: str
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    source: str | None
+    latency_ms: float
+    fallback_reason: str | None
+    error: str | None
+    confidence: float | None
+
+
+class Reservoir:
+    """Algorithm R: a uniform sample of at most ``size`` of everything offered."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size, self.rng = size, rng
+        self.seen = 0
+        self.items: list[Candidate] = []
+
+    def wants_next(self) -> int | None:
+        """Count one more candidate; the slot it would take, or None if it is not kept."""
+        self.seen += 1
+        if len(self.items) < self.size:
+            return len(self.items)
+        slot = self.rng.randrange(self.seen)
+        return slot if slot < self.size else None
+
+    def put(self, slot: int, item: Candidate) -> None:
+        if slot == len(self.items):
+            self.items.append(item)
+        else:
+            self.items[slot] = item
+
+    def fraction_kept(self) -> float:
+        """The probability that a given candidate survived: ``min(1, size / seen)``."""
+        return 1.0 if self.seen <= self.size else self.size / self.seen
+
+
+class WindowSampler:
+    """The samples of one (model, version) window; see the module docstring."""
+
+    def __init__(self, sample_rate: float, reservoir_size: int, max_forced: int, rng: random.Random) -> None:
+        self.sample_rate = sample_rate
+        self.rng = rng
+        self.routine = Reservoir(reservoir_size, rng)
+        self.forced = Reservoir(max_forced, rng)
+
+    def slot_for(self, forced_reason: str | None) -> tuple[Reservoir, int] | None:
+        """Decide, cheaply, whether this request is kept; the reservoir and slot if so."""
+        if forced_reason is not None:
+            slot = self.forced.wants_next()
+            return None if slot is None else (self.forced, slot)
+        if self.sample_rate <= 0.0 or self.rng.random() >= self.sample_rate:
+            return None
+        slot = self.routine.wants_next()
+        return None if slot is None else (self.routine, slot)
+
+    def close(self, manifest: Manifest | None) -> list[dict[str, Any]]:
+        """The kept samples as JSON-ready dicts with their inclusion probability, redacted."""
+        redaction = sensitive_positions(manifest)
+        out = [
+            sample_record(c, self.sample_rate * self.routine.fraction_kept(), redaction) for c in self.routine.items
+        ]
+        out += [sample_record(c, self.forced.fraction_kept(), redaction) for c in self.forced.items]
+        return out
+
+
+def sensitive_positions(manifest: Manifest | None) -> dict[str, list[tuple[str, int]]]:
+    """Per input tensor, the (feature name, flat index) of each feature declared sensitive."""
+    positions: dict[str, list[tuple[str, int]]] = {}
+    if manifest is None:
+        return positions
+    default = manifest.inputs[0].name
+    for feature in manifest.features:
+        if feature.sensitive:
+            positions.setdefault(feature.tensor or default, []).append((feature.name, feature.index))
+    return positions
+
+
+def sample_record(
+    candidate: Candidate, inclusion_probability: float, redaction: Mapping[str, list[tuple[str, int]]]
+) -> dict[str, Any]:
+    """One sample as ``docs/telemetry.md`` defines it."""
+    inputs, redacted = redact(candidate.inputs, redaction)
+    return {
+        "id": uuid.uuid4().hex,
+        "at": candidate.at,
+        "model": candidate.model,
+        "version": candidate.version,
+        "source": candidate.source,
+        "capture_reason": candidate.reason,
+        "inclusion_probability": inclusion_probability,
+        "inputs": inputs,
+        "outputs": {k: encode_for_log(v) for k, v in candidate.outputs.items()},
+        "redacted": redacted,
+        "latency_ms": round(candidate.latency_ms, 4),
+        "fallback_reason": candidate.fallback_reason,
+        "error": candidate.error,
+        "confidence": candidate.confidence,
+    }
+
+
+def redact(
+    inputs: Mapping[str, np.ndarray], redaction: Mapping[str, list[tuple[str, int]]]
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Encode inputs, blanking (``null``) every sensitive feature in every row; names redacted."""
+    encoded: dict[str, dict[str, Any]] = {}
+    redacted: list[str] = []
+    for name, value in inputs.items():
+        tensor = encode_for_log(value)
+        positions = redaction.get(name, [])
+        if positions:
+            _blank(tensor, positions)
+            redacted += [feature for feature, _ in positions]
+        encoded[name] = tensor
+    return encoded, sorted(set(redacted))
+
+
+def _blank(tensor: dict[str, Any], positions: list[tuple[str, int]]) -> None:
+    shape = tensor["shape"]
+    data: list[Any] = tensor["data"]
+    rows = shape[0] if len(shape) >= 2 else 1
+    width = len(data) // rows if rows else 0
+    for row in range(rows):
+        for _, index in positions:
+            if index < width:
+                data[row * width + index] = None
+
+
+def encode_for_log(value: Any) -> dict[str, Any]:
+    """A tensor as ``{"dtype", "shape", "data"}``; non-finite floats become ``null`` (JSON has none)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "USO":
+        data: list[Any] = [str(v) for v in arr.reshape(-1)]
+        dtype = "string"
+    else:
+        data = arr.reshape(-1).tolist()
+        dtype = str(arr.dtype.name)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            data = [v if isinstance(v, (int, float)) and np.isfinite(v) else None for v in data]
+    return {"dtype": dtype, "shape": [int(d) for d in arr.shape], "data": data}

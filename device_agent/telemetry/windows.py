@@ -1,0 +1,335 @@
+"""Metric windows on the device: counters and histograms that the server merges by addition.
+
+One :class:`WindowAccumulator` per (model, bundle version) and window. The request path only
+appends to lists and bumps counters (:meth:`WindowAccumulator.observe`, well under 2 µs); the
+numpy work (binning inputs on the drift baseline's edges, latency buckets, output distribution,
+constraint checks) runs vectorised every :data:`BIN_EVERY_ROWS` requests and when the window
+closes (:meth:`WindowAccumulator.close`, which returns the payload ``docs/telemetry.md`` defines).
+
+:class:`BinPlan` is compiled once per manifest: the feature and output bins and the valid ranges,
+as padded numpy arrays, so that binning 256 rows of 64 features is a handful of numpy calls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bundles.manifest import FeatureSpec, Histogram, Manifest
+
+LATENCY_EDGES_MS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-20, 51))
+"""Fixed latency bucket edges (0.01 ms to 100 s, ten per decade); the server has the same list."""
+_LATENCY_EDGES = np.asarray(LATENCY_EDGES_MS)
+BIN_EVERY_ROWS = 256
+"""Pending requests are binned in one vectorised pass when this many have accumulated."""
+FALLBACK_REASONS = ("local_error", "not_ready", "deadline", "low_confidence")
+VIOLATIONS = ("nan_output", "output_out_of_range", "input_out_of_range", "unknown_category")
+
+
+@dataclass(frozen=True)
+class TensorBins:
+    """Numeric features of one input tensor: their flat indices and padded interior edges."""
+
+    tensor: str
+    names: tuple[str, ...]
+    columns: np.ndarray  # [n_features] flat index of each feature in a row
+    interior: np.ndarray  # [n_features, max_bins - 1] interior edges, padded with +inf
+    bins: np.ndarray  # [n_features] number of bins of each feature
+    offsets: np.ndarray  # [n_features] start of each feature's bins in the flat count vector
+    low: np.ndarray  # [n_features] valid minimum (-inf if none)
+    high: np.ndarray  # [n_features] valid maximum (+inf if none)
+
+    @property
+    def total_bins(self) -> int:
+        return int(self.bins.sum())
+
+
+@dataclass(frozen=True)
+class CategoryBins:
+    """A categorical feature: where it is and its categories in baseline order."""
+
+    name: str
+    tensor: str
+    column: int
+    categories: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BinPlan:
+    """Everything the accumulator needs from a manifest, compiled once."""
+
+    numeric: tuple[TensorBins, ...] = ()
+    categorical: tuple[CategoryBins, ...] = ()
+    output: Histogram | None = None
+    output_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> frozenset[str]:
+        """The input tensors that hold a feature (only these are kept for binning)."""
+        return frozenset([t.tensor for t in self.numeric] + [c.tensor for c in self.categorical])
+
+
+def compile_plan(manifest: Manifest | None) -> BinPlan:
+    """The bin plan of a manifest: baseline features located through the feature schema."""
+    if manifest is None:
+        return BinPlan()
+    specs = {f.name: f for f in manifest.features}
+    default_tensor = manifest.inputs[0].name
+    numeric: dict[str, list[tuple[FeatureSpec, Histogram]]] = {}
+    categorical: list[CategoryBins] = []
+    for hist in manifest.drift_baseline.features:
+        spec = specs.get(hist.name) or FeatureSpec(hist.name, tensor=default_tensor)
+        tensor = spec.tensor or default_tensor
+        if hist.categories:
+            categorical.append(CategoryBins(hist.name, tensor, spec.index, hist.categories))
+        else:
+            numeric.setdefault(tensor, []).append((spec, hist))
+    return BinPlan(
+        numeric=tuple(_tensor_bins(tensor, pairs) for tensor, pairs in numeric.items()),
+        categorical=tuple(categorical),
+        output=manifest.drift_baseline.output,
+        output_ranges=_output_ranges(manifest),
+    )
+
+
+def _tensor_bins(tensor: str, pairs: list[tuple[FeatureSpec, Histogram]]) -> TensorBins:
+    bins = np.array([len(h.edges) - 1 for _, h in pairs], dtype=np.int64)
+    interior = np.full((len(pairs), max(int(bins.max()) - 1, 1)), np.inf)
+    for row, (_, hist) in enumerate(pairs):
+        inner = hist.edges[1:-1]
+        interior[row, : len(inner)] = inner
+    return TensorBins(
+        tensor=tensor,
+        names=tuple(h.name for _, h in pairs),
+        columns=np.array([s.index for s, _ in pairs], dtype=np.int64),
+        interior=interior,
+        bins=bins,
+        offsets=np.concatenate([[0], np.cumsum(bins)[:-1]]).astype(np.int64),
+        low=np.array([-np.inf if s.min is None else s.min for s, _ in pairs]),
+        high=np.array([np.inf if s.max is None else s.max for s, _ in pairs]),
+    )
+
+
+def _output_ranges(manifest: Manifest) -> dict[str, tuple[float, float]]:
+    """Declared output ranges: an output TensorSpec may carry ``"range": [min, max]`` (kept in extra)."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for spec in manifest.outputs:
+        value = spec.extra.get("range")
+        if isinstance(value, list) and len(value) == 2:
+            ranges[spec.name] = (float(value[0]), float(value[1]))
+    return ranges
+
+
+def rows_of(array: Any) -> np.ndarray:
+    """A tensor as [rows, values-per-row] (batch first; a 1-D tensor is one row)."""
+    arr = np.asarray(array)
+    if arr.ndim <= 1:
+        return arr.reshape(1, -1)
+    return arr.reshape(arr.shape[0], -1)
+
+
+class WindowAccumulator:
+    """Counts and histograms of one (model, version) over one window; see the module docstring."""
+
+    def __init__(self, model: str, version: int, plan: BinPlan, start: dt.datetime, end: dt.datetime) -> None:
+        self.model, self.version, self.plan = model, version, plan
+        self.start, self.end = start, end
+        self.counters: dict[str, Any] = {
+            "requests": 0, "rows": 0, "errors": 0, "fallbacks": 0, "low_confidence": 0,
+            "sources": {}, "fallback_reasons": {}, "violations": dict.fromkeys(VIOLATIONS, 0), "captured": {},
+        }  # fmt: skip
+        self._latencies: list[float] = []
+        self._inputs: list[Mapping[str, np.ndarray]] = []
+        self._outputs: list[Mapping[str, np.ndarray]] = []
+        self._numeric_counts = [np.zeros(t.total_bins, dtype=np.int64) for t in plan.numeric]
+        self._category_counts = [np.zeros(len(c.categories), dtype=np.int64) for c in plan.categorical]
+        self._output_counts = np.zeros(len(plan.output.freqs) if plan.output else 0, dtype=np.int64)
+        self.shadow = {"compared": 0, "agreed": 0}
+        self._keep = plan.tensors
+
+    def observe(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+        source: str | None,
+        latency_ms: float,
+        fallback_reason: str | None,
+    ) -> None:
+        """Count one request (cheap: the numpy work is deferred to :meth:`bin_pending`)."""
+        counters = self.counters
+        counters["requests"] += 1
+        counters["rows"] += _row_count(inputs)
+        sources = counters["sources"]
+        if source is None:
+            counters["errors"] += 1
+        else:
+            sources[source] = sources.get(source, 0) + 1
+        if fallback_reason is not None:
+            reasons = counters["fallback_reasons"]
+            reasons[fallback_reason] = reasons.get(fallback_reason, 0) + 1
+            if fallback_reason == "low_confidence":
+                counters["low_confidence"] += 1
+            if source is not None and source != "local":
+                counters["fallbacks"] += 1
+        self._latencies.append(latency_ms)
+        if self._keep:
+            self._inputs.append({k: np.array(inputs[k]) for k in self._keep if k in inputs})
+        if outputs is not None and source == "local":
+            self._outputs.append(outputs)
+        if len(self._latencies) >= BIN_EVERY_ROWS:
+            self.bin_pending()
+
+    def count_capture(self, reason: str) -> None:
+        """Count a sample kept for upload, by capture reason."""
+        captured = self.counters["captured"]
+        captured[reason] = captured.get(reason, 0) + 1
+
+    def bin_pending(self) -> None:
+        """Bin every pending request in one vectorised pass."""
+        if self._latencies:
+            idx = np.searchsorted(_LATENCY_EDGES, np.asarray(self._latencies), side="right")
+            self._latency_counts = self._latency_total() + np.bincount(idx, minlength=len(LATENCY_EDGES_MS) + 1)
+            self._latencies = []
+        if self._inputs:
+            self._bin_inputs(self._inputs)
+            self._inputs = []
+        if self._outputs:
+            self._bin_outputs(self._outputs)
+            self._outputs = []
+
+    def _latency_total(self) -> np.ndarray:
+        existing = getattr(self, "_latency_counts", None)
+        return existing if existing is not None else np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
+
+    def _bin_inputs(self, pending: list[Mapping[str, np.ndarray]]) -> None:
+        by_tensor = _stack_by_tensor(pending)
+        for i, plan in enumerate(self.plan.numeric):
+            matrix = by_tensor.get(plan.tensor)
+            if matrix is None or matrix.shape[1] <= int(plan.columns.max()):
+                continue
+            values = matrix[:, plan.columns].astype(np.float64, copy=False)
+            self._numeric_counts[i] += _bin_numeric(plan, values)
+            bad = (values < plan.low) | (values > plan.high) | np.isnan(values)
+            self.counters["violations"]["input_out_of_range"] += int(bad.any(axis=1).sum())
+        for i, cat in enumerate(self.plan.categorical):
+            self._bin_category(i, cat, by_tensor.get(cat.tensor))
+
+    def _bin_category(self, i: int, cat: CategoryBins, matrix: np.ndarray | None) -> None:
+        if matrix is None or matrix.shape[1] <= cat.column:
+            return
+        lookup = {c: n for n, c in enumerate(cat.categories)}
+        for value in matrix[:, cat.column]:
+            key = value if isinstance(value, str) else _category_of(value, cat.categories)
+            position = lookup.get(key) if key is not None else None
+            if position is None:
+                self.counters["violations"]["unknown_category"] += 1
+            else:
+                self._category_counts[i][position] += 1
+
+    def _bin_outputs(self, pending: list[Mapping[str, np.ndarray]]) -> None:
+        for name, (low, high) in self.plan.output_ranges.items():
+            arrays = [rows_of(o[name]) for o in pending if name in o]
+            if arrays:
+                values = np.concatenate(arrays).astype(np.float64)
+                outside = (values < low) | (values > high)
+                self.counters["violations"]["output_out_of_range"] += int(outside.any(axis=1).sum())
+        self.counters["violations"]["nan_output"] += sum(_has_nonfinite(o) for o in pending)
+        hist = self.plan.output
+        if hist is not None:
+            arrays = [np.asarray(o[hist.name]).reshape(-1) for o in pending if hist.name in o]
+            if arrays:
+                self._output_counts += _histogram_values(hist, np.concatenate(arrays))
+
+    def close(self) -> dict[str, Any]:
+        """Bin what is pending and return the window payload (``docs/telemetry.md``)."""
+        self.bin_pending()
+        features: dict[str, list[int]] = {}
+        for plan, counts in zip(self.plan.numeric, self._numeric_counts, strict=True):
+            for name, offset, bins in zip(plan.names, plan.offsets, plan.bins, strict=True):
+                features[name] = counts[offset : offset + bins].tolist()
+        for cat, counts in zip(self.plan.categorical, self._category_counts, strict=True):
+            features[cat.name] = counts.tolist()
+        payload: dict[str, Any] = {
+            "id": uuid.uuid4().hex,
+            "model": self.model,
+            "version": self.version,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "counters": self.counters,
+            "latency_ms": {"counts": self._latency_total().tolist()},
+            "features": features,
+            "output": {self.plan.output.name: self._output_counts.tolist()} if self.plan.output else {},
+            "shadow": self.shadow,
+        }
+        return payload
+
+
+def _stack_by_tensor(pending: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate the kept input tensors of pending requests as [rows, values] per tensor name."""
+    grouped: dict[str, list[np.ndarray]] = {}
+    for inputs in pending:
+        for name, value in inputs.items():
+            grouped.setdefault(name, []).append(rows_of(value))
+    out: dict[str, np.ndarray] = {}
+    for name, arrays in grouped.items():
+        widths = {a.shape[1] for a in arrays}
+        if len(widths) == 1:
+            out[name] = np.concatenate(arrays)
+    return out
+
+
+def _bin_numeric(plan: TensorBins, values: np.ndarray) -> np.ndarray:
+    """Counts of every feature's bins (flat, at the plan's offsets) for [rows, features] values."""
+    finite = ~np.isnan(values)
+    index = (values[:, :, None] >= plan.interior[None, :, :]).sum(axis=2)
+    index = np.minimum(index, plan.bins - 1) + plan.offsets
+    return np.bincount(index[finite], minlength=plan.total_bins)
+
+
+def _histogram_values(hist: Histogram, values: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` on a baseline histogram (by label when categorical)."""
+    if hist.categories:
+        lookup = {c: n for n, c in enumerate(hist.categories)}
+        counts = np.zeros(len(hist.categories), dtype=np.int64)
+        for value in values.tolist():
+            position = lookup.get(str(value))
+            if position is None:
+                position = lookup.get(_category_of(value, hist.categories) or "")
+            if position is not None:
+                counts[position] += 1
+        return counts
+    numeric = values.astype(np.float64)
+    numeric = numeric[~np.isnan(numeric)]
+    index = np.searchsorted(np.asarray(hist.edges[1:-1]), numeric, side="right")
+    return np.bincount(index, minlength=len(hist.freqs))
+
+
+def _category_of(value: Any, categories: tuple[str, ...]) -> str | None:
+    """A numeric value read as an index into ``categories`` (None when it is not one)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    index = int(number)
+    return categories[index] if number == index and 0 <= index < len(categories) else None
+
+
+def _row_count(inputs: Mapping[str, np.ndarray]) -> int:
+    """Rows in a request: the batch dimension of its first input (1 for a 0- or 1-D tensor)."""
+    for value in inputs.values():
+        shape = np.shape(value)
+        return int(shape[0]) if len(shape) >= 2 else 1
+    return 0
+
+
+def _has_nonfinite(outputs: Mapping[str, np.ndarray]) -> bool:
+    for value in outputs.values():
+        arr = np.asarray(value)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            return True
+    return False
