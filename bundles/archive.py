@@ -30,7 +30,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from bundles.canonical import sha256_bytes, sha256_file
 from bundles.errors import ArchiveError, ConfigError, IntegrityError, ManifestError
@@ -62,7 +61,8 @@ def pack_bundle(src_dir: str | Path, manifest: Manifest, out_path: str | Path) -
     src = Path(src_dir)
     files = [f for v in manifest.variants for f in v.files]
     verify_files(src, files)
-    members = [(MANIFEST_NAME, manifest.to_bytes())] + [(f.path, src / f.path) for f in files]
+    members: list[tuple[str, bytes | Path]] = [(MANIFEST_NAME, manifest.to_bytes())]
+    members += [(f.path, src / f.path) for f in files]
     return _write_archive(members, Path(out_path))
 
 
@@ -71,7 +71,8 @@ def pack_variant(bundle_dir: str | Path, manifest: Manifest, variant_id: str, ou
     src = Path(bundle_dir)
     variant = manifest.variant(variant_id)
     verify_files(src, variant.files)
-    return _write_archive([(f.path, src / f.path) for f in variant.files], Path(out_path))
+    members: list[tuple[str, bytes | Path]] = [(f.path, src / f.path) for f in variant.files]
+    return _write_archive(members, Path(out_path))
 
 
 def _write_archive(members: list[tuple[str, bytes | Path]], out_path: Path) -> Path:
@@ -247,14 +248,14 @@ def _extract(archive: Path, root: Path, limits: ArchiveLimits) -> list[str]:
         with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
             files = _extract_members(gz, root, budget)
             _drain(gz, budget)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError) and e.filename == str(archive):
             raise ArchiveError(f"archive {archive} does not exist") from e
         raise ArchiveError(f"{archive.name} is not a readable tar.gz archive: {e}") from e
     return sorted(files)
 
 
-def _extract_members(gz: IO[bytes], root: Path, budget: _Budget) -> list[str]:
+def _extract_members(gz: gzip.GzipFile, root: Path, budget: _Budget) -> list[str]:
     files: list[str] = []
     seen: set[str] = set()
     with tarfile.open(fileobj=gz, mode="r|") as tar:
@@ -305,7 +306,7 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, nam
             out.write(chunk)
 
 
-def _drain(gz: IO[bytes], budget: _Budget) -> None:
+def _drain(gz: gzip.GzipFile, budget: _Budget) -> None:
     """Read the gzip stream to its end so its CRC and length are checked (padding counts too)."""
     while chunk := gz.read(_CHUNK_BYTES):
         budget.add_bytes("(padding)", 0, len(chunk))

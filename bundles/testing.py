@@ -156,28 +156,32 @@ def build_bundle_dir(
     golden_cases: int = 3,
     golden_batch: int = 2,
     min_runtime_version: str = "1.16",
+    dynamic_batch: bool = True,
 ) -> Manifest:
     """Write a runnable bundle directory and return its manifest (also saved as ``manifest.json``).
 
     One ONNX variant per precision (ids ``onnx-fp32``, ``onnx-fp16``), all built from the same
     weights. Golden expected outputs are computed in numpy from the fp32 weights with a tolerance
-    that fp16 storage meets. Same arguments, same bytes.
+    that fp16 storage meets. ``dynamic_batch=False`` fixes the batch dimension to 1 (golden cases
+    then hold one row each). Same arguments, same bytes.
     """
     root = Path(bundle_dir)
     root.mkdir(parents=True, exist_ok=True)
     models = [
-        make_onnx_classifier(root / f"onnx-{p}" / "model.onnx", n_features, n_classes, seed, precision=p)
+        make_onnx_classifier(root / f"onnx-{p}" / "model.onnx", n_features, n_classes, seed, dynamic_batch, p)
         for p in precisions
     ]
     reference = reference_classifier(n_features, n_classes, seed)
+    batch = -1 if dynamic_batch else 1
+    golden_batch = golden_batch if dynamic_batch else 1
     manifest = Manifest(
         name=name,
         version=version,
         label=f"{name} v{version}",
         created_at=FIXED_CREATED_AT,
         task="classification",
-        inputs=(TensorSpec(INPUT_NAME, "float32", (-1, n_features), {"0": (1, 64)}),),
-        outputs=(TensorSpec(OUTPUT_NAME, "float32", (-1, n_classes)),),
+        inputs=(TensorSpec(INPUT_NAME, "float32", (batch, n_features), {"0": (1, 64)} if dynamic_batch else {}),),
+        outputs=(TensorSpec(OUTPUT_NAME, "float32", (batch, n_classes)),),
         features=tuple(FeatureSpec(f"f{i}", "float", INPUT_NAME, i, -5.0, 5.0) for i in range(n_features)),
         postprocess=_classifier_postprocess(n_classes),
         variants=tuple(_variant_for(m, root, min_runtime_version) for m in models),
