@@ -94,15 +94,19 @@ class ModelSlots:
 
     # --- steps of a deployment (each idempotent) -----------------------------------------------------
 
-    def stage(self, slot: str, archive: Path, manifest_bytes: bytes, variant_id: str, limits: ArchiveLimits) -> None:
+    def stage(
+        self, slot: str, archive: Path | None, manifest_bytes: bytes, variant_id: str, limits: ArchiveLimits
+    ) -> None:
         """Unpack and verify one variant into ``slot``, then write its marker (the commit point).
 
         If the slot already holds exactly this bundle (same manifest hash, files intact) nothing is
         unpacked: that is how going back to the previous version is instant.
         """
         manifest = Manifest.from_bytes(manifest_bytes)
-        if self._holds(slot, manifest_bytes, variant_id):
+        if self.holds(slot, manifest_bytes, variant_id):
             return
+        if archive is None:
+            raise InstallError(f"{self.name}: slot '{slot}' does not hold {manifest.ref} and no archive was fetched")
         self._forget_previous(slot)
         self.clear(slot)
         dest = self.slot_dir(slot)
@@ -112,7 +116,8 @@ class ModelSlots:
         marker = SlotInfo(slot, manifest.name, manifest.version, variant_id, sha256_bytes(manifest_bytes))
         atomic_write_json(dest / MARKER, asdict(marker))
 
-    def _holds(self, slot: str, manifest_bytes: bytes, variant_id: str) -> bool:
+    def holds(self, slot: str, manifest_bytes: bytes, variant_id: str) -> bool:
+        """Does ``slot`` hold exactly this bundle and variant, with every file intact?"""
         info = self.info(slot)
         if info is None or info.manifest_sha256 != sha256_bytes(manifest_bytes) or info.variant != variant_id:
             return False

@@ -147,41 +147,48 @@ class UpdateSteps:
         except NoCompatibleVariantError:
             record.status = DeploymentStatus.INCOMPATIBLE
             raise
-        target = variant_target(record.manifest_target, variant.id)
-        self._check_disk(record, self.source.target_length(target), variant.size_bytes)
-        archive = self.source.fetch(target)
         work = self._work_dir(record)
         work.mkdir(parents=True, exist_ok=True)
         (work / "manifest.json").write_bytes(raw)
         record.manifest_sha256, record.selected_variant = sha256_bytes(raw), variant.id
-        record.archive_path = str(archive)
+        model = self._model(record)
+        if model.holds(model.staging_slot(), raw, variant.id):
+            return Event.SUCCESS  # the previous slot holds this very bundle: nothing to download
+        target = variant_target(record.manifest_target, variant.id)
+        self._check_disk(record, self.source.target_length(target), variant.size_bytes)
+        record.archive_path = str(self.source.fetch(target))
         return Event.SUCCESS
 
     def verify_bundle(self, record: DeploymentRecord) -> Event:
         """Re-check what was downloaded (it may sit on disk for a while) and pick the slot."""
-        manifest = Manifest.from_bytes(self._manifest_bytes(record))
-        assert record.selected_variant is not None and record.archive_path is not None
-        variant = manifest.variant(record.selected_variant)
+        raw = self._manifest_bytes(record)
+        assert record.selected_variant is not None
+        variant = Manifest.from_bytes(raw).variant(record.selected_variant)
         reasons = rejection_reasons(variant, self.capabilities())
         if reasons:
             record.status = DeploymentStatus.INCOMPATIBLE
             raise NoCompatibleVariantError(f"{record.ref}: {'; '.join(reasons)}", {variant.id: reasons})
-        target = variant_target(record.manifest_target, variant.id)
+        model = self._model(record)
+        record.slot = model.staging_slot()
+        if record.archive_path is None:
+            if not model.holds(record.slot, raw, variant.id):
+                raise IntegrityError(f"{record.ref}: slot {record.slot} no longer holds the bundle to reuse")
+            return Event.SUCCESS
         size = Path(record.archive_path).stat().st_size
-        if size != self.source.target_length(target):
+        if size != self.source.target_length(variant_target(record.manifest_target, variant.id)):
             raise IntegrityError(f"{record.ref}: the archive is {size} bytes, its signed length differs")
-        record.slot = self._model(record).staging_slot()
         return Event.SUCCESS
 
     def stage(self, record: DeploymentRecord) -> Event:
         """Unpack the variant into the inactive slot (the served slot is never touched)."""
-        assert record.slot is not None and record.archive_path is not None and record.selected_variant is not None
+        assert record.slot is not None and record.selected_variant is not None
         limits = ArchiveLimits(
             max_total_bytes=self.config.max_bundle_bytes * 4,
             max_member_bytes=self.config.max_bundle_bytes * 4,
             max_members=self.config.max_archive_members,
         )
-        archive, manifest_bytes = Path(record.archive_path), self._manifest_bytes(record)
+        archive = None if record.archive_path is None else Path(record.archive_path)
+        manifest_bytes = self._manifest_bytes(record)
         self._model(record).stage(record.slot, archive, manifest_bytes, record.selected_variant, limits)
         return Event.SUCCESS
 
