@@ -1,0 +1,90 @@
+"""Bundle registry and TUF admin endpoints (used by ``edgefleet-convert publish`` and the CLI)."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from fleet_server.api.bodies import read_capped, spool_capped
+from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.schemas import BundleDetail, BundleOut, PublicationOut, RootInstalled, TufStateOut
+from fleet_server.services import registry
+
+router = APIRouter(prefix="/api/v1/admin", tags=["bundles"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "bad signature, hash or manifest"}, 401: {"description": "missing or revoked API key"},
+    403: {"description": "role too weak"}, 404: {"description": "not found"},
+    409: {"description": "version conflict or in use"}, 413: {"description": "too large"},
+}  # fmt: skip
+MAX_ROOT_BYTES = 1024 * 1024
+BINARY_BODY = {
+    "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+}
+
+
+@router.get("/tuf/state", response_model=TufStateOut, responses=ERRORS)
+def tuf_state(request: Request, _caller: ViewerDep) -> TufStateOut:
+    """The trusted root, the current signed targets and the online public keys."""
+    host = request.app.state.tuf
+    return TufStateOut(root=host.trusted_root(), targets=host.current_targets(), online_keys=host.online_keys())
+
+
+@router.put("/tuf/root", response_model=RootInstalled, responses=ERRORS, openapi_extra=BINARY_BODY)
+async def install_root(request: Request, _caller: AdminDep) -> RootInstalled:
+    """Install root version 1, or rotate to N+1 (signed by the old and the new root keys)."""
+    raw = await read_capped(request, MAX_ROOT_BYTES)
+    version = await run_in_threadpool(request.app.state.tuf.install_root, raw)
+    return RootInstalled(version=version)
+
+
+@router.post("/publications", response_model=PublicationOut, status_code=201, responses=ERRORS,
+             openapi_extra=BINARY_BODY)  # fmt: skip
+async def publish(request: Request, caller: OperatorDep, session: SessionDep) -> PublicationOut:
+    """Accept a publication (``make_publication`` tar.gz): verified by TUF, then recorded as bundles."""
+    settings, host, metrics = request.app.state.settings, request.app.state.tuf, request.app.state.metrics
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.uploads_dir) as scratch:
+        path = settings.uploads_dir / scratch / "publication.tar.gz"
+        try:
+            size = await spool_capped(request, settings.max_publication_bytes, path)
+            targets = await run_in_threadpool(host.accept_publication, path)
+        except Exception:
+            metrics.uploads.labels("refused").inc()
+            raise
+    records = await run_in_threadpool(registry.record_publication, session, host, targets, caller.actor)
+    metrics.uploads.labels("accepted").inc()
+    metrics.upload_bytes.inc(size)
+    return PublicationOut(targets=targets, bundles=[{"name": r.name, "version": r.version} for r in records])
+
+
+@router.get("/bundles", response_model=list[BundleOut], responses=ERRORS)
+def list_bundles(
+    _caller: ViewerDep, session: SessionDep, name: str | None = Query(default=None, max_length=100)
+) -> list[BundleOut]:
+    """Published bundles, newest version first per name."""
+    return [BundleOut(**registry.describe_bundle(b)) for b in registry.list_bundles(session, name)]
+
+
+@router.get("/bundles/{name}/{version}", response_model=BundleDetail, responses=ERRORS)
+def show_bundle(name: str, version: int, _caller: ViewerDep, session: SessionDep) -> BundleDetail:
+    """One bundle version with its manifest."""
+    return BundleDetail(**registry.describe_bundle(registry.get_bundle(session, name, version), with_manifest=True))
+
+
+@router.post("/bundles/{name}/{version}/deprecate", response_model=BundleOut, responses=ERRORS)
+def deprecate_bundle(
+    name: str, version: int, caller: OperatorDep, session: SessionDep, undo: bool = Query(default=False)
+) -> BundleOut:
+    """Mark a version deprecated (``undo=true`` reverses it)."""
+    bundle = registry.set_deprecated(session, name=name, version=version, deprecated=not undo, actor=caller.actor)
+    return BundleOut(**registry.describe_bundle(bundle))
+
+
+@router.delete("/bundles/{name}/{version}", status_code=204, responses=ERRORS)
+def delete_bundle(name: str, version: int, caller: OperatorDep, session: SessionDep) -> Response:
+    """Delete a bundle record (409 while an assignment, rollout or device uses it)."""
+    registry.delete_bundle(session, name=name, version=version, actor=caller.actor)
+    return Response(status_code=204)

@@ -1,0 +1,124 @@
+"""FastAPI dependencies shared by every router (core, telemetry, rollouts).
+
+- ``SessionDep``: a SQLAlchemy session, committed when the handler returns, rolled back on error.
+- ``SettingsDep``: the app's :class:`~fleet_server.settings.Settings`.
+- ``ViewerDep`` / ``OperatorDep`` / ``AdminDep``: the calling admin API key (an :class:`AdminPrincipal`)
+  with at least that role; ``viewer`` < ``operator`` < ``admin``. A missing or revoked key is a 401,
+  a weaker role a 403.
+- ``DeviceDep``: the calling device (a :class:`DevicePrincipal`), from its bearer access token; only
+  ``accepted`` devices pass (``pending`` devices may poll desired state via ``AnyDeviceDep``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from bundles.errors import AuthError
+from fleet_server.errors import ForbiddenError
+from fleet_server.settings import Settings
+
+ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+@dataclass(frozen=True)
+class AdminPrincipal:
+    """An authenticated admin API key."""
+
+    key_id: int
+    name: str
+    role: str
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        return f"key:{self.key_id}:{self.name}"
+
+
+@dataclass(frozen=True)
+class DevicePrincipal:
+    """An authenticated device."""
+
+    device_id: str
+    status: str
+
+
+def get_settings(request: Request) -> Settings:
+    """The settings the app was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, committed after the handler (rolled back if it raises)."""
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def bearer_token(request: Request) -> str:
+    """The bearer token of the request; a 401 when there is none."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+    return token.strip()
+
+
+def _authenticate_admin(request: Request) -> AdminPrincipal:
+    from fleet_server.services.api_keys import authenticate_api_key
+
+    return authenticate_api_key(request.app.state.session_factory, get_settings(request), bearer_token(request))
+
+
+def require_role(role: str) -> Callable[[Request], AdminPrincipal]:
+    """A dependency that admits admin keys with at least ``role``."""
+
+    def dependency(request: Request) -> AdminPrincipal:
+        principal = _authenticate_admin(request)
+        if ROLE_RANK[principal.role] < ROLE_RANK[role]:
+            raise ForbiddenError(f"API key '{principal.name}' has role {principal.role}; this needs {role}")
+        return principal
+
+    return dependency
+
+
+ViewerDep = Annotated[AdminPrincipal, Depends(require_role("viewer"))]
+OperatorDep = Annotated[AdminPrincipal, Depends(require_role("operator"))]
+AdminDep = Annotated[AdminPrincipal, Depends(require_role("admin"))]
+
+
+def any_device(request: Request) -> DevicePrincipal:
+    """The calling device whatever its status (rejected and decommissioned devices are refused)."""
+    from fleet_server.services.devices import authenticate_device
+
+    token = bearer_token(request)
+    with request.app.state.session_factory() as session:
+        return authenticate_device(session, get_settings(request), token)
+
+
+def accepted_device(request: Request) -> DevicePrincipal:
+    """The calling device, which must be accepted (a pending device gets a 403)."""
+    principal = any_device(request)
+    if principal.status != "accepted":
+        raise ForbiddenError(f"device {principal.device_id} is {principal.status}, not accepted")
+    return principal
+
+
+AnyDeviceDep = Annotated[DevicePrincipal, Depends(any_device)]
+DeviceDep = Annotated[DevicePrincipal, Depends(accepted_device)]

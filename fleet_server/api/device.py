@@ -1,0 +1,108 @@
+"""Device-facing endpoints: enrollment, desired state, inventory and telemetry intake.
+
+A device authenticates with its bearer access token and only ever sees or writes its own rows: the
+device id always comes from the token, never from the request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from bundles.errors import ConfigError
+from fleet_server.api.bodies import read_capped
+from fleet_server.api.deps import AnyDeviceDep, DeviceDep, SessionDep, SettingsDep, bearer_token
+from fleet_server.schemas import ChallengeOut, EnrollIn, EnrollOut, InventoryIn, TelemetryOut, TufInfo
+from fleet_server.services import devices
+from fleet_server.services.desired_state import DesiredStateService, etag_matches
+from fleet_server.services.telemetry_intake import decompress, parse_batch, store_batch
+
+router = APIRouter(prefix="/api/v1", tags=["device"])
+
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing, unknown or revoked token"},
+    403: {"description": "device retired"},
+}
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+@router.post("/enroll/challenge", response_model=ChallengeOut)
+def enroll_challenge(request: Request, session: SessionDep, settings: SettingsDep) -> ChallengeOut:
+    """A single-use nonce for the device to sign with its Ed25519 key (rate-limited per client)."""
+    request.app.state.enroll_limiter.check(_client(request), "enrollment requests")
+    nonce, ttl_s = devices.create_nonce(session, settings.nonce_ttl_s)
+    return ChallengeOut(nonce=nonce, expires_in_s=ttl_s)
+
+
+@router.post("/enroll", response_model=EnrollOut, responses={**AUTH_ERRORS, 429: {"description": "rate limited"}})
+def enroll(body: EnrollIn, request: Request, session: SessionDep, settings: SettingsDep) -> EnrollOut:
+    """Enroll with a fleet token and proof of key possession; returns the access token (shown once)."""
+    request.app.state.enroll_limiter.check(_client(request), "enrollment requests")
+    result = devices.enroll(session, settings, body.model_dump())
+    base = settings.public_url.rstrip("/")
+    tuf = TufInfo(root=request.app.state.tuf.trusted_root(), metadata_url=f"{base}/tuf/metadata/",
+                  targets_url=f"{base}/tuf/targets/")  # fmt: skip
+    status: Literal["pending", "accepted"] = "pending" if result.device.status == "pending" else "accepted"
+    return EnrollOut(device_id=result.device.id, status=status, access_token=result.access_token, tuf=tuf)
+
+
+@router.get(
+    "/device/desired-state",
+    responses={
+        200: {"description": "DesiredState (see docs/api.md)"},
+        304: {"description": "unchanged"},
+        **AUTH_ERRORS,
+    },
+)
+def desired_state(request: Request, if_none_match: str | None = Header(default=None, max_length=1000)) -> Response:
+    """What this device should run; ``If-None-Match`` with the last ETag gives a body-less 304."""
+    service: DesiredStateService = request.app.state.desired_state
+    state = service.for_token(bearer_token(request))
+    headers = {"ETag": state.etag, "Cache-Control": "no-cache"}
+    if etag_matches(if_none_match, state.etag):
+        request.app.state.metrics.polls.labels("not_modified").inc()
+        return Response(status_code=304, headers=headers)
+    request.app.state.metrics.polls.labels("changed").inc()
+    return Response(state.body, media_type="application/json", headers=headers)
+
+
+@router.put("/device/inventory", status_code=204, responses=AUTH_ERRORS)
+def put_inventory(body: InventoryIn, device: AnyDeviceDep, session: SessionDep) -> Response:
+    """Replace this device's reported inventory (capabilities, installed bundles, agent version)."""
+    row = devices.get_device(session, device.device_id)
+    devices.apply_inventory(row, body.model_dump(exclude_none=True))
+    devices.touch_last_seen(session, device.device_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/device/telemetry",
+    response_model=TelemetryOut,
+    responses={**AUTH_ERRORS, 413: {"description": "body or item count over the limit"}},
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
+)
+async def post_telemetry(
+    request: Request, device: DeviceDep, content_encoding: str | None = Header(default=None, max_length=50)
+) -> TelemetryOut:
+    """Store a telemetry batch (gzip/zstd allowed); a retried ``batch_id`` is stored once."""
+    settings = request.app.state.settings
+    raw = await read_capped(request, settings.max_telemetry_bytes)
+    if not raw:
+        raise ConfigError("the telemetry body is empty")
+    batch = parse_batch(decompress(raw, content_encoding, settings.max_telemetry_bytes), settings.max_telemetry_items)
+    result = await run_in_threadpool(store_batch, request.app.state.engine, device.device_id, batch, len(raw))
+    _count_telemetry(request, result.accepted, result.duplicate)
+    return TelemetryOut(accepted=result.accepted, duplicate=result.duplicate)
+
+
+def _count_telemetry(request: Request, accepted: dict[str, int], duplicate: bool) -> None:
+    metrics = request.app.state.metrics
+    metrics.telemetry_batches.labels("duplicate" if duplicate else "stored").inc()
+    if not duplicate:
+        for kind, count in accepted.items():
+            metrics.telemetry_rows.labels(kind).inc(count)

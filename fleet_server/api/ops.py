@@ -1,0 +1,39 @@
+"""Operations endpoints: liveness, readiness (database reachable and migrated) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from fleet_server.db import current_revision
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up (no dependency checked)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "database unreachable or not migrated"}})
+def readyz(request: Request) -> JSONResponse:
+    """Ready to serve: the database answers and has a schema revision."""
+    try:
+        with request.app.state.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        revision = current_revision(request.app.state.engine)
+    except SQLAlchemyError as error:
+        return JSONResponse({"status": "unavailable", "detail": f"database: {type(error).__name__}"}, 503)
+    if revision is None:
+        return JSONResponse({"status": "unavailable", "detail": "database is not migrated"}, 503)
+    return JSONResponse({"status": "ready", "schema_revision": revision, "tuf_root": request.app.state.tuf.has_root()})
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus exposition of this process's metrics."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,97 @@
+"""The FastAPI app factory.
+
+``create_app(settings)`` wires one app: the database engine and session factory (the schema must
+already be migrated: ``edgefleet-server init`` and ``run`` do it, tests do it once per session), the
+routers of ``fleet_server.api`` and, when those packages are installed, ``fleet_server.telemetry.api``
+and ``fleet_server.rollouts.api`` (each exposing ``router``), the domain-error mapping, the request
+metrics middleware and the background task that keeps TUF timestamp/snapshot fresh.
+
+Everything request handlers need hangs off ``app.state``: ``settings``, ``engine``,
+``session_factory``, ``metrics``, ``desired_state`` (the memoised desired-state renderer),
+``enroll_limiter`` and ``tuf`` (the hosted repository).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from fleet_server import __version__
+from fleet_server.api import ROUTERS
+from fleet_server.db import make_engine, make_session_factory
+from fleet_server.errors import install_error_handlers
+from fleet_server.logs import configure_logging
+from fleet_server.observability import Metrics, MetricsMiddleware
+from fleet_server.ratelimit import RateLimiter
+from fleet_server.services.desired_state import DesiredStateService
+from fleet_server.services.tuf_host import TufHost, refresh_loop
+from fleet_server.settings import Settings
+
+log = logging.getLogger("fleet_server.app")
+
+OPTIONAL_ROUTERS = ("fleet_server.telemetry.api", "fleet_server.rollouts.api")
+
+
+def optional_router(module_name: str) -> APIRouter | None:
+    """``module.router`` if the module is importable (a package not built yet is simply absent)."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            return None
+        raise
+    router = getattr(module, "router", None)
+    return router if isinstance(router, APIRouter) else None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the fleet-server app for ``settings`` (default: read from the environment)."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.json_logs)
+    app = FastAPI(
+        title="edgefleet fleet server",
+        version=__version__,
+        description="Device enrollment, bundle registry, TUF hosting, desired state and telemetry intake.",
+        lifespan=_lifespan,
+    )
+    _attach_state(app, settings)
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    for module_name in OPTIONAL_ROUTERS:
+        extra = optional_router(module_name)
+        if extra is not None:
+            app.include_router(extra)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def _attach_state(app: FastAPI, settings: Settings) -> None:
+    engine = make_engine(settings.resolved_database_url)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.metrics = Metrics()
+    app.state.desired_state = DesiredStateService(engine, settings)
+    app.state.enroll_limiter = RateLimiter(settings.enroll_rate_per_minute)
+    app.state.tuf = TufHost(settings)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the TUF refresh task; dispose of the engine on shutdown."""
+    import asyncio
+
+    task = None
+    if app.state.settings.background_tasks:
+        task = asyncio.create_task(refresh_loop(app.state.tuf, app.state.settings.tuf_refresh_interval_s))
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+        app.state.engine.dispose()

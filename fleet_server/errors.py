@@ -1,0 +1,112 @@
+"""Domain errors -> HTTP, in one place.
+
+Services raise errors from :mod:`bundles.errors` (or the few server-only ones below, which belong to
+those families); :func:`install_error_handlers` maps each family to a status code and a JSON body
+``{"detail": "<one readable sentence>"}``. Request validation errors become a 422 with the first
+problem spelled out, so that no malformed input ever surfaces as a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bundles.errors import (
+    AuthError,
+    BundleError,
+    ConfigError,
+    EdgeFleetError,
+    KeyFileError,
+    RollbackAttackError,
+    ServerError,
+    TransportError,
+)
+
+log = logging.getLogger("fleet_server.errors")
+
+
+class NotFoundError(ConfigError):
+    """The named resource does not exist (404)."""
+
+
+class ConflictError(ConfigError):
+    """The request conflicts with the current state, e.g. deleting a bundle in use (409)."""
+
+
+class PayloadTooLargeError(ConfigError):
+    """A request body is over its size limit (413)."""
+
+
+class ForbiddenError(AuthError):
+    """The caller is authenticated but its role or identity does not allow this (403)."""
+
+
+class RateLimitedError(ServerError):
+    """Too many requests of this kind; retry after a while (429)."""
+
+
+# Most specific first: the first matching family decides the status.
+STATUS_BY_ERROR: tuple[tuple[type[EdgeFleetError], int], ...] = (
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (PayloadTooLargeError, 413),
+    (ForbiddenError, 403),
+    (RateLimitedError, 429),
+    (AuthError, 401),
+    (RollbackAttackError, 409),
+    (BundleError, 400),
+    (KeyFileError, 500),
+    (ConfigError, 400),
+    (TransportError, 503),
+)
+
+
+def status_for(error: EdgeFleetError) -> int:
+    """The HTTP status of a domain error (500 only for errors that are the server's own fault)."""
+    for family, status in STATUS_BY_ERROR:
+        if isinstance(error, family):
+            return status
+    return 500
+
+
+def _domain_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, EdgeFleetError)
+    status = status_for(error)
+    if status >= 500:
+        log.error("server error: %s", error, exc_info=error)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 429:
+        headers = {"Retry-After": "60"}
+    return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+
+
+def describe_validation_error(errors: list[Any]) -> str:
+    """One readable sentence from pydantic's error list, naming where the first problem is."""
+    if not errors:
+        return "the request is invalid"
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'is invalid')}{more}"
+
+
+def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return JSONResponse({"detail": describe_validation_error(list(error.errors()))}, status_code=422)
+
+
+def _http_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the mapping on an app (called once by ``create_app``)."""
+    app.add_exception_handler(EdgeFleetError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the fleet server (see ``fleet_server.db`` for how they are run)."""

@@ -1,0 +1,163 @@
+"""Desired state: what a device should run, answered with an ETag so unchanged polls are cheap 304s.
+
+The hot path is one SQL round trip without the ORM: the device (by token hash), its assignments
+and its group poll-interval override in a single query. The rendered body and its ETag are memoised
+per device and keyed by the exact row values, so an unchanged poll hashes nothing and serialises
+nothing; a changed row (the rollout engine or an admin writing ``assignments``) changes the key, so
+the memo can never serve stale state, whichever process made the change.
+
+``last_seen_at`` is not written per poll: polls are recorded in memory and flushed in one
+statement by :meth:`DesiredStateService.flush_last_seen` (a background task every few seconds).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, text
+from sqlalchemy.types import Integer, String
+
+from bundles.errors import AuthError
+from fleet_server.db import UTCDateTime, utcnow
+from fleet_server.errors import ForbiddenError
+from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret
+from fleet_server.settings import Settings
+
+MEMO_MAX_DEVICES = 500_000
+
+_STATE_SQL = text(
+    """
+    SELECT d.id AS device_id, d.status AS status,
+           a.model_name AS model_name, a.bundle_version AS bundle_version, a.variant AS variant,
+           a.rollout_id AS rollout_id, a.shadow_version AS shadow_version, a.start_after AS start_after,
+           a.updated_at AS updated_at,
+           (SELECT MIN(g.poll_interval_s) FROM device_group_members m
+              JOIN device_groups g ON g.id = m.group_id WHERE m.device_id = d.id) AS poll_override
+    FROM devices d LEFT JOIN assignments a ON a.device_id = d.id
+    WHERE d.token_hash = :token_hash
+    ORDER BY a.model_name
+    """
+).columns(
+    device_id=String(), status=String(), model_name=String(), bundle_version=Integer(), variant=String(),
+    rollout_id=Integer(), shadow_version=Integer(), start_after=UTCDateTime(), updated_at=UTCDateTime(),
+    poll_override=Integer(),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RenderedState:
+    """A device's desired state as sent on the wire."""
+
+    device_id: str
+    etag: str
+    body: bytes
+
+
+def manifest_target(name: str, version: int) -> str:
+    """The TUF target path of a bundle's manifest (``docs/interfaces.md``)."""
+    return f"{name}/{version}/manifest.json"
+
+
+class DesiredStateService:
+    """Renders desired state per device, memoised by the rows that determine it."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._memo: dict[str, tuple[tuple[Any, ...], RenderedState]] = {}
+        self._seen: dict[str, dt.datetime] = {}
+        self._seen_lock = threading.Lock()
+
+    def for_token(self, token: str) -> RenderedState:
+        """The desired state of the device holding ``token`` (401/403 for bad or retired tokens)."""
+        if not token.startswith(DEVICE_TOKEN_PREFIX):
+            raise AuthError("this bearer token is not a device access token")
+        with self.engine.connect() as connection:
+            rows = connection.execute(_STATE_SQL, {"token_hash": hash_secret(token, self.settings.token_pepper)}).all()
+        if not rows:
+            raise AuthError("unknown or revoked device access token")
+        device_id, status = rows[0].device_id, rows[0].status
+        if status in ("rejected", "decommissioned"):
+            raise ForbiddenError(f"device {device_id} is {status}")
+        self._note_seen(device_id)
+        return self._rendered(device_id, tuple(tuple(row) for row in rows))
+
+    def _rendered(self, device_id: str, key: tuple[Any, ...]) -> RenderedState:
+        cached = self._memo.get(device_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        body = json.dumps(self.render(key), separators=(",", ":"), sort_keys=True).encode()
+        rendered = RenderedState(device_id, '"' + hashlib.sha256(body).hexdigest()[:32] + '"', body)
+        if len(self._memo) >= MEMO_MAX_DEVICES:
+            self._memo.clear()
+        self._memo[device_id] = (key, rendered)
+        return rendered
+
+    def render(self, rows: tuple[Any, ...]) -> dict[str, Any]:
+        """The ``DesiredState`` document (keys fixed by docs/interfaces.md) from the query rows."""
+        device_id, status, poll_override = rows[0][0], rows[0][1], rows[0][9]
+        models = [_model_entry(row) for row in rows if row[2] is not None] if status == "accepted" else []
+        poll_interval_s = int(poll_override or self.settings.poll_interval_s)
+        return {
+            "device_id": device_id,
+            "poll_interval_s": poll_interval_s,
+            "jitter_s": min(self.settings.jitter_s, poll_interval_s // 2),
+            "models": models,
+            "fallback": self._fallback(models),
+            "telemetry": {
+                "window_s": self.settings.telemetry_window_s,
+                "sample_rate": self.settings.telemetry_sample_rate,
+                "reservoir_size": self.settings.telemetry_reservoir_size,
+                "upload_interval_s": self.settings.telemetry_upload_interval_s,
+            },
+        }
+
+    def _fallback(self, models: list[dict[str, Any]]) -> dict[str, Any] | None:
+        if not self.settings.fallback_url:
+            return None
+        return {"url": self.settings.fallback_url, "model": models[0]["name"] if models else None}
+
+    def _note_seen(self, device_id: str) -> None:
+        with self._seen_lock:
+            self._seen[device_id] = utcnow()
+
+    def flush_last_seen(self) -> int:
+        """Write the buffered poll times in one statement; returns how many devices were updated."""
+        with self._seen_lock:
+            seen, self._seen = self._seen, {}
+        if not seen:
+            return 0
+        statement = text("UPDATE devices SET last_seen_at = :at WHERE id = :device_id").bindparams(
+            bindparam("at", type_=UTCDateTime())
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement, [{"device_id": k, "at": v} for k, v in seen.items()])
+        return len(seen)
+
+
+def _model_entry(row: Any) -> dict[str, Any]:
+    name, version, shadow = row[2], int(row[3]), row[6]
+    return {
+        "name": name,
+        "version": version,
+        "manifest_target": manifest_target(name, version),
+        "variant": row[4],
+        "rollout_id": row[5],
+        "shadow": None
+        if shadow is None
+        else {"version": int(shadow), "manifest_target": manifest_target(name, shadow)},
+        "start_after": row[7].isoformat() if row[7] is not None else None,
+    }
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of an ``If-None-Match`` header against our ETag."""
+    if not if_none_match:
+        return False
+    candidates = [part.strip().removeprefix("W/") for part in if_none_match.split(",")]
+    return "*" in candidates or etag in candidates

@@ -1,0 +1,215 @@
+"""Telemetry intake: decompress, bound, validate the basics, and store a batch exactly once.
+
+The payload of every item is opaque JSON whose shape ``docs/telemetry.md`` defines; here we check
+only size, basic types and the few keys we index (``type``, ``model``, ``version``, times,
+``capture_reason``). Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is
+inserted first; if it already exists the batch is a retry and nothing else is written. Rows are
+inserted with one ``executemany`` per table (no ORM objects) because sampled prediction logs arrive
+by the thousand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.exc import IntegrityError as SqlIntegrityError
+
+from bundles.errors import ConfigError
+from fleet_server.db import utcnow
+from fleet_server.errors import PayloadTooLargeError
+from fleet_server.models import DeviceEvent, MetricWindow, PredictionSample, TelemetryBatch
+
+MAX_INDEXED_TEXT = 100
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    """What the device is told: rows accepted per kind, and whether this batch was a retry."""
+
+    accepted: dict[str, int]
+    duplicate: bool
+
+
+def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
+    """The decoded body (identity, gzip or zstd), refusing to inflate past ``max_bytes``."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return body
+    if encoding == "gzip":
+        return _gunzip(body, max_bytes)
+    if encoding == "zstd":
+        return _unzstd(body, max_bytes)
+    raise ConfigError(f"Content-Encoding {encoding!r} is not supported (use gzip or zstd)")
+
+
+def _gunzip(body: bytes, max_bytes: int) -> bytes:
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as e:
+        raise ConfigError(f"the gzip body is corrupt ({e})") from e
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise PayloadTooLargeError(f"the decompressed telemetry body is over {max_bytes} bytes")
+    if not inflater.eof:
+        raise ConfigError("the gzip body is truncated")
+    return out
+
+
+def _unzstd(body: bytes, max_bytes: int) -> bytes:
+    import zstandard
+
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+            while chunk := reader.read(65536):
+                out += chunk
+                if len(out) > max_bytes:
+                    raise PayloadTooLargeError(f"the decompressed telemetry body is over {max_bytes} bytes")
+    except zstandard.ZstdError as e:
+        raise ConfigError(f"the zstd body is corrupt ({e})") from e
+    return bytes(out)
+
+
+def parse_batch(raw: bytes, max_items: int) -> dict[str, Any]:
+    """The batch object, with ``batch_id`` and the three item lists checked for basic types."""
+    try:
+        batch = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"the telemetry body is not valid JSON ({e})") from e
+    if not isinstance(batch, dict):
+        raise ConfigError("the telemetry body must be a JSON object")
+    batch_id = batch.get("batch_id")
+    if not isinstance(batch_id, str) or not 1 <= len(batch_id) <= 64:
+        raise ConfigError("batch_id: required, a string of 1 to 64 characters")
+    total = 0
+    for kind in ("events", "windows", "samples"):
+        items = batch.setdefault(kind, [])
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ConfigError(f"{kind}: expected a list of objects")
+        total += len(items)
+    if total > max_items:
+        raise PayloadTooLargeError(f"the batch has {total} items; the limit is {max_items} per request")
+    return batch
+
+
+def _time(item: dict[str, Any], key: str, where: str) -> dt.datetime:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}.{key}: required, an ISO 8601 time string")
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}.{key}: {value[:40]!r} is not an ISO 8601 time") from e
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _text(item: dict[str, Any], key: str, where: str, required: bool) -> str | None:
+    value = item.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_INDEXED_TEXT:
+        raise ConfigError(f"{where}.{key}: expected a string of 1 to {MAX_INDEXED_TEXT} characters")
+    return value
+
+
+def _version(item: dict[str, Any], where: str, required: bool) -> int | None:
+    value = item.get("version")
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise ConfigError(f"{where}.version: expected a non-negative integer")
+    return value
+
+
+def event_rows(items: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]:
+    """``device_events`` rows (without ``batch_pk``) from the batch's events."""
+    rows = []
+    for i, item in enumerate(items):
+        where = f"events[{i}]"
+        rows.append({"device_id": device_id, "type": _text(item, "type", where, True),
+                     "model_name": _text(item, "model", where, False), "bundle_version": _version(item, where, False),
+                     "at": _time(item, "at", where), "payload": item})  # fmt: skip
+    return rows
+
+
+def window_rows(items: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]:
+    """``metric_windows`` rows from the batch's windows."""
+    rows = []
+    for i, item in enumerate(items):
+        where = f"windows[{i}]"
+        rows.append({"device_id": device_id, "model_name": _text(item, "model", where, True),
+                     "bundle_version": _version(item, where, True), "window_start": _time(item, "start", where),
+                     "window_end": _time(item, "end", where), "payload": item})  # fmt: skip
+    return rows
+
+
+def sample_rows(items: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]:
+    """``prediction_samples`` rows from the batch's samples."""
+    rows = []
+    for i, item in enumerate(items):
+        where = f"samples[{i}]"
+        rows.append({"device_id": device_id, "model_name": _text(item, "model", where, True),
+                     "bundle_version": _version(item, where, True),
+                     "reason": _text(item, "capture_reason", where, True),
+                     "at": _time(item, "at", where), "payload": item})  # fmt: skip
+    return rows
+
+
+def store_batch(engine: Engine, device_id: str, batch: dict[str, Any], size_bytes: int) -> IntakeResult:
+    """Validate every item, then store the batch and its rows in one transaction (or detect a retry)."""
+    rows = {
+        "events": event_rows(batch["events"], device_id),
+        "windows": window_rows(batch["windows"], device_id),
+        "samples": sample_rows(batch["samples"], device_id),
+    }
+    counts = {kind: len(kind_rows) for kind, kind_rows in rows.items()}
+    try:
+        with engine.begin() as connection:
+            batch_pk = _insert_batch(connection, device_id, batch["batch_id"], counts, size_bytes)
+            if batch_pk is None:
+                return IntakeResult(accepted=_stored_counts(connection, device_id, batch["batch_id"]), duplicate=True)
+            _insert_rows(connection, rows, batch_pk)
+    except SqlIntegrityError:
+        # A concurrent retry of the same batch won the race: it is stored exactly once.
+        with engine.connect() as connection:
+            return IntakeResult(accepted=_stored_counts(connection, device_id, batch["batch_id"]), duplicate=True)
+    return IntakeResult(accepted=counts, duplicate=False)
+
+
+def _insert_batch(
+    connection: Connection, device_id: str, batch_id: str, counts: dict[str, int], size_bytes: int
+) -> int | None:
+    existing = connection.execute(
+        select(TelemetryBatch.id).where(TelemetryBatch.device_id == device_id, TelemetryBatch.batch_id == batch_id)
+    ).first()
+    if existing is not None:
+        return None
+    result = connection.execute(
+        insert(TelemetryBatch).returning(TelemetryBatch.id),
+        {"device_id": device_id, "batch_id": batch_id, "received_at": utcnow(), "events": counts["events"],
+         "windows": counts["windows"], "samples": counts["samples"], "size_bytes": size_bytes},
+    )  # fmt: skip
+    return int(result.scalar_one())
+
+
+def _insert_rows(connection: Connection, rows: dict[str, list[dict[str, Any]]], batch_pk: int) -> None:
+    for table, kind in ((DeviceEvent, "events"), (MetricWindow, "windows"), (PredictionSample, "samples")):
+        if rows[kind]:
+            for row in rows[kind]:
+                row["batch_pk"] = batch_pk
+            connection.execute(insert(table), rows[kind])
+
+
+def _stored_counts(connection: Connection, device_id: str, batch_id: str) -> dict[str, int]:
+    row = connection.execute(
+        select(TelemetryBatch.events, TelemetryBatch.windows, TelemetryBatch.samples).where(
+            TelemetryBatch.device_id == device_id, TelemetryBatch.batch_id == batch_id
+        )
+    ).one()
+    return {"events": row.events, "windows": row.windows, "samples": row.samples}

@@ -1,0 +1,273 @@
+"""Shared fixtures of the fleet-server tests (also used by tests/fleet_server/telemetry and rollouts).
+
+Stable fixture names (other helpers' tests import them; do not rename):
+
+- ``database_url`` (session, parametrised ``sqlite`` / ``postgresql``): a migrated database (``alembic
+  upgrade head``) that lives for the whole test session. PostgreSQL gets its own uniquely named
+  database ``edgefleet_fleetserver_<uuid8>`` on 127.0.0.1:5432 (created, then dropped at the end);
+  SQLite is a file in a temporary directory. Every test that uses it runs once per database.
+- ``db_engine`` (function): a SQLAlchemy engine on ``database_url`` whose tables were emptied before the
+  test (every table but ``alembic_version``), so each test starts from a clean schema.
+- ``settings`` (function): production-mode :class:`Settings` (secure values, data dir in ``tmp_path``,
+  background tasks off) on that database.
+- ``app`` (function): ``create_app(settings)``; ``client`` (function): a ``TestClient`` over it.
+- ``session_factory`` (function): sessions on the app's engine, for arranging data directly.
+- ``make_api_key(role="admin") -> str`` and ``admin_headers`` / ``operator_headers`` / ``viewer_headers``
+  (dicts with ``Authorization``).
+- ``make_enroll_token(fleet="lab", expires_in_s=3600, max_uses=None) -> str``.
+- ``make_device(fleet="lab", inventory=None, hw_class="pi4") -> EnrolledDevice``: enrolls a device
+  through the real API with a fresh Ed25519 key (``.device_id``, ``.access_token``, ``.headers``,
+  ``.private_key``); it is ``accepted`` unless ``settings.require_approval`` is set.
+- ``live_server`` (function): the same app served by uvicorn on 127.0.0.1 (port 0), yields the base URL.
+- ``online_keys`` (function): the server's snapshot and timestamp keys created in the data dir.
+
+Helpers: ``default_inventory(hw_class)`` and ``auth(token)`` (an ``Authorization`` header dict).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from fleet_server.app import create_app
+from fleet_server.db import make_engine, session_scope, upgrade_database
+from fleet_server.services.api_keys import create_api_key
+from fleet_server.services.enroll_tokens import create_enroll_token
+from fleet_server.settings import Settings
+
+PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TEST_PEPPER = "test-pepper-0123456789abcdef"
+
+
+def auth(token: str) -> dict[str, str]:
+    """An ``Authorization: Bearer`` header dict."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def default_inventory(hw_class: str = "pi4") -> dict[str, Any]:
+    """A plausible inventory of an aarch64 board with ONNX Runtime 1.20."""
+    return {
+        "hw_class": hw_class,
+        "agent_version": "0.1.0",
+        "capabilities": {"arch": "aarch64", "os": "linux", "python": "3.11.2", "runtimes": {"onnxruntime": "1.20.1"},
+                         "accelerators": ["cpu"], "memory_mb": 3800, "disk_free_mb": 20000, "preferences": []},
+        "installed": [],
+    }  # fmt: skip
+
+
+# --- databases -------------------------------------------------------------------------------------
+
+
+def _create_pg_database() -> tuple[str, str]:
+    name = f"edgefleet_fleetserver_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return name, PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def _drop_pg_database(name: str) -> None:
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database for the whole session, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'fleet.db'}"
+        upgrade_database(url)
+        yield url
+        return
+    name, url = _create_pg_database()
+    try:
+        upgrade_database(url)
+        yield url
+    finally:
+        _drop_pg_database(name)
+
+
+def empty_all_tables(engine: sa.Engine) -> None:
+    """Delete every row of every table except ``alembic_version`` (the schema stays)."""
+    names = [n for n in sa.inspect(engine).get_table_names() if n != "alembic_version"]
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(sa.text("TRUNCATE " + ", ".join(f'"{n}"' for n in names) + " RESTART IDENTITY CASCADE"))
+            return
+        connection.execute(sa.text("PRAGMA foreign_keys=OFF"))
+        for name in names:
+            connection.execute(sa.text(f'DELETE FROM "{name}"'))
+        connection.execute(sa.text("PRAGMA foreign_keys=ON"))
+
+
+@pytest.fixture
+def db_engine(database_url: str) -> Iterator[sa.Engine]:
+    """An engine on the session database, emptied before the test."""
+    engine = make_engine(database_url)
+    empty_all_tables(engine)
+    yield engine
+    engine.dispose()
+
+
+# --- app -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(db_engine: sa.Engine, database_url: str, tmp_path: Path) -> Settings:
+    """Production-mode settings with secure values, on the test database."""
+    return Settings(
+        mode="production", data_dir=tmp_path / "data", database_url=database_url, public_url="https://fleet.test",
+        token_pepper=TEST_PEPPER, background_tasks=False, json_logs=False, log_level="warning",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    """The app under test."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    """An in-process HTTP client (lifespan run)."""
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def session_factory(app: FastAPI) -> sessionmaker[Session]:
+    """Sessions on the app's database, for arranging data directly."""
+    factory: sessionmaker[Session] = app.state.session_factory
+    return factory
+
+
+@pytest.fixture
+def online_keys(app: FastAPI) -> None:
+    """The server's online snapshot and timestamp keys, as ``edgefleet-server init`` makes them."""
+    app.state.tuf.create_online_keys()
+
+
+# --- factories -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_api_key(session_factory: sessionmaker[Session], settings: Settings) -> Callable[..., str]:
+    """Create an API key with a role; returns its secret."""
+
+    def make(role: str = "admin", name: str | None = None) -> str:
+        with session_scope(session_factory) as session:
+            _, secret = create_api_key(session, name=name or f"test-{role}", role=role, actor="test",
+                                       pepper=settings.token_pepper)  # fmt: skip
+        return secret
+
+    return make
+
+
+@pytest.fixture
+def admin_headers(make_api_key: Callable[..., str]) -> dict[str, str]:
+    return auth(make_api_key("admin"))
+
+
+@pytest.fixture
+def operator_headers(make_api_key: Callable[..., str]) -> dict[str, str]:
+    return auth(make_api_key("operator"))
+
+
+@pytest.fixture
+def viewer_headers(make_api_key: Callable[..., str]) -> dict[str, str]:
+    return auth(make_api_key("viewer"))
+
+
+@pytest.fixture
+def make_enroll_token(session_factory: sessionmaker[Session], settings: Settings) -> Callable[..., str]:
+    """Create a fleet enrollment token; returns its secret."""
+
+    def make(fleet: str = "lab", expires_in_s: int = 3600, max_uses: int | None = None) -> str:
+        with session_scope(session_factory) as session:
+            _, secret = create_enroll_token(session, fleet=fleet, expires_in_s=expires_in_s, max_uses=max_uses,
+                                            actor="test", pepper=settings.token_pepper)  # fmt: skip
+        return secret
+
+    return make
+
+
+@dataclass
+class EnrolledDevice:
+    """A device enrolled through the real API."""
+
+    device_id: str
+    access_token: str
+    private_key: Ed25519PrivateKey
+    status: str
+    enrollment: dict[str, Any]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return auth(self.access_token)
+
+
+def enroll_device(http: Any, token: str, inventory: dict[str, Any], key: Ed25519PrivateKey | None = None) -> Any:
+    """Run the enrollment handshake with ``http`` (a TestClient or httpx client); returns the response."""
+    key = key or Ed25519PrivateKey.generate()
+    nonce = http.post("/api/v1/enroll/challenge", json={}).json()["nonce"]
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    body = {"token": token, "public_key": public.hex(), "nonce": nonce,
+            "signature": key.sign(bytes.fromhex(nonce)).hex(), "inventory": inventory}  # fmt: skip
+    return http.post("/api/v1/enroll", json=body)
+
+
+@pytest.fixture
+def make_device(client: TestClient, make_enroll_token: Callable[..., str]) -> Callable[..., EnrolledDevice]:
+    """Enroll a new device with a real Ed25519 key through the API."""
+
+    def make(fleet: str = "lab", inventory: dict[str, Any] | None = None, hw_class: str = "pi4") -> EnrolledDevice:
+        key = Ed25519PrivateKey.generate()
+        response = enroll_device(client, make_enroll_token(fleet), inventory or default_inventory(hw_class), key)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        return EnrolledDevice(body["device_id"], body["access_token"], key, body["status"], body)
+
+    return make
+
+
+# --- a real server on loopback ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_server(app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn on 127.0.0.1 (an ephemeral port); yields ``http://127.0.0.1:<port>``."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start within 10 s"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
