@@ -12,9 +12,9 @@ Unpacking trusts nothing in the archive. Each member must be a regular file or a
 safe relative path (no absolute path, no ``..``, no backslash); links, devices and FIFOs are refused
 outright (so no link can point outside); the number of members, each member's size and the total
 are capped by :class:`ArchiveLimits` while counting the bytes actually written. The gzip stream is
-read to its end so its CRC is checked. Extraction goes into a temporary sibling directory that is
-renamed into place only when everything (including the hash check against the manifest) succeeded,
-so a failed unpack leaves nothing half-written.
+read to its end so its CRC is checked, and only zero padding may follow the members. Extraction
+goes into a temporary sibling directory that is renamed into place only when everything (including
+the hash check against the manifest) succeeded, so a failed unpack leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -246,7 +246,10 @@ def _extract(archive: Path, root: Path, limits: ArchiveLimits) -> list[str]:
         if archive.stat().st_size > limits.max_total_bytes:
             raise ArchiveError(f"{archive.name}: archive file exceeds {limits.max_total_bytes} bytes")
         with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-            files = _extract_members(gz, root, budget)
+            reader = _LastReadKeeper(gz)
+            files = _extract_members(reader, root, budget)
+            if reader.last.strip(b"\0"):
+                raise ArchiveError(f"{archive.name}: data after the end of the archive")
             _drain(gz, budget)
     except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError) and e.filename == str(archive):
@@ -255,10 +258,33 @@ def _extract(archive: Path, root: Path, limits: ArchiveLimits) -> list[str]:
     return sorted(files)
 
 
-def _extract_members(gz: gzip.GzipFile, root: Path, budget: _Budget) -> list[str]:
+class _LastReadKeeper:
+    """A file wrapper that remembers the last block read: the one at which tarfile stopped.
+
+    tarfile ends quietly at a block that is not a valid header; keeping that block lets us tell the
+    zero block that really ends an archive from data smuggled after the members.
+    """
+
+    def __init__(self, raw: gzip.GzipFile) -> None:
+        self._raw = raw
+        self.last = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.last = data
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+def _extract_members(gz: _LastReadKeeper, root: Path, budget: _Budget) -> list[str]:
     files: list[str] = []
     seen: set[str] = set()
-    with tarfile.open(fileobj=gz, mode="r|") as tar:
+    with tarfile.open(fileobj=gz, mode="r:") as tar:  # type: ignore[call-overload]
         for member in tar:
             name = _safe_name(member, budget.archive)
             budget.add_member(name, member.size)
@@ -307,9 +333,11 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, nam
 
 
 def _drain(gz: gzip.GzipFile, budget: _Budget) -> None:
-    """Read the gzip stream to its end so its CRC and length are checked (padding counts too)."""
+    """Read the gzip stream to its end so its CRC and length are checked; only zero padding may follow."""
     while chunk := gz.read(_CHUNK_BYTES):
         budget.add_bytes("(padding)", 0, len(chunk))
+        if chunk.strip(b"\0"):
+            raise ArchiveError(f"{budget.archive.name}: data after the end of the archive")
 
 
 __all__ = [
