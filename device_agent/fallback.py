@@ -1,0 +1,261 @@
+"""The parts of the fallback chain: circuit breaker, result cache, cloud client, static answers.
+
+``device_agent.serving.ServingPipeline`` decides *when* to fall back (local error, no local model,
+deadline, low confidence) and walks the chain; this module holds the pieces it walks:
+
+- :class:`CircuitBreaker`: after ``failure_threshold`` consecutive cloud failures the breaker opens
+  and the cloud is skipped (no request, no timeout) for ``reset_s``; then one probe is let through
+  (half-open): success closes it, failure opens it again. A dead cloud is not hammered.
+- :class:`ResultCache`: bounded LRU of answers keyed by (model, bundle version, input hash), filled
+  only for bundles whose ``runtime_config.deterministic`` is true.
+- :class:`OipClient`: the Open Inference Protocol v2 REST client (JSON tensors) over httpx.
+- :func:`static_outputs`: the bundle's declared ``runtime_config.static_answer`` as tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bundles.errors import InferenceError, ServerError, TransportError
+from bundles.manifest import Manifest
+
+# --- circuit breaker -------------------------------------------------------------------------
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class CircuitBreaker:
+    """Closed -> open after N consecutive failures -> half-open after ``reset_s`` -> closed on success."""
+
+    def __init__(
+        self,
+        failure_threshold: int = 3,
+        reset_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, int], object] | None = None,
+    ) -> None:
+        self.failure_threshold, self.reset_s, self.clock = failure_threshold, reset_s, clock
+        self.on_change = on_change
+        self.state = CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """May a request go to the cloud now? In half-open state only one probe at a time may."""
+        with self._lock:
+            if self.state == CLOSED:
+                return True
+            if self.state == OPEN and self.clock() - self.opened_at >= self.reset_s:
+                self._set(HALF_OPEN)
+            if self.state == HALF_OPEN and not self._probing:
+                self._probing = True
+                return True
+            return False
+
+    def success(self) -> None:
+        with self._lock:
+            self.failures, self._probing = 0, False
+            if self.state != CLOSED:
+                self._set(CLOSED)
+
+    def failure(self) -> None:
+        with self._lock:
+            self.failures += 1
+            self._probing = False
+            if self.state == HALF_OPEN or self.failures >= self.failure_threshold:
+                self.opened_at = self.clock()
+                if self.state != OPEN:
+                    self._set(OPEN)
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        if self.on_change is not None:
+            self.on_change(state, self.failures)
+
+
+# --- result cache ----------------------------------------------------------------------------
+
+
+def input_key(inputs: Mapping[str, np.ndarray]) -> bytes:
+    """A digest of the inputs (names, dtypes, shapes and bytes), the cache key of an identical input."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(inputs):
+        arr = np.ascontiguousarray(inputs[name])
+        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        digest.update(arr.tobytes() if arr.dtype.kind != "O" else repr(arr.tolist()).encode())
+    return digest.digest()
+
+
+class ResultCache:
+    """A bounded LRU of answers by (model, version, input digest)."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[tuple[str, int, bytes], dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, model: str, version: int, key: bytes, outputs: Mapping[str, np.ndarray]) -> None:
+        if self.max_entries <= 0:
+            return
+        with self._lock:
+            self._items[(model, version, key)] = dict(outputs)
+            self._items.move_to_end((model, version, key))
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def get(self, model: str, version: int, key: bytes) -> dict[str, np.ndarray] | None:
+        with self._lock:
+            found = self._items.get((model, version, key))
+            if found is not None:
+                self._items.move_to_end((model, version, key))
+            return found
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# --- static answer ---------------------------------------------------------------------------
+
+
+def static_outputs(manifest: Manifest | None) -> dict[str, np.ndarray] | None:
+    """The bundle's ``static_answer`` as arrays; values are EncodedTensor dicts or plain JSON values."""
+    if manifest is None or not manifest.runtime_config.static_answer:
+        return None
+    out: dict[str, np.ndarray] = {}
+    for name, value in manifest.runtime_config.static_answer.items():
+        if isinstance(value, Mapping) and {"dtype", "shape", "data"} <= set(value):
+            from bundles.manifest import EncodedTensor
+            from bundles.tensors import decode_tensor
+
+            out[name] = decode_tensor(EncodedTensor.from_dict(value, f"static_answer.{name}"))
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+# --- confidence ------------------------------------------------------------------------------
+
+
+def confidence_of(raw: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> float | None:
+    """The lowest top-1 probability over the batch: from ``probabilities`` if present, else softmax of the
+    first raw output. None when there is no floating-point score."""
+    scores = outputs.get("probabilities")
+    if scores is None:
+        first = next(iter(raw.values()), None)
+        if first is None or np.asarray(first).dtype.kind != "f":
+            return None
+        logits = np.asarray(first, dtype=np.float64)
+        logits = logits - logits.max(axis=-1, keepdims=True)
+        scores = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    top = np.asarray(scores, dtype=np.float64).max(axis=-1)
+    return float(np.min(top)) if top.size else None
+
+
+# --- Open Inference Protocol v2 client -------------------------------------------------------
+
+_OIP_DATATYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}  # fmt: skip
+_NUMPY_OF_OIP = {v: k for k, v in _OIP_DATATYPES.items()}
+
+
+def to_oip_tensor(name: str, value: Any) -> dict[str, Any]:
+    """A numpy array as an OIP ``$request_input`` (JSON data, row-major)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "USO":
+        return {"name": name, "shape": list(arr.shape), "datatype": "BYTES", "data": [str(v) for v in arr.reshape(-1)]}
+    datatype = _OIP_DATATYPES.get(arr.dtype.name)
+    if datatype is None:
+        raise InferenceError(f"input '{name}' has dtype {arr.dtype.name}, which the inference protocol cannot carry")
+    return {"name": name, "shape": list(arr.shape), "datatype": datatype, "data": arr.reshape(-1).tolist()}
+
+
+def from_oip_tensor(tensor: Mapping[str, Any]) -> tuple[str, np.ndarray]:
+    """An OIP ``$response_output`` as (name, numpy array)."""
+    try:
+        name, shape, datatype = str(tensor["name"]), [int(d) for d in tensor["shape"]], str(tensor["datatype"])
+        data = tensor["data"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InferenceError(f"the cloud answered a malformed output tensor: {e}") from e
+    dtype: Any = object if datatype == "BYTES" else _NUMPY_OF_OIP.get(datatype)
+    if dtype is None:
+        raise InferenceError(f"the cloud answered an output of unknown datatype {datatype}")
+    try:
+        return name, np.asarray(data, dtype=dtype).reshape(shape)
+    except (ValueError, TypeError) as e:
+        raise InferenceError(f"the cloud's output '{name}' does not fit shape {shape}: {e}") from e
+
+
+class OipClient:
+    """Open Inference Protocol v2 REST client: ``POST {base}/models/{name}/infer`` with JSON tensors.
+
+    ``base_url`` ends with ``/v2`` (the desired state's ``fallback.url``). Transport failures and 5xx
+    answers are :class:`TransportError` / :class:`ServerError` (they count against the breaker);
+    4xx answers are :class:`InferenceError` carrying the server's ``error`` text.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 2.0, client: httpx.Client | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._owned = client is None
+        self.client = client or httpx.Client(timeout=timeout_s)
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None) -> dict[str, np.ndarray]:
+        """Run ``model`` in the cloud; the answer's outputs as numpy arrays."""
+        path = f"/models/{model}" + (f"/versions/{version}" if version is not None else "") + "/infer"
+        body = {"inputs": [to_oip_tensor(name, value) for name, value in inputs.items()]}
+        data = self._post(self.base_url + path, body)
+        outputs = data.get("outputs")
+        if not isinstance(outputs, list):
+            raise InferenceError(f"the cloud's answer for {model} has no 'outputs' list")
+        return dict(from_oip_tensor(t) for t in outputs)
+
+    def _post(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            response = self.client.post(url, json=body, timeout=self.timeout_s)
+        except httpx.HTTPError as e:
+            raise TransportError(f"cloud inference at {url} failed: {type(e).__name__}: {e}") from e
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ServerError(f"cloud inference at {url} answered {response.status_code}: {_error_text(response)}")
+        if response.status_code >= 400:
+            raise InferenceError(f"cloud inference at {url} refused the request: {_error_text(response)}")
+        try:
+            data = response.json()
+        except ValueError as e:
+            raise ServerError(f"cloud inference at {url} answered something that is not JSON") from e
+        if not isinstance(data, dict):
+            raise ServerError(f"cloud inference at {url} answered JSON that is not an object")
+        return data
+
+    def ready(self, model: str) -> bool:
+        """``GET {base}/models/{model}/ready`` answers 200 (what tritonclient checks too)."""
+        try:
+            return self.client.get(f"{self.base_url}/models/{model}/ready", timeout=self.timeout_s).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:200] or f"HTTP {response.status_code}"
+    if isinstance(data, dict):
+        return str(data.get("error") or data.get("detail") or data)[:200]
+    return str(data)[:200]
