@@ -86,7 +86,8 @@ class DeviceCapabilities:
         """Parse capabilities sent by a device (:class:`ConfigError` if malformed); unknown keys go to ``extra``."""
         if not isinstance(data, Mapping) or not all(isinstance(data.get(k), str) for k in ("arch", "os")):
             raise ConfigError("capabilities: 'arch' and 'os' are required strings")
-        runtimes = data.get("runtimes") or {}
+        runtimes = data.get("runtimes")
+        runtimes = {} if runtimes is None else runtimes
         if not isinstance(runtimes, Mapping):
             raise ConfigError("capabilities.runtimes: expected an object of runtime -> version")
         return cls(
@@ -94,10 +95,10 @@ class DeviceCapabilities:
             os=str(data["os"]).lower(),
             python=str(data.get("python") or ""),
             runtimes={str(k): str(v) for k, v in runtimes.items()},
-            accelerators=tuple(str(a) for a in data.get("accelerators") or ()),
+            accelerators=_strings(data, "accelerators"),
             memory_mb=_optional_int(data, "memory_mb"),
             disk_free_mb=_optional_int(data, "disk_free_mb"),
-            preferences=tuple(str(p) for p in data.get("preferences") or ()),
+            preferences=_strings(data, "preferences"),
             extra={k: v for k, v in data.items() if k not in cls.KNOWN},
         )
 
@@ -113,6 +114,15 @@ class DeviceCapabilities:
             "preferences": list(self.preferences),
         }
         return {**self.extra, **out}
+
+
+def _strings(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"capabilities.{key}: expected a list of strings, got {type(value).__name__}")
+    return tuple(str(v) for v in value)
 
 
 def _optional_int(data: Mapping[str, Any], key: str) -> int | None:
