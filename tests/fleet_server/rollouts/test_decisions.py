@@ -28,21 +28,36 @@ def at(seconds):
     [
         (DeviceObservation("d", None), 5000, DeviceOutcome.WAITING),
         (DeviceObservation("d", T0, last_seen_at=at(10)), 10, DeviceOutcome.INSTALLING),
-        (DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(10)), 20,
-         DeviceOutcome.SOAKING),
+        (
+            DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(10)),
+            20,
+            DeviceOutcome.SOAKING,
+        ),
         # healthy only once it reports again after a full soak on the new bundle
-        (DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(609)), 609,
-         DeviceOutcome.SOAKING),
-        (DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(610)), 610,
-         DeviceOutcome.HEALTHY),
+        (
+            DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(609)),
+            609,
+            DeviceOutcome.SOAKING,
+        ),
+        (
+            DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(610)),
+            610,
+            DeviceOutcome.HEALTHY,
+        ),
         (DeviceObservation("d", T0, failure="self-test failed"), 10, DeviceOutcome.FAILED),
-        (DeviceObservation("d", T0, running_since=at(10), running_now=False, last_seen_at=at(700)), 700,
-         DeviceOutcome.FAILED),
+        (
+            DeviceObservation("d", T0, running_since=at(10), running_now=False, last_seen_at=at(700)),
+            700,
+            DeviceOutcome.FAILED,
+        ),
         # silent: timed out at start + soak + timeout, not a second earlier
         (DeviceObservation("d", T0, last_seen_at=at(1)), 899, DeviceOutcome.INSTALLING),
         (DeviceObservation("d", T0, last_seen_at=at(1)), 900, DeviceOutcome.TIMED_OUT),
-        (DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(100)), 900,
-         DeviceOutcome.TIMED_OUT),
+        (
+            DeviceObservation("d", T0, running_since=at(10), running_now=True, last_seen_at=at(100)),
+            900,
+            DeviceOutcome.TIMED_OUT,
+        ),
         (DeviceObservation("d", T0), 900, DeviceOutcome.TIMED_OUT),
     ],
 )

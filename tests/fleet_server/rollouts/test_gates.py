@@ -117,9 +117,7 @@ def test_relative_gate_waits_while_the_control_has_too_little_data():
 
 
 def test_absolute_gate_records_the_control_value_for_context():
-    result = evaluate_gate(
-        Gate.parse("error_rate<0.01"), figures(requests=100), figures(requests=1000, errors=3)
-    )
+    result = evaluate_gate(Gate.parse("error_rate<0.01"), figures(requests=100), figures(requests=1000, errors=3))
     assert result.status == "pass" and result.control_value == pytest.approx(0.003)
 
 

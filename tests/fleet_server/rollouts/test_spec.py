@@ -70,8 +70,13 @@ def test_cumulative_wave_sizes(wave, total, size):
 
 def test_policy_round_trips_through_json_form():
     policy = RolloutPolicy(
-        waves=parse_waves("1%,100%"), gates=("error_rate<0.01",), soak_s=60, on_breach="pause", approval="each_wave",
-        max_concurrent_downloads=10, jitter_s=5,
+        waves=parse_waves("1%,100%"),
+        gates=("error_rate<0.01",),
+        soak_s=60,
+        on_breach="pause",
+        approval="each_wave",
+        max_concurrent_downloads=10,
+        jitter_s=5,
     )
     assert RolloutPolicy.from_dict(policy.to_dict()) == policy
     assert RolloutPolicy.from_dict({"soak_s": "30m", "waves": "10%,100%"}).soak_s == 1800
@@ -79,8 +84,11 @@ def test_policy_round_trips_through_json_form():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"on_breach": "explode"}, "on_breach"), ({"approval": "maybe"}, "approval"),
-     ({"max_concurrent_downloads": 0}, "at least 1")],
+    [
+        ({"on_breach": "explode"}, "on_breach"),
+        ({"approval": "maybe"}, "approval"),
+        ({"max_concurrent_downloads": 0}, "at least 1"),
+    ],
 )
 def test_bad_policies_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,107 @@
+"""Rollout tables (schema revision ``0003``).
+
+- ``rollouts``: one row per rollout: the target bundle (model, version), the state, the policy (waves,
+  gates, soak, timeouts, breach action, approval, download pacing) as JSON, and what was targeted.
+- ``rollout_waves``: one row per wave: its spec, state, clock (started, settled, finished, deadline)
+  and the latest evaluation (gate values, device counts), rewritten on every tick.
+- ``rollout_devices``: every device the target set named, with why it is in or out (``member``,
+  ``incompatible``, ``pinned``, ``excluded``), its wave, chosen variant, the tuple it ran before
+  (for rollback), its release and start-after times and its outcome in the wave.
+- ``rollout_decisions``: append-only decision records: who (``engine`` or an admin key), what
+  action, from which state to which, why, and the numbers that drove it.
+
+Everything the engine needs to resume after a restart is in these rows; nothing lives in memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from fleet_server.db import Base, utcnow
+from fleet_server.models import BigId
+
+MEMBERSHIPS = ("member", "incompatible", "pinned", "excluded")
+
+
+class Rollout(Base):
+    """A rollout of one bundle version to a target set of devices."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (Index("ix_rollouts_model_name_state", "model_name", "state"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(100))
+    bundle_version: Mapped[int]
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    target: Mapped[dict[str, Any]] = mapped_column(JSON)
+    current_wave: Mapped[int] = mapped_column(default=0)
+    created_by: Mapped[str] = mapped_column(String(120))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    state_changed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    evaluated_at: Mapped[dt.datetime | None]
+
+
+class RolloutWave(Base):
+    """One wave of a rollout."""
+
+    __tablename__ = "rollout_waves"
+    __table_args__ = (UniqueConstraint("rollout_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int]
+    spec: Mapped[str] = mapped_column(String(32))
+    shadow: Mapped[bool] = mapped_column(default=False)
+    state: Mapped[str] = mapped_column(String(16))
+    planned_devices: Mapped[int] = mapped_column(default=0)
+    started_at: Mapped[dt.datetime | None]
+    settled_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    deadline_at: Mapped[dt.datetime | None]
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class RolloutDevice(Base):
+    """A device named by a rollout's target set: in the rollout (with its wave) or listed as out, with why."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (Index("ix_rollout_devices_rollout_id_wave_index", "rollout_id", "wave_index"),)
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(40), primary_key=True, index=True)
+    membership: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    wave_index: Mapped[int | None]
+    variant: Mapped[str | None] = mapped_column(String(100))
+    previous_version: Mapped[int | None]
+    previous_variant: Mapped[str | None] = mapped_column(String(100))
+    previous_rollout_id: Mapped[int | None]
+    released_at: Mapped[dt.datetime | None]
+    start_after: Mapped[dt.datetime | None]
+    running_since: Mapped[dt.datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    outcome_reason: Mapped[str] = mapped_column(Text, default="")
+    outcome_at: Mapped[dt.datetime | None]
+    restored_at: Mapped[dt.datetime | None]
+
+
+class RolloutDecision(Base):
+    """An append-only decision record: every advance, pause, approval and rollback, with its numbers."""
+
+    __tablename__ = "rollout_decisions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(120))
+    action: Mapped[str] = mapped_column(String(32))
+    wave_index: Mapped[int | None]
+    from_state: Mapped[str] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    record: Mapped[dict[str, Any]] = mapped_column(JSON)
