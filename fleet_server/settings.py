@@ -7,14 +7,16 @@ warns, so a laptop demo works with no configuration.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 INSECURE_PEPPER = "changethis"
+ENV_FILE_NAME = "server.env"
 
 
 class Settings(BaseSettings):
@@ -75,6 +77,11 @@ class Settings(BaseSettings):
         return problems
 
     @property
+    def env_file(self) -> Path:
+        """The settings file ``edgefleet-server init`` writes into the data directory."""
+        return self.data_dir / ENV_FILE_NAME
+
+    @property
     def resolved_database_url(self) -> str:
         """The configured database URL, or the embedded SQLite file in the data directory."""
         return self.database_url or f"sqlite:///{(self.data_dir / 'fleet.db').resolve()}"
@@ -93,3 +100,14 @@ class Settings(BaseSettings):
     def uploads_dir(self) -> Path:
         """Scratch space for publications being received (same filesystem as the repository)."""
         return self.data_dir / "uploads"
+
+
+def load_settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment plus ``<data_dir>/server.env`` (written by ``init``); env wins.
+
+    ``data_dir`` defaults to ``EDGEFLEET_DATA_DIR`` or ``./edgefleet-data``.
+    """
+    directory = data_dir or Path(os.environ.get("EDGEFLEET_DATA_DIR", "./edgefleet-data"))
+    env_file = directory / ENV_FILE_NAME
+    values = {"data_dir": directory, **{k: v for k, v in overrides.items() if v is not None}}
+    return Settings(_env_file=env_file if env_file.is_file() else None, **values)  # type: ignore[call-arg]

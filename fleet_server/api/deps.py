@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -20,31 +19,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.errors import AuthError
 from fleet_server.errors import ForbiddenError
+from fleet_server.principals import AdminPrincipal, DevicePrincipal
 from fleet_server.settings import Settings
 
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
-
-
-@dataclass(frozen=True)
-class AdminPrincipal:
-    """An authenticated admin API key."""
-
-    key_id: int
-    name: str
-    role: str
-
-    @property
-    def actor(self) -> str:
-        """How the audit log names this caller."""
-        return f"key:{self.key_id}:{self.name}"
-
-
-@dataclass(frozen=True)
-class DevicePrincipal:
-    """An authenticated device."""
-
-    device_id: str
-    status: str
+__all__ = [
+    "AdminPrincipal",
+    "DevicePrincipal",
+    "AdminDep",
+    "AnyDeviceDep",
+    "DeviceDep",
+    "OperatorDep",
+    "SessionDep",
+    "SettingsDep",
+    "ViewerDep",
+    "require_role",
+]
 
 
 def get_settings(request: Request) -> Settings:

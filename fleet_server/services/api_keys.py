@@ -13,11 +13,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.errors import AuthError, ConfigError
-from fleet_server.api.deps import AdminPrincipal
 from fleet_server.audit import record
 from fleet_server.db import utcnow
 from fleet_server.errors import NotFoundError
 from fleet_server.models import ROLES, ApiKey
+from fleet_server.principals import AdminPrincipal
 from fleet_server.security import ADMIN_KEY_PREFIX, display_prefix, hash_secret, new_secret
 from fleet_server.settings import Settings
 

@@ -26,11 +26,11 @@ from sqlalchemy.orm import Session
 
 from bundles.errors import AuthError, ConfigError
 from bundles.selection import DeviceCapabilities
-from fleet_server.api.deps import DevicePrincipal
 from fleet_server.audit import record
 from fleet_server.db import utcnow
 from fleet_server.errors import ConflictError, ForbiddenError, NotFoundError
 from fleet_server.models import DEVICE_STATUSES, Device, DeviceTag, EnrollmentNonce, EnrollmentToken
+from fleet_server.principals import DevicePrincipal
 from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
 from fleet_server.settings import Settings
 
