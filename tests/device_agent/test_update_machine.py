@@ -9,13 +9,12 @@ served, loadable model that passes its self-test.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bundles.errors import InstallError
-from device_agent.update.machine import RESUME, TRANSITIONS
+from device_agent.update.machine import RESUME, TRANSITIONS, Step
 from device_agent.update.record import DeploymentRecord
 from device_agent.update.states import DeploymentStatus, Event, UpdateState
 from tests.device_agent.helpers import Device, ListReporter, assert_one_committed_loadable, entry
@@ -53,7 +52,7 @@ class Harness:
         for state, step in list(steps.items()):
             steps[state] = self._wrap(state, step)
 
-    def _wrap(self, state: UpdateState, step: Callable[[DeploymentRecord], Event]) -> Callable[[DeploymentRecord], Event]:
+    def _wrap(self, state: UpdateState, step: Step) -> Step:
         def injected(record: DeploymentRecord) -> Event:
             left = self.crash_in.get(state, 0)
             if left != 0:

@@ -1,0 +1,7 @@
+"""``python -m device_agent`` is ``edgefleet-agent``."""
+
+import sys
+
+from device_agent.cli import main
+
+sys.exit(main())

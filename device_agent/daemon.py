@@ -1,0 +1,170 @@
+"""The daemon loop of ``edgefleet-agent run``.
+
+Start: serve the localhost HTTP API, then recover (finish an interrupted deployment, settle the
+slots). Loop: poll the desired state (``If-None-Match`` with the last ETag; the last desired state is
+kept on disk so a restart does not need the network to know its targets), apply it (one deployment
+per model whose committed version differs; transient failures are retried on the next poll, permanent
+ones are not), report the inventory when it changed, close telemetry windows and upload them. Waits
+``poll_interval_s`` plus or minus ``jitter_s`` (both can come from the server) between polls, and backs
+off exponentially with jitter while the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+from bundles.errors import AuthError, EdgeFleetError, TransportError
+from device_agent.agent import Agent
+from device_agent.client import FleetClient
+from device_agent.identity import Enrollment, trusted_root_bytes
+from device_agent.persist import atomic_write_json, read_json
+from device_agent.serving import ServingConfig, ServingPipeline
+from device_agent.update.source import TufSource
+
+log = logging.getLogger(__name__)
+
+
+def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff with jitter over the upper half: 5, 10, 20 ... up to ``max_s`` seconds."""
+    ceiling = min(max_s, initial_s * 2 ** max(failures - 1, 0))
+    return float(ceiling / 2 + random.uniform(0.0, ceiling / 2))
+
+
+class Daemon:
+    """Drives one :class:`Agent`: updates, inventory, telemetry upload, HTTP API."""
+
+    def __init__(self, agent: Agent, stop: threading.Event | None = None) -> None:
+        self.agent, self.config = agent, agent.config
+        self.stop = stop or threading.Event()
+        self.desired_path = self.config.state_dir / "desired.json"
+        saved = read_json(self.desired_path) or {}
+        self.desired: dict[str, Any] | None = saved.get("state")
+        self.etag: str | None = saved.get("etag")
+        self.client: FleetClient | None = None
+        self.uploader: Any = None
+        self.failures = 0
+        self._inventory_sent: dict[str, Any] | None = None
+        self._fallback: Any = None
+
+    def connect(self) -> bool:
+        """Wire the fleet client, the TUF source and the telemetry uploader from the enrollment."""
+        enrollment = Enrollment.load(self.config.identity_dir)
+        if enrollment is None:
+            log.warning("not enrolled: run 'edgefleet-agent enroll --server URL --token T'; serving installed models")
+            return False
+        self.client = FleetClient(enrollment.server_url, enrollment.access_token, self.config.request_timeout_s)
+        self.agent.updater.set_source(TufSource(self._tuf_client(enrollment)))
+        if self.agent.recorder is not None:
+            from device_agent.telemetry.uploader import TelemetryUploader
+
+            self.uploader = TelemetryUploader(
+                self.agent.recorder.buffer, self.client.http, headers=self.client.headers,
+                backoff_initial_s=self.config.backoff_initial_s, backoff_max_s=self.config.backoff_max_s,
+            )  # fmt: skip
+        return True
+
+    def _tuf_client(self, enrollment: Enrollment) -> Any:
+        from bundles.tuf.client import TufClient
+
+        metadata_dir = self.config.tuf_dir / "metadata"
+        root = None if (metadata_dir / "root.json").exists() else trusted_root_bytes(self.config.identity_dir)
+        return TufClient(
+            metadata_dir, self.config.tuf_dir / "targets", enrollment.metadata_url, enrollment.targets_url,
+            trusted_root=root, bearer_token=enrollment.access_token, timeout_s=self.config.request_timeout_s,
+        )  # fmt: skip
+
+    def run(self, once: bool = False, http: bool = True) -> None:
+        """Serve and update until :attr:`stop` is set (or one round with ``once``)."""
+        server = None
+        if http:
+            from device_agent.httpapi import AgentHttpServer
+
+            server = AgentHttpServer(self.agent, self.config.http_host, self.config.http_port).start()
+            log.info("serving the Open Inference Protocol on %s", server.url)
+        try:
+            self.agent.updater.recover()
+            enrolled = self.connect()
+            while not self.stop.is_set():
+                wait_s = self.round() if enrolled else self.config.poll_interval_s
+                if once:
+                    break
+                self.stop.wait(wait_s)
+        finally:
+            if server is not None:
+                server.stop()
+            self.agent.close()
+
+    def round(self) -> float:
+        """One poll-apply-report round; returns the seconds to wait before the next one."""
+        try:
+            self.poll()
+        except AuthError as e:
+            log.error("the server refuses this device: %s", e)
+            self.failures += 1
+            return self.config.backoff_max_s
+        except TransportError as e:
+            self.failures += 1
+            wait_s = backoff_s(self.failures, self.config.backoff_initial_s, self.config.backoff_max_s)
+            log.warning("cannot reach the fleet server (%s); next try in %.0f s", e, wait_s)
+            return wait_s
+        except EdgeFleetError as e:
+            self.failures += 1
+            log.error("update round failed: %s", e)
+            return backoff_s(self.failures, self.config.backoff_initial_s, self.config.backoff_max_s)
+        self.failures = 0
+        if self.desired:
+            self.apply()
+        self.report()
+        return self._poll_interval_s()
+
+    def poll(self) -> None:
+        """Fetch the desired state (304 keeps the one we have) and persist it."""
+        assert self.client is not None
+        state, etag = self.client.desired_state(self.etag)
+        if state is not None:
+            self.desired, self.etag = state, etag
+            atomic_write_json(self.desired_path, {"state": state, "etag": etag}, mode=0o600)
+
+    def apply(self) -> None:
+        """Deploy what the desired state names and follow its fallback and telemetry settings."""
+        assert self.desired is not None
+        self._apply_fallback(self.desired.get("fallback"))
+        if self.agent.recorder is not None and self.desired.get("telemetry"):
+            recorder = self.agent.recorder
+            recorder.settings = recorder.settings.with_desired(self.desired["telemetry"])
+        for record in self.agent.updater.apply(self.desired):
+            log.info("deployment %s: %s (%s)", record.ref, record.status.value, record.error or "no error")
+
+    def _apply_fallback(self, section: Any) -> None:
+        if section == self._fallback:
+            return
+        old = self.agent.pipeline
+        self.agent.pipeline = ServingPipeline(self.agent.engine, ServingConfig.from_dict(section), old.recorder)
+        self._fallback = section
+        old.close()
+
+    def report(self) -> None:
+        """Inventory when it changed; close telemetry windows and upload what is buffered."""
+        assert self.client is not None
+        inventory = self.agent.inventory()
+        comparable = {k: v for k, v in inventory.items() if k != "capabilities"}
+        if comparable != self._inventory_sent:
+            try:
+                self.client.put_inventory(inventory)
+                self._inventory_sent = comparable
+            except EdgeFleetError as e:
+                log.warning("inventory report failed: %s", e)
+        if self.agent.recorder is not None:
+            self.agent.recorder.tick()
+        if self.uploader is not None:
+            self.uploader.maybe_drain()
+
+    def _poll_interval_s(self) -> float:
+        desired = self.desired or {}
+        interval = float(desired.get("poll_interval_s") or self.config.poll_interval_s)
+        jitter_s = desired.get("jitter_s")
+        jitter = float(self.config.jitter_s if jitter_s is None else jitter_s)
+        return max(1.0, interval + random.uniform(-jitter, jitter))

@@ -1,0 +1,149 @@
+"""Metric windows and sampled logs recorded from real predictions through the serving pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bundles.errors import InferenceError
+from bundles.manifest import Manifest
+from bundles.testing import build_bundle_dir, write_manifest
+from device_agent.inference import LocalEngine
+from device_agent.serving import ServingConfig, ServingPipeline
+from device_agent.telemetry.buffer import TelemetryBuffer
+from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
+from device_agent.telemetry.windows import LATENCY_EDGES_MS
+from tests.device_agent.telemetry.test_fallback import FakeClock, FaultyEngine
+
+
+def dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v2"
+
+
+def setup(tmp_path: Path, settings: TelemetrySettings, sensitive: str | None = None, static: bool = True):
+    manifest = build_bundle_dir(tmp_path / "bundle", name="tiny", version=4, seed=4)
+    features = tuple(dataclasses.replace(f, sensitive=(f.name == sensitive)) for f in manifest.features)
+    config = dataclasses.replace(manifest.runtime_config, static_answer={"label": ["unknown"]} if static else None)
+    manifest = dataclasses.replace(manifest, features=features, runtime_config=config)
+    write_manifest(tmp_path / "bundle", manifest)
+    engine = LocalEngine()
+    engine.load("tiny", tmp_path / "bundle", "onnx-fp32")
+    clock = FakeClock()
+    buffer = TelemetryBuffer(tmp_path / "telemetry.db", cap_bytes=10_000_000)
+    recorder = TelemetryRecorder(buffer, settings, clock=clock, rng=random.Random(7))
+    faulty = FaultyEngine(engine)
+    pipeline = ServingPipeline(faulty, ServingConfig(cloud_url=dead_url(), deadline_ms=None), recorder=recorder)
+    return manifest, faulty, pipeline, recorder, buffer, clock
+
+
+def drain(buffer: TelemetryBuffer):
+    batch = buffer.next_batch(max_items=10_000, max_bytes=100_000_000)
+    assert batch is not None
+    buffer.ack(batch.batch_id)
+    return batch
+
+
+def test_a_window_counts_requests_and_bins_inputs_on_the_baseline_edges(tmp_path: Path) -> None:
+    manifest, _, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0))
+    rng = np.random.default_rng(0)
+    xs = rng.normal(0.0, 1.2, size=(300, 4)).astype(np.float32)
+    labels = [str(pipeline.predict("tiny", {"x": x[None, :]}).outputs["label"][0]) for x in xs]
+    recorder.flush()
+
+    (window,) = drain(buffer).windows
+    counters = window["counters"]
+    assert (counters["requests"], counters["rows"], counters["errors"], counters["sources"]) == (300, 300, 0, {"local": 300})
+    assert sum(window["latency_ms"]["counts"]) == 300 and len(window["latency_ms"]["counts"]) == len(LATENCY_EDGES_MS) + 1
+    for i, hist in enumerate(manifest.drift_baseline.features):
+        edges = np.asarray(hist.edges)
+        expected, _ = np.histogram(np.clip(xs[:, i], edges[0], edges[-1]), bins=edges)
+        assert window["features"][hist.name] == expected.tolist()
+    categories = manifest.drift_baseline.output.categories
+    assert window["output"]["label"] == [labels.count(c) for c in categories]
+    assert (window["model"], window["version"]) == ("tiny", 4)
+
+
+def test_windows_close_on_the_wall_clock_and_align_to_the_window_length(tmp_path: Path) -> None:
+    _, _, pipeline, recorder, buffer, clock = setup(tmp_path, TelemetrySettings(window_s=60.0, sample_rate=0.0))
+    x = {"x": np.zeros((1, 4), dtype=np.float32)}
+    pipeline.predict("tiny", x)
+    clock.now += 60.0
+    pipeline.predict("tiny", x)  # the first window closed on this request
+    (window,) = drain(buffer).windows
+    assert window["start"].endswith(":00+00:00") and window["counters"]["requests"] == 1
+    recorder.flush()
+    assert drain(buffer).windows[0]["counters"]["requests"] == 1
+
+
+def test_constraint_violations_are_counted(tmp_path: Path) -> None:
+    _, _, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0))
+    pipeline.predict("tiny", {"x": np.array([[9.0, 0.0, 0.0, 0.0]], dtype=np.float32)})  # f0 max is 5
+    pipeline.predict("tiny", {"x": np.array([[np.nan, 0.0, 0.0, 0.0]], dtype=np.float32)})  # NaN in, NaN out
+    pipeline.predict("tiny", {"x": np.zeros((1, 4), dtype=np.float32)})
+    recorder.flush()
+    violations = drain(buffer).windows[0]["counters"]["violations"]
+    assert violations["input_out_of_range"] == 2
+    assert violations["nan_output"] == 1
+
+
+def test_fallbacks_and_errors_are_always_captured_with_probability_one(tmp_path: Path) -> None:
+    _, engine, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0), static=False)
+    x = {"x": np.full((1, 4), 0.3, dtype=np.float32)}
+    pipeline.predict("tiny", x)  # fills the cache
+    engine.crash = True
+    assert pipeline.predict("tiny", x).source == "cache"
+    with pytest.raises(InferenceError):
+        pipeline.predict("tiny", {"x": np.full((1, 4), 0.7, dtype=np.float32)})
+    recorder.flush()
+    batch = drain(buffer)
+    reasons = sorted((s["capture_reason"], s["inclusion_probability"], s["source"]) for s in batch.samples)
+    assert reasons == [("error", 1.0, None), ("fallback", 1.0, "cache")]
+    counters = batch.windows[0]["counters"]
+    assert (counters["requests"], counters["errors"], counters["fallbacks"]) == (3, 1, 1)
+    assert counters["fallback_reasons"] == {"local_error": 2}
+    assert counters["captured"] == {"error": 1, "fallback": 1}
+
+
+def test_routine_samples_go_through_a_reservoir_and_record_their_inclusion_probability(tmp_path: Path) -> None:
+    settings = TelemetrySettings(sample_rate=0.5, reservoir_size=5)
+    _, _, pipeline, recorder, buffer, _ = setup(tmp_path, settings)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        pipeline.predict("tiny", {"x": rng.normal(size=(1, 4)).astype(np.float32)})
+    recorder.flush()
+    batch = drain(buffer)
+    assert len(batch.samples) == 5
+    candidates = batch.windows[0]["counters"]["requests"] * 0.5
+    for sample in batch.samples:
+        assert sample["capture_reason"] == "rate"
+        # 0.5 * 5 / (number of Bernoulli candidates, about 100)
+        assert sample["inclusion_probability"] == pytest.approx(0.5 * 5 / candidates, rel=0.3)
+        assert sample["inputs"]["x"]["shape"] == [1, 4] and sample["outputs"]["label"]["dtype"] == "string"
+
+
+def test_sensitive_features_are_redacted_from_samples(tmp_path: Path) -> None:
+    settings = TelemetrySettings(sample_rate=1.0, reservoir_size=3)
+    _, _, pipeline, recorder, buffer, _ = setup(tmp_path, settings, sensitive="f1")
+    pipeline.predict("tiny", {"x": np.array([[0.1, 0.2, 0.3, 0.4], [1.1, 1.2, 1.3, 1.4]], dtype=np.float32)})
+    recorder.flush()
+    (sample,) = drain(buffer).samples
+    assert sample["redacted"] == ["f1"]
+    data = sample["inputs"]["x"]["data"]
+    assert data[1] is None and data[5] is None
+    assert data[0] == pytest.approx(0.1) and data[6] == pytest.approx(1.3)
+
+
+def test_desired_state_settings_override_the_defaults() -> None:
+    settings = TelemetrySettings().with_desired({"window_s": 300, "sample_rate": 0.05, "unknown": 1})
+    assert (settings.window_s, settings.sample_rate, settings.reservoir_size) == (300.0, 0.05, 20)
+
+
+def _manifest_of(path: Path) -> Manifest:
+    return Manifest.from_bytes((path / "manifest.json").read_bytes())
