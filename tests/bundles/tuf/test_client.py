@@ -21,6 +21,7 @@ from bundles.errors import (
     TransportError,
     UnknownTargetError,
 )
+from bundles.manifest import Manifest
 from bundles.tuf.client import TufClient
 from bundles.tuf.common import Expiry
 from bundles.tuf.repository import TufRepository
@@ -250,3 +251,13 @@ def test_server_errors_and_unreachable_servers_are_transport_errors(
     with TufClient(tmp_path / "m", tmp_path / "t", url, url, repo.root(), timeout_s=2) as client:
         with pytest.raises(TransportError):
             client.refresh()
+
+
+def test_a_real_bundle_manifest_travels_through_the_repository_and_parses(
+    repo: Repo, make_client: MakeClient, pristine_bundle: tuple[Manifest, Path]
+) -> None:
+    manifest, bundle_dir = pristine_bundle
+    target = f"{manifest.name}/{manifest.version}/manifest.json"
+    repo.local.publish({target: bundle_dir / "manifest.json"})
+    fetched = make_client().download(target)
+    assert Manifest.from_bytes(fetched.read_bytes()) == manifest
