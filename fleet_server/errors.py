@@ -25,6 +25,7 @@ from bundles.errors import (
     RollbackAttackError,
     ServerError,
     TransportError,
+    VersionConflictError,
 )
 
 log = logging.getLogger("fleet_server.errors")
@@ -59,6 +60,7 @@ STATUS_BY_ERROR: tuple[tuple[type[EdgeFleetError], int], ...] = (
     (RateLimitedError, 429),
     (AuthError, 401),
     (RollbackAttackError, 409),
+    (VersionConflictError, 409),
     (BundleError, 400),
     (KeyFileError, 500),
     (ConfigError, 400),

@@ -1,21 +1,17 @@
 """The TUF repository the server hosts, and its online keys.
 
-The repository logic is ``bundles.tuf.repository.TufRepository``; this module only adds what a
-server needs around it: where the repository and the online snapshot/timestamp keys live, a lock
-so that a publication and a timestamp refresh never write at the same time (a thread lock inside a
-process, an ``flock`` across processes), and the background loop that re-signs timestamp (and
-snapshot) before they expire.
+The repository logic (verification, consistent snapshots, its own writer lock) is
+``bundles.tuf.repository.TufRepository``; this module only adds what a server needs around it:
+where the repository and the online snapshot/timestamp keys live, and the background loop that
+re-signs timestamp (and snapshot) before they expire.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
+import datetime as dt
 import json
 import logging
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +33,15 @@ class TufHost:
         self.repo_dir = settings.tuf_dir
         self.keys_dir = settings.keys_dir
         self.storage = LocalStorage(self.repo_dir)
-        self._lock = threading.Lock()
 
     def repository(self) -> Any:
-        """A ``TufRepository`` over the repository directory."""
+        """A ``TufRepository`` over the repository directory, with the configured online expiries."""
+        from bundles.tuf.common import Expiry
         from bundles.tuf.repository import TufRepository
 
-        return TufRepository(self.repo_dir)
-
-    @contextlib.contextmanager
-    def write_lock(self) -> Iterator[None]:
-        """Exclusive access to the repository for one writer, in this process and across processes."""
-        self.repo_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock, (self.repo_dir / ".lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        expiry = Expiry(timestamp=dt.timedelta(seconds=self.settings.timestamp_expiry_s),
+                        snapshot=dt.timedelta(seconds=self.settings.snapshot_expiry_s))  # fmt: skip
+        return TufRepository(self.repo_dir, expiry=expiry)
 
     def online_signers(self) -> tuple[Any, Any]:
         """The snapshot and timestamp signers (a ``KeyFileError`` if ``init`` has not made them)."""
@@ -84,41 +71,53 @@ class TufHost:
         """Whether a root has been installed (a repository can serve devices only then)."""
         return (self.repo_dir / "metadata" / "root.json").is_file()
 
+    def has_online_keys(self) -> bool:
+        """Whether ``init`` has created the snapshot and timestamp keys."""
+        return all((self.keys_dir / name).is_file() for name in (SNAPSHOT_KEY_FILE, TIMESTAMP_KEY_FILE))
+
     def trusted_root(self) -> dict[str, Any] | None:
         """The current root.json object, or None before the first root is installed."""
-        return self._load_json(self.repo_dir / "metadata" / "root.json") if self.has_root() else None
+        raw = self.repository().trusted_root() if self.has_root() else None
+        return None if raw is None else self._load_json_bytes(raw)
 
     def current_targets(self) -> dict[str, Any] | None:
-        """The current signed targets.json object, or None before the first root."""
-        if not self.has_root():
-            return None
-        return self._load_json_bytes(self.repository().current_targets())
+        """The current signed targets.json object, or None before the first publication."""
+        raw = self.repository().current_targets() if self.has_root() else None
+        return None if raw is None else self._load_json_bytes(raw)
 
     def install_root(self, root_bytes: bytes) -> int:
-        """Install root version 1 or rotate to N+1 (verified by ``TufRepository``); returns its version."""
-        with self.write_lock():
-            self.repository().rotate_root(root_bytes)
-        root = self.trusted_root() or {}
-        return int(root.get("signed", {}).get("version", 0))
+        """Install root version 1 or rotate to N+1 (verified by ``TufRepository``); returns its version.
+
+        The online signers are passed along so that a rotation that changes them re-signs snapshot
+        and timestamp at once.
+        """
+        signers = self.online_signers() if self.has_online_keys() else (None, None)
+        version: int = self.repository().rotate_root(root_bytes, *signers)
+        return version
 
     def accept_publication(self, publication_path: Path) -> list[str]:
-        """Verify and apply a publication; returns the new target paths."""
+        """Verify and apply a publication; returns the new or changed target paths."""
+        from bundles.tuf.publication import PublicationLimits
+
         if not self.has_root():
             raise ConfigError("the server has no TUF root yet: PUT /api/v1/admin/tuf/root first")
-        snapshot_signer, timestamp_signer = self.online_signers()
-        with self.write_lock():
-            targets: list[str] = self.repository().accept_publication(
-                publication_path, snapshot_signer, timestamp_signer
-            )
+        limits = PublicationLimits(max_total_bytes=self.settings.max_publication_bytes * 2,
+                                   max_member_bytes=self.settings.max_publication_bytes * 2)  # fmt: skip
+        targets: list[str] = self.repository().accept_publication(publication_path, *self.online_signers(), limits)
         return targets
 
-    def refresh(self) -> None:
-        """Re-sign timestamp (and snapshot) when they expire within a third of their lifetime."""
-        if not self.has_root():
-            return
-        _, timestamp_signer = self.online_signers()
-        with self.write_lock():
-            self.repository().refresh_timestamp(timestamp_signer, self.settings.timestamp_expiry_s // 3)
+    def refresh(self) -> list[str]:
+        """Re-sign timestamp (and snapshot) when they expire within a quarter of their lifetime."""
+        if not self.has_root() or not self.has_online_keys():
+            return []
+        snapshot_signer, timestamp_signer = self.online_signers()
+        resigned: list[str] = self.repository().refresh_timestamp(
+            timestamp_signer, self.settings.timestamp_expiry_s / 4, snapshot_signer=snapshot_signer,
+            snapshot_if_expires_within_s=self.settings.snapshot_expiry_s / 4,
+        )  # fmt: skip
+        if resigned:
+            log.info("re-signed %s", ", ".join(resigned))
+        return resigned
 
     @staticmethod
     def _load_json(path: Path) -> dict[str, Any]:

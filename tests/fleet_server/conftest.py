@@ -20,6 +20,10 @@ Stable fixture names (other helpers' tests import them; do not rename):
   ``.private_key``); it is ``accepted`` unless ``settings.require_approval`` is set.
 - ``live_server`` (function): the same app served by uvicorn on 127.0.0.1 (port 0), yields the base URL.
 - ``online_keys`` (function): the server's snapshot and timestamp keys created in the data dir.
+- ``release`` (function): a release workstation (:class:`Release`): offline root and targets keys in
+  ``tmp_path``, the server's root installed through ``PUT /api/v1/admin/tuf/root``;
+  ``release.publication(name, version)`` builds a real tiny ONNX bundle (``bundles.testing``) and its
+  signed publication, ``release.publish(name, version)`` also uploads it (201) and returns the answer.
 
 Helpers: ``default_inventory(hw_class)`` and ``auth(token)`` (an ``Authorization`` header dict).
 """
@@ -247,6 +251,76 @@ def make_device(client: TestClient, make_enroll_token: Callable[..., str]) -> Ca
         return EnrolledDevice(body["device_id"], body["access_token"], key, body["status"], body)
 
     return make
+
+
+# --- a release workstation ------------------------------------------------------------------------
+
+
+@dataclass
+class Release:
+    """Offline release keys and helpers that publish bundles to the server under test."""
+
+    client: TestClient
+    headers: dict[str, str]
+    work_dir: Path
+    root_signer: Any
+    targets_signer: Any
+
+    def root_bytes(self) -> bytes:
+        return self.client.get("/tuf/metadata/root.json").content
+
+    def current_targets_bytes(self) -> bytes | None:
+        state = self.client.get("/api/v1/admin/tuf/state", headers=self.headers).json()
+        if state["targets"] is None:
+            return None
+        version = state["targets"]["signed"]["version"]
+        return self.client.get(f"/tuf/metadata/{version}.targets.json").content
+
+    def bundle_files(self, name: str, version: int) -> dict[str, Path]:
+        """Target path -> local file for a freshly built tiny ONNX bundle."""
+        from bundles.archive import pack_variant
+        from bundles.testing import build_bundle_dir
+
+        bundle_dir = self.work_dir / f"{name}-{version}"
+        manifest = build_bundle_dir(bundle_dir, name=name, version=version)
+        files = {f"{name}/{version}/manifest.json": bundle_dir / "manifest.json"}
+        for variant in manifest.variants:
+            archive = pack_variant(bundle_dir, manifest, variant.id, self.work_dir / f"{name}-{version}-{variant.id}.tgz")
+            files[f"{name}/{version}/{variant.id}.tar.gz"] = archive
+        return files
+
+    def publication(self, name: str = "tiny", version: int = 1, files: dict[str, Path] | None = None) -> Path:
+        """A signed publication (targets version N+1) adding the bundle's targets."""
+        from bundles.tuf.publication import make_publication
+
+        out = self.work_dir / f"publication-{name}-{version}-{uuid.uuid4().hex[:6]}.tar.gz"
+        files = files or self.bundle_files(name, version)
+        return make_publication(self.current_targets_bytes(), self.root_bytes(), files, self.targets_signer, out)
+
+    def publish(self, name: str = "tiny", version: int = 1) -> dict[str, Any]:
+        """Publish a bundle through the admin API; returns the 201 answer."""
+        response = self.client.post("/api/v1/admin/publications", headers=self.headers,
+                                    content=self.publication(name, version).read_bytes())  # fmt: skip
+        assert response.status_code == 201, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
+
+
+@pytest.fixture
+def release(client: TestClient, admin_headers: dict[str, str], online_keys: None, tmp_path: Path) -> Release:
+    """A release workstation whose root (with the server's online keys) is installed on the server."""
+    from bundles.tuf.keys import generate_key, key_from_dict
+    from bundles.tuf.root import make_root
+
+    work = tmp_path / "release"
+    work.mkdir()
+    root_signer, targets_signer = generate_key(work / "root.pem"), generate_key(work / "targets.pem")
+    online = client.get("/api/v1/admin/tuf/state", headers=admin_headers).json()["online_keys"]
+    root = make_root([root_signer], [targets_signer], key_from_dict(online["snapshot"]),
+                     key_from_dict(online["timestamp"]))  # fmt: skip
+    response = client.put("/api/v1/admin/tuf/root", headers=admin_headers, content=root)
+    assert response.status_code == 200, response.text
+    return Release(client, admin_headers, work, root_signer, targets_signer)
 
 
 # --- a real server on loopback ---------------------------------------------------------------------
