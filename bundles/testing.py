@@ -4,14 +4,15 @@ Every package's tests need a real model in a real bundle, and they must agree on
 like. This module makes them without any test framework:
 
 - :func:`make_onnx_classifier` writes a tiny linear classifier (one ONNX ``Gemm``, optional dynamic
-  batch) and returns its weights, so callers can compute the expected logits with numpy.
+  batch) and returns its weights, so callers can compute the expected logits with numpy;
+  :func:`make_tflite_classifier` writes the same model as TFLite.
 - :func:`build_bundle_dir` writes a complete bundle directory (model files, ``manifest.json``)
   with golden cases computed independently in numpy, a feature schema, post-processing
   (softmax, argmax, label map) and a drift baseline; it returns the :class:`Manifest`.
 - :func:`with_golden_offset` returns a manifest whose golden outputs were moved, for tests that
   need a self-test to fail.
 
-``onnx`` is imported lazily (it is a converter dependency, not a device one).
+``onnx`` and the TFLite schema are imported lazily (converter / tflite dependencies, not device ones).
 
 Example::
 
@@ -112,6 +113,84 @@ def make_onnx_classifier(
     return TinyClassifier(path=out, weight=weight, bias=bias, precision=precision)
 
 
+def make_tflite_classifier(
+    path: str | Path,
+    n_features: int = 4,
+    n_classes: int = 3,
+    seed: int = 0,
+    dynamic_batch: bool = True,
+    signature: bool = True,
+) -> TinyClassifier:
+    """Write the same classifier as a TFLite flatbuffer (one ``FULLY_CONNECTED``, signature ``x -> logits``).
+
+    Built with the schema bundled in ``ai-edge-litert`` (no TensorFlow needed); same weights as
+    :func:`make_onnx_classifier` for the same ``seed``. ``signature=False`` leaves out the
+    signature, as older converters did (tensors are then found by name).
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    weight, bias = _weights(n_features, n_classes, seed)
+    buffers = [schema.BufferT() for _ in range(5)]
+    buffers[2].data = list(np.ascontiguousarray(weight.T).tobytes())  # FULLY_CONNECTED wants [out, in]
+    buffers[3].data = list(bias.tobytes())
+    batch_sig = -1 if dynamic_batch else 1
+    tensors = [
+        _tflite_tensor(schema, INPUT_NAME, [1, n_features], 1, [batch_sig, n_features]),
+        _tflite_tensor(schema, "weight", [n_classes, n_features], 2, None),
+        _tflite_tensor(schema, "bias", [n_classes], 3, None),
+        _tflite_tensor(schema, OUTPUT_NAME, [1, n_classes], 4, [batch_sig, n_classes]),
+    ]
+    model = schema.ModelT()
+    model.version, model.description, model.buffers = 3, b"bundles.testing", buffers
+    model.operatorCodes = [_tflite_opcode(schema)]
+    model.subgraphs = [_tflite_subgraph(schema, tensors)]
+    model.signatureDefs = [_tflite_signature(schema)] if signature else []
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(bytes(builder.Output()))
+    return TinyClassifier(path=out, weight=weight, bias=bias, precision="fp32")
+
+
+def _tflite_tensor(schema: Any, name: str, shape: list[int], buffer: int, signature: list[int] | None) -> Any:
+    tensor = schema.TensorT()
+    tensor.name, tensor.shape, tensor.type, tensor.buffer = name.encode(), shape, schema.TensorType.FLOAT32, buffer
+    if signature is not None:
+        tensor.shapeSignature = signature
+    return tensor
+
+
+def _tflite_opcode(schema: Any) -> Any:
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.FULLY_CONNECTED
+    code.version = 1
+    return code
+
+
+def _tflite_subgraph(schema: Any, tensors: list[Any]) -> Any:
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
+    op.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
+    op.builtinOptions = schema.FullyConnectedOptionsT()
+    graph = schema.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators, graph.name = tensors, [0], [3], [op], b"main"
+    return graph
+
+
+def _tflite_signature(schema: Any) -> Any:
+    def tensor_map(name: str, index: int) -> Any:
+        mapped = schema.TensorMapT()
+        mapped.name, mapped.tensorIndex = name.encode(), index
+        return mapped
+
+    signature = schema.SignatureDefT()
+    signature.inputs, signature.outputs = [tensor_map(INPUT_NAME, 0)], [tensor_map(OUTPUT_NAME, 3)]
+    signature.signatureKey, signature.subgraphIndex = b"serving_default", 0
+    return signature
+
+
 def _weights(n_features: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     weight = rng.normal(0.0, 1.0, size=(n_features, n_classes)).astype(np.float32)
@@ -157,13 +236,15 @@ def build_bundle_dir(
     golden_batch: int = 2,
     min_runtime_version: str = "1.16",
     dynamic_batch: bool = True,
+    tflite: bool = False,
 ) -> Manifest:
     """Write a runnable bundle directory and return its manifest (also saved as ``manifest.json``).
 
     One ONNX variant per precision (ids ``onnx-fp32``, ``onnx-fp16``), all built from the same
     weights. Golden expected outputs are computed in numpy from the fp32 weights with a tolerance
     that fp16 storage meets. ``dynamic_batch=False`` fixes the batch dimension to 1 (golden cases
-    then hold one row each). Same arguments, same bytes.
+    then hold one row each). ``tflite=True`` adds a ``tflite-fp32`` variant (runtime ``litert``)
+    built from the same weights. Same arguments, same bytes.
     """
     root = Path(bundle_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -172,6 +253,10 @@ def build_bundle_dir(
         for p in precisions
     ]
     reference = reference_classifier(n_features, n_classes, seed)
+    tflite_variant: tuple[Variant, ...] = ()
+    if tflite:
+        lite = make_tflite_classifier(root / "tflite-fp32" / "model.tflite", n_features, n_classes, seed, dynamic_batch)
+        tflite_variant = (_variant_for(lite, root, "tflite", "1.0"),)
     batch = -1 if dynamic_batch else 1
     golden_batch = golden_batch if dynamic_batch else 1
     manifest = Manifest(
@@ -184,7 +269,7 @@ def build_bundle_dir(
         outputs=(TensorSpec(OUTPUT_NAME, "float32", (batch, n_classes)),),
         features=tuple(FeatureSpec(f"f{i}", "float", INPUT_NAME, i, -5.0, 5.0) for i in range(n_features)),
         postprocess=_classifier_postprocess(n_classes),
-        variants=tuple(_variant_for(m, root, min_runtime_version) for m in models),
+        variants=tuple(_variant_for(m, root, "onnx", min_runtime_version) for m in models) + tflite_variant,
         golden=_golden_for(reference, n_features, golden_cases, golden_batch, seed),
         drift_baseline=_baseline_for(reference, n_features, seed),
         lineage=Lineage(source_sha256="0" * 64, tool_versions={"bundles.testing": "1"}),
@@ -202,17 +287,19 @@ def _classifier_postprocess(n_classes: int) -> tuple[Step, ...]:
     )
 
 
-def _variant_for(model: TinyClassifier, root: Path, min_runtime_version: str) -> Variant:
+def _variant_for(model: TinyClassifier, root: Path, target: str, min_runtime_version: str) -> Variant:
     assert model.path is not None
     rel = model.path.relative_to(root).as_posix()
     ref = FileRef(path=rel, sha256=sha256_file(model.path), size_bytes=model.path.stat().st_size)
     return Variant(
-        id=f"onnx-{model.precision}",
-        target="onnx",
+        id=f"{target}-{model.precision}",
+        target=target,
         precision=model.precision,
         entry=rel,
         files=(ref,),
-        requirements=Requirements(runtime="onnxruntime", min_runtime_version=min_runtime_version),
+        requirements=Requirements(
+            runtime="onnxruntime" if target == "onnx" else "litert", min_runtime_version=min_runtime_version
+        ),
         metrics={"top1_agreement": 1.0},
         status="passed",
     )
@@ -283,6 +370,7 @@ __all__ = [
     "build_bundle_dir",
     "golden_inputs",
     "make_onnx_classifier",
+    "make_tflite_classifier",
     "reference_classifier",
     "with_golden_offset",
     "write_manifest",
