@@ -30,7 +30,7 @@ def upsert_assignment(session: Session, device_id: str, model: str, now: dt.date
     """Create or update the (device, model) row with ``values`` (bundle_version, variant, rollout_id, ...)."""
     row = session.scalar(select(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == model))
     if row is None:
-        row = Assignment(device_id=device_id, model_name=model, pinned=False, **values)
+        row = Assignment(device_id=device_id, model_name=model, **{"pinned": False, **values})
         session.add(row)
     else:
         for key, value in values.items():

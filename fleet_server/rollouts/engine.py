@@ -169,8 +169,8 @@ def evaluate_wave(
 ) -> Decision:
     """Release, observe, classify, measure and decide for the rollout's current wave."""
     members = devices_of(session, rollout.id, wave.index)
+    _classify(session, rollout, policy, wave, members, now)  # first, so settled devices free download slots
     _release(session, rollout, policy, wave, members, now)
-    _classify(session, rollout, policy, wave, members, now)
     outcomes = Counter(DeviceOutcome(m.outcome or DeviceOutcome.WAITING.value) for m in members)
     if wave.state == WaveState.RUNNING.value and members and not _unreleased_or_installing(outcomes):
         set_wave_state(wave, WaveEvent.SETTLED, now)
