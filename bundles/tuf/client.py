@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -64,8 +65,12 @@ class HttpxFetcher(FetcherInterface):
         max_resumes: int = 5,
         partial_dir: Path | None = None,
         partial_url_prefix: str | None = None,
+        stall_window_s: float = 60.0,
+        min_bytes_per_window: int = 1024,
     ) -> None:
         self.http = http
+        self.stall_window_s = stall_window_s
+        self.min_bytes_per_window = min_bytes_per_window
         self.headers: dict[str, str] = dict(headers or {})
         self.max_resumes = max_resumes
         self.partial_dir = partial_dir
@@ -95,7 +100,7 @@ class HttpxFetcher(FetcherInterface):
             while True:
                 try:
                     # iter_bytes() without a size yields bytes as they arrive: none are lost in a buffer on a cut
-                    for chunk in _skipped(response.iter_bytes(), skip):
+                    for chunk in self._guarded(url, _skipped(response.iter_bytes(), skip)):
                         offset += len(chunk)
                         self.bytes_received += len(chunk)
                         if sink is not None:
@@ -120,6 +125,23 @@ class HttpxFetcher(FetcherInterface):
                 sink.close()
             if completed or abandoned:
                 _drop(partial)
+
+    def _guarded(self, url: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """Abort a trickle (slow-retrieval attack): each window must bring ``min_bytes_per_window`` bytes.
+
+        The read timeout alone does not catch a server that sends one byte just before every timeout.
+        """
+        window_start, window_bytes = time.monotonic(), 0
+        for chunk in chunks:
+            window_bytes += len(chunk)
+            elapsed_s = time.monotonic() - window_start
+            if elapsed_s >= self.stall_window_s:
+                if window_bytes < self.min_bytes_per_window:
+                    raise tuf_errors.SlowRetrievalError(
+                        f"{url} sent {window_bytes} bytes in {elapsed_s:.1f} s, below {self.min_bytes_per_window}"
+                    )
+                window_start, window_bytes = time.monotonic(), 0
+            yield chunk
 
     def _open(self, url: str, offset: int, *, replaying: bool) -> tuple[httpx.Response, int]:
         """Send the GET (with ``Range`` when ``offset``); return the response and bytes to skip."""
@@ -199,6 +221,8 @@ class TufClient:
         timeout_s: float = 30.0,
         connect_timeout_s: float = 10.0,
         max_resumes: int = 5,
+        stall_window_s: float = 60.0,
+        min_bytes_per_window: int = 1024,
         config: UpdaterConfig | None = None,
     ) -> None:
         self.metadata_dir = Path(metadata_dir)
@@ -215,6 +239,8 @@ class TufClient:
             max_resumes=max_resumes,
             partial_dir=self.targets_dir / ".partial",
             partial_url_prefix=self.targets_base_url,
+            stall_window_s=stall_window_s,
+            min_bytes_per_window=min_bytes_per_window,
         )
         if bearer_token is not None:
             self.set_bearer_token(bearer_token)
@@ -316,6 +342,8 @@ def _mapped_errors(stage: str, what: str) -> Iterator[None]:
         raise _mismatch(stage, what, e) from e
     except tuf_errors.DownloadHTTPError as e:
         raise _http_error(what, e) from e
+    except tuf_errors.SlowRetrievalError as e:
+        raise TransportError(f"download from {what} is too slow: {e}") from e
     except tuf_errors.DownloadError as e:
         raise TransportError(f"cannot download from {what}: {_root_cause(e)}") from e
     except tuf_errors.RepositoryError as e:

@@ -6,7 +6,8 @@ Faults are injected per URL path (an exact path, or a suffix such as ``"manifest
 
 - :meth:`FileServer.cut_after`: send the headers and the first N bytes, then drop the connection;
 - :meth:`FileServer.serve_bytes`: answer with other bytes (tampered or old metadata);
-- :meth:`FileServer.fail_with`: answer with an HTTP error status.
+- :meth:`FileServer.fail_with`: answer with an HTTP error status;
+- :meth:`FileServer.drip`: send the body a few bytes at a time (a slow-retrieval attack).
 
 :meth:`FileServer.for_repository` serves a :class:`~bundles.tuf.repository.TufRepository` directory
 under the fleet server's paths (``/tuf/metadata/``, ``/tuf/targets/``). Example::
@@ -23,6 +24,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +54,7 @@ class _Fault:
     cut_after_bytes: int | None = None
     body: bytes | None = None
     status: int | None = None
+    drip: tuple[int, float] | None = None
 
 
 class FileServer:
@@ -119,6 +122,10 @@ class FileServer:
     def serve_bytes(self, match: str, body: bytes, times: int | None = None) -> None:
         """Answer matching requests with ``body`` instead of the file (tampered, old, or made-up content)."""
         self._add_fault(_Fault(match, times, body=body))
+
+    def drip(self, match: str, chunk_bytes: int, interval_s: float, times: int | None = 1) -> None:
+        """Send matching bodies ``chunk_bytes`` at a time, pausing ``interval_s`` between (a trickling server)."""
+        self._add_fault(_Fault(match, times, drip=(chunk_bytes, interval_s)))
 
     def fail_with(self, match: str, status: int, times: int | None = 1) -> None:
         """Answer matching requests with HTTP ``status`` and no body."""
@@ -198,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             self._send_status(path, 404)
             return
-        self._send_body(path, body, fault.cut_after_bytes if fault else None)
+        self._send_body(path, body, fault)
 
     def _body(self, path: str, fault: _Fault | None) -> bytes | None:
         if fault is not None and fault.body is not None:
@@ -206,7 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
         file = self.file_server._resolve(path)  # noqa: SLF001
         return None if file is None else file.read_bytes()
 
-    def _send_body(self, path: str, body: bytes, cut_after: int | None) -> None:
+    def _send_body(self, path: str, body: bytes, fault: _Fault | None) -> None:
+        cut_after = fault.cut_after_bytes if fault else None
         start, status = self._range_start(len(body))
         if status == 416:
             self.send_response(416)
@@ -222,7 +230,8 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.end_headers()
-        sent = self._write(part if cut_after is None else part[:cut_after])
+        data = part if cut_after is None else part[:cut_after]
+        sent = self._write(data) if fault is None or fault.drip is None else self._trickle(data, *fault.drip)
         self._log(path, status, sent)
         if cut_after is not None and cut_after < len(part):
             self._drop_connection()
@@ -243,6 +252,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 sent += len(chunk)
             self.wfile.flush()
+        except OSError:
+            pass
+        return sent
+
+    def _trickle(self, data: bytes, chunk_bytes: int, interval_s: float) -> int:
+        sent = 0
+        try:
+            for i in range(0, len(data), chunk_bytes):
+                self.wfile.write(data[i : i + chunk_bytes])
+                self.wfile.flush()
+                sent += len(data[i : i + chunk_bytes])
+                time.sleep(interval_s)  # the fault being simulated: a slow server, not synchronisation
         except OSError:
             pass
         return sent

@@ -261,3 +261,13 @@ def test_a_real_bundle_manifest_travels_through_the_repository_and_parses(
     repo.local.publish({target: bundle_dir / "manifest.json"})
     fetched = make_client().download(target)
     assert Manifest.from_bytes(fetched.read_bytes()) == manifest
+
+
+def test_a_trickling_server_is_cut_off_as_a_slow_retrieval(
+    repo: Repo, server: FileServer, make_client: MakeClient
+) -> None:
+    name = served_name(repo, VARIANT)
+    server.drip(name, 200, 0.02)  # ~10 kB/s, far below the floor below
+    client = make_client(stall_window_s=0.2, min_bytes_per_window=50_000)
+    with pytest.raises(TransportError, match="too slow"):
+        client.download(VARIANT)
