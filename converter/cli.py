@@ -1,0 +1,303 @@
+"""``edgefleet-convert``: the workstation CLI (typer + rich).
+
+Every command turns an edgefleet error into one line on stderr (``error: model digits@2, variant
+onnx-int8-static: ...``) and a non-zero exit: 2 for bad input or options, 3 when a gate refused
+the conversion, 1 for any other failure. Set ``EDGEFLEET_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import webbrowser
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bundles.errors import ConfigError, EdgeFleetError, GateFailedError
+from converter.home import Home
+from converter.registry import ModelVersion, Registry
+from converter.spec import Budgets, ModelSpec, format_tensor_spec, parse_input_spec
+
+app = typer.Typer(help="Register, convert, validate and publish models for edgefleet devices.", no_args_is_help=True)
+keys_app = typer.Typer(help="Release keys (TUF root and targets roles), kept offline on this workstation.")
+app.add_typer(keys_app, name="keys")
+console = Console(width=None if Console().is_terminal else 200)
+err_console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 400)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(command: F) -> F:
+    """Print edgefleet errors as one line and exit non-zero; unexpected errors too, unless EDGEFLEET_DEBUG."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except EdgeFleetError as e:
+            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2 if isinstance(e, ConfigError) else 3 if isinstance(e, GateFailedError) else 1) from e
+        except Exception as e:
+            if os.environ.get("EDGEFLEET_DEBUG"):
+                raise
+            err_console.print(
+                f"error: unexpected {type(e).__name__}: {e}", markup=False, highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(1) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _split_ref(ref: str) -> tuple[str, int | None]:
+    """``digits`` -> (digits, None), ``digits@3`` -> (digits, 3)."""
+    name, sep, version = ref.partition("@")
+    if not sep:
+        return name, None
+    if not version.isdigit():
+        raise ConfigError(f"'{ref}' is not NAME or NAME@VERSION")
+    return name, int(version)
+
+
+def _registry() -> Registry:
+    return Registry(Home.from_env())
+
+
+def _json_list(path: Path | None, what: str) -> tuple[dict[str, Any], ...]:
+    if path is None:
+        return ()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what} {path} is not a readable JSON file ({e})") from e
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ConfigError(f"{what} {path} must hold a JSON list of objects")
+    return tuple(data)
+
+
+def _labels(path: Path | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    try:
+        return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    except OSError as e:
+        raise ConfigError(f"labels file {path} is not readable ({e})") from e
+
+
+@keys_app.command("init")
+@one_line_errors
+def keys_init(
+    force: bool = typer.Option(False, "--force", help="Replace existing keys (needs a root rotation)."),
+) -> None:
+    """Generate the release keys (TUF root and targets) in $EDGEFLEET_HOME/keys, mode 0600."""
+    from converter.publish import init_keys
+
+    home = Home.from_env()
+    for role, keyid in init_keys(home, overwrite=force).items():
+        console.print(f"{role} key {keyid[:16]}... written to {home.keys_dir / (role + '.key')}")
+
+
+@app.command()
+@one_line_errors
+def register(
+    name: str = typer.Argument(..., help="Model name (lowercase)."),
+    source: str = typer.Option(
+        ..., help="torch:file.py:factory | torch:model.pt2 | onnx:model.onnx | sklearn:model.pkl"
+    ),
+    input_spec: str = typer.Option(..., "--input", help="e.g. 'x: float32[-1,1,8,8]' (-1 = 1..32, or 1..64)."),
+    task: str = typer.Option(..., help="classification | regression | embedding | detection | other"),
+    eval_path: Path = typer.Option(..., "--eval", help=".npz or .parquet with inputs and labels."),
+    metric: str = typer.Option("accuracy", help="accuracy | top3 | top5 | mae | mse | cosine"),
+    weights: Path | None = typer.Option(None, help="State dict for a torch factory."),
+    calibration: Path | None = typer.Option(None, help="Calibration inputs for static int8."),
+    labels: Path | None = typer.Option(None, help="Class names, one per line."),
+    max_drop: float = typer.Option(0.01, help="Largest allowed metric drop (absolute)."),
+    max_latency_ms: float | None = typer.Option(None, help="p95 latency budget at batch 1, ms."),
+    max_size_bytes: int | None = typer.Option(None, help="Largest variant size in bytes."),
+    max_memory_mb: float | None = typer.Option(None, help="Largest peak-RSS growth while loading and running, MB."),
+    max_latency_ratio: float = typer.Option(1.1, help="Quantised vs fp32 latency allowed at the latency batch."),
+    latency_batch: int = typer.Option(32, help="Batch size for throughput latency."),
+    min_top1_agreement: float | None = typer.Option(None, help="Least top-1 agreement with the source."),
+    calibration_method: str = typer.Option("minmax", help="minmax | entropy | percentile"),
+    features: Path | None = typer.Option(None, help="JSON list of feature specs."),
+    preprocess: Path | None = typer.Option(None, help="JSON list of pre-processing steps."),
+    postprocess: Path | None = typer.Option(None, help="JSON list of post-processing steps."),
+    label_key: str = typer.Option("y", help="Name of the labels array/column in the data files."),
+) -> None:
+    """Register a new immutable version of a model with its data, metric and budgets."""
+    from converter.register import register as do_register
+
+    budgets = Budgets(max_drop=max_drop, max_latency_ms=max_latency_ms, max_size_bytes=max_size_bytes,
+                      max_latency_ratio=max_latency_ratio, latency_batch=latency_batch,
+                      min_top1_agreement=min_top1_agreement, max_memory_mb=max_memory_mb)  # fmt: skip
+    spec = ModelSpec(
+        task=task, inputs=parse_input_spec(input_spec), metric=metric, budgets=budgets, labels=_labels(labels),
+        features=_json_list(features, "features file"), preprocess=_json_list(preprocess, "preprocess file"),
+        postprocess=_json_list(postprocess, "postprocess file"), calibration_method=calibration_method,
+        label_key=label_key,
+    )  # fmt: skip
+    model = do_register(_registry(), name, source, weights, spec, eval_path, calibration)
+    console.print(f"registered {model.ref} (source sha256 {model.source_sha256[:16]}...)")
+
+
+@app.command("list")
+@one_line_errors
+def list_models() -> None:
+    """List registered models (latest version of each)."""
+    registry = _registry()
+    latest: dict[str, ModelVersion] = {}
+    for model in registry.versions():
+        latest[model.name] = model
+    table = Table(title="registered models")
+    for column in ("name", "latest", "task", "metric", "source", "registered", "conversions"):
+        table.add_column(column)
+    for model in latest.values():
+        table.add_row(model.name, str(model.version), model.spec.task, model.spec.metric, model.source_kind,
+                      model.created_at, str(len(registry.conversions(model))))  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+@one_line_errors
+def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION")) -> None:
+    """Show a registered version: source, spec, budgets, lineage and its latest conversion."""
+    registry = _registry()
+    model = registry.get(*_split_ref(ref))
+    spec = model.spec
+    console.print(f"[bold]{model.ref}[/bold] registered {model.created_at}")
+    console.print(f"source: {model.source_ref} ({model.source_kind}), sha256 {model.source_sha256}")
+    console.print(f"eval: sha256 {model.eval_sha256}; calibration: sha256 {model.calibration_sha256 or '-'}")
+    console.print("inputs: " + "; ".join(format_tensor_spec(t) for t in spec.inputs))
+    console.print(f"task {spec.task}, metric {spec.metric}, calibration {spec.calibration_method}")
+    console.print("budgets: " + ", ".join(f"{k}={v}" for k, v in spec.budgets.to_dict().items() if v is not None))
+    console.print("tools: " + ", ".join(f"{k} {v}" for k, v in sorted(model.tool_versions.items())))
+    conversions = registry.conversions(model)
+    if conversions:
+        from converter.report import rich_table
+
+        console.print(rich_table(model, conversions[-1].results))
+
+
+@app.command()
+@one_line_errors
+def history(name: str = typer.Argument(..., help="Model name")) -> None:
+    """Every registered version of a model, its conversions and publications."""
+    registry = _registry()
+    versions = registry.versions(name)
+    if not versions:
+        raise ConfigError(f"model {name} is not registered (see 'edgefleet-convert list')")
+    table = Table(title=f"history of {name}")
+    for column in ("version", "registered", "source sha256", "conversion", "variants passed/refused", "bundle sha256",
+                   "published to"):  # fmt: skip
+        table.add_column(column)
+    for model in versions:
+        conversions: list[Any] = list(registry.conversions(model)) or [None]
+        for conversion in conversions:
+            table.add_row(*_history_row(registry, model, conversion))
+    console.print(table)
+
+
+def _history_row(registry: Registry, model: ModelVersion, conversion: Any) -> list[str]:
+    head = [str(model.version), model.created_at, model.source_sha256[:12]]
+    if conversion is None:
+        return head + ["-", "-", "-", "-"]
+    passed = sum(r["status"] == "passed" for r in conversion.results)
+    where = ", ".join(p["destination"] for p in registry.publications(conversion)) or "-"
+    counts = f"{passed}/{len(conversion.results) - passed}"
+    return head + [f"{conversion.number} ({conversion.created_at})", counts, conversion.bundle_sha256[:12], where]
+
+
+@app.command()
+@one_line_errors
+def convert(
+    ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
+    targets: str = typer.Option("onnx,ort", help="Comma-separated targets: onnx, ort (tflite, coreml, gguf: wave 2)."),
+    quantize: str = typer.Option("auto", help="auto (the ladder) or a list: fp32,fp16,int8-dynamic,int8-static"),
+    strict: bool = typer.Option(False, help="Exit 3 if any requested precision was refused."),
+) -> None:
+    """Export, quantise and gate each variant, then build the bundle and the report."""
+    from converter.convert import convert as do_convert
+    from converter.convert import parse_quantize
+    from converter.exporters import parse_targets
+    from converter.report import rich_table, write_report
+
+    registry = _registry()
+    name, version = _split_ref(ref)
+    chosen_targets, precisions = parse_targets(targets), parse_quantize(quantize)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(f"converting {ref}", total=None)
+
+        def step(message: str) -> None:
+            progress.update(task, description=f"{ref}: {message}")
+
+        outcome = do_convert(registry, name, version, chosen_targets, precisions, progress=step)
+    console.print(rich_table(outcome.model, [r.to_dict() for r in outcome.results]))
+    report = write_report(registry.home, outcome.model, outcome.conversion)
+    console.print(f"bundle {outcome.bundle_path} (sha256 {outcome.conversion.bundle_sha256[:16]}...)")
+    console.print(f"report {report}")
+    refused = [r for r in outcome.results if r.status == "refused"]
+    if strict and refused:
+        raise GateFailedError(
+            f"model {outcome.model.ref}, variant {refused[0].variant_id}: {'; '.join(refused[0].reasons)}"
+        )
+
+
+@app.command()
+@one_line_errors
+def report(
+    ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
+    open_browser: bool = typer.Option(False, "--open", help="Open the HTML report in a browser."),
+) -> None:
+    """Write (if needed) and print the path of the latest conversion's report."""
+    from converter.report import rich_table, write_report
+
+    registry = _registry()
+    model = registry.get(*_split_ref(ref))
+    conversion = registry.latest_conversion(model)
+    path = write_report(registry.home, model, conversion)
+    console.print(rich_table(model, conversion.results))
+    console.print(f"report {path}")
+    if open_browser:
+        webbrowser.open(path.as_uri())
+
+
+@app.command()
+@one_line_errors
+def publish(
+    ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
+    repo: Path | None = typer.Option(None, help="A local TUF repository directory (created on first use)."),
+    server: str | None = typer.Option(None, help="Fleet server base URL."),
+    api_key: str | None = typer.Option(None, envvar="EDGEFLEET_API_KEY", help="Admin API key for --server."),
+) -> None:
+    """Sign the latest conversion's bundle with the release key into a TUF repository or a fleet server."""
+    from converter.publish import publish_to_repo, publish_to_server
+
+    if (repo is None) == (server is None):
+        raise ConfigError("publish needs exactly one of --repo DIR or --server URL")
+    registry = _registry()
+    model = registry.get(*_split_ref(ref))
+    conversion = registry.latest_conversion(model)
+    bundle_dir = registry.home.conversion_dir(model.name, model.version, conversion.number) / "bundle"
+    if server is not None:
+        if not api_key:
+            raise ConfigError("--server needs --api-key (or EDGEFLEET_API_KEY)")
+        targets, destination = publish_to_server(registry.home, bundle_dir, server, api_key), server
+    else:
+        assert repo is not None
+        targets, destination = publish_to_repo(registry.home, bundle_dir, repo), str(repo.resolve())
+    registry.record_publication(conversion, destination, targets)
+    console.print(f"published {model.ref} to {destination}: {len(targets)} targets")
+    for target in targets:
+        console.print(f"  {target}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,121 @@
+"""Small ONNX / ONNX Runtime helpers shared by sources, exporters, quantisation and gates.
+
+Every third-party failure is wrapped here into a :class:`ConversionError` with one readable
+sentence, so the callers only add which model and variant it was about.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bundles.errors import ConversionError
+from bundles.manifest import TensorSpec
+
+_UNSUPPORTED_RES = (
+    re.compile(r"Could not find an implementation for (\S+?)\(\d+\)"),
+    re.compile(r"(\S+) is not a registered function/op"),
+    re.compile(r"No Op registered for (\S+) with domain"),
+    re.compile(r"No opset import for domain '([^']*)'"),
+)
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+                11: "float64", 8: "string"}  # fmt: skip
+
+
+def load_onnx(path: Path) -> Any:
+    """``onnx.load`` with external data, wrapped."""
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError, OSError, ValidationError...
+        raise ConversionError(f"{path.name} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def check_model(model: Any, what: str) -> Any:
+    """Run the ONNX checker and strict shape inference; return the inferred model."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(model)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as e:
+        raise ConversionError(f"{what} is not a valid ONNX model: {_first_line(e)}") from e
+
+
+def check_inputs_match_spec(model: Any, specs: tuple[TensorSpec, ...], what: str) -> None:
+    """The graph's inputs must be the declared ones, with compatible dtypes, ranks and fixed dims."""
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
+    declared = [s.name for s in specs]
+    if sorted(graph_inputs) != sorted(declared):
+        raise ConversionError(f"{what}: the model's inputs are {sorted(graph_inputs)}, the spec declares {declared}")
+    for spec in specs:
+        _check_one_input(graph_inputs[spec.name], spec, what)
+
+
+def _check_one_input(value_info: Any, spec: TensorSpec, what: str) -> None:
+    tensor_type = value_info.type.tensor_type
+    dtype = _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type))
+    if dtype != spec.dtype:
+        raise ConversionError(f"{what}: input '{spec.name}' is {dtype} in the model, the spec declares {spec.dtype}")
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+    contradicts = len(dims) != len(spec.shape) or any(
+        model_dim > 0 and declared != model_dim for model_dim, declared in zip(dims, spec.shape, strict=False)
+    )
+    if contradicts:
+        raise ConversionError(
+            f"{what}: input '{spec.name}' has shape {dims} in the model, the spec declares {list(spec.shape)}"
+        )
+
+
+def make_session(path: Path, what: str, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session; an unsupported operator is named in the error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ConversionError(f"{what}: {describe_runtime_error(e)}") from e
+
+
+def describe_runtime_error(error: Exception) -> str:
+    """One line for an ONNX Runtime error, naming the operator when it is an unsupported one."""
+    message = str(error)
+    for pattern in _UNSUPPORTED_RES:
+        match = pattern.search(message)
+        if match:
+            return f"unsupported operator {match.group(1)} (ONNX Runtime has no kernel for it)"
+    return f"ONNX Runtime cannot load or run it ({_first_line(error)})"
+
+
+def run_session(session: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run once; outputs by name, as numpy arrays."""
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, inputs)
+    except Exception as e:
+        raise ConversionError(describe_runtime_error(e)) from e
+    return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
+
+
+def output_names(path: Path) -> list[str]:
+    model = load_onnx(path)
+    return [o.name for o in model.graph.output]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, capped: what a one-line CLI error can carry."""
+    return _first_line(error)

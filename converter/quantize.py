@@ -1,0 +1,168 @@
+"""Precision variants of an fp32 ONNX model, made with ONNX Runtime's and onnxconverter-common's tools.
+
+The recipes encode what was measured on x86 CPUs (``shared/research/toolchain_feasibility.md``):
+
+- ``int8-static``: QDQ, per-channel weights, calibrated on the registered calibration data
+  (MinMax / Entropy / Percentile), with the layer that produces a graph output kept in float:
+  quantising the final Gemm clips the logits to the calibrated range. Biases stay float: an int32
+  bias with its per-channel scale and zero point takes three times the bytes, and on the digits
+  CNN the float-bias model ran at the same speed (size 29 % of fp32 instead of 30 %).
+- ``int8-dynamic``: dynamic quantisation of MatMul/Gemm only. Dynamic Conv (ConvInteger) ran 2-9x
+  slower than fp32; it stays available as ``int8-dynamic-all`` for when it helps, and the gates
+  refuse it when it is slower than its float parent.
+- ``fp16``: weights and compute in float16, float32 inputs and outputs kept (``keep_io_types``).
+
+Every recipe runs ``quant_pre_process`` (shape inference and graph optimisation) first.
+A recipe that finds nothing to quantise raises :class:`GateFailedError` so the ladder records why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bundles.errors import ConversionError, GateFailedError
+from converter.datasets import Dataset
+from converter.onnx_tools import first_line, load_onnx
+
+PRECISIONS = ("int8-static", "int8-dynamic", "fp16", "fp32")
+"""The automatic ladder, most aggressive first."""
+EXTRA_PRECISIONS = ("int8-dynamic-all",)
+"""Recipes that are never tried automatically but can be asked for by name."""
+QUANTISED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
+                 "QLinearMatMul", "QGemm")  # fmt: skip
+_COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+_CALIBRATION_ROWS = 512
+
+
+def make_precision(
+    fp32_path: Path, precision: str, out_path: Path, calibration: Dataset | None, method: str, max_batch: int
+) -> None:
+    """Write ``fp32_path`` at ``precision`` to ``out_path``."""
+    if precision == "fp32":
+        shutil.copyfile(fp32_path, out_path)
+    elif precision == "fp16":
+        _to_fp16(fp32_path, out_path)
+    elif precision in ("int8-dynamic", "int8-dynamic-all"):
+        _to_dynamic_int8(fp32_path, out_path, all_ops=precision == "int8-dynamic-all")
+    elif precision == "int8-static":
+        if calibration is None:
+            raise GateFailedError("static int8 needs calibration data: register the model with --calibration")
+        _to_static_int8(fp32_path, out_path, calibration, method, max_batch)
+    else:
+        known = ", ".join(PRECISIONS + EXTRA_PRECISIONS)
+        raise ConversionError(f"precision '{precision}' is not one of {known}")
+
+
+def _to_fp16(fp32_path: Path, out_path: Path) -> None:
+    import onnx
+    from onnxconverter_common import float16
+
+    try:
+        with _quiet():
+            model = float16.convert_float_to_float16(load_onnx(fp32_path), keep_io_types=True)
+        onnx.save_model(model, str(out_path))
+    except Exception as e:
+        raise GateFailedError(f"fp16 conversion failed: {type(e).__name__}: {first_line(e)}") from e
+
+
+def _to_dynamic_int8(fp32_path: Path, out_path: Path, all_ops: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = None if all_ops else ["MatMul", "Gemm"]
+    with _preprocessed(fp32_path) as pre:
+        try:
+            with _quiet():
+                quantize_dynamic(pre, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+        except Exception as e:
+            raise GateFailedError(f"dynamic int8 quantisation failed: {first_line(e)}") from e
+    _require_quantised(out_path, "MatMul/Gemm" if not all_ops else "quantisable")
+
+
+def _to_static_int8(fp32_path: Path, out_path: Path, calibration: Dataset, method: str, max_batch: int) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    with _preprocessed(fp32_path) as pre:
+        keep_float = output_layers(load_onnx(pre))
+        try:
+            with _quiet():
+                quantize_static(
+                    pre, out_path, _Reader(calibration, max_batch), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method], nodes_to_exclude=keep_float,
+                    extra_options={"QuantizeBias": False},
+                )  # fmt: skip
+        except Exception as e:
+            raise GateFailedError(f"static int8 quantisation failed: {type(e).__name__}: {first_line(e)}") from e
+    _require_quantised(out_path, "Conv/MatMul/Gemm")
+
+
+def output_layers(model: Any) -> list[str]:
+    """Names of the compute nodes (Conv/Gemm/MatMul) whose result reaches a graph output unchanged in kind.
+
+    Walks back from each graph output through shape-only and elementwise nodes (Reshape, Softmax,
+    Add, ...) to the first compute node: that is the layer whose quantisation would clip the outputs.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found: list[str] = []
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        for _ in range(8):
+            if node is None or node.op_type in _COMPUTE_OPS:
+                break
+            node = producers.get(node.input[0]) if node.input else None
+        if node is not None and node.op_type in _COMPUTE_OPS and node.name not in found:
+            found.append(node.name)
+    return found
+
+
+def _require_quantised(path: Path, what: str) -> None:
+    ops = {node.op_type for node in load_onnx(path).graph.node}
+    if not ops & set(QUANTISED_OPS):
+        raise GateFailedError(f"nothing to quantise: the model has no {what} operator the recipe can change")
+
+
+@contextlib.contextmanager
+def _preprocessed(fp32_path: Path) -> Iterator[Path]:
+    """``quant_pre_process`` output in a temp dir (falls back to the fp32 model if pre-processing fails)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as temp:
+        pre = Path(temp) / "preprocessed.onnx"
+        try:
+            with _quiet():
+                quant_pre_process(str(fp32_path), str(pre))
+        except Exception:
+            shutil.copyfile(fp32_path, pre)  # ML-domain models (trees) cannot be pre-processed; quantise as is
+        yield pre
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The quantisers print progress (Entropy histograms) to stdout; keep the CLI output ours."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+class _Reader:
+    """``CalibrationDataReader`` over the registered calibration rows, in batches the model accepts."""
+
+    def __init__(self, calibration: Dataset, max_batch: int) -> None:
+        rows = min(calibration.rows, _CALIBRATION_ROWS)
+        step = max(1, max_batch)
+        self._batches = iter([calibration.take(i, min(i + step, rows)) for i in range(0, rows, step)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # required by the interface for some calibrators; single pass is enough here
+        return None

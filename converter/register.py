@@ -1,0 +1,124 @@
+"""``register``: check a model and its data, then record an immutable version with its lineage.
+
+Everything is validated before anything is written: the eval and calibration files against the
+declared inputs, and the source model itself by running it on a few evaluation rows (a shape that
+contradicts the spec fails here, naming the model). The files are copied into a staging directory,
+the registry row is inserted in a transaction, the directory is renamed to
+``artifacts/<name>/<version>`` and only then is the transaction committed; any failure removes the
+directory again, so the registry never points at missing files and no orphan files remain.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from bundles.canonical import canonical_json, sha256_bytes, sha256_file
+from bundles.errors import ConfigError, ConversionError, EdgeFleetError
+from converter.datasets import Dataset, load_dataset
+from converter.gates import run_in_chunks
+from converter.home import publish_dir, staging_dir
+from converter.registry import ModelVersion, ModelVersionRow, Registry, utc_now
+from converter.sources import load_source, split_ref, stage_source
+from converter.spec import ModelSpec
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_TOOLS = ("edgefleet", "torch", "onnx", "onnxruntime", "onnxscript", "onnxconverter-common", "skl2onnx",
+          "scikit-learn", "numpy")  # fmt: skip
+_CHECK_ROWS = 4
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the tools that shape a conversion's output (absent ones are left out)."""
+    found = {}
+    for dist in _TOOLS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def register(registry: Registry, name: str, source: str, weights: Path | None, spec: ModelSpec, eval_path: Path,
+             calibration_path: Path | None) -> ModelVersion:  # fmt: skip
+    """Validate and record a new version of ``name``; nothing is written if any check fails."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"model name '{name}' must be lowercase letters, digits, '.', '_' or '-' (max 64)")
+    kind, ref = split_ref(source)
+    eval_data = load_dataset(eval_path, spec.inputs, spec.label_key, "eval file")
+    if eval_data.labels is None:
+        raise ConfigError(f"eval file {eval_path.name} has no labels under '{spec.label_key}' (needed for the metric)")
+    if calibration_path is not None:
+        load_dataset(calibration_path, spec.inputs, spec.label_key, "calibration file")
+    with staging_dir(registry.home.root / "artifacts" / name / "staging") as staging:
+        stored = _stage_all(kind, ref, weights, staging, eval_path, calibration_path)
+        _check_source_runs(kind, [staging / "source" / f for f in stored], spec, eval_data)
+        return _insert(registry, name, kind, source, stored, spec, staging, eval_path, calibration_path)
+
+
+def _stage_all(kind: str, ref: str, weights: Path | None, staging: Path, eval_path: Path,
+               calibration_path: Path | None) -> list[str]:  # fmt: skip
+    (staging / "source").mkdir()
+    (staging / "data").mkdir()
+    stored = stage_source(kind, ref, weights, staging / "source")
+    shutil.copyfile(eval_path, staging / "data" / f"eval{eval_path.suffix}")
+    if calibration_path is not None:
+        shutil.copyfile(calibration_path, staging / "data" / f"calibration{calibration_path.suffix}")
+    return stored
+
+
+def _check_source_runs(kind: str, files: list[Path], spec: ModelSpec, eval_data: Dataset) -> None:
+    sample = Dataset(inputs=eval_data.take(0, _CHECK_ROWS), labels=None)
+    model = load_source(kind, files, spec)
+    try:
+        outputs = run_in_chunks(model.predict, sample, spec)
+    except EdgeFleetError:
+        raise
+    except Exception as e:
+        raise ConversionError(f"the source model cannot run on the declared inputs: {type(e).__name__}: {e}") from e
+    if not outputs:
+        raise ConversionError("the source model produced no outputs")
+
+
+def _insert(registry: Registry, name: str, kind: str, source: str, stored: list[str], spec: ModelSpec,
+            staging: Path, eval_path: Path, calibration_path: Path | None) -> ModelVersion:  # fmt: skip
+    source_files = [f"source/{f}" for f in stored]
+    eval_file = f"data/eval{eval_path.suffix}"
+    calib_file = f"data/calibration{calibration_path.suffix}" if calibration_path is not None else ""
+    final: Path | None = None
+    try:
+        with registry.transaction() as session:
+            version = registry.next_version(session, name)
+            row = ModelVersionRow(
+                name=name,
+                version=version,
+                created_at=utc_now(),
+                source_kind=kind,
+                source_ref=source,
+                source_files=json.dumps(source_files),
+                source_sha256=_files_digest(staging, source_files),
+                eval_file=eval_file,
+                eval_sha256=sha256_file(staging / eval_file),
+                calibration_file=calib_file,
+                calibration_sha256=sha256_file(staging / calib_file) if calib_file else "",
+                spec_json=json.dumps(spec.to_dict(), sort_keys=True),
+                tool_versions_json=json.dumps(tool_versions(), sort_keys=True),
+            )
+            session.add(row)
+            session.flush()
+            final = registry.home.artifacts_dir(name, version)
+            publish_dir(staging, final)
+            registered = ModelVersion.from_row(row)
+    except BaseException:
+        if final is not None:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    return registered
+
+
+def _files_digest(root: Path, files: list[str]) -> str:
+    """One sha256 over the stored source files (name and content hash of each, canonical JSON)."""
+    return sha256_bytes(canonical_json([[f, sha256_file(root / f)] for f in files]))

@@ -1,0 +1,77 @@
+"""Model sources: how a registered model is stored, executed as the reference and exported to ONNX.
+
+One module per source kind (``converter/sources/<kind>.py``), found by name: adding a kind means
+adding a module with the same three functions, never editing a table here. Each module provides
+
+- ``EXTENSIONS``: file suffixes that imply this kind when the user gives no ``kind:`` prefix;
+- ``stage(ref, weights, dest) -> list[str]``: copy what is needed into ``dest`` (the immutable
+  artifacts directory being built) and return the stored file names, main file first;
+- ``load(files, spec) -> SourceModel``: the model ready to run and export.
+
+The source model's outputs are the reference every variant is gated against.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+
+from bundles.errors import ConfigError
+from converter.spec import ModelSpec
+
+KINDS = ("torch", "onnx", "sklearn")
+"""Source kinds shipped today; ``hf`` (causal LMs, GGUF) arrives with wave 2 as ``sources/hf.py``."""
+
+
+class SourceModel(Protocol):
+    """A loaded source model: the reference outputs and an fp32 single-file ONNX export."""
+
+    kind: str
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name (the same names as the exported ONNX graph's outputs)."""
+        ...
+
+    def export_onnx(self, out_path: Path) -> None:
+        """Write the fp32 model as one self-contained ONNX file (no external data)."""
+        ...
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``"torch:train.py:make_model"`` -> ``("torch", "train.py:make_model")``; infer the kind from the suffix."""
+    head, sep, rest = ref.partition(":")
+    if sep and head in _known_kinds():
+        return head, rest
+    for kind in _known_kinds():
+        if any(ref.endswith(ext) for ext in source_module(kind).EXTENSIONS):
+            return kind, ref
+    raise ConfigError(
+        f"source '{ref}' names no known kind: write it as kind:path with kind one of {', '.join(_known_kinds())}"
+    )
+
+
+def _known_kinds() -> tuple[str, ...]:
+    here = Path(__file__).parent
+    found = sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
+    return tuple(found)
+
+
+def source_module(kind: str) -> ModuleType:
+    """The module implementing ``kind`` (ConfigError when there is none)."""
+    if kind not in _known_kinds():
+        raise ConfigError(f"source kind '{kind}' is not available (known: {', '.join(_known_kinds())})")
+    return importlib.import_module(f"converter.sources.{kind}")
+
+
+def stage_source(kind: str, ref: str, weights: Path | None, dest: Path) -> list[str]:
+    stored: list[str] = source_module(kind).stage(ref, weights, dest)
+    return stored
+
+
+def load_source(kind: str, files: list[Path], spec: ModelSpec) -> SourceModel:
+    model: SourceModel = source_module(kind).load(files, spec)
+    return model

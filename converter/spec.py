@@ -1,0 +1,164 @@
+"""What a registration declares: input tensors, task, metric and budgets.
+
+The user writes the input spec on the command line as ``"x: float32[-1,1,8,8]"`` (several inputs
+separated by ``;``). A dynamic dimension is ``-1`` (validated at 1 and :data:`DEFAULT_DYNAMIC_MAX`)
+or an explicit inclusive range ``1..64``. These dataclasses are stored as JSON in the registry, so
+their ``to_dict`` keys are persisted names: stable and lowercase.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bundles.errors import ConfigError
+from bundles.manifest import DTYPES, TASKS, TensorSpec
+
+DEFAULT_DYNAMIC_MAX = 32
+"""Upper end of a dynamic dimension declared as plain ``-1``: the batch size latency is measured at."""
+
+METRICS = ("accuracy", "top3", "top5", "mae", "mse", "cosine")
+LOWER_IS_BETTER = ("mae", "mse")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+_TENSOR_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.:/-]*)\s*:\s*([a-z0-9]+)\s*\[([^\]]*)\]\s*$")
+_RANGE_RE = re.compile(r"^(\d+)\.\.(\d+)$")
+
+
+def parse_input_spec(text: str) -> tuple[TensorSpec, ...]:
+    """Parse ``"x: float32[-1,1,8,8]; mask: int64[1..64]"`` into tensor specs (ConfigError if malformed)."""
+    specs = tuple(_parse_one_tensor(part) for part in text.split(";") if part.strip())
+    if not specs:
+        raise ConfigError(f"input spec '{text}' declares no tensor (expected e.g. 'x: float32[-1,1,8,8]')")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"input spec '{text}' declares the same tensor twice")
+    return specs
+
+
+def _parse_one_tensor(text: str) -> TensorSpec:
+    match = _TENSOR_RE.match(text)
+    if not match:
+        raise ConfigError(f"input spec '{text.strip()}' is not of the form 'name: dtype[d0,d1,...]'")
+    name, dtype, dims_text = match.groups()
+    if dtype not in DTYPES:
+        raise ConfigError(f"input spec '{name}': dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    shape: list[int] = []
+    ranges: dict[str, tuple[int, int]] = {}
+    for index, dim in enumerate(d.strip() for d in dims_text.split(",") if d.strip()):
+        shape.append(_parse_dim(name, index, dim, ranges))
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), dim_ranges=ranges)
+
+
+def _parse_dim(name: str, index: int, dim: str, ranges: dict[str, tuple[int, int]]) -> int:
+    range_match = _RANGE_RE.match(dim)
+    if range_match:
+        low, high = int(range_match.group(1)), int(range_match.group(2))
+        if not 0 < low <= high:
+            raise ConfigError(f"input spec '{name}': dimension {index} range '{dim}' needs 0 < min <= max")
+        ranges[str(index)] = (low, high)
+        return -1
+    if dim == "-1":
+        ranges[str(index)] = (1, DEFAULT_DYNAMIC_MAX)
+        return -1
+    if not dim.isdigit() or int(dim) <= 0:
+        raise ConfigError(f"input spec '{name}': dimension {index} '{dim}' is not a positive integer, -1 or a..b")
+    return int(dim)
+
+
+def format_tensor_spec(spec: TensorSpec) -> str:
+    """The command-line form of a tensor spec (inverse of :func:`parse_input_spec` for one tensor)."""
+    dims = []
+    for index, dim in enumerate(spec.shape):
+        low_high = spec.dim_ranges.get(str(index))
+        dims.append(f"{low_high[0]}..{low_high[1]}" if low_high else str(dim))
+    return f"{spec.name}: {spec.dtype}[{','.join(dims)}]"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What a variant must meet to be published. ``None`` means "no limit".
+
+    ``max_drop`` is absolute, in the metric's own unit (0.01 = one accuracy point).
+    ``max_latency_ratio`` bounds a quantised variant's latency at ``latency_batch`` against its float
+    parent of the same target: 1.0 means "not slower", the default 1.1 leaves 10 % for timer noise
+    on a busy host. ``min_top1_agreement``/``min_cosine`` bound parity with the source model.
+    """
+
+    max_drop: float = 0.01
+    max_latency_ms: float | None = None
+    max_size_bytes: int | None = None
+    max_latency_ratio: float = 1.1
+    latency_batch: int = 32
+    min_top1_agreement: float | None = None
+    min_cosine: float | None = None
+    max_abs_error_fp32: float = 1e-3
+    max_memory_mb: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Budgets:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a registration declares besides the files themselves."""
+
+    task: str
+    inputs: tuple[TensorSpec, ...]
+    metric: str
+    budgets: Budgets = field(default_factory=Budgets)
+    labels: tuple[str, ...] = ()
+    features: tuple[dict[str, Any], ...] = ()
+    preprocess: tuple[dict[str, Any], ...] = ()
+    postprocess: tuple[dict[str, Any], ...] = ()
+    calibration_method: str = "minmax"
+    label_key: str = "y"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task '{self.task}' is not one of {', '.join(TASKS)}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric '{self.metric}' is not one of {', '.join(METRICS)}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"calibration method '{self.calibration_method}' is not one of {', '.join(CALIBRATION_METHODS)}"
+            )
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in LOWER_IS_BETTER
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "metric": self.metric,
+            "budgets": self.budgets.to_dict(),
+            "labels": list(self.labels),
+            "features": list(self.features),
+            "preprocess": list(self.preprocess),
+            "postprocess": list(self.postprocess),
+            "calibration_method": self.calibration_method,
+            "label_key": self.label_key,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            task=data["task"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            metric=data["metric"],
+            budgets=Budgets.from_dict(data.get("budgets", {})),
+            labels=tuple(data.get("labels", ())),
+            features=tuple(data.get("features", ())),
+            preprocess=tuple(data.get("preprocess", ())),
+            postprocess=tuple(data.get("postprocess", ())),
+            calibration_method=data.get("calibration_method", "minmax"),
+            label_key=data.get("label_key", "y"),
+        )
