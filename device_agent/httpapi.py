@@ -285,7 +285,9 @@ class AgentHttpServer:
         return f"http://{host!s}:{port}"
 
     def start(self) -> AgentHttpServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="edgefleet-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="edgefleet-http", daemon=True
+        )
         self._thread.start()
         return self
 
