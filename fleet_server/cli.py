@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from bundles.errors import ConfigError, EdgeFleetError
 from fleet_server.db import make_engine, make_session_factory, session_scope, upgrade_database
+from fleet_server.rollouts.cli import app as rollout_app
 from fleet_server.settings import ENV_FILE_NAME, Settings, load_settings
 
 app = typer.Typer(help="Run and administer an edgefleet fleet server.", no_args_is_help=True, add_completion=False)
@@ -43,6 +44,7 @@ for sub, name in (
     (filters_app, "filters"),
     (bundles_app, "bundles"),
     (tuf_app, "tuf"),
+    (rollout_app, "rollout"),
 ):
     app.add_typer(sub, name=name)  # fmt: skip
 
