@@ -290,3 +290,34 @@ def test_directories_and_dot_prefixed_names_are_accepted(tmp_path: Path) -> None
     archive = make_tar_gz(tmp_path / "a.tar.gz", [(folder, None), member("./pkg.mlpackage/Manifest.json", b"{}")])
     assert unpack(archive, tmp_path / "slot") == ["pkg.mlpackage/Manifest.json"]
     assert (tmp_path / "slot" / "pkg.mlpackage" / "Manifest.json").read_bytes() == b"{}"
+
+
+NAME_PARTS = st.sampled_from(["a", "b", "..", ".", "", "/", "c.txt", "C:", "\\"])
+KINDS = st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.lists(NAME_PARTS, min_size=1, max_size=4), KINDS), min_size=1, max_size=5))
+def test_no_archive_writes_outside_its_destination(
+    tmp_path_factory: pytest.TempPathFactory, spec: list[tuple[list[str], bytes]]
+) -> None:
+    work = tmp_path_factory.mktemp("fuzz")
+    members = []
+    for parts, kind in spec:
+        name = "/".join(parts) or "x"
+        is_file = kind == tarfile.REGTYPE
+        members.append(
+            member(name, b"data" if is_file else None, kind, "../../outside" if kind in (b"1", b"2") else "")
+        )
+    archive = make_tar_gz(work / "fuzz.tar.gz", members)
+    (work / "dest").mkdir()
+    try:
+        extracted = unpack(archive, work / "dest" / "slot")
+    except ArchiveError:
+        assert list((work / "dest").iterdir()) == []
+    else:
+        slot = (work / "dest" / "slot").resolve()
+        for name in extracted:
+            path = (slot / name).resolve()
+            assert path.is_relative_to(slot) and path.is_file() and not (slot / name).is_symlink()
+    assert sorted(p.name for p in work.iterdir()) == ["dest", "fuzz.tar.gz"]

@@ -189,3 +189,23 @@ def test_probe_capabilities_describes_this_host(tmp_path: object) -> None:
     assert caps.memory_mb is not None and caps.memory_mb > 0
     assert caps.disk_free_mb is not None and caps.disk_free_mb > 0
     assert DeviceCapabilities.from_dict(caps.to_dict()) == caps
+
+
+def test_accelerators_are_read_from_onnxruntime_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's provider list is the hardware probe; this host has no GPU, so it is stubbed."""
+    import onnxruntime
+
+    from bundles import selection
+
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
+    assert {"cuda", "tensorrt"} <= set(selection.probe_accelerators())
+    assert "azure" not in selection.probe_accelerators()
+
+
+def test_onnxruntime_uses_requested_accelerators_it_has_then_cpu() -> None:
+    from bundles.runtimes.onnxruntime import _providers
+
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert _providers(available, ("tensorrt", "cuda")) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert _providers(available, ()) == ["CPUExecutionProvider"]
