@@ -13,12 +13,14 @@ Everything request handlers need hangs off ``app.state``: ``settings``, ``engine
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server import __version__
 from fleet_server.api import ROUTERS
@@ -33,6 +35,7 @@ from fleet_server.settings import Settings
 
 log = logging.getLogger("fleet_server.app")
 
+LAST_SEEN_FLUSH_INTERVAL_S = 5.0
 OPTIONAL_ROUTERS = ("fleet_server.telemetry.api", "fleet_server.rollouts.api")
 
 
@@ -83,15 +86,29 @@ def _attach_state(app: FastAPI, settings: Settings) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the TUF refresh task; dispose of the engine on shutdown."""
-    import asyncio
-
-    task = None
+    """Start the background tasks (TUF refresh, last-seen flush); stop them and flush on shutdown."""
+    tasks = []
     if app.state.settings.background_tasks:
-        task = asyncio.create_task(refresh_loop(app.state.tuf, app.state.settings.tuf_refresh_interval_s))
+        tasks.append(asyncio.create_task(refresh_loop(app.state.tuf, app.state.settings.tuf_refresh_interval_s)))
+        tasks.append(asyncio.create_task(_flush_loop(app.state.desired_state, LAST_SEEN_FLUSH_INTERVAL_S)))
     try:
         yield
     finally:
-        if task is not None:
+        for task in tasks:
             task.cancel()
+        await asyncio.to_thread(_flush_quietly, app.state.desired_state)
         app.state.engine.dispose()
+
+
+async def _flush_loop(service: DesiredStateService, interval_s: float) -> None:
+    """Write buffered poll times every ``interval_s`` until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await asyncio.to_thread(_flush_quietly, service)
+
+
+def _flush_quietly(service: DesiredStateService) -> None:
+    try:
+        service.flush_last_seen()
+    except SQLAlchemyError:
+        log.exception("could not record device last-seen times")

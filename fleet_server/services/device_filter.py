@@ -36,7 +36,7 @@ SQL_PUSHABLE = {"fleet", "status", "hw", "arch"}
 
 _CLAUSE_RE = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|!=|==|=|>|<)\s*(\S.*?)\s*$")
 _RUNTIME_RE = re.compile(r"^([A-Za-z0-9_.-]+?)\s*(?:(>=|<=|!=|==|=|>|<)\s*([0-9][0-9A-Za-z.+-]*))?$")
-_AND_RE = re.compile(r"\s+and\s+", re.IGNORECASE)
+_AND_RE = re.compile(r"(?:^|\s+)and(?:\s+|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ def parse_filter(expression: str) -> list[Clause]:
     """The clauses of ``expression``; a :class:`ConfigError` naming the clause that does not parse."""
     if not expression.strip():
         return []
-    return [_parse_clause(part) for part in _AND_RE.split(expression.strip())]
+    parts = _AND_RE.split(expression.strip())
+    if any(not part.strip() for part in parts):
+        raise ConfigError(f"filter {expression!r}: 'and' needs a comparison on both sides")
+    return [_parse_clause(part) for part in parts]
 
 
 def _parse_clause(text: str) -> Clause:

@@ -109,17 +109,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         _drop_pg_database(name)
 
 
+_DELETE_ORDER: dict[str, list[str]] = {}
+
+
 def empty_all_tables(engine: sa.Engine) -> None:
-    """Delete every row of every table except ``alembic_version`` (the schema stays)."""
-    names = [n for n in sa.inspect(engine).get_table_names() if n != "alembic_version"]
+    """Delete every row of every table except ``alembic_version`` (the schema stays).
+
+    ``DELETE`` children before parents (order reflected once per database): on tiny tables this is
+    far cheaper than PostgreSQL's ``TRUNCATE``.
+    """
+    url = str(engine.url)
+    if url not in _DELETE_ORDER:
+        metadata = sa.MetaData()
+        metadata.reflect(engine)
+        _DELETE_ORDER[url] = [t.name for t in reversed(metadata.sorted_tables) if t.name != "alembic_version"]
     with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(sa.text("TRUNCATE " + ", ".join(f'"{n}"' for n in names) + " RESTART IDENTITY CASCADE"))
-            return
-        connection.execute(sa.text("PRAGMA foreign_keys=OFF"))
-        for name in names:
+        for name in _DELETE_ORDER[url]:
             connection.execute(sa.text(f'DELETE FROM "{name}"'))
-        connection.execute(sa.text("PRAGMA foreign_keys=ON"))
 
 
 @pytest.fixture
@@ -285,7 +291,8 @@ class Release:
         manifest = build_bundle_dir(bundle_dir, name=name, version=version)
         files = {f"{name}/{version}/manifest.json": bundle_dir / "manifest.json"}
         for variant in manifest.variants:
-            archive = pack_variant(bundle_dir, manifest, variant.id, self.work_dir / f"{name}-{version}-{variant.id}.tgz")
+            out = self.work_dir / f"{name}-{version}-{variant.id}.tgz"
+            archive = pack_variant(bundle_dir, manifest, variant.id, out)
             files[f"{name}/{version}/{variant.id}.tar.gz"] = archive
         return files
 

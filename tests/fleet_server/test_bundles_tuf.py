@@ -56,7 +56,8 @@ def test_publication_signed_by_an_unknown_key_is_refused(client, release, admin_
 
 def test_replayed_publication_is_a_version_conflict(client, release, admin_headers):
     first = release.publication("tiny", 1)
-    assert client.post("/api/v1/admin/publications", headers=admin_headers, content=first.read_bytes()).status_code == 201
+    accepted = client.post("/api/v1/admin/publications", headers=admin_headers, content=first.read_bytes())
+    assert accepted.status_code == 201
     again = client.post("/api/v1/admin/publications", headers=admin_headers, content=first.read_bytes())
     assert again.status_code == 409, again.text
 

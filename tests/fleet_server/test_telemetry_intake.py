@@ -1,0 +1,106 @@
+"""Telemetry intake: gzip/zstd bodies, exactly-once batches, size limits, basic validation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+
+import zstandard
+from sqlalchemy import func, select
+
+from fleet_server.db import session_scope
+from fleet_server.models import DeviceEvent, MetricWindow, PredictionSample
+
+AT = "2026-11-29T12:00:00+00:00"
+
+
+def batch(n_samples: int = 3, batch_id: str | None = None) -> dict:
+    return {
+        "batch_id": batch_id or uuid.uuid4().hex,
+        "sent_at": AT,
+        "events": [{"id": "e1", "type": "heartbeat", "at": AT, "model": None, "version": None, "uptime_s": 5}],
+        "windows": [{"id": "w1", "model": "digits", "version": 3, "start": AT, "end": "2026-11-29T12:01:00+00:00",
+                     "counters": {"requests": 60}}],
+        "samples": [{"id": f"s{i}", "at": AT, "model": "digits", "version": 3, "capture_reason": "rate",
+                     "inclusion_probability": 0.01, "inputs": {}} for i in range(n_samples)],
+    }  # fmt: skip
+
+
+def counts(session_factory) -> tuple[int, int, int]:
+    with session_scope(session_factory) as session:
+        return tuple(session.scalar(select(func.count()).select_from(t)) for t in (DeviceEvent, MetricWindow,
+                                                                                   PredictionSample))  # fmt: skip
+
+
+def test_gzip_batch_is_stored_and_a_retry_is_not_counted_twice(client, make_device, session_factory):
+    device = make_device()
+    body = gzip.compress(json.dumps(batch(5)).encode())
+    headers = {**device.headers, "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    first = client.post("/api/v1/device/telemetry", headers=headers, content=body)
+    assert first.json() == {"accepted": {"events": 1, "windows": 1, "samples": 5}, "duplicate": False}
+    retry = client.post("/api/v1/device/telemetry", headers=headers, content=body)
+    assert retry.status_code == 200 and retry.json()["duplicate"] is True
+    assert retry.json()["accepted"] == first.json()["accepted"]
+    assert counts(session_factory) == (1, 1, 5)
+
+
+def test_zstd_batch_is_accepted_and_indexed_columns_are_filled(client, make_device, session_factory):
+    device = make_device()
+    body = zstandard.ZstdCompressor().compress(json.dumps(batch(2)).encode())
+    response = client.post("/api/v1/device/telemetry", headers={**device.headers, "Content-Encoding": "zstd"},
+                           content=body)  # fmt: skip
+    assert response.status_code == 200, response.text
+    with session_scope(session_factory) as session:
+        sample = session.scalars(select(PredictionSample)).first()
+        assert (sample.device_id, sample.model_name, sample.bundle_version, sample.reason) == (
+            device.device_id, "digits", 3, "rate")
+        assert sample.payload["inclusion_probability"] == 0.01
+        window = session.scalars(select(MetricWindow)).first()
+        assert window.window_end > window.window_start
+
+
+def test_the_same_batch_id_from_two_devices_is_two_batches(client, make_device, session_factory):
+    shared = batch(1, batch_id="same-id")
+    for device in (make_device(), make_device()):
+        assert client.post("/api/v1/device/telemetry", headers=device.headers, json=shared).json()["duplicate"] is False
+    assert counts(session_factory)[2] == 2
+
+
+def test_body_over_the_limit_is_413_even_when_it_inflates_from_a_small_gzip(app, client, make_device):
+    device = make_device()
+    app.state.settings.max_telemetry_bytes = 64 * 1024
+    bomb = gzip.compress(b'{"batch_id": "x", "pad": "' + b"a" * 1_000_000 + b'"}')
+    assert len(bomb) < 64 * 1024
+    response = client.post("/api/v1/device/telemetry", headers={**device.headers, "Content-Encoding": "gzip"},
+                           content=bomb)  # fmt: skip
+    assert response.status_code == 413
+    raw = client.post("/api/v1/device/telemetry", headers=device.headers, content=b"x" * (65 * 1024))
+    assert raw.status_code == 413
+
+
+def test_too_many_items_is_413(app, client, make_device):
+    app.state.settings.max_telemetry_items = 10
+    response = client.post("/api/v1/device/telemetry", headers=make_device().headers, json=batch(20))
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
+def test_malformed_bodies_are_clear_400s_and_store_nothing(client, make_device, session_factory):
+    device = make_device()
+    bad_item = batch(1)
+    bad_item["samples"][0]["at"] = "yesterday"
+    cases = [
+        (b"{not json", {}),
+        (b"[]", {}),
+        (json.dumps({"events": []}).encode(), {}),
+        (json.dumps({"batch_id": "b", "samples": "nope"}).encode(), {}),
+        (json.dumps(bad_item).encode(), {}),
+        (b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}),
+        (b"{}", {"Content-Encoding": "br"}),
+        (b"", {}),
+    ]
+    for body, extra in cases:
+        response = client.post("/api/v1/device/telemetry", headers={**device.headers, **extra}, content=body)
+        assert response.status_code == 400, (body[:30], response.text)
+        assert response.json()["detail"]
+    assert counts(session_factory) == (0, 0, 0)
