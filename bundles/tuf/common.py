@@ -25,7 +25,6 @@ from tuf.api.serialization.json import JSONSerializer
 from bundles.errors import BadSignatureError, ConfigError, ExpiredMetadataError, TrustError, VersionConflictError
 
 TOP_LEVEL_ROLES = ("root", "targets", "snapshot", "timestamp")
-ROLE_CLASSES: dict[str, type[Signed]] = {"root": Root, "targets": Targets, "snapshot": Snapshot, "timestamp": Timestamp}
 # Compact JSON: smaller files on slow device links; the signature covers the canonical form anyway.
 SERIALIZER = JSONSerializer(compact=True)
 T = TypeVar("T", Root, Timestamp, Snapshot, Targets)
@@ -163,7 +162,6 @@ def check_signer_role(root: Root, role: str, signer: Signer) -> None:
 
 
 __all__ = [
-    "ROLE_CLASSES",
     "SERIALIZER",
     "TOP_LEVEL_ROLES",
     "Expiry",

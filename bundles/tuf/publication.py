@@ -29,7 +29,7 @@ from typing import IO, Any
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
-from bundles.errors import ArchiveError, ConfigError, TrustError
+from bundles.errors import ArchiveError, ConfigError
 from bundles.tuf.common import (
     atomic_file,
     check_signer_role,
@@ -42,7 +42,7 @@ from bundles.tuf.common import (
 TARGETS_MEMBER = "targets.json"
 FILES_PREFIX = "targets/"
 _BUNDLE_TARGET = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)/(?P<version>[0-9]+)/(?P<file>[^/]+)$")
-_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9@+=,_.-][A-Za-z0-9@+=,_. -]*$")
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9@+=,_.-]+$")
 _COPY_CHUNK_BYTES = 1 << 20
 
 
@@ -259,20 +259,12 @@ def _store_member(
     pub.files[target_path] = out
 
 
-def parse_publication_targets(publication: Publication) -> Metadata[Targets]:
-    """The publication's targets metadata, parsed but not yet verified."""
-    if not publication.targets_bytes:
-        raise TrustError("publication carries empty targets metadata")
-    return parse_metadata(publication.targets_bytes, Targets, "published targets")
-
-
 __all__ = [
     "Publication",
     "PublicationLimits",
     "build_targets",
     "edgefleet_custom",
     "make_publication",
-    "parse_publication_targets",
     "read_publication",
     "validate_target_path",
 ]

@@ -298,7 +298,10 @@ class TufRepository:
             raise VersionConflictError(f"published targets have version {version}, expected {expected}")
         check_not_expired(md.signed, self._now(), f"published targets v{version}")
         for path in md.signed.targets:
-            validate_target_path(path)
+            try:
+                validate_target_path(path)
+            except ConfigError:
+                raise TrustError(f"published targets v{version} list an unsafe target path {path!r}") from None
         return md
 
     def _changed_targets(self, new: Targets) -> list[str]:
