@@ -707,6 +707,8 @@ class Manifest:
     def _check_consistency(self, where: str) -> None:
         if not self.inputs or not self.outputs:
             raise ManifestError(f"{where}: needs at least one input and one output")
+        if not self.variants:
+            raise ManifestError(f"{where}.variants: a bundle needs at least one variant")
         ids = [v.id for v in self.variants]
         if len(set(ids)) != len(ids):
             raise ManifestError(f"{where}.variants: duplicate variant ids {sorted(ids)}")

@@ -187,7 +187,7 @@ def manifest_dict(draw: st.DrawFn) -> dict[str, Any]:
     return draw(obj(required))
 
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY
@@ -252,6 +252,7 @@ INVALID = [
     ("version is a bool", _edit(["version"], True), "expected a number, got a boolean"),
     ("unknown task", _edit(["task"], "magic"), ".task: 'magic' is not one of"),
     ("no inputs", _edit(["inputs"], []), "needs at least one input and one output"),
+    ("no variants", _edit(["variants"], []), "a bundle needs at least one variant"),
     ("bad dtype", _edit(["inputs", 0, "dtype"], "float128"), "dtype: 'float128' is not one of"),
     ("zero dimension", _edit(["inputs", 0, "shape"], [0, 4]), "dimensions must be positive integers or -1"),
     ("bad dim range", _edit(["inputs", 0, "dim_ranges"], {"0": [5, 2]}), "expected [min, max] with 0 < min <= max"),
