@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bundles.archive import verify_files
+from bundles.archive import read_manifest, verify_files
 from bundles.errors import InferenceError, InputError, ManifestError, SelfTestError
 from bundles.manifest import GoldenCase, Manifest, TensorSpec, Variant
 from bundles.processing import Pipeline, compile_steps
@@ -123,6 +123,8 @@ class Predictor:
         self._checks = tuple(_InputCheck.of(spec) for spec in manifest.inputs)
         self._pre: Pipeline = compile_steps(manifest.preprocess, "pre", manifest.inputs[0].name)
         self._post: Pipeline = compile_steps(manifest.postprocess, "post", manifest.outputs[0].name)
+        self._pre_fn = self._pre if self._pre else None  # decided once, not per call
+        self._post_fn = self._post if self._post else None
         specs = manifest.inputs + manifest.outputs
         self.dynamic_batch = all(len(s.shape) > 0 and s.shape[0] == -1 for s in specs)
 
@@ -150,13 +152,26 @@ class Predictor:
         _check_runtime_names(manifest, chosen, runtime)
         return cls(manifest, chosen, runtime, n_threads)
 
+    @classmethod
+    def from_dir(
+        cls,
+        bundle_dir: str | Path,
+        variant: str | Variant | None = None,
+        caps: DeviceCapabilities | None = None,
+        threads: int | None = None,
+        expected_manifest_sha256: str | None = None,
+    ) -> Predictor:
+        """Read ``manifest.json`` of a bundle directory (checking its hash if given) and load it."""
+        manifest = read_manifest(bundle_dir, expected_manifest_sha256)
+        return cls.load(manifest, bundle_dir, variant=variant, caps=caps, threads=threads)
+
     # --- the hot path --------------------------------------------------------------------------
 
     def predict(self, inputs: Mapping[str, Any]) -> Prediction:
         """Pre-process, check, run and post-process one request (arrays batch first)."""
-        feeds = self._pre(inputs) if self._pre else inputs
+        feeds = self._pre_fn(inputs) if self._pre_fn is not None else inputs
         raw = self.runtime.run(self._checked(feeds))
-        return Prediction(self._post(raw) if self._post else raw, raw)
+        return Prediction(self._post_fn(raw) if self._post_fn is not None else raw, raw)
 
     def run_model(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the model alone (no pre/post-processing) on inputs checked against the schema."""

@@ -247,3 +247,13 @@ def test_golden_inputs_reproduce_the_golden_outputs(pristine_bundle: Bundle) -> 
         for inputs, case in zip(golden_inputs(manifest), manifest.golden.cases, strict=True):
             expected = np.asarray(case.expected["logits"].data, dtype=np.float32).reshape(case.expected["logits"].shape)
             np.testing.assert_allclose(predictor.run_model(inputs)["logits"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_from_dir_reads_the_manifest_and_checks_its_hash(pristine_bundle: Bundle) -> None:
+    from bundles.canonical import sha256_bytes
+
+    manifest, root = pristine_bundle
+    with Predictor.from_dir(root, variant="onnx-fp16", expected_manifest_sha256=sha256_bytes(manifest.to_bytes())) as p:
+        assert p.manifest == manifest and p.variant.id == "onnx-fp16"
+    with pytest.raises(IntegrityError, match="manifest.json"):
+        Predictor.from_dir(root, expected_manifest_sha256="0" * 64)
