@@ -297,6 +297,10 @@ class TufRepository:
         if version != expected:
             raise VersionConflictError(f"published targets have version {version}, expected {expected}")
         check_not_expired(md.signed, self._now(), f"published targets v{version}")
+        if md.signed.delegations is not None:
+            raise TrustError(
+                f"published targets v{version} delegate to other roles, which this repository does not serve"
+            )
         for path in md.signed.targets:
             try:
                 validate_target_path(path)
@@ -337,9 +341,13 @@ class TufRepository:
 
     # --- writes ------------------------------------------------------------------------------
     def _store_target(self, info: TargetFile, local: Path) -> None:
-        """Copy a verified file to its hash-prefixed name (content-addressed, so never overwritten wrongly)."""
+        """Copy a verified file to its hash-prefixed name (content-addressed, so never overwritten wrongly).
+
+        The prefix is the first listed hash, the one ngclient puts in the URL.
+        """
         directory, _, basename = info.path.rpartition("/")
-        dest = self.targets_dir.joinpath(*PurePosixPath(directory).parts, f"{info.hashes['sha256']}.{basename}")
+        prefix = next(iter(info.hashes.values()))
+        dest = self.targets_dir.joinpath(*PurePosixPath(directory).parts, f"{prefix}.{basename}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.copyfile(local, tmp)

@@ -80,3 +80,19 @@ def test_signed_targets_listing_an_unsafe_path_are_refused_by_the_server(
     evil.sign(keys["targets"])  # even the real release key cannot name a path outside the repository
     with pytest.raises(TrustError, match="unsafe target path"):
         repo.accept_targets(evil.to_bytes(JSONSerializer()), {}, keys["snapshot"], keys["timestamp"])
+
+
+def test_signed_targets_with_delegations_are_refused_by_the_server(
+    tmp_path: Path, keys: dict[str, CryptoSigner], root: bytes
+) -> None:
+    from tuf.api.metadata import DelegatedRole, Delegations
+
+    repo = TufRepository(tmp_path / "repo")
+    repo.rotate_root(root)
+    role = DelegatedRole("team", [keys["snapshot"].public_key.keyid], 1, False, paths=["*"])
+    delegations = Delegations({keys["snapshot"].public_key.keyid: keys["snapshot"].public_key}, {"team": role})
+    later = datetime.now(timezone.utc) + timedelta(days=1)
+    md = Metadata(Targets(version=1, expires=later, delegations=delegations))
+    md.sign(keys["targets"])
+    with pytest.raises(TrustError, match="delegate"):
+        repo.accept_targets(md.to_bytes(JSONSerializer()), {}, keys["snapshot"], keys["timestamp"])
