@@ -207,6 +207,7 @@ class ServingPipeline:
         manifest = self.local.active_manifest(model)
         policy = self._policy(model, manifest)
         key = input_key(inputs) if policy.cacheable else None
+        attempt = _Attempt("")
         try:
             attempt = self._try_local(model, inputs, policy)
             if attempt.reason == "":
@@ -216,7 +217,7 @@ class ServingPipeline:
             else:
                 result = self._fall_back(model, inputs, manifest, policy, attempt, key, start)
         except InferenceError as e:
-            self._record_failure(model, manifest, inputs, start, e)
+            self._record_failure(model, manifest, inputs, start, e, attempt.reason or None)
             raise
         self._record(model, manifest, inputs, result, attempt)
         return result
@@ -408,10 +409,16 @@ class ServingPipeline:
         )  # fmt: skip
 
     def _record_failure(
-        self, model: str, manifest: Manifest | None, inputs: dict[str, np.ndarray], start: float, error: Exception
+        self,
+        model: str,
+        manifest: Manifest | None,
+        inputs: dict[str, np.ndarray],
+        start: float,
+        error: Exception,
+        reason: str | None,
     ) -> None:
         if self.recorder is not None:
-            self.recorder.record(model, manifest, inputs, None, None, _elapsed_ms(start), None, str(error)[:500])
+            self.recorder.record(model, manifest, inputs, None, None, _elapsed_ms(start), reason, str(error)[:500])
 
     def _breaker_hook(self, model: str) -> Any:
         recorder = self.recorder

@@ -10,9 +10,10 @@ Uploads are idempotent: :meth:`TelemetryBuffer.next_batch` marks the items it ha
 batch id and returns the same batch (same id, same items) until :meth:`ack` deletes them, so a
 retry after a lost answer is the same batch and the server counts it once.
 
-Size accounting: the payload bytes plus :data:`ROW_OVERHEAD_BYTES` per row are kept under
-``cap_bytes * FILL_FACTOR``; the rest of the cap is headroom for SQLite pages, indexes and the WAL
-(the two-week test checks the real file sizes). Stdlib ``sqlite3`` in WAL mode; one lock.
+Size accounting: the payload bytes plus :data:`ROW_OVERHEAD_BYTES` per row are kept under a budget
+that leaves room in ``cap_bytes`` for the WAL (capped at 1 MiB or 1/32 of the cap), the shared-memory
+file and SQLite's page overhead (:data:`PAGE_OVERHEAD`); the buffer tests check the real
+file sizes. Stdlib ``sqlite3`` in WAL mode; one lock.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from typing import Any
 from bundles.errors import ConfigError
 
 ROW_OVERHEAD_BYTES = 48
-FILL_FACTOR = 0.8
+PAGE_OVERHEAD = 1.25
+"""Measured: the database file holds about 1.2 bytes per accounted byte (page fill, indexes, free pages)."""
+SHM_BYTES = 64 * 1024
+EVICT_TO = 0.98
 PRIORITIES = {
     "event:install": 0,
     "event:error": 0,
@@ -46,6 +50,7 @@ PRIORITIES = {
     "sample:rate": 4,
 }
 """Priority by ``kind:label`` (then by ``kind``); 0 is evicted last. Install events and errors first."""
+MAX_PRIORITY = max(PRIORITIES.values())
 COALESCED = frozenset({"event:heartbeat"})
 """Labels of which only the newest item is kept (a heartbeat replaces the previous one)."""
 
@@ -83,7 +88,7 @@ class Batch:
 
 def priority_of(kind: str, label: str) -> int:
     """The priority of an item (``kind`` event/window/sample, ``label`` its type or capture reason)."""
-    return PRIORITIES.get(f"{kind}:{label}", PRIORITIES.get(kind, 4))
+    return PRIORITIES.get(f"{kind}:{label}", PRIORITIES.get(kind, MAX_PRIORITY))
 
 
 class TelemetryBuffer:
@@ -95,7 +100,8 @@ class TelemetryBuffer:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cap_bytes = cap_bytes
-        self.budget_bytes = int(cap_bytes * FILL_FACTOR)
+        self.wal_limit_bytes = min(1024 * 1024, cap_bytes // 32)
+        self.budget_bytes = int((cap_bytes - self.wal_limit_bytes - SHM_BYTES) / PAGE_OVERHEAD)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._configure()
@@ -105,8 +111,8 @@ class TelemetryBuffer:
         self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(f"PRAGMA journal_size_limit={4 * 1024 * 1024}")
-        self._db.execute("PRAGMA wal_autocheckpoint=256")
+        self._db.execute(f"PRAGMA journal_size_limit={self.wal_limit_bytes}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={max(16, self.wal_limit_bytes // 4096 // 2)}")
         self._db.executescript(_SCHEMA)
 
     def _measure(self) -> int:
@@ -157,22 +163,36 @@ class TelemetryBuffer:
         return 1
 
     def _make_room(self, db: sqlite3.Connection, need: int, priority: int) -> bool:
-        """Evict lower-or-equal priority items, lowest priority and oldest first, until ``need`` fits."""
-        while self.used_bytes + need > self.budget_bytes:
-            victims = db.execute(
-                "SELECT seq, kind, size_bytes FROM items WHERE batch_id IS NULL AND priority >= ? "
-                "ORDER BY priority DESC, seq ASC LIMIT 64",
-                (priority,),
-            ).fetchall()
-            if not victims:
-                return False
-            for seq, kind, size in victims:
-                db.execute("DELETE FROM items WHERE seq = ?", (seq,))
-                self.used_bytes -= size + ROW_OVERHEAD_BYTES
-                self._count_drop(db, f"{kind}:cap", 1, size)
-                if self.used_bytes + need <= self.budget_bytes:
-                    break
-        return True
+        """Evict items of lower or equal priority (lowest first, oldest first) until ``need`` fits.
+
+        Evicts down to :data:`EVICT_TO` of the budget so that a full buffer does not evict on every put.
+        """
+        if self.used_bytes + need <= self.budget_bytes:
+            return True
+        target = int(self.budget_bytes * EVICT_TO) - need
+        for level in range(MAX_PRIORITY, priority - 1, -1):
+            rows = db.execute(
+                "SELECT seq, kind, size_bytes FROM items WHERE priority = ? AND batch_id IS NULL ORDER BY seq",
+                (level,),
+            )
+            victims = self._victims(rows.fetchall(), target)
+            if victims:
+                db.executemany("DELETE FROM items WHERE seq = ?", [(seq,) for seq, _, _ in victims])
+                for _, kind, size in victims:
+                    self._count_drop(db, f"{kind}:cap", 1, size)
+            if self.used_bytes <= target:
+                break
+        return self.used_bytes + need <= self.budget_bytes
+
+    def _victims(self, rows: list[tuple[int, str, int]], target: int) -> list[tuple[int, str, int]]:
+        """Oldest rows first until the bytes held reach ``target`` (updates the accounting)."""
+        victims: list[tuple[int, str, int]] = []
+        for seq, kind, size in rows:
+            if self.used_bytes <= target:
+                break
+            victims.append((seq, kind, size))
+            self.used_bytes -= size + ROW_OVERHEAD_BYTES
+        return victims
 
     def _delete_rows(self, db: sqlite3.Connection, seqs: list[int]) -> None:
         for seq in seqs:

@@ -174,6 +174,8 @@ def encode_for_log(value: Any) -> dict[str, Any]:
     else:
         data = arr.reshape(-1).tolist()
         dtype = str(arr.dtype.name)
+        if arr.dtype.kind == "f" and arr.dtype.itemsize <= 4:
+            data = [float(f"{v:.9g}") for v in data]  # 9 significant digits round-trip float32 exactly
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
             data = [v if isinstance(v, (int, float)) and np.isfinite(v) else None for v in data]
     return {"dtype": dtype, "shape": [int(d) for d in arr.shape], "data": data}

@@ -69,7 +69,9 @@ class OipServer:
                 if predictor is None:
                     self._send(404, {"error": f"unknown model {name}"})
                     return
-                feeds = {t["name"]: np.asarray(t["data"], _DTYPES[t["datatype"]]).reshape(t["shape"]) for t in body["inputs"]}
+                feeds = {
+                    t["name"]: np.asarray(t["data"], _DTYPES[t["datatype"]]).reshape(t["shape"]) for t in body["inputs"]
+                }
                 outputs = predictor.run_model(feeds)
                 answer = [
                     {"name": k, "datatype": "FP32", "shape": list(v.shape), "data": v.reshape(-1).tolist()}

@@ -59,8 +59,10 @@ def test_a_window_counts_requests_and_bins_inputs_on_the_baseline_edges(tmp_path
 
     (window,) = drain(buffer).windows
     counters = window["counters"]
-    assert (counters["requests"], counters["rows"], counters["errors"], counters["sources"]) == (300, 300, 0, {"local": 300})
-    assert sum(window["latency_ms"]["counts"]) == 300 and len(window["latency_ms"]["counts"]) == len(LATENCY_EDGES_MS) + 1
+    assert (counters["requests"], counters["rows"], counters["errors"]) == (300, 300, 0)
+    assert counters["sources"] == {"local": 300}
+    latency = window["latency_ms"]["counts"]
+    assert sum(latency) == 300 and len(latency) == len(LATENCY_EDGES_MS) + 1
     for i, hist in enumerate(manifest.drift_baseline.features):
         edges = np.asarray(hist.edges)
         expected, _ = np.histogram(np.clip(xs[:, i], edges[0], edges[-1]), bins=edges)
