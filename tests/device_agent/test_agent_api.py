@@ -86,7 +86,8 @@ def test_http_health_and_metadata_follow_the_open_inference_protocol(server: str
 
 def test_http_infer_with_json_tensors(server: str, agent: Agent) -> None:
     x = golden_inputs(agent.engine.active_manifest("tiny"))[0]["x"]  # type: ignore[arg-type]
-    body = {"id": "r1", "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    tensor = {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+    body = {"id": "r1", "inputs": [tensor]}
     answer = httpx.post(f"{server}/v2/models/tiny/infer", json=body).json()
     assert answer["id"] == "r1" and answer["model_version"] == "1"
     assert answer["parameters"]["source"] == "local"
