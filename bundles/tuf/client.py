@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ from bundles.errors import (
 logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 64 * 1024
+_CONTENT_ADDRESSED = re.compile(r"/[0-9a-f]{64}\.[^/]+$")
 
 
 class HttpxFetcher(FetcherInterface):
@@ -165,8 +167,11 @@ class HttpxFetcher(FetcherInterface):
         raise tuf_errors.DownloadHTTPError(f"{url} answered HTTP {response.status_code}", response.status_code)
 
     def _partial_path(self, url: str) -> Path | None:
+        """Where received bytes of ``url`` are kept across restarts: only for content-addressed target URLs."""
         if self.partial_dir is None or not self.partial_url_prefix or not url.startswith(self.partial_url_prefix):
             return None
+        if not _CONTENT_ADDRESSED.search(url):
+            return None  # a mutable file (timestamp.json) must never be resumed from an older copy
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         return self.partial_dir / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".part")
 
@@ -205,6 +210,7 @@ class TufClient:
 
     ``trusted_root`` is the root the device was given at enrollment; later runs may pass ``None``
     and rely on the root cached in ``metadata_dir`` (which only ever holds verified roots).
+    Use one client per state directory at a time (ngclient's rule: no concurrent updaters).
     """
 
     def __init__(

@@ -271,3 +271,17 @@ def test_a_trickling_server_is_cut_off_as_a_slow_retrieval(
     client = make_client(stall_window_s=0.2, min_bytes_per_window=50_000)
     with pytest.raises(TransportError, match="too slow"):
         client.download(VARIANT)
+
+
+def test_a_cut_metadata_download_resumes_in_place_but_is_never_kept_across_restarts(
+    server: FileServer, make_client: MakeClient, tmp_path: Path
+) -> None:
+    server.cut_after("/timestamp.json", 40)
+    with pytest.raises(TransportError):
+        make_client(max_resumes=0).refresh()
+    partial_dir = tmp_path / "device" / "targets" / ".partial"
+    assert not partial_dir.exists() or not any(partial_dir.iterdir())
+    server.cut_after("/timestamp.json", 40)
+    client = make_client()
+    client.refresh()
+    assert [r.range for r in server.requests_for("/timestamp.json")][-2:] == [None, "bytes=40-"]
