@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bundles.errors import (
@@ -107,8 +108,23 @@ def _http_error(_request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
 
+def _database_error(_request: Request, error: Exception) -> JSONResponse:
+    """A database that is down or overloaded is a 503 (retry later); anything else is our bug, a 500."""
+    if isinstance(error, OperationalError):
+        log.error("database unavailable: %s", error)
+        return JSONResponse({"detail": "the database is unavailable; retry later"}, 503, {"Retry-After": "5"})
+    return _unexpected(_request, error)
+
+
+def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+    log.error("unhandled error: %s", error, exc_info=error)
+    return JSONResponse({"detail": "internal server error (logged)"}, status_code=500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the mapping on an app (called once by ``create_app``)."""
+    app.add_exception_handler(SQLAlchemyError, _database_error)
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(EdgeFleetError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
