@@ -187,6 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     file_server: FileServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes; do not wait for ACKs
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Keep test output quiet."""
