@@ -48,14 +48,14 @@ def sign_timestamp(
     return data
 
 
-def forge_targets(repo: Repo, targets: dict[str, bytes], signer: Signer) -> None:
+def forge_targets(repo: Repo, targets: dict[str, bytes], signer: Signer, expires_days: float = 30) -> None:
     """Publish targets signed by ``signer`` with valid online snapshot and timestamp signatures."""
     md_dir = repo.local.repository.metadata_dir
     current = Metadata.from_bytes(repo.local.repository.current_targets())
     tmd = Metadata(
         Targets(
             version=current.signed.version + 1,
-            expires=later(30),
+            expires=later(expires_days),
             targets={p: TargetFile.from_data(p, d, ["sha256"]) for p, d in targets.items()},
         )
     )

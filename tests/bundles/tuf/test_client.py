@@ -285,3 +285,21 @@ def test_a_cut_metadata_download_resumes_in_place_but_is_never_kept_across_resta
     client = make_client()
     client.refresh()
     assert [r.range for r in server.requests_for("/timestamp.json")][-2:] == [None, "bytes=40-"]
+
+
+def test_expired_snapshot_is_refused(repo: Repo, make_client: MakeClient) -> None:
+    stale = TufRepository(repo.path, expiry=Expiry(snapshot=timedelta(seconds=-60)))
+    resigned = stale.refresh_timestamp(
+        repo.local.signer("timestamp"),
+        snapshot_signer=repo.local.signer("snapshot"),
+        snapshot_if_expires_within_s=10**9,
+    )
+    assert resigned == ["snapshot", "timestamp"]
+    with pytest.raises(ExpiredMetadataError, match="snapshot.json is expired"):
+        make_client().refresh()
+
+
+def test_expired_targets_signed_by_the_release_key_are_refused(repo: Repo, make_client: MakeClient) -> None:
+    forge_targets(repo, {VARIANT: b"old release"}, repo.local.signer("targets"), expires_days=-1)
+    with pytest.raises(ExpiredMetadataError, match="targets is expired"):
+        make_client().refresh()
