@@ -279,6 +279,27 @@ class TufRepository:
                 return ["timestamp"]
             return []
 
+    def prune(self, keep_versions: int = 2) -> list[str]:
+        """Delete target files that none of the last ``keep_versions`` targets versions lists.
+
+        Keeping the previous version's files lets a device that refreshed just before a publication
+        finish its download. Returns the served paths removed.
+        """
+        with self._locked():
+            current = self.current_targets_version()
+            keep: set[str] = set()
+            for version in range(max(1, current - keep_versions + 1), current + 1):
+                data = self._require_metadata(f"{version}.targets.json")
+                listed = parse_metadata(data, Targets, f"targets v{version}").signed.targets.values()
+                keep.update(served_path(info) for info in listed)
+            removed = []
+            for path in sorted(self.targets_dir.rglob("*")) if self.targets_dir.exists() else []:
+                relative = path.relative_to(self.targets_dir).as_posix()
+                if path.is_file() and relative not in keep:
+                    path.unlink()
+                    removed.append(relative)
+            return removed
+
     def remove_targets(self, targets_bytes: bytes, snapshot_signer: Signer, timestamp_signer: Signer) -> list[str]:
         """Accept a new signed targets version that drops targets; returns the removed paths.
 
@@ -345,9 +366,7 @@ class TufRepository:
 
         The prefix is the first listed hash, the one ngclient puts in the URL.
         """
-        directory, _, basename = info.path.rpartition("/")
-        prefix = next(iter(info.hashes.values()))
-        dest = self.targets_dir.joinpath(*PurePosixPath(directory).parts, f"{prefix}.{basename}")
+        dest = self.targets_dir.joinpath(*PurePosixPath(served_path(info)).parts)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.copyfile(local, tmp)
@@ -466,6 +485,12 @@ class TufRepository:
 _ROLE_TYPES: dict[str, Any] = {"root": Root, "targets": Targets, "snapshot": Snapshot, "timestamp": Timestamp}
 
 
+def served_path(info: TargetFile) -> str:
+    """The URL path (under ``targets/``) a target is served at: ``<dir>/<first hash>.<basename>``, as ngclient asks."""
+    directory, sep, basename = info.path.rpartition("/")
+    return f"{directory}{sep}{next(iter(info.hashes.values()))}.{basename}"
+
+
 def _same_file(old: TargetFile | None, new: TargetFile) -> bool:
     return old is not None and old.length == new.length and old.hashes == new.hashes
 
@@ -564,4 +589,4 @@ class LocalRepository:
         return self.repository.refresh_timestamp(self.signer("timestamp"), snapshot_signer=self.signer("snapshot"))
 
 
-__all__ = ["KEY_FILES", "LocalRepository", "TufRepository", "default_keys_dir"]
+__all__ = ["KEY_FILES", "LocalRepository", "TufRepository", "default_keys_dir", "served_path"]

@@ -324,3 +324,16 @@ def test_local_repository_keeps_its_keys_outside_the_served_directory(tmp_path: 
     assert not any((tmp_path / "repo").rglob("*.key"))
     with pytest.raises(ConfigError, match="not a TUF repository"):
         LocalRepository.open(tmp_path / "elsewhere")
+
+
+def test_prune_keeps_the_files_of_the_last_two_versions_only(setup: Setup) -> None:
+    old_variant = bundle_files(setup)
+    setup.accept(setup.publication(old_variant))
+    sha_old = setup.repo.target_info(VARIANT).hashes["sha256"]
+    setup.accept(setup.publication(setup.files(**{"digits__3__onnx-int8.tar.gz": b"v2"})))
+    assert setup.repo.prune() == []  # v1's file is still listed by the previous version
+    setup.accept(setup.publication(setup.files(**{"digits__3__onnx-int8.tar.gz": b"v3"})))
+    assert setup.repo.prune() == [f"digits/3/{sha_old}.onnx-int8.tar.gz"]
+    assert len(list(setup.repo.targets_dir.rglob("*.onnx-int8.tar.gz"))) == 2
+    sha_now = setup.repo.target_info(VARIANT).hashes["sha256"]
+    assert setup.repo.target_file(f"digits/3/{sha_now}.onnx-int8.tar.gz").read_bytes() == b"v3"
