@@ -27,6 +27,7 @@ from bundles.errors import ConfigError, EdgeFleetError
 from fleet_server.db import make_engine, make_session_factory, session_scope, upgrade_database
 from fleet_server.rollouts.cli import app as rollout_app
 from fleet_server.settings import ENV_FILE_NAME, Settings, load_settings
+from fleet_server.telemetry.cli import register as register_telemetry
 
 app = typer.Typer(help="Run and administer an edgefleet fleet server.", no_args_is_help=True, add_completion=False)
 api_keys_app = typer.Typer(help="Admin API keys (roles: admin, operator, viewer).", no_args_is_help=True)
@@ -47,6 +48,7 @@ for sub, name in (
     (rollout_app, "rollout"),
 ):
     app.add_typer(sub, name=name)  # fmt: skip
+register_telemetry(app)
 
 console = Console()
 T = TypeVar("T")

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from fleet_server.models import BundleRecord, MetricWindow
+from bundles.errors import ConfigError
+from fleet_server.models import BundleRecord, DeviceEvent, MetricWindow, PredictionSample
 from fleet_server.telemetry.aggregate import counter, latency_percentile, merge_windows, psi_by_feature
 
 
@@ -106,3 +107,152 @@ def cohort_stats(
     rows = window_rows(session, model, version, device_ids, since)
     merged = merge_windows(row.payload for row in rows)
     return stats_of(merged, baseline_of(session, model, version), len({row.device_id for row in rows}))
+
+
+# --- summaries: per version, per device, fleet-wide ------------------------------------------------
+
+GROUPINGS = ("version", "device", "fleet")
+
+
+def summarize(
+    session: Session, model: str, since: dt.datetime, until: dt.datetime | None = None, by: str = "version"
+) -> list[dict[str, Any]]:
+    """Aggregates of ``model`` per bundle version, per (device, version), or fleet-wide (all summed)."""
+    if by not in GROUPINGS:
+        raise ConfigError(f"group by must be one of {', '.join(GROUPINGS)}, got {by!r}")
+    groups: dict[tuple[Any, ...], list[MetricWindow]] = {}
+    for row in window_rows(session, model, since=since, until=until):
+        groups.setdefault(_group_key(row, by), []).append(row)
+    out = []
+    for key, rows in sorted(groups.items()):
+        versions = sorted({r.bundle_version for r in rows})
+        baseline = baseline_of(session, model, versions[0]) if len(versions) == 1 else {}
+        stats = stats_of(merge_windows(r.payload for r in rows), baseline, len({r.device_id for r in rows}))
+        label = dict(zip(("device_id", "version") if by == "device" else ("version",), key, strict=False))
+        out.append({"model": model, **label, **stats.to_dict()})
+    return out
+
+
+def _group_key(row: MetricWindow, by: str) -> tuple[Any, ...]:
+    if by == "version":
+        return (row.bundle_version,)
+    if by == "device":
+        return (row.device_id, row.bundle_version)
+    return ()
+
+
+# --- sampled prediction logs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleFilter:
+    """Which sampled logs to read (every field optional)."""
+
+    model: str | None = None
+    version: int | None = None
+    device_id: str | None = None
+    reason: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+
+def samples(session: Session, where: SampleFilter, limit: int = 1000) -> list[PredictionSample]:
+    """Sampled prediction logs matching ``where``, newest first, at most ``limit``."""
+    query = select(PredictionSample).order_by(PredictionSample.at.desc(), PredictionSample.id.desc())
+    for column, value in (
+        (PredictionSample.model_name, where.model),
+        (PredictionSample.bundle_version, where.version),
+        (PredictionSample.device_id, where.device_id),
+        (PredictionSample.reason, where.reason),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if where.since is not None:
+        query = query.where(PredictionSample.at >= where.since)
+    if where.until is not None:
+        query = query.where(PredictionSample.at < where.until)
+    return list(session.scalars(query.limit(limit)))
+
+
+def sample_dict(row: PredictionSample) -> dict[str, Any]:
+    """A stored sample as the API shows it: indexed columns plus the device's payload."""
+    payload = row.payload or {}
+    return {
+        "id": row.id,
+        "device_id": row.device_id,
+        "model": row.model_name,
+        "version": row.bundle_version,
+        "reason": row.reason,
+        "at": row.at.isoformat(),
+        "inclusion_probability": payload.get("inclusion_probability"),
+        "source": payload.get("source"),
+        "latency_ms": payload.get("latency_ms"),
+        "fallback_reason": payload.get("fallback_reason"),
+        "confidence": payload.get("confidence"),
+        "inputs": payload.get("inputs"),
+        "outputs": payload.get("outputs"),
+        "redacted": payload.get("redacted"),
+    }
+
+
+PARQUET_COLUMNS = (
+    "id", "device_id", "model", "version", "reason", "at", "inclusion_probability", "source", "latency_ms",
+    "fallback_reason", "confidence", "sample_id", "inputs_json", "outputs_json", "redacted",
+)  # fmt: skip
+
+
+def samples_to_parquet(rows: Sequence[PredictionSample], out: Any) -> int:
+    """Write samples to Parquet (``out``: a path or a binary file); tensors as JSON text columns.
+
+    One row per sample with ``inclusion_probability`` as a column, so an offline analysis can weight
+    each row by ``1 / inclusion_probability`` and join labels on ``sample_id``. Returns the row count.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = []
+    for row in rows:
+        data = sample_dict(row)
+        records.append({**data, "at": row.at, "sample_id": (row.payload or {}).get("id"),
+                        "inputs_json": json.dumps(data.pop("inputs")), "outputs_json": json.dumps(data.pop("outputs")),
+                        "redacted": ",".join(data.get("redacted") or [])})  # fmt: skip
+    schema = pa.schema([
+        ("id", pa.int64()), ("device_id", pa.string()), ("model", pa.string()), ("version", pa.int64()),
+        ("reason", pa.string()), ("at", pa.timestamp("us", tz="UTC")), ("inclusion_probability", pa.float64()),
+        ("source", pa.string()), ("latency_ms", pa.float64()), ("fallback_reason", pa.string()),
+        ("confidence", pa.float64()), ("sample_id", pa.string()), ("inputs_json", pa.string()),
+        ("outputs_json", pa.string()), ("redacted", pa.string()),
+    ])  # fmt: skip
+    table = pa.Table.from_pylist([{k: r.get(k) for k in PARQUET_COLUMNS} for r in records], schema=schema)
+    pq.write_table(table, out, compression="zstd")
+    return len(records)
+
+
+# --- retention -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long raw telemetry is kept (days). Aggregates are computed from the raw rows, so a longer
+    window retention keeps longer history; samples are the bulky part."""
+
+    windows_days: int = 90
+    samples_days: int = 30
+    events_days: int = 365
+
+
+def prune(session: Session, retention: Retention, now: dt.datetime | None = None) -> dict[str, int]:
+    """Delete telemetry rows older than the retention limits; returns rows deleted per table."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    plans = (
+        ("metric_windows", MetricWindow, MetricWindow.window_end, retention.windows_days),
+        ("prediction_samples", PredictionSample, PredictionSample.at, retention.samples_days),
+        ("device_events", DeviceEvent, DeviceEvent.at, retention.events_days),
+    )
+    deleted: dict[str, int] = {}
+    for name, table, column, days in plans:
+        result = session.execute(delete(table).where(column < now - dt.timedelta(days=days)))
+        deleted[name] = int(getattr(result, "rowcount", 0) or 0)
+    return deleted
