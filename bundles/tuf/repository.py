@@ -351,14 +351,14 @@ class TufRepository:
     def _check_online_signers(
         self, root: Root, resign: Sequence[str], snapshot_signer: Signer | None, timestamp_signer: Signer | None
     ) -> None:
-        if not resign:
-            return
-        if snapshot_signer is None or timestamp_signer is None:
+        """Refuse a root this server could not serve: given online signers must be the root's online keys."""
+        if resign and (snapshot_signer is None or timestamp_signer is None):
             raise ConfigError(
                 f"root v{root.version} changes the online keys: pass the new snapshot and timestamp signers"
             )
-        check_signer_role(root, "snapshot", snapshot_signer)
-        check_signer_role(root, "timestamp", timestamp_signer)
+        for role, signer in (("snapshot", snapshot_signer), ("timestamp", timestamp_signer)):
+            if signer is not None:
+                check_signer_role(root, role, signer)
 
     # --- writes ------------------------------------------------------------------------------
     def _store_target(self, info: TargetFile, local: Path) -> None:

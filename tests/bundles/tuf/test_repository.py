@@ -337,3 +337,13 @@ def test_prune_keeps_the_files_of_the_last_two_versions_only(setup: Setup) -> No
     assert len(list(setup.repo.targets_dir.rglob("*.onnx-int8.tar.gz"))) == 2
     sha_now = setup.repo.target_info(VARIANT).hashes["sha256"]
     assert setup.repo.target_file(f"digits/3/{sha_now}.onnx-int8.tar.gz").read_bytes() == b"v3"
+
+
+def test_a_root_whose_online_keys_are_not_the_servers_is_refused_before_install(tmp_path: Path) -> None:
+    root_key, release, snapshot, timestamp, other = (CryptoSigner.generate_ed25519() for _ in range(5))
+    repo = TufRepository(tmp_path / "repo")
+    stale = make_root([root_key], [release], snapshot, other)  # made with an old timestamp key
+    with pytest.raises(ConfigError, match="not a timestamp key of root v1"):
+        repo.rotate_root(stale, snapshot, timestamp)
+    assert repo.trusted_root() is None
+    assert repo.rotate_root(make_root([root_key], [release], snapshot, timestamp), snapshot, timestamp) == 1
