@@ -139,6 +139,7 @@ class ServingConfig:
     fallback_on_low_confidence: bool = True
     deadline_ms: float | None = None
     deadline_workers: int = 4
+    enforce_deadlines: bool = True
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, **overrides: Any) -> ServingConfig:
@@ -254,10 +255,12 @@ class ServingPipeline:
 
     def _compile_policy(self, manifest: Manifest | None) -> _Policy:
         if manifest is None:
-            deadline_ms = self.config.deadline_ms
+            deadline_ms = self.config.deadline_ms if self.config.enforce_deadlines else None
             return _Policy(None if deadline_ms is None else deadline_ms / 1000.0, None, False, None, frozenset())
         rc = manifest.runtime_config
         deadline_ms = rc.deadline_ms if rc.deadline_ms is not None else self.config.deadline_ms
+        if not self.config.enforce_deadlines:
+            deadline_ms = None
         return _Policy(
             deadline_s=None if deadline_ms is None else deadline_ms / 1000.0,
             confidence_threshold=rc.confidence_threshold if self.config.fallback_on_low_confidence else None,

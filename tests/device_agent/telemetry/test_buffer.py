@@ -39,7 +39,7 @@ def real_items(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     engine.load("digits", root / "bundle", "onnx-fp32")
     buffer = TelemetryBuffer(root / "t.db", CAP_BYTES)
     recorder = TelemetryRecorder(buffer, TelemetrySettings(sample_rate=1.0, reservoir_size=1), rng=random.Random(3))
-    pipeline = ServingPipeline(engine, ServingConfig(deadline_ms=None), recorder)
+    pipeline = ServingPipeline(engine, ServingConfig(enforce_deadlines=False), recorder)
     rng = np.random.default_rng(0)
     for _ in range(60):
         pipeline.predict("digits", {"x": rng.uniform(-2, 2, (1, 64)).astype(np.float32)})

@@ -39,7 +39,7 @@ def setup(tmp_path: Path, settings: TelemetrySettings, sensitive: str | None = N
     buffer = TelemetryBuffer(tmp_path / "telemetry.db", cap_bytes=10_000_000)
     recorder = TelemetryRecorder(buffer, settings, clock=clock, rng=random.Random(7))
     faulty = FaultyEngine(engine)
-    pipeline = ServingPipeline(faulty, ServingConfig(cloud_url=dead_url(), deadline_ms=None), recorder=recorder)
+    pipeline = ServingPipeline(faulty, ServingConfig(cloud_url=dead_url(), enforce_deadlines=False), recorder=recorder)
     return manifest, faulty, pipeline, recorder, buffer, clock
 
 
