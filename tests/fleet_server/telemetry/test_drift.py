@@ -27,7 +27,8 @@ def test_a_shifted_input_raises_an_alert_and_an_unshifted_one_stays_under_warn(
     assert set(drift.psi) == {"f0", "f1", "f2", "f3", "output:label"}
     assert max(drift.psi.values()) < 0.1, drift.psi
 
-    shifted = simulate(bundle_dir, tmp_path, uniform(1500, seed=2, shift={0: 1.5, 1: -1.0}), NOW - dt.timedelta(minutes=50))
+    drifted = uniform(1500, seed=2, shift={0: 1.5, 1: -1.0})
+    shifted = simulate(bundle_dir, tmp_path, drifted, NOW - dt.timedelta(minutes=50))
     upload(shifted, client, device.headers)
     response = client.post("/api/v1/admin/drift/tiny/evaluate", headers=release.headers)
     assert response.status_code == 200, response.text
@@ -50,7 +51,8 @@ def test_alerts_resolve_when_the_distribution_comes_back(client, release, make_d
     release.publish("tiny", 1)
     device = make_device()
     bundle_dir = release.work_dir / "tiny-1"
-    upload(simulate(bundle_dir, tmp_path, uniform(600, 3, {2: 2.0}), NOW - dt.timedelta(hours=3)), client, device.headers)
+    drifted = simulate(bundle_dir, tmp_path, uniform(600, 3, {2: 2.0}), NOW - dt.timedelta(hours=3))
+    upload(drifted, client, device.headers)
     with session_scope(session_factory) as session:
         opened = monitors.evaluate(session, "tiny", now=NOW - dt.timedelta(hours=2))
     assert [a.feature for a in opened if not a.feature.startswith("output")] == ["f2"]
@@ -78,7 +80,8 @@ def test_a_per_model_override_changes_the_levels(client, release, make_device, t
 
 
 def test_bad_thresholds_are_a_400_and_viewers_cannot_change_them(client, admin_headers, viewer_headers):
-    bad = client.put("/api/v1/admin/drift/tiny/monitor", headers=admin_headers, json={"warn_psi": 0.5, "alert_psi": 0.2})
+    body = {"warn_psi": 0.5, "alert_psi": 0.2}
+    bad = client.put("/api/v1/admin/drift/tiny/monitor", headers=admin_headers, json=body)
     assert bad.status_code == 400 and "warn <= alert" in bad.json()["detail"]
     refused = client.put("/api/v1/admin/drift/tiny/monitor", headers=viewer_headers, json={"warn_psi": 0.2})
     assert refused.status_code == 403
