@@ -74,6 +74,7 @@ class Daemon:
         return TufClient(
             metadata_dir, self.config.tuf_dir / "targets", enrollment.metadata_url, enrollment.targets_url,
             trusted_root=root, bearer_token=enrollment.access_token, timeout_s=self.config.request_timeout_s,
+            http=None if self.client is None else self.client.http,
         )  # fmt: skip
 
     def run(self, once: bool = False, http: bool = True) -> None:

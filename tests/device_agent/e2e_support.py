@@ -46,6 +46,7 @@ class Fleet:
         from fleet_server.settings import Settings
 
         self.work = work
+        work.mkdir(parents=True, exist_ok=True)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
