@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 from bundles.errors import MixAndMatchError, TrustError
 from bundles.tuf.client import TufClient
@@ -28,22 +28,30 @@ def one_byte_mutation(draw: st.DrawFn, length: int) -> tuple[int, int]:
     return index, draw(st.integers(0, 255))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_mutated_targets_metadata_is_rejected_unless_its_signed_content_is_unchanged(
-    repo: Repo, data: st.DataObject
+ROLE_FILES = {
+    "root": "1.root.json",
+    "targets": "1.targets.json",
+    "snapshot": "1.snapshot.json",
+    "timestamp": "timestamp.json",
+}
+ROLE_TYPES = {"root": Root, "targets": Targets, "snapshot": Snapshot, "timestamp": Timestamp}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), role=st.sampled_from(sorted(ROLE_FILES)))
+def test_mutated_metadata_of_any_role_is_rejected_unless_its_signed_content_is_unchanged(
+    repo: Repo, data: st.DataObject, role: str
 ) -> None:
-    original = repo.local.repository.current_targets()
-    assert original is not None
+    original = (repo.local.repository.metadata_dir / ROLE_FILES[role]).read_bytes()
     root = parse_metadata(repo.root(), Root, "root").signed
     index, new_byte = data.draw(one_byte_mutation(len(original)))
     mutated = mutate(original, index, new_byte)
     try:
-        md = parse_metadata(mutated, Targets, "mutated targets")
-        verify_signatures(root, "targets", md, "mutated targets")
+        md = parse_metadata(mutated, ROLE_TYPES[role], f"mutated {role}")
+        verify_signatures(root, role, md, f"mutated {role}")
     except TrustError:
         return
-    # Accepted: only possible when the signed part is byte-for-byte what the release key signed
+    # Accepted: only possible when the signed part is byte-for-byte what the key signed
     # (e.g. an upper-case hex digit in the signature, which decodes to the same signature).
     assert md.signed_bytes == Metadata.from_bytes(original).signed_bytes
 
