@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
 from device_agent.telemetry.uploader import TelemetryUploader
@@ -53,6 +54,7 @@ class LosesFirstAnswer(httpx.HTTPTransport):
         return response
 
 
+@pytest.mark.usefixtures("live_server", "release", "make_device", "session_factory")
 def test_a_retried_batch_after_a_lost_answer_is_counted_once(request, tmp_path):
     server_url, publisher = request.getfixturevalue("live_server"), request.getfixturevalue("release")
     enroll, sessions = request.getfixturevalue("make_device"), request.getfixturevalue("session_factory")
