@@ -41,7 +41,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "demo-data"
 BIN = Path(sys.executable).parent
-console = Console(highlight=False)
+console = Console(highlight=False, width=max(100, shutil.get_terminal_size((120, 40)).columns))
 
 
 class DemoFailed(RuntimeError):
@@ -206,6 +206,7 @@ def direct_fleet(server_env: dict[str, str], version: int) -> None:
         raise DemoFailed("the enrolled device is not listed by 'edgefleet-server devices list'")
     run(["edgefleet-server", "groups", "create", "lab"], server_env)
     run(["edgefleet-server", "groups", "add", "lab", *device_ids], server_env)
+    run(["edgefleet-server", "groups", "set-poll", "lab", "2s"], server_env)
     run(
         ["edgefleet-server", "rollout", "create", f"digits@{version}", "--to", "group:lab", "--waves", "100%",
          "--soak", "5s", "--gate", "error_rate<0.01"],
@@ -260,7 +261,7 @@ def story() -> None:
     """The whole demo; raises :class:`DemoFailed` with the failing step."""
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    env = {**os.environ, "EDGEFLEET_HOME": str(WORK / "workstation"), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "EDGEFLEET_HOME": str(WORK / "workstation"), "PYTHONWARNINGS": "ignore", "COLUMNS": "120"}
     trained = train_model(env)
     convert_model(env, trained)
     server_env, api_key = start_server(env)
