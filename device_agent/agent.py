@@ -140,6 +140,9 @@ class Agent:
             self._maybe_reload()
         if model is not None:
             return model
+        only = self.engine.only_model()
+        if only is not None:
+            return only
         models = self.engine.models()
         if len(models) == 1:
             return models[0]

@@ -94,6 +94,12 @@ class LocalEngine:
     def models(self) -> list[str]:
         return sorted(self._active)
 
+    def only_model(self) -> str | None:
+        """The model's name when exactly one is loaded (the common case on a device)."""
+        if len(self._active) != 1:
+            return None
+        return next(iter(self._active))
+
     def predict(self, model: str, inputs: dict[str, np.ndarray], timeout_s: float | None = None) -> Any:
         """Run one prediction on the active bundle of ``model``.
 
@@ -101,8 +107,7 @@ class LocalEngine:
             ModelNotReadyError: no bundle of ``model`` is loaded.
             BusyError: the engine is saturated (too many running and waiting requests).
         """
-        self._admit(model, self.queue_timeout_s if timeout_s is None else min(timeout_s, self.queue_timeout_s))
-        loaded = self._acquire(model)
+        loaded = self._enter(model, timeout_s)
         try:
             return loaded.predictor.predict(inputs)
         finally:
@@ -110,14 +115,24 @@ class LocalEngine:
 
     def predict_batch(self, model: str, batch: list[dict[str, np.ndarray]]) -> list[Any]:
         """Several predictions on the same bundle version (one admission)."""
-        self._admit(model, self.queue_timeout_s)
-        loaded = self._acquire(model)
+        loaded = self._enter(model, None)
         try:
             return list(loaded.predictor.predict_batch(batch))
         finally:
             self._release(loaded)
 
     # --- admission ------------------------------------------------------------------------------
+
+    def _enter(self, model: str, timeout_s: float | None) -> LoadedBundle:
+        """Admit a request and pin the active bundle; one lock round trip when not saturated."""
+        with self._lock:
+            loaded = self._active.get(model)
+            if loaded is not None and self.stats.running < self.max_concurrency:
+                self.stats.running += 1
+                loaded.in_flight += 1
+                return loaded
+        self._admit(model, self.queue_timeout_s if timeout_s is None else min(timeout_s, self.queue_timeout_s))
+        return self._acquire(model)
 
     def _admit(self, model: str, timeout_s: float) -> None:
         with self._admission:
@@ -158,10 +173,12 @@ class LocalEngine:
     def _release(self, loaded: LoadedBundle) -> None:
         with self._lock:
             loaded.in_flight -= 1
-            loaded.close_if_idle()
+            if loaded.retired:
+                loaded.close_if_idle()
             self.stats.running -= 1
             self.stats.completed += 1
-            self._admission.notify()
+            if self.stats.waiting:
+                self._admission.notify()
 
     # --- the model host the update steps use ----------------------------------------------------
 

@@ -1,0 +1,202 @@
+"""Benchmark: what the device agent adds on top of the runtime, per prediction, at import and at idle.
+
+Compared in the same run on the same tiny ONNX model and the same batch-1 input:
+
+- baseline: ``onnxruntime.InferenceSession.run`` called directly (same thread count as the bundle);
+- ``Agent.predict``: the full path an app uses (serving pipeline with the bundle's deadline, telemetry
+  recorder on with windows, histograms and sampling; local engine admission; the Predictor's input
+  check and post-processing: softmax, argmax, label map).
+
+Calls are interleaved in blocks so both see the same machine state; the figure is the difference of
+medians. Target: median overhead <= max(5 % of the runtime call, 30 us). Also measured: the import
+time of ``device_agent.agent`` in a fresh interpreter, and the idle RSS of an agent with no model
+loaded, with the share of the ONNX Runtime import taken out.
+
+Run: ``.venv/bin/python benchmarks/agent_overhead.py`` (writes its section of docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SECTION = "agent_overhead"
+
+
+def install_tiny_bundle(state_dir: Path, deadline: bool = True) -> Path:
+    """Build the tiny classifier bundle and commit it into slot a, as an update would.
+
+    Without ``deadline`` the manifest's ``runtime_config.deadline_ms`` is removed, so the serving
+    pipeline calls the engine on the caller's thread instead of racing it against the deadline.
+    """
+    import dataclasses
+
+    from bundles.archive import ArchiveLimits, pack_variant
+    from bundles.testing import build_bundle_dir
+    from device_agent.slots import ModelSlots
+
+    src = state_dir.parent / f"bundle-src-{deadline}"
+    manifest = build_bundle_dir(src, name="tiny", version=1)
+    if not deadline:
+        manifest = dataclasses.replace(
+            manifest, runtime_config=dataclasses.replace(manifest.runtime_config, deadline_ms=None)
+        )
+    archive = pack_variant(src, manifest, "onnx-fp32", state_dir.parent / f"tiny-{deadline}.tar.gz")
+    slots = ModelSlots(state_dir / "models", "tiny")
+    slots.stage("a", archive, manifest.to_bytes(), "onnx-fp32", ArchiveLimits())
+    slots.activate("a")
+    slots.commit("a")
+    return slots.slot_dir("a") / manifest.variant("onnx-fp32").entry
+
+
+def time_calls(fn: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - start) / 1000.0)
+    return out
+
+
+def measure_overhead(rounds: int, block: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    from device_agent.agent import Agent
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = install_tiny_bundle(Path(tmp) / "device")
+        install_tiny_bundle(Path(tmp) / "device-nodeadline", deadline=False)
+        agent = Agent.from_config(environ={}, state_dir=Path(tmp) / "device")
+        plain = Agent.from_config(environ={}, state_dir=Path(tmp) / "device-nodeadline")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        x = np.array([[0.25, -1.0, 0.5, 2.0]], dtype=np.float32)
+        predictor = agent.engine._active["tiny"].predictor  # noqa: SLF001 - to split the overhead
+        calls = {
+            "raw": lambda: session.run(None, {"x": x}),
+            "predictor": lambda: predictor.predict({"x": x}),
+            "agent": lambda: agent.predict({"x": x}),
+            "agent_nodeadline": lambda: plain.predict({"x": x}),
+        }
+        assert agent.predict({"x": x}).source == "local" and plain.predict({"x": x}).source == "local"
+        for _ in range(200):
+            for call in calls.values():
+                call()
+        timings: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                timings[name] += time_calls(call, block)
+        for a in (agent, plain):
+            a.close()
+    out = {f"{name}_median_us": statistics.median(t) for name, t in timings.items()}
+    out.update({f"{name}_p90_us": statistics.quantiles(t, n=10)[-1] for name, t in timings.items()})
+    out["calls"] = float(len(timings["agent"]))
+    return out
+
+
+def fresh_python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+RSS = (
+    "import os\n"
+    "def rss():\n"
+    "    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20\n"
+)
+
+
+def measure_import_and_rss(repeats: int) -> dict[str, float]:
+    import_s = [float(fresh_python("import time; t = time.perf_counter(); import device_agent.agent; "
+                                   "print(time.perf_counter() - t)")) for _ in range(repeats)]  # fmt: skip
+    ort_import_s = [float(fresh_python("import time, numpy; t = time.perf_counter(); import onnxruntime; "
+                                       "print(time.perf_counter() - t)")) for _ in range(repeats)]  # fmt: skip
+    idle = RSS + (
+        "import sys, tempfile, pathlib\n"
+        "from device_agent.agent import Agent\n"
+        "d = pathlib.Path(tempfile.mkdtemp())\n"
+        "a = Agent.from_config(environ={}, state_dir=d)\n"
+        "print(rss(), 'onnxruntime' in sys.modules)\n"
+    )
+    idle_mb, ort_loaded = fresh_python(idle).split()
+    ort_delta = RSS + "import numpy, httpx\nbefore = rss()\nimport onnxruntime\nprint(rss() - before)\n"
+    bare = RSS + "print(rss())\n"
+    return {
+        "import_ms": statistics.median(import_s) * 1000, "ort_import_ms": statistics.median(ort_import_s) * 1000,
+        "idle_rss_mb": float(idle_mb), "ort_import_rss_mb": float(fresh_python(ort_delta)),
+        "python_rss_mb": float(fresh_python(bare)), "ort_loaded_at_idle": float(ort_loaded == "True"),
+    }  # fmt: skip
+
+
+def _row(o: dict[str, float], name: str, label: str) -> str:
+    median, p90, raw = o[f"{name}_median_us"], o[f"{name}_p90_us"], o["raw_median_us"]
+    if name == "raw":
+        return f"| {label} | {median:.1f} us | {p90:.1f} us | baseline | |"
+    target = max(0.05 * raw, 30.0)
+    verdict = "met" if median - raw <= target else "**not met**"
+    return f"| {label} | {median:.1f} us | {p90:.1f} us | {median - raw:+.1f} us | {verdict} (<= {target:.0f} us) |"
+
+
+def table(o: dict[str, float], m: dict[str, float]) -> str:
+    excl = m["idle_rss_mb"] - (m["ort_import_rss_mb"] if m["ort_loaded_at_idle"] else 0.0)
+    return "\n".join([
+        f"Tiny ONNX classifier (4 features, 3 classes), batch 1, {int(o['calls'])} calls each, interleaved.",
+        "",
+        "| path | median | p90 | median overhead | target |",
+        "|---|---|---|---|---|",
+        _row(o, "raw", "raw `onnxruntime` `session.run`"),
+        _row(o, "predictor", "`Predictor.predict` (input check + softmax/argmax/label post-processing)"),
+        _row(o, "agent_nodeadline", "`Agent.predict`, telemetry on, bundle without `deadline_ms`"),
+        _row(o, "agent", "`Agent.predict`, telemetry on, bundle `deadline_ms` = 50 (deadline thread)"),
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| import `device_agent.agent` (fresh interpreter, median) | {m['import_ms']:.0f} ms |",
+        f"| import `onnxruntime` alone (after numpy) | {m['ort_import_ms']:.0f} ms |",
+        f"| idle RSS of an agent, no model (bare Python: {m['python_rss_mb']:.1f} MiB) | {m['idle_rss_mb']:.1f} MiB |",
+        f"| idle RSS excluding the ONNX Runtime import ({m['ort_import_rss_mb']:.1f} MiB) | {excl:.1f} MiB |",
+        "",
+        "Command: `.venv/bin/python benchmarks/agent_overhead.py`",
+    ])  # fmt: skip
+
+
+def write_section(body: str, path: Path = REPO / "docs" / "benchmarks.md") -> None:
+    """Replace only this script's section between its markers (creating the file if needed)."""
+    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
+    block = f"{begin}\n## Device agent overhead\n\n{body}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--block", type=int, default=250)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    overhead = measure_overhead(args.rounds, args.block)
+    memory = measure_import_and_rss(5)
+    body = table(overhead, memory)
+    print(body)
+    if not args.no_write:
+        write_section(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
