@@ -174,3 +174,23 @@ class UpdateMachine:
             self.store.clear()
             return False
         return True
+
+
+def _mermaid_id(state: UpdateState) -> str:
+    return "[*]" if state is S.IDLE else state.value.replace("-", "_")
+
+
+def mermaid() -> str:
+    """The transition table as a Mermaid state diagram (docs/agent.md embeds it; a test keeps it current)."""
+    lines = ["stateDiagram-v2", "    [*] --> sync"]
+    for (state, event), target in TRANSITIONS.items():
+        if event is not E.LOOP_DETECTED:
+            lines.append(f"    {_mermaid_id(state)} --> {_mermaid_id(target)}: {event.value}")
+    lines.append("    note right of loop_abort: every state but idle goes here on loop-detected")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - prints the diagram for docs/agent.md
+    import sys
+
+    sys.stdout.write(mermaid() + "\n")

@@ -206,3 +206,11 @@ def test_crash_forever_trips_the_loop_guard(tmp_path: Path, published: Path, ver
     if state in (S.HEALTH_CHECK, S.COMMIT, S.CHECK_ROLLBACK):
         assert h.reporter.reports[-1]["status"] == "loop-detected"
         assert h.device.updater.deploy(entry("tiny", version)).status is DeploymentStatus.UP_TO_DATE
+
+
+def test_the_state_diagram_in_docs_is_generated_from_the_current_table() -> None:
+    from device_agent.update.machine import mermaid
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "agent.md").read_text()
+    block = docs.split("<!-- BEGIN state-diagram -->")[1].split("<!-- END state-diagram -->")[0]
+    assert block.strip() == f"```mermaid\n{mermaid()}\n```", "run: python -m device_agent.update.machine"
