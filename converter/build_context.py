@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bundles.errors import ConversionError
 from converter.datasets import Dataset, batch_sizes_for
@@ -28,6 +29,8 @@ class BuildContext:
     calibration: Dataset | None
     work_dir: Path
     _onnx: dict[str, Path] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+    """Per-conversion scratch space for exporters (e.g. a batch of ORT conversions done once)."""
 
     @property
     def max_batch(self) -> int:

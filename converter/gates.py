@@ -194,16 +194,20 @@ def latency(runner: Runner, data: Dataset, spec: ModelSpec) -> dict[str, Any]:
 
 
 def latency_ratio(parent: Runner, child: Runner, data: Dataset, spec: ModelSpec) -> float:
-    """Child / parent median latency at :func:`latency_batch`, timed in interleaved rounds."""
+    """Child / parent latency at :func:`latency_batch`, timed in interleaved rounds.
+
+    Each side's figure is its best round median: a burst of load from other processes slows a
+    round, never speeds one up, so the quietest round is the closest to the model's own cost.
+    """
     feeds = feeds_at(data, latency_batch(spec))
-    parent_times: list[float] = []
-    child_times: list[float] = []
+    parent_rounds: list[float] = []
+    child_rounds: list[float] = []
     for runner in (parent, child):
         _time_calls(runner, feeds, calls=_WARMUP_CALLS, warmup=0)
     for _ in range(_RATIO_ROUNDS):
-        parent_times.extend(_time_calls(runner=parent, feeds=feeds, calls=_RATIO_CALLS, warmup=0))
-        child_times.extend(_time_calls(runner=child, feeds=feeds, calls=_RATIO_CALLS, warmup=0))
-    return float(np.median(child_times) / max(np.median(parent_times), 1e-9))
+        parent_rounds.append(float(np.median(_time_calls(parent, feeds, calls=_RATIO_CALLS, warmup=0))))
+        child_rounds.append(float(np.median(_time_calls(child, feeds, calls=_RATIO_CALLS, warmup=0))))
+    return min(child_rounds) / max(min(parent_rounds), 1e-9)
 
 
 def _time_calls(runner: Runner, feeds: dict[str, np.ndarray], calls: int = _MAX_CALLS,

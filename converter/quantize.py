@@ -50,6 +50,8 @@ def make_precision(
         shutil.copyfile(fp32_path, out_path)
     elif precision == "fp16":
         _to_fp16(fp32_path, out_path)
+    elif precision.startswith("int8") and not _has_compute_ops(fp32_path):
+        raise GateFailedError("nothing to quantise: the model has no Conv, MatMul or Gemm operator (e.g. trees)")
     elif precision in ("int8-dynamic", "int8-dynamic-all"):
         _to_dynamic_int8(fp32_path, out_path, all_ops=precision == "int8-dynamic-all")
     elif precision == "int8-static":
@@ -59,6 +61,18 @@ def make_precision(
     else:
         known = ", ".join(PRECISIONS + EXTRA_PRECISIONS)
         raise ConversionError(f"precision '{precision}' is not one of {known}")
+    if precision != "fp32":
+        _require_loadable(out_path, precision)
+
+
+def _require_loadable(path: Path, precision: str) -> None:
+    """The recipes can emit graphs ONNX Runtime refuses (fp16 Cast type mismatches): refuse the rung, not the run."""
+    from converter.onnx_tools import make_session
+
+    try:
+        make_session(path, what=f"the {precision} model")
+    except ConversionError as e:
+        raise GateFailedError(f"{precision} recipe produced a model ONNX Runtime cannot load: {e}") from e
 
 
 def _to_fp16(fp32_path: Path, out_path: Path) -> None:
@@ -123,6 +137,10 @@ def output_layers(model: Any) -> list[str]:
         if node is not None and node.op_type in _COMPUTE_OPS and node.name not in found:
             found.append(node.name)
     return found
+
+
+def _has_compute_ops(path: Path) -> bool:
+    return any(node.op_type in _COMPUTE_OPS for node in load_onnx(path).graph.node)
 
 
 def _require_quantised(path: Path, what: str) -> None:

@@ -1,0 +1,44 @@
+"""The gates refuse what must not ship, with the numbers, and the ladder records why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from converter.home import Home
+from converter.registry import Registry
+from tests.converter.helpers import cli, ok, register_cnn
+
+
+def _results(home: Path, name: str) -> dict[str, dict[str, object]]:
+    registry = Registry(Home(home))
+    return {r["variant_id"]: r for r in registry.latest_conversion(registry.get(name)).results}
+
+
+def test_damaged_static_quantisation_and_slow_conv_integer_are_refused_with_their_figures(
+    home: Path, digits_cnn: object, tmp_path: Path
+) -> None:
+    constant = tmp_path / "constant-calib.npz"
+    np.savez(constant, x=np.zeros((64, 1, 8, 8), dtype=np.float32))  # calibration on constant data
+    register_cnn("damaged", digits_cnn, calibration=constant)
+    out = ok("convert", "damaged", "--targets", "onnx", "--quantize", "int8-static,int8-dynamic-all")
+    results = _results(home, "damaged")
+
+    static = results["onnx-int8-static"]
+    assert static["status"] == "refused"
+    reason = static["reasons"][0]
+    assert reason.startswith("accuracy ") and "vs source" in reason and "> budget 0.0100" in reason
+    assert static["metrics"]["metric_drop"] > 0.01  # the figures are kept, not only the verdict
+
+    conv_integer = results["onnx-int8-dynamic-all"]
+    assert conv_integer["status"] == "refused"
+    assert any("slower than its fp32 parent at batch 32" in r for r in conv_integer["reasons"])
+    assert conv_integer["metrics"]["latency_ratio_to_fp32"] > 1.1
+
+    assert results["onnx-fp32"]["status"] == "passed"
+    assert "refused" in out
+    code, _, err = cli("convert", "damaged", "--targets", "onnx", "--quantize", "int8-static", "--strict")
+    assert code == 3
+    assert err.strip().startswith("error: model damaged@1, variant onnx-int8-static: accuracy")
+    assert len(err.strip().splitlines()) == 1
