@@ -43,6 +43,8 @@ class TensorBins:
     offsets: np.ndarray  # [n_features] start of each feature's bins in the flat count vector
     low: np.ndarray  # [n_features] valid minimum (-inf if none)
     high: np.ndarray  # [n_features] valid maximum (+inf if none)
+    first_edge: np.ndarray | None = None  # [n_features] when every feature has equal-width bins
+    width: np.ndarray | None = None  # [n_features] bin width of each feature (equal-width case)
 
     @property
     def total_bins(self) -> int:
@@ -67,6 +69,7 @@ class BinPlan:
     categorical: tuple[CategoryBins, ...] = ()
     output: Histogram | None = None
     output_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    float_outputs: tuple[str, ...] = ()
 
     @property
     def tensors(self) -> frozenset[str]:
@@ -94,11 +97,14 @@ def compile_plan(manifest: Manifest | None) -> BinPlan:
         categorical=tuple(categorical),
         output=manifest.drift_baseline.output,
         output_ranges=_output_ranges(manifest),
+        float_outputs=tuple(t.name for t in manifest.outputs if t.dtype.startswith("float")),
     )
 
 
 def _tensor_bins(tensor: str, pairs: list[tuple[FeatureSpec, Histogram]]) -> TensorBins:
     bins = np.array([len(h.edges) - 1 for _, h in pairs], dtype=np.int64)
+    edges = [np.asarray(h.edges) for _, h in pairs]
+    uniform = all(np.allclose(np.diff(e), (e[-1] - e[0]) / (len(e) - 1), rtol=1e-9, atol=0) for e in edges)
     interior = np.full((len(pairs), max(int(bins.max()) - 1, 1)), np.inf)
     for row, (_, hist) in enumerate(pairs):
         inner = hist.edges[1:-1]
@@ -112,6 +118,8 @@ def _tensor_bins(tensor: str, pairs: list[tuple[FeatureSpec, Histogram]]) -> Ten
         offsets=np.concatenate([[0], np.cumsum(bins)[:-1]]).astype(np.int64),
         low=np.array([-np.inf if s.min is None else s.min for s, _ in pairs]),
         high=np.array([np.inf if s.max is None else s.max for s, _ in pairs]),
+        first_edge=np.array([e[0] for e in edges]) if uniform else None,
+        width=np.array([(e[-1] - e[0]) / (len(e) - 1) for e in edges]) if uniform else None,
     )
 
 
@@ -143,14 +151,13 @@ class WindowAccumulator:
             "requests": 0, "rows": 0, "errors": 0, "fallbacks": 0, "low_confidence": 0,
             "sources": {}, "fallback_reasons": {}, "violations": dict.fromkeys(VIOLATIONS, 0), "captured": {},
         }  # fmt: skip
-        self._latencies: list[float] = []
-        self._inputs: list[Mapping[str, np.ndarray]] = []
-        self._outputs: list[Mapping[str, np.ndarray]] = []
+        self._pending: list[tuple[Any, Mapping[str, np.ndarray] | None, str | None, float, str | None]] = []
+        self._latency_counts = np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
         self._numeric_counts = [np.zeros(t.total_bins, dtype=np.int64) for t in plan.numeric]
         self._category_counts = [np.zeros(len(c.categories), dtype=np.int64) for c in plan.categorical]
         self._output_counts = np.zeros(len(plan.output.freqs) if plan.output else 0, dtype=np.int64)
         self.shadow = {"compared": 0, "agreed": 0}
-        self._keep = plan.tensors
+        self._keep = tuple(plan.tensors)
 
     def observe(
         self,
@@ -160,28 +167,15 @@ class WindowAccumulator:
         latency_ms: float,
         fallback_reason: str | None,
     ) -> None:
-        """Count one request (cheap: the numpy work is deferred to :meth:`bin_pending`)."""
-        counters = self.counters
-        counters["requests"] += 1
-        counters["rows"] += _row_count(inputs)
-        sources = counters["sources"]
-        if source is None:
-            counters["errors"] += 1
-        else:
-            sources[source] = sources.get(source, 0) + 1
-        if fallback_reason is not None:
-            reasons = counters["fallback_reasons"]
-            reasons[fallback_reason] = reasons.get(fallback_reason, 0) + 1
-            if fallback_reason == "low_confidence":
-                counters["low_confidence"] += 1
-            if source is not None and source != "local":
-                counters["fallbacks"] += 1
-        self._latencies.append(latency_ms)
-        if self._keep:
-            self._inputs.append({k: np.array(inputs[k]) for k in self._keep if k in inputs})
-        if outputs is not None and source == "local":
-            self._outputs.append(outputs)
-        if len(self._latencies) >= BIN_EVERY_ROWS:
+        """Note one request: a copy of the inputs that hold features, and references to the rest.
+
+        Everything else (counters included) is deferred to :meth:`bin_pending`, so this costs about a
+        microsecond; the request path never waits on numpy work except once every
+        :data:`BIN_EVERY_ROWS` requests.
+        """
+        kept = {k: np.array(inputs[k]) for k in self._keep if k in inputs} if self._keep else inputs
+        self._pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))
+        if len(self._pending) >= BIN_EVERY_ROWS:
             self.bin_pending()
 
     def count_capture(self, reason: str) -> None:
@@ -190,21 +184,36 @@ class WindowAccumulator:
         captured[reason] = captured.get(reason, 0) + 1
 
     def bin_pending(self) -> None:
-        """Bin every pending request in one vectorised pass."""
-        if self._latencies:
-            idx = np.searchsorted(_LATENCY_EDGES, np.asarray(self._latencies), side="right")
-            self._latency_counts = self._latency_total() + np.bincount(idx, minlength=len(LATENCY_EDGES_MS) + 1)
-            self._latencies = []
-        if self._inputs:
-            self._bin_inputs(self._inputs)
-            self._inputs = []
-        if self._outputs:
-            self._bin_outputs(self._outputs)
-            self._outputs = []
+        """Count and bin every pending request in one pass."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        latencies = [self._count(inputs, source, reason, latency) for inputs, _, source, latency, reason in pending]
+        idx = np.searchsorted(_LATENCY_EDGES, np.asarray(latencies), side="right")
+        self._latency_counts += np.bincount(idx, minlength=len(LATENCY_EDGES_MS) + 1)
+        if self._keep:
+            self._bin_inputs([p[0] for p in pending])
+        outputs = [p[1] for p in pending if p[1] is not None]
+        if outputs:
+            self._bin_outputs(outputs)
 
-    def _latency_total(self) -> np.ndarray:
-        existing = getattr(self, "_latency_counts", None)
-        return existing if existing is not None else np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
+    def _count(self, inputs: Mapping[str, np.ndarray], source: str | None, reason: str | None, latency: float) -> float:
+        counters = self.counters
+        counters["requests"] += 1
+        counters["rows"] += _row_count(inputs)
+        if source is None:
+            counters["errors"] += 1
+        else:
+            sources = counters["sources"]
+            sources[source] = sources.get(source, 0) + 1
+        if reason is not None:
+            reasons = counters["fallback_reasons"]
+            reasons[reason] = reasons.get(reason, 0) + 1
+            if reason == "low_confidence":
+                counters["low_confidence"] += 1
+            if source is not None and source != "local":
+                counters["fallbacks"] += 1
+        return latency
 
     def _bin_inputs(self, pending: list[Mapping[str, np.ndarray]]) -> None:
         by_tensor = _stack_by_tensor(pending)
@@ -233,17 +242,18 @@ class WindowAccumulator:
 
     def _bin_outputs(self, pending: list[Mapping[str, np.ndarray]]) -> None:
         for name, (low, high) in self.plan.output_ranges.items():
-            arrays = [rows_of(o[name]) for o in pending if name in o]
-            if arrays:
-                values = np.concatenate(arrays).astype(np.float64)
+            stacked = _stack_rows([np.asarray(o[name]) for o in pending if name in o])
+            if stacked is not None:
+                values = stacked.astype(np.float64)
                 outside = (values < low) | (values > high)
                 self.counters["violations"]["output_out_of_range"] += int(outside.any(axis=1).sum())
-        self.counters["violations"]["nan_output"] += sum(_has_nonfinite(o) for o in pending)
+        for name in self.plan.float_outputs:
+            self.counters["violations"]["nan_output"] += _count_nonfinite(pending, name)
         hist = self.plan.output
         if hist is not None:
-            arrays = [np.asarray(o[hist.name]).reshape(-1) for o in pending if hist.name in o]
-            if arrays:
-                self._output_counts += _histogram_values(hist, np.concatenate(arrays))
+            matrix = _stack_rows([np.asarray(o[hist.name]) for o in pending if hist.name in o])
+            if matrix is not None:
+                self._output_counts += _histogram_values(hist, matrix.reshape(-1))
 
     def close(self) -> dict[str, Any]:
         """Bin what is pending and return the window payload (``docs/telemetry.md``)."""
@@ -261,7 +271,7 @@ class WindowAccumulator:
             "start": self.start.isoformat(),
             "end": self.end.isoformat(),
             "counters": self.counters,
-            "latency_ms": {"counts": self._latency_total().tolist()},
+            "latency_ms": {"counts": self._latency_counts.tolist()},
             "features": features,
             "output": {self.plan.output.name: self._output_counts.tolist()} if self.plan.output else {},
             "shadow": self.shadow,
@@ -274,20 +284,30 @@ def _stack_by_tensor(pending: list[Mapping[str, np.ndarray]]) -> dict[str, np.nd
     grouped: dict[str, list[np.ndarray]] = {}
     for inputs in pending:
         for name, value in inputs.items():
-            grouped.setdefault(name, []).append(rows_of(value))
-    out: dict[str, np.ndarray] = {}
-    for name, arrays in grouped.items():
-        widths = {a.shape[1] for a in arrays}
-        if len(widths) == 1:
-            out[name] = np.concatenate(arrays)
-    return out
+            grouped.setdefault(name, []).append(value)
+    return {name: matrix for name, arrays in grouped.items() if (matrix := _stack_rows(arrays)) is not None}
+
+
+def _stack_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """[rows, values] from batch-first arrays (one concatenate when shapes agree); None if they cannot stack."""
+    try:
+        if all(a.ndim >= 2 for a in arrays):
+            stacked = np.concatenate(arrays, axis=0)
+            return stacked.reshape(stacked.shape[0], -1)
+        return np.concatenate([rows_of(a) for a in arrays], axis=0)
+    except ValueError:
+        return None
 
 
 def _bin_numeric(plan: TensorBins, values: np.ndarray) -> np.ndarray:
     """Counts of every feature's bins (flat, at the plan's offsets) for [rows, features] values."""
     finite = ~np.isnan(values)
-    index = (values[:, :, None] >= plan.interior[None, :, :]).sum(axis=2)
-    index = np.minimum(index, plan.bins - 1) + plan.offsets
+    if plan.first_edge is not None and plan.width is not None:  # equal-width bins: arithmetic, no comparisons
+        position = np.floor((np.where(finite, values, 0.0) - plan.first_edge) / plan.width)
+        index = np.clip(position, 0, plan.bins - 1).astype(np.int64) + plan.offsets
+    else:
+        index = (values[:, :, None] >= plan.interior[None, :, :]).sum(axis=2)
+        index = np.minimum(index, plan.bins - 1) + plan.offsets
     return np.bincount(index[finite], minlength=plan.total_bins)
 
 
@@ -322,14 +342,14 @@ def _category_of(value: Any, categories: tuple[str, ...]) -> str | None:
 def _row_count(inputs: Mapping[str, np.ndarray]) -> int:
     """Rows in a request: the batch dimension of its first input (1 for a 0- or 1-D tensor)."""
     for value in inputs.values():
-        shape = np.shape(value)
+        shape = value.shape if isinstance(value, np.ndarray) else np.shape(value)
         return int(shape[0]) if len(shape) >= 2 else 1
     return 0
 
 
-def _has_nonfinite(outputs: Mapping[str, np.ndarray]) -> bool:
-    for value in outputs.values():
-        arr = np.asarray(value)
-        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-            return True
-    return False
+def _count_nonfinite(pending: list[Mapping[str, np.ndarray]], name: str) -> int:
+    """How many output rows of ``name`` hold a NaN or an infinity (one vectorised pass)."""
+    matrix = _stack_rows([np.asarray(o[name]) for o in pending if name in o])
+    if matrix is None or matrix.size == 0:
+        return 0
+    return int((~np.isfinite(matrix)).any(axis=1).sum())
