@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class NoSource:
-    """The source before enrollment: resuming never downloads, and nothing is cached to forget."""
+    """The source before enrollment: resuming never downloads, so this only explains itself."""
 
     def refresh(self) -> None:
         from bundles.errors import ConfigError
@@ -47,9 +47,6 @@ class NoSource:
         del target_path
         self.refresh()
         return Path()
-
-    def forget(self, target_path: str) -> None:
-        del target_path
 
 
 class EngineHost:
@@ -110,6 +107,7 @@ class Updater:
 
     def recover(self) -> DeploymentRecord | None:
         """Start-up: load, finish an interrupted deployment, settle the pointers."""
+        remove_stray_temp_files(self.config.state_dir)
         self.load_installed()
         record = self.machine.resume()
         if record is not None:
@@ -184,6 +182,16 @@ class Updater:
     def in_progress(self) -> UpdateState | None:
         record = self.store.load()
         return None if record is None else record.state
+
+
+def remove_stray_temp_files(state_dir: Path) -> int:
+    """Delete the temporary files of atomic writes that a power cut interrupted (``.<name>.*.tmp``)."""
+    removed = 0
+    for pattern in (".*.tmp", "*/.*.tmp", "models/*/.*.tmp", "models/*/slot_*/.*.tmp"):
+        for path in state_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _slot_state(slot: str, active: str | None, committed: str | None, previous: str | None) -> str:

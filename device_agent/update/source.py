@@ -24,9 +24,6 @@ class BundleSource(Protocol):
     def fetch(self, target_path: str) -> Path:
         """A local file holding the target's verified bytes (downloaded or cached)."""
 
-    def forget(self, target_path: str) -> None:
-        """Drop the cached copy of a target (after install, or when it proved bad)."""
-
 
 def variant_target(manifest_target: str, variant_id: str) -> str:
     """``digits/3/manifest.json`` + ``onnx-fp32`` -> ``digits/3/onnx-fp32.tar.gz``."""
@@ -48,8 +45,3 @@ class TufSource:
 
     def fetch(self, target_path: str) -> Path:
         return Path(self.client.download(target_path))
-
-    def forget(self, target_path: str) -> None:
-        forget = getattr(self.client, "forget", None)
-        if callable(forget):
-            forget(target_path)

@@ -250,8 +250,8 @@ class UpdateSteps:
         pointer = model.pointer()
         if record.slot is not None and record.slot not in (pointer.active, pointer.committed, pointer.previous):
             model.clear(record.slot)
-        if record.selected_variant is not None and record.error_kind != "transient":
-            self.source.forget(variant_target(record.manifest_target, record.selected_variant))
+        if record.archive_path is not None and record.error_kind != "transient":
+            Path(record.archive_path).unlink(missing_ok=True)  # unpacked in a slot, or proved bad
         return Event.SUCCESS
 
     def report(self, record: DeploymentRecord) -> Event:

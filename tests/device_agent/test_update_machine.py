@@ -113,6 +113,8 @@ def test_first_install_on_an_empty_device_commits_and_serves(tmp_path: Path, pub
     assert record.history == chain(HAPPY)
     assert assert_one_committed_loadable(tmp_path / "device", "tiny") == 2
     assert device.engine.ready("tiny")
+    assert not list((tmp_path / "device" / "cache").rglob("*.tar.gz")), "the installed archive was not collected"
+    assert not (tmp_path / "device" / "work").exists() or not any((tmp_path / "device" / "work").iterdir())
 
 
 def test_update_keeps_the_previous_bundle_for_an_instant_rollback(tmp_path: Path, published: Path) -> None:
