@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server import __version__
 from fleet_server.api import ROUTERS
+from fleet_server.api.fast_path import DesiredStateFastPath
 from fleet_server.db import make_engine, make_session_factory
 from fleet_server.errors import install_error_handlers
 from fleet_server.logs import configure_logging
@@ -69,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         extra = optional_router(module_name)
         if extra is not None:
             app.include_router(extra)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(DesiredStateFastPath, service=app.state.desired_state, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times the fast path too
     return app
 
 
@@ -97,6 +99,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.to_thread(_flush_quietly, app.state.desired_state)
+        if app.state.desired_state.async_pool is not None:
+            await app.state.desired_state.async_pool.close()
         app.state.engine.dispose()
 
 

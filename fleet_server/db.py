@@ -106,7 +106,9 @@ def make_engine(database_url: str, pool_size: int = 10) -> Engine:
         engine = create_engine(url, pool_size=pool_size, max_overflow=20, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+    # No pre-ping (a round trip per checkout on the poll path): a dropped connection fails one request
+    # with a 503 and SQLAlchemy then replaces the whole pool; ``pool_recycle`` retires idle connections.
+    return create_engine(url, pool_size=pool_size, max_overflow=20, pool_recycle=1800)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -74,7 +74,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = getattr(route, "path", None) or scope.get("edgefleet.route", "unmatched")
             self.metrics.request_latency_s.labels(scope["method"], template, str(status_holder["status"])).observe(
                 time.perf_counter() - started
             )

@@ -59,10 +59,16 @@ def enroll(body: EnrollIn, request: Request, session: SessionDep, settings: Sett
         **AUTH_ERRORS,
     },
 )
-def desired_state(request: Request, if_none_match: str | None = Header(default=None, max_length=1000)) -> Response:
-    """What this device should run; ``If-None-Match`` with the last ETag gives a body-less 304."""
+async def desired_state(
+    request: Request, if_none_match: str | None = Header(default=None, max_length=1000)
+) -> Response:
+    """What this device should run; ``If-None-Match`` with the last ETag gives a body-less 304.
+
+    Well-formed polls are answered by :mod:`fleet_server.api.fast_path` before routing, with the same
+    service; this route documents the endpoint and answers the requests the fast path declines.
+    """
     service: DesiredStateService = request.app.state.desired_state
-    state = service.for_token(bearer_token(request))
+    state = await service.for_token(bearer_token(request))
     headers = {"ETag": state.etag, "Cache-Control": "no-cache"}
     if etag_matches(if_none_match, state.etag):
         request.app.state.metrics.polls.labels("not_modified").inc()

@@ -4,8 +4,8 @@ The payload of every item is opaque JSON whose shape ``docs/telemetry.md`` defin
 only size, basic types and the few keys we index (``type``, ``model``, ``version``, times,
 ``capture_reason``). Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is
 inserted first; if it already exists the batch is a retry and nothing else is written. Rows are
-inserted with one ``executemany`` per table (no ORM objects) because sampled prediction logs arrive
-by the thousand.
+bulk-inserted per table (PostgreSQL ``COPY``, SQLite ``executemany``; no ORM objects) because
+sampled prediction logs arrive by the thousand.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from bundles.errors import ConfigError
 from fleet_server.db import utcnow
 from fleet_server.errors import PayloadTooLargeError
-from fleet_server.models import DeviceEvent, MetricWindow, PredictionSample, TelemetryBatch
+from fleet_server.models import TelemetryBatch
 
 MAX_INDEXED_TEXT = 100
 
@@ -198,12 +198,59 @@ def _insert_batch(
     return int(result.scalar_one())
 
 
+# Column order of the bulk inserts; ``batch_pk`` is filled in per batch.
+BULK_COLUMNS: dict[str, tuple[str, ...]] = {
+    "device_events": ("batch_pk", "device_id", "type", "model_name", "bundle_version", "at", "payload"),
+    "metric_windows": (
+        "batch_pk",
+        "device_id",
+        "model_name",
+        "bundle_version",
+        "window_start",
+        "window_end",
+        "payload",
+    ),
+    "prediction_samples": ("batch_pk", "device_id", "model_name", "bundle_version", "reason", "at", "payload"),
+}
+# Built from the constant names above only (never from request data).
+SQLITE_INSERT_SQL = {
+    table: f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"  # noqa: S608
+    for table, columns in BULK_COLUMNS.items()
+}
+TABLE_OF_KIND = {"events": "device_events", "windows": "metric_windows", "samples": "prediction_samples"}
+# What SQLAlchemy's SQLite DATETIME stores (naive UTC text), so ORM reads see the same values.
+SQLITE_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
 def _insert_rows(connection: Connection, rows: dict[str, list[dict[str, Any]]], batch_pk: int) -> None:
-    for table, kind in ((DeviceEvent, "events"), (MetricWindow, "windows"), (PredictionSample, "samples")):
-        if rows[kind]:
-            for row in rows[kind]:
-                row["batch_pk"] = batch_pk
-            connection.execute(insert(table), rows[kind])
+    """Bulk-insert each kind's rows: COPY on PostgreSQL, one executemany on SQLite (no ORM, no per-row SQL)."""
+    for kind, kind_rows in rows.items():
+        if not kind_rows:
+            continue
+        table = TABLE_OF_KIND[kind]
+        tuples = [_row_tuple(table, row, batch_pk, connection.dialect.name) for row in kind_rows]
+        if connection.dialect.name == "postgresql":
+            _copy_rows(connection, table, tuples)
+        else:
+            connection.exec_driver_sql(SQLITE_INSERT_SQL[table], tuples)  # type: ignore[arg-type]
+
+
+def _row_tuple(table: str, row: dict[str, Any], batch_pk: int, dialect: str) -> tuple[Any, ...]:
+    values = {**row, "batch_pk": batch_pk, "payload": json.dumps(row["payload"], separators=(",", ":"))}
+    if dialect != "postgresql":
+        for key in ("at", "window_start", "window_end"):
+            if key in values:
+                values[key] = values[key].astimezone(dt.timezone.utc).strftime(SQLITE_DATETIME_FORMAT)
+    return tuple(values[column] for column in BULK_COLUMNS[table])
+
+
+def _copy_rows(connection: Connection, table: str, tuples: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL ``COPY ... FROM STDIN`` on the transaction's own driver connection."""
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(f"COPY {table} ({', '.join(BULK_COLUMNS[table])}) FROM STDIN") as copy:
+        for values in tuples:
+            copy.write_row(values)
 
 
 def _stored_counts(connection: Connection, device_id: str, batch_id: str) -> dict[str, int]:

@@ -1,0 +1,357 @@
+"""Fleet-server throughput: desired-state polls and telemetry ingestion, SQLite vs PostgreSQL.
+
+The server runs in its own process (``edgefleet-server run``: uvicorn, one worker, loopback) and the
+load generator in another (raw asyncio HTTP/1.1 keep-alive connections, so the client costs as
+little CPU as possible on this 2-core box). For each database:
+
+1. ``N_DEVICES`` accepted devices, each with an assignment, are inserted directly (bulk) and each
+   device's current ETag is learnt with one poll.
+2. Polls for random devices at a realistic mix: 95% carry the device's current ETag (-> 304), 5% do
+   not (-> 200 with the full body). Reported: polls/s, p50 and p99 latency, 304 share.
+3. Baselines measured in the same run: ``/healthz`` (the framework ceiling: no auth, no database)
+   and the same polls without any ETag (every answer a full 200).
+4. Telemetry: gzip batches of ``SAMPLES_PER_BATCH`` prediction samples (realistic payloads) posted by
+   several connections; reported: prediction-log rows stored per second, and the same with small
+   batches of 10 as a baseline.
+
+Usage: ``python benchmarks/server_polls.py [--seconds 8] [--devices 20000] [--backends sqlite,postgresql]``.
+Writes its table to ``docs/benchmarks.md`` between ``<!-- BEGIN server_polls -->`` and ``<!-- END ... -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import platform
+import random
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEPPER = "bench-pepper-0123456789abcdefghij"
+PG_ADMIN_URL = os.environ.get("EDGEFLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+CONCURRENCY = 32
+NOT_MODIFIED_SHARE = 0.95
+SAMPLES_PER_BATCH = 500
+TELEMETRY_CONNECTIONS = 4
+AT = "2026-11-29T12:00:00+00:00"
+
+
+# --- set-up -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def create_database(backend: str, work: Path) -> tuple[str, str | None]:
+    """A fresh, migrated database; returns (url, postgres database name to drop or None)."""
+    from fleet_server.db import upgrade_database
+
+    if backend == "sqlite":
+        url = f"sqlite:///{work / 'fleet.db'}"
+        upgrade_database(url)
+        return url, None
+    import sqlalchemy as sa
+
+    name = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    upgrade_database(url)
+    return url, name
+
+
+def drop_database(name: str | None) -> None:
+    if name is None:
+        return
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def seed_devices(url: str, n_devices: int) -> list[str]:
+    """Insert accepted devices with one assignment each (bulk); returns their access tokens."""
+    from sqlalchemy import insert
+
+    from fleet_server.db import make_engine, utcnow
+    from fleet_server.models import Assignment, Device
+    from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
+
+    tokens = [new_secret(DEVICE_TOKEN_PREFIX) for _ in range(n_devices)]
+    now = utcnow()
+    caps = {"arch": "aarch64", "os": "linux", "runtimes": {"onnxruntime": "1.20.1"}}
+    devices = [{"id": f"dev-{i:016x}", "public_key": secrets.token_hex(32), "fleet": "bench", "status": "accepted",
+                "token_hash": hash_secret(t, PEPPER), "hw_class": "pi4", "arch": "aarch64", "capabilities": caps,
+                "installed": [], "enrolled_at": now, "updated_at": now} for i, t in enumerate(tokens)]  # fmt: skip
+    assignments = [{"device_id": d["id"], "model_name": "digits", "bundle_version": 3, "pinned": False,
+                    "updated_at": now} for d in devices]  # fmt: skip
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(insert(Device), devices)
+        connection.execute(insert(Assignment), assignments)
+    engine.dispose()
+    return tokens
+
+
+def start_server(url: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "EDGEFLEET_MODE": "production", "EDGEFLEET_TOKEN_PEPPER": PEPPER,
+           "EDGEFLEET_PUBLIC_URL": "https://bench.test", "EDGEFLEET_DATABASE_URL": url,
+           "EDGEFLEET_LOG_LEVEL": "warning", "EDGEFLEET_MAX_TELEMETRY_ITEMS": "100000",
+           "EDGEFLEET_MAX_TELEMETRY_BYTES": str(64 * 1024 * 1024), "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = [sys.executable, "-m", "fleet_server.cli", "run", "--data-dir", str(data_dir), "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return server
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError("server did not start within 30 s")
+
+
+# --- the load generator (runs in its own process) ----------------------------------------------------
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection with the smallest possible client overhead."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(self, raw: bytes) -> tuple[int, bytes, dict[str, str]]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        length = int(headers.get("content-length", "0"))
+        body = await self.reader.readexactly(length) if length else b""
+        return status, body, headers
+
+
+def poll_request(token: str, etag: str | None) -> bytes:
+    extra = f"If-None-Match: {etag}\r\n" if etag else ""
+    return (f"GET /api/v1/device/desired-state HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
+            f"{extra}\r\n").encode()  # fmt: skip
+
+
+async def learn_etags(port: int, tokens: list[str]) -> list[str]:
+    connections = [await Connection.open(port) for _ in range(CONCURRENCY)]
+    etags: list[str] = [""] * len(tokens)
+
+    async def worker(k: int) -> None:
+        for i in range(k, len(tokens), CONCURRENCY):
+            status, _, headers = await connections[k].request(poll_request(tokens[i], None))
+            assert status == 200, status
+            etags[i] = headers["etag"]
+
+    await asyncio.gather(*(worker(k) for k in range(CONCURRENCY)))
+    return etags
+
+
+async def run_load(port: int, requests: list[bytes], seconds: float) -> dict[str, Any]:
+    """Send random requests from ``requests`` on CONCURRENCY connections for ``seconds``."""
+    connections = [await Connection.open(port) for _ in range(CONCURRENCY)]
+    latencies_s: list[float] = []
+    statuses: dict[int, int] = {}
+    deadline = time.perf_counter() + seconds
+
+    async def worker(connection: Connection, rng: random.Random) -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            status, _, _ = await connection.request(requests[rng.randrange(len(requests))])
+            latencies_s.append(time.perf_counter() - started)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c, random.Random(i)) for i, c in enumerate(connections)))
+    elapsed = time.perf_counter() - started
+    return summarise(latencies_s, statuses, elapsed)
+
+
+def summarise(latencies_s: list[float], statuses: dict[int, int], elapsed_s: float) -> dict[str, Any]:
+    ordered = sorted(latencies_s)
+    total = len(ordered)
+    return {"requests": total, "per_s": total / elapsed_s, "p50_ms": 1000 * statistics.median(ordered),
+            "p99_ms": 1000 * ordered[min(total - 1, int(total * 0.99))], "statuses": statuses,
+            "not_modified_share": statuses.get(304, 0) / total if total else 0.0}  # fmt: skip
+
+
+def telemetry_body(rows: int, rng: random.Random) -> bytes:
+    samples = [{"id": uuid.uuid4().hex, "at": AT, "model": "digits", "version": 3, "source": "local",
+                "capture_reason": "rate", "inclusion_probability": 0.01,
+                "inputs": {"x": {"dtype": "float32", "shape": [1, 8], "data": [round(rng.random(), 4) for _ in range(8)]}},
+                "outputs": {"label": {"dtype": "string", "shape": [1], "data": [str(rng.randrange(10))]}},
+                "redacted": [], "latency_ms": 1.9, "fallback_reason": None, "error": None, "confidence": 0.93}
+               for _ in range(rows)]  # fmt: skip
+    return gzip.compress(json.dumps({"batch_id": uuid.uuid4().hex, "events": [], "windows": [], "samples": samples}).encode())
+
+
+async def run_telemetry(port: int, tokens: list[str], rows_per_batch: int, seconds: float) -> dict[str, Any]:
+    """Post fresh gzip batches on a few connections; rows stored per second."""
+    rng = random.Random(7)
+    bodies = [telemetry_body(rows_per_batch, rng) for _ in range(16)]
+    connections = [await Connection.open(port) for _ in range(TELEMETRY_CONNECTIONS)]
+    stored = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(connection: Connection, k: int) -> None:
+        nonlocal stored
+        n = 0
+        while time.perf_counter() < deadline:
+            body, token = bodies[n % len(bodies)], tokens[(k * 1000 + n) % len(tokens)]  # new (device, batch) pair
+            raw = (f"POST /api/v1/device/telemetry HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
+                   f"Content-Encoding: gzip\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                   ).encode() + body  # fmt: skip
+            status, answer, _ = await connection.request(raw)
+            assert status == 200, (status, answer[:200])
+            stored += json.loads(answer)["accepted"]["samples"] if not json.loads(answer)["duplicate"] else 0
+            n += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c, k) for k, c in enumerate(connections)))
+    return {"rows": stored, "rows_per_s": stored / (time.perf_counter() - started), "batch_rows": rows_per_batch}
+
+
+def loadgen_main(args: argparse.Namespace) -> None:
+    """The load generator process: read tokens, run every phase, print JSON results."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    tokens = json.loads(Path(args.tokens_file).read_text())
+    results = asyncio.run(loadgen_phases(args.port, tokens, args.seconds))
+    print(json.dumps(results))
+
+
+async def loadgen_phases(port: int, tokens: list[str], seconds: float) -> dict[str, Any]:
+    etags = await learn_etags(port, tokens)
+    rng = random.Random(1)
+    mixed = [poll_request(t, e if rng.random() < NOT_MODIFIED_SHARE else None) for t, e in zip(tokens, etags)]
+    healthz = [b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"]
+    full = [poll_request(t, None) for t in tokens]
+    return {
+        "healthz": await run_load(port, healthz, seconds / 2),
+        "polls_mixed": await run_load(port, mixed, seconds),
+        "polls_no_etag": await run_load(port, full, seconds / 2),
+        "telemetry_small": await run_telemetry(port, tokens, 10, seconds / 2),
+        "telemetry": await run_telemetry(port, tokens, SAMPLES_PER_BATCH, seconds),
+    }
+
+
+# --- orchestration -------------------------------------------------------------------------------
+
+
+def bench_backend(backend: str, n_devices: int, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"edgefleet-bench-{backend}-") as tmp:
+        work = Path(tmp)
+        url, pg_name = create_database(backend, work)
+        try:
+            tokens = seed_devices(url, n_devices)
+            tokens_file = work / "tokens.json"
+            tokens_file.write_text(json.dumps(tokens))
+            port = free_port()
+            server = start_server(url, work / "data", port)
+            try:
+                out = subprocess.run([sys.executable, __file__, "--loadgen", "--port", str(port), "--tokens-file",
+                                      str(tokens_file), "--seconds", str(seconds)],
+                                     check=True, capture_output=True, text=True)  # fmt: skip
+                return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+        finally:
+            drop_database(pg_name)
+
+
+def table(results: dict[str, dict[str, Any]], n_devices: int, seconds: float) -> str:
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores "
+        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}; server = one uvicorn "
+        f"worker process, load generator = another process, {CONCURRENCY} keep-alive connections on loopback, "
+        f"{n_devices} devices, {seconds:g} s per poll phase. Command: `python benchmarks/server_polls.py`.",
+        "",
+        "| database | desired-state polls/s (95% 304) | p50 ms | p99 ms | 304 share | baseline: polls/s without ETag | "
+        "baseline: /healthz req/s | prediction-log rows/s (gzip batches of 500) | baseline: rows/s in batches of 10 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, r in results.items():
+        mixed = r["polls_mixed"]
+        lines.append(
+            f"| {backend} | **{mixed['per_s']:,.0f}** | {mixed['p50_ms']:.2f} | {mixed['p99_ms']:.2f} | "
+            f"{mixed['not_modified_share']:.1%} | {r['polls_no_etag']['per_s']:,.0f} | {r['healthz']['per_s']:,.0f} | "
+            f"**{r['telemetry']['rows_per_s']:,.0f}** | {r['telemetry_small']['rows_per_s']:,.0f} |"
+        )
+    lines += ["", "Targets: >= 2,000 polls/s and >= 20,000 prediction-log rows/s on a 2-core node."]
+    return "\n".join(lines)
+
+
+def write_section(text: str, name: str = "server_polls") -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n## Fleet server: desired-state polls and telemetry intake\n\n{text}\n{end}"
+    if begin in current and end in current:
+        head, _, rest = current.partition(begin)
+        _, _, tail = rest.partition(end)
+        current = head + block + tail
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--devices", type=int, default=20_000)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--no-write", action="store_true", help="Print only; do not update docs/benchmarks.md.")
+    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loadgen:
+        loadgen_main(args)
+        return
+    results = {backend: bench_backend(backend, args.devices, args.seconds) for backend in args.backends.split(",")}
+    text = table(results, args.devices, args.seconds)
+    print(text)
+    print(json.dumps(results, indent=1))
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
