@@ -128,7 +128,8 @@ def start_server(url: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]
                 return server
         except OSError:
             if server.poll() is not None:
-                raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
+                stderr = server.stderr.read().decode()[-2000:] if server.stderr else ""
+                raise RuntimeError(f"server exited: {stderr}") from None
             time.sleep(0.05)
     server.kill()
     raise RuntimeError("server did not start within 30 s")
@@ -210,11 +211,13 @@ def summarise(latencies_s: list[float], statuses: dict[int, int], elapsed_s: flo
 def telemetry_body(rows: int, rng: random.Random) -> bytes:
     samples = [{"id": uuid.uuid4().hex, "at": AT, "model": "digits", "version": 3, "source": "local",
                 "capture_reason": "rate", "inclusion_probability": 0.01,
-                "inputs": {"x": {"dtype": "float32", "shape": [1, 8], "data": [round(rng.random(), 4) for _ in range(8)]}},
+                "inputs": {"x": {"dtype": "float32", "shape": [1, 8],
+                                 "data": [round(rng.random(), 4) for _ in range(8)]}},
                 "outputs": {"label": {"dtype": "string", "shape": [1], "data": [str(rng.randrange(10))]}},
                 "redacted": [], "latency_ms": 1.9, "fallback_reason": None, "error": None, "confidence": 0.93}
                for _ in range(rows)]  # fmt: skip
-    return gzip.compress(json.dumps({"batch_id": uuid.uuid4().hex, "events": [], "windows": [], "samples": samples}).encode())
+    batch = {"batch_id": uuid.uuid4().hex, "events": [], "windows": [], "samples": samples}
+    return gzip.compress(json.dumps(batch).encode())
 
 
 async def run_telemetry(port: int, tokens: list[str], rows_per_batch: int, seconds: float) -> dict[str, Any]:
@@ -235,7 +238,8 @@ async def run_telemetry(port: int, tokens: list[str], rows_per_batch: int, secon
                    ).encode() + body  # fmt: skip
             status, answer, _ = await connection.request(raw)
             assert status == 200, (status, answer[:200])
-            stored += json.loads(answer)["accepted"]["samples"] if not json.loads(answer)["duplicate"] else 0
+            result = json.loads(answer)
+            stored += 0 if result["duplicate"] else result["accepted"]["samples"]
             n += 1
 
     started = time.perf_counter()
@@ -259,7 +263,10 @@ def loadgen_main(args: argparse.Namespace) -> None:
 async def loadgen_phases(port: int, tokens: list[str], seconds: float) -> dict[str, Any]:
     etags = await learn_etags(port, tokens)
     rng = random.Random(1)
-    mixed = [poll_request(t, e if rng.random() < NOT_MODIFIED_SHARE else None) for t, e in zip(tokens, etags)]
+    mixed = [
+        poll_request(token, etag if rng.random() < NOT_MODIFIED_SHARE else None)
+        for token, etag in zip(tokens, etags, strict=True)
+    ]
     healthz = [b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"]
     full = [poll_request(t, None) for t in tokens]
     return {
