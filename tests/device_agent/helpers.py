@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,19 @@ from device_agent.updater import Updater
 VARIANT = "onnx-fp32"
 
 
-def publish_bundle(targets_dir: Path, work_dir: Path, name: str, version: int, bad_golden: bool = False) -> Manifest:
+def publish_bundle(
+    targets_dir: Path, work_dir: Path, name: str, version: int, bad_golden: bool = False,
+    budget_latency_ms: float | None = None,
+) -> Manifest:
     """Build a real bundle and lay it out as the targets ``<name>/<version>/{manifest.json, <variant>.tar.gz}``."""
     src = work_dir / f"src-{name}-{version}"
     manifest = build_bundle_dir(src, name=name, version=version, seed=version)
     if bad_golden:
         manifest = with_golden_offset(manifest, 1.0)
-        write_manifest(src, manifest)
+    if budget_latency_ms is not None:
+        config = dataclasses.replace(manifest.runtime_config, budget_latency_ms=budget_latency_ms)
+        manifest = dataclasses.replace(manifest, runtime_config=config)
+    write_manifest(src, manifest)
     out = targets_dir / name / str(version)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_bytes(manifest.to_bytes())

@@ -144,6 +144,26 @@ def test_install_rolls_back_when_golden_check_fails(tmp_path: Path, published: P
     assert h.final_check() == 1
 
 
+def test_install_rolls_back_when_the_latency_budget_is_exceeded(tmp_path: Path, published: Path) -> None:
+    h = Harness(tmp_path, published)
+    record = h.deploy(4)
+    assert record is not None and record.status is DeploymentStatus.ROLLED_BACK
+    assert "latency" in (record.error or "") and "budget" in (record.error or "")
+    assert h.final_check() == 1
+
+
+def test_first_install_that_fails_its_health_check_leaves_nothing_served(tmp_path: Path, published: Path) -> None:
+    device = Device.start(tmp_path / "device", published)
+    record = device.updater.deploy(entry("tiny", 3))
+    assert record.status is DeploymentStatus.FAILED
+    tail = chain([S.FAILURE, S.CLEANUP, S.REPORT])
+    assert record.history[-5:] == ["health-check:failure", "check-rollback:nothing-to-do", *tail]
+    assert not device.engine.ready("tiny")
+    pointer = device.updater.slots.model("tiny").pointer()
+    assert pointer.active is None and pointer.committed is None
+    assert device.updater.deploy(entry("tiny", 1)).status is DeploymentStatus.INSTALLED
+
+
 @pytest.mark.parametrize("state", HAPPY, ids=lambda s: s.value)
 def test_injected_failure_in_each_state_of_an_update(tmp_path: Path, published: Path, state: UpdateState) -> None:
     h = Harness(tmp_path, published)

@@ -61,10 +61,16 @@ def test_1_good_bundle_installs_and_serves(fleet: Fleet, device: dict[str, Any])
     assert assert_one_committed_loadable(device["state_dir"], "tiny") == 1
     events = fleet.install_events(device["device_id"])
     assert [(e["to_version"], e["result"]) for e in events] == [(1, "installed")]
+    seen = fleet.http.get(f"/api/v1/admin/devices/{device['device_id']}", headers=fleet.admin).json()
+    assert [(i["name"], i["version"], i["state"]) for i in seen["installed"]] == [("tiny", 1, "active")]
+    assert seen["capabilities"]["runtimes"].get("onnxruntime"), seen["capabilities"]
     for daemon in start_daemon(device["state_dir"]):
         daemon.wait_ready("tiny")
         answer = infer(daemon.url)
         assert answer["model_version"] == "1" and answer["parameters"]["source"] == "local"
+        port = daemon.url.rsplit(":", 1)[1]
+        live = json.loads(agent_cli(device["state_dir"], "status", "--json", http_port=port).stdout)
+        assert live["daemon"] == "running" and live["queue"]["completed"] >= 1
 
 
 def test_2_bundle_failing_its_golden_check_is_rolled_back_and_reported(fleet: Fleet, device: dict[str, Any]) -> None:
