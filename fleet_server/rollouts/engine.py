@@ -253,7 +253,8 @@ def _classify(
     for shadow in (False, True):
         group = {m.device_id: m for m in released if _is_shadow(wave, m) is shadow}
         starts = {d: m.start_after for d, m in group.items() if m.start_after is not None}
-        observations = observe_devices(session, rollout.model_name, rollout.bundle_version, starts, shadow)
+        known = {d: m.running_since for d, m in group.items()}
+        observations = observe_devices(session, rollout.model_name, rollout.bundle_version, starts, shadow, known)
         for device_id, obs in observations.items():
             outcome, reason = classify_device(obs, policy.soak_s, policy.device_timeout_s, now)
             device = group[device_id]

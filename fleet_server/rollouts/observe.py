@@ -27,6 +27,7 @@ from fleet_server.rollouts.decisions import DeviceObservation
 
 CLOCK_SKEW_S = 300.0
 FAILED_RESULTS = frozenset({"failed", "rolled_back"})
+RUNNING_STATES = frozenset({"active", "trial", "shadow"})
 
 
 @dataclass
@@ -54,12 +55,21 @@ class _Evidence:
 
 
 def observe_devices(
-    session: Session, model: str, version: int, starts: dict[str, dt.datetime], shadow: bool = False
+    session: Session,
+    model: str,
+    version: int,
+    starts: dict[str, dt.datetime],
+    shadow: bool = False,
+    known_running_since: dict[str, dt.datetime | None] | None = None,
 ) -> dict[str, DeviceObservation]:
-    """Observations for released devices (device id -> its start-after time)."""
+    """Observations for released devices (device id -> its start-after time); ``known_running_since``
+    carries what earlier ticks found, so evidence that has aged out of the queries is not lost."""
     if not starts:
         return {}
     evidence = {d: _Evidence(start=s - dt.timedelta(seconds=CLOCK_SKEW_S)) for d, s in starts.items()}
+    for device_id, since_at in (known_running_since or {}).items():
+        if since_at is not None and device_id in evidence:
+            evidence[device_id].running(since_at)
     since = min(e.start for e in evidence.values())
     ids = list(starts)
     _fold_install_events(session, model, version, ids, since, evidence)
@@ -100,11 +110,18 @@ def _fold_install_events(
 def _fold_heartbeats(
     session: Session, model: str, version: int, ids: Sequence[str], since: dt.datetime, evidence: dict[str, _Evidence]
 ) -> None:
-    for event in _events(session, "heartbeat", model, ids, since):
+    """Only each device's latest heartbeat matters (one row per device, however long the soak)."""
+    latest = (
+        select(func.max(DeviceEvent.id).label("id"))
+        .where(DeviceEvent.type == "heartbeat", DeviceEvent.device_id.in_(list(ids)), DeviceEvent.at >= since)
+        .group_by(DeviceEvent.device_id)
+        .subquery()
+    )
+    for event in session.scalars(select(DeviceEvent).join(latest, DeviceEvent.id == latest.c.id)):
         found = evidence[event.device_id]
         if event.at < found.start:
             continue
-        versions = _heartbeat_versions(event.payload, model)
+        versions = _running_versions(event.payload, model)
         found.seen(event.at)
         if version in versions:
             found.running(event.at)
@@ -113,10 +130,12 @@ def _fold_heartbeats(
             found.left_target_at = event.at
 
 
-def _heartbeat_versions(payload: dict[str, Any], model: str) -> set[int]:
+def _running_versions(payload: dict[str, Any], model: str) -> set[int]:
+    """Versions of ``model`` a heartbeat says are running (active, on trial or in shadow)."""
     models = payload.get("models") or []
     entries = [m for m in models if isinstance(m, dict) and m.get("name") == model]
-    return {m["version"] for m in entries if isinstance(m.get("version"), int)}
+    running = [m for m in entries if m.get("state", "active") in RUNNING_STATES]
+    return {m["version"] for m in running if isinstance(m.get("version"), int)}
 
 
 def _fold_windows(
