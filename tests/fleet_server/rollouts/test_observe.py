@@ -22,8 +22,9 @@ def heartbeat(factory, device_id, when, models):
         batch = TelemetryBatch(device_id=device_id, batch_id=f"hb-{device_id}-{when.timestamp()}")
         session.add(batch)
         session.flush()
+        payload = {"type": "heartbeat", "models": models}
         session.add(DeviceEvent(batch_pk=batch.id, device_id=device_id, type="heartbeat", model_name=None,
-                                bundle_version=None, at=when, payload={"type": "heartbeat", "models": models}))  # fmt: skip
+                                bundle_version=None, at=when, payload=payload))  # fmt: skip
 
 
 def outcome(factory, device_id, now_s, shadow=False, known=None):
