@@ -21,6 +21,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bundles.errors import ConfigError, EdgeFleetError, GateFailedError
+from converter.context import about
 from converter.home import Home
 from converter.registry import ModelVersion, Registry
 from converter.spec import Budgets, ModelSpec, format_tensor_spec, parse_input_spec
@@ -134,6 +135,18 @@ def register(
     """Register a new immutable version of a model with its data, metric and budgets."""
     from converter.register import register as do_register
 
+    with about(f"{name} (new version)", "source"):
+        spec = _spec(input_spec, task, metric, labels, max_drop, max_latency_ms, max_size_bytes, max_memory_mb,
+                     max_latency_ratio, latency_batch, min_top1_agreement, calibration_method, features, preprocess,
+                     postprocess, label_key)  # fmt: skip
+    model = do_register(_registry(), name, source, weights, spec, eval_path, calibration)
+    console.print(f"registered {model.ref} (source sha256 {model.source_sha256[:16]}...)")
+
+
+def _spec(input_spec: str, task: str, metric: str, labels: Path | None, max_drop: float, max_latency_ms: float | None,
+          max_size_bytes: int | None, max_memory_mb: float | None, max_latency_ratio: float, latency_batch: int,
+          min_top1_agreement: float | None, calibration_method: str, features: Path | None,
+          preprocess: Path | None, postprocess: Path | None, label_key: str) -> ModelSpec:  # fmt: skip
     budgets = Budgets(max_drop=max_drop, max_latency_ms=max_latency_ms, max_size_bytes=max_size_bytes,
                       max_latency_ratio=max_latency_ratio, latency_batch=latency_batch,
                       min_top1_agreement=min_top1_agreement, max_memory_mb=max_memory_mb)  # fmt: skip
@@ -143,8 +156,7 @@ def register(
         postprocess=_json_list(postprocess, "postprocess file"), calibration_method=calibration_method,
         label_key=label_key,
     )  # fmt: skip
-    model = do_register(_registry(), name, source, weights, spec, eval_path, calibration)
-    console.print(f"registered {model.ref} (source sha256 {model.source_sha256[:16]}...)")
+    return spec
 
 
 @app.command("list")

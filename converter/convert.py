@@ -18,8 +18,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +37,7 @@ from converter.bundle_build import (
     make_manifest,
     variant_entry,
 )
+from converter.context import about
 from converter.datasets import Dataset, load_dataset
 from converter.exporters import BuiltVariant, exporter_for
 from converter.gates import Measurement, Reference, dynamic_extremes, judge, latency_ratio, measure, reference_for
@@ -87,17 +87,6 @@ def parse_quantize(text: str) -> tuple[str, ...] | None:
     if unknown or not chosen:
         raise ConfigError(f"--quantize: '{text}' is not 'auto' or a list of {', '.join(known)}")
     return chosen
-
-
-@contextmanager
-def about(model_ref: str, variant: str) -> Iterator[None]:
-    """Prefix any edgefleet error raised inside with ``model <ref>, variant <id>:`` (once)."""
-    try:
-        yield
-    except (ConversionError, ConfigError) as e:
-        if str(e).startswith("model "):
-            raise
-        raise type(e)(f"model {model_ref}, variant {variant}: {e}") from e
 
 
 @dataclass

@@ -277,17 +277,17 @@ def judge(variant: BuiltVariant, metrics: dict[str, Any], spec: ModelSpec,
     """Why ``variant`` must not be published (empty list: it passes). ``parent`` is its fp32 sibling's metrics."""
     budgets = spec.budgets
     reasons: list[str] = []
-    drop = metrics.get("metric_drop")
-    if drop is not None and drop > budgets.max_drop:
-        reasons.append(
-            f"{spec.metric} {metrics['metric_value']:.4f} vs source {metrics['source_metric_value']:.4f} "
-            f"(drop {drop:.4f} > budget {budgets.max_drop:.4f})"
-        )
     scale = max(1.0, metrics.get("output_scale", 1.0))
     if variant.precision == "fp32" and metrics["max_abs_error"] > budgets.max_abs_error_fp32 * scale:
         reasons.append(
             f"fp32 outputs differ from the source by {metrics['max_abs_error']:.3g} "
             f"(> {budgets.max_abs_error_fp32 * scale:.3g}): the export changed the model"
+        )
+    drop = metrics.get("metric_drop")
+    if drop is not None and drop > budgets.max_drop:
+        reasons.append(
+            f"{spec.metric} {metrics['metric_value']:.4f} vs source {metrics['source_metric_value']:.4f} "
+            f"(drop {drop:.4f} > budget {budgets.max_drop:.4f})"
         )
     reasons.extend(_parity_budget_reasons(metrics, spec))
     reasons.extend(_resource_budget_reasons(metrics, spec))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bundles.canonical import canonical_json, sha256_bytes, sha256_file
 from bundles.errors import ConfigError, ConversionError, EdgeFleetError
+from converter.context import about
 from converter.datasets import Dataset, load_dataset
 from converter.gates import run_in_chunks
 from converter.home import publish_dir, staging_dir
@@ -47,6 +48,12 @@ def register(registry: Registry, name: str, source: str, weights: Path | None, s
     """Validate and record a new version of ``name``; nothing is written if any check fails."""
     if not _NAME_RE.match(name):
         raise ConfigError(f"model name '{name}' must be lowercase letters, digits, '.', '_' or '-' (max 64)")
+    with about(f"{name} (new version)", "source"):
+        return _register(registry, name, source, weights, spec, eval_path, calibration_path)
+
+
+def _register(registry: Registry, name: str, source: str, weights: Path | None, spec: ModelSpec, eval_path: Path,
+              calibration_path: Path | None) -> ModelVersion:  # fmt: skip
     kind, ref = split_ref(source)
     eval_data = load_dataset(eval_path, spec.inputs, spec.label_key, "eval file")
     if eval_data.labels is None:
