@@ -101,6 +101,8 @@ ACTIVE_STATES = frozenset({R.DRAFT, R.AWAITING_APPROVAL, R.RUNNING, R.PAUSED})
 """States in which a rollout holds its devices: another rollout of the same model cannot take them."""
 
 TERMINAL_WAVE_STATES = frozenset({W.PASSED, W.FAILED, W.CANCELLED})
+OPERATOR_EVENTS = frozenset({E.START, E.APPROVE, E.PAUSE, E.RESUME, E.ABORT, E.ROLLBACK})
+"""Events an operator can ask for (the others are the engine's); error messages list only these."""
 
 
 class RolloutStateError(ConflictError):
@@ -114,7 +116,7 @@ def next_rollout_state(
     current, ev = RolloutState(state), RolloutEvent(event)
     target = ROLLOUT_TRANSITIONS.get((current, ev))
     if target is None:
-        allowed = sorted(e.value for (s, e) in ROLLOUT_TRANSITIONS if s == current)
+        allowed = sorted(e.value for (s, e) in ROLLOUT_TRANSITIONS if s == current and e in OPERATOR_EVENTS)
         name = f"rollout {rollout_id}" if rollout_id is not None else "the rollout"
         hint = f"allowed: {', '.join(allowed)}" if allowed else "it is finished"
         raise RolloutStateError(f"cannot {ev.value} {name}: it is {current.value} ({hint})")

@@ -85,3 +85,9 @@ def test_persisted_names_are_stable_lowercase():
     names = [m.value for enum in (RolloutState, RolloutEvent, WaveState, WaveEvent) for m in enum]
     assert all(n == n.lower() and " " not in n for n in names)
     assert R.AWAITING_APPROVAL.value == "awaiting_approval" and R.ROLLED_BACK.value == "rolled_back"
+
+
+def test_refusal_lists_only_what_an_operator_can_do():
+    with pytest.raises(RolloutStateError) as info:
+        next_rollout_state(R.RUNNING, E.RESUME, rollout_id=17)
+    assert str(info.value) == "cannot resume rollout 17: it is running (allowed: abort, pause, rollback)"
