@@ -38,6 +38,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from simulators.models.digits import TrainingOutputs
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "demo-data"
 BIN = Path(sys.executable).parent
@@ -135,30 +137,30 @@ def _secret(pattern: str, output: str, what: str) -> str:
     return match.group(0)
 
 
-def train_model(env: dict[str, str]) -> dict[str, Any]:
-    """Chapter 1a: train the digits CNN and write what ``register`` needs."""
+def train_model() -> tuple[TrainingOutputs, Path]:
+    """Chapter 1a: train the digits CNN and write what ``register`` needs; returns it and the source file."""
     from simulators.models import digits
 
     chapter("1. ML engineer: train a small CNN on scikit-learn's digits")
     source = WORK / "workstation" / "digits_model.py"
     source.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(digits.__file__), source)
-    with console.status("training for up to 20 s ..."):
-        outputs = digits.write_training_outputs(WORK / "workstation" / "data")
-    console.print(f"trained SmallCNN: test accuracy {outputs['test_accuracy']:.4f} on 450 held-out digits")
-    outputs["source"] = source
-    return outputs
+    budget_s = float(os.environ.get("EDGEFLEET_DEMO_TRAIN_S", "20"))
+    with console.status(f"training for up to {budget_s:.0f} s ..."):
+        outputs = digits.write_training_outputs(WORK / "workstation" / "data", budget_s=budget_s)
+    console.print(f"trained SmallCNN: test accuracy {outputs.test_accuracy:.4f} on 450 held-out digits")
+    return outputs, source
 
 
-def convert_model(env: dict[str, str], trained: dict[str, Any]) -> None:
+def convert_model(env: dict[str, str], trained: TrainingOutputs, source: Path) -> None:
     """Chapter 1b: keys, register, convert."""
     run(["edgefleet-convert", "keys", "init"], env)
     run(
         [
             "edgefleet-convert", "register", "digits",
-            "--source", f"torch:{trained['source']}:make_model", "--weights", str(trained["weights"]),
-            "--input", "x: float32[-1,1,8,8]", "--task", "classification", "--labels", str(trained["labels"]),
-            "--eval", str(trained["eval"]), "--calibration", str(trained["calibration"]),
+            "--source", f"torch:{source}:make_model", "--weights", str(trained.weights),
+            "--input", "x: float32[-1,1,8,8]", "--task", "classification", "--labels", str(trained.labels),
+            "--eval", str(trained.eval), "--calibration", str(trained.calibration),
             "--metric", "accuracy", "--max-drop", "0.01",
         ],
         env,
@@ -252,9 +254,11 @@ def _predicted_classes(answer: dict[str, Any], count: int) -> np.ndarray:
     outputs = {o["name"]: o for o in answer.get("outputs", [])}
     for name in ("class_index", "label"):
         if name in outputs:
-            return np.asarray(outputs[name]["data"], dtype=np.int64)[:count]
+            classes: np.ndarray = np.asarray(outputs[name]["data"], dtype=np.int64)[:count]
+            return classes
     first = next(iter(outputs.values()))
-    return np.asarray(first["data"], dtype=np.float32).reshape(count, -1).argmax(axis=1)
+    scores = np.asarray(first["data"], dtype=np.float32).reshape(count, -1)
+    return np.asarray(scores.argmax(axis=1), dtype=np.int64)
 
 
 def story() -> None:
@@ -262,8 +266,8 @@ def story() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     env = {**os.environ, "EDGEFLEET_HOME": str(WORK / "workstation"), "PYTHONWARNINGS": "ignore", "COLUMNS": "120"}
-    trained = train_model(env)
-    convert_model(env, trained)
+    trained, source = train_model()
+    convert_model(env, trained, source)
     server_env, api_key = start_server(env)
     url = server_env["EDGEFLEET_PUBLIC_URL"]
     with background(["edgefleet-server", "run"], server_env, WORK / "server.log") as server:
@@ -278,7 +282,7 @@ def story() -> None:
             metadata = wait_until_serving(http_port, agent)
             console.print(f"device serves digits version {metadata.get('versions')} on localhost:{http_port}")
             run(["edgefleet-agent", "status"], device_env)
-            accuracy = predict_on_device(http_port, Path(trained["eval"]))
+            accuracy = predict_on_device(http_port, trained.eval)
     console.print(
         Panel.fit(
             f"verified prediction: the device answered {accuracy:.0%} of held-out digits correctly with a bundle\n"

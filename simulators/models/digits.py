@@ -7,6 +7,7 @@ must stay importable on its own: torch and scikit-learn only.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,10 @@ def train(x: np.ndarray, y: np.ndarray, budget_s: float = 20.0, max_epochs: int 
     generator = torch.Generator().manual_seed(seed)
     started = time.monotonic()
     for _ in range(max_epochs):
-        for idx in torch.randperm(len(xs), generator=generator).split(64):
+        for idx in torch.split(torch.randperm(len(xs), generator=generator), 64):
             optimiser.zero_grad()
-            nn.functional.cross_entropy(model(xs[idx]), ys[idx]).backward()
+            loss = nn.functional.cross_entropy(model(xs[idx]), ys[idx])
+            loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
         if time.monotonic() - started > budget_s:
             break
@@ -69,20 +71,31 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((predicted == y).mean())
 
 
-def write_training_outputs(out_dir: Path, budget_s: float = 20.0) -> dict[str, Path | float]:
-    """Train, then write what ``register`` needs: weights, eval/calibration data and labels."""
+@dataclass(frozen=True)
+class TrainingOutputs:
+    """What ``edgefleet-convert register`` needs, written by :func:`write_training_outputs`."""
+
+    weights: Path
+    eval: Path
+    calibration: Path
+    labels: Path
+    test_accuracy: float
+
+
+def write_training_outputs(out_dir: Path, budget_s: float = 20.0) -> TrainingOutputs:
+    """Train, then write the weights, the eval/calibration data and the labels into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     x_train, x_test, y_train, y_test = digits_split()
     model = train(x_train, y_train, budget_s=budget_s)
-    paths: dict[str, Path | float] = {
-        "weights": out_dir / "cnn.pt",
-        "eval": out_dir / "eval.npz",
-        "calibration": out_dir / "calib.npz",
-        "labels": out_dir / "labels.txt",
-    }
-    torch.save(model.state_dict(), paths["weights"])
-    np.savez(paths["eval"], x=x_test, y=y_test)
-    np.savez(paths["calibration"], x=x_train[:300])
-    Path(paths["labels"]).write_text("\n".join(str(d) for d in range(10)) + "\n")
-    paths["test_accuracy"] = accuracy(model, x_test, y_test)
-    return paths
+    outputs = TrainingOutputs(
+        weights=out_dir / "cnn.pt",
+        eval=out_dir / "eval.npz",
+        calibration=out_dir / "calib.npz",
+        labels=out_dir / "labels.txt",
+        test_accuracy=accuracy(model, x_test, y_test),
+    )
+    torch.save(model.state_dict(), outputs.weights)
+    np.savez(outputs.eval, x=x_test, y=y_test)
+    np.savez(outputs.calibration, x=x_train[:300])
+    outputs.labels.write_text("\n".join(str(d) for d in range(10)) + "\n")
+    return outputs
