@@ -115,8 +115,12 @@ class TelemetryRecorder:
             window = self._open.get((model, version)) or self._open_window(model, version, manifest)
             if self.settings.histograms:
                 window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason)
-            reason = _forced_reason(source, fallback_reason, low_confidence)
-            slot = window.sampler.slot_for(reason)
+            routine = source == "local" and fallback_reason is None
+            reason = None if routine else _forced_reason(source, fallback_reason, low_confidence)
+            sampler = window.sampler
+            if routine and (sampler.sample_rate <= 0.0 or self.rng.random() >= sampler.sample_rate):
+                return  # the common case: counted, not sampled
+            slot = sampler.slot_for(reason, drawn=routine)
             if slot is not None:
                 reservoir, index = slot
                 candidate = Candidate(

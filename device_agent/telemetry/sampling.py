@@ -83,12 +83,15 @@ class WindowSampler:
         self.routine = Reservoir(reservoir_size, rng)
         self.forced = Reservoir(max_forced, rng)
 
-    def slot_for(self, forced_reason: str | None) -> tuple[Reservoir, int] | None:
-        """Decide, cheaply, whether this request is kept; the reservoir and slot if so."""
+    def slot_for(self, forced_reason: str | None, drawn: bool = False) -> tuple[Reservoir, int] | None:
+        """Decide, cheaply, whether this request is kept; the reservoir and slot if so.
+
+        ``drawn`` says the caller already won the Bernoulli draw at ``sample_rate`` for a routine request.
+        """
         if forced_reason is not None:
             slot = self.forced.wants_next()
             return None if slot is None else (self.forced, slot)
-        if self.sample_rate <= 0.0 or self.rng.random() >= self.sample_rate:
+        if not drawn and (self.sample_rate <= 0.0 or self.rng.random() >= self.sample_rate):
             return None
         slot = self.routine.wants_next()
         return None if slot is None else (self.routine, slot)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +174,12 @@ class WindowAccumulator:
         microsecond; the request path never waits on numpy work except once every
         :data:`BIN_EVERY_ROWS` requests.
         """
-        kept = {k: np.array(inputs[k]) for k in self._keep if k in inputs} if self._keep else inputs
+        keep = self._keep
+        if len(keep) == 1:
+            name = keep[0]
+            kept: Mapping[str, np.ndarray] = {name: np.array(inputs[name])} if name in inputs else {}
+        else:
+            kept = {k: np.array(inputs[k]) for k in keep if k in inputs} if keep else inputs
         self._pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))
         if len(self._pending) >= BIN_EVERY_ROWS:
             self.bin_pending()
@@ -184,38 +190,35 @@ class WindowAccumulator:
         captured[reason] = captured.get(reason, 0) + 1
 
     def bin_pending(self) -> None:
-        """Count and bin every pending request in one pass."""
+        """Count and bin every pending request in one pass (C-level loops: Counter, numpy)."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        latencies = [self._count(inputs, source, reason, latency) for inputs, _, source, latency, reason in pending]
+        kept, outputs, sources, latencies, reasons = zip(*pending, strict=True)
+        self._count(sources, reasons)
         idx = np.searchsorted(_LATENCY_EDGES, np.asarray(latencies), side="right")
         self._latency_counts += np.bincount(idx, minlength=len(LATENCY_EDGES_MS) + 1)
-        if self._keep:
-            self._bin_inputs([p[0] for p in pending])
-        outputs = [p[1] for p in pending if p[1] is not None]
-        if outputs:
-            self._bin_outputs(outputs)
+        rows = self._bin_inputs(kept) if self._keep else None
+        self.counters["rows"] += rows if rows is not None else sum(_row_count(k) for k in kept)
+        answered = [o for o in outputs if o is not None]
+        if answered:
+            self._bin_outputs(answered)
 
-    def _count(self, inputs: Mapping[str, np.ndarray], source: str | None, reason: str | None, latency: float) -> float:
+    def _count(self, sources: tuple[str | None, ...], reasons: tuple[str | None, ...]) -> None:
         counters = self.counters
-        counters["requests"] += 1
-        counters["rows"] += _row_count(inputs)
-        if source is None:
-            counters["errors"] += 1
-        else:
-            sources = counters["sources"]
-            sources[source] = sources.get(source, 0) + 1
-        if reason is not None:
-            reasons = counters["fallback_reasons"]
-            reasons[reason] = reasons.get(reason, 0) + 1
-            if reason == "low_confidence":
-                counters["low_confidence"] += 1
-            if source is not None and source != "local":
-                counters["fallbacks"] += 1
-        return latency
+        counters["requests"] += len(sources)
+        for (source, reason), n in Counter(zip(sources, reasons, strict=True)).items():
+            if source is None:
+                counters["errors"] += n
+            else:
+                counters["sources"][source] = counters["sources"].get(source, 0) + n
+            if reason is not None:
+                counters["fallback_reasons"][reason] = counters["fallback_reasons"].get(reason, 0) + n
+                counters["low_confidence"] += n if reason == "low_confidence" else 0
+                counters["fallbacks"] += n if source is not None and source != "local" else 0
 
-    def _bin_inputs(self, pending: list[Mapping[str, np.ndarray]]) -> None:
+    def _bin_inputs(self, pending: Sequence[Mapping[str, np.ndarray]]) -> int | None:
+        """Bin the kept input tensors; the rows binned (None when no tensor could be stacked)."""
         by_tensor = _stack_by_tensor(pending)
         for i, plan in enumerate(self.plan.numeric):
             matrix = by_tensor.get(plan.tensor)
@@ -227,6 +230,8 @@ class WindowAccumulator:
             self.counters["violations"]["input_out_of_range"] += int(bad.any(axis=1).sum())
         for i, cat in enumerate(self.plan.categorical):
             self._bin_category(i, cat, by_tensor.get(cat.tensor))
+        first = next(iter(by_tensor.values()), None)
+        return None if first is None or len(by_tensor) != len(self._keep) else int(first.shape[0])
 
     def _bin_category(self, i: int, cat: CategoryBins, matrix: np.ndarray | None) -> None:
         if matrix is None or matrix.shape[1] <= cat.column:
@@ -242,7 +247,7 @@ class WindowAccumulator:
 
     def _bin_outputs(self, pending: list[Mapping[str, np.ndarray]]) -> None:
         for name, (low, high) in self.plan.output_ranges.items():
-            stacked = _stack_rows([np.asarray(o[name]) for o in pending if name in o])
+            stacked = _stack_rows([o[name] for o in pending if name in o])
             if stacked is not None:
                 values = stacked.astype(np.float64)
                 outside = (values < low) | (values > high)
@@ -251,7 +256,7 @@ class WindowAccumulator:
             self.counters["violations"]["nan_output"] += _count_nonfinite(pending, name)
         hist = self.plan.output
         if hist is not None:
-            matrix = _stack_rows([np.asarray(o[hist.name]) for o in pending if hist.name in o])
+            matrix = _stack_rows([o[hist.name] for o in pending if hist.name in o])
             if matrix is not None:
                 self._output_counts += _histogram_values(hist, matrix.reshape(-1))
 
@@ -279,8 +284,14 @@ class WindowAccumulator:
         return payload
 
 
-def _stack_by_tensor(pending: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _stack_by_tensor(pending: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate the kept input tensors of pending requests as [rows, values] per tensor name."""
+    if pending and len(pending[0]) == 1:
+        name = next(iter(pending[0]))
+        arrays = [p[name] for p in pending if name in p]
+        matrix = _stack_rows(arrays) if len(arrays) == len(pending) else None
+        if matrix is not None:
+            return {name: matrix}
     grouped: dict[str, list[np.ndarray]] = {}
     for inputs in pending:
         for name, value in inputs.items():
@@ -288,15 +299,21 @@ def _stack_by_tensor(pending: list[Mapping[str, np.ndarray]]) -> dict[str, np.nd
     return {name: matrix for name, arrays in grouped.items() if (matrix := _stack_rows(arrays)) is not None}
 
 
-def _stack_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
-    """[rows, values] from batch-first arrays (one concatenate when shapes agree); None if they cannot stack."""
-    try:
-        if all(a.ndim >= 2 for a in arrays):
-            stacked = np.concatenate(arrays, axis=0)
-            return stacked.reshape(stacked.shape[0], -1)
-        return np.concatenate([rows_of(a) for a in arrays], axis=0)
-    except ValueError:
+def _stack_rows(arrays: list[Any]) -> np.ndarray | None:
+    """[rows, values] from batch-first arrays (one concatenate when shapes agree); None if they cannot stack.
+
+    1-D arrays are batches of scalars (a label per row); 0-D ones are a single row.
+    """
+    if not arrays:
         return None
+    try:
+        stacked = np.concatenate(arrays, axis=0)
+    except ValueError:
+        try:
+            return np.concatenate([rows_of(a) for a in arrays], axis=0)
+        except ValueError:
+            return None
+    return stacked.reshape(stacked.shape[0], -1)
 
 
 def _bin_numeric(plan: TensorBins, values: np.ndarray) -> np.ndarray:
@@ -349,7 +366,7 @@ def _row_count(inputs: Mapping[str, np.ndarray]) -> int:
 
 def _count_nonfinite(pending: list[Mapping[str, np.ndarray]], name: str) -> int:
     """How many output rows of ``name`` hold a NaN or an infinity (one vectorised pass)."""
-    matrix = _stack_rows([np.asarray(o[name]) for o in pending if name in o])
+    matrix = _stack_rows([o[name] for o in pending if name in o])
     if matrix is None or matrix.size == 0:
         return 0
     return int((~np.isfinite(matrix)).any(axis=1).sum())
