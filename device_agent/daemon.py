@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from typing import Any
 
 from bundles.errors import AuthError, EdgeFleetError, TransportError
@@ -159,6 +160,8 @@ class Daemon:
             except EdgeFleetError as e:
                 log.warning("inventory report failed: %s", e)
         if self.agent.recorder is not None:
+            models = [{"name": i["name"], "version": i["version"], "state": i["state"]} for i in inventory["installed"]]
+            self.agent.recorder.heartbeat(time.time() - self.agent.started_at, models)
             self.agent.recorder.tick()
         if self.uploader is not None:
             self.uploader.maybe_drain()

@@ -9,6 +9,7 @@ whose target differs from what is committed.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -130,9 +131,14 @@ class Updater:
                 self.engine.load(name, model.slot_dir(committed), info.variant, keep_current=False)
 
     def apply(self, desired: Mapping[str, Any]) -> list[DeploymentRecord]:
-        """Run a deployment for each model of the desired state whose target is not committed."""
+        """Run a deployment for each model of the desired state whose target is not committed.
+
+        An entry whose ``start_after`` (ISO 8601) is still in the future waits for a later poll.
+        """
         done = []
         for entry in desired.get("models", []):
+            if _not_yet(entry.get("start_after")):
+                continue
             record = self.deploy(entry)
             if record.status is not DeploymentStatus.UP_TO_DATE:
                 done.append(record)
@@ -182,6 +188,20 @@ class Updater:
     def in_progress(self) -> UpdateState | None:
         record = self.store.load()
         return None if record is None else record.state
+
+
+def _not_yet(start_after: Any) -> bool:
+    """True when ``start_after`` names a moment still in the future (unparseable: do not wait)."""
+    if not start_after:
+        return False
+    try:
+        moment = dt.datetime.fromisoformat(str(start_after).replace("Z", "+00:00"))
+    except ValueError:
+        log.warning("ignoring unparseable start_after %r", start_after)
+        return False
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment > dt.datetime.now(dt.timezone.utc)
 
 
 def remove_stray_temp_files(state_dir: Path) -> int:

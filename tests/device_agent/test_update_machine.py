@@ -236,3 +236,12 @@ def test_the_state_diagram_in_docs_is_generated_from_the_current_table() -> None
     docs = (Path(__file__).resolve().parents[2] / "docs" / "agent.md").read_text()
     block = docs.split("<!-- BEGIN state-diagram -->")[1].split("<!-- END state-diagram -->")[0]
     assert block.strip() == f"```mermaid\n{mermaid()}\n```", "run: python -m device_agent.update.machine"
+
+
+def test_a_target_with_a_future_start_after_waits(tmp_path: Path, published: Path) -> None:
+    h = Harness(tmp_path, published)
+    later = {**entry("tiny", 2), "start_after": "2999-01-01T00:00:00+00:00"}
+    assert h.device.updater.apply({"models": [later]}) == []
+    assert h.device.committed_version("tiny") == 1
+    now = {**entry("tiny", 2), "start_after": "2000-01-01T00:00:00Z"}
+    assert [r.status for r in h.device.updater.apply({"models": [now]})] == [DeploymentStatus.INSTALLED]
