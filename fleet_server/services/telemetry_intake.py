@@ -1,5 +1,8 @@
 """Telemetry intake: decompress, bound, validate the basics, and store a batch exactly once.
 
+Each item is stored with its exact JSON text as sent (see ``json_items``), so the JSON work is
+done once per item.
+
 The payload of every item is opaque JSON whose shape ``docs/telemetry.md`` defines; here we check
 only size, basic types and the few keys we index (``type``, ``model``, ``version``, times,
 ``capture_reason``). Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ from bundles.errors import ConfigError
 from fleet_server.db import utcnow
 from fleet_server.errors import PayloadTooLargeError
 from fleet_server.models import TelemetryBatch
+from fleet_server.services.json_items import parse_object_with_item_texts
 
 MAX_INDEXED_TEXT = 100
 
@@ -76,26 +79,36 @@ def _unzstd(body: bytes, max_bytes: int) -> bytes:
     return bytes(out)
 
 
-def parse_batch(raw: bytes, max_items: int) -> dict[str, Any]:
-    """The batch object, with ``batch_id`` and the three item lists checked for basic types."""
+KINDS = ("events", "windows", "samples")
+
+
+@dataclass(frozen=True)
+class ParsedBatch:
+    """A batch: its id and, per kind, each item with its exact JSON text (stored as the payload)."""
+
+    batch_id: str
+    items: dict[str, list[tuple[dict[str, Any], str]]]
+
+
+def parse_batch(raw: bytes, max_items: int) -> ParsedBatch:
+    """The batch, with ``batch_id`` and the three item lists checked for basic types."""
     try:
-        batch = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"the telemetry body is not valid JSON ({e})") from e
-    if not isinstance(batch, dict):
-        raise ConfigError("the telemetry body must be a JSON object")
-    batch_id = batch.get("batch_id")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"the telemetry body is not UTF-8 ({e})") from e
+    fields, lists = parse_object_with_item_texts(text, KINDS)
+    batch_id = fields.get("batch_id")
     if not isinstance(batch_id, str) or not 1 <= len(batch_id) <= 64:
         raise ConfigError("batch_id: required, a string of 1 to 64 characters")
-    total = 0
-    for kind in ("events", "windows", "samples"):
-        items = batch.setdefault(kind, [])
-        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+    for kind in KINDS:
+        if kind in fields and fields[kind] is not None:
             raise ConfigError(f"{kind}: expected a list of objects")
-        total += len(items)
+        if not all(isinstance(item, dict) for item, _ in lists.get(kind, [])):
+            raise ConfigError(f"{kind}: expected a list of objects")
+    total = sum(len(items) for items in lists.values())
     if total > max_items:
         raise PayloadTooLargeError(f"the batch has {total} items; the limit is {max_items} per request")
-    return batch
+    return ParsedBatch(batch_id=batch_id, items={kind: lists.get(kind, []) for kind in KINDS})
 
 
 def _time(item: dict[str, Any], key: str, where: str) -> dt.datetime:
@@ -127,58 +140,58 @@ def _version(item: dict[str, Any], where: str, required: bool) -> int | None:
     return value
 
 
-def event_rows(items: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]:
+def event_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list[dict[str, Any]]:
     """``device_events`` rows (without ``batch_pk``) from the batch's events."""
     rows = []
-    for i, item in enumerate(items):
+    for i, (item, text) in enumerate(items):
         where = f"events[{i}]"
         rows.append({"device_id": device_id, "type": _text(item, "type", where, True),
                      "model_name": _text(item, "model", where, False), "bundle_version": _version(item, where, False),
-                     "at": _time(item, "at", where), "payload": item})  # fmt: skip
+                     "at": _time(item, "at", where), "payload": text})  # fmt: skip
     return rows
 
 
-def window_rows(items: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]:
+def window_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list[dict[str, Any]]:
     """``metric_windows`` rows from the batch's windows."""
     rows = []
-    for i, item in enumerate(items):
+    for i, (item, text) in enumerate(items):
         where = f"windows[{i}]"
         rows.append({"device_id": device_id, "model_name": _text(item, "model", where, True),
                      "bundle_version": _version(item, where, True), "window_start": _time(item, "start", where),
-                     "window_end": _time(item, "end", where), "payload": item})  # fmt: skip
+                     "window_end": _time(item, "end", where), "payload": text})  # fmt: skip
     return rows
 
 
-def sample_rows(items: list[dict[str, Any]], device_id: str) -> list[dict[str, Any]]:
+def sample_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list[dict[str, Any]]:
     """``prediction_samples`` rows from the batch's samples."""
     rows = []
-    for i, item in enumerate(items):
+    for i, (item, text) in enumerate(items):
         where = f"samples[{i}]"
         rows.append({"device_id": device_id, "model_name": _text(item, "model", where, True),
                      "bundle_version": _version(item, where, True),
                      "reason": _text(item, "capture_reason", where, True),
-                     "at": _time(item, "at", where), "payload": item})  # fmt: skip
+                     "at": _time(item, "at", where), "payload": text})  # fmt: skip
     return rows
 
 
-def store_batch(engine: Engine, device_id: str, batch: dict[str, Any], size_bytes: int) -> IntakeResult:
+def store_batch(engine: Engine, device_id: str, batch: ParsedBatch, size_bytes: int) -> IntakeResult:
     """Validate every item, then store the batch and its rows in one transaction (or detect a retry)."""
     rows = {
-        "events": event_rows(batch["events"], device_id),
-        "windows": window_rows(batch["windows"], device_id),
-        "samples": sample_rows(batch["samples"], device_id),
+        "events": event_rows(batch.items["events"], device_id),
+        "windows": window_rows(batch.items["windows"], device_id),
+        "samples": sample_rows(batch.items["samples"], device_id),
     }
     counts = {kind: len(kind_rows) for kind, kind_rows in rows.items()}
     try:
         with engine.begin() as connection:
-            batch_pk = _insert_batch(connection, device_id, batch["batch_id"], counts, size_bytes)
+            batch_pk = _insert_batch(connection, device_id, batch.batch_id, counts, size_bytes)
             if batch_pk is None:
-                return IntakeResult(accepted=_stored_counts(connection, device_id, batch["batch_id"]), duplicate=True)
+                return IntakeResult(accepted=_stored_counts(connection, device_id, batch.batch_id), duplicate=True)
             _insert_rows(connection, rows, batch_pk)
     except SqlIntegrityError:
         # A concurrent retry of the same batch won the race: it is stored exactly once.
         with engine.connect() as connection:
-            return IntakeResult(accepted=_stored_counts(connection, device_id, batch["batch_id"]), duplicate=True)
+            return IntakeResult(accepted=_stored_counts(connection, device_id, batch.batch_id), duplicate=True)
     return IntakeResult(accepted=counts, duplicate=False)
 
 
@@ -236,7 +249,7 @@ def _insert_rows(connection: Connection, rows: dict[str, list[dict[str, Any]]], 
 
 
 def _row_tuple(table: str, row: dict[str, Any], batch_pk: int, dialect: str) -> tuple[Any, ...]:
-    values = {**row, "batch_pk": batch_pk, "payload": json.dumps(row["payload"], separators=(",", ":"))}
+    values = {**row, "batch_pk": batch_pk}
     if dialect != "postgresql":
         for key in ("at", "window_start", "window_end"):
             if key in values:

@@ -6,11 +6,16 @@ import gzip
 import json
 import uuid
 
+import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from bundles.errors import ConfigError
 from fleet_server.db import session_scope
 from fleet_server.models import DeviceEvent, MetricWindow, PredictionSample
+from fleet_server.services.json_items import parse_object_with_item_texts
 
 AT = "2026-11-29T12:00:00+00:00"
 
@@ -104,3 +109,30 @@ def test_malformed_bodies_are_clear_400s_and_store_nothing(client, make_device, 
         assert response.status_code == 400, (body[:30], response.text)
         assert response.json()["detail"]
     assert counts(session_factory) == (0, 0, 0)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    items=st.lists(st.dictionaries(st.text(max_size=5), json_values, max_size=4), max_size=5),
+    extra=st.dictionaries(st.text(max_size=5).filter(lambda k: k != "samples"), json_values, max_size=3),
+    indent=st.sampled_from([None, 1]),
+)
+def test_item_texts_decode_to_the_same_items_as_json_loads(items, extra, indent):
+    text = json.dumps({**extra, "samples": items}, indent=indent)
+    fields, lists = parse_object_with_item_texts(text, ("samples",))
+    assert fields == extra
+    assert [item for item, _ in lists["samples"]] == items
+    assert [json.loads(item_text) for _, item_text in lists["samples"]] == items
+
+
+@pytest.mark.parametrize("text", ['{"samples": [1, 2', '{"a": 1} x', '[1]', '{"a" 1}', '{"a": 1, "a": 2}', '{1: 2}'])
+def test_item_parser_refuses_malformed_json(text):
+    with pytest.raises(ConfigError):
+        parse_object_with_item_texts(text, ("samples",))
