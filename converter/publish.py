@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bundles.archive import pack_variant, read_manifest
+from bundles.canonical import sha256_file
 from bundles.errors import AuthError, ConfigError, EdgeFleetError, KeyFileError, TransportError
 from bundles.manifest import Manifest
 from bundles.tuf import keys as tuf_keys
@@ -72,7 +73,22 @@ def publish_to_repo(home: Home, bundle_dir: Path, repo_dir: Path) -> list[str]:
     local = _open_local(home, repo_dir)
     manifest = read_manifest(bundle_dir)
     with tempfile.TemporaryDirectory(prefix="edgefleet-publish-") as temp:
-        return local.publish(bundle_files(bundle_dir, manifest, Path(temp)))
+        files = bundle_files(bundle_dir, manifest, Path(temp))
+        current = local.repository.current_targets()
+        refuse_replacing(manifest, None if current is None else json.loads(current), files)
+        return local.publish(files)
+
+
+def refuse_replacing(manifest: Manifest, current_targets: dict[str, Any] | None, files: dict[str, Path]) -> None:
+    """A published version is immutable: the same bytes may be published again, different ones may not."""
+    listed = (current_targets or {}).get("signed", {}).get("targets", {})
+    for path, local in files.items():
+        published = listed.get(path, {}).get("hashes", {}).get("sha256")
+        if published is not None and published != sha256_file(local):
+            raise ConfigError(
+                f"model {manifest.ref} is already published with different content ({path}); "
+                "register a new version instead of replacing a published one"
+            )
 
 
 def _open_local(home: Home, repo_dir: Path) -> LocalRepository:
@@ -99,18 +115,32 @@ def publish_to_server(home: Home, bundle_dir: Path, server_url: str, api_key: st
     with httpx.Client(base_url=base, headers=headers, timeout=_TIMEOUT_S) as client:
         state = _call(client, "GET", "/api/v1/admin/tuf/state")
         root_bytes = _ensure_root(client, home, state)
-        current = None if state.get("targets") is None else json.dumps(state["targets"]).encode("utf-8")
+        current = None if state.get("targets") is None else _signed_bytes(client, state["targets"], "targets")
         with tempfile.TemporaryDirectory(prefix="edgefleet-publish-") as temp:
             files = bundle_files(bundle_dir, manifest, Path(temp))
+            refuse_replacing(manifest, state.get("targets"), files)
             package = make_publication(current, root_bytes, files, targets_signer, Path(temp) / "publication.tar.gz")
             answer = _call(client, "POST", "/api/v1/admin/publications", content=package.read_bytes(),
                            headers={"Content-Type": "application/gzip"})  # fmt: skip
     return [str(t) for t in answer.get("targets", sorted(files))]
 
 
+def _signed_bytes(client: Any, document: dict[str, Any], role: str) -> bytes:
+    """The exact bytes of a signed metadata file the server serves (``/tuf/metadata/<v>.<role>.json``).
+
+    Falls back to re-serialising the state's JSON object (signatures cover the canonical form of
+    ``signed``, so that verifies too) when the repository is not served at the usual path.
+    """
+    version = document.get("signed", {}).get("version")
+    response = client.get(f"/tuf/metadata/{version}.{role}.json")
+    if response.status_code == 200:
+        return bytes(response.content)
+    return json.dumps(document).encode("utf-8")
+
+
 def _ensure_root(client: Any, home: Home, state: dict[str, Any]) -> bytes:
     if state.get("root") is not None:
-        return json.dumps(state["root"]).encode("utf-8")
+        return _signed_bytes(client, state["root"], "root")
     online = state.get("online_keys") or {}
     if "snapshot" not in online or "timestamp" not in online:
         raise ConfigError("the fleet server reported no online snapshot/timestamp keys; run 'edgefleet-server init'")
