@@ -129,6 +129,16 @@ class TelemetryRecorder:
                 )  # fmt: skip
                 reservoir.put(index, candidate)
 
+    def record_shadow(self, model: str, shadow_manifest: Manifest, agreed: bool) -> None:
+        """Count one shadow comparison: the candidate version ran on a request and agreed (or not)
+        with the active version's answer. Counted in the candidate's window (``shadow``), which the
+        server reads as the cohort's shadow agreement."""
+        with self._lock:
+            key = (model, shadow_manifest.version)
+            window = self._open.get(key) or self._open_window(model, shadow_manifest.version, shadow_manifest)
+            window.accumulator.shadow["compared"] += 1
+            window.accumulator.shadow["agreed"] += int(agreed)
+
     def _open_window(self, model: str, version: int, manifest: Manifest | None) -> _OpenWindow:
         plan = self._plans.get((model, version))
         if plan is None:
@@ -204,7 +214,7 @@ def _items_of(window: _OpenWindow) -> list[tuple[str, str, bytes]]:
         window.accumulator.count_capture(sample["capture_reason"])
     items = [("sample", s["capture_reason"], _compress(s)) for s in samples]
     payload = window.accumulator.close()
-    if payload["counters"]["requests"]:
+    if payload["counters"]["requests"] or payload["shadow"]["compared"]:
         items.append(("window", "window", _compress(payload)))
     return items
 

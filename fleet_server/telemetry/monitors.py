@@ -208,3 +208,12 @@ def monitored_models(session: Session, since: dt.datetime) -> list[str]:
     """Models that reported windows since ``since`` (what a periodic evaluation walks)."""
     query = select(MetricWindow.model_name).where(MetricWindow.window_end > since).distinct()
     return sorted(session.scalars(query))
+
+
+def evaluate_all(session: Session, now: dt.datetime | None = None, lookback_s: int = 86_400) -> list[DriftAlert]:
+    """Evaluate every model that reported in the last ``lookback_s`` (for a periodic server task)."""
+    now = now or utcnow()
+    alerts: list[DriftAlert] = []
+    for model in monitored_models(session, now - dt.timedelta(seconds=lookback_s)):
+        alerts += evaluate(session, model, now)
+    return alerts

@@ -149,3 +149,14 @@ def test_desired_state_settings_override_the_defaults() -> None:
 
 def _manifest_of(path: Path) -> Manifest:
     return Manifest.from_bytes((path / "manifest.json").read_bytes())
+
+
+def test_shadow_comparisons_are_counted_in_the_candidate_versions_window(tmp_path: Path) -> None:
+    manifest, _, _, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0))
+    candidate = dataclasses.replace(manifest, version=5)
+    for i in range(10):
+        recorder.record_shadow("tiny", candidate, agreed=i < 7)
+    recorder.flush()
+    (window,) = drain(buffer).windows
+    assert (window["version"], window["counters"]["requests"]) == (5, 0)
+    assert window["shadow"] == {"compared": 10, "agreed": 7}

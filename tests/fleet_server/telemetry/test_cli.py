@@ -13,7 +13,7 @@ from bundles.testing import build_bundle_dir
 from fleet_server.cli import app
 from fleet_server.db import make_engine, make_session_factory, session_scope
 from fleet_server.models import BundleRecord
-from fleet_server.services.telemetry_intake import store_batch
+from fleet_server.services.telemetry_intake import parse_batch, store_batch
 from fleet_server.settings import load_settings
 from tests.fleet_server.telemetry.helpers import simulate, uniform
 
@@ -42,7 +42,7 @@ def server_with_drift(tmp_path, monkeypatch):
         session.add(BundleRecord(name="tiny", version=1, manifest=manifest.to_dict(),
                                  manifest_target="tiny/1/manifest.json", variants=[]))  # fmt: skip
     batch = buffer.next_batch(max_items=10_000, max_bytes=10**9)
-    store_batch(engine, "dev-1", batch.to_dict(), 0)
+    store_batch(engine, "dev-1", parse_batch(json.dumps(batch.to_dict()).encode(), 10_000), 0)
     engine.dispose()
     return data_dir
 

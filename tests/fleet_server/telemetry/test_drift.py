@@ -39,6 +39,9 @@ def test_a_shifted_input_raises_an_alert_and_an_unshifted_one_stays_under_warn(
 
     listed = client.get("/api/v1/admin/drift-alerts", params={"model": "tiny"}, headers=release.headers).json()
     assert {a["feature"] for a in listed} == set(alerts)
+    with session_scope(session_factory) as session:  # the periodic evaluation finds the same, idempotently
+        assert {a.feature for a in monitors.evaluate_all(session)} == set(alerts)
+        assert len(monitors.list_alerts(session, "tiny")) == len(alerts)
 
     per_version = client.get("/api/v1/admin/drift/tiny", headers=release.headers).json()
     psi = per_version["versions"][0]["psi"]

@@ -81,6 +81,18 @@ def test_summaries_per_version_and_per_device_with_fallback_and_error_rates(clie
     cohort = client.get("/api/v1/admin/telemetry/cohort", headers=admin_headers,
                         params={"model": "digits", "version": 3, "device_id": [a.device_id]}).json()  # fmt: skip
     assert (cohort["requests"], cohort["fallbacks"], cohort["devices_reporting"]) == (50, 10, 1)
+    assert (cohort["shadow_agreement"], cohort["shadow_samples"]) == (None, 0)
+
+
+def test_shadow_agreement_is_summed_over_the_cohort(client, make_device, session_factory):
+    a, b = make_device(), make_device()
+    for device, agreed in ((a, 9), (b, 6)):
+        shadow_window = window(4, [], [], NOW - dt.timedelta(minutes=3))
+        shadow_window["shadow"] = {"compared": 10, "agreed": agreed}
+        post(client, device, [shadow_window])
+    with session_scope(session_factory) as session:
+        stats = query.cohort_stats(session, "digits", 4, [a.device_id, b.device_id], NOW - dt.timedelta(hours=1))
+    assert (stats.shadow_samples, stats.shadow_agreement, stats.devices_reporting) == (20, 0.75, 2)
 
 
 def test_windows_merge_by_addition_in_any_grouping():
