@@ -233,3 +233,28 @@ def test_oip_client_reports_the_servers_error_text(cloud: OipServer) -> None:
         client.infer("nosuch", X)
     assert client.ready("tiny") and not client.ready("nosuch")
     client.close()
+
+
+class PipelineAgent:
+    """What the agent's HTTP API needs from an agent for inference: ``predict(inputs, model)``."""
+
+    def __init__(self, pipeline: ServingPipeline) -> None:
+        self.pipeline = pipeline
+
+    def predict(self, inputs: dict[str, np.ndarray], model: str | None = None) -> Any:
+        return self.pipeline.predict(model or "tiny", inputs)
+
+
+def test_another_agents_localhost_oip_server_can_be_the_fallback(bundle_v1: Path, bundle_v2: Path) -> None:
+    from device_agent.httpapi import AgentHttpServer
+
+    other = engine_with(bundle_v2)
+    server = AgentHttpServer(PipelineAgent(ServingPipeline(other)), port=0).start()
+    try:
+        engine = engine_with(bundle_v1)
+        engine.crash = True
+        result = ServingPipeline(engine, ServingConfig(cloud_url=server.url + "/v2")).predict("tiny", X)
+    finally:
+        server.stop()
+    assert (result.source, result.fallback_reason) == ("cloud", "local_error")
+    assert list(result.outputs["label"]) == list(other.engine.predict("tiny", X).outputs["label"])
