@@ -58,7 +58,7 @@ DRIFT_BINS = 10
 SUMMARIES = ("mean", "std", "min", "max")
 MANIFEST_METRIC_KEYS = (
     "max_abs_error", "cosine", "top1_agreement", "metric", "metric_value", "source_metric_value", "metric_drop",
-    "size_bytes", "size_ratio_to_fp32", "dynamic_extremes", "golden_max_abs_error", "ladder_rank", "preferred",
+    "size_bytes", "size_ratio_to_fp32", "dynamic_extremes", "golden_atol", "ladder_rank", "preferred",
     "gates",
 )  # fmt: skip
 """Gate results written into each variant's ``metrics``: only reproducible figures (timings stay in the report)."""

@@ -5,8 +5,9 @@ Each module provides:
 - ``TARGET`` and ``RUNTIME`` (the ``Requirements.runtime`` devices need);
 - ``PRECISIONS``: the precisions it can build, in ladder order (most aggressive first);
 - ``build(ctx, precision, out_dir) -> BuiltVariant``: write the variant's files into ``out_dir``;
-- ``open_runner(variant) -> Runner``: the variant loaded in its real runtime, or ``None`` when the
-  host cannot execute it (Core ML on Linux), in which case the variant can only be ``structural``.
+- ``open_runner(variant) -> Runner``: the variant loaded in its real runtime. A target the host
+  cannot execute (Core ML on Linux) will return ``None`` and its variants will be ``structural``;
+  the pipeline handles that case when such a target arrives (wave 2), not before.
 
 Targets of the bundle format without a module here (``tflite``, ``coreml``, ``gguf`` in wave 1) are
 refused with one line saying they are not available yet. Adding a target means adding a module.
