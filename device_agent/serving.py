@@ -24,6 +24,7 @@ server; it never calls the local engine directly for a user request.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class ServingConfig:
     breaker_failures: int = 3
     breaker_reset_s: float = 30.0
     cache_entries: int = 256
+    cache_max_input_bytes: int = 64 * 1024
     fallback_on_low_confidence: bool = True
     deadline_ms: float | None = None
     deadline_workers: int = 4
@@ -199,6 +201,7 @@ class ServingPipeline:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._policies: dict[tuple[str, int], _Policy] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -207,7 +210,7 @@ class ServingPipeline:
         start = time.perf_counter()
         manifest = self.local.active_manifest(model)
         policy = self._policy(model, manifest)
-        key = input_key(inputs) if policy.cacheable else None
+        key = input_key(inputs) if policy.cacheable and _nbytes(inputs) <= self.config.cache_max_input_bytes else None
         attempt = _Attempt("")
         try:
             attempt = self._try_local(model, inputs, policy)
@@ -295,7 +298,10 @@ class ServingPipeline:
         if deadline_s is None:
             return self.local.predict(model, inputs, timeout_s=None)
         if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(self.config.deadline_workers, "edgefleet-local")
+            with self._executor_lock:
+                if self._executor is None:
+                    workers = self.config.deadline_workers
+                    self._executor = concurrent.futures.ThreadPoolExecutor(workers, "edgefleet-local")
         future = self._executor.submit(self.local.predict, model, inputs, deadline_s)
         try:
             return future.result(timeout=deadline_s)
@@ -453,6 +459,10 @@ def _postprocessed(outputs: dict[str, np.ndarray], policy: _Policy) -> dict[str,
 def _no_answer_message(model: str, attempt: _Attempt) -> str:
     local = attempt.reason + (f" ({attempt.error})" if attempt.error else "")
     return f"no answer for model '{model}': local model {local}; " + "; ".join(attempt.failures)
+
+
+def _nbytes(inputs: Mapping[str, Any]) -> int:
+    return sum(int(getattr(value, "nbytes", 0)) for value in inputs.values())
 
 
 def _elapsed_ms(start: float) -> float:

@@ -258,3 +258,11 @@ def test_another_agents_localhost_oip_server_can_be_the_fallback(bundle_v1: Path
         server.stop()
     assert (result.source, result.fallback_reason) == ("cloud", "local_error")
     assert list(result.outputs["label"]) == list(other.engine.predict("tiny", X).outputs["label"])
+
+
+def test_inputs_over_the_cache_size_limit_are_not_hashed_or_cached(bundle_v1: Path) -> None:
+    engine = engine_with(bundle_v1)
+    pipeline = ServingPipeline(engine, ServingConfig(cloud_url=dead_url(), cache_max_input_bytes=8))
+    pipeline.predict("tiny", X)  # 16 bytes of input
+    engine.crash = True
+    assert pipeline.predict("tiny", X).source == "static" and len(pipeline.cache) == 0
