@@ -76,6 +76,7 @@ class LocalEngine:
         self._admission = threading.Condition(self._lock)
         self._active: dict[str, LoadedBundle] = {}
         self._previous: dict[str, LoadedBundle] = {}
+        self._candidate: dict[str, LoadedBundle] = {}
         self.stats = QueueStats()
 
     # --- the protocol the serving pipeline codes against ---------------------------------------
@@ -222,19 +223,58 @@ class LocalEngine:
         loaded = self._active.get(model)
         return None if loaded is None else loaded.bundle_dir
 
+    # --- bundles on trial: loaded beside the served one, never answering a request ----------------
+
+    def load_candidate(self, model: str, bundle_dir: Path, variant: str) -> None:
+        """Load a bundle on trial next to the served one (reusing the previous one if it is the same)."""
+        manifest = Manifest.from_bytes((bundle_dir / "manifest.json").read_bytes())
+        current = self._candidate.get(model)
+        if current is not None and _same(current, bundle_dir, manifest, variant):
+            return
+        previous = self._previous.get(model)
+        reuse = previous is not None and _same(previous, bundle_dir, manifest, variant)
+        loaded = previous if reuse and previous is not None else self._load_bundle(manifest, bundle_dir, variant)
+        with self._lock:
+            old, self._candidate[model] = self._candidate.get(model), loaded
+            self._retire_unless_used(model, old)
+
+    def candidate_dir(self, model: str) -> Path | None:
+        loaded = self._candidate.get(model)
+        return None if loaded is None else loaded.bundle_dir
+
+    def promote(self, model: str) -> None:
+        """Serve the bundle on trial (requests in flight finish on the old one, kept as previous)."""
+        with self._lock:
+            candidate = self._candidate.pop(model, None)
+        if candidate is None:
+            raise ModelNotReadyError(f"model '{model}' has no bundle on trial to promote")
+        self._swap(model, candidate, keep_current=True)
+
+    def drop_candidate(self, model: str) -> None:
+        """Forget the bundle on trial (it failed, or the deployment is abandoned)."""
+        with self._lock:
+            self._retire_unless_used(model, self._candidate.pop(model, None))
+
+    def _retire_unless_used(self, model: str, bundle: LoadedBundle | None) -> None:
+        """Close ``bundle`` (once idle) unless it is still active, previous or on trial. Lock held."""
+        in_use = (self._active.get(model), self._previous.get(model), self._candidate.get(model))
+        if bundle is not None and all(bundle is not b for b in in_use):
+            bundle.retired = True
+            bundle.close_if_idle()
+
     def health_check(
         self, model: str, runs: int = 5, latency_slack: float = 1.5, memory_slack: float = 1.5
     ) -> dict[str, Any]:
-        """Golden self-test plus latency and memory budgets of the served bundle."""
-        loaded = self._active.get(model)
+        """Golden self-test plus latency and memory budgets of the bundle on trial."""
+        loaded = self._candidate.get(model)
         if loaded is None:
-            raise ModelNotReadyError(f"model '{model}' is not loaded on this device")
+            raise ModelNotReadyError(f"model '{model}' has no bundle on trial to check")
         return check_health(loaded.predictor, loaded.manifest, loaded.load_rss_mb, runs, latency_slack, memory_slack)
 
     def unload(self, model: str) -> None:
         """Stop serving ``model`` (requests in flight finish first)."""
         with self._lock:
-            for table in (self._active, self._previous):
+            for table in (self._active, self._previous, self._candidate):
                 loaded = table.pop(model, None)
                 if loaded is not None:
                     loaded.retired = True

@@ -62,6 +62,18 @@ class EngineHost:
     def serving_dir(self, model: str) -> Path | None:
         return self.engine.serving_dir(model)
 
+    def load_candidate(self, model: str, bundle_dir: Path, variant: str) -> None:
+        self.engine.load_candidate(model, bundle_dir, variant)
+
+    def candidate_dir(self, model: str) -> Path | None:
+        return self.engine.candidate_dir(model)
+
+    def promote(self, model: str) -> None:
+        self.engine.promote(model)
+
+    def drop_candidate(self, model: str) -> None:
+        self.engine.drop_candidate(model)
+
     def health_check(self, model: str) -> dict[str, Any]:
         c = self.config
         return self.engine.health_check(model, c.health_runs, c.health_latency_slack, c.health_memory_slack)
@@ -95,16 +107,17 @@ class Updater:
         self.steps.source = source
 
     def load_installed(self) -> None:
-        """Serve every model's active slot (what was served when the process stopped)."""
+        """Serve every model's committed slot (a slot on trial is never served before it passes)."""
         for name in self.slots.models():
             model = self.slots.model(name)
-            active = model.pointer().active
-            info = model.info(active)
-            if active is not None and info is not None and self.engine.serving_dir(name) != model.slot_dir(active):
-                try:
-                    self.engine.load(name, model.slot_dir(active), info.variant)
-                except Exception as e:  # the resume and settle below repair what is broken
-                    log.error("cannot load %s from slot %s: %s", name, active, e)
+            committed = model.pointer().committed
+            info = model.info(committed)
+            if committed is None or info is None or self.engine.serving_dir(name) == model.slot_dir(committed):
+                continue
+            try:
+                self.engine.load(name, model.slot_dir(committed), info.variant)
+            except Exception as e:  # the resume and settle below repair what is broken
+                log.error("cannot load %s from slot %s: %s", name, committed, e)
 
     def recover(self) -> DeploymentRecord | None:
         """Start-up: load, finish an interrupted deployment, settle the pointers."""
@@ -122,6 +135,7 @@ class Updater:
             return
         for name in self.slots.models():
             model = self.slots.model(name)
+            self.engine.drop_candidate(name)
             changed = model.settle()
             committed = model.pointer().committed
             info = model.info(committed)

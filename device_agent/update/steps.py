@@ -38,8 +38,20 @@ class ModelHost(Protocol):
     def serving_dir(self, model: str) -> Path | None:
         """The bundle directory the model is served from now."""
 
+    def load_candidate(self, model: str, bundle_dir: Path, variant: str) -> None:
+        """Load a bundle on trial beside the served one; it answers no request until promoted."""
+
+    def candidate_dir(self, model: str) -> Path | None:
+        """The bundle directory of the bundle on trial."""
+
+    def promote(self, model: str) -> None:
+        """Serve the bundle on trial (requests in flight finish on the old one)."""
+
+    def drop_candidate(self, model: str) -> None:
+        """Forget the bundle on trial."""
+
     def health_check(self, model: str) -> dict[str, Any]:
-        """Self-test plus latency and memory budgets of the served bundle; raises on failure."""
+        """Self-test plus latency and memory budgets of the bundle on trial; raises on failure."""
 
     def unload(self, model: str) -> None:
         """Stop serving ``model``."""
@@ -192,27 +204,39 @@ class UpdateSteps:
         self._model(record).stage(record.slot, archive, manifest_bytes, record.selected_variant, limits)
         return Event.SUCCESS
 
+    def _load_candidate(self, model: ModelSlots, slot: str) -> None:
+        info = model.info(slot)
+        if info is None:
+            raise InstallError(f"{model.name}: slot '{slot}' holds no verified bundle")
+        if self.host.candidate_dir(model.name) != model.slot_dir(slot):
+            self.host.load_candidate(model.name, model.slot_dir(slot), info.variant)
+
     def activate(self, record: DeploymentRecord) -> Event:
-        """Flip the pointer to the new slot and reload the engine from it."""
+        """Flip the pointer to the new slot (on trial) and load it beside the served model."""
         assert record.slot is not None
         model = self._model(record)
         model.activate(record.slot)
-        self._serve(model, record.slot)
+        self._load_candidate(model, record.slot)
         return Event.SUCCESS
 
     def health_check(self, record: DeploymentRecord) -> Event:
-        """Load + golden self-test + latency and memory budgets, on the slot being served."""
+        """Load + golden self-test + latency and memory budgets, on the bundle on trial."""
         assert record.slot is not None
         model = self._model(record)
         model.activate(record.slot)
-        self._serve(model, record.slot)
+        self._load_candidate(model, record.slot)
         record.health = self.host.health_check(record.model)
         return Event.SUCCESS
 
     def commit(self, record: DeploymentRecord) -> Event:
-        """The new slot becomes the known-good one; the old one is kept as ``previous``."""
+        """The new slot becomes the known-good one and is served; the old one is kept as ``previous``."""
         assert record.slot is not None
-        self._model(record).commit(record.slot)
+        model = self._model(record)
+        model.commit(record.slot)
+        if self.host.candidate_dir(record.model) == model.slot_dir(record.slot):
+            self.host.promote(record.model)
+        else:
+            self._serve(model, record.slot)
         self.failed.discard(record.ref)
         return Event.SUCCESS
 
@@ -225,6 +249,7 @@ class UpdateSteps:
     def rollback(self, record: DeploymentRecord) -> Event:
         """Serve the committed slot again (instant when the engine still holds it)."""
         model = self._model(record)
+        self.host.drop_candidate(record.model)
         committed = model.rollback()
         if committed is None:
             raise InstallError(f"{record.model}: nothing committed to roll back to")
@@ -235,6 +260,7 @@ class UpdateSteps:
         """Remember a permanent failure; never leave an uncommitted bundle served."""
         if record.error_kind != "transient":
             self.failed.add(record.ref, record.error or "failed")
+        self.host.drop_candidate(record.model)
         model = self._model(record)
         committed = model.rollback()
         if committed is None:
@@ -262,6 +288,7 @@ class UpdateSteps:
     def loop_abort(self, record: DeploymentRecord) -> Event:
         """The deployment kept crashing: serve the committed slot and never retry this target."""
         self.failed.add(record.ref, record.error or "update loop detected")
+        self.host.drop_candidate(record.model)
         model = self._model(record)
         committed = model.rollback()
         if committed is not None:

@@ -245,3 +245,42 @@ def test_a_target_with_a_future_start_after_waits(tmp_path: Path, published: Pat
     assert h.device.committed_version("tiny") == 1
     now = {**entry("tiny", 2), "start_after": "2000-01-01T00:00:00Z"}
     assert [r.status for r in h.device.updater.apply({"models": [now]})] == [DeploymentStatus.INSTALLED]
+
+
+def test_inference_keeps_answering_through_updates_and_never_from_an_unverified_bundle(
+    tmp_path: Path, published: Path
+) -> None:
+    import threading
+
+    import numpy as np
+
+    from bundles.testing import reference_classifier
+
+    h = Harness(tmp_path, published)
+    x = np.array([[0.3, -0.7, 1.1, 0.2]], dtype=np.float32)
+    references = {v: reference_classifier(seed=v).logits(x) for v in (1, 2, 3, 4)}
+    served: collections.Counter[int] = collections.Counter()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                logits = h.device.engine.predict("tiny", {"x": x}).raw["logits"]
+            except BaseException as e:  # noqa: BLE001 - every failure is a test failure
+                errors.append(e)
+                return
+            served[min(references, key=lambda v: float(np.abs(references[v] - logits).max()))] += 1
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    try:
+        statuses = [h.device.updater.deploy(entry("tiny", v)).status for v in (2, 3, 4, 1)]
+    finally:
+        stop.set()
+        worker.join()
+    assert statuses == [DeploymentStatus.INSTALLED, DeploymentStatus.ROLLED_BACK, DeploymentStatus.ROLLED_BACK,
+                        DeploymentStatus.INSTALLED]  # fmt: skip
+    assert not errors, errors
+    assert served[1] > 0 and served[2] > 0
+    assert served[3] == 0 and served[4] == 0, f"a bundle that failed its health check answered: {served}"
