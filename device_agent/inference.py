@@ -7,6 +7,10 @@ the reference under a lock, so requests already running finish on the old predic
 when its last request leaves. Concurrency is bounded: ``max_concurrency`` requests run at once,
 ``max_waiting`` more may wait up to ``queue_timeout_s``; beyond that :class:`BusyError` answers at
 once, which the HTTP API turns into a 503.
+
+During an update the new bundle is loaded *on trial* (:meth:`LocalEngine.load_candidate`) beside the
+served one: the health check runs on it while requests keep going to the served bundle, and only
+:meth:`LocalEngine.promote` (at commit) makes it answer.
 """
 
 from __future__ import annotations
