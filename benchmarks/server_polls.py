@@ -48,6 +48,7 @@ NOT_MODIFIED_SHARE = 0.95
 SAMPLES_PER_BATCH = 500
 TELEMETRY_CONNECTIONS = 4
 AT = "2026-11-29T12:00:00+00:00"
+LAST_SEEN_FLUSH_WAIT_S = 6.0
 
 
 # --- set-up -----------------------------------------------------------------------------------------
@@ -262,6 +263,7 @@ def loadgen_main(args: argparse.Namespace) -> None:
 
 async def loadgen_phases(port: int, tokens: list[str], seconds: float) -> dict[str, Any]:
     etags = await learn_etags(port, tokens)
+    await asyncio.sleep(LAST_SEEN_FLUSH_WAIT_S)  # let the server write the learning polls' last-seen times first
     rng = random.Random(1)
     mixed = [
         poll_request(token, etag if rng.random() < NOT_MODIFIED_SHARE else None)

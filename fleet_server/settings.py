@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     enroll_rate_per_minute: Annotated[int, Field(ge=1)] = 60
     nonce_ttl_s: Annotated[int, Field(ge=10)] = 300
 
+    poll_db_connections: Annotated[int, Field(ge=1, le=100)] = 4
     poll_interval_s: Annotated[int, Field(ge=5)] = 300
     jitter_s: Annotated[int, Field(ge=0)] = 30
     fallback_url: str | None = None

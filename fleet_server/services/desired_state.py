@@ -43,6 +43,14 @@ _STATE_SQL = """
     WHERE d.token_hash = {p}
     ORDER BY a.model_name
 """
+_LAST_SEEN_SQL = text("UPDATE devices SET last_seen_at = :at WHERE id = :device_id").bindparams(
+    bindparam("at", type_=UTCDateTime())
+)
+# PostgreSQL: one statement for the whole buffer instead of one row update per device.
+_PG_LAST_SEEN_SQL = text(
+    "UPDATE devices SET last_seen_at = u.at FROM unnest(CAST(:ids AS text[]), CAST(:ats AS timestamptz[])) AS u(id, at)"
+    " WHERE devices.id = u.id"
+)
 _PARAM_MARKERS = {"sqlite": ":token_hash", "postgresql": "%(token_hash)s"}
 
 
@@ -67,7 +75,8 @@ class DesiredStateService:
         self.engine = engine
         self.settings = settings
         self._sql = _STATE_SQL.format(p=_PARAM_MARKERS[engine.dialect.name])
-        self.async_pool = AsyncPgPool(conninfo_for(engine)) if engine.dialect.name == "postgresql" else None
+        is_postgres = engine.dialect.name == "postgresql"
+        self.async_pool = AsyncPgPool(conninfo_for(engine), settings.poll_db_connections) if is_postgres else None
         self._memo: dict[str, tuple[tuple[Any, ...], RenderedState]] = {}
         self._seen: dict[str, dt.datetime] = {}
         self._seen_lock = threading.Lock()
@@ -158,11 +167,11 @@ class DesiredStateService:
             seen, self._seen = self._seen, {}
         if not seen:
             return 0
-        statement = text("UPDATE devices SET last_seen_at = :at WHERE id = :device_id").bindparams(
-            bindparam("at", type_=UTCDateTime())
-        )
         with self.engine.begin() as connection:
-            connection.execute(statement, [{"device_id": k, "at": v} for k, v in seen.items()])
+            if self.engine.dialect.name == "postgresql":
+                connection.execute(_PG_LAST_SEEN_SQL, {"ids": list(seen), "ats": list(seen.values())})
+            else:
+                connection.execute(_LAST_SEEN_SQL, [{"device_id": k, "at": v} for k, v in seen.items()])
         return len(seen)
 
 
