@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from bundles.errors import TransportError
-from device_agent.update.record import DeploymentRecord, LoopDetected, LoopExhausted, RecordStore
+from device_agent.update.record import EXIT_STATES, DeploymentRecord, LoopDetected, LoopExhausted, RecordStore
 from device_agent.update.states import DeploymentStatus, Event, UpdateState, next_status
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class UpdateMachine:
             self._advance(record, event)
             if not self._persist_unless_idle(record):
                 return record
-        self.store.clear()
+        self._clear()
         return record
 
     def _run_step(self, record: DeploymentRecord) -> Event:
@@ -171,9 +171,22 @@ class UpdateMachine:
         except LoopExhausted as e:
             log.error("update %s: abandoned: %s", record.ref, e)
             record.fail(str(e))
-            self.store.clear()
+            self._clear()
             return False
+        except OSError as e:  # as Mender: a state that cannot be saved fails, the way out carries on
+            log.error("update %s: cannot save the deployment record in %s: %s", record.ref, record.state.value, e)
+            record.fail(f"cannot save the deployment record: {e}", kind="transient")
+            if record.state in EXIT_STATES:
+                return True
+            self._advance(record, E.FAILURE)
+            return self._persist_unless_idle(record)
         return True
+
+    def _clear(self) -> None:
+        try:
+            self.store.clear()
+        except OSError as e:
+            log.error("cannot remove the deployment record: %s", e)
 
 
 def _mermaid_id(state: UpdateState) -> str:

@@ -284,3 +284,26 @@ def test_inference_keeps_answering_through_updates_and_never_from_an_unverified_
     assert not errors, errors
     assert served[1] > 0 and served[2] > 0
     assert served[3] == 0 and served[4] == 0, f"a bundle that failed its health check answered: {served}"
+
+
+@pytest.mark.parametrize("state", [S.DOWNLOAD, S.STAGE, S.HEALTH_CHECK, S.COMMIT, S.ROLLBACK], ids=lambda s: s.value)
+def test_a_record_that_cannot_be_saved_fails_the_deployment_safely(
+    tmp_path: Path, published: Path, state: UpdateState
+) -> None:
+    h = Harness(tmp_path, published)
+    store = h.device.updater.machine.store
+    real_save = store.save
+
+    def save(record: DeploymentRecord) -> None:
+        if record.state is state:
+            raise OSError(28, "No space left on device")
+        real_save(record)
+
+    store.save = save  # type: ignore[method-assign]
+    record = h.deploy(3 if state is S.ROLLBACK else 2)
+    assert record is not None
+    if state is S.ROLLBACK:  # the way out carries on without its record
+        assert record.status is DeploymentStatus.ROLLED_BACK
+    else:
+        assert "No space left" in (record.error or "") and record.status is not DeploymentStatus.INSTALLED
+    assert h.final_check() == 1
