@@ -21,6 +21,9 @@ from converter.registry import Registry
 from tests.converter.helpers import cli, ok, register_cnn
 
 
+LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
 @pytest.fixture(scope="module")
 def converted(digits_cnn: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One home with digits@1 registered and converted once (auto ladder, onnx + ort)."""
@@ -29,7 +32,9 @@ def converted(digits_cnn: object, tmp_path_factory: pytest.TempPathFactory) -> I
         patch.setenv("EDGEFLEET_HOME", str(root))
         # The host is shared with other test runs: a generous speed allowance keeps this module's verdicts
         # (and so its bundle bytes) stable; refusing a slower variant is tested with ConvInteger elsewhere.
-        register_cnn("digits", digits_cnn, "--max-latency-ratio", "3")
+        labels = root / "labels.txt"
+        labels.write_text("\n".join(LABELS) + "\n")
+        register_cnn("digits", digits_cnn, "--max-latency-ratio", "3", "--labels", labels)
         ok("convert", "digits", "--targets", "onnx,ort", "--quantize", "auto")
         yield root
 
@@ -127,7 +132,7 @@ def test_drift_baseline_has_image_summaries_and_the_predicted_class_distribution
     assert {"x.mean", "x.std"} <= names
     output = manifest.drift_baseline.output
     assert output is not None and output.name == "logits"
-    assert output.categories == tuple(str(i) for i in range(10))
+    assert output.categories == LABELS
     assert abs(sum(output.freqs) - 1.0) < 1e-4
     assert manifest.lineage.source_sha256 == Registry(in_home).get("digits").source_sha256
     assert manifest.lineage.tool_versions["onnxruntime"]

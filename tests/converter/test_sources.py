@@ -42,10 +42,17 @@ def test_random_forest_converts_through_skl2onnx_and_int8_rungs_say_there_is_not
         assert predictor.self_test().passed
 
 
-def test_mlp_regressor_is_gated_on_mae(home: Path, diabetes_mlp: object, tmp_path: Path) -> None:
+def test_mlp_regressor_with_parquet_eval_data_is_gated_on_mae(home: Path, diabetes_mlp: object, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = np.load(diabetes_mlp.eval)  # type: ignore[attr-defined]
+    columns = {name: data["x"][:, i] for i, name in enumerate(["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4",
+                                                                "s5", "s6"])}  # fmt: skip
+    pq.write_table(pa.table({**columns, "y": data["y"]}), tmp_path / "eval.parquet")
     ok("register", "diabetes", "--source", f"sklearn:{diabetes_mlp.model}", "--input", "x: float32[-1,10]",  # type: ignore[attr-defined]
        "--task", "regression", "--metric", "mae", "--max-drop", "0.05", "--max-latency-ratio", "5",
-       "--eval", diabetes_mlp.eval, "--calibration", Path(diabetes_mlp.eval).with_name("calib.npz"))  # type: ignore[attr-defined]  # fmt: skip
+       "--eval", tmp_path / "eval.parquet", "--calibration", Path(diabetes_mlp.eval).with_name("calib.npz"))  # type: ignore[attr-defined]  # fmt: skip
     ok("convert", "diabetes", "--targets", "onnx,ort", "--quantize", "fp32,int8-dynamic")
     results, archive = _latest(home, "diabetes")
     fp32 = results["onnx-fp32"]["metrics"]
@@ -54,6 +61,27 @@ def test_mlp_regressor_is_gated_on_mae(home: Path, diabetes_mlp: object, tmp_pat
     manifest, _ = open_bundle(archive, tmp_path / "mlp")
     assert manifest.outputs[0].name == "variable" and manifest.task == "regression"
     assert manifest.drift_baseline.output is not None and manifest.drift_baseline.output.edges
+    assert [f.name for f in manifest.features][:3] == ["age", "sex", "bmi"]
+    assert {h.name for h in manifest.drift_baseline.features} >= {"age", "bmi"}
+
+
+def test_a_saved_exported_program_is_a_torch_source(home: Path, tmp_path: Path) -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = np.random.default_rng(2).normal(size=(40, 6)).astype(np.float32)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(model, (torch.from_numpy(x[:2]),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    with torch.no_grad():
+        labels = model(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(tmp_path / "eval.npz", x=x, y=labels)
+    ok("register", "mlp", "--source", tmp_path / "model.pt2", "--input", "x: float32[1..16,6]",
+       "--task", "classification", "--eval", tmp_path / "eval.npz")  # fmt: skip
+    ok("convert", "mlp", "--targets", "onnx", "--quantize", "fp32")
+    results, _ = _latest(home, "mlp")
+    assert results["onnx-fp32"]["metrics"]["metric_value"] == 1.0
+    assert set(results["onnx-fp32"]["metrics"]["dynamic_extremes"]) == {"x[0]=1", "x[0]=16"}
 
 
 def test_an_onnx_file_is_a_source_and_its_external_data_is_folded_in(home: Path, tmp_path: Path) -> None:
