@@ -20,7 +20,6 @@ from converter.home import Home
 from converter.registry import Registry
 from tests.converter.helpers import cli, ok, register_cnn
 
-
 LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
