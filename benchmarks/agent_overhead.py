@@ -86,6 +86,7 @@ def measure_overhead(rounds: int, block: int) -> dict[str, float]:
         calls = {
             "raw": lambda: session.run(None, {"x": x}),
             "predictor": lambda: predictor.predict({"x": x}),
+            "engine": lambda: plain.engine.predict("tiny", {"x": x}),
             "agent": lambda: agent.predict({"x": x}),
             "agent_nodeadline": lambda: plain.predict({"x": x}),
         }
@@ -157,8 +158,14 @@ def table(o: dict[str, float], m: dict[str, float]) -> str:
         "|---|---|---|---|---|",
         _row(o, "raw", "raw `onnxruntime` `session.run`"),
         _row(o, "predictor", "`Predictor.predict` (input check + softmax/argmax/label post-processing)"),
+        _row(o, "engine", "`LocalEngine.predict` (admission, in-flight count, then the Predictor)"),
         _row(o, "agent_nodeadline", "`Agent.predict`, telemetry on, bundle without `deadline_ms`"),
         _row(o, "agent", "`Agent.predict`, telemetry on, bundle `deadline_ms` = 50 (deadline thread)"),
+        "",
+        "The agent's own layers (engine admission, `Agent.predict` dispatch) add a few microseconds; the rest",
+        "of the gap is the serving pipeline and telemetry (`device_agent/serving.py`, `device_agent/telemetry/`):",
+        "input hashing for the result cache, window counters and histograms, sampling, and with a bundle",
+        "deadline a hand-off to a worker thread so the local call can be abandoned at the deadline.",
         "",
         "| measure | value |",
         "|---|---|",
