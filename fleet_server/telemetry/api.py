@@ -1,7 +1,8 @@
 """Admin HTTP API of telemetry and drift (included by the app factory as ``router``).
 
 Read endpoints need the viewer role, changes the operator role, pruning the admin role. Times are
-ISO 8601; ``since`` defaults to one hour ago. Shapes: ``docs/telemetry.md``.
+ISO 8601; ``since`` defaults to one hour ago. Shapes: ``docs/telemetry.md``. The router's lifespan
+runs the maintenance loop (``tasks``: drift evaluation every 5 minutes, retention daily).
 
 | method, path | what |
 |---|---|
@@ -18,18 +19,38 @@ ISO 8601; ``since`` defaults to one hour ago. Shapes: ``docs/telemetry.md``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import io
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, FastAPI, Query, Response
 from pydantic import BaseModel, Field
 
 from bundles.errors import ConfigError
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
 from fleet_server.telemetry import monitors, query
+from fleet_server.telemetry.tasks import Maintenance
 
-router = APIRouter(prefix="/api/v1/admin", tags=["telemetry"])
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the telemetry maintenance loop (drift evaluation, retention) when background tasks are on."""
+    task = None
+    if getattr(app.state.settings, "background_tasks", False):
+        task = asyncio.create_task(Maintenance(app.state.session_factory).run())
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+router = APIRouter(prefix="/api/v1/admin", tags=["telemetry"], lifespan=lifespan)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid parameter"}, 401: {"description": "missing or revoked API key"},
     403: {"description": "role too weak"},

@@ -89,3 +89,25 @@ def test_bad_thresholds_are_a_400_and_viewers_cannot_change_them(client, admin_h
     refused = client.put("/api/v1/admin/drift/tiny/monitor", headers=viewer_headers, json={"warn_psi": 0.2})
     assert refused.status_code == 403
     assert client.get("/api/v1/admin/drift/tiny/monitor", headers=viewer_headers).json()["overridden"] is False
+
+
+def test_the_maintenance_tick_evaluates_drift_and_prunes_once_a_day(client, release, make_device, session_factory,
+                                                                    tmp_path):  # fmt: skip
+    from fleet_server.telemetry.tasks import Maintenance
+
+    release.publish("tiny", 1)
+    device = make_device()
+    old = simulate(release.work_dir / "tiny-1", tmp_path, uniform(300, 8), NOW - dt.timedelta(days=100))
+    shifted = uniform(600, 9, {3: 1.5})
+    drifted = simulate(release.work_dir / "tiny-1", tmp_path, shifted, NOW - dt.timedelta(minutes=20))
+    old_windows = old.count_by_label()["window:window"]
+    upload(old, client, device.headers)
+    upload(drifted, client, device.headers)
+
+    maintenance = Maintenance(session_factory)
+    first = maintenance.tick(NOW)
+    assert first["open_alerts"] >= 1 and first["metric_windows"] == old_windows > 0
+    second = maintenance.tick(NOW + dt.timedelta(minutes=5))
+    assert "metric_windows" not in second  # pruning runs once a day
+    with session_scope(session_factory) as session:
+        assert "f3" in {a.feature for a in monitors.list_alerts(session, "tiny")}
