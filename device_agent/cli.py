@@ -125,6 +125,10 @@ def _disk_status(config: Any) -> dict[str, Any]:
     """The daemon is not answering: report what is on disk (and that it is not running)."""
     from device_agent.agent import Agent
 
+    if not config.state_dir.exists():
+        return {"agent_version": AGENT_VERSION, "daemon": "not running", "health": "no-model", "models": {},
+                "device_id": None, "state_dir": f"{config.state_dir} (missing)"}  # fmt: skip
+
     agent = Agent.build(config, follow_pointers=False, telemetry=False)
     try:
         status = agent.status()
