@@ -307,3 +307,17 @@ def test_a_record_that_cannot_be_saved_fails_the_deployment_safely(
     else:
         assert "No space left" in (record.error or "") and record.status is not DeploymentStatus.INSTALLED
     assert h.final_check() == 1
+
+
+def test_a_device_without_the_runtime_reports_incompatible_and_keeps_its_model(tmp_path: Path, published: Path) -> None:
+    import dataclasses
+
+    h = Harness(tmp_path, published)
+    caps = h.device.updater.steps.capabilities()
+    h.device.updater.steps.capabilities = lambda: dataclasses.replace(caps, runtimes={})
+    record = h.deploy(2)
+    assert record is not None and record.status is DeploymentStatus.INCOMPATIBLE
+    assert "onnx-fp32" in (record.error or "")
+    assert h.reporter.reports[-1]["status"] == "incompatible"
+    assert not any(t.endswith(".tar.gz") for t in h.device.source.fetched[-1:]), "an unusable variant was downloaded"
+    assert h.final_check() == 1
