@@ -126,6 +126,7 @@ def register(
     max_latency_ratio: float = typer.Option(1.1, help="Quantised vs fp32 latency allowed at the latency batch."),
     latency_batch: int = typer.Option(32, help="Batch size for throughput latency."),
     min_top1_agreement: float | None = typer.Option(None, help="Least top-1 agreement with the source."),
+    min_cosine: float | None = typer.Option(None, help="Least mean cosine similarity with the source outputs."),
     calibration_method: str = typer.Option("minmax", help="minmax | entropy | percentile"),
     features: Path | None = typer.Option(None, help="JSON list of feature specs."),
     preprocess: Path | None = typer.Option(None, help="JSON list of pre-processing steps."),
@@ -137,19 +138,20 @@ def register(
 
     with about(f"{name} (new version)", "source"):
         spec = _spec(input_spec, task, metric, labels, max_drop, max_latency_ms, max_size_bytes, max_memory_mb,
-                     max_latency_ratio, latency_batch, min_top1_agreement, calibration_method, features, preprocess,
-                     postprocess, label_key)  # fmt: skip
+                     max_latency_ratio, latency_batch, min_top1_agreement, min_cosine, calibration_method, features,
+                     preprocess, postprocess, label_key)  # fmt: skip
     model = do_register(_registry(), name, source, weights, spec, eval_path, calibration)
     console.print(f"registered {model.ref} (source sha256 {model.source_sha256[:16]}...)")
 
 
 def _spec(input_spec: str, task: str, metric: str, labels: Path | None, max_drop: float, max_latency_ms: float | None,
           max_size_bytes: int | None, max_memory_mb: float | None, max_latency_ratio: float, latency_batch: int,
-          min_top1_agreement: float | None, calibration_method: str, features: Path | None,
+          min_top1_agreement: float | None, min_cosine: float | None, calibration_method: str, features: Path | None,
           preprocess: Path | None, postprocess: Path | None, label_key: str) -> ModelSpec:  # fmt: skip
     budgets = Budgets(max_drop=max_drop, max_latency_ms=max_latency_ms, max_size_bytes=max_size_bytes,
                       max_latency_ratio=max_latency_ratio, latency_batch=latency_batch,
-                      min_top1_agreement=min_top1_agreement, max_memory_mb=max_memory_mb)  # fmt: skip
+                      min_top1_agreement=min_top1_agreement, min_cosine=min_cosine,
+                      max_memory_mb=max_memory_mb)  # fmt: skip
     spec = ModelSpec(
         task=task, inputs=parse_input_spec(input_spec), metric=metric, budgets=budgets, labels=_labels(labels),
         features=_json_list(features, "features file"), preprocess=_json_list(preprocess, "preprocess file"),

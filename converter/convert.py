@@ -192,6 +192,7 @@ def _compare_with_parent(run: _Run, measured: Measurement, parent: Measurement |
 def _record(run: _Run, built: BuiltVariant, measured: Measurement, reasons: list[str]) -> None:
     status = "refused" if reasons else "passed"
     measured.metrics["gates"] = _budgets_checked(run.model)
+    measured.metrics.update(built.details)
     if built.precision == "fp32":
         measured.metrics["size_ratio_to_fp32"] = 1.0
     result = RungResult(built.id, built.target, built.precision, status, reasons, _persistable(measured.metrics))

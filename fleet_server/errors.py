@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bundles.errors import (
@@ -109,7 +109,10 @@ def _http_error(_request: Request, error: Exception) -> JSONResponse:
 
 
 def _database_error(_request: Request, error: Exception) -> JSONResponse:
-    """A database that is down or overloaded is a 503 (retry later); anything else is our bug, a 500."""
+    """Out-of-range input the validation missed is a 400; a database that is down is a 503 (retry
+    later); anything else is our bug, a 500."""
+    if isinstance(error, DataError):
+        return JSONResponse({"detail": f"a value does not fit the database column ({error.orig})"}, 400)
     if isinstance(error, OperationalError):
         log.error("database unavailable: %s", error)
         return JSONResponse({"detail": "the database is unavailable; retry later"}, 503, {"Retry-After": "5"})

@@ -6,11 +6,13 @@ Every string has a length bound so that no field can be used to push megabytes t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Hex = str
+MAX_INT32 = 2**31 - 1  # every integer column is a 32-bit INTEGER on PostgreSQL
+DbInt = Annotated[int, Field(ge=0, le=MAX_INT32)]
 ShortText = Field(min_length=1, max_length=200)
 
 
@@ -48,7 +50,7 @@ class EnrollOut(BaseModel):
 
 class InstalledBundle(BaseModel):
     name: str = Field(min_length=1, max_length=100)
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_INT32)
     variant: str | None = Field(default=None, max_length=100)
     slot: str | None = Field(default=None, max_length=32)
     state: str | None = Field(default=None, max_length=32)
@@ -84,7 +86,7 @@ class ApiKeyCreated(ApiKeyOut):
 class EnrollTokenIn(Strict):
     fleet: str = Field(min_length=1, max_length=64, pattern="^[a-z0-9][a-z0-9_.-]*$")
     expires_in_s: int = Field(default=7 * 86_400, ge=60, le=366 * 86_400)
-    max_uses: int | None = Field(default=None, ge=1)
+    max_uses: int | None = Field(default=None, ge=1, le=MAX_INT32)
 
 
 class EnrollTokenOut(BaseModel):
@@ -166,7 +168,7 @@ class FilterOut(BaseModel):
 class AssignmentIn(Strict):
     device_id: str = Field(min_length=1, max_length=40)
     model_name: str = Field(min_length=1, max_length=100)
-    bundle_version: int = Field(ge=1)
+    bundle_version: int = Field(ge=1, le=MAX_INT32)
     variant: str | None = Field(default=None, max_length=100)
     pinned: bool = True
 

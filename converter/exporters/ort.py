@@ -18,6 +18,7 @@ ORT-format fp32 runs slower than plain ONNX on x86 (layout optimisations are not
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -108,12 +109,19 @@ def _convert_batch(ctx: BuildContext, models: dict[str, Path]) -> Path:
     return root
 
 
+@functools.lru_cache(maxsize=1)
 def _setarch() -> list[str] | None:
-    """``setarch <arch> -R`` when this host can run a child without address-space randomisation."""
+    """``setarch <arch> -R`` when this host can run a child without address-space randomisation.
+
+    Probed once: some sandboxes forbid changing the process personality, and then the conversion
+    runs without it rather than failing.
+    """
     tool = shutil.which("setarch")
     if tool is None or sys.platform != "linux":
         return None
-    return [tool, platform.machine(), "-R"]
+    prefix = [tool, platform.machine(), "-R"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True, timeout=60, check=False)
+    return prefix if probe.returncode == 0 else None
 
 
 def _write_config(source: Path, dest: Path) -> None:

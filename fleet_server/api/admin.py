@@ -14,12 +14,14 @@ from sqlalchemy import select
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, SettingsDep, ViewerDep
 from fleet_server.models import AuditEntry
 from fleet_server.schemas import (
+    MAX_INT32,
     ApiKeyCreated,
     ApiKeyIn,
     ApiKeyOut,
     AssignmentIn,
     AssignmentOut,
     AuditOut,
+    DbInt,
     DeviceList,
     DeviceOut,
     EnrollTokenIn,
@@ -59,7 +61,7 @@ def list_api_keys(_caller: AdminDep, session: SessionDep) -> list[ApiKeyOut]:
 
 
 @router.delete("/api-keys/{key_id}", response_model=ApiKeyOut, responses=ERRORS)
-def revoke_api_key(key_id: int, caller: AdminDep, session: SessionDep) -> ApiKeyOut:
+def revoke_api_key(key_id: DbInt, caller: AdminDep, session: SessionDep) -> ApiKeyOut:
     """Revoke an API key (it stops working at once)."""
     return ApiKeyOut(**api_keys.describe_api_key(api_keys.revoke_api_key(session, key_id=key_id, actor=caller.actor)))
 
@@ -84,7 +86,7 @@ def list_enroll_tokens(_caller: AdminDep, session: SessionDep) -> list[EnrollTok
 
 
 @router.delete("/enroll-tokens/{token_id}", response_model=EnrollTokenOut, responses=ERRORS)
-def revoke_enroll_token(token_id: int, caller: AdminDep, session: SessionDep) -> EnrollTokenOut:
+def revoke_enroll_token(token_id: DbInt, caller: AdminDep, session: SessionDep) -> EnrollTokenOut:
     """Revoke an enrollment token."""
     token = enroll_tokens.revoke_enroll_token(session, token_id=token_id, actor=caller.actor)
     return EnrollTokenOut(**enroll_tokens.describe_token(token))
@@ -98,7 +100,7 @@ def list_devices(
     filter: str = Query(default="", max_length=2000, description="e.g. hw=pi4 and runtime=onnxruntime>=1.20"),  # noqa: A002
     saved_filter: str | None = Query(default=None, max_length=100),
     limit: int = Query(default=1000, ge=1, le=10_000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_INT32),
 ) -> DeviceList:
     """Devices matching a filter expression or a saved filter."""
     expression = fleet.get_filter(session, saved_filter).expression if saved_filter else filter

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from fleet_server.api.bodies import read_capped, spool_capped
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
-from fleet_server.schemas import BundleDetail, BundleOut, PublicationOut, RootInstalled, TufStateOut
+from fleet_server.schemas import BundleDetail, BundleOut, DbInt, PublicationOut, RootInstalled, TufStateOut
 from fleet_server.services import registry
 
 router = APIRouter(prefix="/api/v1/admin", tags=["bundles"])
@@ -69,14 +69,14 @@ def list_bundles(
 
 
 @router.get("/bundles/{name}/{version}", response_model=BundleDetail, responses=ERRORS)
-def show_bundle(name: str, version: int, _caller: ViewerDep, session: SessionDep) -> BundleDetail:
+def show_bundle(name: str, version: DbInt, _caller: ViewerDep, session: SessionDep) -> BundleDetail:
     """One bundle version with its manifest."""
     return BundleDetail(**registry.describe_bundle(registry.get_bundle(session, name, version), with_manifest=True))
 
 
 @router.post("/bundles/{name}/{version}/deprecate", response_model=BundleOut, responses=ERRORS)
 def deprecate_bundle(
-    name: str, version: int, caller: OperatorDep, session: SessionDep, undo: bool = Query(default=False)
+    name: str, version: DbInt, caller: OperatorDep, session: SessionDep, undo: bool = Query(default=False)
 ) -> BundleOut:
     """Mark a version deprecated (``undo=true`` reverses it)."""
     bundle = registry.set_deprecated(session, name=name, version=version, deprecated=not undo, actor=caller.actor)
@@ -84,7 +84,7 @@ def deprecate_bundle(
 
 
 @router.delete("/bundles/{name}/{version}", status_code=204, responses=ERRORS)
-def delete_bundle(name: str, version: int, caller: OperatorDep, session: SessionDep) -> Response:
+def delete_bundle(name: str, version: DbInt, caller: OperatorDep, session: SessionDep) -> Response:
     """Delete a bundle record (409 while an assignment, rollout or device uses it)."""
     registry.delete_bundle(session, name=name, version=version, actor=caller.actor)
     return Response(status_code=204)

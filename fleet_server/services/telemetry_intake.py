@@ -122,12 +122,12 @@ def _time(item: dict[str, Any], key: str, where: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
-def _text(item: dict[str, Any], key: str, where: str, required: bool) -> str | None:
+def _text(item: dict[str, Any], key: str, where: str, required: bool, max_chars: int = MAX_INDEXED_TEXT) -> str | None:
     value = item.get(key)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_INDEXED_TEXT:
-        raise ConfigError(f"{where}.{key}: expected a string of 1 to {MAX_INDEXED_TEXT} characters")
+    if not isinstance(value, str) or not 0 < len(value) <= max_chars or "\x00" in value:
+        raise ConfigError(f"{where}.{key}: expected a string of 1 to {max_chars} characters")
     return value
 
 
@@ -145,7 +145,7 @@ def event_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list[
     rows = []
     for i, (item, text) in enumerate(items):
         where = f"events[{i}]"
-        rows.append({"device_id": device_id, "type": _text(item, "type", where, True),
+        rows.append({"device_id": device_id, "type": _text(item, "type", where, True, 64),
                      "model_name": _text(item, "model", where, False), "bundle_version": _version(item, where, False),
                      "at": _time(item, "at", where), "payload": text})  # fmt: skip
     return rows
@@ -169,7 +169,7 @@ def sample_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list
         where = f"samples[{i}]"
         rows.append({"device_id": device_id, "model_name": _text(item, "model", where, True),
                      "bundle_version": _version(item, where, True),
-                     "reason": _text(item, "capture_reason", where, True),
+                     "reason": _text(item, "capture_reason", where, True, 32),
                      "at": _time(item, "at", where), "payload": text})  # fmt: skip
     return rows
 
