@@ -84,30 +84,45 @@ def markdown(model: ModelVersion, conversion: Conversion) -> str:
 
 
 def plot_png(results: list[dict[str, Any]], metric: str) -> bytes:
-    """Three panels (size, metric, latency at batch 1 and batch N); refused rungs are grey and hatched."""
+    """Four panels (size, metric, latency at batch 1 and at the batch size); refused rungs grey and hatched.
+
+    The metric axis is zoomed to the values (variants often differ in the third decimal).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measured = [r for r in results if r["metrics"].get("size_bytes") is not None]
-    names = [r["variant_id"] for r in measured]
-    colors = ["tab:green" if r["status"] == "passed" else "lightgrey" for r in measured]
-    hatches = ["" if r["status"] == "passed" else "//" for r in measured]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    batch = next((r["metrics"].get("latency_batch") for r in measured if r["metrics"].get("latency_batch")), "N")
     panels = (("size (KiB)", "size_bytes", 1 / 1024), (metric, "metric_value", 1.0),
-              ("latency p50 batch 1 (ms)", "latency_b1_p50_ms", 1.0))  # fmt: skip
+              ("latency p50, batch 1 (ms)", "latency_b1_p50_ms", 1.0),
+              (f"latency p50, batch {batch} (ms)", "latency_batch_p50_ms", 1.0))  # fmt: skip
+    figure, axes = plt.subplots(1, len(panels), figsize=(17, 4.4))
     for axis, (title, key, factor) in zip(axes, panels, strict=True):
-        bars = axis.bar(names, [float(r["metrics"].get(key) or 0.0) * factor for r in measured], color=colors)
-        for bar, hatch in zip(bars, hatches, strict=True):
-            bar.set_hatch(hatch)
-        axis.set_title(title)
-        axis.tick_params(axis="x", rotation=60, labelsize=8)
+        _bar_panel(axis, measured, title, [float(r["metrics"].get(key) or 0.0) * factor for r in measured])
+    _zoom(axes[1], [float(r["metrics"].get("metric_value") or 0.0) for r in measured])
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _bar_panel(axis: Any, measured: list[dict[str, Any]], title: str, values: list[float]) -> None:
+    colors = ["tab:green" if r["status"] == "passed" else "lightgrey" for r in measured]
+    bars = axis.bar([r["variant_id"] for r in measured], values, color=colors)
+    for bar, result in zip(bars, measured, strict=True):
+        bar.set_hatch("" if result["status"] == "passed" else "//")
+    axis.set_title(title)
+    axis.tick_params(axis="x", rotation=60, labelsize=8)
+
+
+def _zoom(axis: Any, values: list[float]) -> None:
+    if values:
+        low, high = min(values), max(values)
+        margin = max((high - low) * 0.5, abs(high) * 0.01, 1e-6)
+        axis.set_ylim(low - margin, high + margin)
 
 
 def html_page(model: ModelVersion, conversion: Conversion, png: bytes) -> str:
