@@ -88,10 +88,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping", signum)
-        daemon.stop.set()
+        daemon.request_stop()
+
+    def poll_now(_signum: int, _frame: FrameType | None) -> None:
+        daemon.wake.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, poll_now)
     daemon.run(once=args.once, http=not args.no_http and not args.once)
     return 0
 

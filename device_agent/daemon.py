@@ -40,6 +40,7 @@ class Daemon:
     def __init__(self, agent: Agent, stop: threading.Event | None = None) -> None:
         self.agent, self.config = agent, agent.config
         self.stop = stop or threading.Event()
+        self.wake = threading.Event()  # set by SIGHUP (``systemctl reload``): poll now
         self.desired_path = self.config.state_dir / "desired.json"
         saved = read_json(self.desired_path) or {}
         self.desired: dict[str, Any] | None = saved.get("state")
@@ -93,11 +94,17 @@ class Daemon:
                 wait_s = self.round() if enrolled else self.config.poll_interval_s
                 if once:
                     break
-                self.stop.wait(wait_s)
+                self.wake.wait(wait_s)
+                self.wake.clear()
         finally:
             if server is not None:
                 server.stop()
             self.agent.close()
+
+    def request_stop(self) -> None:
+        """Finish the current round and exit (SIGTERM)."""
+        self.stop.set()
+        self.wake.set()
 
     def round(self) -> float:
         """One poll-apply-report round; returns the seconds to wait before the next one."""

@@ -8,6 +8,7 @@ request instead of starting over.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -126,3 +127,42 @@ def test_4_download_cut_midway_resumes_without_starting_over(fleet: Fleet, devic
     assert requests[1].range == f"bytes={size // 2}-"
     assert sum(r.bytes_sent for r in requests) == size, "the download started over"
     assert assert_one_committed_loadable(device["state_dir"], "tiny") == 4
+
+
+def test_5_a_running_daemon_updates_live_without_failing_a_request(fleet: Fleet, device: dict[str, Any]) -> None:
+    import signal
+    import threading
+    import time
+
+    fleet.publish("tiny", 5)
+    answers: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+    for daemon in start_daemon(device["state_dir"]):
+        daemon.wait_ready("tiny")
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
+
+        def hammer(url: str, body: dict[str, Any]) -> None:
+            with httpx.Client(base_url=url, timeout=10) as http:
+                while not stop.is_set():
+                    response = http.post("/v2/models/tiny/infer", json=body)
+                    version = response.json().get("model_version") if response.status_code == 200 else None
+                    answers.append((response.status_code, version))
+
+        worker = threading.Thread(target=hammer, args=(daemon.url, body))
+        worker.start()
+        try:
+            fleet.assign(device["device_id"], "tiny", 5)
+            daemon.process.send_signal(signal.SIGHUP)  # poll now (systemctl reload)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(v == "5" for _, v in answers[-50:]):
+                time.sleep(0.05)
+            time.sleep(0.2)  # a few more requests on the new version
+        finally:
+            stop.set()
+            worker.join()
+    statuses = {code for code, _ in answers}
+    versions = [v for _, v in answers]
+    assert statuses == {200}, f"requests failed during the update: {collections.Counter(statuses)}"
+    assert "5" in versions and set(versions) <= {"4", "5"} and len(versions) > 20
+    assert versions.index("5") > 0 and "4" not in versions[versions.index("5"):], "served an old version after the swap"
+    assert assert_one_committed_loadable(device["state_dir"], "tiny") == 5
