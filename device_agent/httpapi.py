@@ -200,6 +200,7 @@ def error_status(e: Exception) -> tuple[int, int | None]:
 class _Handler(BaseHTTPRequestHandler):
     api: InferenceApi
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     server_version = f"edgefleet-agent/{AGENT_VERSION}"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
