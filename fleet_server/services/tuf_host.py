@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bundles.errors import ConfigError, EdgeFleetError
+from fleet_server.errors import ConflictError
 from fleet_server.settings import Settings
 from fleet_server.storage import LocalStorage
 
@@ -62,6 +63,8 @@ class TufHost:
         """The public online keys as TUF key dicts (what the release workstation puts in root)."""
         from bundles.tuf.keys import key_to_dict, public_key
 
+        if not self.has_online_keys():
+            raise ConflictError("the server has no online TUF keys yet: run 'edgefleet-server init'")
         return {
             "snapshot": key_to_dict(public_key(self.keys_dir / SNAPSHOT_KEY_FILE)),
             "timestamp": key_to_dict(public_key(self.keys_dir / TIMESTAMP_KEY_FILE)),

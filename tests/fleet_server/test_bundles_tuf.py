@@ -150,3 +150,13 @@ def test_refresh_resigns_timestamp_when_it_is_close_to_expiry(app, client, relea
     app.state.settings.timestamp_expiry_s = 10 * 86_400  # the current one (1 day) is now "due"
     assert "timestamp" in app.state.tuf.refresh()
     assert client.get("/tuf/metadata/timestamp.json").json()["signed"]["version"] == before + 1
+
+
+def test_tuf_state_before_init_is_a_clear_409(client, admin_headers):
+    response = client.get("/api/v1/admin/tuf/state", headers=admin_headers)
+    assert response.status_code == 409 and "edgefleet-server init" in response.json()["detail"]
+
+
+def test_publication_before_a_root_is_installed_is_refused(client, admin_headers, online_keys):
+    response = client.post("/api/v1/admin/publications", headers=admin_headers, content=b"x" * 100)
+    assert response.status_code == 400 and "root" in response.json()["detail"]
