@@ -16,6 +16,7 @@ import importlib.util
 import io
 import logging
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -169,9 +170,11 @@ def _call_factory(path: Path, factory: str) -> Any:
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         assert loader_spec is not None and loader_spec.loader is not None
         py_module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = py_module  # dataclasses and pickling look the module up by name
         loader_spec.loader.exec_module(py_module)
         model = getattr(py_module, factory)()
     except Exception as e:
+        sys.modules.pop(module_name, None)
         raise ConversionError(f"the factory {factory}() failed: {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(model, torch.nn.Module):
         raise ConversionError(f"the factory {factory}() returned {type(model).__name__}, not a torch.nn.Module")
