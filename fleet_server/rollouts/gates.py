@@ -189,7 +189,7 @@ def evaluate_gate(gate: Gate, canary: CohortFigures, control: CohortFigures | No
         return result("wait", f"needs {minimum} {metric.sample}, has {sample}")
     if threshold is None:
         return result("wait", why_no_threshold)
-    verdict = _OPS[gate.op](value, threshold)
+    verdict = _OPS[gate.op](value, threshold) or (gate.relative and value == threshold == 0.0)
     return result("pass" if verdict else "fail", _describe(gate, value, threshold, sample, metric, control_value))
 
 
@@ -205,7 +205,7 @@ def _threshold(gate: Gate, control: CohortFigures | None, minimum: int) -> tuple
 
 
 def _describe(gate: Gate, value: float, threshold: float, sample: int, metric: Metric, control: float | None) -> str:
-    verb = "within" if _OPS[gate.op](value, threshold) else "breached"
+    verb = "within" if _OPS[gate.op](value, threshold) or (gate.relative and value == threshold == 0.0) else "breached"
     text = f"{gate.metric}={value:.4g} {verb} {gate.op}{threshold:.4g} over {sample} {metric.sample}"
     return text + (f" (previous version: {control:.4g})" if control is not None else "")
 

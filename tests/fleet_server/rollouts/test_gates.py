@@ -166,3 +166,10 @@ def test_results_round_trip_and_every_metric_is_documented():
     result = evaluate_gate(Gate.parse("psi<0.2"), figures(requests=1000, psi_max_input=0.3))
     assert GateResult.from_dict(result.to_dict()) == result
     assert all(m.meaning for m in METRICS.values())
+
+
+def test_relative_gate_passes_when_both_versions_are_at_zero():
+    gate = Gate.parse("error_rate<1.5x")
+    control = figures(requests=1000, errors=0)
+    assert evaluate_gate(gate, figures(requests=200, errors=0), control).status == "pass"
+    assert evaluate_gate(gate, figures(requests=200, errors=1), control).status == "fail"
