@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,6 +43,7 @@ QUANTISED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "Co
                  "QLinearMatMul", "QGemm")  # fmt: skip
 _COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 _CALIBRATION_ROWS = 512
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def make_precision(
@@ -151,17 +155,41 @@ def _require_quantised(path: Path, what: str) -> None:
 
 @contextlib.contextmanager
 def _preprocessed(fp32_path: Path) -> Iterator[Path]:
-    """``quant_pre_process`` output in a temp dir (falls back to the fp32 model if pre-processing fails)."""
+    """``quant_pre_process`` output in a temp dir.
+
+    Symbolic shape inference gives up on some graphs (random ops, ML-domain trees) and then dumps
+    ``sym_shape_infer_temp.onnx`` into the current directory: that file is removed, and the model
+    is pre-processed without symbolic inference, or used as is if even that fails.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as temp:
         pre = Path(temp) / "preprocessed.onnx"
-        try:
-            with _quiet():
-                quant_pre_process(str(fp32_path), str(pre))
-        except Exception:
-            shutil.copyfile(fp32_path, pre)  # ML-domain models (trees) cannot be pre-processed; quantise as is
+        if not any(_try_pre_process(quant_pre_process, fp32_path, pre, skip) for skip in (False, True)):
+            shutil.copyfile(fp32_path, pre)
         yield pre
+
+
+def _try_pre_process(pre_process: Any, fp32_path: Path, out_path: Path, skip_symbolic: bool) -> bool:
+    try:
+        with _quiet(), _no_litter():
+            pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=skip_symbolic)
+    except Exception as e:  # ORT raises bare Exception here ("Incomplete symbolic shape inference")
+        logging.getLogger(__name__).debug("quant_pre_process (skip_symbolic=%s) failed: %s", skip_symbolic, e)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _no_litter() -> Iterator[None]:
+    """Remove files ONNX Runtime's shape inference leaves in the working directory when it fails."""
+    before = set(os.listdir("."))
+    try:
+        yield
+    finally:
+        for name in set(os.listdir(".")) - before:
+            if name.startswith("sym_shape_infer_temp") or _UUID_RE.match(name):
+                Path(name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
