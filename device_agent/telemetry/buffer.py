@@ -6,6 +6,10 @@ loses routine samples first. Every eviction is counted by kind and reason in ``d
 are turned into a ``drops`` event (priority 0) when the next batch is built, so the server learns
 what was lost.
 
+Under pressure, before any window is evicted, the oldest windows are merged into one per hour (they
+are sums, so no count is lost, only time resolution): ``compact`` is the merge function
+(``device_agent.telemetry.windows.merge_windows``).
+
 Uploads are idempotent: :meth:`TelemetryBuffer.next_batch` marks the items it hands out with a
 batch id and returns the same batch (same id, same items) until :meth:`ack` deletes them, so a
 retry after a lost answer is the same batch and the server counts it once.
@@ -18,24 +22,30 @@ file sizes. Stdlib ``sqlite3`` in WAL mode; one lock.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bundles.errors import ConfigError
+from device_agent.telemetry.windows import merge_windows
 
 ROW_OVERHEAD_BYTES = 48
 PAGE_OVERHEAD = 1.25
 """Measured: the database file holds about 1.2 bytes per accounted byte (page fill, indexes, free pages)."""
 SHM_BYTES = 64 * 1024
 EVICT_TO = 0.98
+COMPACT_SPAN_S = 3600
+"""Under pressure, windows are merged into one per hour (per model and version)."""
+COMPACT_CHUNK = 240
 PRIORITIES = {
     "event:install": 0,
     "event:error": 0,
@@ -94,12 +104,19 @@ def priority_of(kind: str, label: str) -> int:
 class TelemetryBuffer:
     """A capped, prioritised SQLite queue of telemetry items (see the module docstring)."""
 
-    def __init__(self, path: str | Path, cap_bytes: int) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        cap_bytes: int,
+        compact: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = merge_windows,
+    ) -> None:
         if cap_bytes < 64 * 1024:
             raise ConfigError(f"telemetry buffer cap {cap_bytes} bytes is too small (minimum 64 KiB)")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cap_bytes = cap_bytes
+        self.compact = compact
+        self.compacted = 0
         self.wal_limit_bytes = min(1024 * 1024, cap_bytes // 32)
         self.budget_bytes = int((cap_bytes - self.wal_limit_bytes - SHM_BYTES) / PAGE_OVERHEAD)
         self._lock = threading.Lock()
@@ -130,6 +147,16 @@ class TelemetryBuffer:
                 self.used_bytes = self._measure()
                 raise
             self._db.execute("COMMIT")
+            self._bound_wal()
+
+    def _bound_wal(self) -> None:
+        """Keep the WAL file within its share of the cap, even after a large transaction."""
+        try:
+            wal_bytes = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return
+        if wal_bytes > self.wal_limit_bytes:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def put(self, kind: str, label: str, item: dict[str, Any]) -> bool:
         """Store one item; False (and a counted drop) if the cap leaves no room for it."""
@@ -171,6 +198,10 @@ class TelemetryBuffer:
             return True
         target = int(self.budget_bytes * EVICT_TO) - need
         for level in range(MAX_PRIORITY, priority - 1, -1):
+            if level == PRIORITIES["window"] and self.compact is not None:
+                self._compact_windows(db, target)
+                if self.used_bytes <= target:
+                    break
             rows = db.execute(
                 "SELECT seq, kind, size_bytes FROM items WHERE priority = ? AND batch_id IS NULL ORDER BY seq",
                 (level,),
@@ -183,6 +214,42 @@ class TelemetryBuffer:
             if self.used_bytes <= target:
                 break
         return self.used_bytes + need <= self.budget_bytes
+
+    def _compact_windows(self, db: sqlite3.Connection, target: int) -> None:
+        """Merge the oldest windows of each (model, version) into one per :data:`COMPACT_SPAN_S`, oldest first.
+
+        Merged windows are stored with the label ``hour`` and are not merged again. Reads
+        :data:`COMPACT_CHUNK` rows at a time and stops as soon as the bytes held reach ``target``.
+        """
+        last_seq = 0
+        while self.used_bytes > target:
+            rows = db.execute(
+                "SELECT seq, size_bytes, body FROM items WHERE kind = 'window' AND label = 'window' "
+                "AND batch_id IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+                (last_seq, COMPACT_CHUNK),
+            ).fetchall()
+            if not rows:
+                return
+            last_seq = rows[-1][0]
+            groups: dict[tuple[Any, ...], list[tuple[int, int, dict[str, Any]]]] = {}
+            for seq, size, body in rows:
+                item = json.loads(zlib.decompress(body))
+                groups.setdefault(_span_key(item), []).append((seq, size, item))
+            for members in groups.values():
+                if len(members) > 1 and self.compact is not None:
+                    self._replace(db, [(seq, size) for seq, size, _ in members], self.compact([m[2] for m in members]))
+
+    def _replace(self, db: sqlite3.Connection, rows: list[tuple[int, int]], merged: dict[str, Any]) -> None:
+        """Delete ``rows`` (seq, size) and insert their merged window."""
+        db.executemany("DELETE FROM items WHERE seq = ?", [(seq,) for seq, _ in rows])
+        self.used_bytes -= sum(size + ROW_OVERHEAD_BYTES for _, size in rows)
+        body = zlib.compress(json.dumps(merged, separators=(",", ":")).encode("utf-8"), 6)
+        db.execute(
+            "INSERT INTO items (kind, label, priority, size_bytes, body) VALUES ('window', 'hour', ?, ?, ?)",
+            (PRIORITIES["window"], len(body), body),
+        )
+        self.used_bytes += len(body) + ROW_OVERHEAD_BYTES
+        self.compacted += len(rows) - 1
 
     def _victims(self, rows: list[tuple[int, str, int]], target: int) -> list[tuple[int, str, int]]:
         """Oldest rows first until the bytes held reach ``target`` (updates the accounting)."""
@@ -297,6 +364,13 @@ class TelemetryBuffer:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _span_key(window: dict[str, Any]) -> tuple[Any, ...]:
+    """(model, version, start of the compaction span) of a window item."""
+    start = dt.datetime.fromisoformat(str(window.get("start")))
+    span = int(start.timestamp() // COMPACT_SPAN_S)
+    return (window.get("model"), window.get("version"), span)
 
 
 def _assemble(batch_id: str, rows: list[tuple[str, bytes]]) -> Batch:

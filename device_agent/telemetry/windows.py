@@ -370,3 +370,38 @@ def _count_nonfinite(pending: list[Mapping[str, np.ndarray]], name: str) -> int:
     if matrix is None or matrix.size == 0:
         return 0
     return int((~np.isfinite(matrix)).any(axis=1).sum())
+
+
+def merge_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One window holding the sum of ``windows`` (same model and version), spanning all of them.
+
+    Used by the offline buffer to trade time resolution for space; the server merges the same way.
+    """
+    first = windows[0]
+    merged: dict[str, Any] = {"id": uuid.uuid4().hex, "model": first["model"], "version": first["version"]}
+    merged["start"] = min(w["start"] for w in windows)  # ISO strings with the same offset sort as times
+    merged["end"] = max(w["end"] for w in windows)
+    for key in ("counters", "latency_ms", "features", "output", "shadow"):
+        total = sum_nested([w.get(key) for w in windows])
+        merged[key] = total if total is not None else {}
+    return merged
+
+
+def sum_nested(values: list[Any]) -> Any:
+    """Element-wise sum of many nested dicts / lists of numbers in one walk (numpy for the lists)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for v in present if isinstance(v, dict) for k in v)
+        return {k: sum_nested([v.get(k) for v in present if isinstance(v, dict)]) for k in keys}
+    if isinstance(first, list):
+        rows = [v for v in present if isinstance(v, list)]
+        width = max(len(r) for r in rows)
+        if any(len(r) != width for r in rows):
+            rows = [r + [0] * (width - len(r)) for r in rows]
+        return np.asarray(rows).sum(axis=0).tolist()  # int lists stay ints (int64 sums), floats stay floats
+    if isinstance(first, (int, float)):
+        return sum(v for v in present if isinstance(v, (int, float)))
+    return present[-1]

@@ -118,35 +118,47 @@ def test_two_weeks_offline_at_one_request_per_second_fit_in_50_mb(
     assert buffer.disk_bytes() <= CAP_BYTES
 
 
-def test_a_full_buffer_drops_routine_samples_first_and_keeps_every_install_and_error(
+def test_a_full_buffer_drops_routine_samples_first_compacts_windows_and_keeps_every_install_and_error(
     tmp_path: Path, stream: list[list[tuple[str, str, bytes]]]
 ) -> None:
-    buffer = TelemetryBuffer(tmp_path / "t.db", cap_bytes=8_000_000)
-    hours = stream
-    fill(buffer, hours)
-    sent = {f"{kind}:{label}": 0 for items in hours for kind, label, _ in items}
-    for items in hours:
+    days = 4
+    buffer = TelemetryBuffer(tmp_path / "t.db", cap_bytes=2_000_000)
+    fill(buffer, stream[: 24 * days])
+    sent: dict[str, int] = {}
+    for items in stream[: 24 * days]:
         for kind, label, _ in items:
-            sent[f"{kind}:{label}"] += 1
+            sent[f"{kind}:{label}"] = sent.get(f"{kind}:{label}", 0) + 1
 
     held = buffer.count_by_label()
-    assert held["event:install"] == DAYS and held["sample:error"] == DAYS
-    # the lowest priority went first (a few recent samples live in the slack of the last eviction) ...
-    assert held.get("sample:rate", 0) <= 0.01 * sent["sample:rate"]
-    assert 0 < held["window:window"] < sent["window:window"]  # ... then the oldest windows
-    assert buffer.disk_bytes() <= 8_000_000
+    assert held["event:install"] == days and held["sample:error"] == days  # priority 0: all kept
+    assert held.get("sample:rate", 0) < sent["sample:rate"] / 4  # routine samples went first (the newest stay)
+    assert held.get("window:hour", 0) > 0 and buffer.compacted > 0  # old minutes merged into hours ...
+    assert buffer.disk_bytes() <= 2_000_000
 
     dropped = buffer.drops()
-    assert dropped["sample:cap"] == sent["sample:rate"] - held.get("sample:rate", 0)
-    assert dropped["window:cap"] == sent["window:window"] - held["window:window"]
+    assert dropped == {"sample:cap": sent["sample:rate"] - held.get("sample:rate", 0)}  # ... so no window was lost
 
-    batch = buffer.next_batch(max_items=50)
+    batch = buffer.next_batch(max_items=100_000, max_bytes=10**9)
     assert batch is not None
     report = next(e for e in batch.events if e["type"] == "drops")
-    assert report["dropped"] == dropped  # reported to the server in the next batch
+    assert report["dropped"] == dropped  # reported to the server with the next batch
     assert buffer.drops() == {}
-    installs = [e for e in batch.events if e["type"] == "install"]
-    assert len(installs) == DAYS  # priority 0 leaves first
+    assert len([e for e in batch.events if e["type"] == "install"]) == days
+    requests = sum(w["counters"]["requests"] for w in batch.windows)
+    assert requests == sent["window:window"] * 60  # every request of two weeks is still counted
+    assert batch.events[0]["type"] in ("install", "drops")  # priority 0 leaves first
+
+
+def test_without_compaction_the_oldest_windows_are_dropped_and_counted(
+    tmp_path: Path, stream: list[list[tuple[str, str, bytes]]]
+) -> None:
+    buffer = TelemetryBuffer(tmp_path / "t.db", cap_bytes=1_000_000, compact=None)
+    fill(buffer, stream[: 24 * 2])
+    held = buffer.count_by_label()
+    sent_windows = 24 * 2 * 60
+    assert held["event:install"] == 2 and 0 < held["window:window"] < sent_windows
+    assert buffer.drops()["window:cap"] == sent_windows - held["window:window"]
+    assert buffer.disk_bytes() <= 1_000_000
 
 
 def test_a_batch_keeps_its_id_and_items_until_acknowledged(tmp_path: Path) -> None:
