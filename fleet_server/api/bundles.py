@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Any
 
@@ -13,6 +14,7 @@ from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
 from fleet_server.schemas import BundleDetail, BundleOut, DbInt, PublicationOut, RootInstalled, TufStateOut
 from fleet_server.services import registry
 
+log = logging.getLogger("fleet_server.bundles")
 router = APIRouter(prefix="/api/v1/admin", tags=["bundles"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "bad signature, hash or manifest"}, 401: {"description": "missing or revoked API key"},
@@ -51,11 +53,13 @@ async def publish(request: Request, caller: OperatorDep, session: SessionDep) ->
         try:
             size = await spool_capped(request, settings.max_publication_bytes, path)
             targets = await run_in_threadpool(host.accept_publication, path)
-        except Exception:
+        except Exception as error:
             metrics.uploads.labels("refused").inc()
+            log.warning("publication refused: %s", error, extra={"actor": caller.actor})
             raise
     records = await run_in_threadpool(registry.record_publication, session, host, targets, caller.actor)
     metrics.uploads.labels("accepted").inc()
+    log.info("publication accepted", extra={"actor": caller.actor, "targets": targets, "bytes": size})
     metrics.upload_bytes.inc(size)
     return PublicationOut(targets=targets, bundles=[{"name": r.name, "version": r.version} for r in records])
 

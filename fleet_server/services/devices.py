@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from fleet_server.principals import DevicePrincipal
 from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
 from fleet_server.settings import Settings
 
+log = logging.getLogger("fleet_server.devices")
 LAST_SEEN_RESOLUTION_S = 60
 # Which status an admin action moves a device to, and from which statuses it may.
 TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -83,6 +85,7 @@ def enroll(session: Session, settings: Settings, request: dict[str, Any]) -> Enr
     device.last_seen_at = utcnow()
     record(session, actor=f"enroll-token:{token.id}", action="device.enroll", target_type="device",
            target_id=device.id, after=describe_device(device))  # fmt: skip
+    log.info("device enrolled", extra={"device_id": device.id, "fleet": device.fleet, "status": device.status})
     return EnrollmentResult(device=device, access_token=access_token)
 
 
