@@ -52,3 +52,17 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEFLEET_POLL_INTERVAL_S", "120")
     settings = Settings(data_dir=tmp_path)
     assert settings.poll_interval_s == 120 and settings.resolved_database_url.endswith("fleet.db")
+
+
+def test_logs_are_one_json_object_per_line_with_extra_fields():
+    import json
+    import logging
+
+    from fleet_server.logs import JsonFormatter
+
+    record = logging.LogRecord("fleet_server.devices", logging.INFO, __file__, 1, "device %s", ("enrolled",), None)
+    record.device_id = "dev-1"
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["msg"] == "device enrolled" and entry["level"] == "info" and entry["device_id"] == "dev-1"
