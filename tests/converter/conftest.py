@@ -63,8 +63,19 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images[train], labels[train], images[test], labels[test]
 
 
-def train_digits_cnn(directory: Path, epochs: int = 12) -> DigitsCnn:
-    """Train the CNN briefly (a few seconds) and write factory, weights and data files."""
+def train_digits_cnn(directory: Path, epochs: int = 8) -> DigitsCnn:
+    """Train the CNN briefly (a few seconds, one thread: the host is shared) and write factory, weights, data."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(directory, epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(directory: Path, epochs: int) -> DigitsCnn:
     import torch
 
     torch.manual_seed(0)
