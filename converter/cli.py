@@ -269,13 +269,14 @@ def convert(
 def report(
     ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
     open_browser: bool = typer.Option(False, "--open", help="Open the HTML report in a browser."),
+    conversion_number: int | None = typer.Option(None, "--conversion", help="A conversion number (default: latest)."),
 ) -> None:
-    """Write (if needed) and print the path of the latest conversion's report."""
+    """Write (if needed) and print the path of a conversion's report (the latest by default)."""
     from converter.report import rich_table, write_report
 
     registry = _registry()
     model = registry.get(*_split_ref(ref))
-    conversion = registry.latest_conversion(model)
+    conversion = registry.latest_conversion(model, conversion_number)
     path = write_report(registry.home, model, conversion)
     console.print(rich_table(model, conversion.results))
     console.print(f"report {path}")
@@ -290,15 +291,16 @@ def publish(
     repo: Path | None = typer.Option(None, help="A local TUF repository directory (created on first use)."),
     server: str | None = typer.Option(None, help="Fleet server base URL."),
     api_key: str | None = typer.Option(None, envvar="EDGEFLEET_API_KEY", help="Admin API key for --server."),
+    conversion_number: int | None = typer.Option(None, "--conversion", help="A conversion number (default: latest)."),
 ) -> None:
-    """Sign the latest conversion's bundle with the release key into a TUF repository or a fleet server."""
+    """Sign a conversion's bundle (the latest by default) with the release key into a TUF repository or a server."""
     from converter.publish import publish_to_repo, publish_to_server
 
     if (repo is None) == (server is None):
         raise ConfigError("publish needs exactly one of --repo DIR or --server URL")
     registry = _registry()
     model = registry.get(*_split_ref(ref))
-    conversion = registry.latest_conversion(model)
+    conversion = registry.latest_conversion(model, conversion_number)
     bundle_dir = registry.home.conversion_dir(model.name, model.version, conversion.number) / "bundle"
     if server is not None:
         if not api_key:

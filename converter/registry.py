@@ -205,11 +205,17 @@ class Registry:
             query = select(ConversionRow).where(ConversionRow.model_version_id == model.id)
             return [Conversion.from_row(r) for r in session.scalars(query.order_by(ConversionRow.number))]
 
-    def latest_conversion(self, model: ModelVersion) -> Conversion:
+    def latest_conversion(self, model: ModelVersion, number: int | None = None) -> Conversion:
+        """The latest conversion of ``model``, or conversion ``number``; ConfigError if there is none."""
         found = self.conversions(model)
         if not found:
             raise ConfigError(f"model {model.ref} has no conversion yet (run 'edgefleet-convert convert {model.name}')")
-        return found[-1]
+        if number is None:
+            return found[-1]
+        for conversion in found:
+            if conversion.number == number:
+                return conversion
+        raise ConfigError(f"model {model.ref} has no conversion {number} (it has 1..{found[-1].number})")
 
     def next_conversion_number(self, session: Session, model: ModelVersion) -> int:
         query = select(func.max(ConversionRow.number)).where(ConversionRow.model_version_id == model.id)

@@ -154,7 +154,8 @@ def _results_bundle_sha(home: Home) -> str:
 
 
 def test_report_writes_markdown_html_and_plot(in_home: Home) -> None:
-    out = ok("report", "digits")
+    assert "no conversion 99" in cli("report", "digits", "--conversion", "99")[2]
+    out = ok("report", "digits", "--conversion", "1")
     html_path = Path(out.strip().splitlines()[-1].split(" ", 1)[1])
     folder = html_path.parent
     assert (folder / "plot.png").read_bytes()[:4] == b"\x89PNG"
