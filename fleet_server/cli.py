@@ -534,11 +534,16 @@ def bundles_delete(name: str, version: int, data_dir: DataDir = None) -> None:
 @tuf_app.command("install-root")
 def tuf_install_root(root_file: Path, data_dir: DataDir = None) -> None:
     """Install root.json version 1 (or a rotation to N+1) from a file made by 'edgefleet-convert keys'."""
+    from fleet_server.api.bundles import record_root_change
     from fleet_server.services.tuf_host import TufHost
 
     if not root_file.is_file():
         fail(f"{root_file} does not exist")
-    version = guarded(lambda: TufHost(settings_for(data_dir)).install_root(root_file.read_bytes()))
+    host = TufHost(settings_for(data_dir))
+    before = guarded(host.trusted_root)
+    version = guarded(lambda: host.install_root(root_file.read_bytes()))
+    with db_session(data_dir) as (session, _):
+        record_root_change(session, actor(), before, host.trusted_root())
     console.print(f"root version {version} installed")
 
 

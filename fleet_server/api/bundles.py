@@ -8,9 +8,11 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from fleet_server.api.bodies import read_capped, spool_capped
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.audit import record
 from fleet_server.schemas import BundleDetail, BundleOut, DbInt, PublicationOut, RootInstalled, TufStateOut
 from fleet_server.services import registry
 
@@ -35,11 +37,23 @@ def tuf_state(request: Request, _caller: ViewerDep) -> TufStateOut:
 
 
 @router.put("/tuf/root", response_model=RootInstalled, responses=ERRORS, openapi_extra=BINARY_BODY)
-async def install_root(request: Request, _caller: AdminDep) -> RootInstalled:
+async def install_root(request: Request, caller: AdminDep, session: SessionDep) -> RootInstalled:
     """Install root version 1, or rotate to N+1 (signed by the old and the new root keys)."""
     raw = await read_capped(request, MAX_ROOT_BYTES)
+    before = request.app.state.tuf.trusted_root()
     version = await run_in_threadpool(request.app.state.tuf.install_root, raw)
+    record_root_change(session, caller.actor, before, request.app.state.tuf.trusted_root())
     return RootInstalled(version=version)
+
+
+def record_root_change(
+    session: Session, actor: str, before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> None:
+    """Audit a root installation with the role keys before and after (not the signatures)."""
+    signed_before, signed_after = (before or {}).get("signed"), (after or {}).get("signed")
+    version = (signed_after or {}).get("version")
+    record(session, actor=actor, action="tuf.root", target_type="tuf_root", target_id=str(version),
+           before=signed_before, after=signed_after)  # fmt: skip
 
 
 @router.post("/publications", response_model=PublicationOut, status_code=201, responses=ERRORS,

@@ -160,3 +160,8 @@ def test_tuf_state_before_init_is_a_clear_409(client, admin_headers):
 def test_publication_before_a_root_is_installed_is_refused(client, admin_headers, online_keys):
     response = client.post("/api/v1/admin/publications", headers=admin_headers, content=b"x" * 100)
     assert response.status_code == 400 and "root" in response.json()["detail"]
+
+
+def test_root_installation_is_audited(client, release, admin_headers):
+    entry = client.get("/api/v1/admin/audit?action=tuf.root", headers=admin_headers).json()[0]
+    assert entry["before"] is None and entry["after"]["version"] == 1 and entry["actor"].startswith("key:")
