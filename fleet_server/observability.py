@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -29,6 +29,11 @@ class Metrics:
         self.polls = Counter(
             "edgefleet_desired_state_polls_total", "Desired-state polls by result", ["result"], registry=self.registry
         )
+        self.not_modified = Gauge(
+            "edgefleet_desired_state_not_modified_ratio", "Share of polls answered 304 since start",
+            registry=self.registry,
+        )
+        self.not_modified.set_function(self.not_modified_ratio)
         self.uploads = Counter(
             "edgefleet_publications_total", "Bundle publications by result", ["result"], registry=self.registry
         )

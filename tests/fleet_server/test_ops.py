@@ -23,6 +23,7 @@ def test_metrics_count_polls_and_the_304_ratio(app, client, make_device):
     assert 'edgefleet_desired_state_polls_total{result="not_modified"} 3.0' in text
     assert 'route="/api/v1/device/desired-state"' in text and "edgefleet_http_request_duration_seconds" in text
     assert app.state.metrics.not_modified_ratio() == pytest.approx(0.75)
+    assert "edgefleet_desired_state_not_modified_ratio 0.75" in text
 
 
 def test_openapi_docs_are_served(client):
