@@ -70,7 +70,7 @@ class BinPlan:
     categorical: tuple[CategoryBins, ...] = ()
     output: Histogram | None = None
     output_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    float_outputs: tuple[str, ...] = ()
+    float_outputs: tuple[str, ...] = ()  # the first float model output: NaN/inf there is what reaches the answer
 
     @property
     def tensors(self) -> frozenset[str]:
@@ -98,7 +98,7 @@ def compile_plan(manifest: Manifest | None) -> BinPlan:
         categorical=tuple(categorical),
         output=manifest.drift_baseline.output,
         output_ranges=_output_ranges(manifest),
-        float_outputs=tuple(t.name for t in manifest.outputs if t.dtype.startswith("float")),
+        float_outputs=tuple(t.name for t in manifest.outputs if t.dtype.startswith("float"))[:1],
     )
 
 
@@ -177,7 +177,10 @@ class WindowAccumulator:
         keep = self._keep
         if len(keep) == 1:
             name = keep[0]
-            kept: Mapping[str, np.ndarray] = {name: np.array(inputs[name])} if name in inputs else {}
+            value = inputs.get(name)
+            kept: Mapping[str, np.ndarray] = {}
+            if value is not None:
+                kept = {name: value.copy() if isinstance(value, np.ndarray) else np.array(value)}
         else:
             kept = {k: np.array(inputs[k]) for k in keep if k in inputs} if keep else inputs
         self._pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))
@@ -333,12 +336,12 @@ def _histogram_values(hist: Histogram, values: np.ndarray) -> np.ndarray:
     if hist.categories:
         lookup = {c: n for n, c in enumerate(hist.categories)}
         counts = np.zeros(len(hist.categories), dtype=np.int64)
-        for value in values.tolist():
+        for value, n in Counter(values.tolist()).items():  # few distinct labels: count first, then look up
             position = lookup.get(str(value))
             if position is None:
                 position = lookup.get(_category_of(value, hist.categories) or "")
             if position is not None:
-                counts[position] += 1
+                counts[position] += n
         return counts
     numeric = values.astype(np.float64)
     numeric = numeric[~np.isnan(numeric)]
