@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import inspect, or_, select, text
 from sqlalchemy.orm import Session
 
 from bundles.errors import ManifestError
@@ -25,6 +25,13 @@ from fleet_server.audit import record
 from fleet_server.errors import ConflictError, NotFoundError
 from fleet_server.models import Assignment, BundleRecord, Device
 from fleet_server.services.tuf_host import TufHost
+
+# The rollouts table belongs to fleet_server.rollouts (revision 0003); read by name so that the
+# registry does not import that package.
+_OPEN_ROLLOUTS_SQL = text(
+    "SELECT id, state FROM rollouts WHERE model_name = :name AND bundle_version = :version"
+    " AND state NOT IN ('completed', 'aborted', 'rolled_back')"
+)
 
 
 def describe_bundle(bundle: BundleRecord, with_manifest: bool = False) -> dict[str, Any]:
@@ -121,10 +128,19 @@ def users_of(session: Session, name: str, version: int) -> list[str]:
         for a in session.scalars(select(Assignment).where(Assignment.model_name == name, or_(
             Assignment.bundle_version == version, Assignment.shadow_version == version)))
     ]  # fmt: skip
+    users += [f"rollout {rollout_id} ({state})" for rollout_id, state in _open_rollouts(session, name, version)]
     for device in session.scalars(select(Device).where(Device.status.in_(("accepted", "pending")))):
         if any(_is_installed(item, name, version) for item in device.installed or ()):
             users.append(f"device {device.id} (installed)")
     return users
+
+
+def _open_rollouts(session: Session, name: str, version: int) -> list[tuple[int, str]]:
+    """Rollouts of this version that have not finished (a draft or paused one holds no assignment yet)."""
+    if not inspect(session.connection()).has_table("rollouts"):
+        return []
+    rows = session.execute(_OPEN_ROLLOUTS_SQL, {"name": name, "version": version})
+    return [(int(row[0]), str(row[1])) for row in rows]
 
 
 def _is_installed(item: Any, name: str, version: int) -> bool:

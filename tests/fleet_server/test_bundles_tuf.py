@@ -165,3 +165,17 @@ def test_publication_before_a_root_is_installed_is_refused(client, admin_headers
 def test_root_installation_is_audited(client, release, admin_headers):
     entry = client.get("/api/v1/admin/audit?action=tuf.root", headers=admin_headers).json()[0]
     assert entry["before"] is None and entry["after"]["version"] == 1 and entry["actor"].startswith("key:")
+
+
+def test_delete_is_refused_while_an_unfinished_rollout_targets_the_bundle(client, release, admin_headers,
+                                                                          session_factory):  # fmt: skip
+    from fleet_server.rollouts.models import Rollout
+
+    release.publish("tiny", 1)
+    with session_scope(session_factory) as session:
+        session.add(Rollout(model_name="tiny", bundle_version=1, state="paused", policy={}, target={}, created_by="t"))
+    refused = client.delete("/api/v1/admin/bundles/tiny/1", headers=admin_headers)
+    assert refused.status_code == 409 and "rollout" in refused.json()["detail"]
+    with session_scope(session_factory) as session:
+        session.query(Rollout).update({"state": "completed"})
+    assert client.delete("/api/v1/admin/bundles/tiny/1", headers=admin_headers).status_code == 204
