@@ -5,8 +5,8 @@ hash verified); the registry then reads each new ``<name>/<version>/manifest.jso
 repository and records the bundle (manifest, variants with their target paths and sizes). Nothing
 that did not pass TUF verification ever becomes a bundle record.
 
-Delete is refused while an assignment (pinned, rollout or shadow) or a device's reported inventory
-uses the version. Deleting removes the record, so the version can no longer be assigned; its files
+Delete is refused while an assignment (pinned, rollout or shadow), an unfinished rollout or a
+device's reported inventory uses the version. Deleting removes the record, so the version can no longer be assigned; its files
 stay in the TUF repository until the release workstation publishes a targets version without them
 (the server holds no targets key and cannot sign that change itself).
 """
