@@ -572,5 +572,31 @@ def audit(
     print_rows(rows, ["at", "actor", "action", "target"], as_json)
 
 
+# --- commands of the telemetry and rollouts subpackages ------------------------------------------
+
+# module -> the sub-command name used when the module has an ``app`` but no ``register(core_app)``.
+OPTIONAL_CLIS = {"fleet_server.telemetry.cli": "telemetry", "fleet_server.rollouts.cli": "rollout"}
+
+
+def attach_optional_clis(core: typer.Typer) -> None:
+    """Add the subpackages' commands when they are installed: ``register(core)`` if the module has
+    one, else its ``app`` as a sub-command (``edgefleet-server rollout ...``)."""
+    import importlib
+
+    for module_name, command in OPTIONAL_CLIS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue
+            raise
+        if callable(getattr(module, "register", None)):
+            module.register(core)
+        elif isinstance(getattr(module, "app", None), typer.Typer):
+            core.add_typer(module.app, name=command)
+
+
+attach_optional_clis(app)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -83,3 +83,9 @@ def test_insecure_settings_stop_the_cli_with_one_line(tmp_path, monkeypatch):
 def test_durations():
     assert [parse_duration_s(t) for t in ("7d", "12h", "30m", "90s", "45", "2w")] == [604800, 43200, 1800, 90, 45,
                                                                                       1209600]  # fmt: skip
+
+
+def test_subpackage_commands_are_attached_to_the_core_cli():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert all(command in result.output for command in ("rollout", "telemetry", "drift", "devices", "bundles"))
