@@ -41,7 +41,7 @@ from rich.table import Table
 from simulators.models.digits import TrainingOutputs
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "demo-data"
+WORK = Path(os.environ.get("EDGEFLEET_DEMO_DIR", str(ROOT / "demo-data"))).resolve()
 BIN = Path(sys.executable).parent
 console = Console(highlight=False, width=max(100, shutil.get_terminal_size((120, 40)).columns))
 
@@ -179,6 +179,7 @@ def start_server(env: dict[str, str]) -> tuple[dict[str, str], str]:
         "EDGEFLEET_PORT": str(port),
         "EDGEFLEET_HOST": "127.0.0.1",
         "EDGEFLEET_MODE": "dev",
+        "EDGEFLEET_ROLLOUT_TICK_S": "1",
     }
     out = run(["edgefleet-server", "init", "--dev", "--public-url", f"http://127.0.0.1:{port}"], server_env)
     return server_env, _secret(r"efk_\S+", out, "admin API key")
@@ -200,8 +201,8 @@ def enroll_device(server_env: dict[str, str], url: str, name: str) -> tuple[dict
     return device_env, http_port
 
 
-def direct_fleet(server_env: dict[str, str], version: int) -> None:
-    """Chapter 3b: direct the lab fleet to the bundle (a one-wave rollout, or a pin without rollouts)."""
+def group_devices(server_env: dict[str, str]) -> None:
+    """Chapter 3b: put the enrolled devices into the group ``lab`` with a short poll interval for the demo."""
     out = run(["edgefleet-server", "devices", "list", "--json"], server_env, quiet=True)
     device_ids = re.findall(r'"(?:device_id|id)":\s*"([^"]+)"', out)
     if not device_ids:
@@ -209,6 +210,10 @@ def direct_fleet(server_env: dict[str, str], version: int) -> None:
     run(["edgefleet-server", "groups", "create", "lab"], server_env)
     run(["edgefleet-server", "groups", "add", "lab", *device_ids], server_env)
     run(["edgefleet-server", "groups", "set-poll", "lab", "2s"], server_env)
+
+
+def direct_fleet(server_env: dict[str, str], version: int) -> None:
+    """Chapter 3c: direct the lab group to the bundle with a one-wave rollout."""
     run(
         ["edgefleet-server", "rollout", "create", f"digits@{version}", "--to", "group:lab", "--waves", "100%",
          "--soak", "5s", "--gate", "error_rate<0.01"],
@@ -277,6 +282,7 @@ def story() -> None:
         run(["edgefleet-server", "bundles", "list"], server_env)
         chapter("3. The device: enroll, get directed, install through TUF, serve")
         device_env, http_port = enroll_device(server_env, url, "device-1")
+        group_devices(server_env)
         with background(["edgefleet-agent", "run"], device_env, WORK / "agent.log") as agent:
             direct_fleet(server_env, 1)
             metadata = wait_until_serving(http_port, agent)
