@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.models import Assignment, Device
@@ -26,22 +26,21 @@ def assignments_for(session: Session, model: str, device_ids: Sequence[str]) -> 
     return {a.device_id: a for a in session.scalars(query)}
 
 
-def upsert_assignment(session: Session, device_id: str, model: str, now: dt.datetime, **values: Any) -> Assignment:
-    """Create or update the (device, model) row with ``values`` (bundle_version, variant, rollout_id, ...)."""
-    row = session.scalar(select(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == model))
-    if row is None:
-        row = Assignment(device_id=device_id, model_name=model, **{"pinned": False, **values})
-        session.add(row)
-    else:
-        for key, value in values.items():
-            setattr(row, key, value)
-    row.updated_at = now
-    return row
-
-
-def clear_assignment(session: Session, device_id: str, model: str) -> None:
-    """Remove the (device, model) row: the device is no longer directed to run ``model``."""
-    session.execute(delete(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == model))
+def upsert_assignments(
+    session: Session, model: str, values_by_device: dict[str, dict[str, Any]], now: dt.datetime
+) -> None:
+    """Create or update the (device, model) rows with each device's values, reading them in one query
+    (a wave of thousands is one SELECT, not thousands)."""
+    existing = assignments_for(session, model, list(values_by_device))
+    for device_id, values in values_by_device.items():
+        row = existing.get(device_id)
+        if row is None:
+            row = Assignment(device_id=device_id, model_name=model, **{"pinned": False, **values})
+            session.add(row)
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+        row.updated_at = now
 
 
 def previous_tuples(

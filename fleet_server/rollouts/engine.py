@@ -208,8 +208,8 @@ def _release(
     quota = cohorts.release_quota(in_flight, len(waiting), policy.max_concurrent_downloads)
     order = cohorts.order_devices([m.device_id for m in waiting], rollout.id)[:quota]
     by_id = {m.device_id: m for m in waiting}
-    for device_id in order:
-        _release_one(session, rollout, policy, wave, by_id[device_id], now)
+    writes = {device_id: _release_one(rollout, policy, wave, by_id[device_id], now) for device_id in order}
+    assign.upsert_assignments(session, rollout.model_name, writes, now)
     if order:
         soak_and_timeout = dt.timedelta(seconds=policy.soak_s + policy.device_timeout_s)
         latest_start = max(m.start_after for m in members if m.start_after is not None)
@@ -217,23 +217,18 @@ def _release(
 
 
 def _release_one(
-    session: Session,
-    rollout: Rollout,
-    policy: RolloutPolicy,
-    wave: RolloutWave,
-    device: RolloutDevice,
-    now: dt.datetime,
-) -> None:
+    rollout: Rollout, policy: RolloutPolicy, wave: RolloutWave, device: RolloutDevice, now: dt.datetime
+) -> dict[str, Any]:
+    """Mark one device released; the assignment values that direct it (live, or shadow beside its active)."""
     device.released_at = now
     device.start_after = cohorts.start_after(device.device_id, rollout.id, now, policy.jitter_s)
     device.outcome, device.outcome_reason = DeviceOutcome.INSTALLING.value, "told to install"
     values: dict[str, Any] = {"bundle_version": rollout.bundle_version, "variant": device.variant,
                               "shadow_version": None}  # fmt: skip
-    if wave.shadow and device.previous_version is not None:
+    if _is_shadow(wave, device):
         values = {"bundle_version": device.previous_version, "variant": device.previous_variant,
                   "shadow_version": rollout.bundle_version}  # fmt: skip
-    assign.upsert_assignment(session, device.device_id, rollout.model_name, now, rollout_id=rollout.id,
-                             start_after=device.start_after, pinned=False, **values)  # fmt: skip
+    return {**values, "rollout_id": rollout.id, "start_after": device.start_after, "pinned": False}
 
 
 def _is_shadow(wave: RolloutWave, device: RolloutDevice) -> bool:

@@ -27,7 +27,7 @@ from bundles.errors import ConfigError, EdgeFleetError
 from fleet_server import audit
 from fleet_server.db import utcnow
 from fleet_server.errors import ConflictError, NotFoundError
-from fleet_server.models import Device
+from fleet_server.models import Assignment, Device
 from fleet_server.rollouts import assign
 from fleet_server.rollouts.cohorts import plan_cohorts
 from fleet_server.rollouts.decisions import Action
@@ -317,7 +317,11 @@ def rollback(session: Session, rollout: Rollout, *, actor: str, reason: str, rec
 def restore_devices(session: Session, rollout: Rollout, now: dt.datetime) -> dict[str, Any]:
     """Direct every device this rollout released back to its previous tuple; a summary of what was done."""
     released = [d for d in devices_of(session, rollout.id) if d.membership == "member" and d.released_at is not None]
-    current = assign.assignments_for(session, rollout.model_name, [d.device_id for d in released])
+    ids = [d.device_id for d in released]
+    current = assign.assignments_for(session, rollout.model_name, ids)
+    caps: dict[str, Any] = dict(
+        session.execute(select(Device.id, Device.capabilities).where(Device.id.in_(ids))).tuples().all()
+    )
     summary: dict[str, Any] = {"restored": 0, "cleared": 0, "skipped": []}
     manifests: dict[int, Any] = {}
     for device in released:
@@ -326,7 +330,7 @@ def restore_devices(session: Session, rollout: Rollout, now: dt.datetime) -> dic
             why = "its assignment changed since (pinned or reassigned)"
             summary["skipped"].append({"device_id": device.device_id, "reason": why})
             continue
-        problem = _restore_one(session, rollout, device, manifests, now)
+        problem = _restore_one(session, rollout, device, row, caps.get(device.device_id), manifests, now)
         if problem:
             summary["skipped"].append({"device_id": device.device_id, "reason": problem})
         else:
@@ -334,11 +338,11 @@ def restore_devices(session: Session, rollout: Rollout, now: dt.datetime) -> dic
     return summary
 
 
-def _restore_one(session: Session, rollout: Rollout, device: RolloutDevice, manifests: dict[int, Any],
-                 now: dt.datetime) -> str:  # fmt: skip
+def _restore_one(session: Session, rollout: Rollout, device: RolloutDevice, row: Assignment,
+                 caps: dict[str, Any] | None, manifests: dict[int, Any], now: dt.datetime) -> str:  # fmt: skip
     """Restore one device; returns why it could not be restored (empty when it was)."""
     if device.previous_version is None:
-        assign.clear_assignment(session, device.device_id, rollout.model_name)
+        session.delete(row)
         device.restored_at = now
         return ""
     version = device.previous_version
@@ -347,15 +351,14 @@ def _restore_one(session: Session, rollout: Rollout, device: RolloutDevice, mani
     except EdgeFleetError as error:
         return f"previous bundle cannot be checked: {error}"
     manifests[version] = manifest
-    caps = session.scalar(select(Device.capabilities).where(Device.id == device.device_id))
     placement = place_on_capabilities(device.device_id, caps, manifest)
     if placement.membership != "member":
         return placement.reason
     known = {v.id for v in manifest.variants}
-    variant = device.previous_variant if device.previous_variant in known else placement.variant
-    assign.upsert_assignment(session, device.device_id, rollout.model_name, now, bundle_version=version,
-                             variant=variant, rollout_id=None, shadow_version=None, start_after=None,
-                             pinned=False)  # fmt: skip
+    row.bundle_version = version
+    row.variant = device.previous_variant if device.previous_variant in known else placement.variant
+    row.rollout_id = row.shadow_version = row.start_after = None
+    row.pinned, row.updated_at = False, now
     device.restored_at = now
     return ""
 
@@ -370,9 +373,9 @@ def pin(session: Session, model: str, version: int, targets: Sequence[str], acto
     manifest = load_manifest(session, model, version)
     placements = place_devices(session, manifest, resolve_targets(session, targets), honour_pins=False)
     pinned = [p for p in placements if p.membership == "member"]
-    for p in pinned:
-        assign.upsert_assignment(session, p.device_id, model, now, bundle_version=version, variant=p.variant,
-                                 rollout_id=None, shadow_version=None, start_after=None, pinned=True)  # fmt: skip
+    writes = {p.device_id: {"bundle_version": version, "variant": p.variant, "rollout_id": None,
+                            "shadow_version": None, "start_after": None, "pinned": True} for p in pinned}  # fmt: skip
+    assign.upsert_assignments(session, model, writes, now)
     _leave_active_rollouts(session, model, [p.device_id for p in pinned], f"pinned to {model}@{version} by {actor}")
     out = {
         "pinned": [p.device_id for p in pinned],
