@@ -229,8 +229,7 @@ class WindowAccumulator:
                 continue
             values = matrix[:, plan.columns].astype(np.float64, copy=False)
             self._numeric_counts[i] += _bin_numeric(plan, values)
-            bad = (values < plan.low) | (values > plan.high) | np.isnan(values)
-            self.counters["violations"]["input_out_of_range"] += int(bad.any(axis=1).sum())
+            self.counters["violations"]["input_out_of_range"] += _rows_out_of_range(plan, values)
         for i, cat in enumerate(self.plan.categorical):
             self._bin_category(i, cat, by_tensor.get(cat.tensor))
         first = next(iter(by_tensor.values()), None)
@@ -319,16 +318,29 @@ def _stack_rows(arrays: list[Any]) -> np.ndarray | None:
     return stacked.reshape(stacked.shape[0], -1)
 
 
+def _rows_out_of_range(plan: TensorBins, values: np.ndarray) -> int:
+    """Rows with a feature under its ``min``, over its ``max`` or NaN (two reductions when all are fine)."""
+    with np.errstate(invalid="ignore"):
+        if (values.min(axis=0) >= plan.low).all() and (values.max(axis=0) <= plan.high).all():
+            return 0  # NaN makes min/max NaN, so a NaN never takes this path
+        bad = (values < plan.low) | (values > plan.high) | np.isnan(values)
+    return int(bad.any(axis=1).sum())
+
+
 def _bin_numeric(plan: TensorBins, values: np.ndarray) -> np.ndarray:
     """Counts of every feature's bins (flat, at the plan's offsets) for [rows, features] values."""
     finite = ~np.isnan(values)
+    all_finite = bool(finite.all())
     if plan.first_edge is not None and plan.width is not None:  # equal-width bins: arithmetic, no comparisons
-        position = np.floor((np.where(finite, values, 0.0) - plan.first_edge) / plan.width)
-        index = np.clip(position, 0, plan.bins - 1).astype(np.int64) + plan.offsets
+        position = values - plan.first_edge if all_finite else np.where(finite, values, 0.0) - plan.first_edge
+        position /= plan.width
+        np.floor(position, out=position)
+        np.clip(position, 0, plan.bins - 1, out=position)
+        index = position.astype(np.int64)
     else:
-        index = (values[:, :, None] >= plan.interior[None, :, :]).sum(axis=2)
-        index = np.minimum(index, plan.bins - 1) + plan.offsets
-    return np.bincount(index[finite], minlength=plan.total_bins)
+        index = np.minimum((values[:, :, None] >= plan.interior[None, :, :]).sum(axis=2), plan.bins - 1)
+    index += plan.offsets
+    return np.bincount(index.ravel() if all_finite else index[finite], minlength=plan.total_bins)
 
 
 def _histogram_values(hist: Histogram, values: np.ndarray) -> np.ndarray:
