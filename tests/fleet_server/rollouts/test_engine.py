@@ -365,3 +365,17 @@ def test_assignments_untouched_by_other_models(fleet, factory, create):
         session.add(Assignment(device_id=ids[0], model_name="other", bundle_version=7, pinned=True, updated_at=T0))
     create(waves="100%")
     assert fleet.assignment(ids[0], "other").bundle_version == 7
+
+
+def test_approval_to_start_then_runs_alone_and_cannot_be_dodged_by_pause_and_resume(fleet, factory, engine, clock,
+                                                                                     create):
+    fleet.add_devices(10)
+    rollout_id = create(approval="start", waves="10%,100%")
+    with session_scope(factory) as session, pytest.raises(RolloutStateError, match="allowed: abort, approve, rollback"):
+        service.act(session, rollout_id, "pause", "key:1:alice", now=clock())
+    engine.tick()
+    assert not released(factory, rollout_id)
+    with session_scope(factory) as session:
+        service.act(session, rollout_id, "approve", "key:1:alice", now=clock())
+    drive(engine, factory, clock, rollout_id, lambda d, t: fleet.healthy_device(d, 2, t, SOAK_S))
+    assert state(factory, rollout_id)[0].state == "completed"
