@@ -204,8 +204,9 @@ class _Reader:
 
     def __init__(self, calibration: Dataset, max_batch: int) -> None:
         rows = min(calibration.rows, _CALIBRATION_ROWS)
-        step = max(1, max_batch)
-        self._batches = iter([calibration.take(i, min(i + step, rows)) for i in range(0, rows, step)])
+        step = max(1, min(max_batch, rows))
+        usable = rows - rows % step  # equal batches: the Entropy/Percentile collectors stack them into one array
+        self._batches = iter([calibration.take(i, i + step) for i in range(0, usable, step)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)

@@ -42,3 +42,12 @@ def test_damaged_static_quantisation_and_slow_conv_integer_are_refused_with_thei
     assert code == 3
     assert err.strip().startswith("error: model damaged@1, variant onnx-int8-static: accuracy")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_entropy_calibration_builds_a_passing_static_variant_quietly(home: Path, digits_cnn: object) -> None:
+    register_cnn("entropy", digits_cnn, "--calibration-method", "entropy", "--max-latency-ratio", "5")
+    out = ok("convert", "entropy", "--targets", "onnx", "--quantize", "int8-static")
+    static = _results(home, "entropy")["onnx-int8-static"]
+    assert static["status"] == "passed", static["reasons"]
+    assert static["metrics"]["metric_drop"] <= 0.01
+    assert "Collecting tensor data" not in out  # the calibrator's progress prints stay out of the CLI output
