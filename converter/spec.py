@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bundles.errors import ConfigError
-from bundles.manifest import DTYPES, TASKS, TensorSpec
+from bundles.errors import ConfigError, ManifestError
+from bundles.manifest import DTYPES, TASKS, FeatureSpec, Step, TensorSpec
 
 DEFAULT_DYNAMIC_MAX = 32
 """Upper end of a dynamic dimension declared as plain ``-1``: the batch size latency is measured at."""
@@ -129,6 +129,17 @@ class ModelSpec:
             raise ConfigError(
                 f"calibration method '{self.calibration_method}' is not one of {', '.join(CALIBRATION_METHODS)}"
             )
+        self._check_manifest_parts()
+
+    def _check_manifest_parts(self) -> None:
+        """Steps and features go into the manifest as given: refuse what the manifest would refuse, now."""
+        try:
+            for step in self.preprocess + self.postprocess:
+                Step.from_dict(step)
+            for feature in self.features:
+                FeatureSpec.from_dict(feature)
+        except ManifestError as e:
+            raise ConfigError(f"invalid processing step or feature: {e}") from e
 
     @property
     def higher_is_better(self) -> bool:

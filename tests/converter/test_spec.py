@@ -31,3 +31,22 @@ def test_model_spec_round_trips_through_its_persisted_form() -> None:
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ConfigError, match="metric 'f1'"):
         ModelSpec(task="classification", inputs=spec.inputs, metric="f1")
+    with pytest.raises(ConfigError, match="invalid processing step"):
+        ModelSpec(task="classification", inputs=spec.inputs, metric="accuracy", postprocess=({"op": "explode"},))
+
+
+@pytest.mark.parametrize(
+    ("metric", "expected"), [("accuracy", 0.5), ("top3", 1.0), ("mae", 1.0), ("mse", 1.0), ("cosine", 1.0)]
+)
+def test_task_metrics_on_known_values(metric: str, expected: float) -> None:
+    import numpy as np
+
+    from converter.gates import task_metric
+
+    if metric in ("accuracy", "top3"):
+        values = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.2]])
+        labels = np.array([1, 2])
+    else:
+        values = np.array([[2.0], [4.0]]) if metric != "cosine" else np.array([[1.0, 0.0], [0.0, 2.0]])
+        labels = np.array([[1.0], [3.0]]) if metric != "cosine" else np.array([[3.0, 0.0], [0.0, 1.0]])
+    assert task_metric(metric, values, labels) == pytest.approx(expected)
