@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 
 from fleet_server.api.deps import OperatorDep, SessionDep, ViewerDep
@@ -57,6 +57,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"description": "not allowed in the rollout's state, or devices held by another rollout"},
 }  # fmt: skip
 Action = Literal["start", "approve", "pause", "resume", "abort", "rollback"]
+Text = Annotated[str, StringConstraints(max_length=500)]
 
 
 class RolloutIn(BaseModel):
@@ -64,10 +65,12 @@ class RolloutIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str = Field(description="NAME@VERSION, e.g. digits@3", examples=["digits@3"])
-    targets: list[str] = Field(min_length=1, description="all, group:NAME, filter:NAME, where:EXPR, device:ID")
-    waves: str | list[str] = Field(default=DEFAULT_WAVES, description="cumulative shares or counts, e.g. 1%,10%,100%")
-    gates: list[str] = Field(default_factory=list, examples=[["error_rate<0.01", "p99_ms<40", "psi<0.2"]])
+    bundle: str = Field(max_length=120, description="NAME@VERSION, e.g. digits@3", examples=["digits@3"])
+    targets: list[Text] = Field(
+        min_length=1, max_length=1000, description="all, group:NAME, filter:NAME, where:EXPR, device:ID"
+    )
+    waves: Text | list[Text] = Field(default=DEFAULT_WAVES, description="cumulative shares or counts, e.g. 1%,10%,100%")
+    gates: list[Text] = Field(default_factory=list, max_length=32, examples=[["error_rate<0.01", "p99_ms<40"]])
     soak: str | float = "30m"
     device_timeout: str | float = "1h"
     on_breach: Literal["rollback", "pause"] = "rollback"
@@ -93,8 +96,8 @@ class PinIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str = Field(description="NAME@VERSION", examples=["digits@2"])
-    targets: list[str] = Field(min_length=1)
+    bundle: str = Field(max_length=120, description="NAME@VERSION", examples=["digits@2"])
+    targets: list[Text] = Field(min_length=1, max_length=1000)
 
 
 class UnpinIn(BaseModel):
@@ -102,8 +105,8 @@ class UnpinIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    targets: list[str] = Field(min_length=1)
+    model: str = Field(max_length=100)
+    targets: list[Text] = Field(min_length=1, max_length=1000)
 
 
 @router.post("/rollouts", status_code=201, responses=ERRORS)

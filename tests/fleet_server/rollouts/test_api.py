@@ -105,3 +105,10 @@ def test_pins_through_the_api(client, lab, fleet, operator_headers):
     cleared = client.post("/api/v1/admin/pins/clear", json={"model": "digits", "targets": ["group:lab"]},
                           headers=operator_headers)  # fmt: skip
     assert cleared.json() == {"unpinned": [lab[0]]} and not fleet.assignment(lab[0]).pinned
+
+
+def test_oversized_input_is_refused_before_any_work(client, lab, operator_headers):
+    response = client.post(URL, json={**BODY, "gates": ["error_rate<0.01"] * 33}, headers=operator_headers)
+    assert response.status_code == 422 and "gates" in response.json()["detail"]
+    response = client.post(URL, json={**BODY, "targets": ["x" * 501]}, headers=operator_headers)
+    assert response.status_code == 422
