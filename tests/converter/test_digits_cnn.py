@@ -21,6 +21,11 @@ from converter.registry import Registry
 from tests.converter.helpers import cli, ok, register_cnn
 
 LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+POSTPROCESS = [
+    {"op": "softmax", "tensor": "logits", "output": "probabilities"},
+    {"op": "argmax", "tensor": "probabilities", "output": "class_index"},
+    {"op": "label_map", "tensor": "class_index", "output": "label", "labels": list(LABELS)},
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,9 @@ def converted(digits_cnn: object, tmp_path_factory: pytest.TempPathFactory) -> I
         # (and so its bundle bytes) stable; refusing a slower variant is tested with ConvInteger elsewhere.
         labels = root / "labels.txt"
         labels.write_text("\n".join(LABELS) + "\n")
-        register_cnn("digits", digits_cnn, "--max-latency-ratio", "3", "--labels", labels)
+        steps = root / "post.json"
+        steps.write_text(json.dumps(POSTPROCESS))
+        register_cnn("digits", digits_cnn, "--max-latency-ratio", "3", "--labels", labels, "--postprocess", steps)
         ok("convert", "digits", "--targets", "onnx,ort", "--quantize", "auto")
         yield root
 
@@ -101,6 +108,10 @@ def test_bundle_holds_passing_variants_that_pass_their_own_golden_self_test(in_h
         with Predictor.load(manifest, bundle_dir, variant=variant.id) as predictor:
             report = predictor.self_test()
             assert report.passed, report.to_dict()
+            case = manifest.golden.cases[0]
+            x = np.asarray(case.inputs["x"].data, dtype=np.float32).reshape(case.inputs["x"].shape)
+            expected = LABELS[int(np.argmax(case.expected["logits"].data))]
+            assert predictor.predict({"x": x}).outputs["label"].tolist() == [expected]
 
 
 def test_golden_expected_outputs_are_the_source_model_outputs(
