@@ -102,7 +102,8 @@ def create(
         rollout = service.create_rollout(
             session, service.CreateRequest(model, version, tuple(to), policy, draft), _actor()
         )
-        _print(_describe(session, rollout.id), as_json)
+        view = _describe(session, rollout.id)
+    _print(view, as_json)  # after the commit: a broken pipe while printing must not undo the rollout
 
 
 @app.command("list")
@@ -142,7 +143,8 @@ def show(
 ) -> None:
     """Waves, cohort progress, gate values and decision records of a rollout."""
     with _db(data_dir) as session:
-        _print(_describe(session, rollout_id, devices), as_json)
+        view = _describe(session, rollout_id, devices)
+    _print(view, as_json)
 
 
 def _control(action: str, rollout_id: int, data_dir: Path | None, as_json: bool) -> None:
