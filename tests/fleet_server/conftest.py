@@ -25,7 +25,10 @@ Stable fixture names (other helpers' tests import them; do not rename):
   ``release.publication(name, version)`` builds a real tiny ONNX bundle (``bundles.testing``) and its
   signed publication, ``release.publish(name, version)`` also uploads it (201) and returns the answer.
 
-Helpers: ``default_inventory(hw_class)`` and ``auth(token)`` (an ``Authorization`` header dict).
+Helpers: ``default_inventory(hw_class)``, ``auth(token)`` (an ``Authorization`` header dict),
+``enroll_device(http, token, inventory, key=None)`` (the enrollment handshake with any client: a
+``TestClient`` or an ``httpx.Client`` on ``live_server``), ``empty_all_tables(engine)``, and the
+dataclasses ``EnrolledDevice`` and ``Release``.
 """
 
 from __future__ import annotations
