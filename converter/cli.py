@@ -169,6 +169,9 @@ def list_models() -> None:
     latest: dict[str, ModelVersion] = {}
     for model in registry.versions():
         latest[model.name] = model
+    if not latest:
+        console.print("no model registered yet (see 'edgefleet-convert register --help')")
+        return
     table = Table(title="registered models")
     for column in ("name", "latest", "task", "metric", "source", "registered", "conversions"):
         table.add_column(column)
