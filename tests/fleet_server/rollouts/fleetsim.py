@@ -105,8 +105,11 @@ class Fleet:
                 session.add(group_row)
                 session.flush()
             for device_id in ids:
+                capabilities = caps if caps is not None else CAPS
                 session.add(Device(id=device_id, public_key=uuid.uuid4().hex * 2, fleet="lab", status=status,
-                                   capabilities=caps if caps is not None else CAPS, installed=[]))  # fmt: skip
+                                   capabilities=capabilities, installed=[], arch=capabilities.get("arch"),
+                                   os=capabilities.get("os"), memory_mb=capabilities.get("memory_mb"),
+                                   disk_free_mb=capabilities.get("disk_free_mb")))  # fmt: skip
                 session.flush()
                 session.add(DeviceGroupMember(group_id=group_row.id, device_id=device_id))
                 if version is not None:

@@ -2,8 +2,11 @@
 
 import datetime as dt
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fleet_server.rollouts.cohorts import cohort_position, plan_cohorts, release_quota, start_after
-from fleet_server.rollouts.spec import parse_waves
+from fleet_server.rollouts.spec import WaveSpec, parse_waves
 
 DEVICES = [f"dev-{i:04d}" for i in range(1000)]
 
@@ -57,3 +60,22 @@ def test_release_quota_respects_the_concurrency_cap():
     assert release_quota(in_flight=50, waiting=1000, max_concurrent=50) == 0
     assert release_quota(in_flight=60, waiting=1000, max_concurrent=50) == 0
     assert release_quota(in_flight=0, waiting=3, max_concurrent=50) == 3
+
+
+percent_waves = st.floats(0.01, 100).map(lambda p: WaveSpec(percent=p))
+count_waves = st.integers(1, 300).map(lambda c: WaveSpec(count=c))
+wave_lists = st.lists(st.one_of(percent_waves, count_waves), min_size=1, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 300), waves=wave_lists, rollout_id=st.integers(1, 10_000))
+def test_cohorts_are_disjoint_cumulative_and_order_free(n, waves, rollout_id):
+    devices = [f"d{i}" for i in range(n)]
+    cohorts = plan_cohorts(devices, rollout_id, waves)
+    flat = [d for c in cohorts for d in c]
+    assert len(flat) == len(set(flat)) and set(flat) <= set(devices)
+    expected = 0
+    for k, wave in enumerate(waves):
+        expected = max(expected, wave.cumulative_size(n))
+        assert sum(len(c) for c in cohorts[: k + 1]) == expected
+    assert plan_cohorts(list(reversed(devices)), rollout_id, waves) == cohorts
