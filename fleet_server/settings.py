@@ -7,14 +7,15 @@ warns, so a laptop demo works with no configuration.
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger("fleet_server.settings")
 INSECURE_PEPPER = "changethis"
 ENV_FILE_NAME = "server.env"
 
@@ -63,7 +64,7 @@ class Settings(BaseSettings):
         problems = self.insecure_settings()
         if problems and self.mode == "dev":
             for problem in problems:
-                warnings.warn(f"edgefleet dev mode: {problem}", stacklevel=2)
+                log.warning("dev mode allows an insecure setting: %s", problem)
         elif problems:
             raise ValueError("refusing insecure settings outside dev mode: " + "; ".join(problems))
         return self
