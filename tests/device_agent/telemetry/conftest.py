@@ -12,13 +12,13 @@ from bundles.testing import build_bundle_dir, write_manifest
 from tests.device_agent.telemetry.oip_server import OipServer
 
 
-def make_bundle(root: Path, version: int, seed: int, **runtime: object) -> Manifest:
+def make_bundle(root: Path, version: int, seed: int, n_features: int = 4, **runtime: object) -> Manifest:
     """A real tiny ONNX classifier bundle ``tiny@version`` with extra runtime_config settings.
 
     The deadline is 10 s unless given, so that a loaded test machine never turns a local answer
     into a deadline fallback; the deadline test sets its own.
     """
-    manifest = build_bundle_dir(root, name="tiny", version=version, seed=seed)
+    manifest = build_bundle_dir(root, name="tiny", version=version, seed=seed, n_features=n_features)
     runtime = {"deadline_ms": 10_000.0, **runtime}
     config = dataclasses.replace(manifest.runtime_config, **runtime)
     manifest = dataclasses.replace(manifest, runtime_config=config)

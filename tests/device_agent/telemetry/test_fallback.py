@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -266,3 +267,25 @@ def test_inputs_over_the_cache_size_limit_are_not_hashed_or_cached(bundle_v1: Pa
     pipeline.predict("tiny", X)  # 16 bytes of input
     engine.crash = True
     assert pipeline.predict("tiny", X).source == "static" and len(pipeline.cache) == 0
+
+
+def test_large_inputs_use_the_binary_tensor_extension_with_the_agents_server(tmp_path: Path) -> None:
+    from device_agent.fallback import binary_request
+    from device_agent.httpapi import AgentHttpServer
+
+    make_bundle(tmp_path / "wide", 1, seed=4, n_features=4096)
+    other = engine_with(tmp_path / "wide")
+    x = {"x": np.random.default_rng(0).uniform(-2, 2, (1, 4096)).astype(np.float32)}  # 16 KiB: binary
+    body, headers = binary_request(x)
+    assert int(headers["Inference-Header-Content-Length"]) + x["x"].nbytes == len(body)
+    seen: list[httpx.Response] = []
+    server = AgentHttpServer(PipelineAgent(ServingPipeline(other)), port=0).start()
+    try:
+        with httpx.Client(event_hooks={"response": [seen.append]}) as http:
+            outputs = OipClient(server.url + "/v2", client=http).infer("tiny", x)
+    finally:
+        server.stop()
+    assert "inference-header-content-length" in seen[0].headers  # the answer came back binary too
+    expected = other.engine.predict("tiny", x)
+    np.testing.assert_array_equal(outputs["logits"], expected.outputs["logits"])  # raw bytes: exact
+    assert list(outputs["label"]) == list(expected.outputs["label"])  # strings still come back as JSON
