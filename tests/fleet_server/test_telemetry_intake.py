@@ -136,3 +136,18 @@ def test_item_texts_decode_to_the_same_items_as_json_loads(items, extra, indent)
 def test_item_parser_refuses_malformed_json(text):
     with pytest.raises(ConfigError):
         parse_object_with_item_texts(text, ("samples",))
+
+
+def test_concurrent_retries_of_one_batch_store_it_once(app, make_device, session_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleet_server.services.telemetry_intake import parse_batch, store_batch
+
+    device = make_device()
+    raw = json.dumps(batch(50, batch_id="racing")).encode()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: store_batch(app.state.engine, device.device_id, parse_batch(raw, 1000), 1),
+                                range(4)))  # fmt: skip
+    assert sorted(r.duplicate for r in results) == [False, True, True, True]
+    assert all(r.accepted == {"events": 1, "windows": 1, "samples": 50} for r in results)
+    assert counts(session_factory) == (1, 1, 50)
