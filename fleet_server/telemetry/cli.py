@@ -100,12 +100,18 @@ def _print_alerts(alerts: list[dict[str, Any]]) -> None:
         console.print("no open drift alerts")
         return
     table = Table(title="drift alerts")
-    columns = ("id", "model", "version", "feature", "level", "psi", "threshold", "rows", "opened_at", "resolved_at")
-    for column in columns:
+    for column in ("id", "bundle", "feature", "level", "psi", "threshold", "rows", "opened", "resolved"):
         table.add_column(column)
-    for alert in alerts:
-        table.add_row(*("" if alert[c] is None else str(alert[c]) for c in columns))
+    for a in alerts:
+        table.add_row(str(a["id"]), f"{a['model']}@{a['version']}", a["feature"], a["level"], f"{a['psi']:.3f}",
+                      str(a["threshold"]), str(a["rows"]), _short_time(a["opened_at"]),
+                      _short_time(a["resolved_at"]))  # fmt: skip
     console.print(table)
+
+
+def _short_time(iso: str | None) -> str:
+    """``2026-11-29T12:58:03.1+00:00`` -> ``11-29 12:58`` (UTC), empty for None."""
+    return "" if not iso else f"{iso[5:10]} {iso[11:16]}"
 
 
 @app.command("alerts")
@@ -159,12 +165,13 @@ def summary_command(
     if as_json:
         _print_json(rows)
         return
-    columns = ["version", "device_id", "devices_reporting", "requests", "error_rate", "fallback_rate",
-               "latency_p95_ms", "latency_p99_ms", "psi_max_input", "psi_output"]  # fmt: skip
+    columns = {"version": "version", "device_id": "device", "devices_reporting": "devices", "requests": "requests",
+               "error_rate": "errors", "fallback_rate": "fallbacks", "latency_p95_ms": "p95 ms",
+               "latency_p99_ms": "p99 ms", "psi_max_input": "psi in", "psi_output": "psi out"}  # fmt: skip
     table = Table(title=f"{model} by {by}")
     shown = [c for c in columns if any(c in r for r in rows)]
     for column in shown:
-        table.add_column(column)
+        table.add_column(columns[column])
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in shown))
     console.print(table)
