@@ -2,8 +2,8 @@
 
 Each app owns its own ``CollectorRegistry`` (tests build many apps in one process). The middleware is
 plain ASGI (no per-request task or body copy) because it sits on the desired-state hot path. The
-route template (``/api/v1/device/desired-state``), never the raw path, labels a request so that
-label cardinality stays bounded.
+route template (``/api/v1/device/desired-state``), never the raw path, labels a request, and unknown
+methods are folded into ``other``, so that label cardinality stays bounded whatever clients send.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -62,6 +63,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._series: dict[tuple[str, str, str], Any] = {}  # label lookups cached: this runs on every poll
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,6 +82,11 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or scope.get("edgefleet.route", "unmatched")
-            self.metrics.request_latency_s.labels(scope["method"], template, str(status_holder["status"])).observe(
-                time.perf_counter() - started
-            )
+            self._series_for(scope["method"], template, status_holder["status"]).observe(time.perf_counter() - started)
+
+    def _series_for(self, method: str, route: str, status: int) -> Any:
+        key = (method if method in KNOWN_METHODS else "other", route, str(status))
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self.metrics.request_latency_s.labels(*key)
+        return series

@@ -29,7 +29,8 @@ class DesiredStateFastPath:
     def __init__(self, app: ASGIApp, service: DesiredStateService, metrics: Metrics) -> None:
         self.app = app
         self.service = service
-        self.metrics = metrics
+        self.not_modified_polls = metrics.polls.labels("not_modified")
+        self.changed_polls = metrics.polls.labels("changed")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "GET":
@@ -59,9 +60,9 @@ class DesiredStateFastPath:
             return _error(status_for(error), str(error))
         headers = [(b"etag", state.etag.encode()), (b"cache-control", b"no-cache")]
         if etag_matches(if_none_match, state.etag):
-            self.metrics.polls.labels("not_modified").inc()
+            self.not_modified_polls.inc()
             return 304, headers, b""
-        self.metrics.polls.labels("changed").inc()
+        self.changed_polls.inc()
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(state.body)).encode())]
         return 200, headers, state.body
 
