@@ -1,0 +1,78 @@
+"""Uploader decisions on each kind of answer (the real server path is tests/e2e/test_telemetry_upload.py).
+
+A mock transport stands in for the server here only to produce the answers a real one rarely gives
+on demand (401, 413, 503 in a row).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bundles.errors import AuthError, ServerError
+from device_agent.telemetry.buffer import TelemetryBuffer
+from device_agent.telemetry.events import install_event
+from device_agent.telemetry.uploader import TelemetryUploader
+
+
+class Server:
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.bodies: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        assert request.headers["content-encoding"] == "gzip"
+        self.bodies.append(json.loads(gzip.decompress(request.content)))
+        status = self.statuses.pop(0) if self.statuses else 200
+        return httpx.Response(status, json={"accepted": {}, "duplicate": False} if status == 200 else {"detail": "x"})
+
+
+def uploader(tmp_path: Path, server: Server, clock: list[float]) -> TelemetryUploader:
+    buffer = TelemetryBuffer(tmp_path / "t.db", 1_000_000)
+    buffer.put("event", "install", install_event("m", 2, "installed"))
+    http = httpx.Client(base_url="http://fleet.test", transport=httpx.MockTransport(server))
+    return TelemetryUploader(buffer, http, lambda: {"Authorization": "Bearer t"}, clock=lambda: clock[0])
+
+
+def test_server_errors_back_off_exponentially_and_resend_the_same_batch(tmp_path: Path) -> None:
+    clock = [0.0]
+    server = Server([503, 503, 503])
+    up = uploader(tmp_path, server, clock)
+    waits = []
+    for _ in range(3):
+        assert up.maybe_drain() is None
+        waits.append(up.next_attempt_at - clock[0])
+        clock[0] = up.next_attempt_at
+    assert 2.5 <= waits[0] <= 5.0 and 5.0 <= waits[1] <= 10.0 and 10.0 <= waits[2] <= 20.0
+    report = up.maybe_drain()
+    assert report is not None and report.items == 1 and up.failures == 0
+    assert len({body["batch_id"] for body in server.bodies}) == 1  # four sends, one batch id
+
+
+def test_a_refused_batch_is_dropped_and_reported_in_the_next_one(tmp_path: Path) -> None:
+    server = Server([413])
+    up = uploader(tmp_path, server, [0.0])
+    assert up.maybe_drain() is None
+    assert up.buffer.stats()["items"] == 0
+    up.buffer.put("event", "error", {"id": "e", "type": "error", "at": "2026-01-01T00:00:00+00:00"})
+    up.next_attempt_at = 0.0
+    up.drain()
+    drops = next(e for e in server.bodies[-1]["events"] if e["type"] == "drops")
+    assert drops["dropped"] == {"event:rejected": 1}
+
+
+def test_revoked_credentials_keep_the_batch(tmp_path: Path) -> None:
+    up = uploader(tmp_path, Server([401]), [0.0])
+    with pytest.raises(AuthError):
+        up.drain()
+    assert up.buffer.stats()["items"] == 1
+
+
+def test_a_5xx_is_a_server_error(tmp_path: Path) -> None:
+    up = uploader(tmp_path, Server([500]), [0.0])
+    with pytest.raises(ServerError):
+        up.drain()
