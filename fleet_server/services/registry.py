@@ -6,9 +6,9 @@ repository and records the bundle (manifest, variants with their target paths an
 that did not pass TUF verification ever becomes a bundle record.
 
 Delete is refused while an assignment (pinned, rollout or shadow), an unfinished rollout or a
-device's reported inventory uses the version. Deleting removes the record, so the version can no longer be assigned; its files
-stay in the TUF repository until the release workstation publishes a targets version without them
-(the server holds no targets key and cannot sign that change itself).
+device's reported inventory uses the version. Deleting removes the record, so the version can no
+longer be assigned; its files stay in the TUF repository until the release workstation publishes a
+targets version without them (the server holds no targets key and cannot sign that change itself).
 """
 
 from __future__ import annotations
