@@ -10,9 +10,13 @@ canaries' desired state pointing back at the previous bundle; a silent canary ti
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,27 +108,54 @@ def _due(entry: dict[str, Any], now: dt.datetime) -> bool:
     return start_after is None or dt.datetime.fromisoformat(start_after) <= now
 
 
-@pytest.fixture
-def fleet(live_server, app, make_api_key, make_enroll_token, tmp_path):
-    """Publish digits@1 and @2, enroll devices on v1; returns a builder and the admin client."""
+def fleet_on(url: str, app, make_api_key, make_enroll_token, tmp_path):
+    """Publish digits@1 and @2; a builder of devices on v1 talking to ``url``, and an operator client."""
     factory = make_session_factory(app.state.engine)
     manifests: dict[int, Any] = {}
     with session_scope(factory) as session:
         for version in (1, 2):
             manifests[version] = publish(session, tmp_path, "digits", version)
-    admin = httpx.Client(base_url=live_server, headers=auth(make_api_key("operator")), timeout=10)
+    admin = httpx.Client(base_url=url, headers=auth(make_api_key("operator")), timeout=10)
 
     def make(behaviours: list[str]) -> list[SimDevice]:
         token = make_enroll_token("e2e")
-        devices = [SimDevice(live_server, token, manifests, b) for b in behaviours]
+        devices = [SimDevice(url, token, manifests, b) for b in behaviours]
         for device in devices:
             body = {"device_id": device.device_id, "model_name": "digits", "bundle_version": 1, "pinned": False}
             admin.put("/api/v1/admin/assignments", json=body).raise_for_status()
             device.step()
         return devices
 
+    return make, admin
+
+
+@pytest.fixture
+def fleet(live_server, app, make_api_key, make_enroll_token, tmp_path):
+    make, admin = fleet_on(live_server, app, make_api_key, make_enroll_token, tmp_path)
     yield make, admin
     admin.close()
+
+
+@contextlib.contextmanager
+def serve(app) -> Iterator[str]:
+    """``app`` under uvicorn on 127.0.0.1 until the block ends (its lifespan, so its rollout loop, too)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.started
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def run_until_settled(admin: httpx.Client, rollout_id: int, devices: list[SimDevice], timeout_s: float = 40.0):
@@ -204,3 +235,34 @@ def test_silent_canaries_time_out_and_the_rollout_is_rolled_back(fleet):
     assert view["waves"][0]["outcomes"] == {"timed_out": 1}
     assert "install_success cannot reach >=0.95" in view["decisions"][-1]["reason"]
     assert "1 timed out" in view["decisions"][-1]["reason"]
+
+
+
+def test_server_restart_mid_rollout_resumes_where_it_was(settings, app, make_api_key, make_enroll_token, tmp_path):
+    """Stop the server (and its rollout loop) with wave 2 mid-soak; a new server on the database finishes."""
+    from fleet_server.app import create_app
+
+    with serve(app) as first_url:
+        make, admin = fleet_on(first_url, app, make_api_key, make_enroll_token, tmp_path)
+        devices = make(["good"] * 8)
+        rollout_id = create(admin, ["error_rate<0.01 min=50"])
+        deadline = time.monotonic() + 30
+        while admin.get(f"{ROLLOUTS}/{rollout_id}").json()["current_wave"] < 1 and time.monotonic() < deadline:
+            for device in devices:
+                device.step()
+            time.sleep(STEP_S)
+        before = admin.get(f"{ROLLOUTS}/{rollout_id}?devices=true").json()
+    assert before["state"] == "running" and before["current_wave"] == 1
+    assert before["waves"][1]["state"] in ("running", "soaking")
+
+    with serve(create_app(settings)) as second_url:  # a new process: new engine, sessions and rollout loop
+        for device in devices:
+            device.http = httpx.Client(base_url=second_url, timeout=10)
+        admin.base_url = httpx.URL(second_url)
+        after = admin.get(f"{ROLLOUTS}/{rollout_id}?devices=true").json()
+        assert [d["start_after"] for d in after["device_detail"]] == [d["start_after"] for d in before["device_detail"]]
+        assert after["current_wave"] == 1 and after["waves"][1]["state"] in ("running", "soaking")
+        view = run_until_settled(admin, rollout_id, devices)
+    assert view["state"] == "completed"
+    assert [d["action"] for d in view["decisions"]] == ["create", "start", "advance", "advance", "complete"]
+    assert all(d.running == 2 for d in devices)
