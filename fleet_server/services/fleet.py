@@ -23,30 +23,56 @@ from fleet_server.models import (
 from fleet_server.services.device_filter import matches, parse_filter, sql_equalities
 from fleet_server.services.devices import describe_device, get_device
 
+LIST_CHUNK_DEVICES = 1000
+
 
 def list_devices(session: Session, expression: str = "", limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
-    """Devices matching a filter expression (see ``device_filter``), as public dicts with tags and groups."""
+    """Devices matching a filter expression (see ``device_filter``), as public dicts with tags and groups.
+
+    Reads the fleet in chunks ordered by id (keyset pagination) and stops as soon as ``offset + limit``
+    devices matched, so memory stays bounded however large the fleet is.
+    """
     clauses = parse_filter(expression)
-    query = select(Device).order_by(Device.id)
+    base = select(Device).order_by(Device.id).limit(LIST_CHUNK_DEVICES)
     for column, value in sql_equalities(clauses).items():
-        query = query.where(func.lower(getattr(Device, column)) == value)
-    devices = list(session.scalars(query))
-    tags, groups = _tags_by_device(session), _groups_by_device(session)
+        base = base.where(func.lower(getattr(Device, column)) == value)
+    matched: list[dict[str, Any]] = []
+    after: str | None = None
+    while len(matched) < offset + limit:
+        chunk = list(session.scalars(base if after is None else base.where(Device.id > after)))
+        if not chunk:
+            break
+        matched += [d for d in _described(session, chunk) if matches(clauses, d)]
+        after = chunk[-1].id
+    return matched[offset : offset + limit]
+
+
+def _described(session: Session, devices: list[Device]) -> list[dict[str, Any]]:
+    ids = [d.id for d in devices]
+    tags, groups = _tags_by_device(session, ids), _groups_by_device(session, ids)
     described = [{**describe_device(d), "tags": tags.get(d.id, []), "groups": groups.get(d.id, [])} for d in devices]
-    return [d for d in described if matches(clauses, d)][offset : offset + limit]
+    for device in devices:
+        session.expunge(device)
+    return described
 
 
-def _tags_by_device(session: Session) -> dict[str, list[str]]:
+def _tags_by_device(session: Session, device_ids: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for device_id, tag in session.execute(select(DeviceTag.device_id, DeviceTag.tag).order_by(DeviceTag.tag)):
+    rows = session.execute(
+        select(DeviceTag.device_id, DeviceTag.tag).where(DeviceTag.device_id.in_(device_ids)).order_by(DeviceTag.tag)
+    )
+    for device_id, tag in rows:
         out.setdefault(device_id, []).append(tag)
     return out
 
 
-def _groups_by_device(session: Session) -> dict[str, list[str]]:
+def _groups_by_device(session: Session, device_ids: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     rows = session.execute(
-        select(DeviceGroupMember.device_id, DeviceGroup.name).join(DeviceGroup).order_by(DeviceGroup.name)
+        select(DeviceGroupMember.device_id, DeviceGroup.name)
+        .join(DeviceGroup)
+        .where(DeviceGroupMember.device_id.in_(device_ids))
+        .order_by(DeviceGroup.name)
     )
     for device_id, name in rows:
         out.setdefault(device_id, []).append(name)
@@ -56,7 +82,7 @@ def _groups_by_device(session: Session) -> dict[str, list[str]]:
 def device_detail(session: Session, device_id: str) -> dict[str, Any]:
     """One device with tags and groups."""
     device = get_device(session, device_id)
-    groups = _groups_by_device(session).get(device_id, [])
+    groups = _groups_by_device(session, [device_id]).get(device_id, [])
     return {**describe_device(device, session), "groups": groups}
 
 

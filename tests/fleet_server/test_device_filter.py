@@ -55,3 +55,16 @@ def test_device_list_filters_through_the_api(client, make_device, admin_headers)
     assert [d["id"] for d in saved["data"]] == [jetson.device_id]
     bad = client.get("/api/v1/admin/devices", params={"filter": "colour=red"}, headers=admin_headers)
     assert bad.status_code == 400 and "colour" in bad.json()["detail"]
+
+
+def test_listing_pages_through_the_fleet_in_chunks(client, make_device, admin_headers, monkeypatch):
+    from fleet_server.services import fleet
+
+    monkeypatch.setattr(fleet, "LIST_CHUNK_DEVICES", 2)
+    devices = sorted(make_device(hw_class="pi4" if i % 2 else "jetson").device_id for i in range(5))
+    everything = client.get("/api/v1/admin/devices", headers=admin_headers).json()["data"]
+    assert [d["id"] for d in everything] == devices
+    page = client.get("/api/v1/admin/devices", params={"filter": "hw=pi4", "limit": 1, "offset": 1},
+                      headers=admin_headers).json()["data"]  # fmt: skip
+    pis = [d["id"] for d in everything if d["hw_class"] == "pi4"]
+    assert [d["id"] for d in page] == pis[1:2]
