@@ -1,11 +1,13 @@
 """Benchmark: what the device agent adds on top of the runtime, per prediction, at import and at idle.
 
-Compared in the same run on the same tiny ONNX model and the same batch-1 input:
+Compared in the same run on the same ONNX model and the same batch-1 input, for two models: the
+tiny classifier (4 features, 3 classes) and a digits-sized one (64 features, 10 classes):
 
 - baseline: ``onnxruntime.InferenceSession.run`` called directly (same thread count as the bundle);
 - ``Agent.predict``: the full path an app uses (serving pipeline with the bundle's deadline, telemetry
   recorder on with windows, histograms and sampling; local engine admission; the Predictor's input
-  check and post-processing: softmax, argmax, label map).
+  check and post-processing: softmax, argmax, label map), with and without a bundle deadline, and
+  with the deadline forced onto the worker-thread path (inline runs off) for comparison.
 
 Calls are interleaved in blocks so both see the same machine state; the figure is the difference of
 medians. Target: median overhead <= max(5 % of the runtime call, 30 us). Also measured: the import
@@ -33,7 +35,7 @@ sys.path.insert(0, str(REPO))
 SECTION = "agent_overhead"
 
 
-def install_tiny_bundle(state_dir: Path, deadline: bool = True) -> Path:
+def install_tiny_bundle(state_dir: Path, deadline: bool = True, n_features: int = 4, n_classes: int = 3) -> Path:
     """Build the tiny classifier bundle and commit it into slot a, as an update would.
 
     Without ``deadline`` the manifest's ``runtime_config.deadline_ms`` is removed, so the serving
@@ -45,13 +47,13 @@ def install_tiny_bundle(state_dir: Path, deadline: bool = True) -> Path:
     from bundles.testing import build_bundle_dir
     from device_agent.slots import ModelSlots
 
-    src = state_dir.parent / f"bundle-src-{deadline}"
-    manifest = build_bundle_dir(src, name="tiny", version=1)
+    src = state_dir.parent / f"bundle-src-{deadline}-{n_features}"
+    manifest = build_bundle_dir(src, name="tiny", version=1, n_features=n_features, n_classes=n_classes)
     if not deadline:
         manifest = dataclasses.replace(
             manifest, runtime_config=dataclasses.replace(manifest.runtime_config, deadline_ms=None)
         )
-    archive = pack_variant(src, manifest, "onnx-fp32", state_dir.parent / f"tiny-{deadline}.tar.gz")
+    archive = pack_variant(src, manifest, "onnx-fp32", state_dir.parent / f"tiny-{deadline}-{n_features}.tar.gz")
     slots = ModelSlots(state_dir / "models", "tiny")
     slots.stage("a", archive, manifest.to_bytes(), "onnx-fp32", ArchiveLimits())
     slots.activate("a")
@@ -68,37 +70,51 @@ def time_calls(fn: Any, n: int) -> list[float]:
     return out
 
 
-def measure_overhead(rounds: int, block: int) -> dict[str, float]:
+MODELS = {"tiny": (4, 3), "digits": (64, 10)}
+"""Benchmark models: name -> (features, classes)."""
+
+
+def measure_overhead(rounds: int, block: int, n_features: int, n_classes: int) -> dict[str, float]:
     import onnxruntime as ort
 
     from device_agent.agent import Agent
+    from device_agent.serving import ServingConfig, ServingPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = install_tiny_bundle(Path(tmp) / "device")
-        install_tiny_bundle(Path(tmp) / "device-nodeadline", deadline=False)
+        model_path = install_tiny_bundle(Path(tmp) / "device", True, n_features, n_classes)
+        install_tiny_bundle(Path(tmp) / "device-nodeadline", False, n_features, n_classes)
         agent = Agent.from_config(environ={}, state_dir=Path(tmp) / "device")
         plain = Agent.from_config(environ={}, state_dir=Path(tmp) / "device-nodeadline")
+        threaded = Agent.from_config(environ={}, state_dir=Path(tmp) / "device")  # same bundle, inline runs off
+        threaded.pipeline.close()
+        threaded.pipeline = ServingPipeline(
+            threaded.engine, ServingConfig(inline_deadline_margin=0.0), recorder=threaded.recorder
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        x = np.array([[0.25, -1.0, 0.5, 2.0]], dtype=np.float32)
+        x = np.random.default_rng(0).normal(size=(1, n_features)).astype(np.float32)
         predictor = agent.engine._active["tiny"].predictor  # noqa: SLF001 - to split the overhead
         calls = {
             "raw": lambda: session.run(None, {"x": x}),
             "predictor": lambda: predictor.predict({"x": x}),
             "engine": lambda: plain.engine.predict("tiny", {"x": x}),
-            "agent": lambda: agent.predict({"x": x}),
             "agent_nodeadline": lambda: plain.predict({"x": x}),
+            "agent": lambda: agent.predict({"x": x}),
+            "agent_thread": lambda: threaded.predict({"x": x}),
         }
-        assert agent.predict({"x": x}).source == "local" and plain.predict({"x": x}).source == "local"
+        for a in (agent, plain, threaded):
+            assert a.predict({"x": x}).source == "local"
         for _ in range(200):
             for call in calls.values():
                 call()
+        guard = agent.pipeline.deadline_guard("tiny")
+        assert guard is not None and guard.inline, "after warm-up the tiny model must run inline"
         timings: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(rounds):
             for name, call in calls.items():
                 timings[name] += time_calls(call, block)
-        for a in (agent, plain):
+        for a in (agent, plain, threaded):
             a.close()
     out = {f"{name}_median_us": statistics.median(t) for name, t in timings.items()}
     out.update({f"{name}_p90_us": statistics.quantiles(t, n=10)[-1] for name, t in timings.items()})
@@ -140,32 +156,49 @@ def measure_import_and_rss(repeats: int) -> dict[str, float]:
     }  # fmt: skip
 
 
-def _row(o: dict[str, float], name: str, label: str) -> str:
+def target_us(o: dict[str, float]) -> float:
+    return max(0.05 * o["raw_median_us"], 30.0)
+
+
+def met(o: dict[str, float], name: str) -> bool:
+    return o[f"{name}_median_us"] - o["raw_median_us"] <= target_us(o)
+
+
+def _row(o: dict[str, float], name: str, label: str, judged: bool = True) -> str:
     median, p90, raw = o[f"{name}_median_us"], o[f"{name}_p90_us"], o["raw_median_us"]
     if name == "raw":
         return f"| {label} | {median:.1f} us | {p90:.1f} us | baseline | |"
-    target = max(0.05 * raw, 30.0)
-    verdict = "met" if median - raw <= target else "**not met**"
-    return f"| {label} | {median:.1f} us | {p90:.1f} us | {median - raw:+.1f} us | {verdict} (<= {target:.0f} us) |"
+    verdict = ("met" if met(o, name) else "**not met**") + f" (<= {target_us(o):.0f} us)" if judged else "-"
+    return f"| {label} | {median:.1f} us | {p90:.1f} us | {median - raw:+.1f} us | {verdict} |"
 
 
-def table(o: dict[str, float], m: dict[str, float]) -> str:
-    excl = m["idle_rss_mb"] - (m["ort_import_rss_mb"] if m["ort_loaded_at_idle"] else 0.0)
-    return "\n".join([
-        f"Tiny ONNX classifier (4 features, 3 classes), batch 1, {int(o['calls'])} calls each, interleaved.",
+def model_table(name: str, o: dict[str, float]) -> list[str]:
+    features, classes = MODELS[name]
+    return [
+        f"**{name}** ({features} features, {classes} classes), batch 1, {int(o['calls'])} calls each, interleaved.",
         "",
         "| path | median | p90 | median overhead | target |",
         "|---|---|---|---|---|",
         _row(o, "raw", "raw `onnxruntime` `session.run`"),
-        _row(o, "predictor", "`Predictor.predict` (input check + softmax/argmax/label post-processing)"),
-        _row(o, "engine", "`LocalEngine.predict` (admission, in-flight count, then the Predictor)"),
+        _row(o, "predictor", "`Predictor.predict` (input check + softmax/argmax/label post-processing)", False),
+        _row(o, "engine", "`LocalEngine.predict` (admission, in-flight count, then the Predictor)", False),
         _row(o, "agent_nodeadline", "`Agent.predict`, telemetry on, bundle without `deadline_ms`"),
-        _row(o, "agent", "`Agent.predict`, telemetry on, bundle `deadline_ms` = 50 (deadline thread)"),
+        _row(o, "agent", "`Agent.predict`, telemetry on, bundle `deadline_ms` = 50 (inline fast path)"),
+        _row(o, "agent_thread", "`Agent.predict`, telemetry on, `deadline_ms` = 50 on the worker thread", False),
         "",
-        "The agent's own layers (engine admission, `Agent.predict` dispatch) add a few microseconds; the rest",
-        "of the gap is the serving pipeline and telemetry (`device_agent/serving.py`, `device_agent/telemetry/`):",
-        "input hashing for the result cache, window counters and histograms, sampling, and with a bundle",
-        "deadline a hand-off to a worker thread so the local call can be abandoned at the deadline.",
+    ]
+
+
+def table(results: dict[str, dict[str, float]], m: dict[str, float]) -> str:
+    excl = m["idle_rss_mb"] - (m["ort_import_rss_mb"] if m["ort_loaded_at_idle"] else 0.0)
+    lines: list[str] = []
+    for name, o in results.items():
+        lines += model_table(name, o)
+    return "\n".join(lines + [
+        "Target (issue 5): `Agent.predict` median overhead <= max(5 % of the raw call, 30 us), judged on the",
+        "no-deadline and deadline rows. With a deadline, a model whose recent p99 latency is far below it (x10)",
+        "runs inline; the worker-thread row shows what the hand-off costs when the model is close to its",
+        "deadline or has missed it recently (docs/agent.md, \"Deadlines\").",
         "",
         "| measure | value |",
         "|---|---|",
@@ -196,10 +229,13 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=250)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    overhead = measure_overhead(args.rounds, args.block)
+    results = {name: measure_overhead(args.rounds, args.block, *shape) for name, shape in MODELS.items()}
     memory = measure_import_and_rss(5)
-    body = table(overhead, memory)
+    body = table(results, memory)
     print(body)
+    for name, o in results.items():
+        verdicts = [met(o, path) for path in ("agent_nodeadline", "agent")]
+        print(f"target (issue 5) on {name}: {'MET' if all(verdicts) else 'NOT MET'}")
     if not args.no_write:
         write_section(body)
     return 0

@@ -136,7 +136,7 @@ class Agent:
         return self.pipeline.predict_batch(name, [_as_arrays(inputs) for inputs in batch])
 
     def _model_name(self, model: str | None) -> str:
-        if self.follow_pointers:
+        if self.follow_pointers and time.monotonic() - self._checked_at >= 1.0:
             self._maybe_reload()
         if model is not None:
             return model
@@ -227,6 +227,14 @@ def _stamp(path: Path) -> int:
 
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The inputs as a dict of arrays; a dict of arrays already is passed through (nothing mutates it)."""
+    if type(inputs) is dict:
+        if len(inputs) == 1:  # the common case, without a generator
+            for value in inputs.values():
+                if type(value) is np.ndarray:
+                    return inputs
+        elif all(type(v) is np.ndarray for v in inputs.values()):
+            return inputs
     if not isinstance(inputs, Mapping):
         raise InputError("inputs must map input names to arrays, e.g. {'x': array}")
     return {str(k): v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in inputs.items()}

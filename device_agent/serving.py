@@ -26,7 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,8 +38,8 @@ from device_agent.fallback import (
     CircuitBreaker,
     OipClient,
     ResultCache,
+    cache_key,
     confidence_of,
-    input_key,
     static_outputs,
 )
 
@@ -129,6 +129,9 @@ class ServingConfig:
 
     ``cloud_url`` is the OIP v2 base URL (``https://host/v2``); ``cloud_model`` maps a local model
     name to the cloud's name when they differ. ``deadline_ms`` applies to bundles that declare none.
+    A deadline-bound call runs inline (no worker thread) while the p99 of the model's recent
+    latencies times ``inline_deadline_margin`` is within the deadline (0 turns inline runs off); a
+    miss sends the model to the worker-thread path for ``inline_cooldown_s`` (see :class:`DeadlineGuard`).
     """
 
     cloud_url: str | None = None
@@ -142,6 +145,8 @@ class ServingConfig:
     deadline_ms: float | None = None
     deadline_workers: int = 4
     enforce_deadlines: bool = True
+    inline_deadline_margin: float = 10.0
+    inline_cooldown_s: float = 60.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, **overrides: Any) -> ServingConfig:
@@ -153,6 +158,60 @@ class ServingConfig:
         return cls(cloud_url=data.get("url"), cloud_model=mapping, **overrides)
 
 
+class DeadlineGuard:
+    """Whether a deadline-bound local call may run inline, from the model's recent latencies.
+
+    Racing a call against its deadline needs a worker thread (a hand-off of ~30 µs, more than the
+    whole model on small inputs). When the p99 of the last :data:`RING` latencies, times ``margin``,
+    is within the deadline, the call runs in the caller's thread instead. The price: an inline call
+    that hangs cannot be abandoned, so that one request answers late. A late inline answer is still
+    returned (nothing else could be faster by then) but counted as a deadline miss, and the model
+    goes back to the worker-thread path (which abandons late calls and falls back) for
+    ``cooldown_s``; it returns inline only once fresh latencies are far below the deadline again.
+    Updates are plain attribute writes under the GIL: a lost update only delays a decision.
+    """
+
+    RING = 64
+    DECIDE_EVERY = 16
+    MIN_SAMPLES = 32
+
+    def __init__(self, deadline_s: float, margin: float, cooldown_s: float, clock: Callable[[], float]) -> None:
+        self.deadline_s, self.margin, self.cooldown_s, self.clock = deadline_s, margin, cooldown_s, clock
+        self.ring = [0.0] * self.RING
+        self.count = 0
+        self.inline = False
+        self.misses = 0
+        self.thread_until = 0.0
+
+    def observe(self, elapsed_s: float) -> None:
+        """Note the latency of a call that met its deadline; re-decide every few calls."""
+        count = self.count
+        self.ring[count % self.RING] = elapsed_s
+        self.count = count + 1
+        if self.count % self.DECIDE_EVERY == 0:
+            self.inline = self._inline_allowed()
+
+    def missed(self) -> None:
+        """A call missed the deadline: worker-thread path for ``cooldown_s``, history forgotten."""
+        self.misses += 1
+        self.inline = False
+        self.count = 0
+        self.thread_until = self.clock() + self.cooldown_s
+
+    def p99_s(self) -> float | None:
+        filled = min(self.count, self.RING)
+        if filled == 0:
+            return None
+        ordered = sorted(self.ring[:filled])
+        return ordered[min(filled - 1, int(0.99 * filled))]
+
+    def _inline_allowed(self) -> bool:
+        p99 = self.p99_s()
+        if self.margin <= 0 or p99 is None or self.count < self.MIN_SAMPLES or self.clock() < self.thread_until:
+            return False
+        return p99 * self.margin <= self.deadline_s
+
+
 @dataclass(frozen=True)
 class _Policy:
     """The per-bundle decisions, compiled once per (model, version)."""
@@ -162,21 +221,40 @@ class _Policy:
     cacheable: bool
     postprocess: Any  # bundles.processing.Pipeline or None
     raw_names: frozenset[str]
+    guard: DeadlineGuard | None = None
 
 
 class _DeadlineMissed(Exception):
     pass
 
 
-@dataclass
-class _Attempt:
-    """What happened on the way down the chain (for the error message and the sample)."""
+class _LateAnswer(Exception):
+    """An inline call answered after its deadline (the answer is kept)."""
 
-    reason: str
-    prediction: Any = None
-    confidence: float | None = None
-    error: str | None = None
-    failures: list[str] = field(default_factory=list)
+    def __init__(self, prediction: Any) -> None:
+        super().__init__("late")
+        self.prediction = prediction
+
+
+class _Attempt:
+    """What happened on the way down the chain (for the error message and the sample).
+
+    ``late`` marks a local answer that came after the deadline and is used anyway (inline runs).
+    A plain class with slots: one is built per request.
+    """
+
+    __slots__ = ("reason", "prediction", "confidence", "error", "failures", "late")
+
+    def __init__(
+        self, reason: str, prediction: Any = None, confidence: float | None = None, error: str | None = None
+    ) -> None:
+        self.reason, self.prediction, self.confidence, self.error = reason, prediction, confidence, error
+        self.failures: list[str] = []
+        self.late = False
+
+
+_NO_ATTEMPT = _Attempt("")
+"""Stands for "no local attempt yet" if the chain fails before one (never mutated)."""
 
 
 class ServingPipeline:
@@ -210,15 +288,17 @@ class ServingPipeline:
         start = time.perf_counter()
         manifest = self.local.active_manifest(model)
         policy = self._policy(model, manifest)
-        key = input_key(inputs) if policy.cacheable and _nbytes(inputs) <= self.config.cache_max_input_bytes else None
-        attempt = _Attempt("")
+        attempt = _NO_ATTEMPT
         try:
             attempt = self._try_local(model, inputs, policy)
-            if attempt.reason == "":
+            if attempt.reason == "" or attempt.late:
                 result = self._local_result(model, manifest, attempt, start)
-                if key is not None and manifest is not None:
-                    self.cache.put(model, manifest.version, key, result.outputs)
+                if policy.cacheable and manifest is not None:
+                    self.cache.remember(
+                        model, manifest.version, inputs, result.outputs, self.config.cache_max_input_bytes
+                    )
             else:
+                key = cache_key(inputs, self.config.cache_max_input_bytes) if policy.cacheable else None
                 result = self._fall_back(model, inputs, manifest, policy, attempt, key, start)
         except InferenceError as e:
             self._record_failure(model, manifest, inputs, start, e, attempt.reason or None)
@@ -259,27 +339,45 @@ class ServingPipeline:
     def _compile_policy(self, manifest: Manifest | None) -> _Policy:
         if manifest is None:
             deadline_ms = self.config.deadline_ms if self.config.enforce_deadlines else None
-            return _Policy(None if deadline_ms is None else deadline_ms / 1000.0, None, False, None, frozenset())
+            deadline_s = None if deadline_ms is None else deadline_ms / 1000.0
+            return _Policy(deadline_s, None, False, None, frozenset(), self._guard(deadline_s))
         rc = manifest.runtime_config
         deadline_ms = rc.deadline_ms if rc.deadline_ms is not None else self.config.deadline_ms
         if not self.config.enforce_deadlines:
             deadline_ms = None
+        deadline_s = None if deadline_ms is None else deadline_ms / 1000.0
         return _Policy(
-            deadline_s=None if deadline_ms is None else deadline_ms / 1000.0,
+            deadline_s=deadline_s,
             confidence_threshold=rc.confidence_threshold if self.config.fallback_on_low_confidence else None,
             cacheable=rc.deterministic and self.config.cache_entries > 0,
             postprocess=_compile_postprocess(manifest),
             raw_names=frozenset(t.name for t in manifest.outputs),
+            guard=self._guard(deadline_s),
         )
+
+    def _guard(self, deadline_s: float | None) -> DeadlineGuard | None:
+        if deadline_s is None:
+            return None
+        return DeadlineGuard(deadline_s, self.config.inline_deadline_margin, self.config.inline_cooldown_s, self.clock)
+
+    def deadline_guard(self, model: str) -> DeadlineGuard | None:
+        """The inline/worker-thread decision state of the active version of ``model`` (None: no deadline)."""
+        return self._policy(model, self.local.active_manifest(model)).guard
 
     def _try_local(self, model: str, inputs: dict[str, np.ndarray], policy: _Policy) -> _Attempt:
         """The local answer, or why there is none (``reason`` empty when the local answer stands)."""
         if not self.local.ready(model):
             return _Attempt("not_ready")
         try:
-            prediction = self._run_local(model, inputs, policy.deadline_s)
+            prediction = self._run_local(model, inputs, policy)
         except _DeadlineMissed:
             return _Attempt("deadline", error=f"local inference exceeded {policy.deadline_s} s")
+        except _LateAnswer as late:
+            attempt = _Attempt(
+                "deadline", late.prediction, error=f"local inference (inline) exceeded {policy.deadline_s} s"
+            )
+            attempt.late = True
+            return attempt
         except InputError:
             raise
         except ModelNotReadyError as e:
@@ -294,9 +392,25 @@ class ServingPipeline:
             return _Attempt("low_confidence", prediction, confidence)
         return _Attempt("", prediction, confidence)
 
-    def _run_local(self, model: str, inputs: dict[str, np.ndarray], deadline_s: float | None) -> Any:
-        if deadline_s is None:
+    def _run_local(self, model: str, inputs: dict[str, np.ndarray], policy: _Policy) -> Any:
+        deadline_s, guard = policy.deadline_s, policy.guard
+        if deadline_s is None or guard is None:
             return self.local.predict(model, inputs, timeout_s=None)
+        began = time.perf_counter()
+        if guard.inline:
+            prediction = self.local.predict(model, inputs, timeout_s=deadline_s)
+            elapsed_s = time.perf_counter() - began
+            if elapsed_s > deadline_s:
+                guard.missed()
+                raise _LateAnswer(prediction)
+            guard.observe(elapsed_s)
+            return prediction
+        prediction = self._run_on_worker(model, inputs, deadline_s, guard)
+        guard.observe(time.perf_counter() - began)
+        return prediction
+
+    def _run_on_worker(self, model: str, inputs: dict[str, np.ndarray], deadline_s: float, guard: DeadlineGuard) -> Any:
+        """Race the local call against the deadline on a worker thread (abandoned if late)."""
         if self._executor is None:
             with self._executor_lock:
                 if self._executor is None:
@@ -307,19 +421,22 @@ class ServingPipeline:
             return future.result(timeout=deadline_s)
         except concurrent.futures.TimeoutError as e:
             future.cancel()
+            guard.missed()
             raise _DeadlineMissed() from e
 
     def _local_result(self, model: str, manifest: Manifest | None, attempt: _Attempt, start: float) -> PredictResult:
         prediction = attempt.prediction
+        outputs = prediction.outputs
+        raw = getattr(prediction, "raw", None) or {}
         return PredictResult(
-            outputs=dict(prediction.outputs),
-            source="local",
-            model=model,
-            version=None if manifest is None else manifest.version,
-            latency_ms=_elapsed_ms(start),
-            fallback_reason=attempt.reason or None,
-            confidence=attempt.confidence,
-            raw=dict(getattr(prediction, "raw", None) or {}),
+            outputs,
+            "local",
+            model,
+            None if manifest is None else manifest.version,
+            _elapsed_ms(start),
+            attempt.reason or None,
+            attempt.confidence,
+            dict(raw) if raw is outputs else raw,  # fresh dicts per call; only split when they are one object
         )
 
     # --- the chain ------------------------------------------------------------------------------
@@ -331,7 +448,7 @@ class ServingPipeline:
         manifest: Manifest | None,
         policy: _Policy,
         attempt: _Attempt,
-        key: bytes | None,
+        key: Hashable | None,
         start: float,
     ) -> PredictResult:
         def answer(outputs: dict[str, np.ndarray], source: str, version: int | None) -> PredictResult:
@@ -459,10 +576,6 @@ def _postprocessed(outputs: dict[str, np.ndarray], policy: _Policy) -> dict[str,
 def _no_answer_message(model: str, attempt: _Attempt) -> str:
     local = attempt.reason + (f" ({attempt.error})" if attempt.error else "")
     return f"no answer for model '{model}': local model {local}; " + "; ".join(attempt.failures)
-
-
-def _nbytes(inputs: Mapping[str, Any]) -> int:
-    return sum(int(getattr(value, "nbytes", 0)) for value in inputs.values())
 
 
 def _elapsed_ms(start: float) -> float:

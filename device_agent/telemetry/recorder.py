@@ -200,8 +200,8 @@ class TelemetryRecorder:
 def _forced_reason(source: str | None, fallback_reason: str | None, low_confidence: bool) -> str | None:
     if source is None:
         return "error"
-    if fallback_reason is not None and source != "local":
-        return "fallback"
+    if fallback_reason is not None and (source != "local" or fallback_reason == "deadline"):
+        return "fallback"  # a late local answer (inline run past its deadline) is captured like a fallback
     if low_confidence:
         return "low_confidence"
     return None
