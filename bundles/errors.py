@@ -85,6 +85,14 @@ class VersionConflictError(TrustError):
     """New signed metadata is not exactly one version after the current one (stale or replayed publication)."""
 
 
+class TargetRewriteError(VersionConflictError):
+    """A publication changes the bytes behind an already published target path.
+
+    Published bundle versions are immutable: devices and rollback rely on ``name@version`` always
+    meaning the same bytes. Publish a new version instead.
+    """
+
+
 class KeyFileError(EdgeFleetError):
     """A key file is missing, unreadable or has unsafe permissions."""
 
@@ -168,6 +176,7 @@ __all__ = [
     "SelfTestError",
     "ServerError",
     "TargetMismatchError",
+    "TargetRewriteError",
     "TransportError",
     "TrustError",
     "UnknownTargetError",

@@ -43,6 +43,7 @@ from bundles.errors import (
     ArchiveError,
     ConfigError,
     TargetMismatchError,
+    TargetRewriteError,
     TrustError,
     UnknownTargetError,
     VersionConflictError,
@@ -232,6 +233,7 @@ class TufRepository:
             root = self._root()
             md = self._verify_new_targets(root, targets_bytes)
             changed = self._changed_targets(md.signed)
+            self._refuse_rewrites(changed)
             self._check_files(md.signed, changed, files)
             check_signer_role(root, "snapshot", snapshot_signer)
             check_signer_role(root, "timestamp", timestamp_signer)
@@ -328,6 +330,16 @@ class TufRepository:
             except ConfigError:
                 raise TrustError(f"published targets v{version} list an unsafe target path {path!r}") from None
         return md
+
+    def _refuse_rewrites(self, changed: Sequence[str]) -> None:
+        """Published targets are immutable: a new version may add or drop paths, never change their bytes."""
+        current = self._targets()
+        rewritten = [path for path in changed if path in current]
+        if rewritten:
+            raise TargetRewriteError(
+                f"target {rewritten[0]} is already published with other content"
+                f"{f' (and {len(rewritten) - 1} more)' if len(rewritten) > 1 else ''}: publish a new version instead"
+            )
 
     def _changed_targets(self, new: Targets) -> list[str]:
         """Paths whose file is new: unlisted before, or listed with another length or hash."""

@@ -20,6 +20,7 @@ from bundles.errors import (
     ConfigError,
     ExpiredMetadataError,
     TargetMismatchError,
+    TargetRewriteError,
     UnknownTargetError,
     VersionConflictError,
 )
@@ -327,16 +328,26 @@ def test_local_repository_keeps_its_keys_outside_the_served_directory(tmp_path: 
 
 
 def test_prune_keeps_the_files_of_the_last_two_versions_only(setup: Setup) -> None:
-    old_variant = bundle_files(setup)
-    setup.accept(setup.publication(old_variant))
+    setup.accept(setup.publication(bundle_files(setup)))
     sha_old = setup.repo.target_info(VARIANT).hashes["sha256"]
-    setup.accept(setup.publication(setup.files(**{"digits__3__onnx-int8.tar.gz": b"v2"})))
-    assert setup.repo.prune() == []  # v1's file is still listed by the previous version
-    setup.accept(setup.publication(setup.files(**{"digits__3__onnx-int8.tar.gz": b"v3"})))
+    setup.accept(setup.publication(setup.files(**{"digits__4__onnx-int8.tar.gz": b"v4"}), remove=[VARIANT]))
+    assert setup.repo.prune() == []  # digits/3's file is still listed by the previous version
+    setup.accept(setup.publication(setup.files(**{"digits__5__onnx-int8.tar.gz": b"v5"})))
     assert setup.repo.prune() == [f"digits/3/{sha_old}.onnx-int8.tar.gz"]
     assert len(list(setup.repo.targets_dir.rglob("*.onnx-int8.tar.gz"))) == 2
-    sha_now = setup.repo.target_info(VARIANT).hashes["sha256"]
-    assert setup.repo.target_file(f"digits/3/{sha_now}.onnx-int8.tar.gz").read_bytes() == b"v3"
+    sha_now = setup.repo.target_info("digits/5/onnx-int8.tar.gz").hashes["sha256"]
+    assert setup.repo.target_file(f"digits/5/{sha_now}.onnx-int8.tar.gz").read_bytes() == b"v5"
+
+
+def test_a_publication_that_changes_the_bytes_of_a_published_target_is_refused(setup: Setup) -> None:
+    setup.accept(setup.publication(bundle_files(setup)))
+    before = setup.state()
+    rewrite = setup.publication(setup.files(**{"digits__3__onnx-int8.tar.gz": b"other bytes"}))
+    with pytest.raises(TargetRewriteError, match="digits/3/onnx-int8.tar.gz is already published"):
+        setup.accept(rewrite)
+    assert setup.state() == before
+    same_bytes_again = setup.publication(setup.files(**{"digits__4__manifest.json": b'{"v": 4}'}))
+    assert setup.accept(same_bytes_again) == ["digits/4/manifest.json"]
 
 
 def test_a_root_whose_online_keys_are_not_the_servers_is_refused_before_install(tmp_path: Path) -> None:
