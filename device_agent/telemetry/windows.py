@@ -8,10 +8,16 @@ closes (:meth:`WindowAccumulator.close`, which returns the payload ``docs/teleme
 
 :class:`BinPlan` is compiled once per manifest: the feature and output bins and the valid ranges,
 as padded numpy arrays, so that binning 256 rows of 64 features is a handful of numpy calls.
+
+Aggregate features (``FeatureSpec.extra["aggregate"]`` = ``mean``, ``std``, ``min`` or ``max``, which
+the converter declares for image-like inputs as ``<tensor>.mean`` etc.) are not an element of the
+tensor: each sample's statistic over its whole flattened tensor is computed (vectorised, per pending
+batch) and binned on the baseline's edges like any numeric feature.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from collections import Counter
@@ -52,6 +58,26 @@ class TensorBins:
         return int(self.bins.sum())
 
 
+AGGREGATES: dict[str, Any] = {
+    "mean": lambda m: m.mean(axis=1),
+    "std": lambda m: m.std(axis=1),  # population std, as the converter's baseline
+    "min": lambda m: m.min(axis=1),
+    "max": lambda m: m.max(axis=1),
+}
+"""Per-sample statistics of an aggregate feature over its [rows, values] tensor."""
+
+
+@dataclass(frozen=True)
+class AggregateBins:
+    """Aggregate features of one input tensor: the statistic of each, binned through ``bins``.
+
+    ``bins.columns`` index the [rows, statistics] matrix built from ``stats`` (in that order).
+    """
+
+    stats: tuple[str, ...]
+    bins: TensorBins
+
+
 @dataclass(frozen=True)
 class CategoryBins:
     """A categorical feature: where it is and its categories in baseline order."""
@@ -68,6 +94,7 @@ class BinPlan:
 
     numeric: tuple[TensorBins, ...] = ()
     categorical: tuple[CategoryBins, ...] = ()
+    aggregates: tuple[AggregateBins, ...] = ()
     output: Histogram | None = None
     output_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     float_outputs: tuple[str, ...] = ()  # the first float model output: NaN/inf there is what reaches the answer
@@ -75,7 +102,8 @@ class BinPlan:
     @property
     def tensors(self) -> frozenset[str]:
         """The input tensors that hold a feature (only these are kept for binning)."""
-        return frozenset([t.tensor for t in self.numeric] + [c.tensor for c in self.categorical])
+        tensors = [t.tensor for t in self.numeric] + [c.tensor for c in self.categorical]
+        return frozenset(tensors + [a.bins.tensor for a in self.aggregates])
 
 
 def compile_plan(manifest: Manifest | None) -> BinPlan:
@@ -85,21 +113,38 @@ def compile_plan(manifest: Manifest | None) -> BinPlan:
     specs = {f.name: f for f in manifest.features}
     default_tensor = manifest.inputs[0].name
     numeric: dict[str, list[tuple[FeatureSpec, Histogram]]] = {}
+    aggregates: dict[str, list[tuple[FeatureSpec, Histogram]]] = {}
     categorical: list[CategoryBins] = []
     for hist in manifest.drift_baseline.features:
         spec = specs.get(hist.name) or FeatureSpec(hist.name, tensor=default_tensor)
         tensor = spec.tensor or default_tensor
         if hist.categories:
             categorical.append(CategoryBins(hist.name, tensor, spec.index, hist.categories))
+        elif aggregate_of(spec) is not None:
+            aggregates.setdefault(tensor, []).append((spec, hist))
         else:
             numeric.setdefault(tensor, []).append((spec, hist))
     return BinPlan(
         numeric=tuple(_tensor_bins(tensor, pairs) for tensor, pairs in numeric.items()),
         categorical=tuple(categorical),
+        aggregates=tuple(_aggregate_bins(tensor, pairs) for tensor, pairs in aggregates.items()),
         output=manifest.drift_baseline.output,
         output_ranges=_output_ranges(manifest),
         float_outputs=tuple(t.name for t in manifest.outputs if t.dtype.startswith("float"))[:1],
     )
+
+
+def aggregate_of(spec: FeatureSpec) -> str | None:
+    """The statistic an aggregate feature summarises its tensor by (None for an element feature)."""
+    stat = spec.extra.get("aggregate")
+    return stat if isinstance(stat, str) and stat in AGGREGATES else None
+
+
+def _aggregate_bins(tensor: str, pairs: list[tuple[FeatureSpec, Histogram]]) -> AggregateBins:
+    """Aggregates binned like numeric features, their columns being the statistics' positions."""
+    stats = tuple(str(aggregate_of(spec)) for spec, _ in pairs)
+    located = [(dataclasses.replace(spec, index=position), hist) for position, (spec, hist) in enumerate(pairs)]
+    return AggregateBins(stats, _tensor_bins(tensor, located))
 
 
 def _tensor_bins(tensor: str, pairs: list[tuple[FeatureSpec, Histogram]]) -> TensorBins:
@@ -155,6 +200,7 @@ class WindowAccumulator:
         self._pending: list[tuple[Any, Mapping[str, np.ndarray] | None, str | None, float, str | None]] = []
         self._latency_counts = np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
         self._numeric_counts = [np.zeros(t.total_bins, dtype=np.int64) for t in plan.numeric]
+        self._aggregate_counts = [np.zeros(a.bins.total_bins, dtype=np.int64) for a in plan.aggregates]
         self._category_counts = [np.zeros(len(c.categories), dtype=np.int64) for c in plan.categorical]
         self._output_counts = np.zeros(len(plan.output.freqs) if plan.output else 0, dtype=np.int64)
         self.shadow = {"compared": 0, "agreed": 0}
@@ -230,6 +276,10 @@ class WindowAccumulator:
             values = matrix[:, plan.columns].astype(np.float64, copy=False)
             self._numeric_counts[i] += _bin_numeric(plan, values)
             self.counters["violations"]["input_out_of_range"] += _rows_out_of_range(plan, values)
+        for i, aggregate in enumerate(self.plan.aggregates):
+            matrix = by_tensor.get(aggregate.bins.tensor)
+            if matrix is not None and matrix.shape[1] and matrix.dtype.kind in "biuf":
+                self._aggregate_counts[i] += _bin_numeric(aggregate.bins, _statistics(aggregate, matrix))
         for i, cat in enumerate(self.plan.categorical):
             self._bin_category(i, cat, by_tensor.get(cat.tensor))
         first = next(iter(by_tensor.values()), None)
@@ -266,7 +316,8 @@ class WindowAccumulator:
         """Bin what is pending and return the window payload (``docs/telemetry.md``)."""
         self.bin_pending()
         features: dict[str, list[int]] = {}
-        for plan, counts in zip(self.plan.numeric, self._numeric_counts, strict=True):
+        numeric = [*self.plan.numeric, *(a.bins for a in self.plan.aggregates)]
+        for plan, counts in zip(numeric, [*self._numeric_counts, *self._aggregate_counts], strict=True):
             for name, offset, bins in zip(plan.names, plan.offsets, plan.bins, strict=True):
                 features[name] = counts[offset : offset + bins].tolist()
         for cat, counts in zip(self.plan.categorical, self._category_counts, strict=True):
@@ -316,6 +367,12 @@ def _stack_rows(arrays: list[Any]) -> np.ndarray | None:
         except ValueError:
             return None
     return stacked.reshape(stacked.shape[0], -1)
+
+
+def _statistics(aggregate: AggregateBins, matrix: np.ndarray) -> np.ndarray:
+    """[rows, statistics] of a [rows, values] tensor matrix, in the plan's order (NaN rows stay NaN)."""
+    values = matrix.astype(np.float64, copy=False)
+    return np.column_stack([AGGREGATES[stat](values) for stat in aggregate.stats])
 
 
 def _rows_out_of_range(plan: TensorBins, values: np.ndarray) -> int:
