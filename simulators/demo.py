@@ -1,6 +1,6 @@
 """``make demo``: the main job of edgefleet, end to end on embedded defaults, told on the terminal.
 
-The story walks the user journeys of ``docs/../JOURNEYS.md`` with the real command-line tools, each
+The story walks the user journeys (ML engineer, fleet admin, device) with the real command-line tools, each
 command printed before it runs, so the demo doubles as a tutorial:
 
 1. the ML engineer trains a small CNN on scikit-learn's digits, creates the offline release key,
@@ -11,7 +11,10 @@ command printed before it runs, so the demo doubles as a tutorial:
 3. a device enrolls with a fleet token, is directed to the bundle, fetches the manifest and only
    the variant it selects through the TUF client, installs it into an A/B slot after its golden
    self-test, and serves predictions on its localhost Open Inference Protocol API;
-4. the demo sends real test digits to the device and prints what came back.
+4. the demo sends real test digits to the device and prints what came back;
+5. a faulty retrain (it forgot to normalise its inputs) passes every offline check, is published and
+   rolled out with gates while an app keeps sending requests; the drift gate breaches and the fleet
+   rolls the device back to the previous bundle by itself.
 
 Everything lives under ``demo-data/`` (recreated on every run); the server and the agent are
 stopped at the end, whatever happens.
@@ -19,6 +22,7 @@ stopped at the end, whatever happens.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -81,7 +86,8 @@ def run(args: Sequence[str], env: dict[str, str], *, quiet: bool = False) -> str
 
 
 def _meaningful_stderr(stderr: str) -> str:
-    noise = ("UserWarning", "validated_self", "warnings.warn", "DeprecationWarning", "FutureWarning")
+    noise = ("UserWarning", "validated_self", "warnings.warn", "DeprecationWarning", "FutureWarning",
+             "dev mode allows an insecure setting")  # fmt: skip
     lines = [line for line in stderr.splitlines() if line.strip() and not any(n in line for n in noise)]
     return ("\n" + "\n".join(lines)) if lines else ""
 
@@ -180,6 +186,8 @@ def start_server(env: dict[str, str]) -> tuple[dict[str, str], str]:
         "EDGEFLEET_HOST": "127.0.0.1",
         "EDGEFLEET_MODE": "dev",
         "EDGEFLEET_ROLLOUT_TICK_S": "1",
+        "EDGEFLEET_TELEMETRY_WINDOW_S": "2",
+        "EDGEFLEET_TELEMETRY_UPLOAD_INTERVAL_S": "2",
     }
     out = run(["edgefleet-server", "init", "--dev", "--public-url", f"http://127.0.0.1:{port}"], server_env)
     return server_env, _secret(r"efk_\S+", out, "admin API key")
@@ -216,7 +224,7 @@ def direct_fleet(server_env: dict[str, str], version: int) -> None:
     """Chapter 3c: direct the lab group to the bundle with a one-wave rollout."""
     run(
         ["edgefleet-server", "rollout", "create", f"digits@{version}", "--to", "group:lab", "--waves", "100%",
-         "--soak", "5s", "--gate", "error_rate<0.01"],
+         "--soak", "5s", "--jitter", "0s", "--gate", "error_rate<0.01"],
         server_env,
     )  # fmt: skip
 
@@ -266,6 +274,127 @@ def _predicted_classes(answer: dict[str, Any], count: int) -> np.ndarray:
     return np.asarray(scores.argmax(axis=1), dtype=np.int64)
 
 
+class App:
+    """The app on the device: sends held-out digits to the localhost API in a loop and counts answers."""
+
+    def __init__(self, http_port: int, images: np.ndarray) -> None:
+        self.url = f"http://127.0.0.1:{http_port}/v2/models/digits/infer"
+        self.images = images
+        self.answers_by_version: dict[str, int] = {}
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> App:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not self._stop.is_set():
+                image = self.images[i % len(self.images)][None]
+                body = {"inputs": [{"name": "x", "shape": list(image.shape), "datatype": "FP32",
+                                    "data": image.ravel().tolist()}]}  # fmt: skip
+                self._send(client, body)
+                i += 1
+                self._stop.wait(0.02)
+
+    def _send(self, client: httpx.Client, body: dict[str, Any]) -> None:
+        try:
+            response = client.post(self.url, json=body)
+        except httpx.HTTPError:
+            self.failures += 1
+            return
+        if response.status_code != 200:
+            self.failures += 1
+            return
+        version = str(response.json().get("model_version", "?"))
+        self.answers_by_version[version] = self.answers_by_version.get(version, 0) + 1
+
+
+def rollout_state(server_env: dict[str, str], rollout_id: int) -> str:
+    """The persisted state of a rollout, read with ``edgefleet-server rollout show --json``."""
+    result = subprocess.run(
+        [_tool("edgefleet-server"), "rollout", "show", str(rollout_id), "--json"],
+        env=server_env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        return ""
+    shown = json.loads(result.stdout)
+    return str(shown.get("state") or shown.get("rollout", {}).get("state", ""))
+
+
+def soak_and_complete(server_env: dict[str, str]) -> None:
+    """Chapter 4b: with live traffic, the wave soaks, its gate passes on real numbers, the rollout completes."""
+    with console.status("the app sends live requests; the device reports metric windows; the wave soaks ..."):
+        state = wait_for("the rollout of digits@1 to finish", lambda: _stopped(server_env, 1), 300)
+    run(["edgefleet-server", "rollout", "show", "1"], server_env)
+    if state != "completed":
+        raise DemoFailed(f"the rollout of digits@1 ended '{state}', expected completed")
+
+
+def faulty_retrain(env: dict[str, str], source: Path) -> None:
+    """Chapter 5a: a retrain that forgot to normalise its inputs; every offline check passes."""
+    from simulators.models import digits
+
+    chapter("5. A faulty retrain: the fleet stops it by itself")
+    console.print(
+        "The engineer retrains digits but forgets to normalise the pixels (0..16 instead of 0..1).\n"
+        "The model is consistent with its own data, so registration, conversion and every gate pass."
+    )
+    budget_s = float(os.environ.get("EDGEFLEET_DEMO_TRAIN_S", "20"))
+    with console.status("retraining ..."):
+        v2 = digits.write_training_outputs(WORK / "workstation" / "data-v2", budget_s=budget_s, scale=1.0)
+    console.print(f"retrained: test accuracy {v2.test_accuracy:.4f} on its own (unnormalised) held-out digits")
+    run(
+        [
+            "edgefleet-convert", "register", "digits",
+            "--source", f"torch:{source}:make_model", "--weights", str(v2.weights),
+            "--input", "x: float32[-1,1,8,8]", "--task", "classification", "--labels", str(v2.labels),
+            "--eval", str(v2.eval), "--calibration", str(v2.calibration), "--metric", "accuracy", "--max-drop", "0.01",
+        ],
+        env,
+    )  # fmt: skip
+    run(["edgefleet-convert", "convert", "digits", "--targets", "onnx,ort", "--quantize", "auto"], env, quiet=True)
+    console.print("(conversion table omitted: every rung as in chapter 1)")
+
+
+def stopped_by_the_fleet(env: dict[str, str], server_env: dict[str, str], url: str, api_key: str,
+                         http_port: int, app: App) -> None:  # fmt: skip
+    """Chapter 5b: publish v2, roll it out with gates; the drift gate breaches and the fleet rolls back."""
+    run(["edgefleet-convert", "publish", "digits", "--server", url, "--api-key", api_key], env)
+    run(
+        ["edgefleet-server", "rollout", "create", "digits@2", "--to", "group:lab", "--waves", "100%",
+         "--soak", "60s", "--jitter", "0s", "--gate", "error_rate<0.01 min=50", "--gate", "psi<0.2 min=100",
+         "--on-breach", "rollback"],
+        server_env, quiet=True,
+    )  # fmt: skip
+    with console.status("devices install v2 and report live metrics; the gates are evaluated every second ..."):
+        state = wait_for("the rollout of digits@2 to stop", lambda: _stopped(server_env, 2), 300)
+    run(["edgefleet-server", "rollout", "show", "2"], server_env)
+    if state != "rolled_back":
+        raise DemoFailed(f"the faulty rollout ended '{state}', expected rolled_back")
+
+    def serves_v1() -> bool:
+        metadata = httpx.get(f"http://127.0.0.1:{http_port}/v2/models/digits", timeout=2).json()
+        return list(metadata.get("versions", [])) == ["1"]
+
+    wait_for("the device to serve digits v1 again", serves_v1, 120)
+    run(["edgefleet-server", "drift", "digits"], server_env)
+    answered = ", ".join(f"v{v}: {n}" for v, n in sorted(app.answers_by_version.items()))
+    console.print(f"the app kept getting answers throughout ({answered}; failed requests: {app.failures})")
+
+
+def _stopped(server_env: dict[str, str], rollout_id: int) -> str | None:
+    state = rollout_state(server_env, rollout_id)
+    return state if state in ("rolled_back", "completed", "aborted", "paused") else None
+
+
 def story() -> None:
     """The whole demo; raises :class:`DemoFailed` with the failing step."""
     shutil.rmtree(WORK, ignore_errors=True)
@@ -289,10 +418,17 @@ def story() -> None:
             console.print(f"device serves digits version {metadata.get('versions')} on localhost:{http_port}")
             run(["edgefleet-agent", "status"], device_env)
             accuracy = predict_on_device(http_port, trained.eval)
+            with App(http_port, np.load(trained.eval)["x"]) as app:
+                soak_and_complete(server_env)
+                faulty_retrain(env, source)
+                stopped_by_the_fleet(env, server_env, url, api_key, http_port, app)
+            run(["edgefleet-agent", "status"], device_env)
     console.print(
         Panel.fit(
             f"verified prediction: the device answered {accuracy:.0%} of held-out digits correctly with a bundle\n"
-            "it fetched through TUF, checked against the release key's signature and self-tested before use.",
+            "it fetched through TUF, checked against the release key's signature and self-tested before use.\n"
+            "A faulty retrain that passed every offline check was stopped by its drift gate and rolled back\n"
+            "by the fleet, while the app kept getting answers.",
             title="demo finished",
             border_style="green",
         )

@@ -36,10 +36,10 @@ def make_model() -> nn.Module:
     return SmallCNN()
 
 
-def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified 75/25 split of the digits, scaled to [0, 1], shaped (n, 1, 8, 8) float32."""
+def digits_split(seed: int = 0, scale: float = 1 / 16) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified 75/25 split of the digits, multiplied by ``scale`` (default: to [0, 1]), (n, 1, 8, 8) float32."""
     data = load_digits()
-    x = (data.images / 16.0).astype(np.float32)[:, None, :, :]
+    x = (data.images * scale).astype(np.float32)[:, None, :, :]
     y = data.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
     return x_train, x_test, y_train, y_test
@@ -82,10 +82,14 @@ class TrainingOutputs:
     test_accuracy: float
 
 
-def write_training_outputs(out_dir: Path, budget_s: float = 20.0) -> TrainingOutputs:
-    """Train, then write the weights, the eval/calibration data and the labels into ``out_dir``."""
+def write_training_outputs(out_dir: Path, budget_s: float = 20.0, scale: float = 1 / 16) -> TrainingOutputs:
+    """Train, then write the weights, the eval/calibration data and the labels into ``out_dir``.
+
+    ``scale`` multiplies the raw 0..16 pixel values; the demo's faulty retraining passes 1.0 (it
+    forgot to normalise), which no offline check can see: the model is consistent with its own data.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    x_train, x_test, y_train, y_test = digits_split()
+    x_train, x_test, y_train, y_test = digits_split(scale=scale)
     model = train(x_train, y_train, budget_s=budget_s)
     outputs = TrainingOutputs(
         weights=out_dir / "cnn.pt",

@@ -1,7 +1,8 @@
 """``make demo`` is a promise in the README: run it as a user would and check its verdict.
 
 The demo drives the real command-line tools end to end (train, register, convert, serve, publish,
-enroll, roll out, install through TUF, predict), so this test is also the journey test that keeps
+enroll, roll out, install through TUF, predict, a faulty
+retrain rolled back by its drift gate), so this test is also the journey test that keeps
 JOURNEYS.md true. Training is shortened; everything else is the real thing.
 """
 
@@ -24,3 +25,5 @@ def test_make_demo_ends_with_a_verified_prediction_from_the_device(tmp_path: Pat
     assert result.returncode == 0, output[-4000:]
     assert "verified prediction" in output
     assert "installed" in output  # edgefleet-agent status shows the committed install
+    assert "running -> completed" in output  # the good rollout passed its gates on live traffic
+    assert "running -> rolled_back" in output and "gate breached: psi=" in output  # the faulty retrain was stopped
