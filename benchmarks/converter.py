@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mdreport import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -122,18 +125,6 @@ def targets(metrics: dict[str, Any], b32_ratio: float) -> list[str]:
     return [f"- static int8 (onnx), {name}: {value} -> {'met' if ok else '**not met**'}" for name, ok, value in checks]
 
 
-def write_section(body: str, path: Path = REPO / "docs" / "benchmarks.md") -> None:
-    """Replace only this script's section between its markers (creating the file if needed)."""
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block = f"{begin}\n## Converter: precisions of the digits CNN\n\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def host() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
@@ -160,7 +151,7 @@ def main() -> int:
     ])  # fmt: skip
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, "Converter: precisions of the digits CNN", text)
     return 0
 
 

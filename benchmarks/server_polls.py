@@ -38,6 +38,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mdreport import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -343,20 +346,6 @@ def table(results: dict[str, dict[str, Any]], n_devices: int, seconds: float) ->
     return "\n".join(lines)
 
 
-def write_section(text: str, name: str = "server_polls") -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n## Fleet server: desired-state polls and telemetry intake\n\n{text}\n{end}"
-    if begin in current and end in current:
-        head, _, rest = current.partition(begin)
-        _, _, tail = rest.partition(end)
-        current = head + block + tail
-    else:
-        current = current.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -375,7 +364,7 @@ def main() -> None:
     print(text)
     print(json.dumps(results, indent=1))
     if not args.no_write:
-        write_section(text)
+        write_section("server_polls", "Fleet server: desired-state polls and telemetry intake", text)
 
 
 if __name__ == "__main__":
