@@ -16,9 +16,7 @@ background tasks are on (``settings.background_tasks``), every ``tick_interval_s
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -26,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 
 from fleet_server.api.deps import OperatorDep, SessionDep, ViewerDep
+from fleet_server.background import app_task
 from fleet_server.rollouts import service
 from fleet_server.rollouts.engine import RolloutEngine, tick_interval_s
 from fleet_server.rollouts.models import Rollout
@@ -33,24 +32,14 @@ from fleet_server.rollouts.spec import DEFAULT_WAVES, RolloutPolicy, parse_bundl
 from fleet_server.rollouts.views import describe_rollout, summarise_rollout
 
 
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the rollout evaluation loop with the app (when background tasks are on)."""
-    task = None
-    if getattr(app.state.settings, "background_tasks", False):
-        engine = RolloutEngine(app.state.session_factory)
-        app.state.rollout_engine = engine
-        task = asyncio.create_task(engine.run(tick_interval_s(app.state.settings)))
-    try:
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+def _rollout_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
+    """The rollout evaluation loop, ticking every ``tick_interval_s``."""
+    engine = RolloutEngine(app.state.session_factory)
+    app.state.rollout_engine = engine
+    return engine.run(tick_interval_s(app.state.settings))
 
 
-router = APIRouter(prefix="/api/v1/admin", tags=["rollouts"], lifespan=lifespan)
+router = APIRouter(prefix="/api/v1/admin", tags=["rollouts"], lifespan=app_task(_rollout_loop))
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid request"}, 401: {"description": "missing or revoked API key"},
     403: {"description": "role too weak"}, 404: {"description": "not found"},

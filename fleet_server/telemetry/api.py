@@ -19,11 +19,9 @@ runs the maintenance loop (``tasks``: drift evaluation every 5 minutes, retentio
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import io
-from collections.abc import AsyncIterator
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Response
@@ -31,26 +29,17 @@ from pydantic import BaseModel, Field
 
 from bundles.errors import ConfigError
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.background import app_task
 from fleet_server.telemetry import monitors, query
 from fleet_server.telemetry.tasks import Maintenance
 
 
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Run the telemetry maintenance loop (drift evaluation, retention) when background tasks are on."""
-    task = None
-    if getattr(app.state.settings, "background_tasks", False):
-        task = asyncio.create_task(Maintenance(app.state.session_factory).run())
-    try:
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+def _maintenance_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
+    """The telemetry maintenance loop: drift evaluation and retention."""
+    return Maintenance(app.state.session_factory).run()
 
 
-router = APIRouter(prefix="/api/v1/admin", tags=["telemetry"], lifespan=lifespan)
+router = APIRouter(prefix="/api/v1/admin", tags=["telemetry"], lifespan=app_task(_maintenance_loop))
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid parameter"}, 401: {"description": "missing or revoked API key"},
     403: {"description": "role too weak"},
