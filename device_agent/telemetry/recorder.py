@@ -88,6 +88,17 @@ class TelemetryRecorder:
         self._plans: dict[tuple[str, int], BinPlan] = {}
         self._open: dict[tuple[str, int], _OpenWindow] = {}
         self._window_start, self._window_end = self._bounds(clock())
+        self._random = self.rng.random
+
+    @property
+    def settings(self) -> TelemetrySettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: TelemetrySettings) -> None:
+        """New settings (from the desired state) apply to the next windows; histograms at once."""
+        self._settings = value
+        self._histograms = value.histograms
 
     def _bounds(self, now: float) -> tuple[float, float]:
         start = math.floor(now / self.settings.window_s) * self.settings.window_s
@@ -106,20 +117,24 @@ class TelemetryRecorder:
         confidence: float | None = None,
         low_confidence: bool = False,
     ) -> None:
-        """Count one answer (``source`` None means the request failed) and maybe keep it as a sample."""
+        """Count one answer (``source`` None means the request failed) and maybe keep it as a sample.
+
+        The routine case (a local answer, no fallback) is: a clock read, one lock round trip, an
+        append to the window's pending list and one random draw; everything else is batched.
+        """
         now = self.clock()
         if now >= self._window_end:
             self.tick(now)
         version = manifest.version if manifest is not None else 0
+        routine = source == "local" and fallback_reason is None
         with self._lock:
             window = self._open.get((model, version)) or self._open_window(model, version, manifest)
-            if self.settings.histograms:
+            if self._histograms:
                 window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason)
-            routine = source == "local" and fallback_reason is None
-            reason = None if routine else _forced_reason(source, fallback_reason, low_confidence)
             sampler = window.sampler
-            if routine and (sampler.sample_rate <= 0.0 or self.rng.random() >= sampler.sample_rate):
+            if routine and (sampler.sample_rate <= 0.0 or self._random() >= sampler.sample_rate):
                 return  # the common case: counted, not sampled
+            reason = None if routine else _forced_reason(source, fallback_reason, low_confidence)
             slot = sampler.slot_for(reason, drawn=routine)
             if slot is not None:
                 reservoir, index = slot

@@ -256,6 +256,9 @@ class WindowAccumulator:
     def _count(self, sources: tuple[str | None, ...], reasons: tuple[str | None, ...]) -> None:
         counters = self.counters
         counters["requests"] += len(sources)
+        if sources.count("local") == len(sources) and reasons.count(None) == len(reasons):  # all routine: C counts
+            counters["sources"]["local"] = counters["sources"].get("local", 0) + len(sources)
+            return
         for (source, reason), n in Counter(zip(sources, reasons, strict=True)).items():
             if source is None:
                 counters["errors"] += n
@@ -386,18 +389,17 @@ def _rows_out_of_range(plan: TensorBins, values: np.ndarray) -> int:
 
 def _bin_numeric(plan: TensorBins, values: np.ndarray) -> np.ndarray:
     """Counts of every feature's bins (flat, at the plan's offsets) for [rows, features] values."""
-    finite = ~np.isnan(values)
-    all_finite = bool(finite.all())
+    all_finite = not np.isnan(np.add.reduce(values, axis=None))  # one pass; a NaN anywhere makes the sum NaN
+    finite = None if all_finite else ~np.isnan(values)
     if plan.first_edge is not None and plan.width is not None:  # equal-width bins: arithmetic, no comparisons
-        position = values - plan.first_edge if all_finite else np.where(finite, values, 0.0) - plan.first_edge
+        position = values - plan.first_edge if finite is None else np.where(finite, values, 0.0) - plan.first_edge
         position /= plan.width
-        np.floor(position, out=position)
-        np.clip(position, 0, plan.bins - 1, out=position)
+        np.clip(position, 0, plan.bins - 1, out=position)  # then truncation is the floor (all >= 0)
         index = position.astype(np.int64)
     else:
         index = np.minimum((values[:, :, None] >= plan.interior[None, :, :]).sum(axis=2), plan.bins - 1)
     index += plan.offsets
-    return np.bincount(index.ravel() if all_finite else index[finite], minlength=plan.total_bins)
+    return np.bincount(index.ravel() if finite is None else index[finite], minlength=plan.total_bins)
 
 
 def _histogram_values(hist: Histogram, values: np.ndarray) -> np.ndarray:
