@@ -75,10 +75,11 @@ class DeviceCapabilities:
     memory_mb: int | None = None
     disk_free_mb: int | None = None
     preferences: tuple[str, ...] = ()
+    hw_class: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     KNOWN: ClassVar[tuple[str, ...]] = (
-        "arch", "os", "python", "runtimes", "accelerators", "memory_mb", "disk_free_mb", "preferences",
+        "arch", "os", "python", "runtimes", "accelerators", "memory_mb", "disk_free_mb", "preferences", "hw_class",
     )  # fmt: skip
 
     @classmethod
@@ -99,6 +100,7 @@ class DeviceCapabilities:
             memory_mb=_optional_int(data, "memory_mb"),
             disk_free_mb=_optional_int(data, "disk_free_mb"),
             preferences=_strings(data, "preferences"),
+            hw_class=str(data.get("hw_class") or ""),
             extra={k: v for k, v in data.items() if k not in cls.KNOWN},
         )
 
@@ -112,6 +114,7 @@ class DeviceCapabilities:
             "memory_mb": self.memory_mb,
             "disk_free_mb": self.disk_free_mb,
             "preferences": list(self.preferences),
+            "hw_class": self.hw_class,
         }
         return {**self.extra, **out}
 
@@ -152,7 +155,40 @@ def probe_capabilities(data_dir: str | Path = ".", preferences: tuple[str, ...] 
         memory_mb=available_memory_mb(),
         disk_free_mb=_disk_free_mb(Path(data_dir)),
         preferences=preferences,
+        hw_class=probe_hw_class(os_name),
     )
+
+
+_DEVICE_TREE_MODELS = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")
+
+
+def probe_hw_class(os_name: str | None = None) -> str:
+    """A short hardware class that fleet filters match (``hw=pi4``): from the device tree, else OS and arch."""
+    os_name = os_name or platform.system().lower()
+    for path in _DEVICE_TREE_MODELS:
+        try:
+            model = Path(path).read_bytes().rstrip(b"\0").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if model.strip():
+            return hw_class_from_model(model)
+    prefix = "mac" if os_name == "darwin" else os_name
+    return f"{prefix}-{normalize_arch(platform.machine())}"
+
+
+def hw_class_from_model(model: str) -> str:
+    """The device-tree model string as a short class.
+
+    ``Raspberry Pi 4 Model B Rev 1.4`` -> ``pi4``; ``NVIDIA Jetson Orin Nano Developer Kit`` -> ``jetson-orin-nano``.
+    """
+    text = model.strip().lower()
+    pi = re.match(r"raspberry pi (\d+|zero 2|zero|compute module \d+)", text)
+    if pi:
+        return "pi" + pi.group(1).replace("compute module ", "cm").replace(" ", "")
+    jetson = re.match(r"(?:nvidia )?jetson ([a-z0-9 -]+?)(?: developer kit| engineering reference|$)", text)
+    if jetson:
+        return "jetson-" + re.sub(r"[^a-z0-9]+", "-", jetson.group(1)).strip("-")
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40]
 
 
 def installed_runtimes(os_name: str | None = None) -> dict[str, str]:

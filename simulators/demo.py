@@ -417,6 +417,7 @@ def story() -> None:
             metadata = wait_until_serving(http_port, agent)
             console.print(f"device serves digits version {metadata.get('versions')} on localhost:{http_port}")
             run(["edgefleet-agent", "status"], device_env)
+            run(["edgefleet-server", "devices", "list", "--filter", "runtime=onnxruntime>=1.20"], server_env)
             accuracy = predict_on_device(http_port, trained.eval)
             with App(http_port, np.load(trained.eval)["x"]) as app:
                 soak_and_complete(server_env)

@@ -13,6 +13,7 @@ from bundles.manifest import FileRef, Manifest, Requirements, TensorSpec, Varian
 from bundles.selection import (
     DeviceCapabilities,
     compatible_variants,
+    hw_class_from_model,
     normalize_arch,
     probe_capabilities,
     rejection_reasons,
@@ -209,3 +210,25 @@ def test_onnxruntime_uses_requested_accelerators_it_has_then_cpu() -> None:
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert _providers(available, ("tensorrt", "cuda")) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert _providers(available, ()) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("model", "hw_class"),
+    [
+        ("Raspberry Pi 4 Model B Rev 1.4", "pi4"),
+        ("Raspberry Pi 5 Model B Rev 1.0", "pi5"),
+        ("Raspberry Pi Zero 2 W Rev 1.0", "pizero2"),
+        ("Raspberry Pi Compute Module 4 Rev 1.1", "picm4"),
+        ("NVIDIA Jetson Orin Nano Developer Kit", "jetson-orin-nano"),
+        ("NVIDIA Jetson Xavier NX Developer Kit", "jetson-xavier-nx"),
+        ("Pine64 RockPro64 v2.1", "pine64-rockpro64-v2-1"),
+    ],
+)
+def test_hw_class_is_derived_from_the_device_tree_model(model: str, hw_class: str) -> None:
+    assert hw_class_from_model(model) == hw_class
+
+
+def test_this_host_reports_a_hw_class_and_it_survives_a_round_trip() -> None:
+    caps = probe_capabilities()
+    assert caps.hw_class  # linux-x86_64 here, pi4 on a Raspberry Pi 4
+    assert DeviceCapabilities.from_dict(caps.to_dict()).hw_class == caps.hw_class
