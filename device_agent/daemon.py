@@ -167,11 +167,22 @@ class Daemon:
             except EdgeFleetError as e:
                 log.warning("inventory report failed: %s", e)
         if self.agent.recorder is not None:
-            models = [{"name": i["name"], "version": i["version"], "state": i["state"]} for i in inventory["installed"]]
-            self.agent.recorder.heartbeat(time.time() - self.agent.started_at, models)
+            self.heartbeat(inventory)
             self.agent.recorder.tick()
         if self.uploader is not None:
             self.uploader.maybe_drain()
+
+    def heartbeat(self, inventory: dict[str, Any]) -> None:
+        """One heartbeat per round: installed versions and their state, health, queue counters."""
+        recorder = self.agent.recorder
+        models = [{"name": i["name"], "version": i["version"], "state": i["state"]} for i in inventory["installed"]]
+        engine = self.agent.engine
+        served = engine.models()
+        health = "ok" if served and all(engine.ready(name) for name in served) else "no-model"
+        recorder.heartbeat(
+            time.time() - self.agent.started_at, models, health=health, serving=served,
+            queue=engine.describe()["queue"], update_in_progress=_value_of(self.agent.updater.in_progress()),
+        )  # fmt: skip
 
     def _poll_interval_s(self) -> float:
         desired = self.desired or {}
@@ -179,3 +190,7 @@ class Daemon:
         jitter_s = desired.get("jitter_s")
         jitter = float(self.config.jitter_s if jitter_s is None else jitter_s)
         return max(1.0, interval + random.uniform(-jitter, jitter))
+
+
+def _value_of(state: Any) -> Any:
+    return None if state is None else getattr(state, "value", state)

@@ -202,10 +202,15 @@ class TelemetryRecorder:
         """Buffer the outcome of an install (kept before anything else when the disk cap is reached)."""
         return self.event(install_event(model, to_version, result, from_version, deployment_id, reason, state_path))
 
-    def heartbeat(self, uptime_s: float, models: Sequence[Mapping[str, Any]]) -> bool:
-        """Buffer a heartbeat; only the newest one is kept while offline."""
+    def heartbeat(self, uptime_s: float, models: Sequence[Mapping[str, Any]], **fields: Any) -> bool:
+        """Buffer a heartbeat; only the newest one is kept while offline.
+
+        ``models`` lists name, version and state (active, previous, shadow ...); ``fields`` adds what
+        the agent knows of its health (``health``, ``queue`` counters ...).
+        """
         buffer = self.buffer.stats()
-        return self.event(make_event("heartbeat", uptime_s=round(uptime_s, 1), models=list(models), buffer=buffer))
+        event = make_event("heartbeat", uptime_s=round(uptime_s, 1), models=list(models), buffer=buffer, **fields)
+        return self.event(event)
 
     def breaker_changed(self, model: str, state: str, failures: int) -> bool:
         """Buffer a circuit-breaker state change of the cloud fallback."""

@@ -1,15 +1,18 @@
-"""The daemon's polling policy: exponential backoff with jitter while the server cannot be reached."""
+"""The daemon: backoff with jitter while the server cannot be reached, heartbeats, fallback pipeline swaps."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from device_agent.agent import Agent
 from device_agent.daemon import Daemon, backoff_s
 from device_agent.identity import Enrollment
 from tests.device_agent.e2e_support import free_port
+from tests.device_agent.helpers import DirectorySource, entry, publish_bundle
 
 
 @pytest.mark.parametrize(
@@ -33,4 +36,56 @@ def test_an_unreachable_server_backs_off_and_keeps_serving(tmp_path: Path) -> No
     waits = [daemon.round() for _ in range(3)]
     assert 2 <= waits[0] <= 4 and 4 <= waits[1] <= 8 and 8 <= waits[2] <= 16
     assert daemon.failures == 3
+    agent.close()
+
+
+def agent_with_model(tmp_path: Path) -> Agent:
+    """An agent (with telemetry) that has installed tiny@1 through the real update machine."""
+    targets = tmp_path / "targets"
+    publish_bundle(targets, tmp_path / "work", "tiny", 1)
+    agent = Agent.from_config(environ={}, state_dir=tmp_path / "device", min_free_disk_bytes=0, health_runs=2)
+    agent.updater.set_source(DirectorySource(targets, tmp_path / "device" / "cache"))
+    agent.updater.apply({"models": [entry("tiny", 1)]})
+    assert agent.engine.ready("tiny")
+    return agent
+
+
+def buffered_events(agent: Agent, event_type: str) -> list[dict[str, Any]]:
+    batch = agent.recorder.buffer.next_batch(max_items=1000, max_bytes=10_000_000)
+    assert batch is not None
+    return [e for e in batch.events if e["type"] == event_type]
+
+
+def test_each_round_buffers_a_heartbeat_with_health_versions_and_queue(tmp_path: Path) -> None:
+    agent = agent_with_model(tmp_path)
+    agent.predict({"x": np.zeros((1, 4), dtype=np.float32)})
+    Daemon(agent).heartbeat(agent.inventory())
+    (beat,) = buffered_events(agent, "heartbeat")
+    assert beat["health"] == "ok" and beat["serving"] == ["tiny"]
+    assert {"name": "tiny", "version": 1, "state": "active"} in beat["models"]
+    assert beat["queue"]["completed"] >= 1 and beat["queue"]["running"] == 0
+    assert beat["update_in_progress"] is None and beat["uptime_s"] >= 0
+    agent.close()
+
+
+def test_a_device_without_a_model_says_so_in_its_heartbeat(tmp_path: Path) -> None:
+    agent = Agent.from_config(environ={}, state_dir=tmp_path)
+    Daemon(agent).heartbeat(agent.inventory())
+    (beat,) = buffered_events(agent, "heartbeat")
+    assert (beat["health"], beat["models"], beat["serving"]) == ("no-model", [], [])
+    agent.close()
+
+
+def test_a_new_fallback_section_replaces_the_pipeline_and_closes_the_old_one(tmp_path: Path) -> None:
+    agent = agent_with_model(tmp_path)
+    daemon = Daemon(agent)
+    daemon._apply_fallback({"url": f"http://127.0.0.1:{free_port()}/v2", "model": "tiny"})
+    first = agent.pipeline
+    assert first.cloud is not None
+    first.predict("tiny", {"x": np.zeros((1, 4), dtype=np.float32)})  # starts its deadline worker
+    daemon._apply_fallback({"url": f"http://127.0.0.1:{free_port()}/v2", "model": "tiny"})
+    assert agent.pipeline is not first and agent.pipeline.recorder is first.recorder
+    assert first.cloud.client.is_closed, "the old pipeline's httpx client was closed"
+    assert first._executor is not None and first._executor._shutdown, "its deadline threads were released"
+    daemon._apply_fallback({"url": f"http://127.0.0.1:{free_port()}/v2", "model": "tiny"})
     agent.close()
