@@ -23,6 +23,7 @@ from device_agent.client import FleetClient
 from device_agent.identity import Enrollment, trusted_root_bytes
 from device_agent.persist import atomic_write_json, read_json
 from device_agent.serving import ServingConfig, ServingPipeline
+from device_agent.shadow import ShadowMode
 from device_agent.update.source import TufSource
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Daemon:
         self.failures = 0
         self._inventory_sent: dict[str, Any] | None = None
         self._fallback: Any = None
+        self.shadows = ShadowMode(agent)
 
     def connect(self) -> bool:
         """Wire the fleet client, the TUF source and the telemetry uploader from the enrollment."""
@@ -146,12 +148,14 @@ class Daemon:
             recorder.settings = recorder.settings.with_desired(self.desired["telemetry"])
         for record in self.agent.updater.apply(self.desired):
             log.info("deployment %s: %s (%s)", record.ref, record.status.value, record.error or "no error")
+        self.shadows.apply(self.desired)
 
     def _apply_fallback(self, section: Any) -> None:
         if section == self._fallback:
             return
         old = self.agent.pipeline
         self.agent.pipeline = ServingPipeline(self.agent.engine, ServingConfig.from_dict(section), old.recorder)
+        self.agent.pipeline.take_shadows(old)
         self._fallback = section
         old.close()
 
@@ -176,6 +180,7 @@ class Daemon:
         """One heartbeat per round: installed versions and their state, health, queue counters."""
         recorder = self.agent.recorder
         models = [{"name": i["name"], "version": i["version"], "state": i["state"]} for i in inventory["installed"]]
+        models += self.shadows.heartbeat_models()
         engine = self.agent.engine
         served = engine.models()
         health = "ok" if served and all(engine.ready(name) for name in served) else "no-model"

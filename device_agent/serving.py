@@ -253,6 +253,31 @@ class _Attempt:
         self.late = False
 
 
+class _Shadow:
+    """A shadow predictor and its run gate (one run at a time; skipped, not queued, while busy)."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self.gate = threading.Semaphore(1)
+        self.retired = False
+        self.compared = self.agreed = self.errors = self.skipped = 0
+
+    def count(self, agreed: bool, failed: bool) -> None:
+        self.compared += 1
+        self.agreed += int(agreed)
+        self.errors += int(failed)
+
+    def finish(self) -> None:
+        self.gate.release()
+        if self.retired and self.gate.acquire(blocking=False):
+            self.predictor.close()  # retired while running: the last run closes it
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.gate.acquire(blocking=False):
+            self.predictor.close()
+
+
 _NO_ATTEMPT = _Attempt("")
 """Stands for "no local attempt yet" if the chain fails before one (never mutated)."""
 
@@ -280,6 +305,8 @@ class ServingPipeline:
         self._policies: dict[tuple[str, int], _Policy] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._shadows: dict[str, _Shadow] = {}
+        self._shadow_executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -297,6 +324,8 @@ class ServingPipeline:
                     self.cache.remember(
                         model, manifest.version, inputs, result.outputs, self.config.cache_max_input_bytes
                     )
+                if self._shadows:
+                    self._offer_shadow(model, inputs, result.outputs)
             else:
                 key = cache_key(inputs, self.config.cache_max_input_bytes) if policy.cacheable else None
                 result = self._fall_back(model, inputs, manifest, policy, attempt, key, start)
@@ -325,12 +354,74 @@ class ServingPipeline:
         return found
 
     def close(self) -> None:
-        """Release the deadline threads and the cloud client."""
+        """Release the deadline threads, the shadows and the cloud client."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        for model in list(self._shadows):
+            self.clear_shadow(model)
+        if self._shadow_executor is not None:
+            self._shadow_executor.shutdown(wait=False, cancel_futures=True)
         close = getattr(self.cloud, "close", None)
         if callable(close):
             close()
+
+    # --- shadow mode (device_agent.shadow) ---------------------------------------------------------
+
+    def set_shadow(self, model: str, predictor: Any) -> None:
+        """Run ``predictor`` (a loaded ``Predictor``) beside every local answer of ``model`` from now on."""
+        old, self._shadows[model] = self._shadows.get(model), _Shadow(predictor)
+        if old is not None:
+            old.retire()
+
+    def clear_shadow(self, model: str) -> None:
+        """Stop the shadow of ``model`` (its runtime is closed once its last run ends)."""
+        old = self._shadows.pop(model, None)
+        if old is not None:
+            old.retire()
+
+    def shadow(self, model: str) -> _Shadow | None:
+        return self._shadows.get(model)
+
+    def take_shadows(self, other: ServingPipeline) -> None:
+        """Carry ``other``'s shadows over (a pipeline rebuilt for new fallback settings keeps them)."""
+        self._shadows, other._shadows = other._shadows, {}
+
+    def _offer_shadow(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        """Queue one shadow run on a copy of the inputs, unless the previous one is still running."""
+        shadow = self._shadows.get(model)
+        if shadow is None:
+            return
+        if not shadow.gate.acquire(blocking=False):
+            shadow.skipped += 1
+            return
+        if self._shadow_executor is None:
+            self._shadow_executor = concurrent.futures.ThreadPoolExecutor(1, "edgefleet-shadow")
+        copied = {name: np.array(value) for name, value in inputs.items()}
+        try:
+            self._shadow_executor.submit(self._run_shadow, model, shadow, copied, dict(outputs))
+        except RuntimeError:  # the executor is shut down: the pipeline is closing
+            shadow.gate.release()
+
+    def _run_shadow(
+        self, model: str, shadow: _Shadow, inputs: dict[str, np.ndarray], active: dict[str, np.ndarray]
+    ) -> None:
+        from device_agent.shadow import top1_agrees
+
+        try:
+            if shadow.retired:
+                return
+            began = time.perf_counter()
+            try:
+                agreed, failed = top1_agrees(active, shadow.predictor.predict(inputs).outputs), False
+            except Exception:  # noqa: BLE001 - a failing shadow is a finding to report, never the caller's error
+                agreed, failed = False, True
+            latency_ms = _elapsed_ms(began)
+            shadow.count(agreed, failed)
+            recorder = getattr(self.recorder, "record_shadow", None)
+            if callable(recorder):
+                recorder(model, shadow.predictor.manifest, agreed, latency_ms=latency_ms, error=failed)
+        finally:
+            shadow.finish()
 
     # --- local ----------------------------------------------------------------------------------
 

@@ -144,15 +144,20 @@ class TelemetryRecorder:
                 )  # fmt: skip
                 reservoir.put(index, candidate)
 
-    def record_shadow(self, model: str, shadow_manifest: Manifest, agreed: bool) -> None:
+    def record_shadow(
+        self, model: str, shadow_manifest: Manifest, agreed: bool, latency_ms: float | None = None, error: bool = False
+    ) -> None:
         """Count one shadow comparison: the candidate version ran on a request and agreed (or not)
-        with the active version's answer. Counted in the candidate's window (``shadow``), which the
-        server reads as the cohort's shadow agreement."""
+        with the active version's answer. Counted in the candidate's window (``shadow``: compared,
+        agreed, errors, latency_ms_sum), which the server reads as the cohort's shadow agreement."""
         with self._lock:
             key = (model, shadow_manifest.version)
             window = self._open.get(key) or self._open_window(model, shadow_manifest.version, shadow_manifest)
-            window.accumulator.shadow["compared"] += 1
-            window.accumulator.shadow["agreed"] += int(agreed)
+            shadow = window.accumulator.shadow
+            shadow["compared"] += 1
+            shadow["agreed"] += int(agreed)
+            shadow["errors"] += int(error)
+            shadow["latency_ms_sum"] += 0.0 if latency_ms is None else round(latency_ms, 4)
 
     def _open_window(self, model: str, version: int, manifest: Manifest | None) -> _OpenWindow:
         plan = self._plans.get((model, version))

@@ -203,7 +203,7 @@ class WindowAccumulator:
         self._aggregate_counts = [np.zeros(a.bins.total_bins, dtype=np.int64) for a in plan.aggregates]
         self._category_counts = [np.zeros(len(c.categories), dtype=np.int64) for c in plan.categorical]
         self._output_counts = np.zeros(len(plan.output.freqs) if plan.output else 0, dtype=np.int64)
-        self.shadow = {"compared": 0, "agreed": 0}
+        self.shadow: dict[str, Any] = {"compared": 0, "agreed": 0, "errors": 0, "latency_ms_sum": 0.0}
         self._keep = tuple(plan.tensors)
 
     def observe(

@@ -159,4 +159,4 @@ def test_shadow_comparisons_are_counted_in_the_candidate_versions_window(tmp_pat
     recorder.flush()
     (window,) = drain(buffer).windows
     assert (window["version"], window["counters"]["requests"]) == (5, 0)
-    assert window["shadow"] == {"compared": 10, "agreed": 7}
+    assert window["shadow"] == {"compared": 10, "agreed": 7, "errors": 0, "latency_ms_sum": 0.0}
