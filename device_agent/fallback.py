@@ -142,13 +142,20 @@ class ResultCache:
         inputs: Mapping[str, Any],
         outputs: Mapping[str, np.ndarray],
         max_input_bytes: int,
+        copied: bool = False,
     ) -> None:
-        """Note an answer for later lookups; inputs over ``max_input_bytes`` are not cached."""
+        """Note an answer for later lookups; inputs over ``max_input_bytes`` are not cached.
+
+        ``copied`` says ``inputs`` is already a private copy of numpy arrays (the caller cannot change it).
+        """
         if self.max_entries <= 0:
             return
-        copied = _copy_if_small(inputs, max_input_bytes)
-        if copied is not None:
-            self._pending.append((model, version, copied, dict(outputs)))  # deque.append is atomic
+        if copied:
+            copied_inputs = dict(inputs) if _nbytes(inputs) <= max_input_bytes else None
+        else:
+            copied_inputs = _copy_if_small(inputs, max_input_bytes)
+        if copied_inputs is not None:
+            self._pending.append((model, version, copied_inputs, dict(outputs)))  # deque.append is atomic
 
     def put(self, model: str, version: int, key: Hashable, outputs: Mapping[str, np.ndarray]) -> None:
         """Store an answer under a key already computed (:func:`cache_key`)."""
@@ -185,13 +192,17 @@ class ResultCache:
             return len(self._items)
 
 
+def _nbytes(inputs: Mapping[str, Any]) -> int:
+    return sum(int(getattr(value, "nbytes", 0)) for value in inputs.values())
+
+
 def _copy_if_small(inputs: Mapping[str, Any], max_input_bytes: int) -> dict[str, np.ndarray] | None:
     """A private copy of the inputs (the caller may reuse its arrays), or None if they are too large."""
     if len(inputs) == 1:
         for name, value in inputs.items():
             if type(value) is np.ndarray:
                 return {name: value.copy()} if value.nbytes <= max_input_bytes else None
-    if sum(int(getattr(value, "nbytes", 0)) for value in inputs.values()) > max_input_bytes:
+    if _nbytes(inputs) > max_input_bytes:
         return None
     return {name: np.array(value) for name, value in inputs.items()}
 

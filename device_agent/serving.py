@@ -81,6 +81,7 @@ class Recorder(Protocol):
         error: str | None = None,
         confidence: float | None = None,
         low_confidence: bool = False,
+        inputs_private: bool = False,
     ) -> None: ...
 
 
@@ -316,14 +317,18 @@ class ServingPipeline:
         manifest = self.local.active_manifest(model)
         policy = self._policy(model, manifest)
         attempt = _NO_ATTEMPT
+        private: dict[str, np.ndarray] | None = None
         try:
             attempt = self._try_local(model, inputs, policy)
             if attempt.reason == "" or attempt.late:
                 result = self._local_result(model, manifest, attempt, start)
+                if policy.cacheable or self.recorder is not None:
+                    private = _private_copy(inputs)  # one copy, shared by the cache and the telemetry
                 if policy.cacheable and manifest is not None:
                     self.cache.remember(
-                        model, manifest.version, inputs, result.outputs, self.config.cache_max_input_bytes
-                    )
+                        model, manifest.version, private or inputs, result.outputs, self.config.cache_max_input_bytes,
+                        copied=private is not None,
+                    )  # fmt: skip
                 if self._shadows:
                     self._offer_shadow(model, inputs, result.outputs)
             else:
@@ -335,8 +340,9 @@ class ServingPipeline:
         recorder = self.recorder
         if recorder is not None:  # inlined (not self._record): one Python call less per request
             recorder.record(
-                model, manifest, inputs, result.outputs, result.source, result.latency_ms, result.fallback_reason,
-                attempt.error, result.confidence, attempt.reason == "low_confidence",
+                model, manifest, private or inputs, result.outputs, result.source, result.latency_ms,
+                result.fallback_reason, attempt.error, result.confidence, attempt.reason == "low_confidence",
+                inputs_private=private is not None,
             )  # fmt: skip
         return result
 
@@ -652,6 +658,15 @@ def _postprocessed(outputs: dict[str, np.ndarray], policy: _Policy) -> dict[str,
         return dict(policy.postprocess(outputs))
     except InferenceError:
         return outputs
+
+
+def _private_copy(inputs: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """A copy of a single-array input that the caller cannot change any more (None for other inputs)."""
+    if len(inputs) == 1:
+        for name, value in inputs.items():
+            if type(value) is np.ndarray:
+                return {name: value.copy()}
+    return None
 
 
 def _no_answer_message(model: str, attempt: _Attempt) -> str:

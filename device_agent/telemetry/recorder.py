@@ -116,11 +116,13 @@ class TelemetryRecorder:
         error: str | None = None,
         confidence: float | None = None,
         low_confidence: bool = False,
+        inputs_private: bool = False,
     ) -> None:
         """Count one answer (``source`` None means the request failed) and maybe keep it as a sample.
 
         The routine case (a local answer, no fallback) is: a clock read, one lock round trip, an
         append to the window's pending list and one random draw; everything else is batched.
+        ``inputs_private`` says the arrays are the caller's private copy (kept without copying again).
         """
         now = self.clock()
         if now >= self._window_end:
@@ -130,7 +132,7 @@ class TelemetryRecorder:
         with self._lock:
             window = self._open.get((model, version)) or self._open_window(model, version, manifest)
             if self._histograms:
-                window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason)
+                window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason, inputs_private)
             sampler = window.sampler
             if routine and (sampler.sample_rate <= 0.0 or self._random() >= sampler.sample_rate):
                 return  # the common case: counted, not sampled

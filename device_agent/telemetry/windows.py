@@ -213,8 +213,11 @@ class WindowAccumulator:
         source: str | None,
         latency_ms: float,
         fallback_reason: str | None,
+        inputs_private: bool = False,
     ) -> None:
         """Note one request: a copy of the inputs that hold features, and references to the rest.
+
+        ``inputs_private``: the arrays are already a private copy (the serving pipeline's), kept as is.
 
         Everything else (counters included) is deferred to :meth:`bin_pending`, so this costs about a
         microsecond; the request path never waits on numpy work except once every
@@ -226,7 +229,7 @@ class WindowAccumulator:
             value = inputs.get(name)
             kept: Mapping[str, np.ndarray] = {}
             if value is not None:
-                kept = {name: value.copy() if isinstance(value, np.ndarray) else np.array(value)}
+                kept = {name: value if inputs_private else np.array(value)}
         else:
             kept = {k: np.array(inputs[k]) for k in keep if k in inputs} if keep else inputs
         self._pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))

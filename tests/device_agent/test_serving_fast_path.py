@@ -57,7 +57,7 @@ class Calls:
         self.records: list[tuple[str | None, str | None]] = []
 
     def record(self, model: str, manifest: Any, inputs: Any, outputs: Any, source: str | None, latency_ms: float,
-               fallback_reason: str | None = None, *rest: Any) -> None:  # fmt: skip
+               fallback_reason: str | None = None, *rest: Any, **flags: Any) -> None:  # fmt: skip
         self.records.append((source, fallback_reason))
 
 
@@ -171,3 +171,25 @@ def test_the_cache_keeps_only_its_newest_entries(tmp_path: Path) -> None:
     assert pipeline.predict("tiny", {"x": rows[-1]}).source == "cache"
     assert pipeline.predict("tiny", {"x": rows[0]}).source == "static"
     pipeline.close()
+
+
+def test_telemetry_bins_the_input_as_it_was_answered_even_if_the_caller_reuses_its_array(tmp_path: Path) -> None:
+    from device_agent.telemetry.buffer import TelemetryBuffer
+    from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
+
+    engine = slow_engine(tmp_path / "bundle")
+    windows = []
+    for name, reuse in (("reused", True), ("fresh", False)):
+        buffer = TelemetryBuffer(tmp_path / f"{name}.db", cap_bytes=10_000_000)
+        recorder = TelemetryRecorder(buffer, TelemetrySettings(sample_rate=0.0))
+        pipeline = ServingPipeline(engine, recorder=recorder)
+        frame = X["x"].copy()
+        pipeline.predict("tiny", {"x": frame})
+        if reuse:
+            frame[:] = 4.9  # the next frame lands in the same buffer before the window is binned
+        recorder.flush()
+        batch = buffer.next_batch(max_items=100, max_bytes=10_000_000)
+        assert batch is not None
+        windows.append(batch.windows[0]["features"])
+        pipeline.close()
+    assert windows[0] == windows[1]
