@@ -219,6 +219,11 @@ def _softmax(params: Mapping[str, Any], where: str) -> StepFn:
         if x.dtype.kind != "f":  # integer logits: the plain form (promotes to float)
             shifted = np.exp(x - x.max(axis=axis, keepdims=True))
             return (shifted / shifted.sum(axis=axis, keepdims=True),)
+        if x.size == x.shape[axis]:  # one row (batch 1): whole-array reductions, scalars, no keepdims
+            shifted = np.subtract(x, _max(x, axis=None))
+            np.exp(shifted, out=shifted)
+            shifted /= _sum(shifted, axis=None)
+            return (shifted,)
         shifted = np.subtract(x, _max(x, axis=axis, keepdims=True))  # one new array, then in place
         np.exp(shifted, out=shifted)
         shifted /= _sum(shifted, axis=axis, keepdims=True)
