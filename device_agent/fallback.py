@@ -130,7 +130,7 @@ class ResultCache:
     def __init__(self, max_entries: int = 256) -> None:
         self.max_entries = max_entries
         self._items: OrderedDict[tuple[str, int, Hashable], dict[str, np.ndarray]] = OrderedDict()
-        self._pending: deque[tuple[str, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = deque(
+        self._pending: deque[tuple[str, int, Mapping[str, Any], dict[str, np.ndarray]]] = deque(
             maxlen=max(1, max_entries)
         )
         self._lock = threading.Lock()
@@ -150,8 +150,8 @@ class ResultCache:
         """
         if self.max_entries <= 0:
             return
-        if copied:
-            copied_inputs = dict(inputs) if _nbytes(inputs) <= max_input_bytes else None
+        if copied:  # the caller's private dict: kept as it is
+            copied_inputs = inputs if _nbytes(inputs) <= max_input_bytes else None
         else:
             copied_inputs = _copy_if_small(inputs, max_input_bytes)
         if copied_inputs is not None:
@@ -193,6 +193,9 @@ class ResultCache:
 
 
 def _nbytes(inputs: Mapping[str, Any]) -> int:
+    if len(inputs) == 1:  # no generator for the common case
+        for value in inputs.values():
+            return int(getattr(value, "nbytes", 0))
     return sum(int(getattr(value, "nbytes", 0)) for value in inputs.values())
 
 
