@@ -2,7 +2,10 @@
 
 Flow of one request (:meth:`ServingPipeline.predict`):
 
-1. the local engine answers, within the bundle's ``runtime_config.deadline_ms`` when it declares one;
+1. the local engine answers, within the bundle's ``runtime_config.deadline_ms`` when it declares one:
+   raced on a worker thread, or inline while the model's recent p99 latency is far below the deadline
+   (:class:`DeadlineGuard`: a late inline answer is kept but counted as a ``deadline`` miss, and the
+   model goes back to the worker thread for a while);
 2. the local answer is *not used* when no local model is ready (``not_ready``: first boot,
    mid-install), the local call fails (``local_error``), it misses its deadline (``deadline``), or its
    top-1 probability is under ``runtime_config.confidence_threshold`` (``low_confidence``);
@@ -13,9 +16,12 @@ Flow of one request (:meth:`ServingPipeline.predict`):
    names every step that failed.
 
 The answer is a :class:`PredictResult` that says where it came from (``source``) and why the local
-model did not answer (``fallback_reason``). A recorder (``device_agent.telemetry``) sees every
-answer and every failure. The decision itself (everything but the inference calls) costs a few
-microseconds; ``benchmarks/telemetry_overhead.py`` measures it.
+model did not answer (``fallback_reason``). A local answer is remembered by the result cache (keyed
+only when the cache is read) and, when the model has a shadow (``device_agent.shadow``), offered to
+it on a background thread. A recorder (``device_agent.telemetry``) sees every answer and every
+failure; a single-array input is copied once and that private copy is shared by cache and recorder.
+The decision itself (everything but the inference calls) costs a few microseconds;
+``benchmarks/telemetry_overhead.py`` measures it.
 
 The agent builds one pipeline at start-up and calls it from its Python API and its localhost
 server; it never calls the local engine directly for a user request.
