@@ -183,7 +183,7 @@ def measure_window_close(root: Path, repeats: int) -> dict[str, float]:
 def table(results: list[dict[str, float]], decision: dict[str, float], close: dict[str, float]) -> str:
     lines = [
         "Same run, same real ONNX model, same batch-1 inputs, through `ServingPipeline`, with the bundle's 50 ms",
-        "deadline enforced (after warm-up the fast model runs inline, see docs/agent.md \"Deadlines\") and without",
+        'deadline enforced (after warm-up the fast model runs inline, see docs/agent.md "Deadlines") and without',
         "it. Telemetry on = default settings (60 s windows, per-feature and latency histograms, output",
         "distribution, 1 % sampling). Target (issue 6): telemetry on vs off at most 5 % extra.",
         "",
@@ -193,9 +193,15 @@ def table(results: list[dict[str, float]], decision: dict[str, float], close: di
     for r in results:
         ok = "met" if r["total_pct"] <= 5.0 else "NOT met"
         mode = "deadline" if r["deadline"] else "no deadline"
-        cells = (f"{int(r['features'])} features, {mode}", f"{r['off_median_us']:.1f}", f"{r['on_median_us']:.1f}",
-                 f"{r['extra_us']:.1f}", f"{r['binning_us']:.2f}",
-                 f"{r['total_us']:.1f} us = {r['total_pct']:.1f} %", f"<= 5 %: {ok}")
+        cells = (
+            f"{int(r['features'])} features, {mode}",
+            f"{r['off_median_us']:.1f}",
+            f"{r['on_median_us']:.1f}",
+            f"{r['extra_us']:.1f}",
+            f"{r['binning_us']:.2f}",
+            f"{r['total_us']:.1f} us = {r['total_pct']:.1f} %",
+            f"<= 5 %: {ok}",
+        )
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

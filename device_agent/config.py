@@ -97,7 +97,7 @@ def parse_bytes(value: Any, key: str) -> int:
         return value
     match = _SIZE_RE.match(str(value))
     if not match:
-        raise ConfigError(f"{key}: '{value}' is not a size (examples: 1048576, \"512MB\", \"2GiB\")")
+        raise ConfigError(f'{key}: \'{value}\' is not a size (examples: 1048576, "512MB", "2GiB")')
     number, unit = float(match.group(1)), match.group(2).lower()
     base = 1024 if "i" in unit else 1000
     power = _PREFIXES.index(unit[0]) + 1 if unit[:1] in _PREFIXES else 0

@@ -195,8 +195,9 @@ class Updater:
                 info = model.info(slot)
                 if info is not None:
                     state = _slot_state(slot, pointer.active, pointer.committed, pointer.previous)
-                    lines.append({"name": name, "version": info.version, "variant": info.variant, "slot": slot,
-                                  "state": state})
+                    lines.append(
+                        {"name": name, "version": info.version, "variant": info.variant, "slot": slot, "state": state}
+                    )
         return lines
 
     def in_progress(self) -> UpdateState | None:

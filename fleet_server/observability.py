@@ -31,7 +31,8 @@ class Metrics:
             "edgefleet_desired_state_polls_total", "Desired-state polls by result", ["result"], registry=self.registry
         )
         self.not_modified = Gauge(
-            "edgefleet_desired_state_not_modified_ratio", "Share of polls answered 304 since start",
+            "edgefleet_desired_state_not_modified_ratio",
+            "Share of polls answered 304 since start",
             registry=self.registry,
         )
         self.not_modified.set_function(self.not_modified_ratio)

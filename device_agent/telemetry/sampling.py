@@ -99,9 +99,7 @@ class WindowSampler:
     def close(self, manifest: Manifest | None) -> list[dict[str, Any]]:
         """The kept samples as JSON-ready dicts with their inclusion probability, redacted."""
         redaction = sensitive_positions(manifest)
-        out = [
-            sample_record(c, self.sample_rate * self.routine.fraction_kept(), redaction) for c in self.routine.items
-        ]
+        out = [sample_record(c, self.sample_rate * self.routine.fraction_kept(), redaction) for c in self.routine.items]
         out += [sample_record(c, self.forced.fraction_kept(), redaction) for c in self.forced.items]
         return out
 

@@ -61,8 +61,9 @@ class DeploymentRecord:
     @classmethod
     def new(cls, model: str, version: int, manifest_target: str, **kwargs: Any) -> DeploymentRecord:
         """A fresh record in state ``sync`` with a new deployment id."""
-        return cls(deployment_id=uuid.uuid4().hex, model=model, version=version, manifest_target=manifest_target,
-                   **kwargs)
+        return cls(
+            deployment_id=uuid.uuid4().hex, model=model, version=version, manifest_target=manifest_target, **kwargs
+        )
 
     @property
     def ref(self) -> str:

@@ -52,8 +52,16 @@ class Fleet:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         db_url = f"sqlite:///{work / 'fleet.db'}"
         upgrade_database(db_url)
-        self.settings = Settings(mode="dev", data_dir=work / "server", database_url=db_url, public_url=self.url,
-                                 token_pepper=PEPPER, background_tasks=False, json_logs=False, log_level="warning")
+        self.settings = Settings(
+            mode="dev",
+            data_dir=work / "server",
+            database_url=db_url,
+            public_url=self.url,
+            token_pepper=PEPPER,
+            background_tasks=False,
+            json_logs=False,
+            log_level="warning",
+        )
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.app = create_app(self.settings)
         self.app.state.tuf.create_online_keys()

@@ -22,7 +22,11 @@ VARIANT = "onnx-fp32"
 
 
 def publish_bundle(
-    targets_dir: Path, work_dir: Path, name: str, version: int, bad_golden: bool = False,
+    targets_dir: Path,
+    work_dir: Path,
+    name: str,
+    version: int,
+    bad_golden: bool = False,
     budget_latency_ms: float | None = None,
 ) -> Manifest:
     """Build a real bundle and lay it out as the targets ``<name>/<version>/{manifest.json, <variant>.tar.gz}``."""

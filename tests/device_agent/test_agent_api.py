@@ -99,11 +99,16 @@ def test_http_infer_with_json_tensors(server: str, agent: Agent) -> None:
 
 def test_http_infer_with_the_binary_tensor_extension(server: str, agent: Agent) -> None:
     x = np.arange(8, dtype=np.float32).reshape(2, 4) / 10
-    header = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "parameters": {"binary_data_size": 32}}],
-              "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
+    header = {
+        "inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "parameters": {"binary_data_size": 32}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+    }
     head = json.dumps(header).encode()
-    response = httpx.post(f"{server}/v2/models/tiny/infer", content=head + x.tobytes(),
-                          headers={"Inference-Header-Content-Length": str(len(head))})
+    response = httpx.post(
+        f"{server}/v2/models/tiny/infer",
+        content=head + x.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
     assert response.status_code == 200
     n = int(response.headers["Inference-Header-Content-Length"])
     answer = json.loads(response.content[:n])
@@ -113,13 +118,21 @@ def test_http_infer_with_the_binary_tensor_extension(server: str, agent: Agent) 
 
 @pytest.mark.parametrize(
     ("path", "body", "status"),
-    [("/v2/models/tiny/infer", b"not json", 400),
-     ("/v2/models/tiny/infer", json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32",
-                                                       "data": [1, 2, 3]}]}).encode(), 400),
-     ("/v2/models/tiny/infer", json.dumps({"inputs": []}).encode(), 400),
-     ("/v2/models/nope/infer", json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
-                                                       "data": [0, 0, 0, 0]}]}).encode(), 503),
-     ("/v2/nothing", b"{}", 404)],
+    [
+        ("/v2/models/tiny/infer", b"not json", 400),
+        (
+            "/v2/models/tiny/infer",
+            json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}).encode(),
+            400,
+        ),
+        ("/v2/models/tiny/infer", json.dumps({"inputs": []}).encode(), 400),
+        (
+            "/v2/models/nope/infer",
+            json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}).encode(),
+            503,
+        ),
+        ("/v2/nothing", b"{}", 404),
+    ],
     ids=["bad-json", "wrong-shape", "no-inputs", "unknown-model", "unknown-path"],
 )
 def test_http_errors_are_json_with_a_clear_status(server: str, path: str, body: bytes, status: int) -> None:

@@ -33,9 +33,13 @@ def test_sizes_accept_units(value: object, expected: int) -> None:
 
 @pytest.mark.parametrize(
     ("toml", "message"),
-    [("poll_interval_s = -1", "greater than 0"), ("no_such_key = 1", "unknown agent setting"),
-     ('max_bundle_bytes = "lots"', "not a size"), ("threads = [", "not valid TOML"),
-     ("max_state_saves = 1", "at least 4")],
+    [
+        ("poll_interval_s = -1", "greater than 0"),
+        ("no_such_key = 1", "unknown agent setting"),
+        ('max_bundle_bytes = "lots"', "not a size"),
+        ("threads = [", "not valid TOML"),
+        ("max_state_saves = 1", "at least 4"),
+    ],
 )
 def test_bad_config_is_a_readable_config_error(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "agent.toml"
@@ -60,7 +64,9 @@ def test_a_device_key_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 
 def test_enrollment_round_trips_and_is_private(tmp_path: Path) -> None:
-    enrollment = Enrollment("http://fleet", "dev-1", "tok", "accepted", "http://fleet/tuf/metadata/", "http://fleet/tuf/targets/")
+    enrollment = Enrollment(
+        "http://fleet", "dev-1", "tok", "accepted", "http://fleet/tuf/metadata/", "http://fleet/tuf/targets/"
+    )
     enrollment.save(tmp_path, {"signed": {"_type": "root"}})
     assert Enrollment.load(tmp_path) == enrollment
     assert (tmp_path / "enrollment.json").stat().st_mode & 0o777 == 0o600

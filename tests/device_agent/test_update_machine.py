@@ -213,8 +213,15 @@ def test_crash_on_the_rollback_path_then_resume(tmp_path: Path, published: Path,
 
 @pytest.mark.parametrize(
     ("version", "state"),
-    [(2, S.HEALTH_CHECK), (2, S.COMMIT), (3, S.CHECK_ROLLBACK), (3, S.ROLLBACK), (3, S.FAILURE),
-     (2, S.CLEANUP), (2, S.REPORT)],
+    [
+        (2, S.HEALTH_CHECK),
+        (2, S.COMMIT),
+        (3, S.CHECK_ROLLBACK),
+        (3, S.ROLLBACK),
+        (3, S.FAILURE),
+        (2, S.CLEANUP),
+        (2, S.REPORT),
+    ],
     ids=lambda v: v.value if isinstance(v, UpdateState) else f"v{v}",
 )
 def test_crash_forever_trips_the_loop_guard(tmp_path: Path, published: Path, version: int, state: UpdateState) -> None:

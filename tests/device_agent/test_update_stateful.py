@@ -68,6 +68,7 @@ class DeviceMachine(RuleBasedStateMachine):
 def test_random_deployments_with_faults_keep_one_good_committed_model(published: Path) -> None:
     run_state_machine_as_test(
         lambda: DeviceMachine(published),
-        settings=settings(max_examples=30, stateful_step_count=8, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow]),  # fmt: skip
+        settings=settings(
+            max_examples=30, stateful_step_count=8, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        ),  # fmt: skip
     )

@@ -58,8 +58,15 @@ def committed_version(state_dir: Path) -> int:
 class Zygote:
     def __init__(self, state_dir: Path, log_path: Path) -> None:
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in close()
-        self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=agent_env(state_dir), cwd=REPO_ROOT,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE],
+            env=agent_env(state_dir),
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         assert self._line() == "ready"
 
     def _line(self) -> str:

@@ -164,5 +164,7 @@ def test_5_a_running_daemon_updates_live_without_failing_a_request(fleet: Fleet,
     versions = [v for _, v in answers]
     assert statuses == {200}, f"requests failed during the update: {collections.Counter(statuses)}"
     assert "5" in versions and set(versions) <= {"4", "5"} and len(versions) > 20
-    assert versions.index("5") > 0 and "4" not in versions[versions.index("5"):], "served an old version after the swap"
+    assert versions.index("5") > 0 and "4" not in versions[versions.index("5") :], (
+        "served an old version after the swap"
+    )
     assert assert_one_committed_loadable(device["state_dir"], "tiny") == 5

@@ -82,8 +82,12 @@ class SimDevice:
     def _install(self, entry: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
         previous, self.running = self.running, entry["version"]
         self.seen_versions.append(entry["version"])
-        inventory = {**default_inventory(), "installed": [{"name": "digits", "version": self.running,
-                                                           "variant": "onnx-fp32", "slot": "a", "state": "active"}]}
+        inventory = {
+            **default_inventory(),
+            "installed": [
+                {"name": "digits", "version": self.running, "variant": "onnx-fp32", "slot": "a", "state": "active"}
+            ],
+        }
         self.http.put("/api/v1/device/inventory", json=inventory, headers=self.headers).raise_for_status()
         return {"id": uuid.uuid4().hex, "type": "install", "at": now.isoformat(), "model": "digits",
                 "version": self.running, "deployment_id": entry["rollout_id"], "from_version": previous,
@@ -191,7 +195,10 @@ def test_good_bundle_rolls_out_through_every_wave(fleet):
     assert view["state"] == "completed", view["decisions"]
     assert [d["action"] for d in view["decisions"]] == ["create", "start", "advance", "advance", "complete"]
     assert [(w["devices"], w["outcomes"]) for w in view["waves"]] == [
-        (2, {"healthy": 2}), (2, {"healthy": 2}), (4, {"healthy": 4})]
+        (2, {"healthy": 2}),
+        (2, {"healthy": 2}),
+        (4, {"healthy": 4}),
+    ]
     assert all(d.running == 2 and d.desired()["rollout_id"] == rollout_id for d in devices)
     first_wave_gates = {g["gate"]: g for g in view["decisions"][2]["record"]["gates"]}
     assert first_wave_gates["p99_ms<40 min=50"]["status"] == "pass"
@@ -200,8 +207,11 @@ def test_good_bundle_rolls_out_through_every_wave(fleet):
 
 @pytest.mark.parametrize(
     ("behaviour", "gate", "figure"),
-    [("errors", "error_rate<0.01 min=50", "error_rate=0.1 breached <0.01"), ("slow", "p99_ms<40 min=50", "p99_ms="),
-     ("drift", "psi<0.2 min=50", "psi=")],
+    [
+        ("errors", "error_rate<0.01 min=50", "error_rate=0.1 breached <0.01"),
+        ("slow", "p99_ms<40 min=50", "p99_ms="),
+        ("drift", "psi<0.2 min=50", "psi="),
+    ],
 )
 def test_bad_bundle_stops_at_the_first_wave_and_is_rolled_back(fleet, behaviour, gate, figure):
     make, admin = fleet
@@ -235,7 +245,6 @@ def test_silent_canaries_time_out_and_the_rollout_is_rolled_back(fleet):
     assert view["waves"][0]["outcomes"] == {"timed_out": 1}
     assert "install_success cannot reach >=0.95" in view["decisions"][-1]["reason"]
     assert "1 timed out" in view["decisions"][-1]["reason"]
-
 
 
 def test_server_restart_mid_rollout_resumes_where_it_was(settings, app, make_api_key, make_enroll_token, tmp_path):

@@ -59,7 +59,11 @@ def test_zstd_batch_is_accepted_and_indexed_columns_are_filled(client, make_devi
     with session_scope(session_factory) as session:
         sample = session.scalars(select(PredictionSample)).first()
         assert (sample.device_id, sample.model_name, sample.bundle_version, sample.reason) == (
-            device.device_id, "digits", 3, "rate")
+            device.device_id,
+            "digits",
+            3,
+            "rate",
+        )
         assert sample.payload["inclusion_probability"] == 0.01
         window = session.scalars(select(MetricWindow)).first()
         assert window.window_end > window.window_start
@@ -132,7 +136,7 @@ def test_item_texts_decode_to_the_same_items_as_json_loads(items, extra, indent)
     assert [json.loads(item_text) for _, item_text in lists["samples"]] == items
 
 
-@pytest.mark.parametrize("text", ['{"samples": [1, 2', '{"a": 1} x', '[1]', '{"a" 1}', '{"a": 1, "a": 2}', '{1: 2}'])
+@pytest.mark.parametrize("text", ['{"samples": [1, 2', '{"a": 1} x', "[1]", '{"a" 1}', '{"a": 1, "a": 2}', "{1: 2}"])
 def test_item_parser_refuses_malformed_json(text):
     with pytest.raises(ConfigError):
         parse_object_with_item_texts(text, ("samples",))

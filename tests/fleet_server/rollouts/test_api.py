@@ -33,7 +33,10 @@ def test_create_answers_the_plan(client, lab, operator_headers):
     body = client.post(URL, json=BODY, headers=operator_headers).json()
     assert body["bundle"] == "digits@2" and body["state"] == "running"
     assert [(w["spec"], w["planned_devices"], w["state"]) for w in body["waves"]] == [
-        ("1%", 1, "pending"), ("50%", 2, "pending"), ("100%", 3, "pending")]
+        ("1%", 1, "pending"),
+        ("50%", 2, "pending"),
+        ("100%", 3, "pending"),
+    ]
     assert body["policy"]["gates"] == ["error_rate<0.01"] and body["policy"]["soak_s"] == 600
     assert body["devices"] == {"member": 6}
     assert [d["action"] for d in body["decisions"]] == ["create", "start"]
@@ -76,8 +79,10 @@ def test_evaluate_now_releases_the_first_wave_and_show_tells_progress(client, la
     body = client.post(f"{URL}/{rollout_id}/evaluate", headers=operator_headers).json()
     first = body["waves"][0]
     assert first["state"] == "running" and first["released"] == 1 and first["outcomes"] == {"installing": 1}
-    assert {g["gate"]: g["status"] for g in first["gates"]} == {"error_rate<0.01": "wait",
-                                                                "install_success>=0.95": "wait"}
+    assert {g["gate"]: g["status"] for g in first["gates"]} == {
+        "error_rate<0.01": "wait",
+        "install_success>=0.95": "wait",
+    }
     detail = client.get(f"{URL}/{rollout_id}?devices=true", headers=operator_headers).json()["device_detail"]
     (released,) = [d for d in detail if d["released_at"]]
     assert released["wave"] == 1 and released["outcome"] == "installing"

@@ -24,19 +24,25 @@ Behaviour = Callable[[str, dt.datetime], None]
 def state(factory, rollout_id):
     with factory() as session:
         rollout = session.get(Rollout, rollout_id)
-        waves = list(session.scalars(select(RolloutWave).where(RolloutWave.rollout_id == rollout_id)
-                                     .order_by(RolloutWave.index)))
-        decisions = list(session.scalars(select(RolloutDecision).where(RolloutDecision.rollout_id == rollout_id)
-                                         .order_by(RolloutDecision.id)))
-        devices = {d.device_id: d for d in session.scalars(select(RolloutDevice)
-                                                           .where(RolloutDevice.rollout_id == rollout_id))}
+        waves = list(
+            session.scalars(select(RolloutWave).where(RolloutWave.rollout_id == rollout_id).order_by(RolloutWave.index))
+        )
+        decisions = list(
+            session.scalars(
+                select(RolloutDecision).where(RolloutDecision.rollout_id == rollout_id).order_by(RolloutDecision.id)
+            )
+        )
+        devices = {
+            d.device_id: d for d in session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id))
+        }
         return rollout, waves, decisions, devices
 
 
 def released(factory, rollout_id):
     with factory() as session:
-        query = select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id,
-                                            RolloutDevice.released_at.is_not(None))
+        query = select(RolloutDevice).where(
+            RolloutDevice.rollout_id == rollout_id, RolloutDevice.released_at.is_not(None)
+        )
         return {d.device_id: d.start_after for d in session.scalars(query)}
 
 
@@ -83,8 +89,9 @@ def test_good_bundle_advances_through_every_wave_and_completes(fleet, factory, e
         ("fallback_rate<0.05 min=50", {"fallbacks": 40}, "fallback_rate=0.2 breached"),
     ],
 )
-def test_bad_bundle_stops_at_the_first_wave_and_is_rolled_back(fleet, factory, engine, clock, create, gate, window,
-                                                              named):
+def test_bad_bundle_stops_at_the_first_wave_and_is_rolled_back(
+    fleet, factory, engine, clock, create, gate, window, named
+):
     ids = fleet.add_devices(20)
     rollout_id = create(gates=(gate,))
     drive(engine, factory, clock, rollout_id, lambda d, t: fleet.healthy_device(d, 2, t, SOAK_S, **window))
@@ -100,7 +107,11 @@ def test_bad_bundle_stops_at_the_first_wave_and_is_rolled_back(fleet, factory, e
     assert len(canary) == 1 and rollback.record["restore"]["restored"] == 1
     restored = fleet.assignment(canary[0])
     assert (restored.bundle_version, restored.variant, restored.rollout_id, restored.shadow_version) == (
-        1, "onnx-fp32", None, None)
+        1,
+        "onnx-fp32",
+        None,
+        None,
+    )
     untouched = [fleet.assignment(d) for d in ids if d not in canary]
     assert {(a.bundle_version, a.rollout_id, a.updated_at) for a in untouched} == {(1, None, T0)}
 
@@ -109,7 +120,7 @@ def test_breach_acts_before_the_soak_ends(fleet, factory, engine, clock, create)
     fleet.add_devices(5)
     rollout_id = create()
     engine.tick()
-    (device_id, start), = released(factory, rollout_id).items()
+    ((device_id, start),) = released(factory, rollout_id).items()
     fleet.install(device_id, 2, start)
     fleet.report(device_id, 2, start, 60, requests=100, errors=30)
     clock.advance(61)
@@ -137,7 +148,7 @@ def test_device_that_installs_then_goes_silent_times_out(fleet, factory, engine,
     fleet.add_devices(20)
     rollout_id = create()
     engine.tick()
-    (device_id, start), = released(factory, rollout_id).items()
+    ((device_id, start),) = released(factory, rollout_id).items()
     fleet.install(device_id, 2, start)
     fleet.report(device_id, 2, start, 60, requests=100)
     clock.advance(SOAK_S + TIMEOUT_S)
@@ -150,7 +161,7 @@ def test_reported_install_failure_rolls_back_at_once(fleet, factory, engine, clo
     fleet.add_devices(20)
     rollout_id = create()
     engine.tick()
-    (device_id, start), = released(factory, rollout_id).items()
+    ((device_id, start),) = released(factory, rollout_id).items()
     fleet.install(device_id, 2, start, result="rolled_back", reason="golden self-test failed")
     clock.advance(5)
     engine.tick()
@@ -163,7 +174,7 @@ def test_device_that_falls_back_to_the_old_version_after_installing_fails(fleet,
     fleet.add_devices(20)
     rollout_id = create()
     engine.tick()
-    (device_id, start), = released(factory, rollout_id).items()
+    ((device_id, start),) = released(factory, rollout_id).items()
     fleet.install(device_id, 2, start)
     fleet.report(device_id, 2, start, 60, requests=100)
     fleet.report(device_id, 1, start + dt.timedelta(seconds=60), 600, requests=100)
@@ -228,7 +239,8 @@ def test_ticks_are_idempotent(fleet, factory, engine, clock, create):
     assert actions(after[2]) == actions(before[2])
     assert {a.device_id: a.updated_at for a in map(fleet.assignment, after[3])} == rows_before
     assert {d: (r.released_at, r.start_after) for d, r in after[3].items()} == {
-        d: (r.released_at, r.start_after) for d, r in before[3].items()}
+        d: (r.released_at, r.start_after) for d, r in before[3].items()
+    }
 
 
 def test_download_cap_and_start_after_jitter(fleet, factory, engine, clock, create):
@@ -252,7 +264,7 @@ def test_shadow_wave_installs_beside_the_active_model_then_promotes(fleet, facto
     ids = fleet.add_devices(10)
     rollout_id = create(waves="1:shadow,1,100%", gates=("shadow_agreement>0.98 min=50",))
     engine.tick()
-    (device_id, start), = released(factory, rollout_id).items()
+    ((device_id, start),) = released(factory, rollout_id).items()
     row = fleet.assignment(device_id)
     assert (row.bundle_version, row.shadow_version, row.rollout_id) == (1, 2, rollout_id)
     fleet.install(device_id, 2, start)
@@ -323,7 +335,10 @@ def test_manual_rollback_after_completion_restores_every_device(fleet, factory, 
         service.act(session, rollout_id, "rollback", "key:1:alice", now=clock())
     rollout, _, decisions, _ = state(factory, rollout_id)
     assert rollout.state == "rolled_back" and decisions[-1].record["restore"] == {
-        "restored": 6, "cleared": 1, "skipped": []}
+        "restored": 6,
+        "cleared": 1,
+        "skipped": [],
+    }
     assert {fleet.assignment(d).bundle_version for d in ids} == {1}
     assert fleet.assignment(fresh[0]) is None
     with factory() as session:
@@ -367,8 +382,9 @@ def test_assignments_untouched_by_other_models(fleet, factory, create):
     assert fleet.assignment(ids[0], "other").bundle_version == 7
 
 
-def test_approval_to_start_then_runs_alone_and_cannot_be_dodged_by_pause_and_resume(fleet, factory, engine, clock,
-                                                                                     create):
+def test_approval_to_start_then_runs_alone_and_cannot_be_dodged_by_pause_and_resume(
+    fleet, factory, engine, clock, create
+):
     fleet.add_devices(10)
     rollout_id = create(approval="start", waves="10%,100%")
     with session_scope(factory) as session, pytest.raises(RolloutStateError, match="allowed: abort, approve, rollback"):

@@ -47,7 +47,8 @@ def test_restart_mid_rollout_resumes_exactly_where_it_was(database_url, fleet, f
         assert (restarted[0].state, restarted[0].current_wave) == ("running", 1)
         assert [w.state for w in restarted[1]] == ["passed", "running", "pending"]
         assert {d: (r.outcome, r.start_after) for d, r in restarted[3].items()} == {
-            d: (r.outcome, r.start_after) for d, r in before[3].items()}
+            d: (r.outcome, r.start_after) for d, r in before[3].items()
+        }
         assert sum(1 for r in restarted[3].values() if r.outcome == "soaking") == 4
         second_process.tick()
         assert released(factory, rollout_id) == wave2  # nothing released twice, no start time moved

@@ -82,4 +82,7 @@ def test_summary_export_and_prune(server_with_drift, tmp_path):
     table = pq.read_table(out)
     assert table.num_rows > 0 and set(table.column("reason").to_pylist()) == {"rate"}
     assert json.loads(cli(data_dir, "telemetry", "prune")) == {
-        "metric_windows": 0, "prediction_samples": 0, "device_events": 0}
+        "metric_windows": 0,
+        "prediction_samples": 0,
+        "device_events": 0,
+    }

@@ -76,7 +76,10 @@ def test_summaries_per_version_and_per_device_with_fallback_and_error_rates(clie
     by_device = client.get("/api/v1/admin/telemetry/summary", params={"model": "digits", "by": "device"},
                            headers=admin_headers).json()  # fmt: skip
     assert {(r["device_id"], r["version"], r["requests"]) for r in by_device} == {
-        (a.device_id, 2, 100), (a.device_id, 3, 50), (b.device_id, 3, 50)}
+        (a.device_id, 2, 100),
+        (a.device_id, 3, 50),
+        (b.device_id, 3, 50),
+    }
 
     cohort = client.get("/api/v1/admin/telemetry/cohort", headers=admin_headers,
                         params={"model": "digits", "version": 3, "device_id": [a.device_id]}).json()  # fmt: skip
