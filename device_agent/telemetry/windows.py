@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from bundles.manifest import FeatureSpec, Histogram, Manifest
+from bundles.windows import LATENCY_EDGES_MS, MERGED_FIELDS, merge_fields
 
-LATENCY_EDGES_MS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-20, 51))
 """Fixed latency bucket edges (0.01 ms to 100 s, ten per decade); the server has the same list."""
 _LATENCY_EDGES = np.asarray(LATENCY_EDGES_MS)
 BIN_EVERY_ROWS = 256
@@ -458,27 +458,6 @@ def merge_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"id": uuid.uuid4().hex, "model": first["model"], "version": first["version"]}
     merged["start"] = min(w["start"] for w in windows)  # ISO strings with the same offset sort as times
     merged["end"] = max(w["end"] for w in windows)
-    for key in ("counters", "latency_ms", "features", "output", "shadow"):
-        total = sum_nested([w.get(key) for w in windows])
-        merged[key] = total if total is not None else {}
+    totals = merge_fields(windows)
+    merged.update({key: totals.get(key, {}) for key in MERGED_FIELDS})
     return merged
-
-
-def sum_nested(values: list[Any]) -> Any:
-    """Element-wise sum of many nested dicts / lists of numbers in one walk (numpy for the lists)."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    first = present[0]
-    if isinstance(first, dict):
-        keys = dict.fromkeys(k for v in present if isinstance(v, dict) for k in v)
-        return {k: sum_nested([v.get(k) for v in present if isinstance(v, dict)]) for k in keys}
-    if isinstance(first, list):
-        rows = [v for v in present if isinstance(v, list)]
-        width = max(len(r) for r in rows)
-        if any(len(r) != width for r in rows):
-            rows = [r + [0] * (width - len(r)) for r in rows]
-        return np.asarray(rows).sum(axis=0).tolist()  # int lists stay ints (int64 sums), floats stay floats
-    if isinstance(first, (int, float)):
-        return sum(v for v in present if isinstance(v, (int, float)))
-    return present[-1]

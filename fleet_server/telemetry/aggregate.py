@@ -12,46 +12,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-LATENCY_EDGES_MS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-20, 51))
-"""Fixed latency bucket edges shared with the device (0.01 ms to 100 s, ten per decade)."""
+from bundles.windows import LATENCY_EDGES_MS, merge_fields
 
 PSI_EPSILON = 1e-4
 """Floor for empty bins so that PSI stays finite (a common convention)."""
 
 
 def merge_windows(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add window payloads into one: counters, latency, features, output, shadow (one walk, numpy sums)."""
-    windows = list(payloads)
-    merged: dict[str, Any] = {}
-    for key in ("counters", "latency_ms", "features", "output", "shadow"):
-        total = sum_nested([w.get(key) for w in windows])
-        if total is not None:
-            merged[key] = total
-    return merged
-
-
-def sum_nested(values: list[Any]) -> Any:
-    """Element-wise sum of many nested dicts / lists of numbers (``None`` is zero; lists padded with 0)."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    first = present[0]
-    if isinstance(first, Mapping):
-        keys = dict.fromkeys(k for v in present if isinstance(v, Mapping) for k in v)
-        return {k: sum_nested([v.get(k) for v in present if isinstance(v, Mapping)]) for k in keys}
-    if isinstance(first, list):
-        rows = [v for v in present if isinstance(v, list)]
-        width = max(len(r) for r in rows)
-        if any(len(r) != width for r in rows):
-            rows = [r + [0] * (width - len(r)) for r in rows]
-        try:
-            return np.asarray(rows).sum(axis=0).tolist()
-        except (TypeError, ValueError):
-            return rows[-1]
-    numbers = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return sum(numbers) if numbers else present[-1]
+    """Add window payloads into one: counters, latency, features, output, shadow (the shared rule)."""
+    return merge_fields(payloads)
 
 
 def add_nested(left: Any, right: Any) -> Any:
