@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mdreport import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "agent_overhead"
@@ -234,18 +237,6 @@ def table(results: dict[str, dict[str, float]], m: dict[str, float]) -> str:
     ])  # fmt: skip
 
 
-def write_section(body: str, path: Path = REPO / "docs" / "benchmarks.md") -> None:
-    """Replace only this script's section between its markers (creating the file if needed)."""
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block = f"{begin}\n## Device agent overhead\n\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -260,7 +251,7 @@ def main() -> int:
         verdicts = [met(o, path) for path in ("agent_nodeadline", "agent")]
         print(f"target (issue 5) on {name}: {'MET' if all(verdicts) else 'NOT MET'}")
     if not args.no_write:
-        write_section(body)
+        write_section(SECTION, "Device agent overhead", body)
     return 0
 
 

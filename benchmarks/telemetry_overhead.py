@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mdreport import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "telemetry_overhead"
@@ -223,18 +226,6 @@ def table(results: list[dict[str, float]], decision: dict[str, float], close: di
     return "\n".join(lines)
 
 
-def write_section(body: str, path: Path = REPO / "docs" / "benchmarks.md") -> None:
-    """Replace only this script's section between its markers (creating the file if needed)."""
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block = f"{begin}\n## Telemetry overhead\n\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
@@ -252,7 +243,7 @@ def main() -> int:
     met = all(r["total_pct"] <= 5.0 for r in results)
     print(f"target (issue 6, telemetry <= 5 % extra): {'MET on every configuration' if met else 'NOT MET'}")
     if not args.no_write:
-        write_section(body)
+        write_section(SECTION, "Telemetry overhead", body)
     return 0
 
 
