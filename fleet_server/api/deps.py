@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.errors import AuthError
+from fleet_server.db import session_scope
 from fleet_server.errors import ForbiddenError
 from fleet_server.principals import AdminPrincipal, DevicePrincipal
 from fleet_server.settings import Settings
@@ -46,15 +47,8 @@ def get_settings(request: Request) -> Settings:
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request, committed after the handler (rolled back if it raises)."""
     factory: sessionmaker[Session] = request.app.state.session_factory
-    session = factory()
-    try:
+    with session_scope(factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # commit before the response is sent

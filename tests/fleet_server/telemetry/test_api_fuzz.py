@@ -5,13 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from schemathesis import GenerationMode
 
 from tests.fleet_server.telemetry.helpers import simulate, uniform, upload
-
-MAX_EXAMPLES_PER_OPERATION = 10
+from tests.fleet_server.test_api_fuzz import fuzz
 
 
 def telemetry_operations(app):
@@ -20,24 +16,6 @@ def telemetry_operations(app):
         operation = result.ok()
         if "telemetry" in operation.definition.raw.get("tags", []):
             yield operation
-
-
-def fuzz(operation, headers: dict[str, str], statuses: list[int]) -> list[str]:
-    """The bounded property test of one operation; returns the server errors seen."""
-    errors: list[str] = []
-    cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
-
-    @given(case=cases)
-    @settings(max_examples=MAX_EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
-    def run(case):
-        response = case.call(headers={**(case.headers or {}), **headers})
-        statuses.append(response.status_code)
-        if response.status_code >= 500:
-            errors.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
-
-    run()
-    return errors
 
 
 def test_no_telemetry_operation_answers_a_server_error(app, client, release, make_device, admin_headers, tmp_path):
