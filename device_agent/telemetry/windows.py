@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,9 @@ class TensorBins:
     high: np.ndarray  # [n_features] valid maximum (+inf if none)
     first_edge: np.ndarray | None = None  # [n_features] when every feature has equal-width bins
     width: np.ndarray | None = None  # [n_features] bin width of each feature (equal-width case)
+    all_columns: bool = False  # the features are exactly the row's values in order (no column gather needed)
+    last_bin: np.ndarray | None = None  # [n_features] ``bins - 1`` as floats (the clip bound, precomputed)
+    common_range: tuple[float, float] | None = None  # (min, max) when every feature has the same valid range
 
     @property
     def total_bins(self) -> int:
@@ -166,7 +170,16 @@ def _tensor_bins(tensor: str, pairs: list[tuple[FeatureSpec, Histogram]]) -> Ten
         high=np.array([np.inf if s.max is None else s.max for s, _ in pairs]),
         first_edge=np.array([e[0] for e in edges]) if uniform else None,
         width=np.array([(e[-1] - e[0]) / (len(e) - 1) for e in edges]) if uniform else None,
+        all_columns=[s.index for s, _ in pairs] == list(range(len(pairs))),
+        last_bin=(bins - 1).astype(np.float64),
+        common_range=_common_range(pairs),
     )
+
+
+def _common_range(pairs: list[tuple[FeatureSpec, Histogram]]) -> tuple[float, float] | None:
+    """The valid range shared by every feature (``-inf``/``inf`` where undeclared), or None if they differ."""
+    ranges = {(-np.inf if s.min is None else s.min, np.inf if s.max is None else s.max) for s, _ in pairs}
+    return next(iter(ranges)) if len(ranges) == 1 else None
 
 
 def _output_ranges(manifest: Manifest) -> dict[str, tuple[float, float]]:
@@ -205,6 +218,7 @@ class WindowAccumulator:
         self._output_counts = np.zeros(len(plan.output.freqs) if plan.output else 0, dtype=np.int64)
         self.shadow: dict[str, Any] = {"compared": 0, "agreed": 0, "errors": 0, "latency_ms_sum": 0.0}
         self._keep = tuple(plan.tensors)
+        self._single = self._keep[0] if len(self._keep) == 1 else None  # the one tensor holding features
 
     def observe(
         self,
@@ -223,18 +237,25 @@ class WindowAccumulator:
         microsecond; the request path never waits on numpy work except once every
         :data:`BIN_EVERY_ROWS` requests.
         """
+        if inputs_private and len(inputs) == 1 and self._single in inputs:
+            kept = inputs  # the caller's private copy of the one tensor with features: kept whole (the usual case)
+        else:
+            kept = self._copy_kept(inputs, inputs_private)
+        pending = self._pending
+        pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))
+        if len(pending) >= BIN_EVERY_ROWS:
+            self.bin_pending()
+
+    def _copy_kept(self, inputs: Mapping[str, np.ndarray], inputs_private: bool) -> Mapping[str, np.ndarray]:
+        """The input tensors that hold features, copied unless private (the others are not kept)."""
         keep = self._keep
         if len(keep) == 1:
             name = keep[0]
             value = inputs.get(name)
-            kept: Mapping[str, np.ndarray] = {}
-            if value is not None:
-                kept = {name: value if inputs_private else np.array(value)}
-        else:
-            kept = {k: np.array(inputs[k]) for k in keep if k in inputs} if keep else inputs
-        self._pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))
-        if len(self._pending) >= BIN_EVERY_ROWS:
-            self.bin_pending()
+            if value is None:
+                return {}
+            return {name: value if inputs_private else np.array(value)}
+        return {k: np.array(inputs[k]) for k in keep if k in inputs} if keep else inputs
 
     def count_capture(self, reason: str) -> None:
         """Count a sample kept for upload, by capture reason."""
@@ -248,7 +269,7 @@ class WindowAccumulator:
             return
         kept, outputs, sources, latencies, reasons = zip(*pending, strict=True)
         self._count(sources, reasons)
-        idx = np.searchsorted(_LATENCY_EDGES, np.asarray(latencies), side="right")
+        idx = np.searchsorted(_LATENCY_EDGES, np.fromiter(latencies, np.float64, len(latencies)), side="right")
         self._latency_counts += np.bincount(idx, minlength=len(LATENCY_EDGES_MS) + 1)
         rows = self._bin_inputs(kept) if self._keep else None
         self.counters["rows"] += rows if rows is not None else sum(_row_count(k) for k in kept)
@@ -279,9 +300,10 @@ class WindowAccumulator:
             matrix = by_tensor.get(plan.tensor)
             if matrix is None or matrix.shape[1] <= int(plan.columns.max()):
                 continue
-            values = matrix[:, plan.columns].astype(np.float64, copy=False)
-            self._numeric_counts[i] += _bin_numeric(plan, values)
-            self.counters["violations"]["input_out_of_range"] += _rows_out_of_range(plan, values)
+            values = _feature_values(plan, matrix)
+            outside = _rows_out_of_range(plan, values)
+            self.counters["violations"]["input_out_of_range"] += outside
+            self._numeric_counts[i] += _bin_numeric(plan, values, all_finite=True if outside == 0 else None)
         for i, aggregate in enumerate(self.plan.aggregates):
             matrix = by_tensor.get(aggregate.bins.tensor)
             if matrix is not None and matrix.shape[1] and matrix.dtype.kind in "biuf":
@@ -305,7 +327,7 @@ class WindowAccumulator:
 
     def _bin_outputs(self, pending: list[Mapping[str, np.ndarray]]) -> None:
         for name, (low, high) in self.plan.output_ranges.items():
-            stacked = _stack_rows([o[name] for o in pending if name in o])
+            stacked = _stack_rows(_values_of(pending, name))
             if stacked is not None:
                 values = stacked.astype(np.float64)
                 outside = (values < low) | (values > high)
@@ -314,9 +336,7 @@ class WindowAccumulator:
             self.counters["violations"]["nan_output"] += _count_nonfinite(pending, name)
         hist = self.plan.output
         if hist is not None:
-            matrix = _stack_rows([o[hist.name] for o in pending if hist.name in o])
-            if matrix is not None:
-                self._output_counts += _histogram_values(hist, matrix.reshape(-1))
+            self._output_counts += _output_histogram(hist, _values_of(pending, hist.name))
 
     def close(self) -> dict[str, Any]:
         """Bin what is pending and return the window payload (``docs/telemetry.md``)."""
@@ -347,7 +367,7 @@ def _stack_by_tensor(pending: Sequence[Mapping[str, np.ndarray]]) -> dict[str, n
     """Concatenate the kept input tensors of pending requests as [rows, values] per tensor name."""
     if pending and len(pending[0]) == 1:
         name = next(iter(pending[0]))
-        arrays = [p[name] for p in pending if name in p]
+        arrays = _values_of(pending, name)
         matrix = _stack_rows(arrays) if len(arrays) == len(pending) else None
         if matrix is not None:
             return {name: matrix}
@@ -356,6 +376,21 @@ def _stack_by_tensor(pending: Sequence[Mapping[str, np.ndarray]]) -> dict[str, n
         for name, value in inputs.items():
             grouped.setdefault(name, []).append(value)
     return {name: matrix for name, arrays in grouped.items() if (matrix := _stack_rows(arrays)) is not None}
+
+
+def _values_of(mappings: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
+    """``mapping[name]`` of every mapping that has it (one C-level map when all do, the usual case)."""
+    try:
+        return list(map(itemgetter(name), mappings))
+    except KeyError:
+        return [m[name] for m in mappings if name in m]
+
+
+def _feature_values(plan: TensorBins, matrix: np.ndarray) -> np.ndarray:
+    """[rows, features] float64 values of a [rows, values] matrix, always a fresh array (binned in place)."""
+    if plan.all_columns and matrix.shape[1] == len(plan.columns):
+        return matrix.astype(np.float64)  # every value is a feature, in order: no gather
+    return matrix[:, plan.columns].astype(np.float64, copy=False)  # fancy indexing already copied
 
 
 def _stack_rows(arrays: list[Any]) -> np.ndarray | None:
@@ -383,21 +418,32 @@ def _statistics(aggregate: AggregateBins, matrix: np.ndarray) -> np.ndarray:
 
 def _rows_out_of_range(plan: TensorBins, values: np.ndarray) -> int:
     """Rows with a feature under its ``min``, over its ``max`` or NaN (two reductions when all are fine)."""
+    if plan.common_range is not None:  # one range for all: two whole-array reductions (per-column ones are slow)
+        low, high = plan.common_range
+        if np.minimum.reduce(values, axis=None) >= low and np.maximum.reduce(values, axis=None) <= high:
+            return 0  # a NaN makes min/max NaN, and comparisons with NaN are false (and quiet)
+    elif (values >= plan.low).all() and (values <= plan.high).all():
+        return 0  # likewise a NaN fails both comparisons
     with np.errstate(invalid="ignore"):
-        if (values.min(axis=0) >= plan.low).all() and (values.max(axis=0) <= plan.high).all():
-            return 0  # NaN makes min/max NaN, so a NaN never takes this path
         bad = (values < plan.low) | (values > plan.high) | np.isnan(values)
     return int(bad.any(axis=1).sum())
 
 
-def _bin_numeric(plan: TensorBins, values: np.ndarray) -> np.ndarray:
-    """Counts of every feature's bins (flat, at the plan's offsets) for [rows, features] values."""
-    all_finite = not np.isnan(np.add.reduce(values, axis=None))  # one pass; a NaN anywhere makes the sum NaN
+def _bin_numeric(plan: TensorBins, values: np.ndarray, all_finite: bool | None = None) -> np.ndarray:
+    """Counts of every feature's bins (flat, at the plan's offsets) for [rows, features] values.
+
+    ``all_finite`` True: the caller knows there is no NaN (its range check saw none), so the check is skipped.
+    The equal-width case works in place on ``values`` (a fresh array from :func:`_feature_values`).
+    """
+    if all_finite is None:
+        all_finite = not np.isnan(np.add.reduce(values, axis=None))  # one pass; a NaN anywhere makes the sum NaN
     finite = None if all_finite else ~np.isnan(values)
-    if plan.first_edge is not None and plan.width is not None:  # equal-width bins: arithmetic, no comparisons
-        position = values - plan.first_edge if finite is None else np.where(finite, values, 0.0) - plan.first_edge
-        position /= plan.width
-        np.clip(position, 0, plan.bins - 1, out=position)  # then truncation is the floor (all >= 0)
+    if plan.first_edge is not None and plan.width is not None and plan.last_bin is not None:  # equal-width bins
+        position = values if finite is None else np.where(finite, values, 0.0)
+        np.subtract(position, plan.first_edge, out=position)
+        np.divide(position, plan.width, out=position)
+        np.minimum(position, plan.last_bin, out=position)  # clip to [0, bins - 1]; then truncation is the floor
+        np.maximum(position, 0.0, out=position)
         index = position.astype(np.int64)
     else:
         index = np.minimum((values[:, :, None] >= plan.interior[None, :, :]).sum(axis=2), plan.bins - 1)
@@ -405,18 +451,38 @@ def _bin_numeric(plan: TensorBins, values: np.ndarray) -> np.ndarray:
     return np.bincount(index.ravel() if finite is None else index[finite], minlength=plan.total_bins)
 
 
+def _output_histogram(hist: Histogram, arrays: list[Any]) -> np.ndarray:
+    """Counts of the outputs ``arrays`` (one per request) on the baseline histogram.
+
+    Batch-1 categorical answers (the usual case) are counted straight from the one-element arrays
+    (no concatenation of hundreds of tiny object arrays); anything else is stacked first.
+    """
+    if hist.categories:
+        try:
+            return _category_counts(hist, Counter(map(np.ndarray.item, arrays)))  # item(): only 1-element arrays
+        except (TypeError, ValueError):
+            pass  # not all arrays, or a batch: stack them
+    matrix = _stack_rows(arrays)
+    return np.zeros(len(hist.freqs), dtype=np.int64) if matrix is None else _histogram_values(hist, matrix.reshape(-1))
+
+
+def _category_counts(hist: Histogram, counted: Mapping[Any, int]) -> np.ndarray:
+    """Counts of already counted values on a categorical histogram (by label, or by index into the labels)."""
+    lookup = {c: n for n, c in enumerate(hist.categories)}
+    counts = np.zeros(len(hist.categories), dtype=np.int64)
+    for value, n in counted.items():
+        position = lookup.get(str(value))
+        if position is None:
+            position = lookup.get(_category_of(value, hist.categories) or "")
+        if position is not None:
+            counts[position] += n
+    return counts
+
+
 def _histogram_values(hist: Histogram, values: np.ndarray) -> np.ndarray:
     """Counts of ``values`` on a baseline histogram (by label when categorical)."""
     if hist.categories:
-        lookup = {c: n for n, c in enumerate(hist.categories)}
-        counts = np.zeros(len(hist.categories), dtype=np.int64)
-        for value, n in Counter(values.tolist()).items():  # few distinct labels: count first, then look up
-            position = lookup.get(str(value))
-            if position is None:
-                position = lookup.get(_category_of(value, hist.categories) or "")
-            if position is not None:
-                counts[position] += n
-        return counts
+        return _category_counts(hist, Counter(values.tolist()))  # few distinct labels: count first, then look up
     numeric = values.astype(np.float64)
     numeric = numeric[~np.isnan(numeric)]
     index = np.searchsorted(np.asarray(hist.edges[1:-1]), numeric, side="right")
@@ -443,10 +509,11 @@ def _row_count(inputs: Mapping[str, np.ndarray]) -> int:
 
 def _count_nonfinite(pending: list[Mapping[str, np.ndarray]], name: str) -> int:
     """How many output rows of ``name`` hold a NaN or an infinity (one vectorised pass)."""
-    matrix = _stack_rows([o[name] for o in pending if name in o])
+    matrix = _stack_rows(_values_of(pending, name))
     if matrix is None or matrix.size == 0:
         return 0
-    return int((~np.isfinite(matrix)).any(axis=1).sum())
+    finite = np.isfinite(matrix)
+    return 0 if finite.all() else int((~finite).any(axis=1).sum())
 
 
 def merge_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
