@@ -90,6 +90,9 @@ class Recorder(Protocol):
         inputs_private: bool = False,
     ) -> None: ...
 
+    # Optional: ``record_local(model, manifest, inputs, outputs, latency_ms, confidence)``, the same as ``record`` for a
+    # routine answer (local, no fallback, ``inputs`` the pipeline's private copy), used when the recorder has it.
+
 
 class CloudClient(Protocol):
     """A cloud endpoint (``device_agent.fallback.OipClient``)."""
@@ -317,6 +320,16 @@ class ServingPipeline:
 
     # --- public ---------------------------------------------------------------------------------
 
+    @property
+    def recorder(self) -> Recorder | None:
+        return self._recorder
+
+    @recorder.setter
+    def recorder(self, value: Recorder | None) -> None:
+        """Also binds the recorder's optional ``record_local`` fast path (read on every request)."""
+        self._recorder = value
+        self._record_local: Callable[..., None] | None = getattr(value, "record_local", None)
+
     def predict(self, model: str, inputs: dict[str, np.ndarray]) -> PredictResult:
         """One prediction with its provenance; :class:`InferenceError` when the whole chain fails."""
         start = time.perf_counter()
@@ -343,8 +356,13 @@ class ServingPipeline:
         except InferenceError as e:
             self._record_failure(model, manifest, inputs, start, e, attempt.reason or None)
             raise
-        recorder = self.recorder
-        if recorder is not None:  # inlined (not self._record): one Python call less per request
+        recorder = self._recorder
+        if recorder is None:
+            return result
+        record_local = self._record_local
+        if record_local is not None and private is not None and attempt.reason == "" and not attempt.late:
+            record_local(model, manifest, private, result.outputs, result.latency_ms, result.confidence)  # routine
+        else:  # inlined (not self._record): one Python call less per request
             recorder.record(
                 model, manifest, private or inputs, result.outputs, result.source, result.latency_ms,
                 result.fallback_reason, attempt.error, result.confidence, attempt.reason == "low_confidence",

@@ -150,6 +150,36 @@ class TelemetryRecorder:
         finally:
             lock.release()
 
+    def record_local(
+        self, model: str, manifest: Manifest | None, inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray], latency_ms: float, confidence: float | None = None,
+    ) -> None:  # fmt: skip
+        """:meth:`record` for the routine case, which is most requests: a local answer, no fallback, no
+        error, ``inputs`` the caller's private copy. The same effect in fewer steps (6 arguments, no
+        branch on the reason); ``tests/device_agent/telemetry/test_recorder.py`` checks they agree."""
+        now = self.clock()
+        if now >= self._window_end:
+            self.tick(now)
+        lock = self._lock
+        lock.acquire()
+        try:
+            version = manifest.version if manifest is not None else 0
+            window = self._open.get((model, version)) or self._open_window(model, version, manifest)
+            if self._histograms:
+                window.accumulator.observe_local(inputs, outputs, latency_ms)
+            sampler = window.sampler
+            if sampler.sample_rate <= 0.0 or self._random() >= sampler.sample_rate:
+                return  # counted, not sampled
+            slot = sampler.slot_for(None, drawn=True)
+            if slot is not None:
+                candidate = Candidate(
+                    _iso(now), model, version, "rate", {k: np.array(v) for k, v in inputs.items()}, dict(outputs),
+                    "local", latency_ms, None, None, confidence,
+                )  # fmt: skip
+                slot[0].put(slot[1], candidate)
+        finally:
+            lock.release()
+
     def record_shadow(
         self, model: str, shadow_manifest: Manifest, agreed: bool, latency_ms: float | None = None, error: bool = False
     ) -> None:

@@ -53,6 +53,7 @@ class TensorBins:
     high: np.ndarray  # [n_features] valid maximum (+inf if none)
     first_edge: np.ndarray | None = None  # [n_features] when every feature has equal-width bins
     width: np.ndarray | None = None  # [n_features] bin width of each feature (equal-width case)
+    bins_per_unit: np.ndarray | None = None  # [n_features] ``1 / width``: multiplying is cheaper than dividing
     all_columns: bool = False  # the features are exactly the row's values in order (no column gather needed)
     last_bin: np.ndarray | None = None  # [n_features] ``bins - 1`` as floats (the clip bound, precomputed)
     common_range: tuple[float, float] | None = None  # (min, max) when every feature has the same valid range
@@ -170,6 +171,7 @@ def _tensor_bins(tensor: str, pairs: list[tuple[FeatureSpec, Histogram]]) -> Ten
         high=np.array([np.inf if s.max is None else s.max for s, _ in pairs]),
         first_edge=np.array([e[0] for e in edges]) if uniform else None,
         width=np.array([(e[-1] - e[0]) / (len(e) - 1) for e in edges]) if uniform else None,
+        bins_per_unit=np.array([(len(e) - 1) / (e[-1] - e[0]) for e in edges]) if uniform else None,
         all_columns=[s.index for s, _ in pairs] == list(range(len(pairs))),
         last_bin=(bins - 1).astype(np.float64),
         common_range=_common_range(pairs),
@@ -243,6 +245,16 @@ class WindowAccumulator:
             kept = self._copy_kept(inputs, inputs_private)
         pending = self._pending
         pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))
+        if len(pending) >= BIN_EVERY_ROWS:
+            self.bin_pending()
+
+    def observe_local(
+        self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], latency_ms: float
+    ) -> None:
+        """:meth:`observe` of a routine answer (source ``local``, no fallback) with private ``inputs``."""
+        kept = inputs if len(inputs) == 1 and self._single in inputs else self._copy_kept(inputs, True)
+        pending = self._pending
+        pending.append((kept, outputs, "local", latency_ms, None))
         if len(pending) >= BIN_EVERY_ROWS:
             self.bin_pending()
 
@@ -438,10 +450,10 @@ def _bin_numeric(plan: TensorBins, values: np.ndarray, all_finite: bool | None =
     if all_finite is None:
         all_finite = not np.isnan(np.add.reduce(values, axis=None))  # one pass; a NaN anywhere makes the sum NaN
     finite = None if all_finite else ~np.isnan(values)
-    if plan.first_edge is not None and plan.width is not None and plan.last_bin is not None:  # equal-width bins
+    if plan.first_edge is not None and plan.bins_per_unit is not None and plan.last_bin is not None:  # equal width
         position = values if finite is None else np.where(finite, values, 0.0)
         np.subtract(position, plan.first_edge, out=position)
-        np.divide(position, plan.width, out=position)
+        np.multiply(position, plan.bins_per_unit, out=position)  # as np.histogram does for equal-width bins
         np.minimum(position, plan.last_bin, out=position)  # clip to [0, bins - 1]; then truncation is the floor
         np.maximum(position, 0.0, out=position)
         index = position.astype(np.int64)

@@ -160,3 +160,37 @@ def test_shadow_comparisons_are_counted_in_the_candidate_versions_window(tmp_pat
     (window,) = drain(buffer).windows
     assert (window["version"], window["counters"]["requests"]) == (5, 0)
     assert window["shadow"] == {"compared": 10, "agreed": 7, "errors": 0, "latency_ms_sum": 0.0}
+
+
+def _record_routine_answers(tmp_path: Path, name: str, fast: bool) -> tuple[list, list]:
+    """Windows and samples (ids dropped) of the same routine answers through record or record_local."""
+    manifest, engine, _, _, _, clock = setup(tmp_path / name, TelemetrySettings())
+    buffer = TelemetryBuffer(tmp_path / name / "other.db", cap_bytes=10_000_000)
+    recorder = TelemetryRecorder(buffer, TelemetrySettings(sample_rate=0.3, reservoir_size=4), clock, random.Random(3))
+    rng = np.random.default_rng(5)
+    for i in range(600):
+        x = {"x": rng.normal(0.0, 1.5, size=(1, 4)).astype(np.float32)}
+        outputs = engine.predict("tiny", x).outputs
+        if fast:
+            recorder.record_local("tiny", manifest, x, outputs, 0.01 * i, confidence=0.75)
+        else:
+            recorder.record("tiny", manifest, x, outputs, "local", 0.01 * i, None, None, 0.75, False, True)
+    recorder.flush()
+    batch = drain(buffer)
+    return [{**w, "id": None} for w in batch.windows], [{**s, "id": None} for s in batch.samples]
+
+
+def test_the_routine_fast_path_records_exactly_what_record_does(tmp_path: Path) -> None:
+    windows, samples = _record_routine_answers(tmp_path, "slow", fast=False)
+    assert _record_routine_answers(tmp_path, "fast", fast=True) == (windows, samples)
+    assert windows[0]["counters"]["requests"] == 600 and len(samples) == 4
+    assert all(s["confidence"] == 0.75 and s["capture_reason"] == "rate" for s in samples)
+
+
+def test_replacing_the_pipelines_recorder_sends_routine_answers_to_the_new_one(tmp_path: Path) -> None:
+    _, _, pipeline, first, buffer, clock = setup(tmp_path, TelemetrySettings(sample_rate=0.0))
+    second = TelemetryRecorder(buffer, TelemetrySettings(sample_rate=0.0), clock=clock)
+    pipeline.recorder = second
+    pipeline.predict("tiny", {"x": np.zeros((1, 4), dtype=np.float32)})
+    assert first.flush() == 0 and second.flush() == 1
+    assert drain(buffer).windows[0]["counters"]["requests"] == 1
