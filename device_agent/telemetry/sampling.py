@@ -3,9 +3,14 @@
 Two streams per window, each bounded by its own reservoir (Algorithm R) so that disk use does not
 grow with traffic:
 
-- routine: every request is a candidate with probability ``sample_rate`` (a Bernoulli draw); the
-  candidates go through a reservoir of ``reservoir_size``. A kept sample's inclusion probability is
-  ``sample_rate * min(1, reservoir_size / candidates)``.
+- routine: every request is a candidate with probability ``sample_rate``, independently (a Bernoulli
+  trial); the candidates go through a reservoir of ``reservoir_size``. A kept sample's inclusion
+  probability is ``sample_rate * min(1, reservoir_size / candidates)``. The trials are not drawn one
+  by one: the gap to the next candidate is drawn from the geometric distribution of the gaps between
+  successes of Bernoulli(``sample_rate``) trials, and a countdown decrements per request
+  (:meth:`WindowSampler.draw`). That is the same process (each request still a candidate with
+  probability exactly ``sample_rate``, independently) for one random draw per candidate instead of
+  one per request.
 - forced: errors, fallbacks and low-confidence answers are always candidates, bounded by a
   reservoir of ``max_forced_per_window``; inclusion probability ``min(1, max / forced)``.
 
@@ -16,7 +21,9 @@ the few kept records only.
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,21 +84,45 @@ class Reservoir:
 class WindowSampler:
     """The samples of one (model, version) window; see the module docstring."""
 
+    __slots__ = ("sample_rate", "rng", "routine", "forced", "countdown")
+
     def __init__(self, sample_rate: float, reservoir_size: int, max_forced: int, rng: random.Random) -> None:
         self.sample_rate = sample_rate
         self.rng = rng
         self.routine = Reservoir(reservoir_size, rng)
         self.forced = Reservoir(max_forced, rng)
+        self.countdown = self.gap()  # routine requests until the next candidate, included (the fast path decrements)
+
+    def gap(self) -> int:
+        """Trials up to and including the next success of Bernoulli(``sample_rate``): geometric, >= 1.
+
+        ``P(gap = k) = (1 - p) ** (k - 1) * p``, by inversion: ``floor(log(U) / log(1 - p)) + 1`` with U
+        uniform in (0, 1]. A rate of 0 never samples (the countdown does not reach 0 in 2**63 requests).
+        """
+        p = self.sample_rate
+        if p >= 1.0:
+            return 1
+        if p <= 0.0:
+            return sys.maxsize
+        return int(math.log(1.0 - self.rng.random()) / math.log1p(-p)) + 1
+
+    def draw(self) -> bool:
+        """One routine request's Bernoulli(``sample_rate``) trial: whether it is a candidate."""
+        self.countdown -= 1
+        if self.countdown > 0:
+            return False
+        self.countdown = self.gap()
+        return True
 
     def slot_for(self, forced_reason: str | None, drawn: bool = False) -> tuple[Reservoir, int] | None:
         """Decide, cheaply, whether this request is kept; the reservoir and slot if so.
 
-        ``drawn`` says the caller already won the Bernoulli draw at ``sample_rate`` for a routine request.
+        ``drawn`` says the caller already won the Bernoulli trial (:meth:`draw`) for a routine request.
         """
         if forced_reason is not None:
             slot = self.forced.wants_next()
             return None if slot is None else (self.forced, slot)
-        if not drawn and (self.sample_rate <= 0.0 or self.rng.random() >= self.sample_rate):
+        if not drawn and not self.draw():
             return None
         slot = self.routine.wants_next()
         return None if slot is None else (self.routine, slot)
