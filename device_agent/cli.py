@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     enroll = sub.add_parser("enroll", help="generate the device key and enroll with a fleet server")
     enroll.add_argument("--server", required=True, help="fleet server base URL, e.g. https://fleet.example.com")
     enroll.add_argument("--token", required=True, help="the fleet's enrollment token")
+    enroll.add_argument(
+        "--root",
+        help="TUF root.json shipped with the device image: trusted instead of the root the server sends, so "
+        "even a server compromised at enrollment cannot make the device trust keys the release root did not sign",
+    )
     run = sub.add_parser("run", help="run the daemon: updates, local inference API, telemetry")
     run.add_argument("--once", action="store_true", help="one update round, then exit")
     run.add_argument("--no-http", action="store_true", help="do not serve the localhost inference API")
@@ -62,6 +68,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     from device_agent.identity import load_or_create_key
 
     config = _config(args)
+    pinned_root = _read_root_file(args.root) if args.root else None
     key = load_or_create_key(config.identity_dir)
     caps = probe_capabilities(config.state_dir if config.state_dir.exists() else ".")
     inventory = {"capabilities": caps.to_dict(), "installed": [], "agent_version": AGENT_VERSION}
@@ -70,11 +77,23 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         enrollment, root = client.enroll(args.token, key, inventory)
     finally:
         client.close()
-    enrollment.save(config.identity_dir, root)
+    enrollment.save(config.identity_dir, pinned_root or root)
     _out(f"enrolled as {enrollment.device_id} ({enrollment.status}) with {enrollment.server_url}")
     if enrollment.status != "accepted":
         _out("an operator must accept this device before it receives bundles")
     return 0
+
+
+def _read_root_file(path: str) -> dict[str, Any]:
+    """A TUF root metadata file given with ``--root``; a :class:`ConfigError` if it is not one."""
+    try:
+        root = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--root {path}: not a readable JSON file ({e})") from e
+    signed = root.get("signed") if isinstance(root, dict) else None
+    if not isinstance(signed, dict) or signed.get("_type") != "root" or "signatures" not in root:
+        raise ConfigError(f"--root {path}: not a signed TUF root metadata file")
+    return dict(root)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
