@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from bundles.errors import AuthError, ConfigError
 from fleet_server.audit import record
 from fleet_server.db import utcnow
-from fleet_server.errors import NotFoundError
 from fleet_server.models import ROLES, ApiKey
 from fleet_server.principals import AdminPrincipal
 from fleet_server.security import ADMIN_KEY_PREFIX, display_prefix, hash_secret, new_secret
+from fleet_server.services.credentials import revoke_credential
 from fleet_server.settings import Settings
 
 LAST_USED_RESOLUTION_S = 60
@@ -61,15 +61,8 @@ def list_api_keys(session: Session) -> list[ApiKey]:
 
 def revoke_api_key(session: Session, *, key_id: int, actor: str) -> ApiKey:
     """Revoke a key; it stops working immediately. Revoking twice is a no-op."""
-    key = session.get(ApiKey, key_id)
-    if key is None:
-        raise NotFoundError(f"API key {key_id} does not exist")
-    if key.revoked_at is None:
-        before = describe_api_key(key)
-        key.revoked_at = utcnow()
-        record(session, actor=actor, action="api_key.revoke", target_type="api_key", target_id=str(key.id),
-               before=before, after=describe_api_key(key))  # fmt: skip
-    return key
+    return revoke_credential(session, ApiKey, key_id, kind="api_key", label="API key", actor=actor,
+                             describe=describe_api_key)  # fmt: skip
 
 
 def authenticate_api_key(factory: sessionmaker[Session], settings: Settings, secret: str) -> AdminPrincipal:

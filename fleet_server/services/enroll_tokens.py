@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from fleet_server.audit import record
 from fleet_server.db import utcnow
-from fleet_server.errors import NotFoundError
 from fleet_server.models import EnrollmentToken
 from fleet_server.security import ENROLL_TOKEN_PREFIX, display_prefix, hash_secret, new_secret
+from fleet_server.services.credentials import revoke_credential
 
 
 def describe_token(token: EnrollmentToken) -> dict[str, Any]:
@@ -46,12 +46,5 @@ def list_enroll_tokens(session: Session) -> list[EnrollmentToken]:
 
 def revoke_enroll_token(session: Session, *, token_id: int, actor: str) -> EnrollmentToken:
     """Revoke a token: devices can no longer enroll with it (enrolled devices are not affected)."""
-    token = session.get(EnrollmentToken, token_id)
-    if token is None:
-        raise NotFoundError(f"enrollment token {token_id} does not exist")
-    if token.revoked_at is None:
-        before = describe_token(token)
-        token.revoked_at = utcnow()
-        record(session, actor=actor, action="enroll_token.revoke", target_type="enroll_token",
-               target_id=str(token_id), before=before, after=describe_token(token))  # fmt: skip
-    return token
+    return revoke_credential(session, EnrollmentToken, token_id, kind="enroll_token", label="enrollment token",
+                             actor=actor, describe=describe_token)  # fmt: skip

@@ -76,3 +76,19 @@ def test_every_mutation_is_audited_with_before_and_after(client, admin_headers, 
         actions = set(session.scalars(select(AuditEntry.action)))
         count = session.scalar(select(func.count()).select_from(AuditEntry))
     assert {"api_key.create", "enroll_token.create", "device.enroll", "device.reject"} <= actions and count >= 4
+
+
+def test_revoking_twice_is_a_no_op_with_one_audit_entry_and_a_missing_credential_is_404(client, admin_headers):
+    key = client.post("/api/v1/admin/api-keys", headers=admin_headers, json={"name": "ci", "role": "viewer"}).json()
+    token = client.post("/api/v1/admin/enroll-tokens", headers=admin_headers,
+                        json={"fleet": "lab", "expires_in_s": 3600}).json()  # fmt: skip
+    for path in (f"/api/v1/admin/api-keys/{key['id']}", f"/api/v1/admin/enroll-tokens/{token['id']}"):
+        first = client.delete(path, headers=admin_headers).json()
+        again = client.delete(path, headers=admin_headers).json()
+        assert first["revoked_at"] and again["revoked_at"] == first["revoked_at"]
+    audit = client.get("/api/v1/admin/audit", headers=admin_headers).json()
+    actions = [e["action"] for e in audit]
+    assert actions.count("api_key.revoke") == 1 and actions.count("enroll_token.revoke") == 1
+    for path in ("/api/v1/admin/api-keys/999999", "/api/v1/admin/enroll-tokens/999999"):
+        missing = client.delete(path, headers=admin_headers)
+        assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
