@@ -19,7 +19,8 @@ The answer is a :class:`PredictResult` that says where it came from (``source``)
 model did not answer (``fallback_reason``). A local answer is remembered by the result cache (keyed
 only when the cache is read) and, when the model has a shadow (``device_agent.shadow``), offered to
 it on a background thread. A recorder (``device_agent.telemetry``) sees every answer and every
-failure; a single-array input is copied once and that private copy is shared by cache and recorder.
+failure; the cache keeps a private copy of a single-array input, and the recorder's routine path
+reads the answer before returning (it keeps bytes, not the caller's arrays).
 The decision itself (everything but the inference calls) costs a few microseconds;
 ``benchmarks/telemetry_overhead.py`` measures it.
 
@@ -91,7 +92,7 @@ class Recorder(Protocol):
     ) -> None: ...
 
     # Optional: ``record_local(model, manifest, inputs, outputs, latency_ms, confidence)``, the same as ``record`` for a
-    # routine answer (local, no fallback, ``inputs`` the pipeline's private copy), used when the recorder has it.
+    # routine answer (local, no fallback; reads ``inputs`` before returning), used when the recorder has it.
 
 
 class CloudClient(Protocol):
@@ -341,8 +342,8 @@ class ServingPipeline:
             attempt = self._try_local(model, inputs, policy)
             if attempt.reason == "" or attempt.late:
                 result = self._local_result(model, manifest, attempt, start)
-                if policy.cacheable or self.recorder is not None:
-                    private = _private_copy(inputs)  # one copy, shared by the cache and the telemetry
+                if policy.cacheable:
+                    private = _private_copy(inputs)  # the cache keeps it; telemetry reads inputs before returning
                 if policy.cacheable and manifest is not None:
                     self.cache.remember(
                         model, manifest.version, private or inputs, result.outputs, self.config.cache_max_input_bytes,
@@ -360,8 +361,8 @@ class ServingPipeline:
         if recorder is None:
             return result
         record_local = self._record_local
-        if record_local is not None and private is not None and attempt.reason == "" and not attempt.late:
-            record_local(model, manifest, private, result.outputs, result.latency_ms, result.confidence)  # routine
+        if record_local is not None and attempt.reason == "" and not attempt.late:
+            record_local(model, manifest, inputs, result.outputs, result.latency_ms, result.confidence)  # routine
         else:  # inlined (not self._record): one Python call less per request
             recorder.record(
                 model, manifest, private or inputs, result.outputs, result.source, result.latency_ms,

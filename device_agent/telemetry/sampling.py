@@ -67,7 +67,7 @@ class Reservoir:
         self.seen += 1
         if len(self.items) < self.size:
             return len(self.items)
-        slot = self.rng.randrange(self.seen)
+        slot = int(self.rng.random() * self.seen)  # uniform in [0, seen) to 2**-53; a tenth of randrange
         return slot if slot < self.size else None
 
     def put(self, slot: int, item: Candidate) -> None:
@@ -84,11 +84,12 @@ class Reservoir:
 class WindowSampler:
     """The samples of one (model, version) window; see the module docstring."""
 
-    __slots__ = ("sample_rate", "rng", "routine", "forced", "countdown")
+    __slots__ = ("sample_rate", "rng", "routine", "forced", "countdown", "_log_miss")
 
     def __init__(self, sample_rate: float, reservoir_size: int, max_forced: int, rng: random.Random) -> None:
         self.sample_rate = sample_rate
         self.rng = rng
+        self._log_miss = math.log1p(-sample_rate) if 0.0 < sample_rate < 1.0 else 0.0
         self.routine = Reservoir(reservoir_size, rng)
         self.forced = Reservoir(max_forced, rng)
         self.countdown = self.gap()  # routine requests until the next candidate, included (the fast path decrements)
@@ -104,7 +105,7 @@ class WindowSampler:
             return 1
         if p <= 0.0:
             return sys.maxsize
-        return int(math.log(1.0 - self.rng.random()) / math.log1p(-p)) + 1
+        return int(math.log(1.0 - self.rng.random()) / self._log_miss) + 1
 
     def draw(self) -> bool:
         """One routine request's Bernoulli(``sample_rate``) trial: whether it is a candidate."""
