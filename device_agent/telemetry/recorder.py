@@ -1,11 +1,15 @@
 """The recorder: sees every answer of the serving pipeline and turns it into telemetry.
 
 Flow: :meth:`TelemetryRecorder.record` (on the request path, under one lock) counts the request in
-the current window of its (model, version) and offers it to that window's sampler. When the
-wall-clock window ends (windows are aligned to multiples of ``window_s`` so that devices' windows
-line up), :meth:`TelemetryRecorder.tick` closes every open window and writes the window payloads and
-the kept samples into the offline buffer in one transaction. Events (installs, heartbeats, breaker
-changes) go straight to the buffer. The uploader drains the buffer.
+the current window of its (model, version) and offers it to that window's sampler. Routine answers
+(local, no fallback: most requests) take :meth:`TelemetryRecorder.record_local` instead, which needs
+no lock: it captures the answer into its (model, version)'s ``RoutineCapture``
+(``device_agent.telemetry.capture``), binned into the current window every 4,096 answers, and decrements
+the sampling countdown. When the wall-clock window ends (windows are aligned to multiples of
+``window_s`` so that devices' windows line up), :meth:`TelemetryRecorder.tick` bins what the captures
+hold, closes every open window and writes the window payloads and the kept samples into the offline
+buffer in one transaction. Events (installs, heartbeats, breaker changes) go straight to the buffer.
+The uploader drains the buffer.
 """
 
 from __future__ import annotations
