@@ -322,6 +322,15 @@ class TelemetryBuffer:
         db.execute("DELETE FROM drops")
         self._insert(db, "event", "drops", body)
 
+    def shrink(self, batch_id: str, keep: int) -> int:
+        """A batch too big to send, not sent yet: keep its first ``keep`` items (oldest first) and release
+        the others to later batches. Returns how many were released."""
+        with self._transaction() as db:
+            seqs = self._seqs(db, "SELECT seq FROM items WHERE batch_id = ? ORDER BY seq", (batch_id,))
+            released = seqs[max(keep, 0) :]
+            db.executemany("UPDATE items SET batch_id = NULL WHERE seq = ?", [(seq,) for seq in released])
+        return len(released)
+
     def ack(self, batch_id: str) -> int:
         """The server has the batch: delete its items. Returns how many were deleted."""
         with self._transaction() as db:

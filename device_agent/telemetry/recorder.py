@@ -33,7 +33,7 @@ from bundles.manifest import Manifest
 from device_agent.telemetry.buffer import TelemetryBuffer
 from device_agent.telemetry.capture import RoutineCapture, never_fits
 from device_agent.telemetry.events import install_event, make_event
-from device_agent.telemetry.sampling import Candidate, WindowSampler
+from device_agent.telemetry.sampling import MAX_LOGGED_VALUES, Candidate, WindowSampler
 from device_agent.telemetry.windows import BinPlan, WindowAccumulator, compile_plan
 
 
@@ -54,6 +54,7 @@ class TelemetrySettings:
     batch_max_items: int = 500
     batch_max_bytes: int = 1_000_000
     histograms: bool = True
+    max_sample_values: int = MAX_LOGGED_VALUES
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or not 0.0 <= self.sample_rate <= 1.0 or self.reservoir_size < 0:
@@ -116,9 +117,20 @@ class TelemetryRecorder:
 
     @settings.setter
     def settings(self, value: TelemetrySettings) -> None:
-        """New settings (from the desired state) apply to the next windows; histograms at once."""
+        """New settings (from the desired state) apply to the next windows; histograms at once.
+
+        A shorter window length also ends the current window at the next boundary of the new length
+        (the server asks for short windows to watch a rollout closely: the first one should not wait
+        out the old length). Later windows align to multiples of the new length, like every device's.
+        """
+        previous = getattr(self, "_settings", None)
         self._settings = value
         self._histograms = value.histograms
+        if previous is not None and value.window_s < previous.window_s:
+            with self._lock:
+                self._window_end = min(self._window_end, self._bounds(self.clock())[1])
+                for window in self._open.values():
+                    window.accumulator.end = _utc(self._window_end)
 
     def _bounds(self, now: float) -> tuple[float, float]:
         start = math.floor(now / self.settings.window_s) * self.settings.window_s
@@ -284,7 +296,10 @@ class TelemetryRecorder:
             model,
             manifest,
             WindowAccumulator(model, version, plan, start, end),
-            WindowSampler(settings.sample_rate, settings.reservoir_size, settings.max_forced_per_window, self.rng),
+            WindowSampler(
+                settings.sample_rate, settings.reservoir_size, settings.max_forced_per_window, self.rng,
+                settings.max_sample_values,
+            ),  # fmt: skip
         )
         self._open[(model, version)] = window
         return window

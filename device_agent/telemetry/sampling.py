@@ -33,6 +33,9 @@ import numpy as np
 
 from bundles.manifest import Manifest
 
+MAX_LOGGED_VALUES = 65_536
+"""Tensors of more values are logged without their data (dtype, shape and a summary only): a sample
+stays well under the server's 4 MiB body limit and does not crowd the offline buffer."""
 FORCED_REASONS = ("error", "fallback", "low_confidence")
 CAPTURE_REASONS = ("rate", *FORCED_REASONS)
 
@@ -84,10 +87,18 @@ class Reservoir:
 class WindowSampler:
     """The samples of one (model, version) window; see the module docstring."""
 
-    __slots__ = ("sample_rate", "rng", "routine", "forced", "countdown", "_log_miss")
+    __slots__ = ("sample_rate", "rng", "routine", "forced", "countdown", "_log_miss", "max_values")
 
-    def __init__(self, sample_rate: float, reservoir_size: int, max_forced: int, rng: random.Random) -> None:
+    def __init__(
+        self,
+        sample_rate: float,
+        reservoir_size: int,
+        max_forced: int,
+        rng: random.Random,
+        max_values: int = MAX_LOGGED_VALUES,
+    ) -> None:
         self.sample_rate = sample_rate
+        self.max_values = max_values
         self.rng = rng
         self._log_miss = math.log1p(-sample_rate) if 0.0 < sample_rate < 1.0 else 0.0
         self.routine = Reservoir(reservoir_size, rng)
@@ -131,8 +142,9 @@ class WindowSampler:
     def close(self, manifest: Manifest | None) -> list[dict[str, Any]]:
         """The kept samples as JSON-ready dicts with their inclusion probability, redacted."""
         redaction = sensitive_positions(manifest)
-        out = [sample_record(c, self.sample_rate * self.routine.fraction_kept(), redaction) for c in self.routine.items]
-        out += [sample_record(c, self.forced.fraction_kept(), redaction) for c in self.forced.items]
+        routine_p, forced_p = self.sample_rate * self.routine.fraction_kept(), self.forced.fraction_kept()
+        out = [sample_record(c, routine_p, redaction, self.max_values) for c in self.routine.items]
+        out += [sample_record(c, forced_p, redaction, self.max_values) for c in self.forced.items]
         return out
 
 
@@ -149,10 +161,13 @@ def sensitive_positions(manifest: Manifest | None) -> dict[str, list[tuple[str, 
 
 
 def sample_record(
-    candidate: Candidate, inclusion_probability: float, redaction: Mapping[str, list[tuple[str, int]]]
+    candidate: Candidate,
+    inclusion_probability: float,
+    redaction: Mapping[str, list[tuple[str, int]]],
+    max_values: int = MAX_LOGGED_VALUES,
 ) -> dict[str, Any]:
     """One sample as ``docs/telemetry.md`` defines it."""
-    inputs, redacted = redact(candidate.inputs, redaction)
+    inputs, redacted = redact(candidate.inputs, redaction, max_values)
     return {
         "id": uuid.uuid4().hex,
         "at": candidate.at,
@@ -162,7 +177,7 @@ def sample_record(
         "capture_reason": candidate.reason,
         "inclusion_probability": inclusion_probability,
         "inputs": inputs,
-        "outputs": {k: encode_for_log(v) for k, v in candidate.outputs.items()},
+        "outputs": {k: encode_for_log(v, max_values) for k, v in candidate.outputs.items()},
         "redacted": redacted,
         "latency_ms": round(candidate.latency_ms, 4),
         "fallback_reason": candidate.fallback_reason,
@@ -172,13 +187,18 @@ def sample_record(
 
 
 def redact(
-    inputs: Mapping[str, np.ndarray], redaction: Mapping[str, list[tuple[str, int]]]
+    inputs: Mapping[str, np.ndarray],
+    redaction: Mapping[str, list[tuple[str, int]]],
+    max_values: int = MAX_LOGGED_VALUES,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Encode inputs, blanking (``null``) every sensitive feature in every row; names redacted."""
+    """Encode inputs, blanking (``null``) every sensitive feature in every row; names redacted.
+
+    A tensor logged without its data (over ``max_values``) has no summary if it holds a sensitive feature.
+    """
     encoded: dict[str, dict[str, Any]] = {}
     redacted: list[str] = []
     for name, value in inputs.items():
-        tensor = encode_for_log(value)
+        tensor = encode_for_log(value, max_values)
         positions = redaction.get(name, [])
         if positions:
             _blank(tensor, positions)
@@ -188,6 +208,9 @@ def redact(
 
 
 def _blank(tensor: dict[str, Any], positions: list[tuple[str, int]]) -> None:
+    if tensor["data"] is None:
+        tensor.pop("summary", None)  # a summary could leak the sensitive values
+        return
     shape = tensor["shape"]
     data: list[Any] = tensor["data"]
     rows = shape[0] if len(shape) >= 2 else 1
@@ -198,9 +221,15 @@ def _blank(tensor: dict[str, Any], positions: list[tuple[str, int]]) -> None:
                 data[row * width + index] = None
 
 
-def encode_for_log(value: Any) -> dict[str, Any]:
-    """A tensor as ``{"dtype", "shape", "data"}``; non-finite floats become ``null`` (JSON has none)."""
+def encode_for_log(value: Any, max_values: int = MAX_LOGGED_VALUES) -> dict[str, Any]:
+    """A tensor as ``{"dtype", "shape", "data"}``; non-finite floats become ``null`` (JSON has none).
+
+    Over ``max_values`` values the data is left out (``"data": null, "truncated": true``) and numeric
+    tensors get ``"summary": {"min", "max", "mean"}`` of their finite values instead.
+    """
     arr = np.asarray(value)
+    if arr.size > max_values:
+        return _truncated(arr)
     if arr.dtype.kind in "USO":
         data: list[Any] = [str(v) for v in arr.reshape(-1)]
         dtype = "string"
@@ -212,3 +241,14 @@ def encode_for_log(value: Any) -> dict[str, Any]:
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
             data = [v if isinstance(v, (int, float)) and np.isfinite(v) else None for v in data]
     return {"dtype": dtype, "shape": [int(d) for d in arr.shape], "data": data}
+
+
+def _truncated(arr: np.ndarray) -> dict[str, Any]:
+    """A tensor too big to log: its dtype, shape and, when numeric, a summary of its finite values."""
+    out: dict[str, Any] = {"dtype": "string" if arr.dtype.kind in "USO" else str(arr.dtype.name)}
+    out.update(shape=[int(d) for d in arr.shape], data=None, truncated=True)
+    if arr.dtype.kind in "biuf":
+        finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+        stats = (float(finite.min()), float(finite.max()), float(finite.mean())) if finite.size else (None, None, None)
+        out["summary"] = dict(zip(("min", "max", "mean"), stats, strict=True))
+    return out

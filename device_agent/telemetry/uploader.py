@@ -5,6 +5,12 @@ lost answer is the same batch and the server counts it once (idempotent by devic
 Failures back off exponentially with jitter (``backoff_initial_s`` doubling up to
 ``backoff_max_s``); a batch the server refuses for good (400, 413, 422) is dropped and counted as
 ``<kind>:rejected``, since sending the same bytes again cannot help.
+
+The buffer picks batches by their compressed size, but the server limits the decompressed body
+(``max_telemetry_bytes``, 4 MiB by default). Before its first send, a batch whose JSON is over
+``max_body_bytes`` is halved (the rest goes back to the buffer for later batches) until it fits; a
+single item over the limit is dropped and counted as ``<kind>:too_large``. Keep ``max_body_bytes`` at
+or under the server's limit, so that no batch is ever refused for its size.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from device_agent.telemetry.buffer import Batch, TelemetryBuffer
 
 TELEMETRY_PATH = "/api/v1/device/telemetry"
 REJECTED_STATUSES = (400, 413, 422)
+MAX_BODY_BYTES = 4 * 1024**2
+"""The fleet server's default limit on a decompressed telemetry body (``max_telemetry_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -46,20 +54,23 @@ class TelemetryUploader:
         url: str = TELEMETRY_PATH,
         batch_max_items: int = 500,
         batch_max_bytes: int = 1_000_000,
+        max_body_bytes: int = MAX_BODY_BYTES,
         backoff_initial_s: float = 5.0,
         backoff_max_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.buffer, self.client, self.headers, self.url = buffer, client, headers, url
         self.batch_max_items, self.batch_max_bytes = batch_max_items, batch_max_bytes
+        self.max_body_bytes = max_body_bytes
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self.clock = clock
         self.failures = 0
         self.next_attempt_at = 0.0
 
-    def send(self, batch: Batch) -> bool:
-        """POST one batch; True if the server says it already had it. Raises on failure."""
-        body = gzip.compress(json.dumps(batch.to_dict(), separators=(",", ":")).encode("utf-8"), 6)
+    def send(self, batch: Batch, raw: bytes | None = None) -> bool:
+        """POST one batch (``raw``: its JSON, if already made); True if the server says it already had it.
+        Raises on failure."""
+        body = gzip.compress(raw if raw is not None else _json_of(batch), 6)
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", **self.headers()}
         try:
             response = self.client.post(self.url, content=body, headers=headers)
@@ -79,12 +90,25 @@ class TelemetryUploader:
         """Send batches until the buffer is empty, ``max_batches`` were sent, or one fails (re-raised)."""
         batches = items = duplicates = 0
         for _ in range(max_batches):
-            batch = self.buffer.next_batch(self.batch_max_items, self.batch_max_bytes)
-            if batch is None:
+            fitting = self._next_fitting_batch()
+            if fitting is None:
                 break
-            duplicates += self.send(batch)
+            batch, raw = fitting
+            duplicates += self.send(batch, raw)
             batches, items = batches + 1, items + len(batch)
         return UploadReport(batches, items, duplicates)
+
+    def _next_fitting_batch(self) -> tuple[Batch, bytes] | None:
+        """The next batch and its JSON, halved until it fits ``max_body_bytes`` (module docstring)."""
+        while (batch := self.buffer.next_batch(self.batch_max_items, self.batch_max_bytes)) is not None:
+            raw = _json_of(batch)
+            if len(raw) <= self.max_body_bytes:
+                return batch, raw
+            if len(batch) > 1:
+                self.buffer.shrink(batch.batch_id, len(batch) // 2)
+            else:
+                self.buffer.reject(batch.batch_id, "too_large")
+        return None
 
     def maybe_drain(self) -> UploadReport | None:
         """Drain unless backing off; on failure schedule the next attempt. None when it did not try."""
@@ -109,6 +133,10 @@ class TelemetryUploader:
         while not stop.wait(interval_s):
             before_drain()
             self.maybe_drain()
+
+
+def _json_of(batch: Batch) -> bytes:
+    return json.dumps(batch.to_dict(), separators=(",", ":")).encode("utf-8")
 
 
 def _json_or_empty(response: httpx.Response) -> dict[str, object]:

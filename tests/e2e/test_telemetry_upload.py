@@ -9,11 +9,15 @@ loses its answer, as a dropped connection would.
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import httpx
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from device_agent.telemetry.buffer import TelemetryBuffer
+from device_agent.telemetry.sampling import Candidate, sample_record
 from device_agent.telemetry.uploader import TelemetryUploader
 from fleet_server.db import session_scope
 from fleet_server.models import MetricWindow, PredictionSample, TelemetryBatch
@@ -83,3 +87,28 @@ def test_a_retried_batch_after_a_lost_answer_is_counted_once(request, tmp_path):
         stats = cohort_stats(session, "tiny", 1, [device.device_id], NOW - dt.timedelta(hours=1))
     assert stats.requests == 300 and stats.devices_reporting == 1 and stats.errors == 0
     assert stats.psi_max_input is not None and stats.psi_max_input < 0.25
+
+
+@pytest.mark.usefixtures("live_server", "release", "make_device", "session_factory")
+def test_samples_over_the_servers_body_limit_as_one_batch_all_arrive_in_several(request, tmp_path):
+    """Samples that compress well make a batch small on the wire (the buffer's measure) but over the
+    server's 4 MiB limit once decompressed; the uploader halves it before sending, so nothing is refused."""
+    server_url, publisher = request.getfixturevalue("live_server"), request.getfixturevalue("release")
+    enroll, sessions = request.getfixturevalue("make_device"), request.getfixturevalue("session_factory")
+    publisher.publish("tiny", 1)
+    device = enroll()
+    buffer = TelemetryBuffer(tmp_path / "big.db", 50_000_000)
+    image = {"x": np.zeros((1, 60_000), dtype=np.float32)}  # logged in full: max_values below is above its size
+    for i in range(24):
+        at = (NOW - dt.timedelta(seconds=i)).isoformat()
+        candidate = Candidate(at, "tiny", 1, "rate", image, {"label": np.array(["c0"])}, "local", 1.0,
+                              None, None, None)  # fmt: skip
+        buffer.put("sample", "rate", sample_record(candidate, 0.01, {}, max_values=100_000))
+    first = buffer.next_batch()
+    assert first is not None and len(first) == 24  # one batch by compressed size ...
+    assert len(json.dumps(first.to_dict())) > 4 * 1024**2  # ... over the server's limit as JSON
+    with httpx.Client(base_url=server_url, timeout=30) as http:
+        report = TelemetryUploader(buffer, http, lambda: device.headers).drain()
+    assert report.items == 24 and report.batches > 1 and buffer.drops() == {}
+    with session_scope(sessions) as session:
+        assert session.scalar(select(func.count()).select_from(PredictionSample)) == 24

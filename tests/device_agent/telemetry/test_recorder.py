@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import random
 import socket
 from pathlib import Path
@@ -82,6 +83,24 @@ def test_windows_close_on_the_wall_clock_and_align_to_the_window_length(tmp_path
     assert window["start"].endswith(":00+00:00") and window["counters"]["requests"] == 1
     recorder.flush()
     assert drain(buffer).windows[0]["counters"]["requests"] == 1
+
+
+def test_a_shorter_window_from_the_server_ends_the_current_window_at_its_next_boundary(tmp_path: Path) -> None:
+    _, _, pipeline, recorder, buffer, clock = setup(tmp_path, TelemetrySettings(window_s=60.0, sample_rate=0.0))
+    x = {"x": np.zeros((1, 4), dtype=np.float32)}
+    start = clock.now
+    pipeline.predict("tiny", x)
+    recorder.settings = recorder.settings.with_desired({"window_s": 10})
+    clock.now = (start // 10 + 1) * 10  # the next 10 s boundary, well before the 60 s one
+    pipeline.predict("tiny", x)  # closes the first window there
+    (first,) = drain(buffer).windows
+    end = dt.datetime.fromisoformat(first["end"]).timestamp()
+    assert first["counters"]["requests"] == 1 and end == clock.now
+    clock.now += 10.0
+    pipeline.predict("tiny", x)
+    (second,) = drain(buffer).windows
+    length = dt.datetime.fromisoformat(second["end"]) - dt.datetime.fromisoformat(second["start"])
+    assert length == dt.timedelta(seconds=10) and second["counters"]["requests"] == 1
 
 
 def test_constraint_violations_are_counted(tmp_path: Path) -> None:

@@ -76,3 +76,30 @@ def test_a_5xx_is_a_server_error(tmp_path: Path) -> None:
     up = uploader(tmp_path, Server([500]), [0.0])
     with pytest.raises(ServerError):
         up.drain()
+
+
+def test_a_batch_over_the_body_limit_is_halved_before_its_first_send_and_loses_nothing(tmp_path: Path) -> None:
+    server = Server([])
+    buffer = TelemetryBuffer(tmp_path / "t.db", 10_000_000)
+    for i in range(40):  # compressible: 40 items in one compressed batch, ~4 times the body limit as JSON
+        buffer.put("event", "note", {"type": "note", "n": i, "pad": "0" * 2_000})
+    http = httpx.Client(base_url="http://fleet.test", transport=httpx.MockTransport(server))
+    up = TelemetryUploader(buffer, http, lambda: {}, max_body_bytes=20_000)
+    report = up.drain()
+    assert report.items == 40 and buffer.stats()["items"] == 0 and buffer.drops() == {}
+    sizes = [len(json.dumps(body, separators=(",", ":"))) for body in server.bodies]
+    assert len(sizes) > 1 and max(sizes) <= 20_000
+    assert sorted(e["n"] for body in server.bodies for e in body["events"]) == list(range(40))
+
+
+def test_a_single_item_over_the_body_limit_is_dropped_and_reported(tmp_path: Path) -> None:
+    server = Server([])
+    buffer = TelemetryBuffer(tmp_path / "t.db", 10_000_000)
+    buffer.put("event", "note", {"type": "note", "pad": "0" * 50_000})
+    buffer.put("event", "install", install_event("m", 2, "installed"))
+    http = httpx.Client(base_url="http://fleet.test", transport=httpx.MockTransport(server))
+    up = TelemetryUploader(buffer, http, lambda: {}, max_body_bytes=20_000)
+    up.drain()
+    events = [e for body in server.bodies for e in body["events"]]
+    assert [e["type"] for e in events] == ["install", "drops"]
+    assert events[1]["dropped"] == {"event:too_large": 1}
