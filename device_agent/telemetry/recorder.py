@@ -108,7 +108,7 @@ class TelemetryRecorder:
         self._plans: dict[tuple[str, int], BinPlan] = {}
         self._open: dict[tuple[str, int], _OpenWindow] = {}
         self._routes: dict[tuple[str, int], _Route] = {}
-        self._route: _Route | None = None  # the last route of record_local, valid for the current window
+        self._current: dict[str, _Route] = {}  # by model: the routes of record_local valid for the current window
         self._window_start, self._window_end = self._bounds(clock())
 
     @property
@@ -199,8 +199,8 @@ class TelemetryRecorder:
         now = self.clock()
         if now >= self._window_end:
             self.tick(now)
-        route = self._route
-        if route is None or route.manifest is not manifest or route.model != model:
+        route = self._current.get(model)
+        if route is None or route.manifest is not manifest:
             route = self._route_for(model, manifest, inputs, outputs)
         if self._histograms and not route.capture(inputs, outputs, latency_ms):
             self._observe_unfit(route, inputs, outputs, latency_ms)
@@ -227,7 +227,7 @@ class TelemetryRecorder:
                 route.columns = RoutineCapture.fitting(window.accumulator.plan, inputs, outputs, self._on_full)
                 route.capture = route.columns.add if route.columns is not None else never_fits
             route.manifest, route.sampler = manifest, window.sampler  # the same version's bundle, reloaded
-            self._route = route
+            self._current[model] = route
         return route
 
     def _on_full(self, columns: RoutineCapture) -> None:
@@ -312,7 +312,7 @@ class TelemetryRecorder:
                 return 0
             for key, route in self._routes.items():  # answers captured so far belong to the closing window
                 self._bin_into_window(key, route)
-            closing, self._open, self._route = self._open, {}, None
+            closing, self._open, self._current = self._open, {}, {}
             self._window_start, self._window_end = self._bounds(now)
         items: list[tuple[str, str, bytes]] = []
         for window in closing.values():

@@ -147,3 +147,14 @@ def test_a_model_whose_features_span_several_tensors_is_not_captured() -> None:
     assert RoutineCapture.fitting(plan, {"x": np.zeros((1, 2)), "y": np.zeros((1, 2))}, {}, lambda _: None) is None
     assert RoutineCapture.fitting(plan, {"x": np.zeros((2, 2))}, {}, lambda _: None) is None  # first answer a batch
     assert RoutineCapture.fitting(BinPlan(), {"x": np.zeros((1, 2))}, {}, lambda _: None) is None  # rows not fixed
+
+
+def test_models_served_in_turn_each_keep_their_own_counts(tmp_path: Path) -> None:
+    manifest, engine, _, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0))
+    x = {"x": np.full((1, 4), 0.5, dtype=np.float32)}
+    outputs = engine.predict("tiny", x).outputs
+    for i in range(300):
+        recorder.record_local(("fraud", "churn", "fraud")[i % 3], manifest, x, outputs, 1.0)
+    recorder.flush()
+    requests = {w["model"]: w["counters"]["requests"] for w in drain(buffer).windows}
+    assert requests == {"fraud": 200, "churn": 100}
