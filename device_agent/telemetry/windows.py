@@ -669,9 +669,7 @@ def _count_nonfinite(pending: Sequence[Mapping[str, np.ndarray]], name: str) -> 
     if _all_finite(arrays):
         return 0  # the usual case, told without stacking
     matrix = _stack_rows(arrays)
-    if matrix is None or matrix.size == 0:
-        return 0
-    return int((~np.isfinite(matrix)).any(axis=1).sum())
+    return 0 if matrix is None or matrix.size == 0 else _rows_not_finite(matrix)
 
 
 _DTYPE = attrgetter("dtype")
