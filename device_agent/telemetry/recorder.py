@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import math
 import random
@@ -224,19 +225,18 @@ class TelemetryRecorder:
             route = self._routes.get(key)
             if route is None:
                 route = self._routes[key] = _Route(model, manifest, version, window.sampler)
-                route.columns = RoutineCapture.fitting(window.accumulator.plan, inputs, outputs, self._on_full)
+                on_full = functools.partial(self._on_full, key, route)
+                route.columns = RoutineCapture.fitting(window.accumulator.plan, inputs, outputs, on_full)
                 route.capture = route.columns.add if route.columns is not None else never_fits
             route.manifest, route.sampler = manifest, window.sampler  # the same version's bundle, reloaded
             self._current[model] = route
         return route
 
-    def _on_full(self, columns: RoutineCapture) -> None:
-        """Bin a capture's answers into the current window (on the request path, once per
+    def _on_full(self, key: tuple[str, int], route: _Route, _columns: RoutineCapture) -> None:
+        """Bin a route's captured answers into the current window (on the request path, once per
         ``BIN_EVERY_ANSWERS`` answers)."""
         with self._lock:
-            for key, route in self._routes.items():
-                if route.columns is columns:
-                    self._bin_into_window(key, route)
+            self._bin_into_window(key, route)
 
     def _bin_into_window(self, key: tuple[str, int], route: _Route) -> None:
         """Bin a route's captured answers into its window of the moment (under the lock)."""

@@ -1,10 +1,13 @@
 """Metric windows on the device: counters and histograms that the server merges by addition.
 
-One :class:`WindowAccumulator` per (model, bundle version) and window. The request path only
-appends to lists and bumps counters (:meth:`WindowAccumulator.observe`, well under 2 µs); the
-numpy work (binning inputs on the drift baseline's edges, latency buckets, output distribution,
-constraint checks) runs vectorised every :data:`BIN_EVERY_ROWS` requests and when the window
-closes (:meth:`WindowAccumulator.close`, which returns the payload ``docs/telemetry.md`` defines).
+One :class:`WindowAccumulator` per (model, bundle version) and window. Answers arrive two ways:
+routine ones (local, no fallback: most requests) as :class:`RoutineBatch` es of thousands, captured
+on the request path by ``device_agent.telemetry.capture`` (:meth:`WindowAccumulator.bin_routine`);
+any other one by :meth:`WindowAccumulator.observe`, which appends it to a list. Either way the numpy
+work (binning inputs on the drift baseline's edges, latency buckets, output distribution, constraint
+checks) runs vectorised over many answers: every batch, every :data:`BIN_EVERY_ROWS` observed
+requests, and when the window closes (:meth:`WindowAccumulator.close`, which returns the payload
+``docs/telemetry.md`` defines).
 
 :class:`BinPlan` is compiled once per manifest: the feature and output bins and the valid ranges,
 as padded numpy arrays, so that binning 256 rows of 64 features is a handful of numpy calls.
@@ -512,7 +515,7 @@ def _stack_rows(arrays: list[Any]) -> np.ndarray | None:
     return stacked.reshape(stacked.shape[0], -1)
 
 
-_NBYTES = attrgetter("nbytes")
+_DTYPE, _NBYTES = attrgetter("dtype"), attrgetter("nbytes")
 
 
 def _join_rows(arrays: Sequence[Any]) -> np.ndarray | None:
@@ -665,27 +668,8 @@ def _rows_not_finite(matrix: np.ndarray) -> int:
 
 def _count_nonfinite(pending: Sequence[Mapping[str, np.ndarray]], name: str) -> int:
     """How many output rows of ``name`` hold a NaN or an infinity (one vectorised pass)."""
-    arrays = _values_of(pending, name)
-    if _all_finite(arrays):
-        return 0  # the usual case, told without stacking
-    matrix = _stack_rows(arrays)
+    matrix = _stack_rows(_values_of(pending, name))
     return 0 if matrix is None or matrix.size == 0 else _rows_not_finite(matrix)
-
-
-_DTYPE = attrgetter("dtype")
-
-
-def _all_finite(arrays: list[Any]) -> bool:
-    """Whether float arrays of one dtype hold only finite values, read from their joined bytes (one C-level
-    join instead of a numpy call per array); False when it cannot tell that way (the caller then stacks)."""
-    dtype = getattr(arrays[0], "dtype", None) if arrays else None
-    if dtype is None or dtype.kind != "f" or len(set(map(_DTYPE, arrays))) != 1:
-        return False
-    try:
-        joined = b"".join(arrays)  # arrays are bytes-like when C-contiguous
-    except (TypeError, ValueError, BufferError):
-        return False
-    return bool(np.isfinite(np.frombuffer(joined, dtype)).all())
 
 
 def merge_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
