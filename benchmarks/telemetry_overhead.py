@@ -3,9 +3,11 @@
 Compared in the same run, on the same real ONNX model and batch-1 inputs, through the same
 ``ServingPipeline``:
 
-- off: no recorder;
 - on: ``TelemetryRecorder`` with the default settings (60 s windows, per-feature histograms on the
-  bundle's baseline bins, latency histogram, output distribution, 1 % sampling into a reservoir).
+  bundle's baseline bins, latency histogram, output distribution, 1 % sampling into a reservoir);
+- off (the target's comparison: histograms and sampling on versus off): the same recorder with
+  ``histograms=False, sample_rate=0``, which keeps the counters and the latency histogram;
+- and, for information, no recorder at all.
 
 Calls alternate (off, on, on, off, ...) on the same inputs so both see the same machine state. The
 extra per prediction is the median of the paired differences (what every call pays) plus the recorder's
@@ -35,9 +37,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from device_agent.telemetry.recorder import TelemetrySettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mdreport import write_section  # noqa: E402
@@ -85,18 +90,25 @@ def time_alternating(first: Any, second: Any, inputs: list[dict[str, np.ndarray]
 
 
 def measure_overhead(
-    root: Path, n_features: int, n_classes: int, rounds: int, block: int, deadline: bool
-) -> dict[str, float]:
+    root: Path, n_features: int, n_classes: int, rounds: int, block: int, deadline: bool,
+    baseline: TelemetrySettings | None,
+) -> dict[str, float]:  # fmt: skip
+    """Default telemetry against ``baseline`` (a recorder with these settings, or None: no recorder)."""
     from device_agent.serving import ServingConfig, ServingPipeline
     from device_agent.telemetry.buffer import TelemetryBuffer
     from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
 
-    engine = build_engine(root / f"bundle-{n_features}-{deadline}", n_features, n_classes)
-    settings = TelemetrySettings()
-    buffer = TelemetryBuffer(root / f"t-{n_features}-{deadline}.db", settings.buffer_cap_bytes)
-    recorder = TelemetryRecorder(buffer, settings, rng=random.Random(0))
+    name = f"{n_features}-{deadline}-{baseline is not None}"
+    engine = build_engine(root / f"bundle-{name}", n_features, n_classes)
+
+    def recorder_with(settings: TelemetrySettings, arm: str) -> TelemetryRecorder:
+        buffer = TelemetryBuffer(root / f"t-{name}-{arm}.db", settings.buffer_cap_bytes)
+        return TelemetryRecorder(buffer, settings, rng=random.Random(0))
+
+    recorder = recorder_with(TelemetrySettings(), "on")
+    base_recorder = recorder_with(baseline, "off") if baseline is not None else None
     config = ServingConfig(enforce_deadlines=deadline)  # with the deadline: inline once warm (DeadlineGuard)
-    off = ServingPipeline(engine, config)
+    off = ServingPipeline(engine, config, recorder=base_recorder)
     on = ServingPipeline(engine, config, recorder=recorder)
     rng = np.random.default_rng(0)
     inputs = [{"x": rng.uniform(-2, 2, (1, n_features)).astype(np.float32)} for _ in range(block)]
@@ -106,8 +118,7 @@ def measure_overhead(
         for _ in range(4):
             for x in inputs:
                 off.predict("m", x), on.predict("m", x)
-        for durations in rare_ns.values():
-            durations.clear()  # warm-up
+        rare_ns.clear()  # warm-up
         gc.collect()
         gc.freeze()  # what the harness and the libraries allocated: not scanned by every collection of the run
         for i in range(rounds):  # alternate which one goes first, call by call
@@ -115,11 +126,15 @@ def measure_overhead(
             a, b = time_alternating(*(pair if i % 2 == 0 else pair[::-1]), inputs)
             off_us += a if i % 2 == 0 else b
             on_us += b if i % 2 == 0 else a
-    recorder.flush()
+    for used in (recorder, base_recorder):
+        if used is not None:
+            used.flush()
     gc.unfreeze()
-    binning = sum(map(sum, rare_ns.values())) / 1000.0 / len(on_us)
-    passes = rare_ns["_on_full"] or [0]  # the binning passes (one per 4,096 answers)
-    off.close(), on.close()
+    rare_on, rare_off = _rare_ns_of(rare_ns, recorder), _rare_ns_of(rare_ns, base_recorder)
+    binning = (sum(map(sum, rare_on.values())) - sum(map(sum, rare_off.values()))) / 1000.0 / len(on_us)
+    passes = rare_on["_on_full"] or [0]  # the binning passes (one per 4,096 answers)
+    off.close()
+    on.close()
     off_median, on_median = statistics.median(off_us), statistics.median(on_us)
     paired = statistics.median(b - a for a, b in zip(off_us, on_us, strict=True))  # same input, adjacent calls
     total = paired + binning
@@ -129,28 +144,41 @@ def measure_overhead(
             "calls": float(len(on_us))}  # fmt: skip
 
 
+def counters_only() -> TelemetrySettings:
+    """The off arm: histograms and sampling off, counters and latencies kept."""
+    from device_agent.telemetry.recorder import TelemetrySettings
+
+    return TelemetrySettings(histograms=False, sample_rate=0.0)
+
+
 RARE_PATHS = ("_route_for", "_on_full", "_observe_unfit", "_sample_routine")
 """What the recorder does for some requests only (binning every 4,096 answers, the 1 % sampled, a new
 route): outside the per-call median, so timed where it runs and added back. Closing a window (``tick``,
 once a minute) is measured on its own below: a short run would weigh it many times too much."""
 
 
+def _rare_ns_of(rare_ns: dict[tuple[int, str], list[int]], recorder: Any) -> dict[str, list[int]]:
+    """The rare-path durations (ns) of one recorder, by method name (all empty for no recorder)."""
+    return {name: rare_ns.get((id(recorder), name), []) if recorder is not None else [] for name in RARE_PATHS}
+
+
 @contextlib.contextmanager
-def rare_paths_timed() -> Iterator[dict[str, list[int]]]:
+def rare_paths_timed() -> Iterator[dict[tuple[int, str], list[int]]]:
     """Time the recorder's rare paths (:data:`RARE_PATHS`) where they really run: inside the request that
-    takes them, with the data as cold as serving left it. Yields the durations (ns) by method name."""
+    takes them, with the data as cold as serving left it. Yields the durations (ns) by (id of the
+    recorder, method name): each arm's recorder is charged its own."""
     from device_agent.telemetry.recorder import TelemetryRecorder
 
-    durations: dict[str, list[int]] = {name: [] for name in RARE_PATHS}
+    durations: dict[tuple[int, str], list[int]] = {}
     untimed = {name: getattr(TelemetryRecorder, name) for name in RARE_PATHS}
 
     def timed(name: str, method: Any) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
+        def run(recorder: Any, *args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter_ns()
             try:
-                return method(*args, **kwargs)
+                return method(recorder, *args, **kwargs)
             finally:
-                durations[name].append(time.perf_counter_ns() - start)
+                durations.setdefault((id(recorder), name), []).append(time.perf_counter_ns() - start)
 
         return run
 
@@ -212,32 +240,25 @@ def measure_window_close(root: Path, repeats: int) -> dict[str, float]:
     return {"close_median_ms": statistics.median(times), "close_max_ms": max(times)}
 
 
-def table(results: list[dict[str, float]], decision: dict[str, float], close: dict[str, float]) -> str:
+def table(
+    results: list[dict[str, float]],
+    everything: list[dict[str, float]],
+    decision: dict[str, float],
+    close: dict[str, float],
+) -> str:
     lines = [
         "Same run, same real ONNX model, same batch-1 inputs, through `ServingPipeline`, with the bundle's 50 ms",
         'deadline enforced (after warm-up the fast model runs inline, see docs/agent.md "Deadlines") and without',
-        "it. Telemetry on = default settings (60 s windows, per-feature and latency histograms, output",
-        "distribution, 1 % sampling). Target (issue 6): telemetry on vs off at most 5 % extra.",
+        "it. On = default telemetry (60 s windows; per-feature, output and latency histograms; constraint checks;",
+        "1 % sampling). Target (issue 6): predict with histograms and 1 % sampling on versus off, at most 5 %",
+        "extra. Off = the same recorder with `histograms=False, sample_rate=0`: what stays when they are off",
+        "(request, error and fallback counters and the latency histogram, which rollout gates read).",
         "",
-        "| model, path | off median (us) | on median (us) | per call (us) | rare paths (us/req) | total extra | target "
-        "| binning pass, median / max (ms) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        ok = "met" if r["total_pct"] <= 5.0 else "NOT met"
-        mode = "deadline" if r["deadline"] else "no deadline"
-        cells = (
-            f"{int(r['features'])} features, {mode}",
-            f"{r['off_median_us']:.1f}",
-            f"{r['on_median_us']:.1f}",
-            f"{r['extra_us']:.1f}",
-            f"{r['binning_us']:.2f}",
-            f"{r['total_us']:.1f} us = {r['total_pct']:.1f} %",
-            f"<= 5 %: {ok}",
-            f"{r['pass_median_us'] / 1000:.1f} / {r['pass_max_us'] / 1000:.1f}",
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+        *_rows(results, target=True),
+        "",
+        "For information, everything the recorder does against no recorder at all (no counters either):",
+        "",
+        *_rows(everything, target=False),
         "",
         "| other figure | value | target |",
         "|---|---|---|",
@@ -251,15 +272,40 @@ def table(results: list[dict[str, float]], decision: dict[str, float], close: di
         "it cancels the load swings of a shared machine that move both medians. Rare paths = what the recorder",
         "does for some requests only, so outside that median: binning every 4,096 answers, the 1 % sampled",
         "requests, window changes. They are timed where they run (inside the request that takes them, during",
-        "the same run, with the data and the code as cold as serving left them) and divided by the on calls.",
-        "Total extra = per call + rare paths, as a share of the off median. Binning pass = the latency added to",
-        "the one request in 4,096 that bins a batch (the max may include a garbage collection or preemption).",
-        "Before the timed calls, what the harness and the libraries allocated is moved out of the collector's",
-        "way (`gc.freeze()`, as a long-running agent can do after start-up), for both arms alike.",
+        "the same run, with the data and the code as cold as serving left them), the off recorder's own",
+        "taken out, and divided by the on calls. Total extra = per call + rare paths, as a share of the off",
+        "median. Binning pass = the latency added to the one request in 4,096 that bins a batch (the max may",
+        "include a garbage collection or preemption). Before the timed calls, what the harness and the",
+        "libraries allocated is moved out of the collector's way (`gc.freeze()`, as a long-running agent can",
+        "do after start-up), for both arms alike. Run to run, the totals move by about 0.5 point.",
         f"Calls per configuration: {int(results[0]['calls'])}, on and off alternating call by call.",
         "Command: `.venv/bin/python benchmarks/telemetry_overhead.py`",
     ]
     return "\n".join(lines)
+
+
+def _rows(results: list[dict[str, float]], target: bool) -> list[str]:
+    lines = [
+        "| model, path | off median (us) | on median (us) | per call (us) | rare paths (us/req) | total extra | "
+        + ("target" if target else "5 % of off")
+        + " | binning pass, median / max (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ok = "met" if r["total_pct"] <= 5.0 else "NOT met"
+        mode = "deadline" if r["deadline"] else "no deadline"
+        cells = (
+            f"{int(r['features'])} features, {mode}",
+            f"{r['off_median_us']:.1f}",
+            f"{r['on_median_us']:.1f}",
+            f"{r['extra_us']:.1f}",
+            f"{r['binning_us']:.2f}",
+            f"{r['total_us']:.1f} us = {r['total_pct']:.1f} %",
+            f"<= 5 %: {ok}" if target else ("within" if r["total_pct"] <= 5.0 else "over"),
+            f"{r['pass_median_us'] / 1000:.1f} / {r['pass_max_us'] / 1000:.1f}",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:
@@ -270,14 +316,17 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        results = [measure_overhead(root, n, c, args.rounds, args.block, deadline)
-                   for n, c in ((4, 3), (64, 10)) for deadline in (True, False)]  # fmt: skip
+        shapes = [(n, c, deadline) for n, c in ((4, 3), (64, 10)) for deadline in (True, False)]
+        results = [measure_overhead(root, n, c, args.rounds, args.block, d, counters_only()) for n, c, d in shapes]
+        everything = [measure_overhead(root, n, c, args.rounds, args.block, d, None) for n, c, d in shapes]
         decision = measure_decision(root, 2000)
         close = measure_window_close(root, 20)
-    body = table(results, decision, close)
+    body = table(results, everything, decision, close)
     print(body)
-    met = all(r["total_pct"] <= 5.0 for r in results)
-    print(f"target (issue 6, telemetry <= 5 % extra): {'MET on every configuration' if met else 'NOT MET'}")
+    met = [r["total_pct"] <= 5.0 for r in results]
+    missed = met.count(False)
+    verdict = "MET on every configuration" if not missed else f"NOT MET on {missed} of {len(met)} configurations"
+    print(f"target (issue 6, histograms and 1 % sampling on vs off <= 5 % extra): {verdict}")
     if not args.no_write:
         write_section(SECTION, "Telemetry overhead", body)
     return 0

@@ -75,11 +75,14 @@ class RoutineCapture:
         plan: BinPlan,
         inputs: Mapping[str, Any],
         outputs: Mapping[str, Any],
-        on_full: Callable[[RoutineCapture], None],
-    ) -> RoutineCapture | None:
+        on_full: Callable[[Any], None],
+    ) -> RoutineCapture | LatencyCapture | None:
         """A capture shaped on the first routine answer of a (model, version), or None when its answers
         cannot be captured this way (features in several tensors, rows of varying shape, batches,
-        non-numeric data): they all go the general way then."""
+        non-numeric data): they all go the general way then. A window that reads no input or output
+        (no baseline, no declared range, no float output; or histograms turned off) takes latencies only."""
+        if not plan.tensors and not plan.numeric_outputs and plan.output is None and len(inputs) == 1:
+            return LatencyCapture(next(iter(inputs)), on_full)
         tensors = plan.tensors or (frozenset(inputs) if len(inputs) == 1 else frozenset())  # no features: rows only
         tensor = next(iter(tensors)) if len(tensors) == 1 else None
         value = inputs.get(tensor) if tensor in plan.fixed_rows else None
@@ -139,6 +142,42 @@ class RoutineCapture:
         """Each label's position among the output's categories (-1 for none), looked up once per distinct label."""
         lookup = {label: category_position(label, self.categories) for label in set(labels)}
         return np.fromiter(map(lookup.__getitem__, labels), np.int64, len(labels))
+
+
+class LatencyCapture:
+    """The routine answers of a window that reads no input or output: only their latency is kept
+    (and their count). Lock-free like :class:`RoutineCapture`, one float per answer."""
+
+    __slots__ = ("tensor", "latencies_ms", "on_full")
+
+    def __init__(self, tensor: str, on_full: Callable[[LatencyCapture], None]) -> None:
+        self.tensor, self.on_full = tensor, on_full
+        self.latencies_ms: list[float] = []
+
+    def add(self, inputs: Mapping[str, Any], _outputs: Mapping[str, Any], latency_ms: float) -> bool:
+        """Capture one answer of one row; False (nothing captured) for a batch, counted the general way."""
+        try:
+            if len(inputs[self.tensor]) != 1:
+                return False
+        except (KeyError, TypeError):
+            return False  # another tensor, or a 0-d value
+        latencies = self.latencies_ms
+        latencies.append(latency_ms)
+        if len(latencies) >= BIN_EVERY_ANSWERS:
+            self.on_full(self)
+        return True
+
+    def take(self) -> RoutineBatch | None:
+        """The latencies appended so far as one batch of answers (see :meth:`RoutineCapture.take`)."""
+        latencies = self.latencies_ms
+        n = len(latencies)
+        if not n:
+            return None
+        taken = latencies[:n]
+        del latencies[:n]
+        nothing = np.empty((n, 0), dtype=np.float32)
+        return RoutineBatch(self.tensor, nothing, np.empty(n, np.dtype([])), np.full(n, -1, dtype=np.int64),
+                            np.array(taken, dtype=np.float64))  # fmt: skip
 
 
 def _numeric_batch_of_one(value: Any) -> bool:

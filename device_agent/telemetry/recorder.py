@@ -32,10 +32,10 @@ import numpy as np
 from bundles.errors import ConfigError
 from bundles.manifest import Manifest
 from device_agent.telemetry.buffer import TelemetryBuffer
-from device_agent.telemetry.capture import RoutineCapture, never_fits
+from device_agent.telemetry.capture import LatencyCapture, RoutineCapture, never_fits
 from device_agent.telemetry.events import install_event, make_event
 from device_agent.telemetry.sampling import MAX_LOGGED_VALUES, Candidate, WindowSampler
-from device_agent.telemetry.windows import BinPlan, WindowAccumulator, compile_plan
+from device_agent.telemetry.windows import COUNTERS_ONLY, BinPlan, WindowAccumulator, compile_plan
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TelemetrySettings:
     buffer_cap_bytes: int = 50_000_000
     batch_max_items: int = 500
     batch_max_bytes: int = 1_000_000
-    histograms: bool = True
+    histograms: bool = True  # False: counters and the latency histogram only (no input/output distributions)
     max_sample_values: int = MAX_LOGGED_VALUES
 
     def __post_init__(self) -> None:
@@ -87,7 +87,7 @@ class _Route:
 
     def __init__(self, model: str, manifest: Manifest | None, version: int, sampler: WindowSampler) -> None:
         self.model, self.manifest, self.version, self.sampler = model, manifest, version, sampler
-        self.columns: RoutineCapture | None = None  # shaped on the first routine answer
+        self.columns: RoutineCapture | LatencyCapture | None = None  # shaped on the first routine answer
         self.capture: Callable[[Mapping[str, Any], Mapping[str, Any], float], bool] = never_fits
 
 
@@ -118,7 +118,8 @@ class TelemetryRecorder:
 
     @settings.setter
     def settings(self, value: TelemetrySettings) -> None:
-        """New settings (from the desired state) apply to the next windows; histograms at once.
+        """New settings (from the desired state) apply to the next windows (histograms: to the answers
+        from now on).
 
         A shorter window length also ends the current window at the next boundary of the new length
         (the server asks for short windows to watch a rollout closely: the first one should not wait
@@ -127,6 +128,11 @@ class TelemetryRecorder:
         previous = getattr(self, "_settings", None)
         self._settings = value
         self._histograms = value.histograms
+        if previous is not None and value.histograms != previous.histograms:
+            with self._lock:  # a window has distributions or not: the open ones end here
+                closing = self._close_windows(self.clock())
+                self._routes = {}  # captures are shaped on what a window reads: new ones for the next
+            self._buffer_windows(closing)
         if previous is not None and value.window_s < previous.window_s:
             with self._lock:
                 self._window_end = min(self._window_end, self._bounds(self.clock())[1])
@@ -167,8 +173,7 @@ class TelemetryRecorder:
         lock.acquire()  # not ``with``: acquire/release in try/finally costs half as much per request
         try:
             window = self._open.get((model, version)) or self._open_window(model, version, manifest)
-            if self._histograms:
-                window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason, inputs_private)
+            window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason, inputs_private)
             sampler = window.sampler
             if routine and not sampler.draw():
                 return  # the common case: counted, not sampled
@@ -203,7 +208,7 @@ class TelemetryRecorder:
         route = self._current.get(model)
         if route is None or route.manifest is not manifest:
             route = self._route_for(model, manifest, inputs, outputs)
-        if self._histograms and not route.capture(inputs, outputs, latency_ms):
+        if not route.capture(inputs, outputs, latency_ms):
             self._observe_unfit(route, inputs, outputs, latency_ms)
         sampler = route.sampler
         sampler.countdown -= 1  # WindowSampler.draw, inlined
@@ -232,7 +237,7 @@ class TelemetryRecorder:
             self._current[model] = route
         return route
 
-    def _on_full(self, key: tuple[str, int], route: _Route, _columns: RoutineCapture) -> None:
+    def _on_full(self, key: tuple[str, int], route: _Route, _columns: RoutineCapture | LatencyCapture) -> None:
         """Bin a route's captured answers into the current window (on the request path, once per
         ``BIN_EVERY_ANSWERS`` answers)."""
         with self._lock:
@@ -290,6 +295,8 @@ class TelemetryRecorder:
         plan = self._plans.get((model, version))
         if plan is None:
             plan = self._plans[(model, version)] = compile_plan(manifest)
+        if not self._histograms:
+            plan = COUNTERS_ONLY  # counters and the latency histogram (rollout gates read them), no distributions
         start, end = _utc(self._window_start), _utc(self._window_end)
         settings = self.settings
         window = _OpenWindow(
@@ -297,7 +304,10 @@ class TelemetryRecorder:
             manifest,
             WindowAccumulator(model, version, plan, start, end),
             WindowSampler(
-                settings.sample_rate, settings.reservoir_size, settings.max_forced_per_window, self.rng,
+                settings.sample_rate,
+                settings.reservoir_size,
+                settings.max_forced_per_window,
+                self.rng,
                 settings.max_sample_values,
             ),  # fmt: skip
         )
@@ -310,10 +320,19 @@ class TelemetryRecorder:
         with self._lock:
             if not force and now < self._window_end:
                 return 0
-            for key, route in self._routes.items():  # answers captured so far belong to the closing window
-                self._bin_into_window(key, route)
-            closing, self._open, self._current = self._open, {}, {}
-            self._window_start, self._window_end = self._bounds(now)
+            closing = self._close_windows(now)
+        return self._buffer_windows(closing)
+
+    def _close_windows(self, now: float) -> dict[tuple[str, int], _OpenWindow]:
+        """End the open windows (under the lock) and start the ones of ``now``; the ended ones."""
+        for key, route in self._routes.items():  # answers captured so far belong to the closing window
+            self._bin_into_window(key, route)
+        closing, self._open, self._current = self._open, {}, {}
+        self._window_start, self._window_end = self._bounds(now)
+        return closing
+
+    def _buffer_windows(self, closing: Mapping[tuple[str, int], _OpenWindow]) -> int:
+        """Buffer the payloads (and samples) of ended windows; how many items were buffered."""
         items: list[tuple[str, str, bytes]] = []
         for window in closing.values():
             items += _items_of(window)

@@ -128,6 +128,10 @@ class BinPlan:
         return frozenset(tensors + [a.bins.tensor for a in self.aggregates])
 
 
+COUNTERS_ONLY = BinPlan()
+"""The plan of a window with histograms turned off (``TelemetrySettings.histograms``): counters and latencies."""
+
+
 def compile_plan(manifest: Manifest | None) -> BinPlan:
     """The bin plan of a manifest: baseline features located through the feature schema."""
     if manifest is None:

@@ -17,9 +17,9 @@ import pytest
 from bundles.manifest import Histogram
 from device_agent.telemetry import capture
 from device_agent.telemetry.buffer import TelemetryBuffer
-from device_agent.telemetry.capture import RoutineCapture
+from device_agent.telemetry.capture import LatencyCapture, RoutineCapture
 from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
-from device_agent.telemetry.windows import BinPlan, WindowAccumulator
+from device_agent.telemetry.windows import COUNTERS_ONLY, BinPlan, WindowAccumulator
 from tests.device_agent.telemetry.test_recorder import _record_routine_answers, drain, setup
 
 
@@ -143,10 +143,28 @@ def test_labels_given_as_class_indices_count_on_their_category_and_unknown_label
 
 
 def test_a_model_whose_features_span_several_tensors_is_not_captured() -> None:
-    plan = BinPlan(fixed_rows=frozenset({"x"}))
-    assert RoutineCapture.fitting(plan, {"x": np.zeros((1, 2)), "y": np.zeros((1, 2))}, {}, lambda _: None) is None
-    assert RoutineCapture.fitting(plan, {"x": np.zeros((2, 2))}, {}, lambda _: None) is None  # first answer a batch
-    assert RoutineCapture.fitting(BinPlan(), {"x": np.zeros((1, 2))}, {}, lambda _: None) is None  # rows not fixed
+    plan = BinPlan(fixed_rows=frozenset({"x"}), float_outputs=("p",))  # reads an output: a full capture
+    out = {"p": np.zeros((1, 3), dtype=np.float32)}
+    assert RoutineCapture.fitting(plan, {"x": np.zeros((1, 2)), "y": np.zeros((1, 2))}, out, lambda _: None) is None
+    assert RoutineCapture.fitting(plan, {"x": np.zeros((2, 2))}, out, lambda _: None) is None  # first answer a batch
+    unfixed = BinPlan(float_outputs=("p",))
+    assert RoutineCapture.fitting(unfixed, {"x": np.zeros((1, 2))}, out, lambda _: None) is None  # rows not fixed
+
+
+def test_a_window_that_reads_no_data_captures_latencies_only_and_leaves_batches_to_the_general_way() -> None:
+    capture = RoutineCapture.fitting(COUNTERS_ONLY, {"x": np.zeros((1, 2))}, {}, lambda _: None)
+    assert isinstance(capture, LatencyCapture)
+    assert capture.add({"x": np.zeros((1, 2))}, {}, 2.5) and capture.add({"x": np.zeros((1, 2))}, {}, 7.0)
+    assert not capture.add({"x": np.zeros((3, 2))}, {}, 1.0)  # a batch: its rows are counted the general way
+    batch = capture.take()
+    assert batch is not None and batch.latencies_ms.tolist() == [2.5, 7.0] and batch.inputs.shape == (2, 0)
+    assert capture.take() is None
+    now = dt.datetime.now(dt.timezone.utc)
+    window = WindowAccumulator("m", 1, COUNTERS_ONLY, now, now)
+    window.bin_routine(batch)
+    payload = window.close()
+    assert (payload["counters"]["requests"], payload["counters"]["rows"], payload["features"]) == (2, 2, {})
+    assert sum(payload["latency_ms"]["counts"]) == 2
 
 
 def test_models_served_in_turn_each_keep_their_own_counts(tmp_path: Path) -> None:

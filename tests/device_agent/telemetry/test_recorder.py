@@ -114,6 +114,38 @@ def test_constraint_violations_are_counted(tmp_path: Path) -> None:
     assert violations["nan_output"] == 1
 
 
+def test_without_histograms_a_window_keeps_its_counters_and_latencies_and_no_distributions(tmp_path: Path) -> None:
+    _, engine, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0, histograms=False))
+    for value in (0.1, 0.2, 0.3):
+        pipeline.predict("tiny", {"x": np.full((1, 4), value, dtype=np.float32)})  # the routine way
+    pipeline.predict("tiny", {"x": np.zeros((2, 4), dtype=np.float32)})  # a batch: the general way
+    engine.crash = True
+    assert pipeline.predict("tiny", {"x": np.full((1, 4), 0.1, dtype=np.float32)}).source == "cache"
+    recorder.flush()
+    (window,) = drain(buffer).windows
+    counters = window["counters"]
+    assert (counters["requests"], counters["rows"], counters["fallbacks"]) == (5, 6, 1)
+    assert counters["sources"] == {"local": 4, "cache": 1} and counters["fallback_reasons"] == {"local_error": 1}
+    assert sum(window["latency_ms"]["counts"]) == 5
+    assert (window["features"], window["output"]) == ({}, {})
+
+
+def test_turning_histograms_off_ends_the_open_window_and_loses_no_answer(tmp_path: Path) -> None:
+    _, _, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0))
+    x = {"x": np.full((1, 4), 0.2, dtype=np.float32)}
+    for _ in range(3):
+        pipeline.predict("tiny", x)
+    recorder.settings = dataclasses.replace(recorder.settings, histograms=False)
+    for _ in range(2):
+        pipeline.predict("tiny", x)
+    recorder.settings = dataclasses.replace(recorder.settings, histograms=True)
+    pipeline.predict("tiny", x)
+    recorder.flush()
+    windows = drain(buffer).windows
+    assert [w["counters"]["requests"] for w in windows] == [3, 2, 1]
+    assert [sum(sum(h) for h in w["features"].values()) for w in windows] == [12, 0, 4]  # 4 features a row
+
+
 def test_fallbacks_and_errors_are_always_captured_with_probability_one(tmp_path: Path) -> None:
     _, engine, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0), static=False)
     x = {"x": np.full((1, 4), 0.3, dtype=np.float32)}
