@@ -182,7 +182,7 @@ class TelemetryRecorder:
             if slot is not None:
                 reservoir, index = slot
                 candidate = Candidate(
-                    _iso(now), model, version, reason or "rate", {k: np.array(v) for k, v in inputs.items()},
+                    now, model, version, reason or "rate", {k: np.array(v) for k, v in inputs.items()},
                     dict(outputs or {}), source, latency_ms, fallback_reason, error, confidence,
                 )  # fmt: skip
                 reservoir.put(index, candidate)
@@ -271,7 +271,7 @@ class TelemetryRecorder:
             if slot is not None:
                 copied = {k: np.array(v) for k, v in inputs.items()}
                 candidate = Candidate(
-                    _iso(now), route.model, route.version, "rate", copied, dict(outputs), "local", latency_ms,
+                    now, route.model, route.version, "rate", copied, dict(outputs), "local", latency_ms,
                     None, None, confidence,
                 )  # fmt: skip
                 slot[0].put(slot[1], candidate)
@@ -402,7 +402,3 @@ def _compress(item: Mapping[str, Any]) -> bytes:
 
 def _utc(epoch_s: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch_s, dt.timezone.utc)
-
-
-def _iso(epoch_s: float) -> str:
-    return _utc(epoch_s).isoformat()

@@ -100,7 +100,7 @@ def test_samples_over_the_servers_body_limit_as_one_batch_all_arrive_in_several(
     buffer = TelemetryBuffer(tmp_path / "big.db", 50_000_000)
     image = {"x": np.zeros((1, 60_000), dtype=np.float32)}  # logged in full: max_values below is above its size
     for i in range(24):
-        at = (NOW - dt.timedelta(seconds=i)).isoformat()
+        at = (NOW - dt.timedelta(seconds=i)).timestamp()
         candidate = Candidate(at, "tiny", 1, "rate", image, {"label": np.array(["c0"])}, "local", 1.0,
                               None, None, None)  # fmt: skip
         buffer.put("sample", "rate", sample_record(candidate, 0.01, {}, max_values=100_000))
