@@ -14,6 +14,9 @@ medians. Target: median overhead <= max(5 % of the runtime call, 30 us). Also me
 time of ``device_agent.agent`` in a fresh interpreter, and the idle RSS of an agent with no model
 loaded, with the share of the ONNX Runtime import taken out.
 
+What telemetry itself adds (issue 6: predict with histograms and 1 % sampling on versus off) is
+``benchmarks/telemetry_overhead.py``, on the same models and the same serving path.
+
 Run: ``.venv/bin/python benchmarks/agent_overhead.py`` (writes its section of docs/benchmarks.md).
 """
 
