@@ -21,6 +21,9 @@ copies the answers present and deletes that prefix (each one atomic), so an answ
 meanwhile lands after it and waits for the next batch. A capture belongs to one (model, version) and
 lives across windows, so an answer that races with a window closing is counted in the next window,
 which is also where its request ended.
+
+A window that reads no input or output (histograms turned off, or a bundle without a baseline,
+declared ranges or float outputs) needs only each answer's latency: :class:`LatencyCapture`.
 """
 
 from __future__ import annotations
