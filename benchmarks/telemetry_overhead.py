@@ -276,8 +276,8 @@ def table(
         "taken out, and divided by the on calls. Total extra = per call + rare paths, as a share of the off",
         "median. Binning pass = the latency added to the one request in 4,096 that bins a batch (the max may",
         "include a garbage collection or preemption). Before the timed calls, what the harness and the",
-        "libraries allocated is moved out of the collector's way (`gc.freeze()`, as a long-running agent can",
-        "do after start-up), for both arms alike. Run to run, the totals move by about 0.5 point.",
+        "libraries allocated is moved out of the collector's way (`gc.freeze()`, as the agent daemon does",
+        "after start-up), for both arms alike. Run to run, the totals move by about 0.5 point.",
         f"Calls per configuration: {int(results[0]['calls'])}, on and off alternating call by call.",
         "Command: `.venv/bin/python benchmarks/telemetry_overhead.py`",
     ]

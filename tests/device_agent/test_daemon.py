@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,19 @@ def test_a_new_fallback_section_replaces_the_pipeline_and_closes_the_old_one(tmp
     assert first._executor is not None and first._executor._shutdown, "its deadline threads were released"
     daemon._apply_fallback({"url": f"http://127.0.0.1:{free_port()}/v2", "model": "tiny"})
     agent.close()
+
+
+def test_the_daemon_freezes_its_start_up_objects_out_of_the_collectors_way_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    Enrollment(url, "dev-1", "token", "accepted", f"{url}/tuf/metadata/", f"{url}/tuf/targets/").save(
+        tmp_path / "identity", {"signed": {"_type": "root"}}
+    )
+    agent = Agent.from_config(environ={}, state_dir=tmp_path, request_timeout_s=1)
+    frozen_during_rounds: list[int] = []
+    monkeypatch.setattr(Daemon, "round", lambda self: frozen_during_rounds.append(gc.get_freeze_count()) or 1.0)
+    assert gc.get_freeze_count() == 0
+    Daemon(agent).run(once=True, http=False)
+    assert frozen_during_rounds and frozen_during_rounds[0] > 1000  # start-up objects, frozen
+    assert gc.get_freeze_count() == 0  # given back to the collector when the daemon stops
