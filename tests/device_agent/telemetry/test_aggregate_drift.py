@@ -108,8 +108,8 @@ def test_the_recorder_uploads_aggregate_histograms_of_served_images(tmp_path: Pa
     engine = LocalEngine()
     engine.load("digits", tmp_path / "bundle", "onnx-fp32")
     buffer = TelemetryBuffer(tmp_path / "telemetry.db", cap_bytes=10_000_000)
-    recorder = TelemetryRecorder(buffer, TelemetrySettings(), rng=random.Random(3))
-    pipeline = ServingPipeline(engine, recorder=recorder)
+    recorder = TelemetryRecorder(buffer, TelemetrySettings(), clock=lambda: 1_800_000_000.0, rng=random.Random(3))
+    pipeline = ServingPipeline(engine, recorder=recorder)  # a fixed clock: all 300 requests in one window
     for row in 1.0 - digits[900:1200]:
         assert pipeline.predict("digits", {"x": row[None, :].astype(np.float32)}).source == "local"
     recorder.flush()
