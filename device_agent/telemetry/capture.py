@@ -28,13 +28,14 @@ declared ranges or float outputs) needs only each answer's latency: :class:`Late
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from device_agent.telemetry.windows import BinPlan, RoutineBatch, category_position
+from device_agent.telemetry.windows import BinPlan, RoutineBatch
 
 BIN_EVERY_ANSWERS = 4096
 """Answers captured before they are binned into the current window (and always when it closes)."""
@@ -51,7 +52,7 @@ class RoutineCapture:
     """
 
     __slots__ = ("tensor", "dtype", "row_nbytes", "reads_dtype", "reads_nbytes", "one_read", "many_reads", "label",
-                 "categories", "answers", "on_full")  # fmt: skip
+                 "answers", "on_full")  # fmt: skip
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class RoutineCapture:
         dtype: np.dtype[Any],
         row_nbytes: int,
         reads: Mapping[str, np.ndarray],
-        label: tuple[str, tuple[str, ...]] | None,
+        label: str | None,
         on_full: Callable[[RoutineCapture], None],
     ) -> None:
         self.tensor, self.dtype, self.row_nbytes, self.on_full = tensor, dtype, row_nbytes, on_full
@@ -68,8 +69,7 @@ class RoutineCapture:
         names = tuple(reads)
         self.one_read = names[0] if len(names) == 1 else None
         self.many_reads = itemgetter(*names) if len(names) > 1 else None  # a tuple of arrays
-        self.label: str | None = label[0] if label is not None else None
-        self.categories: tuple[str, ...] = label[1] if label is not None else ()
+        self.label = label  # the categorical output whose labels a window counts
         self.answers: list[tuple[bytes, bytes, Any, float]] = []  # (input row, outputs read, label, latency_ms)
 
     @classmethod
@@ -95,8 +95,8 @@ class RoutineCapture:
         if len(reads) != len(plan.numeric_outputs) or not all(map(_numeric_batch_of_one, reads.values())):
             return None
         hist = plan.output
-        label = (hist.name, hist.categories) if hist is not None and hist.categories else None
-        if label is not None and getattr(outputs.get(label[0]), "size", 0) != 1:
+        label = hist.name if hist is not None and hist.categories else None
+        if label is not None and getattr(outputs.get(label), "size", 0) != 1:
             return None
         return cls(tensor, value.dtype, int(value.nbytes), reads, label, on_full)
 
@@ -138,13 +138,8 @@ class RoutineCapture:
         inputs = np.frombuffer(b"".join(rows), self.dtype).reshape(n, -1)
         dtype = self.reads_dtype
         outputs = np.frombuffer(b"".join(reads), dtype, count=n) if dtype.itemsize else np.empty(n, dtype)
-        positions = self._positions(labels) if self.label is not None else np.full(n, -1, dtype=np.int64)
-        return RoutineBatch(self.tensor, inputs, outputs, positions, np.array(latencies, dtype=np.float64))
-
-    def _positions(self, labels: tuple[Any, ...]) -> np.ndarray:
-        """Each label's position among the output's categories (-1 for none), looked up once per distinct label."""
-        lookup = {label: category_position(label, self.categories) for label in set(labels)}
-        return np.fromiter(map(lookup.__getitem__, labels), np.int64, len(labels))
+        counted = Counter(labels) if self.label is not None else {}  # one C loop; categories looked up per label
+        return RoutineBatch(self.tensor, inputs, outputs, counted, np.array(latencies, dtype=np.float64))
 
 
 class LatencyCapture:
@@ -179,8 +174,7 @@ class LatencyCapture:
         taken = latencies[:n]
         del latencies[:n]
         nothing = np.empty((n, 0), dtype=np.float32)
-        return RoutineBatch(self.tensor, nothing, np.empty(n, np.dtype([])), np.full(n, -1, dtype=np.int64),
-                            np.array(taken, dtype=np.float64))  # fmt: skip
+        return RoutineBatch(self.tensor, nothing, np.empty(n, np.dtype([])), {}, np.array(taken, dtype=np.float64))
 
 
 def _numeric_batch_of_one(value: Any) -> bool:

@@ -248,12 +248,12 @@ def rows_of(array: Any) -> np.ndarray:
 class RoutineBatch:
     """Routine answers (local, no fallback, one row each) gathered by ``device_agent.telemetry.capture``:
     their feature tensor as [rows, values], the outputs a window reads as records (one field per output),
-    their labels and latencies."""
+    the count of each label and their latencies."""
 
     tensor: str
     inputs: np.ndarray  # [rows, values]
     outputs: np.ndarray  # records, one field per output read
-    label_positions: np.ndarray  # [rows] position of each label among the output's categories, -1 for none
+    label_counts: Mapping[Any, int]  # how many answers gave each label (empty without a categorical output histogram)
     latencies_ms: np.ndarray  # [rows]
 
     def __len__(self) -> int:
@@ -349,8 +349,7 @@ class WindowAccumulator:
         hist = self.plan.output
         if hist is not None:
             if hist.categories:
-                known = batch.label_positions[batch.label_positions >= 0]
-                self._output_counts += np.bincount(known, minlength=len(hist.categories))
+                self._output_counts += _category_counts(hist, batch.label_counts)
             else:
                 self._output_counts += _histogram_values(hist, matrices[hist.name].reshape(-1))
 

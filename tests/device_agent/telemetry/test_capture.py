@@ -122,7 +122,7 @@ def test_take_leaves_the_answers_appended_after_it_for_the_next_batch() -> None:
     assert columns.add(x, {"label": np.array(["c"], dtype=object)}, 2.0)
     second = columns.take()
     assert first is not None and second is not None and columns.take() is None
-    assert first.label_positions.tolist() == [0, 1, 1] and second.label_positions.tolist() == [2]
+    assert first.label_counts == {"a": 1, "b": 2} and second.label_counts == {"c": 1}
     assert second.latencies_ms.tolist() == [2.0] and second.inputs.tolist() == [[1.0, 1.0]]
 
 
