@@ -109,6 +109,7 @@ class TelemetryRecorder:
         self._plans: dict[tuple[str, int], BinPlan] = {}
         self._open: dict[tuple[str, int], _OpenWindow] = {}
         self._routes: dict[tuple[str, int], _Route] = {}
+        self._retired: list[tuple[tuple[str, int], _Route]] = []  # routes replaced when histograms were turned on/off
         self._current: dict[str, _Route] = {}  # by model: the routes of record_local valid for the current window
         self._window_start, self._window_end = self._bounds(clock())
 
@@ -131,7 +132,9 @@ class TelemetryRecorder:
         if previous is not None and value.histograms != previous.histograms:
             with self._lock:  # a window has distributions or not: the open ones end here
                 closing = self._close_windows(self.clock())
-                self._routes = {}  # captures are shaped on what a window reads: new ones for the next
+                # captures are shaped on what a window reads: new ones from now on; the old ones are binned
+                # once more at the next close, for an answer that raced with this change
+                self._retired, self._routes = list(self._routes.items()), {}
             self._buffer_windows(closing)
         if previous is not None and value.window_s < previous.window_s:
             with self._lock:
@@ -325,8 +328,9 @@ class TelemetryRecorder:
 
     def _close_windows(self, now: float) -> dict[tuple[str, int], _OpenWindow]:
         """End the open windows (under the lock) and start the ones of ``now``; the ended ones."""
-        for key, route in self._routes.items():  # answers captured so far belong to the closing window
+        for key, route in [*self._retired, *self._routes.items()]:  # captured so far: the closing window's
             self._bin_into_window(key, route)
+        self._retired = []
         closing, self._open, self._current = self._open, {}, {}
         self._window_start, self._window_end = self._bounds(now)
         return closing

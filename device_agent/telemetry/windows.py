@@ -345,12 +345,13 @@ class WindowAccumulator:
         matrices = {name: batch.outputs[name].reshape(n, -1) for name in fields}
         self._check_output_ranges(matrices)
         for name in self.plan.float_outputs:
-            counters["violations"]["nan_output"] += _rows_not_finite(matrices[name])
+            if name in matrices:  # (not in a batch captured for another plan: histograms were just turned on)
+                counters["violations"]["nan_output"] += _rows_not_finite(matrices[name])
         hist = self.plan.output
         if hist is not None:
             if hist.categories:
                 self._output_counts += _category_counts(hist, batch.label_counts)
-            else:
+            elif hist.name in matrices:
                 self._output_counts += _histogram_values(hist, matrices[hist.name].reshape(-1))
 
     def _bin_latencies(self, latencies: Sequence[float] | np.ndarray) -> None:

@@ -146,6 +146,24 @@ def test_turning_histograms_off_ends_the_open_window_and_loses_no_answer(tmp_pat
     assert [sum(sum(h) for h in w["features"].values()) for w in windows] == [12, 0, 4]  # 4 features a row
 
 
+def test_an_answer_racing_with_turning_histograms_off_or_on_is_counted_in_the_next_window(tmp_path: Path) -> None:
+    _, engine, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0))
+    x = {"x": np.full((1, 4), 0.2, dtype=np.float32)}
+    pipeline.predict("tiny", x)
+    late = recorder._routes[("tiny", 4)].capture  # held by a request that found its route before the change
+    recorder.settings = dataclasses.replace(recorder.settings, histograms=False)
+    assert late(x, engine.predict("tiny", x).outputs, 1.0)  # lands in the retired capture
+    pipeline.predict("tiny", x)
+    late = recorder._routes[("tiny", 4)].capture  # latencies only, now
+    recorder.settings = dataclasses.replace(recorder.settings, histograms=True)
+    assert late(x, engine.predict("tiny", x).outputs, 1.0)
+    pipeline.predict("tiny", x)
+    recorder.flush()
+    windows = drain(buffer).windows
+    assert [w["counters"]["requests"] for w in windows] == [1, 2, 2]
+    assert [sum(sum(h) for h in w["features"].values()) for w in windows] == [4, 0, 4]  # the late one: no row
+
+
 def test_fallbacks_and_errors_are_always_captured_with_probability_one(tmp_path: Path) -> None:
     _, engine, pipeline, recorder, buffer, _ = setup(tmp_path, TelemetrySettings(sample_rate=0.0), static=False)
     x = {"x": np.full((1, 4), 0.3, dtype=np.float32)}
