@@ -31,11 +31,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from device_agent.telemetry.windows import BinPlan, RoutineBatch
+
+T = TypeVar("T")
 
 BIN_EVERY_ANSWERS = 4096
 """Answers captured before they are binned into the current window (and always when it closes)."""
@@ -128,12 +130,10 @@ class RoutineCapture:
         The caller holds the recorder's lock (takes do not race each other); appends racing with this one
         land after the prefix taken.
         """
-        answers = self.answers
-        n = len(answers)
-        if not n:
+        taken = _take_prefix(self.answers)
+        if not taken:
             return None
-        taken = answers[:n]
-        del answers[:n]
+        n = len(taken)
         rows, reads, labels, latencies = zip(*taken, strict=True)
         inputs = np.frombuffer(b"".join(rows), self.dtype).reshape(n, -1)
         dtype = self.reads_dtype
@@ -167,14 +167,21 @@ class LatencyCapture:
 
     def take(self) -> RoutineBatch | None:
         """The latencies appended so far as one batch of answers (see :meth:`RoutineCapture.take`)."""
-        latencies = self.latencies_ms
-        n = len(latencies)
-        if not n:
+        taken = _take_prefix(self.latencies_ms)
+        if not taken:
             return None
-        taken = latencies[:n]
-        del latencies[:n]
+        n = len(taken)
         nothing = np.empty((n, 0), dtype=np.float32)
         return RoutineBatch(self.tensor, nothing, np.empty(n, np.dtype([])), {}, np.array(taken, dtype=np.float64))
+
+
+def _take_prefix(items: list[T]) -> list[T]:
+    """The items a list holds now, removed from it. Two atomic steps (a slice, a deletion of that
+    prefix), so what another thread appends meanwhile stays in the list, after the prefix."""
+    n = len(items)
+    taken = items[:n]
+    del items[:n]
+    return taken
 
 
 def _numeric_batch_of_one(value: Any) -> bool:
