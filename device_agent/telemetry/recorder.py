@@ -83,11 +83,11 @@ class _Route:
     """What the routine path needs for one (model, version), read per request without the lock: the capture
     (kept across windows, see ``device_agent.telemetry.capture``) and the current window's sampler."""
 
-    __slots__ = ("model", "manifest", "version", "capture", "columns", "sampler")
+    __slots__ = ("model", "manifest", "version", "capture", "captured", "sampler")
 
     def __init__(self, model: str, manifest: Manifest | None, version: int, sampler: WindowSampler) -> None:
         self.model, self.manifest, self.version, self.sampler = model, manifest, version, sampler
-        self.columns: RoutineCapture | LatencyCapture | None = None  # shaped on the first routine answer
+        self.captured: RoutineCapture | LatencyCapture | None = None  # shaped on the first routine answer
         self.capture: Callable[[Mapping[str, Any], Mapping[str, Any], float], bool] = never_fits
 
 
@@ -109,7 +109,7 @@ class TelemetryRecorder:
         self._plans: dict[tuple[str, int], BinPlan] = {}
         self._open: dict[tuple[str, int], _OpenWindow] = {}
         self._routes: dict[tuple[str, int], _Route] = {}
-        self._retired: list[tuple[tuple[str, int], _Route]] = []  # routes replaced when histograms were turned on/off
+        self._retired: list[_Route] = []  # routes replaced when histograms were turned on/off
         self._current: dict[str, _Route] = {}  # by model: the routes of record_local valid for the current window
         self._window_start, self._window_end = self._bounds(clock())
 
@@ -134,7 +134,7 @@ class TelemetryRecorder:
                 closing = self._close_windows(self.clock())
                 # captures are shaped on what a window reads: new ones from now on; the old ones are binned
                 # once more at the next close, for an answer that raced with this change
-                self._retired, self._routes = list(self._routes.items()), {}
+                self._retired, self._routes = list(self._routes.values()), {}
             self._buffer_windows(closing)
         if previous is not None and value.window_s < previous.window_s:
             with self._lock:
@@ -175,7 +175,7 @@ class TelemetryRecorder:
         lock = self._lock
         lock.acquire()  # not ``with``: acquire/release in try/finally costs half as much per request
         try:
-            window = self._open.get((model, version)) or self._open_window(model, version, manifest)
+            window = self._window_of(model, version, manifest)
             window.accumulator.observe(inputs, outputs, source, latency_ms, fallback_reason, inputs_private)
             sampler = window.sampler
             if routine and not sampler.draw():
@@ -229,28 +229,28 @@ class TelemetryRecorder:
         version = manifest.version if manifest is not None else 0
         with self._lock:
             key = (model, version)
-            window = self._open.get(key) or self._open_window(model, version, manifest)
+            window = self._window_of(model, version, manifest)
             route = self._routes.get(key)
             if route is None:
                 route = self._routes[key] = _Route(model, manifest, version, window.sampler)
-                on_full = functools.partial(self._on_full, key, route)
-                route.columns = RoutineCapture.fitting(window.accumulator.plan, inputs, outputs, on_full)
-                route.capture = route.columns.add if route.columns is not None else never_fits
+                on_full = functools.partial(self._on_full, route)
+                route.captured = RoutineCapture.fitting(window.accumulator.plan, inputs, outputs, on_full)
+                route.capture = route.captured.add if route.captured is not None else never_fits
             route.manifest, route.sampler = manifest, window.sampler  # the same version's bundle, reloaded
             self._current[model] = route
         return route
 
-    def _on_full(self, key: tuple[str, int], route: _Route, _columns: RoutineCapture | LatencyCapture) -> None:
+    def _on_full(self, route: _Route, _captured: RoutineCapture | LatencyCapture) -> None:
         """Bin a route's captured answers into the current window (on the request path, once per
         ``BIN_EVERY_ANSWERS`` answers)."""
         with self._lock:
-            self._bin_into_window(key, route)
+            self._bin_into_window(route)
 
-    def _bin_into_window(self, key: tuple[str, int], route: _Route) -> None:
+    def _bin_into_window(self, route: _Route) -> None:
         """Bin a route's captured answers into its window of the moment (under the lock)."""
-        batch = route.columns.take() if route.columns is not None else None
+        batch = route.captured.take() if route.captured is not None else None
         if batch is not None:
-            window = self._open.get(key) or self._open_window(route.model, route.version, route.manifest)
+            window = self._window_of(route.model, route.version, route.manifest)
             window.accumulator.bin_routine(batch)
 
     def _observe_unfit(
@@ -258,8 +258,7 @@ class TelemetryRecorder:
     ) -> None:
         """A routine answer its capture cannot take (a batch, another dtype): counted the general way."""
         with self._lock:
-            key = (route.model, route.version)
-            window = self._open.get(key) or self._open_window(route.model, route.version, route.manifest)
+            window = self._window_of(route.model, route.version, route.manifest)
             window.accumulator.observe(inputs, outputs, "local", latency_ms, None)
 
     def _sample_routine(
@@ -286,15 +285,18 @@ class TelemetryRecorder:
         with the active version's answer. Counted in the candidate's window (``shadow``: compared,
         agreed, errors, latency_ms_sum), which the server reads as the cohort's shadow agreement."""
         with self._lock:
-            key = (model, shadow_manifest.version)
-            window = self._open.get(key) or self._open_window(model, shadow_manifest.version, shadow_manifest)
+            window = self._window_of(model, shadow_manifest.version, shadow_manifest)
             shadow = window.accumulator.shadow
             shadow["compared"] += 1
             shadow["agreed"] += int(agreed)
             shadow["errors"] += int(error)
             shadow["latency_ms_sum"] += 0.0 if latency_ms is None else round(latency_ms, 4)
 
-    def _open_window(self, model: str, version: int, manifest: Manifest | None) -> _OpenWindow:
+    def _window_of(self, model: str, version: int, manifest: Manifest | None) -> _OpenWindow:
+        """The open window of (model, version), opened now if it has none (under the lock)."""
+        found = self._open.get((model, version))
+        if found is not None:
+            return found
         plan = self._plans.get((model, version))
         if plan is None:
             plan = self._plans[(model, version)] = compile_plan(manifest)
@@ -328,8 +330,8 @@ class TelemetryRecorder:
 
     def _close_windows(self, now: float) -> dict[tuple[str, int], _OpenWindow]:
         """End the open windows (under the lock) and start the ones of ``now``; the ended ones."""
-        for key, route in [*self._retired, *self._routes.items()]:  # captured so far: the closing window's
-            self._bin_into_window(key, route)
+        for route in [*self._retired, *self._routes.values()]:  # captured so far: the closing window's
+            self._bin_into_window(route)
         self._retired = []
         closing, self._open, self._current = self._open, {}, {}
         self._window_start, self._window_end = self._bounds(now)
