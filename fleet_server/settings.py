@@ -1,8 +1,8 @@
 """Server settings, read from the environment (prefix ``EDGEFLEET_``) or passed in by tests.
 
-Outside ``mode = "dev"`` the settings refuse insecure defaults: a plain-HTTP public URL, the default
-token pepper, or a database URL with an inline password while the pepper is unset. ``dev`` mode only
-warns, so a laptop demo works with no configuration.
+Outside ``mode = "dev"`` the settings refuse insecure defaults: a public URL that is not https, and a
+token pepper that is the default or shorter than 16 characters (:meth:`Settings.insecure_settings`).
+``dev`` mode only warns, so a laptop demo works with no configuration.
 """
 
 from __future__ import annotations
