@@ -2,9 +2,9 @@
 
 ``create_app(settings)`` wires one app: the database engine and session factory (the schema must
 already be migrated: ``edgefleet-server init`` and ``run`` do it, tests do it once per session), the
-routers of ``fleet_server.api`` and, when those packages are installed, ``fleet_server.telemetry.api``
-and ``fleet_server.rollouts.api`` (each exposing ``router``), the domain-error mapping, the request
-metrics middleware and the background task that keeps TUF timestamp/snapshot fresh.
+routers of ``fleet_server.api``, ``fleet_server.telemetry.api`` and ``fleet_server.rollouts.api``, the
+domain-error mapping, the request metrics middleware and the background task that keeps TUF
+timestamp/snapshot fresh.
 
 Everything request handlers need hangs off ``app.state``: ``settings``, ``engine``,
 ``session_factory``, ``metrics``, ``desired_state`` (the memoised desired-state renderer),
@@ -14,12 +14,11 @@ Everything request handlers need hangs off ``app.state``: ``settings``, ``engine
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server import __version__
@@ -30,26 +29,15 @@ from fleet_server.errors import install_error_handlers
 from fleet_server.logs import configure_logging
 from fleet_server.observability import Metrics, MetricsMiddleware
 from fleet_server.ratelimit import RateLimiter
+from fleet_server.rollouts import api as rollouts_api
 from fleet_server.services.desired_state import DesiredStateService
 from fleet_server.services.tuf_host import TufHost, refresh_loop
 from fleet_server.settings import Settings
+from fleet_server.telemetry import api as telemetry_api
 
 log = logging.getLogger("fleet_server.app")
 
 LAST_SEEN_FLUSH_INTERVAL_S = 5.0
-OPTIONAL_ROUTERS = ("fleet_server.telemetry.api", "fleet_server.rollouts.api")
-
-
-def optional_router(module_name: str) -> APIRouter | None:
-    """``module.router`` if the module is importable (a package not built yet is simply absent)."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name):
-            return None
-        raise
-    router = getattr(module, "router", None)
-    return router if isinstance(router, APIRouter) else None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,12 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     _attach_state(app, settings)
     install_error_handlers(app)
-    for router in ROUTERS:
+    for router in (*ROUTERS, telemetry_api.router, rollouts_api.router):
         app.include_router(router)
-    for module_name in OPTIONAL_ROUTERS:
-        extra = optional_router(module_name)
-        if extra is not None:
-            app.include_router(extra)
     app.add_middleware(DesiredStateFastPath, service=app.state.desired_state, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times the fast path too
     return app

@@ -25,7 +25,6 @@ import numpy as np
 
 from bundles.errors import ConfigError
 from bundles.manifest import TARGETS, Requirements
-from converter.build_context import BuildContext
 
 
 @dataclass
@@ -57,16 +56,6 @@ class Runner(Protocol):
     """A variant loaded in its runtime."""
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-class Exporter(Protocol):
-    TARGET: str
-    RUNTIME: str
-    PRECISIONS: tuple[str, ...]
-
-    def build(self, ctx: BuildContext, precision: str, out_dir: Path) -> BuiltVariant: ...
-
-    def open_runner(self, variant: BuiltVariant) -> Runner | None: ...
 
 
 def available_targets() -> tuple[str, ...]:

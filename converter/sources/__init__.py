@@ -23,9 +23,6 @@ import numpy as np
 from bundles.errors import ConfigError
 from converter.spec import ModelSpec
 
-KINDS = ("torch", "onnx", "sklearn")
-"""Source kinds shipped today; ``hf`` (causal LMs, GGUF) arrives with wave 2 as ``sources/hf.py``."""
-
 
 class SourceModel(Protocol):
     """A loaded source model: the reference outputs and an fp32 single-file ONNX export."""

@@ -56,21 +56,13 @@ from fleet_server.rollouts.service import (
 )
 from fleet_server.rollouts.spec import RolloutPolicy
 from fleet_server.rollouts.states import RolloutEvent, RolloutState, WaveEvent, WaveState
+from fleet_server.telemetry.query import cohort_stats
 
 log = logging.getLogger("fleet_server.rollouts.engine")
 
 StatsFn = Callable[[Session, str, int, Sequence[str], dt.datetime], Any]
 DEFAULT_TICK_S = 10.0
 STICKY = frozenset({DeviceOutcome.FAILED.value, DeviceOutcome.TIMED_OUT.value})
-
-
-def telemetry_stats() -> StatsFn | None:
-    """``fleet_server.telemetry.query.cohort_stats`` if the telemetry package is installed."""
-    try:
-        from fleet_server.telemetry.query import cohort_stats
-    except ImportError:
-        return None
-    return cohort_stats
 
 
 class RolloutEngine:
@@ -80,11 +72,11 @@ class RolloutEngine:
         self,
         session_factory: sessionmaker[Session],
         clock: Callable[[], dt.datetime] = utcnow,
-        stats: StatsFn | None = None,
+        stats: StatsFn = cohort_stats,
     ) -> None:
         self.session_factory = session_factory
         self.clock = clock
-        self.stats = stats or telemetry_stats()
+        self.stats = stats
 
     def tick(self) -> list[RolloutDecision]:
         """Evaluate every running rollout once; the decisions that acted."""
@@ -120,9 +112,7 @@ def tick_interval_s(settings: Any) -> float:
     return float(value) if value else DEFAULT_TICK_S
 
 
-def evaluate_rollout(
-    session: Session, rollout: Rollout, now: dt.datetime, stats: StatsFn | None
-) -> list[RolloutDecision]:
+def evaluate_rollout(session: Session, rollout: Rollout, now: dt.datetime, stats: StatsFn) -> list[RolloutDecision]:
     """One tick of one running rollout (see the module docstring); returns the decisions that acted."""
     policy, gates = policy_of(rollout), parse_gates(list(policy_of(rollout).gates))
     waves = waves_of(session, rollout.id)
@@ -165,7 +155,7 @@ def evaluate_wave(
     wave: RolloutWave,
     wave_count: int,
     now: dt.datetime,
-    stats: StatsFn | None,
+    stats: StatsFn,
 ) -> Decision:
     """Release, observe, classify, measure and decide for the rollout's current wave."""
     members = devices_of(session, rollout.id, wave.index)
@@ -264,7 +254,7 @@ def _canary_figures(
     wave: RolloutWave,
     members: Sequence[RolloutDevice],
     outcomes: Counter[DeviceOutcome],
-    stats: StatsFn | None,
+    stats: StatsFn,
 ) -> CohortFigures:
     counts = {
         "devices_total": len(members),
@@ -273,7 +263,7 @@ def _canary_figures(
         "devices_timed_out": outcomes[DeviceOutcome.TIMED_OUT],
     }
     released = [m for m in members if m.released_at is not None]
-    if stats is None or not released or wave.started_at is None:
+    if not released or wave.started_at is None:
         return CohortFigures(**counts)
     shadow = [m for m in released if _is_shadow(wave, m)]
     if shadow:  # shadow results ride in the windows of the version the device still serves
@@ -285,11 +275,9 @@ def _canary_figures(
     return CohortFigures.from_stats(cohort, **counts)
 
 
-def _control_figures(
-    session: Session, rollout: Rollout, wave: RolloutWave, stats: StatsFn | None
-) -> CohortFigures | None:
+def _control_figures(session: Session, rollout: Rollout, wave: RolloutWave, stats: StatsFn) -> CohortFigures | None:
     """The devices of this rollout not yet released, on their (most common) previous version."""
-    if stats is None or wave.started_at is None:
+    if wave.started_at is None:
         return None
     query = select(RolloutDevice).where(
         RolloutDevice.rollout_id == rollout.id, RolloutDevice.membership == "member",
