@@ -154,9 +154,13 @@ install_agent() {
   mkdir -p "$ROOT$APP/wheels"
   rm -f "$ROOT$APP"/wheels/*.whl
   cp "$REPO/build/arm64-wheel/$wheel" "$ROOT$APP/wheels/"
-  # The dependency set (the extras' pins and the test tools) decides whether the cached venv is still good.
-  deps_key=$( { "$PY" -c 'import tomllib,json,sys; d=tomllib.load(open(sys.argv[1],"rb"))["project"];
-print(json.dumps([d["dependencies"], d["optional-dependencies"]], sort_keys=True))' "$REPO/pyproject.toml"
+  # The dependency set (the core and device extras' pins, the test tools) decides whether the cached venv is good.
+  deps_key=$( { "$PY" -c 'import json, sys
+try: import tomllib
+except ImportError: import tomli as tomllib  # Python 3.10 (the agent extra brings it)
+d = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(json.dumps([d["dependencies"], *(d["optional-dependencies"][e] for e in sys.argv[2].split(","))]))' \
+      "$REPO/pyproject.toml" "$EXTRAS"
     printf '%s\n' "$EXTRAS" "${TEST_TOOLS[@]}"; } | sha256sum | cut -c1-12)
   if [[ ! -f "$ROOT$venv/.deps-$deps_key" ]]; then
     rm -rf "$ROOT$venv"

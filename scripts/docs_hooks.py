@@ -98,11 +98,16 @@ def openapi_schema() -> dict[str, Any]:
     from fleet_server.app import create_app
     from fleet_server.settings import Settings
 
-    logging.getLogger("fleet_server.settings").setLevel(logging.ERROR)  # dev-mode warnings are expected here
-    with tempfile.TemporaryDirectory() as data_dir:
-        app = create_app(Settings(mode="dev", data_dir=Path(data_dir), background_tasks=False))
-        schema: dict[str, Any] = app.openapi()
-        app.state.engine.dispose()
+    settings_log = logging.getLogger("fleet_server.settings")
+    level = settings_log.level
+    settings_log.setLevel(logging.ERROR)  # the dev-mode warnings are expected here
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            app = create_app(Settings(mode="dev", data_dir=Path(data_dir), background_tasks=False))
+            schema: dict[str, Any] = app.openapi()
+            app.state.engine.dispose()
+    finally:
+        settings_log.setLevel(level)
     return schema
 
 
