@@ -136,11 +136,13 @@ carry_pip_config() {
   for f in "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf"; do
     [[ -f $f ]] && mkdir -p "$ROOT/root/.config/pip" && filter_pip_conf "$f" "$ROOT/root/.config/pip/pip.conf"
   done
-  if compgen -G "/usr/local/share/ca-certificates/*" >/dev/null; then
-    mkdir -p "$ROOT/usr/local/share/ca-certificates"
-    cp -r /usr/local/share/ca-certificates/. "$ROOT/usr/local/share/ca-certificates/"
+  # update-ca-certificates takes most of a minute under emulation: only when the host's extra CAs changed.
+  local cas=/usr/local/share/ca-certificates
+  [[ -d $cas ]] || return 0
+  if ! diff -rq "$cas" "$ROOT$cas" >/dev/null 2>&1; then
+    rm -rf "${ROOT:?}$cas" && mkdir -p "$ROOT$cas" && cp -r "$cas/." "$ROOT$cas/"
+    in_root update-ca-certificates --fresh >/dev/null
   fi
-  in_root update-ca-certificates >/dev/null
 }
 
 # --- 4. the agent from its wheel -----------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ host_tools
 timed "register binfmt qemu-aarch64" register_binfmt
 build_root
 mount_pseudo
-carry_pip_config
+timed "carry the host's pip configuration and CA certificates" carry_pip_config
 timed "build the wheel (host)" build_wheel
 install_agent
 copy_tests
