@@ -198,8 +198,10 @@ run_tests() {
   local -a extra=(${EDGEFLEET_ARM64_PYTEST_ARGS:-})
   # The code under test must come from the wheel in site-packages, on aarch64.
   in_root_at "$APP/src" "$APP/venv/bin/python" -c "$WHERE_FROM"
+  # One fixed --basetemp, emptied by pytest at each run, so the cached root does not grow by a run's temp files.
+  rm -rf "$ROOT/tmp/pytest-of-root"
   in_root_at "$APP/src" "$APP/venv/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$APP/junit.xml" \
-    "${args[@]}" "${extra[@]}"
+    --basetemp=/tmp/edgefleet-pytest "${args[@]}" "${extra[@]}"
 }
 
 host_tools
