@@ -106,7 +106,7 @@ class Agent:
     @classmethod
     def build(cls, config: AgentConfig, follow_pointers: bool = True, telemetry: bool = True) -> Agent:
         """Assemble engine, pipeline and updater for ``config``, serving the committed models."""
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        config.ensure_state_dir()
         caps = probe_capabilities(config.state_dir)
         engine = LocalEngine(config.threads, config.max_concurrency, config.max_waiting, config.queue_timeout_s, caps)
         recorder = _open_telemetry(config) if telemetry else None

@@ -69,6 +69,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     config = _config(args)
     pinned_root = _read_root_file(args.root) if args.root else None
+    config.ensure_state_dir()
     key = load_or_create_key(config.identity_dir)
     caps = probe_capabilities(config.state_dir if config.state_dir.exists() else ".")
     inventory = {"capabilities": caps.to_dict(), "installed": [], "agent_version": AGENT_VERSION}

@@ -67,6 +67,17 @@ class AgentConfig:
     http_port: int = 8181
     log_level: str = "info"
 
+    def ensure_state_dir(self) -> Path:
+        """Create ``state_dir`` (mode 0700, tightened if it exists) and return it.
+
+        It holds the device key, the access token, the desired state and prediction samples: other
+        local users have no business reading any of it.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.state_dir.stat().st_mode & 0o077:
+            self.state_dir.chmod(0o700)
+        return self.state_dir
+
     @property
     def identity_dir(self) -> Path:
         """Device key, access token and the server's TUF root."""

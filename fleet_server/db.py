@@ -20,12 +20,13 @@ URLs: ``sqlite:///path/to/fleet.db`` (embedded default) or ``postgresql+psycopg:
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -99,10 +100,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def private_sqlite_file(url: str) -> None:
+    """Create the SQLite file of ``url`` with mode 0600 (tightening an existing one).
+
+    It holds token and key hashes, device inventories and telemetry; SQLite gives its ``-wal`` and
+    ``-shm`` files the same mode.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if not path.parent.is_dir():
+        return  # SQLite reports the missing directory itself
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
+
+
 def make_engine(database_url: str, pool_size: int = 10) -> Engine:
     """An engine for a SQLite file or a PostgreSQL server, tuned for the API's short transactions."""
     url = normalize_url(database_url)
     if url.startswith("sqlite"):
+        private_sqlite_file(url)
         engine = create_engine(url, pool_size=pool_size, max_overflow=20, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

@@ -120,11 +120,14 @@ class TelemetryBuffer:
         self.wal_limit_bytes = min(1024 * 1024, cap_bytes // 32)
         self.budget_bytes = int((cap_bytes - self.wal_limit_bytes - SHM_BYTES) / PAGE_OVERHEAD)
         self._lock = threading.Lock()
+        _make_private(self.path)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._configure()
         self.used_bytes = self._measure()
 
     def _configure(self) -> None:
+        for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; older files are tightened
+            _make_private(self.path.with_name(self.path.name + suffix), create=False)
         self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -388,3 +391,11 @@ def _assemble(batch_id: str, rows: list[tuple[str, bytes]]) -> Batch:
     for kind, body in rows:
         lists[kind].append(json.loads(zlib.decompress(body)))
     return batch
+
+
+def _make_private(path: Path, create: bool = True) -> None:
+    """Mode 0600 for a buffer file (created empty if missing): samples may hold users' inputs."""
+    if create:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    if path.exists() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)

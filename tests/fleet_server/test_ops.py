@@ -67,3 +67,21 @@ def test_logs_are_one_json_object_per_line_with_extra_fields():
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["msg"] == "device enrolled" and entry["level"] == "info" and entry["device_id"] == "dev-1"
+
+
+def test_the_sqlite_database_file_is_created_0600_and_an_open_one_is_tightened(tmp_path):
+    import os
+    import stat
+
+    from fleet_server.db import make_engine, upgrade_database
+
+    previous = os.umask(0o022)
+    try:
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+        upgrade_database(url)
+        assert stat.S_IMODE((tmp_path / "fleet.db").stat().st_mode) == 0o600
+        (tmp_path / "fleet.db").chmod(0o644)  # as a file made by an older server
+        make_engine(url).dispose()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "fleet.db").stat().st_mode) == 0o600
