@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bundles.errors import (
@@ -109,10 +109,13 @@ def _http_error(_request: Request, error: Exception) -> JSONResponse:
 
 
 def _database_error(_request: Request, error: Exception) -> JSONResponse:
-    """Out-of-range input the validation missed is a 400; a database that is down is a 503 (retry
-    later); anything else is our bug, a 500."""
+    """Out-of-range input the validation missed is a 400; a unique row that a concurrent request created
+    first is a 409; a database that is down is a 503 (retry later); anything else is our bug, a 500."""
     if isinstance(error, DataError):
         return JSONResponse({"detail": f"a value does not fit the database column ({error.orig})"}, 400)
+    if isinstance(error, IntegrityError):  # a unique row two requests raced to create
+        log.warning("integrity conflict: %s", error.orig)
+        return JSONResponse({"detail": "a concurrent request changed the same record; retry"}, 409)
     if isinstance(error, OperationalError):
         log.error("database unavailable: %s", error)
         return JSONResponse({"detail": "the database is unavailable; retry later"}, 503, {"Retry-After": "5"})

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from bundles.errors import ConfigError, EdgeFleetError
 from fleet_server import audit
@@ -39,6 +40,7 @@ from fleet_server.rollouts.states import (
     TERMINAL_WAVE_STATES,
     RolloutEvent,
     RolloutState,
+    RolloutStateError,
     WaveEvent,
     WaveState,
     next_rollout_state,
@@ -113,10 +115,24 @@ def change_state(
     record: dict[str, Any] | None = None,
     now: dt.datetime | None = None,
 ) -> RolloutDecision:
-    """Move the rollout through its table and store the decision record and the audit entry."""
+    """Move the rollout through its table and store the decision record and the audit entry.
+
+    The state is written with a conditional UPDATE (``WHERE state = <the state we read>``), so when
+    two processes act on the same rollout at once (SQLite has no row lock) one wins and the other
+    gets a 409 instead of both recording a transition.
+    """
     before = rollout.state
-    rollout.state = next_rollout_state(rollout.state, event, rollout.id).value
-    rollout.state_changed_at = now or utcnow()
+    target = next_rollout_state(rollout.state, event, rollout.id).value
+    changed_at = now or utcnow()
+    moved: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Rollout).where(Rollout.id == rollout.id, Rollout.state == before)
+        .values(state=target, state_changed_at=changed_at).execution_options(synchronize_session=False)
+    )  # fmt: skip
+    if moved.rowcount != 1:
+        session.refresh(rollout)
+        raise RolloutStateError(f"cannot {event.value} rollout {rollout.id}: it changed to {rollout.state} meanwhile")
+    set_committed_value(rollout, "state", target)
+    set_committed_value(rollout, "state_changed_at", changed_at)
     return add_decision(session, rollout, actor=actor, action=action, reason=reason, record=record or {},
                         from_state=before, now=now)  # fmt: skip
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.errors import AuthError, ConfigError
@@ -78,7 +78,14 @@ def authenticate_api_key(factory: sessionmaker[Session], settings: Settings, sec
 
 
 def _touch(session: Session, key: ApiKey) -> None:
+    """Record the use at most once per resolution; the condition is in the UPDATE, so concurrent
+    requests on several processes write it once and never move it backwards."""
     now = utcnow()
-    if key.last_used_at is None or now - key.last_used_at > dt.timedelta(seconds=LAST_USED_RESOLUTION_S):
-        session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+    cutoff = now - dt.timedelta(seconds=LAST_USED_RESOLUTION_S)
+    if key.last_used_at is None or key.last_used_at < cutoff:
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key.id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < cutoff))
+            .values(last_used_at=now)
+        )
         session.commit()

@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from bundles.errors import AuthError, ConfigError
@@ -37,6 +37,7 @@ from fleet_server.settings import Settings
 
 log = logging.getLogger("fleet_server.devices")
 LAST_SEEN_RESOLUTION_S = 60
+_STATUS_ATTEMPTS = 3
 # Which status an admin action moves a device to, and from which statuses it may.
 TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "approve": ("accepted", ("pending", "rejected")),
@@ -98,25 +99,47 @@ def _new_device(session: Session, settings: Settings, public_key: bytes, fleet: 
 
 
 def _consume_enrollment_token(session: Session, settings: Settings, secret: str) -> EnrollmentToken:
+    """Check the token and take one of its uses with one conditional UPDATE.
+
+    The UPDATE re-checks every condition in the database, so concurrent enrollments on two server
+    processes cannot take more uses than ``max_uses`` (the row is locked until the transaction ends,
+    and a rolled-back enrollment gives its use back).
+    """
     token = session.scalar(
         select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(secret, settings.token_pepper))
     )
     if token is None or token.revoked_at is not None:
         raise AuthError("unknown or revoked enrollment token")
-    if token.expires_at <= utcnow():
+    now = utcnow()
+    if token.expires_at <= now:
         raise AuthError(f"enrollment token {token.prefix}… expired at {token.expires_at.isoformat()}")
     if token.max_uses is not None and token.uses >= token.max_uses:
         raise AuthError(f"enrollment token {token.prefix}… has been used {token.uses} times (its limit)")
-    token.uses += 1
+    taken = session.execute(
+        update(EnrollmentToken)
+        .where(EnrollmentToken.id == token.id, EnrollmentToken.revoked_at.is_(None), EnrollmentToken.expires_at > now,
+               or_(EnrollmentToken.max_uses.is_(None), EnrollmentToken.uses < EnrollmentToken.max_uses))
+        .values(uses=EnrollmentToken.uses + 1)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    if _rowcount(taken) != 1:
+        raise AuthError(f"enrollment token {token.prefix}… has no use left (a concurrent enrollment took the last)")
+    session.expire(token, ["uses"])
     return token
 
 
 def _consume_nonce(session: Session, nonce: str) -> None:
-    row = session.get(EnrollmentNonce, nonce)
-    if row is None or row.expires_at <= utcnow():
+    """Delete the nonce if it is still valid; exactly one enrollment can do so."""
+    deleted = session.execute(
+        delete(EnrollmentNonce).where(EnrollmentNonce.nonce == nonce, EnrollmentNonce.expires_at > utcnow())
+    )
+    if _rowcount(deleted) != 1:
         raise AuthError("unknown or expired enrollment nonce: ask for a new one at /api/v1/enroll/challenge")
-    session.delete(row)
-    session.flush()
+
+
+def _rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE or DELETE (both SQLite and PostgreSQL report it exactly)."""
+    return int(result.rowcount)
 
 
 def _parse_hex(value: str, field: str, length: int) -> bytes:
@@ -191,20 +214,38 @@ def touch_last_seen(session: Session, device_id: str) -> None:
 
 
 def change_status(session: Session, *, device_id: str, action: str, actor: str) -> Device:
-    """Approve, reject or decommission a device; reject and decommission revoke its access token."""
+    """Approve, reject or decommission a device; reject and decommission revoke its access token.
+
+    The change is a compare-and-set (``UPDATE ... WHERE status = <the status read>``): of concurrent
+    actions on several processes, each one moves the device from the status it really has, once,
+    and writes one audit entry; a status that changed meanwhile is read again and judged anew.
+    """
     target, allowed_from = TRANSITIONS[action]
     device = get_device(session, device_id)
-    if device.status == target:
-        return device
-    if device.status not in allowed_from:
-        raise ConflictError(f"device {device_id} is {device.status}; cannot {action} it")
-    before = describe_device(device)
-    device.status = target
+    for _ in range(_STATUS_ATTEMPTS):
+        if device.status == target:
+            return device
+        if device.status not in allowed_from:
+            raise ConflictError(f"device {device_id} is {device.status}; cannot {action} it")
+        before = describe_device(device)
+        if _compare_and_set_status(session, device, target):
+            record(session, actor=actor, action=f"device.{action}", target_type="device", target_id=device_id,
+                   before=before, after=describe_device(device))  # fmt: skip
+            return device
+    raise ConflictError(f"device {device_id} keeps changing status; retry the {action}")
+
+
+def _compare_and_set_status(session: Session, device: Device, target: str) -> bool:
+    """Move ``device`` to ``target`` if its row still has the status read; refreshes it either way."""
+    values: dict[str, Any] = {"status": target}
     if target in ("rejected", "decommissioned"):
-        device.token_hash = None
-    record(session, actor=actor, action=f"device.{action}", target_type="device", target_id=device_id,
-           before=before, after=describe_device(device))  # fmt: skip
-    return device
+        values["token_hash"] = None
+    moved = session.execute(
+        update(Device).where(Device.id == device.id, Device.status == device.status).values(**values)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    session.refresh(device)
+    return _rowcount(moved) == 1
 
 
 def set_tags(session: Session, *, device_id: str, add: list[str], remove: list[str], actor: str) -> Device:
