@@ -27,7 +27,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from bundles.manifest import FileRef, Manifest, Variant
 MANIFEST_NAME = "manifest.json"
 _CHUNK_BYTES = 1 << 20
 _FILE_MODE = 0o644
+MAX_PADDING_BYTES = 1 << 20  # zero blocks after the last member (tar record padding is 10 KiB)
 _DIR_MODE = 0o755
 
 
@@ -150,13 +151,18 @@ def open_variant(
 ) -> Path:
     """Unpack one variant's tar.gz into ``dest_dir``, verify it, and write ``manifest.json`` beside it.
 
-    The result is a bundle directory holding just that variant, loadable by the Predictor.
+    The result is a bundle directory holding just that variant, loadable by the Predictor. Each
+    member is checked against the variant's declared files *before* it is written (a path the
+    manifest does not declare, or a size other than the declared one, stops the unpack at once),
+    each file is cut off at its declared size, and the whole unpack at the declared total: a signed
+    archive that is far bigger than its manifest says costs no more disk and time than the manifest.
     """
     variant: Variant = manifest.variant(variant_id)
     dest = Path(dest_dir)
+    declared = {f.path: f.size_bytes for f in variant.files}
     with _staging(dest) as stage:
-        extracted = _extract(Path(archive_path), stage, limits or ArchiveLimits())
-        _check_listed_exactly(extracted, [f.path for f in variant.files])
+        extracted = _extract(Path(archive_path), stage, limits or ArchiveLimits(), declared)
+        _check_listed_exactly(extracted, list(declared))
         verify_files(stage, variant.files)
         (stage / MANIFEST_NAME).write_bytes(manifest.to_bytes())
     return dest
@@ -195,6 +201,19 @@ def verify_files(root_dir: str | Path, files: Iterable[FileRef]) -> None:
             raise IntegrityError(f"file '{ref.path}': sha256 {digest} differs from the manifest's {ref.sha256}")
 
 
+def max_archive_bytes(declared_sizes: Iterable[int]) -> int:
+    """The largest honest tar.gz of files with these sizes (:func:`pack_variant` stays well below).
+
+    Per member at most 2 KiB of tar headers (PAX header and padding), 10 KiB for the end of the
+    archive and its record padding, and deflate's worst case on incompressible data (0.1 %). A
+    variant archive whose signed length is above this cannot hold what the manifest declares,
+    so it is refused before a byte of it is downloaded.
+    """
+    sizes = list(declared_sizes)
+    payload = sum(sizes)
+    return payload + payload // 1000 + 2048 * (len(sizes) + 1) + 16 * 1024
+
+
 def _check_listed_exactly(extracted: list[str], listed: list[str]) -> None:
     unexpected = sorted(set(extracted) - set(listed))
     if unexpected:
@@ -217,34 +236,65 @@ def _staging(dest: Path) -> Iterator[Path]:
 
 
 class _Budget:
-    """Counts members and bytes actually written against the limits."""
+    """Counts members and bytes actually written against the limits (and the declared files, if any)."""
 
-    def __init__(self, limits: ArchiveLimits, archive: Path) -> None:
-        self.limits, self.archive = limits, archive
+    def __init__(self, limits: ArchiveLimits, archive: Path, declared: Mapping[str, int] | None = None) -> None:
+        self.archive, self.declared = archive, declared
+        if declared is not None:  # the manifest's word is the limit, within the configured caps
+            limits = ArchiveLimits(max_total_bytes=min(limits.max_total_bytes, sum(declared.values())),
+                                   max_member_bytes=limits.max_member_bytes,
+                                   max_members=limits.max_members)  # fmt: skip
+        self.limits = limits
         self.members = 0
         self.total_bytes = 0
+        self.padding_bytes = 0
 
-    def add_member(self, name: str, declared_bytes: int) -> None:
+    def add_member(self, name: str, declared_bytes: int, is_file: bool = True) -> None:
         self.members += 1
         if self.members > self.limits.max_members:
             raise ArchiveError(f"{self.archive.name}: more than {self.limits.max_members} members")
         if declared_bytes > self.limits.max_member_bytes:
             raise ArchiveError(f"{self.archive.name}: member '{name}' exceeds {self.limits.max_member_bytes} bytes")
+        if self.declared is not None and is_file:
+            self._check_declared(name, declared_bytes)
+
+    def _check_declared(self, name: str, header_bytes: int) -> None:
+        """Refuse a member the manifest does not declare, or of another size, before writing a byte of it."""
+        assert self.declared is not None
+        if name not in self.declared:
+            raise IntegrityError(f"{self.archive.name}: member '{name}' is not a file the manifest declares")
+        if header_bytes != self.declared[name]:
+            raise IntegrityError(
+                f"{self.archive.name}: member '{name}' is {header_bytes} bytes, the manifest declares "
+                f"{self.declared[name]}"
+            )
+
+    def member_cap(self, name: str) -> int:
+        """The most bytes member ``name`` may have: its declared size, else the per-member limit."""
+        if self.declared is not None and name in self.declared:
+            return self.declared[name]
+        return self.limits.max_member_bytes
 
     def add_bytes(self, name: str, member_bytes: int, count: int) -> None:
         self.total_bytes += count
-        if member_bytes > self.limits.max_member_bytes:
-            raise ArchiveError(f"{self.archive.name}: member '{name}' exceeds {self.limits.max_member_bytes} bytes")
+        if member_bytes > self.member_cap(name):
+            raise ArchiveError(f"{self.archive.name}: member '{name}' exceeds {self.member_cap(name)} bytes")
         if self.total_bytes > self.limits.max_total_bytes:
             raise ArchiveError(f"{self.archive.name}: content exceeds {self.limits.max_total_bytes} bytes")
 
+    def add_padding(self, count: int) -> None:
+        self.padding_bytes += count
+        if self.padding_bytes > MAX_PADDING_BYTES:
+            raise ArchiveError(f"{self.archive.name}: more than {MAX_PADDING_BYTES} bytes after the last member")
 
-def _extract(archive: Path, root: Path, limits: ArchiveLimits) -> list[str]:
+
+def _extract(archive: Path, root: Path, limits: ArchiveLimits, declared: Mapping[str, int] | None = None) -> list[str]:
     """Extract every member of ``archive`` under ``root`` with all the safety checks."""
-    budget = _Budget(limits, archive)
+    budget = _Budget(limits, archive, declared)
+    max_file_bytes = limits.max_total_bytes if declared is None else max_archive_bytes(declared.values())
     try:
-        if archive.stat().st_size > limits.max_total_bytes:
-            raise ArchiveError(f"{archive.name}: archive file exceeds {limits.max_total_bytes} bytes")
+        if archive.stat().st_size > max_file_bytes:
+            raise ArchiveError(f"{archive.name}: archive file exceeds {max_file_bytes} bytes")
         with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
             reader = _LastReadKeeper(gz)
             files = _extract_members(reader, root, budget)
@@ -287,7 +337,7 @@ def _extract_members(gz: _LastReadKeeper, root: Path, budget: _Budget) -> list[s
     with tarfile.open(fileobj=gz, mode="r:") as tar:  # type: ignore[call-overload]
         for member in tar:
             name = _safe_name(member, budget.archive)
-            budget.add_member(name, member.size)
+            budget.add_member(name, member.size, is_file=not member.isdir())
             if name in seen:
                 raise ArchiveError(f"{budget.archive.name}: member '{name}' appears twice")
             seen.add(name)
@@ -335,7 +385,7 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, nam
 def _drain(gz: gzip.GzipFile, budget: _Budget) -> None:
     """Read the gzip stream to its end so its CRC and length are checked; only zero padding may follow."""
     while chunk := gz.read(_CHUNK_BYTES):
-        budget.add_bytes("(padding)", 0, len(chunk))
+        budget.add_padding(len(chunk))
         if chunk.strip(b"\0"):
             raise ArchiveError(f"{budget.archive.name}: data after the end of the archive")
 
@@ -349,5 +399,6 @@ __all__ = [
     "pack_variant",
     "read_manifest",
     "unpack",
+    "max_archive_bytes",
     "verify_files",
 ]

@@ -93,6 +93,18 @@ class TargetRewriteError(VersionConflictError):
     """
 
 
+class BelowFloorError(TrustError):
+    """The release key set a minimum version for the model (``custom.edgefleet.min_version``) and the
+    version a device was directed to is below it: no director, honest or not, can push a device there."""
+
+
+class UntrustedRecordError(TrustError):
+    """The server's root or targets disagree with the release workstation's pinned root and ledger.
+
+    The workstation signs nothing until the difference is explained: the server may be compromised.
+    """
+
+
 class KeyFileError(EdgeFleetError):
     """A key file is missing, unreadable or has unsafe permissions."""
 
@@ -155,6 +167,7 @@ __all__ = [
     "ArchiveError",
     "AuthError",
     "BadSignatureError",
+    "BelowFloorError",
     "BundleError",
     "BusyError",
     "ConfigError",
@@ -180,5 +193,6 @@ __all__ = [
     "TransportError",
     "TrustError",
     "UnknownTargetError",
+    "UntrustedRecordError",
     "VersionConflictError",
 ]

@@ -56,9 +56,15 @@ class TelemetryReporter:
             [h.split(":", 1)[0] for h in record.history if not h.startswith("resume")],
         )  # fmt: skip
         event.update(id=record.deployment_id, status=record.status.value, variant=record.selected_variant,
-                     health=record.health, error_kind=record.error_kind)  # fmt: skip
+                     health=record.health, error_kind=record.error_kind, downgrade=is_downgrade(record))  # fmt: skip
         if self.recorder is not None:
             self.recorder.event(event)
+
+
+def is_downgrade(record: DeploymentRecord) -> bool:
+    """Was the device directed to an older version than it ran (a rollback by the director, allowed
+    above the release floor: reported as such so that the server's history says so)?"""
+    return record.previous_version is not None and record.version < record.previous_version
 
 
 def _open_telemetry(config: AgentConfig) -> Any:

@@ -47,6 +47,8 @@ class AgentConfig:
     jitter_s: float = 30.0
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 600.0
+    retry_initial_s: float = 60.0  # a deployment that failed before changing the device: first retry after
+    retry_max_s: float = 3600.0  # ... doubling up to this (reset by a new desired target)
     request_timeout_s: float = 30.0
     max_state_saves: int = 28
     # download and install limits
@@ -152,7 +154,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _validate(config: AgentConfig) -> AgentConfig:
-    positive = ("poll_interval_s", "backoff_initial_s", "backoff_max_s", "request_timeout_s", "max_concurrency")
+    positive = ("poll_interval_s", "backoff_initial_s", "backoff_max_s", "request_timeout_s", "max_concurrency",
+                "retry_initial_s", "retry_max_s")  # fmt: skip
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(config, key)}")

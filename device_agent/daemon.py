@@ -3,10 +3,11 @@
 Start: serve the localhost HTTP API, then recover (finish an interrupted deployment, settle the
 slots). Loop: poll the desired state (``If-None-Match`` with the last ETag; the last desired state is
 kept on disk so a restart does not need the network to know its targets), apply it (one deployment
-per model whose committed version differs; transient failures are retried on the next poll, permanent
-ones are not), report the inventory when it changed, close telemetry windows and upload them. Waits
-``poll_interval_s`` plus or minus ``jitter_s`` (both can come from the server) between polls, and backs
-off exponentially with jitter while the server cannot be reached.
+per model whose committed version differs; a bundle that failed to download, verify or unpack is
+retried with exponential backoff, one that failed its health check is not retried), report the
+inventory when it changed, close telemetry windows and upload them. Waits ``poll_interval_s`` plus or
+minus ``jitter_s`` (both can come from the server) between polls, and backs off exponentially with
+jitter while the server cannot be reached.
 
 Once started, what start-up allocated (imported modules, runtimes, the models being served, some
 50,000 objects) is frozen out of the garbage collector's way (``gc.freeze``): a full collection then
@@ -30,15 +31,10 @@ from device_agent.identity import Enrollment, trusted_root_bytes
 from device_agent.persist import atomic_write_json, read_json
 from device_agent.serving import ServingConfig, ServingPipeline
 from device_agent.shadow import ShadowMode
+from device_agent.update.backoff import backoff_s
 from device_agent.update.source import TufSource
 
 log = logging.getLogger(__name__)
-
-
-def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
-    """Exponential backoff with jitter over the upper half: 5, 10, 20 ... up to ``max_s`` seconds."""
-    ceiling = min(max_s, initial_s * 2 ** max(failures - 1, 0))
-    return float(ceiling / 2 + random.uniform(0.0, ceiling / 2))
 
 
 class Daemon:

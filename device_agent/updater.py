@@ -22,6 +22,7 @@ from device_agent.failed import FailedTargets
 from device_agent.inference import LocalEngine
 from device_agent.persist import atomic_write_json, read_json
 from device_agent.slots import SlotStore
+from device_agent.update.backoff import RetrySchedule, desired_target, failed_before_change
 from device_agent.update.machine import UpdateMachine
 from device_agent.update.record import DeploymentRecord, RecordStore
 from device_agent.update.source import BundleSource
@@ -43,6 +44,11 @@ class NoSource:
         del target_path
         self.refresh()
         return 0
+
+    def target_custom(self, target_path: str) -> dict[str, Any]:
+        del target_path
+        self.refresh()
+        return {}
 
     def fetch(self, target_path: str) -> Path:
         del target_path
@@ -96,6 +102,7 @@ class Updater:
         self.config, self.engine = config, engine
         self.slots = SlotStore(config.models_dir)
         self.failed = FailedTargets(config.state_dir / "failed.json")
+        self.retries = RetrySchedule(config.state_dir / "retry.json", config.retry_initial_s, config.retry_max_s)
         self.steps = UpdateSteps(
             config, self.slots, source or NoSource(), EngineHost(engine, config), capabilities, self.failed, reporter
         )
@@ -151,13 +158,28 @@ class Updater:
         """
         done = []
         for entry in desired.get("models", []):
-            if _not_yet(entry.get("start_after")):
+            if _not_yet(entry.get("start_after")) or self._backing_off(entry):
                 continue
             record = self.deploy(entry)
+            self._schedule_retry(entry, record)
             if record.status is not DeploymentStatus.UP_TO_DATE:
                 done.append(record)
         self.settle()
         return done
+
+    def _backing_off(self, entry: Mapping[str, Any]) -> bool:
+        wait_s = self.retries.wait_s(str(entry.get("name")), desired_target(entry))
+        if wait_s > 0:
+            log.debug("%s@%s failed before; next try in %.0f s", entry.get("name"), entry.get("version"), wait_s)
+        return wait_s > 0
+
+    def _schedule_retry(self, entry: Mapping[str, Any], record: DeploymentRecord) -> None:
+        """A failure before the device changed waits (exponentially longer) for its next try."""
+        if failed_before_change(record):
+            delay_s = self.retries.failed(record.model, desired_target(entry), record.error)
+            log.warning("deployment %s failed (%s); next try in %.0f s", record.ref, record.error, delay_s)
+        else:
+            self.retries.clear(record.model)
 
     def deploy(self, entry: Mapping[str, Any]) -> DeploymentRecord:
         """One deployment from a desired-state model entry (``name``, ``version``, ``manifest_target``...)."""

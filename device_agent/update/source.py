@@ -21,6 +21,9 @@ class BundleSource(Protocol):
     def target_length(self, target_path: str) -> int:
         """The signed length in bytes of a target."""
 
+    def target_custom(self, target_path: str) -> dict[str, Any]:
+        """The signed ``custom`` field of a target (``{}`` if it has none)."""
+
     def fetch(self, target_path: str) -> Path:
         """A local file holding the target's verified bytes (downloaded or cached)."""
 
@@ -42,6 +45,10 @@ class TufSource:
 
     def target_length(self, target_path: str) -> int:
         return int(self.client.target_info(target_path).length)
+
+    def target_custom(self, target_path: str) -> dict[str, Any]:
+        custom = self.client.target_info(target_path).custom
+        return dict(custom) if isinstance(custom, dict) else {}
 
     def fetch(self, target_path: str) -> Path:
         return Path(self.client.download(target_path))

@@ -13,14 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from bundles.archive import ArchiveLimits
+from bundles.archive import ArchiveLimits, max_archive_bytes
 from bundles.canonical import sha256_bytes
-from bundles.errors import InstallError, IntegrityError, MixAndMatchError, NoCompatibleVariantError
+from bundles.errors import (
+    BelowFloorError,
+    InstallError,
+    IntegrityError,
+    MixAndMatchError,
+    NoCompatibleVariantError,
+)
 from bundles.manifest import Manifest, Variant
 from bundles.selection import DeviceCapabilities, rejection_reasons, select_variant
 from device_agent.config import AgentConfig
 from device_agent.failed import FailedTargets
 from device_agent.slots import ModelSlots, SlotStore
+from device_agent.update.backoff import failed_before_change
 from device_agent.update.record import DeploymentRecord
 from device_agent.update.source import BundleSource, variant_target
 from device_agent.update.states import DeploymentStatus, Event, UpdateState
@@ -121,6 +128,29 @@ class UpdateSteps:
             raise NoCompatibleVariantError(f"{record.ref}: variant {variant.id} cannot run here", {variant.id: reasons})
         return variant
 
+    def _check_floor(self, record: DeploymentRecord) -> None:
+        """Refuse a version below the minimum the release key signed for this model.
+
+        The floor travels in the signed targets (``custom.edgefleet.min_version`` of the model's
+        targets), so a director (the fleet server) cannot lower it; above it, going back is allowed.
+        """
+        edgefleet = self.source.target_custom(record.manifest_target).get("edgefleet")
+        floor = edgefleet.get("min_version") if isinstance(edgefleet, dict) else None
+        if isinstance(floor, int) and not isinstance(floor, bool) and record.version < floor:
+            raise BelowFloorError(
+                f"{record.ref}: the release key set the minimum version of {record.model} to {floor}; "
+                f"refusing to install version {record.version}"
+            )
+
+    def _check_archive_length(self, record: DeploymentRecord, variant: Variant, archive_bytes: int) -> None:
+        """Refuse, before downloading it, an archive too big to hold only the files the manifest declares."""
+        bound = max_archive_bytes(f.size_bytes for f in variant.files)
+        if archive_bytes > bound:
+            raise IntegrityError(
+                f"{record.ref}: the signed archive of variant {variant.id} is {archive_bytes} bytes, more than "
+                f"{bound} for the {variant.size_bytes} bytes of files its manifest declares; not downloaded"
+            )
+
     def _check_disk(self, record: DeploymentRecord, archive_bytes: int, unpacked_bytes: int) -> None:
         if archive_bytes > self.config.max_bundle_bytes:
             limit = self.config.max_bundle_bytes
@@ -150,6 +180,7 @@ class UpdateSteps:
     def download(self, record: DeploymentRecord) -> Event:
         """Fetch the signed manifest, select the variant, check space, fetch only that archive."""
         self.source.refresh()
+        self._check_floor(record)
         raw = self.source.fetch(record.manifest_target).read_bytes()
         manifest = Manifest.from_bytes(raw)
         if (manifest.name, manifest.version) != (record.model, record.version):
@@ -167,7 +198,9 @@ class UpdateSteps:
         if model.holds(model.staging_slot(), raw, variant.id):
             return Event.SUCCESS  # the previous slot holds this very bundle: nothing to download
         target = variant_target(record.manifest_target, variant.id)
-        self._check_disk(record, self.source.target_length(target), variant.size_bytes)
+        archive_bytes = self.source.target_length(target)
+        self._check_archive_length(record, variant, archive_bytes)
+        self._check_disk(record, archive_bytes, variant.size_bytes)
         record.archive_path = str(self.source.fetch(target))
         return Event.SUCCESS
 
@@ -257,8 +290,12 @@ class UpdateSteps:
         return Event.SUCCESS
 
     def failure(self, record: DeploymentRecord) -> Event:
-        """Remember a permanent failure; never leave an uncommitted bundle served."""
-        if record.error_kind != "transient":
+        """Remember a permanent failure; never leave an uncommitted bundle served.
+
+        A failure before the slots changed (download, verify, unpack) is not remembered here: the
+        updater retries it with backoff (:mod:`device_agent.update.backoff`).
+        """
+        if record.error_kind != "transient" and not failed_before_change(record):
             self.failed.add(record.ref, record.error or "failed")
         self.host.drop_candidate(record.model)
         model = self._model(record)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from bundles.archive import (
     ArchiveLimits,
+    max_archive_bytes,
     open_bundle,
     open_variant,
     pack_bundle,
@@ -321,3 +322,76 @@ def test_no_archive_writes_outside_its_destination(
             path = (slot / name).resolve()
             assert path.is_relative_to(slot) and path.is_file() and not (slot / name).is_symlink()
     assert sorted(p.name for p in work.iterdir()) == ["dest", "fuzz.tar.gz"]
+
+
+# --- unpacking a variant against its manifest ---------------------------------------------------------
+
+
+class WriteSpy:
+    """Records which members reach the writer (wrapping the real one), to show what was refused first."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import bundles.archive as archive
+
+        self.written: list[str] = []
+        real = archive._write_member
+
+        def spy(tar: Any, info: Any, root: Path, name: str, budget: Any) -> None:
+            self.written.append(name)
+            real(tar, info, root, name, budget)
+
+        monkeypatch.setattr(archive, "_write_member", spy)
+
+
+def test_open_variant_refuses_an_undeclared_member_before_writing_it(
+    bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, root = bundle
+    model = manifest.variant("onnx-fp16").files[0]
+    archive = tar_of(
+        tmp_path / "v.tar.gz", [("aaa-extra.bin", b"x" * 4096), (model.path, (root / model.path).read_bytes())]
+    )
+    spy = WriteSpy(monkeypatch)
+    with pytest.raises(IntegrityError, match="member 'aaa-extra.bin' is not a file the manifest declares"):
+        open_variant(archive, tmp_path / "slot", manifest, "onnx-fp16")
+    assert spy.written == [] and not (tmp_path / "slot").exists()
+
+
+def test_open_variant_refuses_a_member_bigger_than_declared_at_its_header(
+    bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, _ = bundle
+    model = manifest.variant("onnx-fp16").files[0]
+    huge = bytes(10 << 20)  # 10 MiB of zeros: ~10 KiB compressed, within the archive-size bound
+    archive = tar_of(tmp_path / "v.tar.gz", [(model.path, huge)])
+    spy = WriteSpy(monkeypatch)
+    with pytest.raises(IntegrityError, match=f"is {len(huge)} bytes, the manifest declares {model.size_bytes}"):
+        open_variant(archive, tmp_path / "slot", manifest, "onnx-fp16")
+    assert spy.written == [] and not (tmp_path / "slot").exists()
+
+
+def test_an_archive_file_bigger_than_its_declared_files_can_be_is_refused_unread(
+    bundle: Bundle, tmp_path: Path
+) -> None:
+    manifest, root = bundle
+    variant = manifest.variant("onnx-fp16")
+    archive = pack_variant(root, manifest, "onnx-fp16", tmp_path / "v.tar.gz")
+    bound = max_archive_bytes(f.size_bytes for f in variant.files)
+    assert archive.stat().st_size < bound  # an honest archive is well within the bound
+    with open(archive, "ab") as f:
+        f.write(os.urandom(bound - archive.stat().st_size + 1))
+    with pytest.raises(ArchiveError, match=f"archive file exceeds {bound} bytes"):
+        open_variant(archive, tmp_path / "slot", manifest, "onnx-fp16")
+
+
+@given(sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=4))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_max_archive_bytes_holds_any_packed_incompressible_files(sizes: list[int]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as temp:
+        out = Path(temp) / "a.tar.gz"
+        from bundles.archive import _write_archive
+
+        _write_archive([(f"f{i}.bin", os.urandom(size)) for i, size in enumerate(sizes)], out)
+        assert out.stat().st_size <= max_archive_bytes(sizes)

@@ -51,12 +51,16 @@ class DirectorySource:
     def __init__(self, targets_dir: Path, cache_dir: Path) -> None:
         self.targets_dir, self.cache_dir = targets_dir, cache_dir
         self.fetched: list[str] = []
+        self.custom: dict[str, dict[str, Any]] = {}  # target path -> its signed custom field
 
     def refresh(self) -> None:
         return None
 
     def target_length(self, target_path: str) -> int:
         return (self.targets_dir / target_path).stat().st_size
+
+    def target_custom(self, target_path: str) -> dict[str, Any]:
+        return dict(self.custom.get(target_path, {}))
 
     def fetch(self, target_path: str) -> Path:
         self.fetched.append(target_path)
