@@ -287,35 +287,221 @@ def report(
         webbrowser.open(path.as_uri())
 
 
+# --- release commands: what the release key signs ------------------------------------------------------
+
+RepoOption = typer.Option(None, "--repo", help="A local TUF repository directory (created on first use).")
+ServerOption = typer.Option(None, "--server", help="Fleet server base URL.")
+ApiKeyOption = typer.Option(None, "--api-key", envvar="EDGEFLEET_API_KEY", help="Admin API key for --server.")
+YesOption = typer.Option(False, "--yes", "-y", help="Sign without asking (needed when not run in a terminal).")
+JsonOption = typer.Option(False, "--json", help="Print the plan (and the outcome) as JSON.")
+
+
+def _destination(home: Home, repo: Path | None, server: str | None, api_key: str | None) -> Any:
+    from converter.publish import RepoDestination, ServerDestination
+
+    if (repo is None) == (server is None):
+        raise ConfigError("this needs exactly one of --repo DIR or --server URL")
+    if server is not None:
+        if not api_key:
+            raise ConfigError("--server needs --api-key (or EDGEFLEET_API_KEY)")
+        return ServerDestination(server, api_key)
+    assert repo is not None
+    return RepoDestination(home, repo)
+
+
+def _show_plan(plan: Any) -> None:
+    """The diff the release key is about to sign."""
+    console.print(f"targets v{plan.version} for {plan.destination}:")
+    if plan.from_server is not None:
+        change = plan.from_server
+        console.print(f"  signed elsewhere since this workstation's ledger (targets v{change.version}, verified with "
+                      f"the release key): {len(change.added)} added, {len(change.removed)} removed")  # fmt: skip
+        for path in change.added:
+            console.print(f"    + {path}", markup=False)
+        for path in change.removed:
+            console.print(f"    - {path}", markup=False)
+    for mark, paths in (("+", plan.added), ("-", plan.removed), ("~", plan.changed)):
+        for path in paths:
+            console.print(f"  {mark} {path}", markup=False)
+    if not (plan.added or plan.removed or plan.changed):
+        console.print("  no change to the list (re-signs it with a new expiry)")
+    if plan.floors:
+        console.print("  floors: " + ", ".join(f"{name} >= {v}" for name, v in sorted(plan.floors.items())))
+
+
+def _confirmation(yes: bool, as_json: bool) -> Callable[[Any], bool]:
+    """Show the plan, then sign only with --yes or the engineer's answer in a terminal."""
+    import sys
+
+    def confirm(plan: Any) -> bool:
+        if not as_json:
+            _show_plan(plan)
+        if yes:
+            return True
+        if as_json or not sys.stdin.isatty():
+            if as_json:
+                console.print_json(json.dumps({"plan": plan.to_dict(), "signed": False}))
+            raise ConfigError(f"targets v{plan.version} not signed: rerun with --yes to sign it as shown "
+                              "(no terminal to ask in)")  # fmt: skip
+        return typer.confirm(f"sign targets v{plan.version} with the release key?", default=False)
+
+    return confirm
+
+
+def _report(released: Any, as_json: bool, done: str) -> None:
+    if as_json:
+        console.print_json(json.dumps({"plan": released.plan.to_dict(), "signed": released.signed,
+                                       "accepted": released.accepted}))  # fmt: skip
+    elif not released.signed:
+        err_console.print("nothing signed")
+    else:
+        console.print(done)
+    if not released.signed:
+        raise typer.Exit(1)
+
+
 @app.command()
 @one_line_errors
 def publish(
     ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
-    repo: Path | None = typer.Option(None, help="A local TUF repository directory (created on first use)."),
-    server: str | None = typer.Option(None, help="Fleet server base URL."),
-    api_key: str | None = typer.Option(None, envvar="EDGEFLEET_API_KEY", help="Admin API key for --server."),
+    repo: Path | None = RepoOption,
+    server: str | None = ServerOption,
+    api_key: str | None = ApiKeyOption,
     conversion_number: int | None = typer.Option(None, "--conversion", help="A conversion number (default: latest)."),
+    yes: bool = YesOption,
+    as_json: bool = JsonOption,
 ) -> None:
-    """Sign a conversion's bundle (the latest by default) with the release key into a TUF repository or a server."""
-    from converter.publish import publish_to_repo, publish_to_server
+    """Sign a conversion's bundle (the latest by default) with the release key into a TUF repository or a server.
 
-    if (repo is None) == (server is None):
-        raise ConfigError("publish needs exactly one of --repo DIR or --server URL")
+    The new targets version is built from this workstation's ledger and shown as a diff first.
+    """
+    from converter.publish import publish_bundle
+
     registry = _registry()
     model = registry.get(*_split_ref(ref))
     conversion = registry.latest_conversion(model, conversion_number)
     bundle_dir = registry.home.conversion_dir(model.name, model.version, conversion.number) / "bundle"
-    if server is not None:
-        if not api_key:
-            raise ConfigError("--server needs --api-key (or EDGEFLEET_API_KEY)")
-        targets, destination = publish_to_server(registry.home, bundle_dir, server, api_key), server
-    else:
-        assert repo is not None
-        targets, destination = publish_to_repo(registry.home, bundle_dir, repo), str(repo.resolve())
-    registry.record_publication(conversion, destination, targets)
-    console.print(f"published {model.ref} to {destination}: {len(targets)} targets")
-    for target in targets:
-        console.print(f"  {target}")
+    destination = _destination(registry.home, repo, server, api_key)
+    try:
+        released = publish_bundle(registry.home, destination, bundle_dir, _confirmation(yes, as_json))
+    finally:
+        destination.close()
+    if released.signed:
+        registry.record_publication(conversion, destination.name, released.accepted)
+    listing = "".join(f"\n  {target}" for target in released.accepted)
+    _report(
+        released, as_json, f"published {model.ref} to {destination.name}: {len(released.accepted)} targets{listing}"
+    )
+
+
+@app.command()
+@one_line_errors
+def revoke(
+    ref: str = typer.Argument(..., help="NAME@VERSION to revoke"),
+    repo: Path | None = RepoOption,
+    server: str | None = ServerOption,
+    api_key: str | None = ApiKeyOption,
+    yes: bool = YesOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Remove a published version from the signed targets: no device can fetch or install it again."""
+    from converter.publish import revoke as do_revoke
+
+    name, version = _split_ref(ref)
+    if version is None:
+        raise ConfigError(f"'{ref}': revoke needs NAME@VERSION")
+    home = Home.from_env()
+    destination = _destination(home, repo, server, api_key)
+    try:
+        released = do_revoke(home, destination, name, version, _confirmation(yes, as_json))
+    finally:
+        destination.close()
+    _report(released, as_json, f"revoked {ref} in targets v{released.plan.version}")
+
+
+@app.command()
+@one_line_errors
+def floor(
+    ref: str = typer.Argument(..., help="NAME@VERSION: the oldest version devices may be directed to"),
+    remove: bool = typer.Option(False, "--remove", help="Remove NAME's floor instead (give just NAME)."),
+    repo: Path | None = RepoOption,
+    server: str | None = ServerOption,
+    api_key: str | None = ApiKeyOption,
+    yes: bool = YesOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Sign a minimum version for a model: devices refuse to install anything older, whoever directs them."""
+    from converter.publish import set_floor
+
+    name, version = _split_ref(ref)
+    if (version is None) != remove:
+        raise ConfigError(f"'{ref}': give NAME@VERSION to set a floor, or NAME --remove to remove it")
+    home = Home.from_env()
+    destination = _destination(home, repo, server, api_key)
+    try:
+        released = set_floor(home, destination, name, version, _confirmation(yes, as_json))
+    finally:
+        destination.close()
+    done = f"{name}: floor {version}" if version is not None else f"{name}: no floor"
+    _report(released, as_json, f"{done} (targets v{released.plan.version})")
+
+
+ledger_app = typer.Typer(help="This workstation's ledger of signed targets, shared with a team as a signed file.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("show")
+@one_line_errors
+def ledger_show(repo: Path | None = RepoOption, server: str | None = ServerOption, as_json: bool = JsonOption) -> None:
+    """What this workstation signed for a destination (read locally; the server is not asked)."""
+    from converter.trust import TrustStore, repo_destination, server_destination
+
+    home = Home.from_env()
+    if (repo is None) == (server is None):
+        raise ConfigError("this needs exactly one of --repo DIR or --server URL")
+    name = server_destination(server) if server is not None else repo_destination(repo or Path())
+    ledger = TrustStore(home, name).ledger()
+    if as_json:
+        console.print_json(json.dumps(ledger.to_dict()))
+        return
+    console.print(f"{name}: targets v{ledger.targets_version}, {len(ledger.targets)} targets")
+    for path, entry in sorted(ledger.targets.items()):
+        console.print(f"  {path}  {entry['length']} bytes  (since v{entry.get('signed_in')})", markup=False)
+    for name_, version in sorted(ledger.floors.items()):
+        console.print(f"  floor {name_} >= {version}")
+
+
+@ledger_app.command("export")
+@one_line_errors
+def ledger_export(
+    out: Path = typer.Argument(..., help="File to write (JSON, signed by the targets key)."),
+    repo: Path | None = RepoOption,
+    server: str | None = ServerOption,
+) -> None:
+    """Write the ledger and root chain of a destination for a teammate, signed by the targets key."""
+    from converter.publish import export_team_ledger
+    from converter.trust import repo_destination, server_destination
+
+    home = Home.from_env()
+    if (repo is None) == (server is None):
+        raise ConfigError("this needs exactly one of --repo DIR or --server URL")
+    name = server_destination(server) if server is not None else repo_destination(repo or Path())
+    export_team_ledger(home, name, out)
+    console.print(f"ledger of {name} written to {out}")
+
+
+@ledger_app.command("import")
+@one_line_errors
+def ledger_import(file: Path = typer.Argument(..., help="A teammate's 'ledger export' file.")) -> None:
+    """Adopt a teammate's ledger (checked against the targets key and the pinned root)."""
+    from converter.publish import import_team_ledger
+
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {file}: {e.strerror}") from e
+    destination, version = import_team_ledger(Home.from_env(), data)
+    console.print(f"ledger of {destination} imported: targets v{version}")
 
 
 def main() -> None:

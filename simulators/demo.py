@@ -367,7 +367,7 @@ def faulty_retrain(env: dict[str, str], source: Path) -> None:
 def stopped_by_the_fleet(env: dict[str, str], server_env: dict[str, str], url: str, api_key: str,
                          http_port: int, app: App) -> None:  # fmt: skip
     """Chapter 5b: publish v2, roll it out with gates; the drift gate breaches and the fleet rolls back."""
-    run(["edgefleet-convert", "publish", "digits", "--server", url, "--api-key", api_key], env)
+    run(["edgefleet-convert", "publish", "digits", "--server", url, "--api-key", api_key, "--yes"], env)
     run(
         ["edgefleet-server", "rollout", "create", "digits@2", "--to", "group:lab", "--waves", "100%",
          "--soak", "60s", "--jitter", "0s", "--gate", "error_rate<0.01 min=50", "--gate", "psi<0.2 min=100",
@@ -407,7 +407,7 @@ def story() -> None:
     with background(["edgefleet-server", "run"], server_env, WORK / "server.log") as server:
         wait_for("the fleet server to be ready", lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 60,
                  server)  # fmt: skip
-        run(["edgefleet-convert", "publish", "digits", "--server", url, "--api-key", api_key], env)
+        run(["edgefleet-convert", "publish", "digits", "--server", url, "--api-key", api_key, "--yes"], env)
         run(["edgefleet-server", "bundles", "list"], server_env)
         chapter("3. The device: enroll, get directed, install through TUF, serve")
         device_env, http_port = enroll_device(server_env, url, "device-1")

@@ -84,10 +84,7 @@ def make_publication(
     targets_bytes = build_targets(
         current_targets_bytes, root_bytes, files, targets_signer, expires_days, custom=custom, remove=remove, now=now
     )
-    out = Path(out_path)
-    with atomic_file(out) as f:
-        _pack(targets_bytes, files, f)
-    return out
+    return write_publication(targets_bytes, files, out_path)
 
 
 def build_targets(
@@ -103,18 +100,44 @@ def build_targets(
 ) -> bytes:
     """The signed bytes of the next targets version (see :func:`make_publication`)."""
     root = parse_metadata(root_bytes, Root, "root").signed
-    check_signer_role(root, "targets", targets_signer)
-    current_version, current_targets = _current_targets(current_targets_bytes, root)
-    targets = Targets(version=current_version + 1, targets=current_targets)
+    current_version, listed = _current_targets(current_targets_bytes, root)
     for path in remove:
-        if targets.targets.pop(path, None) is None:
+        if listed.pop(path, None) is None:
             raise ConfigError(f"cannot remove target {path}: the current targets do not list it")
     for path, local in files.items():
-        targets.targets[path] = _target_file(path, Path(local), (custom or {}).get(path))
+        listed[path] = target_file(path, Path(local), (custom or {}).get(path))
+    return sign_targets(root_bytes, current_version + 1, listed, targets_signer, expires_days, now=now)
+
+
+def sign_targets(
+    root_bytes: bytes,
+    version: int,
+    listed: Mapping[str, TargetFile],
+    targets_signer: Signer,
+    expires_days: float = 90,
+    *,
+    now: datetime | None = None,
+) -> bytes:
+    """Sign targets ``version`` listing exactly ``listed`` (path -> target info) with the release key.
+
+    The release workstation builds ``listed`` from its own ledger (``converter.trust``), never from
+    what a server says is current; the signer must be a targets key of ``root_bytes``.
+    """
+    root = parse_metadata(root_bytes, Root, "root").signed
+    check_signer_role(root, "targets", targets_signer)
+    targets = Targets(version=version, targets=dict(listed))
     targets.expires = expires_after(timedelta(days=expires_days), now)
     md = Metadata(targets)
     md.sign(targets_signer)
     return serialize(md)
+
+
+def write_publication(targets_bytes: bytes, files: Mapping[str, str | Path], out_path: str | Path) -> Path:
+    """Pack signed targets metadata and the files it adds into a publication ``.tar.gz``."""
+    out = Path(out_path)
+    with atomic_file(out) as f:
+        _pack(targets_bytes, files, f)
+    return out
 
 
 def edgefleet_custom(target_path: str) -> dict[str, Any] | None:
@@ -152,7 +175,8 @@ def _current_targets(current_targets_bytes: bytes | None, root: Root) -> tuple[i
     return md.signed.version, dict(md.signed.targets)
 
 
-def _target_file(path: str, local: Path, custom: Mapping[str, Any] | None) -> TargetFile:
+def target_file(path: str, local: Path, custom: Mapping[str, Any] | None = None) -> TargetFile:
+    """The target info (length, sha256, ``custom``) of a local file about to be published at ``path``."""
     validate_target_path(path)
     if not local.is_file():
         raise ConfigError(f"file {local} for target {path} does not exist")
@@ -266,5 +290,8 @@ __all__ = [
     "edgefleet_custom",
     "make_publication",
     "read_publication",
+    "sign_targets",
+    "target_file",
     "validate_target_path",
+    "write_publication",
 ]

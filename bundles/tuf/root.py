@@ -105,6 +105,29 @@ def verify_root(new_root_bytes: bytes, previous_root_bytes: bytes | None = None)
     return md
 
 
+def describe_root_difference(trusted_bytes: bytes, other_bytes: bytes) -> str:
+    """What ``other`` changes in ``trusted``: version, keys added or removed and thresholds, per role.
+
+    For error messages that must say *what* differs (an added targets key is how a compromised
+    server would try to have its own bundles trusted).
+    """
+    trusted = parse_metadata(trusted_bytes, Root, "trusted root").signed
+    other = parse_metadata(other_bytes, Root, "other root").signed
+    parts = [] if other.version == trusted.version else [f"version {trusted.version} -> {other.version}"]
+    for role in TOP_LEVEL_ROLES:
+        before, after = trusted.roles[role], other.roles[role]
+        added, removed = sorted(set(after.keyids) - set(before.keyids)), sorted(set(before.keyids) - set(after.keyids))
+        if added:
+            parts.append(f"{role} keys added: {', '.join(k[:12] for k in added)}")
+        if removed:
+            parts.append(f"{role} keys removed: {', '.join(k[:12] for k in removed)}")
+        if before.threshold != after.threshold:
+            parts.append(f"{role} threshold {before.threshold} -> {after.threshold}")
+    if trusted.expires != other.expires:
+        parts.append(f"expiry {trusted.expires.isoformat()} -> {other.expires.isoformat()}")
+    return "; ".join(parts) or "same keys, other signatures or fields"
+
+
 def _keys_for(previous: Root, role: str, replacement: Sequence[KeyLike] | None) -> Sequence[KeyLike]:
     if replacement is not None:
         return replacement
@@ -132,4 +155,4 @@ def _sign_root(root: Root, root_signers: Sequence[Signer], previous_root_signers
     return serialize(md)
 
 
-__all__ = ["make_root", "next_root", "role_keys", "verify_root"]
+__all__ = ["describe_root_difference", "make_root", "next_root", "role_keys", "verify_root"]

@@ -191,7 +191,7 @@ def test_publish_to_a_local_repository_gives_metadata_a_tuf_client_verifies(in_h
     assert code != 0 and "keys init" in err  # no release key yet
     ok("keys", "init")
     assert (in_home.keys_dir / "targets.key").stat().st_mode & 0o077 == 0
-    out = ok("publish", "digits", "--repo", tmp_path / "repo")
+    out = ok("publish", "digits", "--repo", tmp_path / "repo", "--yes")
     assert "digits/1/manifest.json" in out
     root = (tmp_path / "repo" / "metadata" / "1.root.json").read_bytes()
     with FileServer.for_repository(tmp_path / "repo") as server:

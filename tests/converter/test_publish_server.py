@@ -61,7 +61,7 @@ def test_publish_to_a_fleet_server_installs_root_uploads_and_devices_can_verify(
     ok("keys", "init")
     code, _, err = cli("publish", "digits", "--server", url, "--api-key", "wrong")
     assert code == 1 and err.startswith("error: fleet server refused the API key (401")
-    out = ok("publish", "digits", "--server", url, "--api-key", api_key)
+    out = ok("publish", "digits", "--server", url, "--api-key", api_key, "--yes")
     assert "digits/1/manifest.json" in out and "digits/1/onnx-int8-static.tar.gz" in out
 
     listed = httpx.get(f"{url}/api/v1/admin/bundles", headers={"Authorization": f"Bearer {api_key}"}).json()
@@ -73,8 +73,8 @@ def test_publish_to_a_fleet_server_installs_root_uploads_and_devices_can_verify(
         manifest = Manifest.from_bytes(client.download("digits/1/manifest.json").read_bytes())
     assert {v.id for v in manifest.variants} == {"onnx-fp32", "onnx-int8-static"}
 
-    ok("publish", "digits", "--server", url, "--api-key", api_key)  # the same bytes again: accepted, nothing changes
+    ok("publish", "digits", "--server", url, "--api-key", api_key, "--yes")  # the same bytes again: re-signed
     ok("convert", "digits", "--targets", "onnx", "--quantize", "fp32")  # a different bundle for the same version
-    code, _, err = cli("publish", "digits", "--server", url, "--api-key", api_key)
+    code, _, err = cli("publish", "digits", "--server", url, "--api-key", api_key, "--yes")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: model digits@1 is already published with different content")
