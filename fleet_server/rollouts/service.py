@@ -192,7 +192,7 @@ def create_rollout(session: Session, request: CreateRequest, actor: str, now: dt
     """Validate, classify the target set, refuse conflicts, store the rollout and its cohorts."""
     now = now or utcnow()
     parse_gates(list(request.policy.gates))
-    manifest = load_manifest(session, request.model, request.version)
+    manifest = load_manifest(session, request.model, request.version, new_assignment=True)
     placements = place_devices(session, manifest, resolve_targets(session, request.targets))
     members = [p for p in placements if p.membership == "member"]
     if not members:
@@ -386,7 +386,7 @@ def pin(session: Session, model: str, version: int, targets: Sequence[str], acto
         now: dt.datetime | None = None) -> dict[str, Any]:  # fmt: skip
     """Pin devices to ``model@version``: rollouts leave them alone until unpinned."""
     now = now or utcnow()
-    manifest = load_manifest(session, model, version)
+    manifest = load_manifest(session, model, version, new_assignment=True)
     placements = place_devices(session, manifest, resolve_targets(session, targets), honour_pins=False)
     pinned = [p for p in placements if p.membership == "member"]
     writes = {p.device_id: {"bundle_version": version, "variant": p.variant, "rollout_id": None,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from bundles.errors import ConfigError, NoCompatibleVariantError
 from bundles.manifest import Manifest
 from bundles.selection import DeviceCapabilities, select_variant
-from fleet_server.errors import NotFoundError
+from fleet_server.errors import ConflictError, NotFoundError
 from fleet_server.models import Assignment, BundleRecord, Device, DeviceGroup, DeviceGroupMember, SavedFilter
 from fleet_server.services import device_filter
 
@@ -36,11 +36,17 @@ class Placement:
     variant: str | None = None
 
 
-def load_manifest(session: Session, model: str, version: int) -> Manifest:
-    """The published manifest of ``model@version``; a 404 naming the bundle if it is not published."""
+def load_manifest(session: Session, model: str, version: int, new_assignment: bool = False) -> Manifest:
+    """The published manifest of ``model@version``; a 404 naming the bundle if it is not published.
+
+    With ``new_assignment`` (a rollout or a pin) a deprecated or revoked version is a 409; restoring
+    devices to what they ran (a rollback) is not a new assignment and is never refused.
+    """
     record = session.scalar(select(BundleRecord).where(BundleRecord.name == model, BundleRecord.version == version))
     if record is None:
         raise NotFoundError(f"bundle {model}@{version} is not published on this server")
+    if new_assignment and record.deprecated:
+        raise ConflictError(f"bundle {model}@{version} is deprecated: new rollouts and pins of it are refused")
     return Manifest.from_dict(record.manifest)
 
 

@@ -219,6 +219,8 @@ def assign(session: Session, *, request: dict[str, Any], actor: str) -> Assignme
                                                        BundleRecord.version == request["bundle_version"]))  # fmt: skip
     if bundle is None:
         raise NotFoundError(f"bundle {request['model_name']}@{request['bundle_version']} is not published")
+    if bundle.deprecated:
+        raise ConflictError(f"bundle {bundle.name}@{bundle.version} is deprecated: new assignments of it are refused")
     if request.get("variant") and request["variant"] not in {v.get("id") for v in bundle.variants}:
         raise ConfigError(f"bundle {bundle.name}@{bundle.version} has no variant {request['variant']!r}")
     row = session.scalar(select(Assignment).where(Assignment.device_id == request["device_id"],

@@ -58,7 +58,24 @@ def record_publication(session: Session, host: TufHost, new_targets: list[str], 
     for path in sorted(new_targets):
         if path.endswith("/manifest.json") and path in signed_targets:
             records.append(_record_bundle(session, host, path, signed_targets, actor))
+    mark_revoked(session, signed_targets, actor)
     return records
+
+
+def mark_revoked(session: Session, signed_targets: dict[str, Any], actor: str) -> list[BundleRecord]:
+    """Deprecate the bundles whose manifest the signed targets no longer list (``edgefleet-convert revoke``).
+
+    Devices can no longer fetch them anyway; deprecating keeps new assignments and rollouts away.
+    """
+    revoked = []
+    for bundle in session.scalars(select(BundleRecord).where(BundleRecord.deprecated.is_(False))):
+        if bundle.manifest_target not in signed_targets:
+            before, ref = describe_bundle(bundle), f"{bundle.name}@{bundle.version}"
+            bundle.deprecated = True
+            record(session, actor=actor, action="bundle.revoke", target_type="bundle", target_id=ref,
+                   before=before, after=describe_bundle(bundle))  # fmt: skip
+            revoked.append(bundle)
+    return revoked
 
 
 def _record_bundle(
@@ -111,7 +128,10 @@ def get_bundle(session: Session, name: str, version: int) -> BundleRecord:
 
 
 def set_deprecated(session: Session, *, name: str, version: int, deprecated: bool, actor: str) -> BundleRecord:
-    """Mark a version deprecated (new assignments should avoid it) or undo that."""
+    """Mark a version deprecated (new assignments, pins and rollouts of it are refused) or undo that.
+
+    Devices already assigned to it keep it, and a rollback may still send devices back to it.
+    """
     bundle = get_bundle(session, name, version)
     before = describe_bundle(bundle)
     bundle.deprecated = deprecated

@@ -38,7 +38,7 @@ def free_port() -> int:
 class Fleet:
     """The fleet server under test plus a release workstation's keys."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, install_root: bool = True) -> None:
         import uvicorn
 
         from fleet_server.app import create_app
@@ -73,8 +73,10 @@ class Fleet:
             time.sleep(0.01)
         assert self.server.started, "the fleet server did not start"
         self.http = httpx.Client(base_url=self.url, timeout=30)
-        self.admin = {"Authorization": f"Bearer {self._admin_key()}"}
-        self._install_root()
+        self.admin_key = self._admin_key()
+        self.admin = {"Authorization": f"Bearer {self.admin_key}"}
+        if install_root:  # else a release workstation (edgefleet-convert publish) installs it
+            self._install_root()
 
     def _admin_key(self) -> str:
         from fleet_server.db import session_scope

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -135,6 +136,41 @@ def test_deprecate_marks_and_undo_clears(client, release, operator_headers):
     assert marked.status_code == 200 and marked.json()["deprecated"] is True
     cleared = client.post("/api/v1/admin/bundles/tiny/1/deprecate?undo=true", headers=operator_headers)
     assert cleared.json()["deprecated"] is False
+
+
+def test_a_deprecated_version_takes_no_new_assignment_pin_or_rollout(client, release, operator_headers, make_device):
+    release.publish("tiny", 1)
+    device = make_device()
+    assert client.post("/api/v1/admin/bundles/tiny/1/deprecate", headers=operator_headers).status_code == 200
+    attempts = [
+        client.put("/api/v1/admin/assignments", headers=operator_headers,
+                   json={"device_id": device.device_id, "model_name": "tiny", "bundle_version": 1}),
+        client.post("/api/v1/admin/pins", headers=operator_headers,
+                    json={"bundle": "tiny@1", "targets": [f"device:{device.device_id}"]}),
+        client.post("/api/v1/admin/rollouts", headers=operator_headers,
+                    json={"bundle": "tiny@1", "targets": [f"device:{device.device_id}"]}),
+    ]  # fmt: skip
+    assert [a.status_code for a in attempts] == [409, 409, 409]
+    assert all("tiny@1 is deprecated" in a.json()["detail"] for a in attempts)
+    client.post("/api/v1/admin/bundles/tiny/1/deprecate?undo=true", headers=operator_headers)
+    pin = {"device_id": device.device_id, "model_name": "tiny", "bundle_version": 1}
+    assert client.put("/api/v1/admin/assignments", headers=operator_headers, json=pin).status_code == 200
+
+
+def test_a_signed_targets_version_that_drops_a_bundle_marks_it_revoked(client, release, admin_headers):
+    from bundles.tuf.publication import make_publication
+
+    release.publish("tiny", 1)
+    release.publish("tiny", 2)
+    current = release.current_targets_bytes()
+    dropped = [p for p in json.loads(current)["signed"]["targets"] if p.startswith("tiny/1/")]
+    out = make_publication(current, release.root_bytes(), {}, release.targets_signer, release.work_dir / "revoke.tgz",
+                           remove=dropped)  # fmt: skip
+    assert client.post("/api/v1/admin/publications", headers=admin_headers, content=out.read_bytes()).status_code == 201
+    listed = {b["version"]: b["deprecated"] for b in client.get("/api/v1/admin/bundles", headers=admin_headers).json()}
+    assert listed == {2: False, 1: True}
+    audit = client.get("/api/v1/admin/audit", headers=admin_headers).json()
+    assert any(e["action"] == "bundle.revoke" and e["target_id"] == "tiny@1" for e in audit)
 
 
 def test_second_publication_adds_a_version_and_keeps_the_first(client, release, admin_headers):
