@@ -273,3 +273,42 @@ def test_an_honest_server_still_takes_the_next_publication_from_the_ledger(scene
     assert sorted(scene.ledger()["targets"]) == [
         "tiny/1/manifest.json", "tiny/1/onnx-fp32.tar.gz", "tiny/2/manifest.json", "tiny/2/onnx-fp32.tar.gz"
     ]  # fmt: skip
+
+
+def test_a_device_refuses_to_be_directed_below_the_release_floor_and_reports_why(scene: Scene) -> None:
+    assert scene.publish("tiny@2").returncode == 0
+    state_dir, device_id = enroll(scene)
+    scene.fleet.assign(device_id, "tiny", 2)
+    assert device_round(state_dir)["last_update"]["status"] == "installed"
+
+    done = convert_process(scene.home, "floor", "tiny@2", "--server", scene.fleet.url, "--api-key",
+                           scene.fleet.admin_key, "--yes", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["signed"] and answer["plan"]["floors"] == {"tiny": 2}
+    assert "tiny/1/manifest.json" in answer["plan"]["changed"]  # every target of tiny carries the floor
+
+    scene.fleet.assign(device_id, "tiny", 1)  # the director (honest or not) sends the device below the floor
+    status = device_round(state_dir)
+    assert status["last_update"]["status"] == "failed" and status["last_update"]["version"] == 1
+    assert "the release key set the minimum version of tiny to 2" in status["last_update"]["error"]
+    active = [s["version"] for s in status["models"]["tiny"]["slots"] if s["state"] == "active"]
+    assert active == [2], status["models"]
+    reported = [e for e in scene.fleet.install_events(device_id) if e["to_version"] == 1]
+    assert reported and reported[-1]["result"] == "failed" and "minimum version" in reported[-1]["reason"]
+    assert [e["downgrade"] for e in scene.fleet.install_events(device_id) if e["to_version"] == 2] == [False]
+
+
+def test_a_revoked_version_leaves_the_signed_targets_and_takes_no_new_assignment(scene: Scene) -> None:
+    assert scene.publish("tiny@2").returncode == 0
+    done = convert_process(scene.home, "revoke", "tiny@1", "--server", scene.fleet.url, "--api-key",
+                           scene.fleet.admin_key, "--yes")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "- tiny/1/manifest.json" in done.stdout
+    state = scene.fleet.http.get("/api/v1/admin/tuf/state", headers=scene.fleet.admin).json()
+    assert sorted(state["targets"]["signed"]["targets"]) == ["tiny/2/manifest.json", "tiny/2/onnx-fp32.tar.gz"]
+    bundles = scene.fleet.http.get("/api/v1/admin/bundles", headers=scene.fleet.admin).json()
+    assert {b["version"]: b["deprecated"] for b in bundles} == {2: False, 1: True}
+    _, device_id = enroll(scene)
+    body = {"device_id": device_id, "model_name": "tiny", "bundle_version": 1}
+    assert scene.fleet.http.put("/api/v1/admin/assignments", headers=scene.fleet.admin, json=body).status_code == 409
