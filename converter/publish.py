@@ -284,9 +284,7 @@ class ServerDestination:
         if not isinstance(version, int):
             raise UntrustedRecordError(f"{self.name} reports a current {role} without a version")
         raw = self._fetch(f"/tuf/metadata/{version}.{role}.json", f"{role} v{version}")
-        served = parse_metadata(raw, Root, "root") if role == "root" else None
-        stated = json.dumps(document).encode()
-        if served is not None and signed_sha256(served) != signed_sha256(parse_metadata(stated, Root, "root")):
+        if role == "root" and _root_sha(raw) != _root_sha(json.dumps(document).encode()):
             raise UntrustedRecordError(f"{self.name} names one root v{version} and serves another")
         return raw
 
@@ -300,6 +298,10 @@ class ServerDestination:
         if response.status_code != 200:
             raise UntrustedRecordError(f"{self.name} does not serve {what} ({response.status_code} for {path})")
         return bytes(response.content)
+
+
+def _root_sha(data: bytes) -> str:
+    return signed_sha256(parse_metadata(data, Root, "root"))
 
 
 class RepoDestination:

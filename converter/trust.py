@@ -315,6 +315,7 @@ def reconcile(ledger: Ledger, server_targets: bytes | None, root_bytes: bytes, p
     before = set(ledger.targets)
     after = dataclasses.replace(ledger, targets=dict(ledger.targets), history=list(ledger.history))
     after.record(version, signed_sha256(md), served.targets, "signed here" if ours else "verified on the server")
+    after.floors = floors_of(served.targets)  # a floor signed elsewhere stays
     if ours:
         return Reconciled(after)
     change = ServerChange(version, sorted(set(served.targets) - before), sorted(before - set(served.targets)))
@@ -363,6 +364,16 @@ def _sample(paths: list[str]) -> str:
 
 
 # --- floors ------------------------------------------------------------------------------------------------
+
+
+def floors_of(listed: Mapping[str, TargetFile]) -> dict[str, int]:
+    """The per-model floors a signed targets list carries (``custom.edgefleet.min_version``)."""
+    floors: dict[str, int] = {}
+    for info in listed.values():
+        edgefleet = info.custom.get("edgefleet") if isinstance(info.custom, dict) else None
+        if isinstance(edgefleet, dict) and isinstance(edgefleet.get("min_version"), int) and "name" in edgefleet:
+            floors[str(edgefleet["name"])] = int(edgefleet["min_version"])
+    return floors
 
 
 def stamp_floors(listed: Mapping[str, TargetFile], floors: Mapping[str, int]) -> dict[str, TargetFile]:
@@ -443,6 +454,7 @@ __all__ = [
     "TrustStore",
     "destination_slug",
     "export_ledger",
+    "floors_of",
     "read_export",
     "reconcile",
     "repo_destination",

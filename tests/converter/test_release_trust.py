@@ -27,6 +27,7 @@ from converter.publish import (
     init_keys,
     publish_bundle,
     release_signer,
+    set_floor,
 )
 from converter.trust import TrustStore, repo_destination
 from tests.converter.helpers import cli
@@ -135,20 +136,20 @@ def test_a_teammates_release_key_signed_version_is_accepted_and_shown_as_signed_
     monkeypatch.setenv("EDGEFLEET_HOME", str(other.root))
     code, out, err = cli("ledger", "import", tmp_path / "team.json")
     assert code == 0 and f"ledger of {repo_destination(repo)} imported: targets v1" in out, err
-    publish(other, repo, bundles[2])  # the teammate signs v2
+    publish(other, repo, bundles[2])  # the teammate signs v2...
+    assert set_floor(other, RepoDestination(other, repo), "tiny", 2, yes).signed  # ...and a floor in v3
     shown = json.loads(cli("ledger", "show", "--repo", repo, "--json")[1])
-    assert shown["targets_version"] == 2 and "tiny/2/manifest.json" in shown["targets"]
+    assert shown["targets_version"] == 3 and "tiny/2/manifest.json" in shown["targets"]
 
     plan = publish(home, repo, bundles[3])  # this workstation's ledger is at v1
-    assert plan.version == 3 and plan.from_server is not None
-    assert plan.from_server.version == 2 and plan.from_server.removed == []
+    assert plan.version == 4 and plan.from_server is not None
+    assert plan.from_server.version == 3 and plan.from_server.removed == []
     assert plan.from_server.added == ["tiny/2/manifest.json", "tiny/2/onnx-fp32.tar.gz"]
+    assert plan.floors == {"tiny": 2} and plan.changed == []  # the teammate's floor is kept, not undone
+    assert plan.listed["tiny/3/manifest.json"].custom["edgefleet"]["min_version"] == 2
     ledger = TrustStore(home, repo_destination(repo)).ledger()
-    assert [h["how"] for h in ledger.history] == [
-        "signed here: tiny@1",
-        "verified on the server",
-        "signed here: tiny@3",
-    ]
+    hows = [h["how"] for h in ledger.history]
+    assert hows == ["signed here: tiny@1", "verified on the server", "signed here: tiny@3"]
     assert {p.split("/")[1] for p in ledger.targets} == {"1", "2", "3"}
 
 

@@ -185,6 +185,26 @@ def test_client_refuses_a_root_rotation_not_signed_by_the_old_root_keys(
         make_client().refresh()
 
 
+def test_targets_signed_by_a_rotated_out_targets_key_are_refused(
+    repo: Repo, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """A stolen release key stops working for devices once the root rotates it out."""
+    from bundles.tuf.keys import generate_key
+    from bundles.tuf.root import next_root
+
+    make_client().refresh()
+    stolen, fresh = repo.local.signer("targets"), generate_key(tmp_path / "targets.new")
+    v2 = next_root(repo.root(), [repo.local.signer("root")], targets_keys=[fresh])
+    repo.local.repository.rotate_root(v2, repo.local.signer("snapshot"), repo.local.signer("timestamp"))
+    forge_targets(repo, {"evil/1/manifest.json": b"{}"}, stolen)
+    with pytest.raises(BadSignatureError, match="targets"):
+        make_client().refresh()
+    forge_targets(repo, {"digits/2/manifest.json": b"{}"}, fresh)
+    fixed = make_client()
+    fixed.refresh()
+    assert fixed.trusted_root_version() == 2
+
+
 # --- the network -----------------------------------------------------------------------------------
 def test_download_cut_mid_way_resumes_with_range_without_refetching_the_first_part(
     repo: Repo, server: FileServer, make_client: MakeClient
