@@ -71,8 +71,7 @@ def markdown(model: ModelVersion, conversion: Conversion) -> str:
         f"- source: `{model.source_ref}` ({model.source_kind}), sha256 `{model.source_sha256[:16]}...`",
         f"- eval data sha256 `{model.eval_sha256[:16]}...`; "
         f"calibration sha256 `{model.calibration_sha256[:16] or '-'}`",
-        f"- task {spec.task}, metric {spec.metric}; budgets: "
-        + ", ".join(f"{k}={v}" for k, v in spec.budgets.to_dict().items() if v is not None),
+        f"- task {spec.task}, metric {spec.metric}; budgets: {spec.budgets.describe(spec.metric_name)}",
         f"- options: {conversion.options}; bundle `{conversion.bundle_file}` sha256 `{conversion.bundle_sha256}`",
         "",
         "| " + " | ".join(_COLUMNS) + " |",
@@ -149,7 +148,7 @@ def write_report(home: Home, model: ModelVersion, conversion: Conversion) -> Pat
     if final.exists():
         return final / "report.html"
     with staging_dir(final) as staging:
-        png = plot_png(conversion.results, model.spec.metric)
+        png = plot_png(conversion.results, model.spec.metric_name)
         (staging / "plot.png").write_bytes(png)
         (staging / "report.md").write_text(markdown(model, conversion))
         (staging / "report.html").write_text(html_page(model, conversion, png))
