@@ -14,6 +14,13 @@ The recipes encode what was measured on x86 CPUs (``shared/research/toolchain_fe
 
 Every recipe runs ``quant_pre_process`` (shape inference and graph optimisation) first.
 A recipe that finds nothing to quantise raises :class:`GateFailedError` so the ladder records why.
+Every result is saved in canonical order (:func:`converter.onnx_tools.canonicalize`), so the same
+fp32 model gives the same bytes whatever the Python hash seed.
+
+ONNX Runtime's symbolic shape inference writes ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data``
+file into the *current directory* when it gives up (sklearn pipelines with a Scaler, encoders):
+the converter runs every recipe inside its private work directory under ``$EDGEFLEET_HOME``
+(:func:`converter.home.scratch_dir`), and :func:`_no_litter` removes those files at once.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ QUANTISED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "Co
                  "QLinearMatMul", "QGemm")  # fmt: skip
 _COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 _CALIBRATION_ROWS = 512
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.data)?$")
 
 
 def make_precision(
@@ -66,7 +73,14 @@ def make_precision(
         known = ", ".join(PRECISIONS + EXTRA_PRECISIONS)
         raise ConversionError(f"precision '{precision}' is not one of {known}")
     if precision != "fp32":
+        _canonical_file(out_path)
         _require_loadable(out_path, precision)
+
+
+def _canonical_file(path: Path) -> None:
+    from converter.onnx_tools import save_canonical
+
+    save_canonical(load_onnx(path), path)
 
 
 def _require_loadable(path: Path, precision: str) -> None:
@@ -182,7 +196,10 @@ def _try_pre_process(pre_process: Any, fp32_path: Path, out_path: Path, skip_sym
 
 @contextlib.contextmanager
 def _no_litter() -> Iterator[None]:
-    """Remove files ONNX Runtime's shape inference leaves in the working directory when it fails."""
+    """Remove files ONNX Runtime's shape inference leaves in the working directory when it fails.
+
+    They are ``sym_shape_infer_temp.onnx`` and its external data, named ``<uuid>.data`` by onnx.
+    """
     before = set(os.listdir("."))
     try:
         yield
