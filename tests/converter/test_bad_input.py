@@ -106,7 +106,7 @@ def test_a_model_whose_export_does_not_match_the_source_is_refused(home: Path, t
             return Noisy()
     '''))  # fmt: skip
     np.savez(tmp_path / "eval.npz", x=np.zeros((20, 4), dtype=np.float32), y=np.zeros(20, dtype=np.int64))
-    ok("register", "noisy", "--source", f"torch:{factory}:make_model", "--input", "x: float32[-1,4]",
+    ok("register", "noisy", "--source", f"torch:{factory}:make_model", "--random-init", "--input", "x: float32[-1,4]",
        "--task", "classification", "--eval", tmp_path / "eval.npz")  # fmt: skip
     line = _one_line_error(*cli("convert", "noisy", "--targets", "onnx"), expected_code=3)
     assert line.startswith("error: model noisy@1, variant onnx-fp32: fp32 outputs differ from the source by")
