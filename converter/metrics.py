@@ -302,6 +302,13 @@ def check_metric(name: str, task: str, reading: Reading, output: str) -> Metric:
     return chosen
 
 
+def forms_markdown_table() -> str:
+    """The form table as Markdown (docs/converter.md holds this text; a test keeps them equal)."""
+    lines = ["| form | task | how it is read |", "|---|---|---|"]
+    lines += [f"| `{name}` | {form.task} | {form.summary} |" for name, form in FORMS.items()]
+    return "\n".join(lines)
+
+
 def markdown_table() -> str:
     """The metric table as Markdown (docs/converter.md holds this text; a test keeps them equal)."""
     lines = ["| task | metric | reads forms | better | default `--max-drop` | labels | what |",

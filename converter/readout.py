@@ -139,10 +139,10 @@ def _width(values: np.ndarray) -> int:
 
 
 def _infer_form(task: str, values: np.ndarray, labels: np.ndarray | None) -> str:
-    if task == "regression":
-        return "values"
-    if task == "embedding":
-        return "embedding"
+    """A task with one form reads it (regression, embedding); classification is told apart by values and labels."""
+    forms = [name for name, form in FORMS.items() if form.task == task]
+    if len(forms) == 1:
+        return forms[0]
     unit = bool(np.all((values >= 0.0) & (values <= 1.0)))
     if labels is not None and labels.ndim == 2 and labels.shape[1] > 1:
         return "multilabel-probabilities" if unit else "multilabel-logits"
