@@ -45,12 +45,14 @@ FORMS: dict[str, Form] = {
                               thresholded=True),
     "multilabel-probabilities": Form("classification", "one probability per label: on when >= threshold (0.5)",
                                      thresholded=True),
+    "labels": Form("classification", "the predicted class itself: an index, or a class value matched by name "
+                   "(a scikit-learn classifier's `label` when its scores cannot be read as class scores)"),
     "values": Form("regression", "the predicted values, one or more per row"),
     "embedding": Form("embedding", "one vector per row, compared with the source's vectors"),
 }  # fmt: skip
 """Output forms by name (persisted: stable, lowercase)."""
 
-SINGLE_LABEL = ("logits", "probabilities", "binary-logit", "binary-probability")
+SINGLE_LABEL = ("logits", "probabilities", "binary-logit", "binary-probability", "labels")
 MULTILABEL = ("multilabel-logits", "multilabel-probabilities")
 CLASS_SCORES = ("logits", "probabilities")
 
@@ -64,6 +66,8 @@ class Reading:
     form: str
     threshold: float | None = None
     classes: int = 0
+    class_values: tuple[str, ...] = ()
+    """How a ``labels`` output names the classes (empty: it holds class indices)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class Metric:
 
 def predicted_classes(values: np.ndarray, reading: Reading) -> np.ndarray:
     """Class decisions: class indices per row (single-label) or a 0/1 matrix (multi-label)."""
+    if reading.form == "labels":
+        return class_indices(values.reshape(-1), reading.class_values)
     scores = values.reshape(len(values), -1).astype(np.float64)
     threshold = 0.5 if reading.threshold is None else reading.threshold
     form = reading.form
@@ -100,6 +106,23 @@ def predicted_classes(values: np.ndarray, reading: Reading) -> np.ndarray:
         raise ConfigError(f"output form '{form}' has no class decisions")
     decided = decided.astype(np.int64)
     return decided[:, 0] if form.startswith("binary") else decided
+
+
+def label_text(value: object) -> str:
+    """A class value as text, the way class values are stored (``3`` and ``3.0`` are both "3")."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def class_indices(values: np.ndarray, class_values: tuple[str, ...]) -> np.ndarray:
+    """Class values (matched by text; -1 when unknown) or class indices, as indices."""
+    if not class_values:
+        return values.astype(np.int64)
+    position = {name: i for i, name in enumerate(class_values)}
+    return np.asarray([position.get(label_text(v), -1) for v in values.tolist()], dtype=np.int64)
 
 
 def agreement(values: np.ndarray, reference: np.ndarray, reading: Reading) -> float | None:
@@ -247,7 +270,7 @@ METRICS: dict[str, Metric] = {
 }  # fmt: skip
 """The metric table (persisted names: stable, lowercase)."""
 
-DEFAULT_METRIC = {"logits": "accuracy", "probabilities": "accuracy", "binary-logit": "accuracy",
+DEFAULT_METRIC = {"logits": "accuracy", "probabilities": "accuracy", "binary-logit": "accuracy", "labels": "accuracy",
                   "binary-probability": "accuracy", "multilabel-logits": "label_accuracy",
                   "multilabel-probabilities": "label_accuracy", "values": "mae", "embedding": "cosine"}  # fmt: skip
 

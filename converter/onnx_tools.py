@@ -131,8 +131,8 @@ def _check_one_input(value_info: Any, spec: TensorSpec, what: str, error: type[E
         raise error(f"{what}: input '{spec.name}' has shape {dims} in the model, the spec declares {list(spec.shape)}")
 
 
-def make_session(path: Path, what: str, threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session; an unsupported operator is named in the error."""
+def make_session(path: Path | bytes, what: str, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session on a file (or a serialised model); an unsupported operator is named in the error."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -140,7 +140,8 @@ def make_session(path: Path, what: str, threads: int = 1) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ConversionError(f"{what}: {describe_runtime_error(e)}") from e
 

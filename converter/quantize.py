@@ -50,6 +50,10 @@ QUANTISED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "Co
                  "QLinearMatMul", "QGemm")  # fmt: skip
 _COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 _CALIBRATION_ROWS = 512
+_FLOAT_DEFAULT = {"DefaultTensorType": 1}
+"""onnx.TensorProto.FLOAT for tensors whose type shape inference could not tell: the output of an
+``ai.onnx.ml`` operator (a scikit-learn pipeline's Scaler) feeding a MatMul, which the quantiser
+otherwise refuses ("Unable to find data type for weight_name")."""
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.data)?$")
 
 
@@ -112,7 +116,8 @@ def _to_dynamic_int8(fp32_path: Path, out_path: Path, all_ops: bool) -> None:
     with _preprocessed(fp32_path) as pre:
         try:
             with _quiet():
-                quantize_dynamic(pre, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+                quantize_dynamic(pre, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                                 extra_options=_FLOAT_DEFAULT)  # fmt: skip
         except Exception as e:
             raise GateFailedError(f"dynamic int8 quantisation failed: {first_line(e)}") from e
     _require_quantised(out_path, "MatMul/Gemm" if not all_ops else "quantisable")
@@ -131,7 +136,7 @@ def _to_static_int8(fp32_path: Path, out_path: Path, calibration: Dataset, metho
                     pre, out_path, _Reader(calibration, max_batch), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=methods[method], nodes_to_exclude=keep_float,
-                    extra_options={"QuantizeBias": False},
+                    extra_options={"QuantizeBias": False, **_FLOAT_DEFAULT},
                 )  # fmt: skip
         except Exception as e:
             raise GateFailedError(f"static int8 quantisation failed: {type(e).__name__}: {first_line(e)}") from e

@@ -20,13 +20,14 @@ mean anything for this output with one sentence naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bundles.errors import ConfigError
-from converter.metrics import FORMS, MULTILABEL, SINGLE_LABEL, Reading, check_task
+from converter.metrics import FORMS, MULTILABEL, SINGLE_LABEL, Reading, check_task, label_text, predicted_classes
 
 _SUM_TOLERANCE = 1e-3
 
@@ -43,7 +44,8 @@ class Readout:
 
     @property
     def reading(self) -> Reading:
-        return Reading(form=self.form, threshold=self.threshold, classes=len(self.classes))
+        return Reading(form=self.form, threshold=self.threshold, classes=len(self.classes),
+                       class_values=self.label_values)  # fmt: skip
 
     def describe(self) -> str:
         """``output 'logits' as logits (10 classes)``: what register prints."""
@@ -99,7 +101,7 @@ def infer_readout(task: str, outputs: dict[str, np.ndarray], labels: np.ndarray 
     check_task(task)
     name = _choose_output(task, outputs, labels, request.output)
     values = outputs[name].reshape(len(outputs[name]), -1)
-    form = request.form or _infer_form(task, values, labels)
+    form = request.form or ("labels" if values.dtype.kind not in "f" else _infer_form(task, values, labels))
     if FORMS[form].task != task:
         tasks_forms = ", ".join(f for f, spec in FORMS.items() if spec.task == task)
         raise ConfigError(f"--output form '{form}' is not a form of task {task} (valid: {tasks_forms})")
@@ -108,11 +110,35 @@ def infer_readout(task: str, outputs: dict[str, np.ndarray], labels: np.ndarray 
     named = labels is not None and labels.dtype.kind in "USO" and form in SINGLE_LABEL
     if labels is not None and named and not (names or model_classes):
         raise ConfigError(
-            f"the eval labels are names ({_text(labels.reshape(-1)[0])!r}, ...): give --labels with the class names "
-            f"in the order of output '{name}'"
+            f"the eval labels are names ({label_text(labels.reshape(-1)[0])!r}, ...): give --labels with the "
+            f"class names in the order of output '{name}'"
         )
     label_values = model_classes or (classes if named else ())
-    return Readout(output=name, form=form, threshold=request.threshold, classes=classes, label_values=label_values)
+    readout = Readout(output=name, form=form, threshold=request.threshold, classes=classes, label_values=label_values)
+    return readout if request.output else _agreeing_with_own_labels(readout, outputs)
+
+
+def _agreeing_with_own_labels(readout: Readout, outputs: dict[str, np.ndarray]) -> Readout:
+    """The inferred readout, or the model's own label output when the scores' decisions contradict it.
+
+    A scikit-learn classifier without ``predict_proba`` exports its decision function in a layout
+    skl2onnx picks (``[d, -d]`` for a binary SVC: its argmax is the wrong class); ``SVC(probability=True)``
+    predicts by votes, not by its probabilities. What the model itself predicts is ``label``.
+    """
+    own = _label_output(outputs) if readout.label_values and readout.form in SINGLE_LABEL else None
+    if own is None or readout.form == "labels":
+        return readout
+    as_scores = dataclasses.replace(readout.reading, threshold=None)  # the layout, not the user's threshold
+    decided = predicted_classes(outputs[readout.output], as_scores)
+    predicted = predicted_classes(outputs[own], Reading("labels", class_values=readout.label_values))
+    if np.array_equal(decided, predicted):
+        return readout
+    return Readout(output=own, form="labels", classes=readout.classes, label_values=readout.label_values)
+
+
+def _label_output(outputs: dict[str, np.ndarray]) -> str | None:
+    """The model's own predicted class values: a 1-D integer or string output."""
+    return next((n for n, v in outputs.items() if v.ndim == 1 and v.dtype.kind in "biuUSO"), None)
 
 
 def _choose_output(task: str, outputs: dict[str, np.ndarray], labels: np.ndarray | None, wanted: str | None) -> str:
@@ -120,10 +146,10 @@ def _choose_output(task: str, outputs: dict[str, np.ndarray], labels: np.ndarray
     if wanted is not None:
         if wanted not in outputs:
             raise ConfigError(f"--output '{wanted}' is not an output of the model (outputs: {', '.join(outputs)})")
-        if wanted not in floats:
+        if wanted not in floats and not (task == "classification" and wanted == _label_output(outputs)):
             raise ConfigError(
-                f"output '{wanted}' holds {outputs[wanted].dtype} values; the metric reads scores or values "
-                f"(floating-point outputs: {', '.join(floats) or 'none'})"
+                f"output '{wanted}' holds {outputs[wanted].dtype} values; the metric reads scores, values or "
+                f"one class per row (floating-point outputs: {', '.join(floats) or 'none'})"
             )
         return wanted
     if not floats:
@@ -167,6 +193,10 @@ def _classes(form: str, width: int, output: str, names: tuple[str, ...], model_c
         if names:
             raise ConfigError(f"--labels names classes, but output '{output}' is read as {form}")
         return ()
+    if form == "labels":
+        if not (names or model_classes):
+            raise ConfigError(f"output '{output}' holds class indices: give --labels with the class names")
+        return names or model_classes
     count = 2 if form.startswith("binary") else width
     what = "labels" if form in MULTILABEL else "classes"
     for given, source in ((names, "the labels file"), (model_classes, "the model")):
@@ -212,21 +242,12 @@ def _class_indices(readout: Readout, labels: np.ndarray, what: str) -> np.ndarra
 
 def _indices_by_name(readout: Readout, flat: np.ndarray, what: str) -> np.ndarray:
     position = {name: i for i, name in enumerate(readout.label_values)}
-    texts = [_text(v) for v in flat.tolist()]
+    texts = [label_text(v) for v in flat.tolist()]
     unknown = next((t for t in texts if t not in position), None)
     if unknown is not None:
         shown = ", ".join(readout.label_values[:12]) + (", ..." if len(readout.label_values) > 12 else "")
         raise ConfigError(f"{what}: label '{unknown}' is not one of the model's classes ({shown})")
     return np.asarray([position[t] for t in texts], dtype=np.int64)
-
-
-def _text(value: Any) -> str:
-    """A label as text, the way class values are stored (``3`` and ``3.0`` are both "3" for integer classes)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def _label_matrix(readout: Readout, labels: np.ndarray, what: str) -> np.ndarray:

@@ -4,8 +4,10 @@ Classifiers are exported without ZipMap where the converter has that option, so 
 are ``label`` (the class values: int64, or strings for a classifier trained on string labels) and
 ``probabilities`` (float32), the same names :meth:`SklearnSource.predict` gives the reference. A
 classifier without ``predict_proba`` (``SVC()``, ``LinearSVC``) gives its decision function under
-``probabilities``, shaped as skl2onnx shapes it (two columns ``[-d, d]`` for a binary SVC, one
-for a linear binary model). Regressors give ``variable`` of shape [n, k].
+``probabilities``, laid out as skl2onnx lays out a binary decision ``d`` for that estimator: ``[d]``
+(LinearSVC, RidgeClassifier), ``[-d, d]`` (SGDClassifier, Perceptron) or ``[d, -d]`` (SVC), found
+by running the export once: the values stay scikit-learn's, so parity still compares the two.
+Regressors give ``variable`` of shape [n, k].
 
 The export is canonicalised (:func:`converter.onnx_tools.canonicalize`: skl2onnx writes its opset
 list in hash order) and checked at registration (:meth:`SklearnSource.check`): an estimator
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bundles.errors import ConfigError, ConversionError
-from converter.onnx_tools import check_inputs_match_spec, first_line, save_canonical
+from converter.onnx_tools import check_inputs_match_spec, first_line, make_session, run_session, save_canonical
 from converter.spec import ModelSpec
 
 EXTENSIONS = (".pkl", ".pickle", ".skops")
@@ -63,6 +66,7 @@ class SklearnSource:
         classes = getattr(estimator, "classes_", None) if self.is_classifier else None
         self.class_values: tuple[str, ...] = () if classes is None else tuple(_class_text(c) for c in classes)
         self._model: Any = None
+        self._layout: str | None = None
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         features = inputs[self.spec.inputs[0].name]
@@ -84,14 +88,16 @@ class SklearnSource:
         if hasattr(self.estimator, "predict_proba"):
             return np.asarray(self.estimator.predict_proba(features), dtype=np.float32)
         scores = np.asarray(self.estimator.decision_function(features), dtype=np.float32)
-        if scores.ndim == 1:  # binary: skl2onnx gives [-d, d] for SVC, [d] for linear models
-            scores = np.stack([-scores, scores], axis=1) if self._score_columns() == 2 else scores[:, None]
-        return scores
+        return _BINARY_LAYOUTS[self._binary_layout(features, scores)](scores) if scores.ndim == 1 else scores
 
-    def _score_columns(self) -> int:
-        outputs = {o.name: o for o in self._onnx().graph.output}
-        dims = outputs["probabilities"].type.tensor_type.shape.dim
-        return int(dims[1].dim_value) if len(dims) == 2 and dims[1].HasField("dim_value") else 1
+    def _binary_layout(self, features: np.ndarray, decision: np.ndarray) -> str:
+        """Which of :data:`_BINARY_LAYOUTS` the export uses for this estimator (found once, on these rows)."""
+        if self._layout is None:
+            session = make_session(self._onnx().SerializeToString(), what="the scikit-learn export")
+            exported = run_session(session, {self.spec.inputs[0].name: features})["probabilities"]
+            gaps = {name: _gap(layout(decision), exported) for name, layout in _BINARY_LAYOUTS.items()}
+            self._layout = min(gaps, key=lambda name: gaps[name])
+        return self._layout
 
     def _onnx(self) -> Any:
         """The skl2onnx export, made once per loaded source."""
@@ -135,6 +141,19 @@ class SklearnSource:
 
     def export_onnx(self, out_path: Path) -> None:
         save_canonical(self._onnx(), out_path)
+
+
+_BINARY_LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "d": lambda d: d[:, None],
+    "-d,d": lambda d: np.stack([-d, d], axis=1),
+    "d,-d": lambda d: np.stack([d, -d], axis=1),
+}
+
+
+def _gap(candidate: np.ndarray, exported: np.ndarray) -> float:
+    if candidate.shape != exported.shape:
+        return float("inf")
+    return float(np.max(np.abs(candidate.astype(np.float64) - exported)))
 
 
 def _single_threaded(estimator: Any) -> None:
