@@ -640,8 +640,8 @@ class Readout:
     """How the model's answer is read: which output, in which form, and the class names.
 
     ``form`` is a converter output form (``logits``, ``probabilities``, ``binary-logit``,
-    ``binary-probability``, ``multilabel-logits``, ``multilabel-probabilities``, ``values``,
-    ``embedding``; later ones pass through as strings). ``threshold`` is a probability (binary and
+    ``binary-probability``, ``multilabel-logits``, ``multilabel-probabilities``, ``labels``,
+    ``values``, ``embedding``; later ones pass through as strings). ``threshold`` is a probability (binary and
     multi-label decisions); ``classes`` names the classes (or labels) in output column order.
     """
 

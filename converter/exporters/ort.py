@@ -26,6 +26,7 @@ ORT-format fp32 runs slower than plain ONNX on x86 (layout optimisations are not
 from __future__ import annotations
 
 import functools
+import logging
 import platform
 import shutil
 import subprocess
@@ -135,6 +136,7 @@ def _write_config(model: Path, dest: Path) -> None:
     """``required_operators.config`` of ``model``, its header naming the entry file instead of a build path."""
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # "Created config in <path>" on stderr
     raw = dest.with_suffix(".raw")
     create_config_from_models([model], raw, enable_type_reduction=False)
     lines = raw.read_text().splitlines()

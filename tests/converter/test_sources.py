@@ -42,6 +42,10 @@ def test_random_forest_converts_through_skl2onnx_and_int8_rungs_say_there_is_not
     assert len(manifest.features) == 64 and manifest.features[3].name == "x_3"
     with Predictor.load(manifest, bundle_dir, variant="onnx-fp32") as predictor:
         assert predictor.self_test().passed
+    report = (Home(home).reports_dir("forest", 1) / "conversion-1" / "report.md").read_text()
+    section = report.split("## Refused before measurement", 1)[1]
+    for rung in ("onnx-int8-static", "onnx-int8-dynamic"):
+        assert f"- {rung}: nothing to quantise" in section
 
 
 def test_mlp_regressor_with_parquet_eval_data_is_gated_on_mae(home: Path, diabetes_mlp: object, tmp_path: Path) -> None:
