@@ -206,7 +206,7 @@ def _output_histogram(reference: Reference) -> Histogram | None:
     if readout.form not in SINGLE_LABEL:
         return _numeric_histogram(reference.primary, values.reshape(-1).astype(np.float64))
     decided = predicted_classes(values, readout.reading)
-    counts = np.bincount(decided, minlength=len(readout.classes))
+    counts = np.bincount(decided[decided >= 0], minlength=len(readout.classes))
     freqs = tuple(_round(float(c)) for c in counts / counts.sum())
     name, categories = reference.primary, readout.classes
     label_output = _label_output(reference)
