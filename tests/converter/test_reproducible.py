@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,9 @@ CONVERT_ALL = textwrap.dedent(
     from converter.registry import Registry
 
     registry = Registry(Home.from_env())
-    for name in sys.argv[1:]:
-        convert(registry, name, None, ("onnx", "ort"), None)
+    targets = tuple(sys.argv[1].split(","))
+    for name in sys.argv[2:]:
+        convert(registry, name, None, targets, None)
     """
 )
 MLP_FACTORY = textwrap.dedent(
@@ -83,20 +85,23 @@ def test_every_source_kind_converts_to_the_same_bytes_in_separate_processes_with
 ) -> None:
     _register_three_kinds(home, tmp_path)
     names = ("svc", "mlp", "encoder")
+    reproducible = ort_exporter._setarch() is not None
+    targets = "onnx,ort" if reproducible else "onnx"
+    if not reproducible:  # the ORT bytes are then not reproducible, and their manifests say so (test below)
+        warnings.warn("this host cannot disable address-space randomisation: ORT bytes left out", stacklevel=1)
     for seed in ("1", "2", "3"):
         env = {**os.environ, "EDGEFLEET_HOME": str(home), "PYTHONHASHSEED": seed,
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", CONVERT_ALL, *names], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600, check=False)  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", CONVERT_ALL, targets, *names], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
     registry = Registry(Home(home))
-    reproducible = ort_exporter._setarch() is not None
     for name in names:
         conversions = registry.conversions(registry.get(name))
         assert len(conversions) == 3
         assert len({c.bundle_sha256 for c in conversions}) == 1, (name, [c.bundle_sha256 for c in conversions])
         kept = [r for r in conversions[0].results if r["status"] == "passed"]
-        assert {r["target"] for r in kept} == {"onnx", "ort"} and len(kept) >= 2, conversions[0].results
+        assert {r["target"] for r in kept} == set(targets.split(",")), conversions[0].results
         manifest, _ = open_bundle(latest(home, name)[1], tmp_path / f"open-{name}")
         for variant in manifest.variants:
             assert variant.metrics["reproducible"] is (reproducible or variant.target != "ort"), variant.id
