@@ -636,6 +636,48 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class Readout:
+    """How the model's answer is read: which output, in which form, and the class names.
+
+    ``form`` is a converter output form (``logits``, ``probabilities``, ``binary-logit``,
+    ``binary-probability``, ``multilabel-logits``, ``multilabel-probabilities``, ``labels``,
+    ``values``, ``embedding``; later ones pass through as strings). ``threshold`` is a probability (binary and
+    multi-label decisions); ``classes`` names the classes (or labels) in output column order.
+    """
+
+    output: str
+    form: str
+    threshold: float | None = None
+    classes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    KNOWN: ClassVar[tuple[str, ...]] = ("output", "form", "threshold", "classes")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "readout") -> Readout:
+        data = _mapping(data, where)
+        threshold = _optional(data, "threshold", (int, float), where, None)
+        if threshold is not None and not 0.0 < float(threshold) < 1.0:
+            raise ManifestError(f"{where}.threshold: {threshold} is not a probability strictly between 0 and 1")
+        classes = _optional(data, "classes", list, where, [])
+        if not all(isinstance(c, str) for c in classes):
+            raise ManifestError(f"{where}.classes: expected a list of strings")
+        return cls(
+            output=_require(data, "output", str, where),
+            form=_require(data, "form", str, where),
+            threshold=None if threshold is None else float(threshold),
+            classes=tuple(classes),
+            extra=_extra(data, cls.KNOWN),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"output": self.output, "form": self.form, "classes": list(self.classes)}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return {**self.extra, **out}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The whole bundle description. See ``docs/bundle-format.md`` for each field."""
 
@@ -654,13 +696,14 @@ class Manifest:
     drift_baseline: DriftBaseline = field(default_factory=DriftBaseline)
     lineage: Lineage = field(default_factory=Lineage)
     runtime_config: RuntimeConfig = field(default_factory=RuntimeConfig)
+    readout: Readout | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     KNOWN: ClassVar[tuple[str, ...]] = (
         "format_version", "name", "version", "label", "created_at", "task", "inputs", "outputs",
         "features", "preprocess", "postprocess", "variants", "golden", "drift_baseline", "lineage",
-        "runtime_config",
+        "runtime_config", "readout",
     )  # fmt: skip
 
     @classmethod
@@ -699,6 +742,7 @@ class Manifest:
             runtime_config=RuntimeConfig.from_dict(
                 _optional(data, "runtime_config", dict, where, {}), f"{where}.runtime_config"
             ),
+            readout=_readout(data, where),
             extra=_extra(data, cls.KNOWN),
         )
         manifest._check_consistency(where)
@@ -739,6 +783,8 @@ class Manifest:
             "lineage": self.lineage.to_dict(),
             "runtime_config": self.runtime_config.to_dict(),
         }
+        if self.readout is not None:
+            out["readout"] = self.readout.to_dict()
         return {**self.extra, **out}
 
     @classmethod
@@ -769,6 +815,11 @@ class Manifest:
         return f"{self.name}@{self.version}"
 
 
+def _readout(data: Mapping[str, Any], where: str) -> Readout | None:
+    raw = _optional(data, "readout", dict, where, None)
+    return None if raw is None else Readout.from_dict(raw, f"{where}.readout")
+
+
 def _list_of(kind: Any, data: Mapping[str, Any], key: str, where: str, required: bool = False) -> tuple[Any, ...]:
     raw = _require(data, key, list, where) if required else _optional(data, key, list, where, [])
     return tuple(kind.from_dict(item, f"{where}.{key}[{i}]") for i, item in enumerate(raw))
@@ -789,6 +840,7 @@ __all__ = [
     "Histogram",
     "Lineage",
     "Manifest",
+    "Readout",
     "Requirements",
     "RuntimeConfig",
     "Step",

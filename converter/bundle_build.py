@@ -6,8 +6,9 @@ any one variant's. Each published variant must reproduce them: ``golden.atol`` i
 variants achieved, and ``golden.variant_tolerances[<id>]`` gives each quantised variant the
 tolerance it achieved here on exactly these inputs, times :data:`TOLERANCE_MARGIN` for the kernel
 differences of another CPU. For classifiers the cases are chosen among evaluation rows where
-every published variant agrees with the source's top-1 class, so ``top1_agreement = 1.0`` is
-achievable by every variant and a device that disagrees really runs a different model.
+every published variant makes the source's class decisions (read as the readout says: argmax, a
+threshold on one logit, per-label decisions), so ``top1_agreement = 1.0`` is achievable by every
+variant and a device that disagrees really runs a different model.
 
 Drift baseline. Tabular inputs (2-D, at most :data:`MAX_TABULAR_FEATURES` columns) get one
 histogram per column. Image-like inputs (more dimensions or more columns) get per-row summary
@@ -15,7 +16,12 @@ features, ``<input>.mean``, ``<input>.std``, ``<input>.min`` and ``<input>.max``
 ``features`` with ``"aggregate"``), which move when brightness, contrast or sensor saturation
 drift, at a cost that fits a device; constant summaries are dropped (no bins to draw). Bins are
 deciles of the evaluation inputs. The output baseline is the distribution of the source's
-predicted classes (classification) or deciles of the prediction (regression).
+predicted classes over the class names (classification: of the model's own label output when it
+has one, e.g. scikit-learn's ``label``, else of the readout's decisions) or deciles of the values.
+
+The manifest carries the readout (which output, in which form, the class names: string class
+labels of a scikit-learn model included) and says per variant whether its bytes are
+reproducible (``metrics.reproducible``).
 
 Determinism: everything here depends only on the registered files, the spec and the measured
 parity figures (timings are kept out of the manifest), and ``created_at`` is the registration
@@ -39,6 +45,7 @@ from bundles.manifest import (
     Histogram,
     Lineage,
     Manifest,
+    Readout,
     RuntimeConfig,
     Step,
     TensorSpec,
@@ -48,6 +55,7 @@ from bundles.tensors import dtype_name, encode_tensor
 from converter.datasets import Dataset, batch_sizes_for
 from converter.exporters import BuiltVariant
 from converter.gates import Reference
+from converter.metrics import CLASS_SCORES, MULTILABEL, SINGLE_LABEL, predicted_classes
 from converter.registry import ModelVersion
 
 GOLDEN_CASES = 8
@@ -59,7 +67,7 @@ SUMMARIES = ("mean", "std", "min", "max")
 MANIFEST_METRIC_KEYS = (
     "max_abs_error", "cosine", "top1_agreement", "metric", "metric_value", "source_metric_value", "metric_drop",
     "size_bytes", "size_ratio_to_fp32", "dynamic_extremes", "golden_atol", "ladder_rank", "preferred",
-    "gates",
+    "gates", "reproducible",
 )  # fmt: skip
 """Gate results written into each variant's ``metrics``: only reproducible figures (timings stay in the report)."""
 
@@ -82,22 +90,24 @@ def manifest_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def golden_rows(reference: Reference, variant_outputs: list[dict[str, np.ndarray]], task: str, rows: int) -> list[int]:
-    """Evaluation rows for golden cases: spread over the data, where every variant agrees on top-1."""
+def golden_rows(reference: Reference, variant_outputs: list[dict[str, np.ndarray]], rows: int) -> list[int]:
+    """Evaluation rows for golden cases: spread over the data, where every variant makes the source's decisions."""
+    rows = min(rows, len(reference.outputs[reference.primary]))
     candidates = np.arange(rows)
-    primary = reference.outputs[reference.primary]
-    if task == "classification" and primary.ndim == 2 and primary.shape[1] > 1:
-        truth = np.argmax(primary, axis=1)
+    reading = reference.readout.reading
+    if reading.form in SINGLE_LABEL + MULTILABEL:
+        truth = predicted_classes(reference.outputs[reference.primary], reading).reshape(rows, -1)
         agree = np.ones(rows, dtype=bool)
         for outputs in variant_outputs:
-            agree &= np.argmax(outputs[reference.primary][:rows], axis=1) == truth
+            decided = predicted_classes(outputs[reference.primary][:rows], reading).reshape(rows, -1)
+            agree &= np.all(decided == truth, axis=1)
         candidates = candidates[agree] if agree.any() else candidates
     picks = np.linspace(0, len(candidates) - 1, num=min(GOLDEN_CASES, len(candidates))).round().astype(int)
     return sorted({int(candidates[i]) for i in picks})
 
 
 def golden_for(data: Dataset, reference: Reference, chosen: list[int], per_variant: dict[str, dict[str, np.ndarray]],
-               fp32_ids: list[str], batch: int, task: str) -> Golden:  # fmt: skip
+               fp32_ids: list[str], batch: int) -> Golden:  # fmt: skip
     """Golden cases (source outputs as expected) and tolerances every published variant meets."""
     cases = []
     for row in chosen:
@@ -108,8 +118,14 @@ def golden_for(data: Dataset, reference: Reference, chosen: list[int], per_varia
     errors = {vid: _golden_error(outputs, reference, chosen, batch) for vid, outputs in per_variant.items()}
     base_atol = _atol(max((errors[v] for v in fp32_ids), default=0.0))
     overrides = {vid: {"atol": _atol(err)} for vid, err in sorted(errors.items()) if _atol(err) > base_atol}
-    top1 = 1.0 if task == "classification" and reference.outputs[reference.primary].ndim == 2 else None
+    top1 = 1.0 if _device_reads_top1(reference) else None
     return Golden(cases=tuple(cases), atol=base_atol, rtol=0.0, top1_agreement=top1, variant_tolerances=overrides)
+
+
+def _device_reads_top1(reference: Reference) -> bool:
+    """A device's self-test counts top-1 (argmax) on the first output: meaningful only for class scores there."""
+    first = next(iter(reference.outputs))
+    return reference.readout.form in CLASS_SCORES and reference.primary == first
 
 
 def _golden_error(outputs: dict[str, np.ndarray], reference: Reference, chosen: list[int], batch: int) -> float:
@@ -143,7 +159,7 @@ def features_and_baseline(data: Dataset, reference: Reference, model: ModelVersi
         derived.extend(feats)
         histograms.extend(hists)
     features = declared or tuple(derived)
-    return features, DriftBaseline(features=tuple(histograms), output=_output_histogram(reference, model))
+    return features, DriftBaseline(features=tuple(histograms), output=_output_histogram(reference))
 
 
 def _tabular(name: str, array: np.ndarray, columns: tuple[str, ...], declared: tuple[FeatureSpec, ...]) -> tuple[
@@ -184,15 +200,29 @@ def _numeric_histogram(name: str, values: np.ndarray) -> Histogram | None:
     return Histogram(name=name, edges=tuple(edges), freqs=tuple(_round(float(f)) for f in freqs))
 
 
-def _output_histogram(reference: Reference, model: ModelVersion) -> Histogram | None:
+def _output_histogram(reference: Reference) -> Histogram | None:
+    readout = reference.readout
     values = reference.outputs[reference.primary]
-    if model.spec.task == "classification" and values.ndim == 2 and values.shape[1] > 1:
-        classes = values.shape[1]
-        labels = model.spec.labels if len(model.spec.labels) == classes else tuple(str(i) for i in range(classes))
-        counts = np.bincount(np.argmax(values, axis=1), minlength=classes)
-        freqs = tuple(_round(float(c)) for c in counts / counts.sum())
-        return Histogram(name=reference.primary, categories=tuple(labels), freqs=freqs)
-    return _numeric_histogram(reference.primary, values.reshape(-1).astype(np.float64))
+    if readout.form not in SINGLE_LABEL:
+        return _numeric_histogram(reference.primary, values.reshape(-1).astype(np.float64))
+    decided = predicted_classes(values, readout.reading)
+    counts = np.bincount(decided[decided >= 0], minlength=len(readout.classes))
+    freqs = tuple(_round(float(c)) for c in counts / counts.sum())
+    name, categories = reference.primary, readout.classes
+    label_output = _label_output(reference)
+    if label_output is not None:  # the model's own class values (scikit-learn's ``label``): what a device sees
+        name, categories = label_output, readout.label_values
+    return Histogram(name=name, categories=tuple(categories), freqs=freqs)
+
+
+def _label_output(reference: Reference) -> str | None:
+    """A 1-D integer or string output holding the model's class values, when the readout knows them."""
+    if not reference.readout.label_values:
+        return None
+    for name, values in reference.outputs.items():
+        if values.ndim == 1 and values.dtype.kind in "iuUSO":
+            return name
+    return None
 
 
 def output_specs(reference: Reference, inputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
@@ -255,6 +285,12 @@ def make_manifest(model: ModelVersion, variants: list[Variant], reference: Refer
         drift_baseline=baseline,
         lineage=lineage,
         runtime_config=runtime,
+        readout=Readout(
+            output=reference.readout.output,
+            form=reference.readout.form,
+            threshold=reference.readout.threshold,
+            classes=reference.readout.classes,
+        ),
     )
 
 

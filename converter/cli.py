@@ -23,8 +23,9 @@ from rich.table import Table
 from bundles.errors import ConfigError, EdgeFleetError, GateFailedError
 from converter.context import about
 from converter.home import Home
+from converter.readout import Request
 from converter.registry import ModelVersion, Registry
-from converter.spec import Budgets, ModelSpec, format_tensor_spec, parse_input_spec
+from converter.spec import Budgets, ModelSpec, format_tensor_spec, parse_drop, parse_input_spec
 
 app = typer.Typer(help="Register, convert, validate and publish models for edgefleet devices.", no_args_is_help=True)
 keys_app = typer.Typer(help="Release keys (TUF root and targets roles), kept offline on this workstation.")
@@ -113,18 +114,34 @@ def register(
         ..., help="torch:file.py:factory | torch:model.pt2 | onnx:model.onnx | sklearn:model.pkl"
     ),
     input_spec: str = typer.Option(..., "--input", help="e.g. 'x: float32[-1,1,8,8]' (-1 = 1..32, or 1..64)."),
-    task: str = typer.Option(..., help="classification | regression | embedding | detection | other"),
+    task: str = typer.Option(..., help="classification | regression | embedding (see docs/converter.md)"),
     eval_path: Path = typer.Option(..., "--eval", help=".npz or .parquet with inputs and labels."),
-    metric: str = typer.Option("accuracy", help="accuracy | top3 | top5 | mae | mse | cosine"),
+    metric: str | None = typer.Option(
+        None,
+        help="accuracy | top3 | top5 | f1 | label_accuracy | mae | rmse | mse | r2 | cosine | nn_agreement "
+        "(default: the task's first)",
+    ),
+    output: str | None = typer.Option(
+        None,
+        help="NAME[:FORM]: the output the metric reads, and how (logits, probabilities, binary-logit, "
+        "binary-probability, multilabel-logits, multilabel-probabilities, values, embedding); inferred if omitted.",
+    ),
+    threshold: float | None = typer.Option(None, help="Decision threshold (a probability) for binary/multi-label."),
     weights: Path | None = typer.Option(None, help="State dict for a torch factory."),
+    random_init: bool = typer.Option(False, "--random-init", help="Register a torch factory without --weights."),
     calibration: Path | None = typer.Option(None, help="Calibration inputs for static int8."),
-    labels: Path | None = typer.Option(None, help="Class names, one per line."),
-    max_drop: float = typer.Option(0.01, help="Largest allowed metric drop (absolute)."),
+    labels: Path | None = typer.Option(None, help="Class names, one per line, in output order."),
+    max_drop: str | None = typer.Option(
+        None, help="Largest allowed metric loss: absolute (0.01) or relative to the source (2%); default per metric."
+    ),
     max_latency_ms: float | None = typer.Option(None, help="p95 latency budget at batch 1, ms."),
     max_size_bytes: int | None = typer.Option(None, help="Largest variant size in bytes."),
     max_memory_mb: float | None = typer.Option(None, help="Largest peak-RSS growth while loading and running, MB."),
-    max_latency_ratio: float = typer.Option(1.1, help="Quantised vs fp32 latency allowed at the latency batch."),
-    latency_batch: int = typer.Option(32, help="Batch size for throughput latency."),
+    max_latency_ratio: float = typer.Option(
+        1.1, help="Quantised vs fp32 latency allowed, at batch 1 and at the typical batch."
+    ),
+    latency_batch: int = typer.Option(32, help="The model's typical batch size (throughput latency)."),
+    prefer: str = typer.Option("speed", help="speed: refuse a variant slower than fp32; size: keep it, saying why."),
     min_top1_agreement: float | None = typer.Option(None, help="Least top-1 agreement with the source."),
     min_cosine: float | None = typer.Option(None, help="Least mean cosine similarity with the source outputs."),
     calibration_method: str = typer.Option("minmax", help="minmax | entropy | percentile"),
@@ -137,28 +154,28 @@ def register(
     from converter.register import register as do_register
 
     with about(f"{name} (new version)", "source"):
-        spec = _spec(input_spec, task, metric, labels, max_drop, max_latency_ms, max_size_bytes, max_memory_mb,
-                     max_latency_ratio, latency_batch, min_top1_agreement, min_cosine, calibration_method, features,
-                     preprocess, postprocess, label_key)  # fmt: skip
+        budgets = _budgets(
+            max_drop=max_drop, max_latency_ms=max_latency_ms, max_size_bytes=max_size_bytes,
+            max_memory_mb=max_memory_mb, max_latency_ratio=max_latency_ratio, latency_batch=latency_batch,
+            prefer=prefer, min_top1_agreement=min_top1_agreement, min_cosine=min_cosine,
+        )  # fmt: skip
+        spec = ModelSpec(
+            task=task, inputs=parse_input_spec(input_spec), metric=metric, budgets=budgets, labels=_labels(labels),
+            features=_json_list(features, "features file"), preprocess=_json_list(preprocess, "preprocess file"),
+            postprocess=_json_list(postprocess, "postprocess file"), calibration_method=calibration_method,
+            label_key=label_key, request=Request.parse(output, threshold), random_init=random_init,
+        )  # fmt: skip
     model = do_register(_registry(), name, source, weights, spec, eval_path, calibration)
     console.print(f"registered {model.ref} (source sha256 {model.source_sha256[:16]}...)")
+    readout = model.spec.readout
+    if readout is not None:
+        console.print(f"metric {model.spec.metric} reads {readout.describe()}", markup=False, highlight=False)
 
 
-def _spec(input_spec: str, task: str, metric: str, labels: Path | None, max_drop: float, max_latency_ms: float | None,
-          max_size_bytes: int | None, max_memory_mb: float | None, max_latency_ratio: float, latency_batch: int,
-          min_top1_agreement: float | None, min_cosine: float | None, calibration_method: str, features: Path | None,
-          preprocess: Path | None, postprocess: Path | None, label_key: str) -> ModelSpec:  # fmt: skip
-    budgets = Budgets(max_drop=max_drop, max_latency_ms=max_latency_ms, max_size_bytes=max_size_bytes,
-                      max_latency_ratio=max_latency_ratio, latency_batch=latency_batch,
-                      min_top1_agreement=min_top1_agreement, min_cosine=min_cosine,
-                      max_memory_mb=max_memory_mb)  # fmt: skip
-    spec = ModelSpec(
-        task=task, inputs=parse_input_spec(input_spec), metric=metric, budgets=budgets, labels=_labels(labels),
-        features=_json_list(features, "features file"), preprocess=_json_list(preprocess, "preprocess file"),
-        postprocess=_json_list(postprocess, "postprocess file"), calibration_method=calibration_method,
-        label_key=label_key,
-    )  # fmt: skip
-    return spec
+def _budgets(max_drop: str | None, **others: Any) -> Budgets:
+    """Budgets from the register options; ``--max-drop`` is parsed as absolute or relative (``2%``)."""
+    drop, relative = parse_drop(max_drop) if max_drop is not None else (None, False)
+    return Budgets(max_drop=drop, max_drop_relative=relative, **others)
 
 
 @app.command("list")
@@ -193,7 +210,9 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION")) -> None:
     console.print(f"eval: sha256 {model.eval_sha256}; calibration: sha256 {model.calibration_sha256 or '-'}")
     console.print("inputs: " + "; ".join(format_tensor_spec(t) for t in spec.inputs))
     console.print(f"task {spec.task}, metric {spec.metric}, calibration {spec.calibration_method}")
-    console.print("budgets: " + ", ".join(f"{k}={v}" for k, v in spec.budgets.to_dict().items() if v is not None))
+    if spec.readout is not None:
+        console.print(f"the metric reads {spec.readout.describe()}", markup=False, highlight=False)
+    console.print("budgets: " + spec.budgets.describe(spec.metric_name), markup=False, highlight=False)
     console.print("tools: " + ", ".join(f"{k} {v}" for k, v in sorted(model.tool_versions.items())))
     conversions = registry.conversions(model)
     if conversions:

@@ -8,15 +8,16 @@ a refused rung is recorded with the numbers that refused it. The ladder's *prefe
 the first rung that passed. All passing variants go into one bundle.
 
 Nothing is written to the registry unless the whole conversion succeeds: variants are built in a
-temporary directory, the bundle is assembled in a staging directory that is renamed into
-``artifacts/<name>/<version>/conversions/<n>`` inside the registry transaction.
+private work directory under ``$EDGEFLEET_HOME/tmp`` (also the current and temporary directory of
+the third-party tools meanwhile, so none of their files lands elsewhere), the bundle is assembled
+in a staging directory that is renamed into ``artifacts/<name>/<version>/conversions/<n>`` inside
+the registry transaction.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ from converter.bundle_build import (
 from converter.context import about
 from converter.datasets import Dataset, load_dataset
 from converter.exporters import BuiltVariant, exporter_for
-from converter.gates import Measurement, Reference, dynamic_extremes, judge, latency_ratio, measure, reference_for
-from converter.home import publish_dir, staging_dir
+from converter.gates import Measurement, Reference, dynamic_extremes, judge, latency_ratios, measure, reference_for
+from converter.home import publish_dir, scratch_dir, staging_dir
 from converter.quantize import EXTRA_PRECISIONS, PRECISIONS
 from converter.register import tool_versions
 from converter.registry import Conversion, ConversionRow, ModelVersion, Registry, utc_now
@@ -60,10 +61,13 @@ class RungResult:
     status: str  # passed | refused
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Findings a passing variant was kept despite (``--prefer size``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant_id": self.variant_id, "target": self.target, "precision": self.precision,
-                "status": self.status, "reasons": self.reasons, "metrics": self.metrics}  # fmt: skip
+                "status": self.status, "reasons": self.reasons, "notes": self.notes,
+                "metrics": self.metrics}  # fmt: skip
 
 
 @dataclass
@@ -111,11 +115,11 @@ def convert(registry: Registry, name: str, version: int | None, targets: tuple[s
     exporters = [exporter_for(t) for t in targets]
     say = progress or (lambda _message: None)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="edgefleet-convert-") as work:
-        run = _prepare(registry, model, Path(work), say)
+    with scratch_dir(registry.home, f"convert-{model.name}-") as work:
+        run = _prepare(registry, model, work, say)
         run.targets = targets
         for exporter in exporters:
-            _convert_target(run, exporter, quantize, Path(work) / "variants")
+            _convert_target(run, exporter, quantize, work / "variants")
         say("building the bundle")
         options = {"targets": list(targets), "quantize": "auto" if quantize is None else list(quantize)}
         return _finish(registry, run, options, time.perf_counter() - started)
@@ -175,27 +179,29 @@ def _rung(run: _Run, exporter: ModuleType, precision: str, parent: Measurement |
             raise
         run.results.append(RungResult(variant_id, exporter.TARGET, precision, "refused", [_cause(e, variant_id)]))
         return None
-    reasons = judge(built, measured.metrics, spec, None if parent is None else parent.metrics)
-    if reasons and parent is None:
-        raise GateFailedError(f"model {run.model.ref}, variant {variant_id}: {'; '.join(reasons)}")
-    _record(run, built, measured, reasons)
-    return measured if not reasons else None
+    verdict = judge(built, measured.metrics, spec, None if parent is None else parent.metrics)
+    if verdict.reasons and parent is None:
+        raise GateFailedError(f"model {run.model.ref}, variant {variant_id}: {'; '.join(verdict.reasons)}")
+    _record(run, built, measured, verdict.reasons, verdict.notes)
+    return measured if not verdict.reasons else None
 
 
 def _compare_with_parent(run: _Run, measured: Measurement, parent: Measurement | None) -> None:
     if parent is None or parent.runner is None or measured.runner is None:
         return
-    measured.metrics["latency_ratio_to_fp32"] = latency_ratio(parent.runner, measured.runner, run.data, run.model.spec)
+    measured.metrics.update(latency_ratios(parent.runner, measured.runner, run.data, run.model.spec))
     measured.metrics["size_ratio_to_fp32"] = measured.metrics["size_bytes"] / parent.metrics["size_bytes"]
 
 
-def _record(run: _Run, built: BuiltVariant, measured: Measurement, reasons: list[str]) -> None:
+def _record(run: _Run, built: BuiltVariant, measured: Measurement, reasons: list[str], notes: list[str]) -> None:
     status = "refused" if reasons else "passed"
     measured.metrics["gates"] = _budgets_checked(run.model)
+    measured.metrics.setdefault("reproducible", True)
     measured.metrics.update(built.details)
     if built.precision == "fp32":
         measured.metrics["size_ratio_to_fp32"] = 1.0
-    result = RungResult(built.id, built.target, built.precision, status, reasons, _persistable(measured.metrics))
+    metrics = _persistable(measured.metrics)
+    result = RungResult(built.id, built.target, built.precision, status, reasons, metrics, notes)
     run.results.append(result)
     if not reasons:
         run.passed.append((built, measured))
@@ -204,7 +210,10 @@ def _record(run: _Run, built: BuiltVariant, measured: Measurement, reasons: list
 
 
 def _budgets_checked(model: ModelVersion) -> dict[str, Any]:
-    budgets = model.spec.budgets.to_dict()
+    """The budgets the variant was judged by, the metric's default drop made explicit."""
+    spec = model.spec
+    budgets = spec.budgets.to_dict()
+    budgets["max_drop"], budgets["max_drop_relative"] = spec.budgets.drop_budget(spec.metric_name)
     return {key: value for key, value in sorted(budgets.items()) if value is not None}
 
 
@@ -274,9 +283,9 @@ def _publish_order(run: _Run) -> list[tuple[BuiltVariant, Measurement]]:
 def _golden(run: _Run) -> Any:
     batch = golden_batch(run.model)
     outputs = {built.id: measured.outputs for built, measured in run.passed}
-    chosen = golden_rows(run.reference, list(outputs.values()), run.model.spec.task, run.data.rows)
+    chosen = golden_rows(run.reference, list(outputs.values()), run.data.rows)
     fp32_ids = [built.id for built, _ in run.passed if built.precision == "fp32"]
-    return golden_for(run.data, run.reference, chosen, outputs, fp32_ids, batch, run.model.spec.task)
+    return golden_for(run.data, run.reference, chosen, outputs, fp32_ids, batch)
 
 
 def _insert_conversion(registry: Registry, run: _Run, staging: Path, bundle_name: str, options: dict[str, Any],

@@ -2,17 +2,22 @@
 
 Measured on the final file, on the registered evaluation data:
 
-- parity with the source outputs: max abs error, mean per-row cosine similarity, top-1 agreement
-  (classification), label agreement for integer outputs;
-- the task metric and its drop against the source's own metric (absolute, in the metric's unit);
-- latency after warm-up: median and p95 at batch 1 and at the budget's batch size;
+- parity with the source outputs: max abs error, mean per-row cosine similarity, and the share of
+  class decisions equal to the source's (``top1_agreement``, read as the registration's readout
+  says: argmax, a threshold on one logit, per-label decisions);
+- the task metric (:mod:`converter.metrics`, read through the readout) and its drop against the
+  source's own value, judged against the budget in the metric's terms (absolute or relative);
+- latency after warm-up, in :data:`_LATENCY_ROUNDS` rounds: median and p95 over all calls and the
+  spread of the round medians, at batch 1 and at the model's typical batch;
 - file size and peak memory (growth of the process's peak RSS while loading and running it);
 - dynamic dimensions at both ends of their declared range (outputs must keep their parity).
 
-:func:`judge` turns measurements and budgets into the list of reasons a variant is refused (empty
-when it passes). A quantised variant is also compared with its float parent of the same target:
-slower (beyond the noise allowance) or not smaller means refused. Timings are interleaved with the
-parent's so that load from other processes hits both alike.
+:func:`judge` turns measurements and budgets into a :class:`Verdict`: the reasons a variant is
+refused (none when it passes) and the notes of a variant kept despite a finding (``--prefer size``
+keeps a quantised variant that is slower than its parent, saying so). A quantised variant is
+compared with its float parent of the same target at batch 1 and at the typical batch: slower
+(beyond the noise allowance) at either, or not smaller, means refused. Timings are interleaved
+with the parent's so that load from other processes hits both alike.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ import numpy as np
 from bundles.errors import ConversionError
 from converter.datasets import Dataset, batch_sizes_for
 from converter.exporters import BuiltVariant, Runner
-from converter.spec import ModelSpec
+from converter.metrics import agreement, metric, row_cosine
+from converter.readout import Readout, check_target_shape, encode_targets, infer_readout
+from converter.spec import ModelSpec, format_drop
 
 _WARMUP_CALLS = 5
 _MAX_CALLS = 200
 _MAX_TIMING_S = 0.4
+_LATENCY_ROUNDS = 5
 _EVAL_CHUNK_ROWS = 64
 _RATIO_ROUNDS = 7
 _RATIO_CALLS = 8
@@ -40,11 +48,24 @@ _RATIO_CALLS = 8
 
 @dataclass
 class Reference:
-    """The source model's outputs on the evaluation data and its metric value."""
+    """The source model's outputs on the evaluation data, how the metric reads them, and its value."""
 
     outputs: dict[str, np.ndarray]
-    primary: str
+    readout: Readout
+    targets: np.ndarray | None
     metric_value: float | None
+
+    @property
+    def primary(self) -> str:
+        return self.readout.output
+
+
+@dataclass
+class Verdict:
+    """Why a variant is refused (``reasons``) and what was found but accepted (``notes``)."""
+
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -56,42 +77,31 @@ class Measurement:
     runner: Runner | None = field(default=None, repr=False)
 
 
-def primary_output(outputs: dict[str, np.ndarray], task: str) -> str:
-    """The output the metric and top-1 agreement are computed on: class scores or the prediction."""
-    floats = [n for n, v in outputs.items() if v.dtype.kind == "f"]
-    if not floats:
-        return next(iter(outputs))
-    if task == "classification":
-        scores = [n for n in floats if outputs[n].ndim == 2 and outputs[n].shape[1] > 1]
-        if scores:
-            return scores[0]
-    return floats[0]
+def readout_for(spec: ModelSpec, outputs: dict[str, np.ndarray], labels: np.ndarray | None) -> Readout:
+    """The registered readout; registrations made before readouts existed get it inferred the same way."""
+    if spec.readout is not None:
+        return spec.readout
+    return infer_readout(spec.task, outputs, labels, spec.request, spec.labels, ())
 
 
-def task_metric(metric: str, values: np.ndarray, labels: np.ndarray | None) -> float | None:
-    """The registered metric of ``values`` (primary output) against ``labels``; None without labels."""
-    if labels is None:
+def task_metric(spec: ModelSpec, readout: Readout, values: np.ndarray, targets: np.ndarray | None,
+                reference: np.ndarray) -> float | None:  # fmt: skip
+    """The registered metric of ``values`` (the readout's output); None when it needs labels and there are none."""
+    chosen = metric(spec.metric_name)
+    if chosen.needs_labels and targets is None:
         return None
-    if metric == "accuracy":
-        return float(np.mean(np.argmax(values, axis=1) == labels.reshape(-1)))
-    if metric in ("top3", "top5"):
-        k = int(metric[3:])
-        top = np.argsort(-values, axis=1)[:, :k]
-        return float(np.mean(np.any(top == labels.reshape(-1, 1), axis=1)))
-    predicted = values.reshape(len(values), -1).astype(np.float64)
-    expected = labels.reshape(len(labels), -1).astype(np.float64)
-    if metric == "mae":
-        return float(np.mean(np.abs(predicted - expected)))
-    if metric == "mse":
-        return float(np.mean((predicted - expected) ** 2))
-    return float(np.mean(_row_cosine(predicted, expected)))
+    return chosen.compute(values, targets, reference, readout.reading)
 
 
 def reference_for(predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], data: Dataset,
                   spec: ModelSpec) -> Reference:  # fmt: skip
     outputs = run_in_chunks(predict, data, spec)
-    primary = primary_output(outputs, spec.task)
-    return Reference(outputs, primary, task_metric(spec.metric, outputs[primary], data.labels))
+    labels = None if data.labels is None else data.labels[: len(next(iter(outputs.values())))]
+    readout = readout_for(spec, outputs, labels)
+    targets = encode_targets(readout, labels, "eval file")
+    primary = outputs[readout.output]
+    check_target_shape(readout, targets, primary, "eval file")
+    return Reference(outputs, readout, targets, task_metric(spec, readout, primary, targets, primary))
 
 
 def run_in_chunks(predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], data: Dataset,
@@ -114,14 +124,14 @@ def measure(variant: BuiltVariant, open_runner: Callable[[BuiltVariant], Runner]
     runner = open_runner(variant)
     outputs = run_in_chunks(runner.run, data, spec)
     peak_rss_delta = max(0, _peak_rss_bytes() - rss_before)
-    metrics = parity(outputs, reference, spec, data)
+    metrics = parity(outputs, reference, spec)
     metrics.update(size_bytes=variant.size_bytes, peak_rss_delta_bytes=peak_rss_delta)
     metrics.update(latency(runner, data, spec))
     return Measurement(metrics=metrics, outputs=outputs, runner=runner)
 
 
-def parity(outputs: dict[str, np.ndarray], reference: Reference, spec: ModelSpec, data: Dataset) -> dict[str, Any]:
-    """Max abs error, cosine and agreement against the reference outputs, plus the task metric."""
+def parity(outputs: dict[str, np.ndarray], reference: Reference, spec: ModelSpec) -> dict[str, Any]:
+    """Max abs error, cosine and decision agreement against the reference outputs, plus the task metric."""
     rows = len(reference.outputs[reference.primary])
     max_abs = 0.0
     cosines: list[float] = []
@@ -133,21 +143,22 @@ def parity(outputs: dict[str, np.ndarray], reference: Reference, spec: ModelSpec
         actual = actual[:rows]
         if expected.dtype.kind == "f":
             max_abs = max(max_abs, float(np.max(np.abs(actual.astype(np.float64) - expected))))
-            cosines.extend(_row_cosine(actual.reshape(rows, -1), expected.reshape(rows, -1)).tolist())
+            cosines.extend(row_cosine(actual, expected).tolist())
     primary = outputs[reference.primary][:rows]
     expected_primary = reference.outputs[reference.primary]
-    value = task_metric(spec.metric, primary, None if data.labels is None else data.labels[:rows])
+    value = task_metric(spec, reference.readout, primary, reference.targets, expected_primary)
     result: dict[str, Any] = {
         "max_abs_error": max_abs,
         "cosine": float(np.mean(cosines)) if cosines else 1.0,
-        "metric": spec.metric,
+        "metric": spec.metric_name,
         "metric_value": value,
         "source_metric_value": reference.metric_value,
         "metric_drop": _drop(spec, reference.metric_value, value),
         "output_scale": float(np.max(np.abs(expected_primary))) if expected_primary.dtype.kind == "f" else 1.0,
     }
-    if spec.task == "classification" and primary.ndim == 2 and primary.shape[1] > 1:
-        result["top1_agreement"] = float(np.mean(np.argmax(primary, 1) == np.argmax(expected_primary, 1)))
+    decided = agreement(primary, expected_primary, reference.readout.reading)
+    if decided is not None:
+        result["top1_agreement"] = decided
     return result
 
 
@@ -155,15 +166,6 @@ def _drop(spec: ModelSpec, source: float | None, variant: float | None) -> float
     if source is None or variant is None:
         return None
     return source - variant if spec.higher_is_better else variant - source
-
-
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    dots = np.sum(a * b, axis=1)
-    same = np.all(np.isclose(a, b, atol=1e-12), axis=1)
-    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(same, 1.0, 0.0))
 
 
 def latency_batch(spec: ModelSpec) -> int:
@@ -179,27 +181,43 @@ def feeds_at(data: Dataset, batch: int) -> dict[str, np.ndarray]:
 
 
 def latency(runner: Runner, data: Dataset, spec: ModelSpec) -> dict[str, Any]:
-    """Median and p95 in milliseconds at batch 1 (or the fixed batch) and at :func:`latency_batch`."""
+    """Median, p95 and the spread of round medians (ms) at batch 1 (or the fixed batch) and at :func:`latency_batch`."""
     low, _ = batch_sizes_for(spec.inputs[0])
-    batch = latency_batch(spec)
-    single = _time_calls(runner, feeds_at(data, low))
-    many = _time_calls(runner, feeds_at(data, batch))
-    return {
-        "latency_batch": batch,
-        "latency_b1_p50_ms": _ms(np.median(single)),
-        "latency_b1_p95_ms": _ms(np.percentile(single, 95)),
-        "latency_batch_p50_ms": _ms(np.median(many)),
-        "latency_batch_p95_ms": _ms(np.percentile(many, 95)),
-    }
+    result: dict[str, Any] = {"latency_batch": latency_batch(spec)}
+    for label, batch in (("b1", low), ("batch", latency_batch(spec))):
+        rounds = _timed_rounds(runner, feeds_at(data, batch))
+        every = [t for r in rounds for t in r]
+        medians = [float(np.median(r)) for r in rounds]
+        result[f"latency_{label}_p50_ms"] = _ms(np.median(every))
+        result[f"latency_{label}_p95_ms"] = _ms(np.percentile(every, 95))
+        result[f"latency_{label}_p50_range_ms"] = [_ms(min(medians)), _ms(max(medians))]
+    return result
 
 
-def latency_ratio(parent: Runner, child: Runner, data: Dataset, spec: ModelSpec) -> float:
-    """Child / parent latency at :func:`latency_batch`, timed in interleaved rounds.
+def _timed_rounds(runner: Runner, feeds: dict[str, np.ndarray]) -> list[list[float]]:
+    """:data:`_LATENCY_ROUNDS` rounds of timed calls after one warm-up, sharing the time budget."""
+    for _ in range(_WARMUP_CALLS):
+        runner.run(feeds)
+    calls = _MAX_CALLS // _LATENCY_ROUNDS
+    budget_s = _MAX_TIMING_S / _LATENCY_ROUNDS
+    return [_time_calls(runner, feeds, calls=calls, warmup=0, budget_s=budget_s) for _ in range(_LATENCY_ROUNDS)]
+
+
+def latency_ratios(parent: Runner, child: Runner, data: Dataset, spec: ModelSpec) -> dict[str, float]:
+    """Child / parent latency at batch 1 and at :func:`latency_batch` (one figure when they are the same batch)."""
+    low, _ = batch_sizes_for(spec.inputs[0])
+    batches = {"latency_ratio_b1_to_fp32": low, "latency_ratio_to_fp32": latency_batch(spec)}
+    if low == latency_batch(spec):
+        batches = {"latency_ratio_to_fp32": low}
+    return {key: latency_ratio(parent, child, feeds_at(data, batch)) for key, batch in batches.items()}
+
+
+def latency_ratio(parent: Runner, child: Runner, feeds: dict[str, np.ndarray]) -> float:
+    """Child / parent latency on ``feeds``, timed in interleaved rounds.
 
     Each side's figure is its best round median: a burst of load from other processes slows a
     round, never speeds one up, so the quietest round is the closest to the model's own cost.
     """
-    feeds = feeds_at(data, latency_batch(spec))
     parent_rounds: list[float] = []
     child_rounds: list[float] = []
     for runner in (parent, child):
@@ -211,11 +229,11 @@ def latency_ratio(parent: Runner, child: Runner, data: Dataset, spec: ModelSpec)
 
 
 def _time_calls(runner: Runner, feeds: dict[str, np.ndarray], calls: int = _MAX_CALLS,
-                warmup: int = _WARMUP_CALLS) -> list[float]:  # fmt: skip
+                warmup: int = _WARMUP_CALLS, budget_s: float = _MAX_TIMING_S) -> list[float]:  # fmt: skip
     for _ in range(warmup):
         runner.run(feeds)
     times: list[float] = []
-    deadline = time.perf_counter() + _MAX_TIMING_S
+    deadline = time.perf_counter() + budget_s
     while len(times) < calls and (len(times) < 10 or time.perf_counter() < deadline):
         start = time.perf_counter()
         runner.run(feeds)
@@ -273,28 +291,39 @@ def _max_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], label: s
 
 
 def judge(variant: BuiltVariant, metrics: dict[str, Any], spec: ModelSpec,
-          parent: dict[str, Any] | None) -> list[str]:  # fmt: skip
-    """Why ``variant`` must not be published (empty list: it passes). ``parent`` is its fp32 sibling's metrics."""
+          parent: dict[str, Any] | None) -> Verdict:  # fmt: skip
+    """Why ``variant`` must not be published, and what was accepted; ``parent`` is its fp32 sibling's metrics."""
     budgets = spec.budgets
-    reasons: list[str] = []
+    verdict = Verdict()
     scale = max(1.0, metrics.get("output_scale", 1.0))
     if variant.precision == "fp32" and metrics["max_abs_error"] > budgets.max_abs_error_fp32 * scale:
-        reasons.append(
+        verdict.reasons.append(
             f"fp32 outputs differ from the source by {metrics['max_abs_error']:.3g} "
             f"(> {budgets.max_abs_error_fp32 * scale:.3g}): the export changed the model"
         )
-    drop = metrics.get("metric_drop")
-    if drop is not None and drop > budgets.max_drop:
-        reasons.append(
-            f"{spec.metric} {metrics['metric_value']:.4f} vs source {metrics['source_metric_value']:.4f} "
-            f"(drop {drop:.4f} > budget {budgets.max_drop:.4f})"
-        )
-    reasons.extend(_parity_budget_reasons(metrics, spec))
-    reasons.extend(_resource_budget_reasons(metrics, spec))
-    reasons.extend(_dynamic_reasons(metrics))
+    verdict.reasons.extend(_drop_reasons(metrics, spec))
+    verdict.reasons.extend(_parity_budget_reasons(metrics, spec))
+    verdict.reasons.extend(_resource_budget_reasons(metrics, spec))
+    verdict.reasons.extend(_dynamic_reasons(metrics))
     if parent is not None:
-        reasons.extend(_parent_reasons(metrics, parent, spec))
-    return reasons
+        _judge_against_parent(metrics, parent, spec, verdict)
+    return verdict
+
+
+def _drop_reasons(metrics: dict[str, Any], spec: ModelSpec) -> list[str]:
+    drop, source = metrics.get("metric_drop"), metrics.get("source_metric_value")
+    if drop is None or source is None:
+        return []
+    allowed = spec.budgets.allowed_drop(spec.metric_name, source)
+    if drop <= allowed + 1e-12:
+        return []
+    value, relative = spec.budgets.drop_budget(spec.metric_name)
+    budget = f"{format_drop(value, relative)} of {source:.4g} = {allowed:.4g}" if relative else f"{allowed:.4f}"
+    worse = "increase" if not spec.higher_is_better else "drop"
+    return [
+        f"{spec.metric_name} {metrics['metric_value']:.4f} vs source {source:.4f} "
+        f"({worse} {drop:.4f} > budget {budget})"
+    ]
 
 
 def _parity_budget_reasons(metrics: dict[str, Any], spec: ModelSpec) -> list[str]:
@@ -331,19 +360,33 @@ def _dynamic_reasons(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
-def _parent_reasons(metrics: dict[str, Any], parent: dict[str, Any], spec: ModelSpec) -> list[str]:
-    reasons = []
-    ratio = metrics.get("latency_ratio_to_fp32")
-    batch = metrics["latency_batch"]
-    if ratio is not None and ratio > spec.budgets.max_latency_ratio:
-        reasons.append(
-            f"{ratio:.2f}x slower than its fp32 parent at batch {batch} "
-            f"(p50 {metrics['latency_batch_p50_ms']:.3f} ms vs {parent['latency_batch_p50_ms']:.3f} ms; "
-            f"allowed {spec.budgets.max_latency_ratio:.2f}x)"
-        )
+def _judge_against_parent(metrics: dict[str, Any], parent: dict[str, Any], spec: ModelSpec,
+                          verdict: Verdict) -> None:  # fmt: skip
+    slower = _slower_than_parent(metrics, parent, spec)
+    if spec.budgets.prefer == "size":
+        verdict.notes.extend(f"kept (--prefer size) although {finding}" for finding in slower)
+    else:
+        verdict.reasons.extend(slower)
     if metrics["size_bytes"] >= parent["size_bytes"]:
-        reasons.append(f"not smaller than its fp32 parent ({metrics['size_bytes']} B vs {parent['size_bytes']} B)")
-    return reasons
+        verdict.reasons.append(
+            f"not smaller than its fp32 parent ({metrics['size_bytes']} B vs {parent['size_bytes']} B)"
+        )
+
+
+def _slower_than_parent(metrics: dict[str, Any], parent: dict[str, Any], spec: ModelSpec) -> list[str]:
+    allowed = spec.budgets.max_latency_ratio
+    smallest, _ = batch_sizes_for(spec.inputs[0])
+    findings = []
+    for key, label, at in (("latency_ratio_b1_to_fp32", "b1", smallest),
+                           ("latency_ratio_to_fp32", "batch", metrics["latency_batch"])):  # fmt: skip
+        ratio = metrics.get(key)
+        if ratio is None or ratio <= allowed:
+            continue
+        findings.append(
+            f"{ratio:.2f}x slower than its fp32 parent at batch {at} (p50 {metrics[f'latency_{label}_p50_ms']:.3f} ms "
+            f"vs {parent[f'latency_{label}_p50_ms']:.3f} ms; allowed {allowed:.2f}x)"
+        )
+    return findings
 
 
 def _reset_peak_rss() -> int:

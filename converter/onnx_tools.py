@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bundles.errors import ConversionError
+from bundles.errors import ConversionError, EdgeFleetError
 from bundles.manifest import TensorSpec
 
 _UNSUPPORTED_RES = (
@@ -36,44 +36,103 @@ def load_onnx(path: Path) -> Any:
 
 
 def check_model(model: Any, what: str) -> Any:
-    """Run the ONNX checker and strict shape inference; return the inferred model."""
+    """Run the ONNX checker and shape inference; return the inferred model.
+
+    Shape inference is not strict: skl2onnx emits graphs (multi-class gradient boosting) whose
+    strict inference fails on an untyped intermediate that the checker and ONNX Runtime accept.
+    Whether the model runs, and gives the source's outputs, is what the gates measure next.
+    """
     import onnx
 
     try:
         onnx.checker.check_model(model)
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        return onnx.shape_inference.infer_shapes(model)
     except Exception as e:
         raise ConversionError(f"{what} is not a valid ONNX model: {_first_line(e)}") from e
 
 
-def check_inputs_match_spec(model: Any, specs: tuple[TensorSpec, ...], what: str) -> None:
-    """The graph's inputs must be the declared ones, with compatible dtypes, ranks and fixed dims."""
+def canonicalize(model: Any) -> Any:
+    """Put the parts of a model whose order carries no meaning in one order (in place; returns it).
+
+    Exporters build some lists from hash-ordered sets: skl2onnx writes its opset imports in an order
+    that follows ``PYTHONHASHSEED``, so the same estimator gave different bytes from run to run.
+    Sorted here: opset imports (by domain), model and node metadata (by key), node attributes (by
+    name, recursively in subgraphs) and initializers (by name). Node order is left alone (it must
+    stay topological and the exporters write it deterministically).
+    """
+    _sort_field(model.opset_import, lambda o: o.domain)
+    _sort_field(model.metadata_props, lambda p: p.key)
+    _canonical_graph(model.graph)
+    for function in model.functions:
+        _sort_field(function.opset_import, lambda o: o.domain)
+        for node in function.node:
+            _canonical_node(node)
+    return model
+
+
+def _canonical_graph(graph: Any) -> None:
+    _sort_field(graph.initializer, lambda t: t.name)
+    for node in graph.node:
+        _canonical_node(node)
+
+
+def _canonical_node(node: Any) -> None:
+    _sort_field(node.attribute, lambda a: a.name)
+    _sort_field(node.metadata_props, lambda p: p.key)
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            _canonical_graph(attribute.g)
+        for graph in attribute.graphs:
+            _canonical_graph(graph)
+
+
+def _sort_field(repeated: Any, key: Any) -> None:
+    items = sorted((item for item in repeated), key=key)
+    copies = [type(item)() for item in items]
+    for copy, item in zip(copies, items, strict=True):
+        copy.CopyFrom(item)
+    del repeated[:]
+    repeated.extend(copies)
+
+
+def save_canonical(model: Any, path: Path) -> None:
+    """Write ``model`` as one self-contained file in canonical order (see :func:`canonicalize`)."""
+    import onnx
+
+    onnx.save_model(canonicalize(model), str(path), save_as_external_data=False)
+
+
+def check_inputs_match_spec(model: Any, specs: tuple[TensorSpec, ...], what: str,
+                            error: type[EdgeFleetError] = ConversionError) -> None:  # fmt: skip
+    """The graph's inputs must be the declared ones, with compatible dtypes, ranks and fixed dims.
+
+    ``error`` is the class raised: a ConfigError at registration (the spec contradicts the model the
+    user brought), a ConversionError for an export (the exporter changed the inputs).
+    """
     initializers = {i.name for i in model.graph.initializer}
     graph_inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
     declared = [s.name for s in specs]
     if sorted(graph_inputs) != sorted(declared):
-        raise ConversionError(f"{what}: the model's inputs are {sorted(graph_inputs)}, the spec declares {declared}")
+        raise error(f"{what}: the model's inputs are {sorted(graph_inputs)}, the spec declares {declared}")
     for spec in specs:
-        _check_one_input(graph_inputs[spec.name], spec, what)
+        _check_one_input(graph_inputs[spec.name], spec, what, error)
 
 
-def _check_one_input(value_info: Any, spec: TensorSpec, what: str) -> None:
+def _check_one_input(value_info: Any, spec: TensorSpec, what: str, error: type[EdgeFleetError]) -> None:
     tensor_type = value_info.type.tensor_type
     dtype = _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type))
     if dtype != spec.dtype:
-        raise ConversionError(f"{what}: input '{spec.name}' is {dtype} in the model, the spec declares {spec.dtype}")
+        raise error(f"{what}: input '{spec.name}' is {dtype} in the model, the spec declares {spec.dtype}")
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
     contradicts = len(dims) != len(spec.shape) or any(
         model_dim > 0 and declared != model_dim for model_dim, declared in zip(dims, spec.shape, strict=False)
     )
     if contradicts:
-        raise ConversionError(
-            f"{what}: input '{spec.name}' has shape {dims} in the model, the spec declares {list(spec.shape)}"
-        )
+        raise error(f"{what}: input '{spec.name}' has shape {dims} in the model, the spec declares {list(spec.shape)}")
 
 
-def make_session(path: Path, what: str, threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session; an unsupported operator is named in the error."""
+def make_session(path: Path | bytes, what: str, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session on a file (or a serialised model); an unsupported operator is named in the error."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -81,7 +140,8 @@ def make_session(path: Path, what: str, threads: int = 1) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ConversionError(f"{what}: {describe_runtime_error(e)}") from e
 

@@ -14,6 +14,13 @@ The recipes encode what was measured on x86 CPUs (``shared/research/toolchain_fe
 
 Every recipe runs ``quant_pre_process`` (shape inference and graph optimisation) first.
 A recipe that finds nothing to quantise raises :class:`GateFailedError` so the ladder records why.
+Every result is saved in canonical order (:func:`converter.onnx_tools.canonicalize`), so the same
+fp32 model gives the same bytes whatever the Python hash seed.
+
+ONNX Runtime's symbolic shape inference writes ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data``
+file into the *current directory* when it gives up (sklearn pipelines with a Scaler, encoders):
+the converter runs every recipe inside its private work directory under ``$EDGEFLEET_HOME``
+(:func:`converter.home.scratch_dir`), and :func:`_no_litter` removes those files at once.
 """
 
 from __future__ import annotations
@@ -43,7 +50,11 @@ QUANTISED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "Co
                  "QLinearMatMul", "QGemm")  # fmt: skip
 _COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 _CALIBRATION_ROWS = 512
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_FLOAT_DEFAULT = {"DefaultTensorType": 1}
+"""onnx.TensorProto.FLOAT for tensors whose type shape inference could not tell: the output of an
+``ai.onnx.ml`` operator (a scikit-learn pipeline's Scaler) feeding a MatMul, which the quantiser
+otherwise refuses ("Unable to find data type for weight_name")."""
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.data)?$")
 
 
 def make_precision(
@@ -66,7 +77,14 @@ def make_precision(
         known = ", ".join(PRECISIONS + EXTRA_PRECISIONS)
         raise ConversionError(f"precision '{precision}' is not one of {known}")
     if precision != "fp32":
+        _canonical_file(out_path)
         _require_loadable(out_path, precision)
+
+
+def _canonical_file(path: Path) -> None:
+    from converter.onnx_tools import save_canonical
+
+    save_canonical(load_onnx(path), path)
 
 
 def _require_loadable(path: Path, precision: str) -> None:
@@ -98,7 +116,8 @@ def _to_dynamic_int8(fp32_path: Path, out_path: Path, all_ops: bool) -> None:
     with _preprocessed(fp32_path) as pre:
         try:
             with _quiet():
-                quantize_dynamic(pre, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+                quantize_dynamic(pre, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                                 extra_options=_FLOAT_DEFAULT)  # fmt: skip
         except Exception as e:
             raise GateFailedError(f"dynamic int8 quantisation failed: {first_line(e)}") from e
     _require_quantised(out_path, "MatMul/Gemm" if not all_ops else "quantisable")
@@ -117,7 +136,7 @@ def _to_static_int8(fp32_path: Path, out_path: Path, calibration: Dataset, metho
                     pre, out_path, _Reader(calibration, max_batch), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=methods[method], nodes_to_exclude=keep_float,
-                    extra_options={"QuantizeBias": False},
+                    extra_options={"QuantizeBias": False, **_FLOAT_DEFAULT},
                 )  # fmt: skip
         except Exception as e:
             raise GateFailedError(f"static int8 quantisation failed: {type(e).__name__}: {first_line(e)}") from e
@@ -182,7 +201,10 @@ def _try_pre_process(pre_process: Any, fp32_path: Path, out_path: Path, skip_sym
 
 @contextlib.contextmanager
 def _no_litter() -> Iterator[None]:
-    """Remove files ONNX Runtime's shape inference leaves in the working directory when it fails."""
+    """Remove files ONNX Runtime's shape inference leaves in the working directory when it fails.
+
+    They are ``sym_shape_infer_temp.onnx`` and its external data, named ``<uuid>.data`` by onnx.
+    """
     before = set(os.listdir("."))
     try:
         yield

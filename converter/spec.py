@@ -14,13 +14,15 @@ from typing import Any
 
 from bundles.errors import ConfigError, ManifestError
 from bundles.manifest import DTYPES, TASKS, FeatureSpec, Step, TensorSpec
+from converter.metrics import METRICS, metric
+from converter.readout import Readout, Request
 
 DEFAULT_DYNAMIC_MAX = 32
 """Upper end of a dynamic dimension declared as plain ``-1``: the batch size latency is measured at."""
 
-METRICS = ("accuracy", "top3", "top5", "mae", "mse", "cosine")
-LOWER_IS_BETTER = ("mae", "mse")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+PREFERENCES = ("speed", "size")
+_DROP_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e(-?\d+))?\s*(%?)\s*$")
 
 _TENSOR_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.:/-]*)\s*:\s*([a-z0-9]+)\s*\[([^\]]*)\]\s*$")
 _RANGE_RE = re.compile(r"^(\d+)\.\.(\d+)$")
@@ -76,17 +78,36 @@ def format_tensor_spec(spec: TensorSpec) -> str:
     return f"{spec.name}: {spec.dtype}[{','.join(dims)}]"
 
 
+def parse_drop(text: str) -> tuple[float, bool]:
+    """``"0.01"`` -> (0.01, False): absolute, in the metric's unit; ``"2%"`` -> (0.02, True): of the source's value."""
+    match = _DROP_RE.match(text)
+    if not match:
+        raise ConfigError(f"--max-drop '{text}' is not a number (0.01) or a percentage (2%)")
+    number = float(match.group(1) + (f"e{match.group(2)}" if match.group(2) else ""))
+    relative = bool(match.group(3))
+    return (number / 100.0 if relative else number), relative
+
+
+def format_drop(value: float, relative: bool) -> str:
+    return f"{value * 100:g}%" if relative else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Budgets:
-    """What a variant must meet to be published. ``None`` means "no limit".
+    """What a variant must meet to be published. ``None`` means "no limit" (or "the metric's default").
 
-    ``max_drop`` is absolute, in the metric's own unit (0.01 = one accuracy point).
-    ``max_latency_ratio`` bounds a quantised variant's latency at ``latency_batch`` against its float
-    parent of the same target: 1.0 means "not slower", the default 1.1 leaves 10 % for timer noise
-    on a busy host. ``min_top1_agreement``/``min_cosine`` bound parity with the source model.
+    ``max_drop`` is in the metric's own terms: absolute in its unit (0.01 = one accuracy point) or,
+    with ``max_drop_relative``, a fraction of the source model's value (0.02 = 2 % more MAE). Left
+    ``None``, the metric's default applies (:data:`converter.metrics.METRICS`).
+    ``max_latency_ratio`` bounds a quantised variant's latency at batch 1 *and* at ``latency_batch``
+    (the model's typical batch) against its float parent of the same target: 1.0 means "not
+    slower", the default 1.1 leaves 10 % for timer noise on a busy host. With ``prefer="size"`` a
+    slower variant is kept, with the reason recorded. ``min_top1_agreement``/``min_cosine`` bound
+    parity with the source model.
     """
 
-    max_drop: float = 0.01
+    max_drop: float | None = None
+    max_drop_relative: bool = False
     max_latency_ms: float | None = None
     max_size_bytes: int | None = None
     max_latency_ratio: float = 1.1
@@ -95,6 +116,33 @@ class Budgets:
     min_cosine: float | None = None
     max_abs_error_fp32: float = 1e-3
     max_memory_mb: float | None = None
+    prefer: str = "speed"
+
+    def __post_init__(self) -> None:
+        if self.prefer not in PREFERENCES:
+            raise ConfigError(f"--prefer '{self.prefer}' is not one of {', '.join(PREFERENCES)}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ConfigError(f"--max-drop {self.max_drop} is negative")
+        if self.max_latency_ratio <= 0 or self.latency_batch < 1:
+            raise ConfigError("--max-latency-ratio must be positive and --latency-batch at least 1")
+
+    def drop_budget(self, metric_name: str) -> tuple[float, bool]:
+        """(value, relative): the registered ``max_drop``, else the metric's default."""
+        if self.max_drop is not None:
+            return self.max_drop, self.max_drop_relative
+        return parse_drop(metric(metric_name).default_max_drop)
+
+    def allowed_drop(self, metric_name: str, source_value: float) -> float:
+        """The drop allowed in the metric's unit, given the source model's own value."""
+        value, relative = self.drop_budget(metric_name)
+        return value * abs(source_value) if relative else value
+
+    def describe(self, metric_name: str) -> str:
+        """``max_drop=2% (mae default), max_latency_ratio=1.1, ...``: the budgets as show and the report print them."""
+        value, relative = self.drop_budget(metric_name)
+        drop = format_drop(value, relative) + (f" ({metric_name} default)" if self.max_drop is None else "")
+        others = [f"{k}={v}" for k, v in self.to_dict().items() if v is not None and not k.startswith("max_drop")]
+        return ", ".join([f"max_drop={drop}", *others])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,7 +159,8 @@ class ModelSpec:
 
     task: str
     inputs: tuple[TensorSpec, ...]
-    metric: str
+    metric: str | None
+    """None until registration picks the default for the output's form."""
     budgets: Budgets = field(default_factory=Budgets)
     labels: tuple[str, ...] = ()
     features: tuple[dict[str, Any], ...] = ()
@@ -119,12 +168,17 @@ class ModelSpec:
     postprocess: tuple[dict[str, Any], ...] = ()
     calibration_method: str = "minmax"
     label_key: str = "y"
+    request: Request = field(default_factory=Request)
+    """What the user said about the readout (``--output``, ``--threshold``)."""
+    readout: Readout | None = None
+    """Which output the metric reads and how: inferred (or as requested) at registration."""
+    random_init: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"task '{self.task}' is not one of {', '.join(TASKS)}")
-        if self.metric not in METRICS:
-            raise ConfigError(f"metric '{self.metric}' is not one of {', '.join(METRICS)}")
+        if self.metric is not None and self.metric not in METRICS:
+            metric(self.metric)  # raises, listing the valid task/metric pairs
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"calibration method '{self.calibration_method}' is not one of {', '.join(CALIBRATION_METHODS)}"
@@ -142,8 +196,15 @@ class ModelSpec:
             raise ConfigError(f"invalid processing step or feature: {e}") from e
 
     @property
+    def metric_name(self) -> str:
+        """The metric (registered versions always have one)."""
+        if self.metric is None:
+            raise ConfigError("the registration has no metric yet")
+        return self.metric
+
+    @property
     def higher_is_better(self) -> bool:
-        return self.metric not in LOWER_IS_BETTER
+        return metric(self.metric_name).higher_is_better
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +218,9 @@ class ModelSpec:
             "postprocess": list(self.postprocess),
             "calibration_method": self.calibration_method,
             "label_key": self.label_key,
+            "request": self.request.to_dict(),
+            "readout": None if self.readout is None else self.readout.to_dict(),
+            "random_init": self.random_init,
         }
 
     @classmethod
@@ -172,4 +236,7 @@ class ModelSpec:
             postprocess=tuple(data.get("postprocess", ())),
             calibration_method=data.get("calibration_method", "minmax"),
             label_key=data.get("label_key", "y"),
+            request=Request.from_dict(data.get("request") or {}),
+            readout=Readout.from_dict(data["readout"]) if data.get("readout") else None,
+            random_init=bool(data.get("random_init", False)),
         )

@@ -4,8 +4,9 @@ One module per source kind (``converter/sources/<kind>.py``), found by name: add
 adding a module with the same three functions, never editing a table here. Each module provides
 
 - ``EXTENSIONS``: file suffixes that imply this kind when the user gives no ``kind:`` prefix;
-- ``stage(ref, weights, dest) -> list[str]``: copy what is needed into ``dest`` (the immutable
-  artifacts directory being built) and return the stored file names, main file first;
+- ``stage(ref, weights, dest, random_init=False) -> list[str]``: copy what is needed into ``dest``
+  (the immutable artifacts directory being built) and return the stored file names, main file
+  first; refuse options that do not apply to the kind;
 - ``load(files, spec) -> SourceModel``: the model ready to run and export.
 
 The source model's outputs are the reference every variant is gated against.
@@ -28,6 +29,12 @@ class SourceModel(Protocol):
     """A loaded source model: the reference outputs and an fp32 single-file ONNX export."""
 
     kind: str
+    class_values: tuple[str, ...]
+    """The model's own class values as text, in output column order (scikit-learn's ``classes_``), else ()."""
+
+    def check(self, feature_names: tuple[str, ...]) -> None:
+        """Registration-time checks of the spec (and the eval file's column names) against the model."""
+        ...
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name (the same names as the exported ONNX graph's outputs)."""
@@ -64,8 +71,8 @@ def source_module(kind: str) -> ModuleType:
     return importlib.import_module(f"converter.sources.{kind}")
 
 
-def stage_source(kind: str, ref: str, weights: Path | None, dest: Path) -> list[str]:
-    stored: list[str] = source_module(kind).stage(ref, weights, dest)
+def stage_source(kind: str, ref: str, weights: Path | None, dest: Path, random_init: bool = False) -> list[str]:
+    stored: list[str] = source_module(kind).stage(ref, weights, dest, random_init=random_init)
     return stored
 
 

@@ -12,23 +12,20 @@ from pathlib import Path
 import numpy as np
 
 from bundles.errors import ConfigError, ConversionError
-from converter.onnx_tools import check_inputs_match_spec, load_onnx, make_session, run_session
+from converter.onnx_tools import check_inputs_match_spec, load_onnx, make_session, run_session, save_canonical
 from converter.spec import ModelSpec
 
 EXTENSIONS = (".onnx",)
 STORED_NAME = "model.onnx"
 
 
-def stage(ref: str, weights: Path | None, dest: Path) -> list[str]:
-    if weights is not None:
-        raise ConfigError("an ONNX source carries its own weights: drop --weights")
+def stage(ref: str, weights: Path | None, dest: Path, random_init: bool = False) -> list[str]:
+    if weights is not None or random_init:
+        raise ConfigError("an ONNX source carries its own weights: drop --weights / --random-init")
     path = Path(ref)
     if not path.is_file():
         raise ConfigError(f"ONNX file {path} does not exist")
-    import onnx
-
-    model = load_onnx(path)
-    onnx.save_model(model, str(dest / STORED_NAME), save_as_external_data=False)
+    save_canonical(load_onnx(path), dest / STORED_NAME)
     return [STORED_NAME]
 
 
@@ -36,11 +33,15 @@ class OnnxSource:
     """The registered ONNX file, executed by ONNX Runtime."""
 
     kind = "onnx"
+    class_values: tuple[str, ...] = ()
 
     def __init__(self, path: Path, spec: ModelSpec) -> None:
         self.path = path
-        check_inputs_match_spec(load_onnx(path), spec.inputs, "source")
+        check_inputs_match_spec(load_onnx(path), spec.inputs, "source", error=ConfigError)
         self.session = make_session(path, what="source")
+
+    def check(self, feature_names: tuple[str, ...]) -> None:
+        """The inputs were checked against the spec when the file was loaded."""
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return run_session(self.session, inputs)

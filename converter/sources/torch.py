@@ -2,7 +2,9 @@
 
 ``torch:train.py:make_model --weights cnn.pt`` copies ``train.py`` (which must be self-contained)
 and the weights; loading imports the copy under a private module name, calls the factory and
-loads the state dict. ``torch:model.pt2`` is a ``torch.export.save`` file.
+loads the state dict. A factory without ``--weights`` is refused unless ``--random-init`` says the
+factory's own initial weights are meant (the seed is fixed, so they are the same on every load).
+``torch:model.pt2`` is a ``torch.export.save`` file.
 
 Export uses torch 2.13's default dynamo exporter with ``external_data=False`` (the default writes
 ``.onnx`` + ``.onnx.data`` and a lone ``.onnx`` copy loses its weights) and declares the spec's
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bundles.errors import ConfigError, ConversionError
-from converter.onnx_tools import first_line
+from converter.onnx_tools import first_line, save_canonical
 from converter.spec import ModelSpec
 
 EXTENSIONS = (".pt2",)
@@ -33,13 +35,26 @@ WEIGHTS_FILE = "weights.pt"
 PROGRAM_FILE = "model.pt2"
 
 
-def stage(ref: str, weights: Path | None, dest: Path) -> list[str]:
+INIT_SEED = 0
+"""The torch seed set before calling a factory: ``--random-init`` weights are the same on every load."""
+
+
+def stage(ref: str, weights: Path | None, dest: Path, random_init: bool = False) -> list[str]:
     if ref.endswith(".pt2"):
+        if weights is not None or random_init:
+            raise ConfigError("a .pt2 ExportedProgram carries its own weights: drop --weights / --random-init")
         _copy(Path(ref), dest / PROGRAM_FILE, "ExportedProgram file")
         return [PROGRAM_FILE]
     file_name, sep, factory = ref.rpartition(":")
     if not sep or not file_name.endswith(".py") or not factory.isidentifier():
         raise ConfigError(f"torch source '{ref}' must be 'file.py:factory_function' or a .pt2 file")
+    if weights is None and not random_init:
+        raise ConfigError(
+            f"the torch factory {factory}() needs --weights (its trained state dict); "
+            "give --random-init to register the factory's initial weights on purpose"
+        )
+    if weights is not None and random_init:
+        raise ConfigError("--weights and --random-init contradict each other: give one")
     _copy(Path(file_name), dest / FACTORY_FILE, "factory file")
     (dest / "factory.txt").write_text(factory + "\n")
     stored = [FACTORY_FILE, "factory.txt"]
@@ -60,18 +75,30 @@ class TorchSource:
 
     kind = "torch"
 
+    class_values: tuple[str, ...] = ()
+
     def __init__(self, module: Any, spec: ModelSpec, exported: Any = None) -> None:
         self.module = module
         self.spec = spec
         self.exported = exported
         self.output_names: list[str] = []
 
+    def check(self, feature_names: tuple[str, ...]) -> None:
+        """Nothing to check before running: a torch module takes its inputs positionally, in spec order."""
+
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The reference outputs, computed on one thread: the golden cases hold them, and a sum split
+        over another number of threads rounds differently, which would change the bundle's bytes."""
         import torch
 
         args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self.spec.inputs]
-        with torch.no_grad():
-            result = self.module(*args)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                result = self.module(*args)
+        finally:
+            torch.set_num_threads(threads)
         outputs = result if isinstance(result, (tuple, list)) else (result,)
         names = _output_names(self.spec, len(outputs))
         return {name: value.detach().cpu().numpy() for name, value in zip(names, outputs, strict=True)}
@@ -106,7 +133,7 @@ def _strip_debug_metadata(path: Path) -> None:
     """Drop the exporter's per-node debug metadata (stack traces, module paths, absolute file names).
 
     It is a large share of a small quantised file and it names paths of the build machine, which
-    has no place in a shipped, reproducible model.
+    has no place in a shipped, reproducible model. The model is saved in canonical order.
     """
     import onnx
 
@@ -114,7 +141,7 @@ def _strip_debug_metadata(path: Path) -> None:
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-    onnx.save_model(model, str(path))
+    save_canonical(model, path)
 
 
 def _output_names(spec: ModelSpec, count: int) -> list[str]:
@@ -172,7 +199,9 @@ def _call_factory(path: Path, factory: str) -> Any:
         py_module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = py_module  # dataclasses and pickling look the module up by name
         loader_spec.loader.exec_module(py_module)
-        model = getattr(py_module, factory)()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            model = getattr(py_module, factory)()
     except Exception as e:
         sys.modules.pop(module_name, None)
         raise ConversionError(f"the factory {factory}() failed: {type(e).__name__}: {first_line(e)}") from e

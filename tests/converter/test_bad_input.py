@@ -80,7 +80,7 @@ def test_eval_data_that_contradicts_the_declared_shape_is_refused(home: Path, tm
 def test_a_model_that_contradicts_the_declared_shape_is_refused(home: Path, tmp_path: Path) -> None:
     model = _linear_onnx(tmp_path / "m.onnx", inputs=8)
     np.savez(tmp_path / "eval.npz", x=np.zeros((10, 4), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
-    line = _one_line_error(*cli(*_register_args("tiny", model, tmp_path / "eval.npz")))
+    line = _one_line_error(*cli(*_register_args("tiny", model, tmp_path / "eval.npz")), expected_code=2)
     assert line.startswith("error: model tiny (new version), variant source: ")
     assert "input 'x' has shape [-1, 8] in the model, the spec declares [-1, 4]" in line
     _nothing_registered(home)
@@ -88,7 +88,7 @@ def test_a_model_that_contradicts_the_declared_shape_is_refused(home: Path, tmp_
 
 def test_an_unsupported_operator_is_named(home: Path, tmp_path: Path, eval4: Path) -> None:
     model = _linear_onnx(tmp_path / "m.onnx", op="FancyMatMul", domain="com.example")
-    line = _one_line_error(*cli(*_register_args("fancy", model, eval4)))
+    line = _one_line_error(*cli(*_register_args("fancy", model, eval4)), expected_code=1)
     assert "unsupported operator" in line and "FancyMatMul" in line
     _nothing_registered(home)
 
@@ -106,7 +106,7 @@ def test_a_model_whose_export_does_not_match_the_source_is_refused(home: Path, t
             return Noisy()
     '''))  # fmt: skip
     np.savez(tmp_path / "eval.npz", x=np.zeros((20, 4), dtype=np.float32), y=np.zeros(20, dtype=np.int64))
-    ok("register", "noisy", "--source", f"torch:{factory}:make_model", "--input", "x: float32[-1,4]",
+    ok("register", "noisy", "--source", f"torch:{factory}:make_model", "--random-init", "--input", "x: float32[-1,4]",
        "--task", "classification", "--eval", tmp_path / "eval.npz")  # fmt: skip
     line = _one_line_error(*cli("convert", "noisy", "--targets", "onnx"), expected_code=3)
     assert line.startswith("error: model noisy@1, variant onnx-fp32: fp32 outputs differ from the source by")
@@ -125,3 +125,20 @@ def test_unknown_models_and_options_are_one_line(home: Path, digits_cnn: object)
     assert "--quantize" in _one_line_error(*cli("convert", "nobody", "--quantize", "int3"), expected_code=2)
     register_cnn("digits", digits_cnn)
     assert "no conversion yet" in _one_line_error(*cli("publish", "digits", "--repo", home / "r"), expected_code=2)
+
+
+def test_the_metric_and_form_tables_in_the_docs_are_the_code_s() -> None:
+    from converter.metrics import forms_markdown_table, markdown_table
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "converter.md").read_text()
+    assert markdown_table() in docs
+    assert forms_markdown_table() in docs
+
+
+def test_documented_exit_codes_are_the_cli_s(home: Path) -> None:
+    """The table in docs/converter.md: 2 bad input, 3 a gate refused, 1 anything else (each example has a test)."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "converter.md").read_text()
+    rows = [line for line in docs.split("## Errors", 1)[1].split("##", 1)[0].splitlines() if line.startswith("| ")]
+    codes = {row.split("|")[1].strip() for row in rows[1:]}
+    assert codes == {"1", "2", "3"}
+    assert _one_line_error(*cli("convert", "nobody", "--targets", "onnx"), expected_code=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,8 +171,29 @@ def test_report_writes_markdown_html_and_plot(in_home: Home) -> None:
     html_path = Path(out.strip().splitlines()[-1].split(" ", 1)[1])
     folder = html_path.parent
     assert (folder / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    assert "onnx-int8-static" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    assert "onnx-int8-static" in report and "| accuracy |" in report  # higher is better: no "lower is better"
+    assert re.search(r"\| \d+\.\d+ \(\d+\.\d+-\d+\.\d+\) \|", report)  # latency median (range of round medians)
     assert "data:image/png;base64," in html_path.read_text()
+
+
+def test_every_plot_panel_draws_its_budget(in_home: Home) -> None:
+    import matplotlib.pyplot as plt
+
+    from converter.report import plot_figure
+
+    registry = Registry(in_home)
+    model = registry.get("digits")
+    figure = plot_figure(registry.latest_conversion(model).results, model.spec)
+    try:
+        for axis in figure.axes:
+            labels = [text.get_text() for text in axis.get_legend().get_texts()]
+            assert any(label.startswith(("budget", "fp32 parent")) for label in labels), (axis.get_title(), labels)
+        source = registry.latest_conversion(model).results[0]["metrics"]["source_metric_value"]
+        metric_lines = [line.get_ydata()[0] for line in figure.axes[1].get_lines()]
+        assert source - 0.01 in [pytest.approx(y) for y in metric_lines]  # the least accuracy the budget allows
+    finally:
+        plt.close(figure)
 
 
 def test_list_show_and_history_describe_the_registered_model(in_home: Home) -> None:

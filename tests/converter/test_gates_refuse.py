@@ -34,7 +34,9 @@ def test_damaged_static_quantisation_and_slow_conv_integer_are_refused_with_thei
     conv_integer = results["onnx-int8-dynamic-all"]
     assert conv_integer["status"] == "refused"
     assert any("slower than its fp32 parent at batch 32" in r for r in conv_integer["reasons"])
+    assert any("slower than its fp32 parent at batch 1 " in r for r in conv_integer["reasons"])
     assert conv_integer["metrics"]["latency_ratio_to_fp32"] > 1.1
+    assert conv_integer["metrics"]["latency_ratio_b1_to_fp32"] > 1.1
 
     assert results["onnx-fp32"]["status"] == "passed"
     assert "refused" in out
@@ -51,3 +53,14 @@ def test_entropy_calibration_builds_a_passing_static_variant_quietly(home: Path,
     assert static["status"] == "passed", static["reasons"]
     assert static["metrics"]["metric_drop"] <= 0.01
     assert "Collecting tensor data" not in out  # the calibrator's progress prints stay out of the CLI output
+
+
+def test_a_slower_variant_is_kept_with_its_reason_when_size_is_preferred(home: Path, digits_cnn: object) -> None:
+    register_cnn("small", digits_cnn, "--prefer", "size")
+    ok("convert", "small", "--targets", "onnx", "--quantize", "int8-dynamic-all")
+    conv_integer = _results(home, "small")["onnx-int8-dynamic-all"]
+    assert conv_integer["status"] == "passed", conv_integer["reasons"]
+    assert conv_integer["notes"] and all(n.startswith("kept (--prefer size) although ") for n in conv_integer["notes"])
+    assert any("slower than its fp32 parent at batch 1 " in n for n in conv_integer["notes"])
+    report = (Home(home).reports_dir("small", 1) / "conversion-1" / "report.md").read_text()
+    assert "kept (--prefer size) although" in report

@@ -36,10 +36,16 @@ def test_random_forest_converts_through_skl2onnx_and_int8_rungs_say_there_is_not
     assert "nothing to quantise" in results["onnx-int8-dynamic"]["reasons"][0]
     manifest, bundle_dir = open_bundle(archive, tmp_path / "forest")
     assert {t.name for t in manifest.outputs} == {"label", "probabilities"}
-    assert manifest.drift_baseline.output is not None and manifest.drift_baseline.output.name == "probabilities"
+    output = manifest.drift_baseline.output  # the predicted classes as a device sees them: the label output
+    assert output is not None and output.name == "label" and output.categories == tuple(str(i) for i in range(10))
+    assert manifest.readout is not None and manifest.readout.output == "probabilities"
     assert len(manifest.features) == 64 and manifest.features[3].name == "x_3"
     with Predictor.load(manifest, bundle_dir, variant="onnx-fp32") as predictor:
         assert predictor.self_test().passed
+    report = (Home(home).reports_dir("forest", 1) / "conversion-1" / "report.md").read_text()
+    section = report.split("## Refused before measurement", 1)[1]
+    for rung in ("onnx-int8-static", "onnx-int8-dynamic"):
+        assert f"- {rung}: nothing to quantise" in section
 
 
 def test_mlp_regressor_with_parquet_eval_data_is_gated_on_mae(home: Path, diabetes_mlp: object, tmp_path: Path) -> None:
@@ -109,7 +115,7 @@ def test_an_onnx_file_is_a_source_and_its_external_data_is_folded_in(home: Path,
     assert set(results["onnx-fp32"]["metrics"]["dynamic_extremes"]) == {"x[0]=1", "x[0]=16"}
 
 
-def test_hist_gradient_boosting_fails_with_one_clear_line_and_records_no_conversion(home: Path, tmp_path: Path) -> None:
+def test_hist_gradient_boosting_is_refused_at_registration_with_one_clear_line(home: Path, tmp_path: Path) -> None:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     rng = np.random.default_rng(0)
@@ -117,18 +123,14 @@ def test_hist_gradient_boosting_fails_with_one_clear_line_and_records_no_convers
     y = (x[:, 0] > 0).astype(np.int64)
     (tmp_path / "hgb.pkl").write_bytes(pickle.dumps(HistGradientBoostingClassifier(max_iter=5).fit(x, y)))
     np.savez(tmp_path / "eval.npz", x=x, y=y)
-    ok("register", "hgb", "--source", f"sklearn:{tmp_path / 'hgb.pkl'}", "--input", "x: float32[-1,5]",
-       "--task", "classification", "--eval", tmp_path / "eval.npz")  # fmt: skip
-    code, out, err = cli("convert", "hgb", "--targets", "onnx")
-    assert code != 0
+    code, out, err = cli("register", "hgb", "--source", f"sklearn:{tmp_path / 'hgb.pkl'}", "--input",
+                         "x: float32[-1,5]", "--task", "classification", "--eval", tmp_path / "eval.npz")  # fmt: skip
+    assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(
-        "error: model hgb@1, variant onnx-fp32: skl2onnx cannot convert HistGradientBoostingClassifier"
-    )
+    assert lines[0].startswith("error: model hgb (new version), variant source: skl2onnx ")
+    assert "cannot convert HistGradientBoostingClassifier (scikit-learn " in lines[0]
+    assert lines[0].endswith("TypeError: Field onnx.AttributeProto.ints: Expected an int, got a boolean.")
     assert "Traceback" not in out + err
-    registry = Registry(Home(home))
-    assert registry.conversions(registry.get("hgb")) == []
-    assert not (Home(home).artifacts_dir("hgb", 1) / "conversions").exists() or not any(
-        p.name.isdigit() for p in (Home(home).artifacts_dir("hgb", 1) / "conversions").iterdir()
-    )
+    assert Registry(Home(home)).versions() == []
+    assert not (home / "artifacts").exists()  # no empty folders either

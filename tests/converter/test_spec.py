@@ -29,24 +29,47 @@ def test_model_spec_round_trips_through_its_persisted_form() -> None:
     spec = ModelSpec(task="classification", inputs=parse_input_spec("x: float32[-1,4]"), metric="top3",
                      budgets=Budgets(max_drop=0.02, max_latency_ms=5.0), labels=("a", "b"))  # fmt: skip
     assert ModelSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(ConfigError, match="metric 'f1'"):
-        ModelSpec(task="classification", inputs=spec.inputs, metric="f1")
+    with pytest.raises(ConfigError, match="metric 'auc' is unknown; valid task/metric pairs: classification: accuracy"):
+        ModelSpec(task="classification", inputs=spec.inputs, metric="auc")
     with pytest.raises(ConfigError, match="invalid processing step"):
         ModelSpec(task="classification", inputs=spec.inputs, metric="accuracy", postprocess=({"op": "explode"},))
 
 
 @pytest.mark.parametrize(
-    ("metric", "expected"), [("accuracy", 0.5), ("top3", 1.0), ("mae", 1.0), ("mse", 1.0), ("cosine", 1.0)]
+    ("metric", "form", "values", "labels", "expected"),
+    [
+        ("accuracy", "logits", [[0.1, 0.9, 0.0], [0.8, 0.1, 0.2]], [1, 2], 0.5),
+        ("top3", "logits", [[0.1, 0.9, 0.0, 0.3], [0.8, 0.1, 0.2, 0.0]], [1, 3], 0.5),
+        ("accuracy", "binary-logit", [[2.0], [-1.0], [0.5], [-3.0]], [1, 0, 0, 0], 0.75),
+        ("accuracy", "binary-probability", [[0.9], [0.2], [0.6], [0.4]], [1, 0, 0, 0], 0.75),
+        ("f1", "binary-logit", [[2.0], [-1.0], [0.5], [-3.0]], [1, 0, 0, 1], 0.5),
+        ("label_accuracy", "multilabel-logits", [[1.0, -1.0], [-2.0, -3.0]], [[1, 1], [0, 0]], 0.75),
+        ("mae", "values", [[2.0], [4.0]], [1.0, 3.0], 1.0),
+        ("rmse", "values", [[2.0], [5.0]], [1.0, 3.0], (2.5) ** 0.5),
+        ("r2", "values", [[1.0], [3.0], [5.0]], [1.0, 3.0, 5.0], 1.0),
+        ("cosine", "embedding", [[1.0, 0.0], [0.0, 2.0]], None, 1.0),
+    ],
 )
-def test_task_metrics_on_known_values(metric: str, expected: float) -> None:
+def test_task_metrics_on_known_values(metric: str, form: str, values: list[list[float]], labels: list[object] | None,
+                                      expected: float) -> None:  # fmt: skip
     import numpy as np
 
-    from converter.gates import task_metric
+    from converter.metrics import METRICS, Reading
 
-    if metric in ("accuracy", "top3"):
-        values = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.2]])
-        labels = np.array([1, 2])
-    else:
-        values = np.array([[2.0], [4.0]]) if metric != "cosine" else np.array([[1.0, 0.0], [0.0, 2.0]])
-        labels = np.array([[1.0], [3.0]]) if metric != "cosine" else np.array([[3.0, 0.0], [0.0, 1.0]])
-    assert task_metric(metric, values, labels) == pytest.approx(expected)
+    scores = np.asarray(values)
+    targets = None if labels is None else np.asarray(labels)
+    classes = 2 if form.startswith("binary") else scores.shape[1]
+    reading = Reading(form=form, classes=classes)
+    assert METRICS[metric].compute(scores, targets, scores, reading) == pytest.approx(expected)
+
+
+def test_drop_budgets_parse_as_absolute_or_relative() -> None:
+    from converter.spec import parse_drop
+
+    assert parse_drop("0.01") == (0.01, False)
+    assert parse_drop("2%") == (pytest.approx(0.02), True)
+    assert parse_drop("1e-3") == (0.001, False)
+    for bad in ("-1", "two", "2%%", ""):
+        with pytest.raises(ConfigError, match="--max-drop"):
+            parse_drop(bad)
+    assert Budgets().describe("mae").startswith("max_drop=2% (mae default), ")
