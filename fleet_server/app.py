@@ -3,8 +3,8 @@
 ``create_app(settings)`` wires one app: the database engine and session factory (the schema must
 already be migrated: ``edgefleet-server init`` and ``run`` do it, tests do it once per session), the
 routers of ``fleet_server.api``, ``fleet_server.telemetry.api`` and ``fleet_server.rollouts.api``, the
-domain-error mapping, the request metrics middleware and the background task that keeps TUF
-timestamp/snapshot fresh.
+domain-error mapping, the request metrics middleware, the dashboard (``fleet_server.dashboard``, at
+``/ui``) and the background task that keeps TUF timestamp/snapshot fresh.
 
 Everything request handlers need hangs off ``app.state``: ``settings``, ``engine``,
 ``session_factory``, ``metrics``, ``desired_state`` (the memoised desired-state renderer),
@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fleet_server import __version__
 from fleet_server.api import ROUTERS
 from fleet_server.api.fast_path import DesiredStateFastPath
+from fleet_server.dashboard import mount_dashboard
 from fleet_server.db import make_engine, make_session_factory
 from fleet_server.errors import install_error_handlers
 from fleet_server.logs import configure_logging
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (*ROUTERS, telemetry_api.router, rollouts_api.router):
         app.include_router(router)
+    mount_dashboard(app)
     app.add_middleware(DesiredStateFastPath, service=app.state.desired_state, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times the fast path too
     return app
