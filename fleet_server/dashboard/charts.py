@@ -79,10 +79,10 @@ class _Frame:
         return HEIGHT - BOTTOM - (value - self.y0) / (self.y1 - self.y0) * (HEIGHT - TOP - BOTTOM)
 
 
-def _frame(series: Sequence[Series], thresholds: Sequence[Threshold]) -> _Frame:
+def _frame(series: Sequence[Series], thresholds: Sequence[Threshold], x_range: tuple[float, float] | None) -> _Frame:
     xs = [x for s in series for x, _ in s.points]
     ys = [y for s in series for _, y in s.points] + [t.value for t in thresholds]
-    x0, x1 = min(xs), max(xs)
+    x0, x1 = x_range if x_range is not None else (min(xs), max(xs))
     if x1 - x0 < 1:
         x0, x1 = x0 - 60, x1 + 60
     y0, y1 = min([0.0, *ys]), max(ys)
@@ -102,14 +102,19 @@ def line_chart(
     series: Sequence[Series],
     thresholds: Sequence[Threshold] = (),
     fmt: Callable[[Any], str] = number,
+    x_range: tuple[float, float] | None = None,
 ) -> Markup:
-    """An SVG line chart of ``series`` over time with dashed ``thresholds``; a note when empty."""
+    """An SVG line chart of ``series`` over time with dashed ``thresholds``; a note when empty.
+
+    ``x_range`` (unix seconds) fixes the time axis, e.g. to the whole period asked for, so that data
+    from part of it is drawn where it happened; by default the axis spans the points.
+    """
     drawn = [s for s in series if s.points]
     parts = _open_svg("chart", HEIGHT, title, LEFT)
     if not drawn:
         parts.append(f'<text class="chart-empty" x="{WIDTH / 2}" y="{HEIGHT / 2}">no data yet</text></svg>')
         return Markup("".join(parts))  # noqa: S704 - every interpolated text above is escaped
-    frame = _frame(drawn, thresholds)
+    frame = _frame(drawn, thresholds, x_range)
     parts += _axes(frame, fmt)
     parts += [_threshold(frame, t, fmt) for t in thresholds]
     for index, one in enumerate(drawn):

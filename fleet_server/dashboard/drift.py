@@ -62,8 +62,11 @@ def drift_page(session: Session, model: str, hours: int, now: dt.datetime) -> Dr
             for feature, value in drift.psi.items():
                 points.setdefault(feature, {}).setdefault(drift.version, []).append((end.timestamp(), value))
     levels = [Threshold("warn", settings.warn_psi, "warn"), Threshold("alert", settings.alert_psi, "alert")]
+    period = (since.timestamp(), now.timestamp())
     charts = [
-        line_chart(f"PSI {feature}", [Series(f"v{v}", tuple(p)) for v, p in sorted(by_version.items())], levels)
+        line_chart(
+            f"PSI {feature}", [Series(f"v{v}", tuple(p)) for v, p in sorted(by_version.items())], levels, x_range=period
+        )  # fmt: skip
         for feature, by_version in sorted(points.items(), key=lambda item: _feature_order(item[0]))
     ]
     latest = [_latest(d) for d in drift_by_version(session, model, since, now, settings)]

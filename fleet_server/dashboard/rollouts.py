@@ -97,7 +97,8 @@ def _gate_charts(
                        if (v := f.value(gate.metric)) is not None)  # fmt: skip
         threshold = _threshold_of(gate, stored.get(gate.text))
         lines = [Threshold(f"threshold {gate.op}", threshold)] if threshold is not None else []
-        charts.append(line_chart(f"wave {wave.index + 1}: {gate.text}", [Series(gate.metric, points)], lines))
+        title, period = f"wave {wave.index + 1}: {gate.text}", (wave.started_at.timestamp(), end.timestamp())
+        charts.append(line_chart(title, [Series(gate.metric, points)], lines, x_range=period))
     return charts
 
 

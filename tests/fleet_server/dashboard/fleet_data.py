@@ -35,6 +35,7 @@ class Fleet:
 
     devices: list[str] = field(default_factory=list)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    inventories: dict[str, dict[str, Any]] = field(default_factory=dict)
     hostile: str = ""
     manifests: dict[int, Any] = field(default_factory=dict)
     rollout_id: int = 0
@@ -149,11 +150,12 @@ def build_fleet(
         inventory = {**default_inventory("pi4" if index % 2 else "jetson-nano"), "installed": [running(1)]}
         device_id, headers = enroll(http, token, inventory)
         fleet.devices.append(device_id)
-        fleet.headers[device_id] = headers
-        events = [install_event(1, now - dt.timedelta(minutes=30), None), heartbeat(1, now)]
-        windows = [window(manifests[1], 1, now - dt.timedelta(minutes=m)) for m in (20, 10, 1)]
+        fleet.headers[device_id], fleet.inventories[device_id] = headers, inventory
+        # dated before the rollout's clock-skew allowance (5 min), so they do not count against digits@2
+        events = [install_event(1, now - dt.timedelta(minutes=30), None), heartbeat(1, now - dt.timedelta(minutes=6))]
+        windows = [window(manifests[1], 1, now - dt.timedelta(minutes=m)) for m in (30, 20, 10)]
         report(http, headers, events, windows, [sample(1, now, "7")])
-    fleet.hostile = _hostile_device(http, token, manifests, now)
+    fleet.hostile = _hostile_device(http, token, manifests, now, fleet)
     body = {
         "bundle": "digits@2",
         "targets": ["all"],
@@ -170,16 +172,23 @@ def build_fleet(
     return fleet
 
 
-def _hostile_device(http: Any, token: str, manifests: dict[int, Any], now: dt.datetime) -> str:
+def _hostile_device(http: Any, token: str, manifests: dict[int, Any], now: dt.datetime, fleet: Fleet) -> str:
     inventory = {
         **default_inventory(XSS_ATTR),
         "agent_version": XSS_SVG,
         "installed": [running(1, variant=XSS_IMG), {**running(1, name=XSS_SVG), "state": "previous"}],
     }
     device_id, headers = enroll(http, token, inventory)
+    fleet.headers[device_id], fleet.inventories[device_id] = headers, inventory
     events = [
         install_event(1, now - dt.timedelta(minutes=5), None, "failed", reason=XSS_IMG),
-        heartbeat(1, now, XSS_SVG),
+        heartbeat(1, now - dt.timedelta(minutes=6), XSS_SVG),
     ]
-    report(http, headers, events, [window(manifests[1], 1, now)], [sample(1, now, XSS_IMG), sample(1, now, XSS_ATTR)])
+    report(
+        http,
+        headers,
+        events,
+        [window(manifests[1], 1, now - dt.timedelta(minutes=6))],
+        [sample(1, now, XSS_IMG), sample(1, now, XSS_ATTR)],
+    )
     return device_id
