@@ -27,7 +27,7 @@ from starlette.middleware.base import RequestResponseEndpoint
 from bundles.errors import EdgeFleetError
 from fleet_server.dashboard.routes import router
 from fleet_server.dashboard.sessions import SessionCodec
-from fleet_server.dashboard.web import SECURITY_HEADERS, LoginRequired, page_context, redirect, render
+from fleet_server.dashboard.web import SECURITY_HEADERS, LoginRequiredError, page_context, redirect, render
 from fleet_server.errors import describe_validation_error, status_for
 
 log = logging.getLogger("fleet_server.dashboard")
@@ -45,7 +45,7 @@ def create_dashboard(parent: FastAPI) -> FastAPI:
     ui.state.secure_cookies = settings.public_url.startswith("https://")
     ui.include_router(router)
     ui.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    ui.add_exception_handler(LoginRequired, _login_required)
+    ui.add_exception_handler(LoginRequiredError, _login_required)
     ui.add_exception_handler(EdgeFleetError, _domain_error)
     ui.add_exception_handler(RequestValidationError, _validation_error)
     ui.add_exception_handler(StarletteHTTPException, _http_error)

@@ -39,7 +39,7 @@ SECURITY_HEADERS = {
 }
 
 
-class LoginRequired(AuthError):
+class LoginRequiredError(AuthError):
     """No logged-in key behind this request: pages redirect to the login form, actions get a 401."""
 
 
@@ -82,7 +82,7 @@ def viewer_page(request: Request) -> PageContext:
     """A page's caller: any logged-in key (viewer, operator, admin)."""
     ctx = page_context(request)
     if ctx.principal is None:
-        raise LoginRequired("log in with an admin API key to see the dashboard")
+        raise LoginRequiredError("log in with an admin API key to see the dashboard")
     return ctx
 
 
@@ -97,17 +97,23 @@ def check_csrf(request: Request, ctx: PageContext, fields: dict[str, str]) -> No
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         raise CsrfError("refused: this form was posted from another site")
     origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc != request.headers.get("host", ""):
+    if origin is not None and urlsplit(origin).netloc not in own_hosts(request):
         raise CsrfError("refused: this form was posted from another origin")
     if ctx.fresh or not codec_of(request).csrf_matches(ctx.web, fields.get(CSRF_FIELD, "")):
         raise CsrfError("refused: the form's CSRF token is missing or stale; reload the page and try again")
+
+
+def own_hosts(request: Request) -> set[str]:
+    """The hosts this server answers as: the request's ``Host`` and the one of ``EDGEFLEET_PUBLIC_URL``
+    (a reverse proxy that rewrites ``Host`` still passes the browser's ``Origin``)."""
+    return {request.headers.get("host", ""), urlsplit(request.app.state.settings.public_url).netloc}
 
 
 def operator_form(request: Request, fields: Annotated[dict[str, str], Depends(form_fields)]) -> PageContext:
     """An operator action's caller: logged in, the form's CSRF token checked, then the role."""
     ctx = page_context(request)
     if ctx.principal is None:
-        raise LoginRequired("log in with an operator API key first")
+        raise LoginRequiredError("log in with an operator API key first")
     check_csrf(request, ctx, fields)
     if not ctx.can_operate:
         role = ctx.principal.role

@@ -169,6 +169,20 @@ def test_an_operator_action_without_this_sessions_csrf_proof_is_refused(
     assert state_of(session_factory, fleet.rollout_id) == "running"
 
 
+def test_a_post_whose_origin_is_the_public_url_passes_behind_a_rewriting_proxy(
+    https, fleet, make_api_key, session_factory
+):
+    login(https, make_api_key("operator"))
+    token = csrf_of(https.get(f"{UI}/rollouts/{fleet.rollout_id}").text)
+    answer = https.post(
+        f"{UI}/rollouts/{fleet.rollout_id}/pause",
+        data={"csrf_token": token},
+        headers={"origin": "https://fleet.test"},
+        follow_redirects=False,
+    )  # public_url's host
+    assert answer.status_code == 303 and state_of(session_factory, fleet.rollout_id) == "paused"
+
+
 def test_an_operator_acts_through_the_rollout_service_and_is_audited(https, fleet, make_api_key, session_factory):
     login(https, make_api_key("operator", name="ops-alice"))
     token = csrf_of(https.get(f"{UI}/rollouts/{fleet.rollout_id}").text)
