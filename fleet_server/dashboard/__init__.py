@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -71,7 +72,7 @@ def _error_page(request: Request, status: int, message: str) -> Response:
 
 def _login_required(request: Request, error: Exception) -> Response:
     if request.method in ("GET", "HEAD"):
-        return redirect(request, f"/login?next={request.url.path}")
+        return redirect(request, f"/login?next={quote(request.url.path)}")
     return _error_page(request, 401, str(error))
 
 

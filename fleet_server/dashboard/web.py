@@ -165,29 +165,33 @@ def safe_next(request: Request, target: str | None) -> str:
     return "/"
 
 
-def _when(value: Any) -> str:
+def _moment(value: Any) -> dt.datetime | str | None:
+    """A datetime (UTC) from a datetime or ISO string; text that is no time comes back as text."""
     if isinstance(value, str):
         try:
             value = dt.datetime.fromisoformat(value)
         except ValueError:
             return str(value)
     if not isinstance(value, dt.datetime):
-        return "-"
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return None
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value  # stored times are UTC
+
+
+def _when(value: Any) -> str:
+    moment = _moment(value)
+    if not isinstance(moment, dt.datetime):
+        return "-" if moment is None else moment
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _ago(value: Any) -> str:
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value)
-        except ValueError:
-            return str(value)
-    if not isinstance(value, dt.datetime):
-        return "never"
-    seconds = (dt.datetime.now(dt.timezone.utc) - value).total_seconds()
-    for limit, unit in ((120, 1), (7200, 60), (172_800, 3600)):
+    moment = _moment(value)
+    if not isinstance(moment, dt.datetime):
+        return "never" if moment is None else moment
+    seconds = (dt.datetime.now(dt.timezone.utc) - moment).total_seconds()
+    for limit, unit, name in ((120, 1, "s"), (7200, 60, "min"), (172_800, 3600, "h")):
         if seconds < limit:
-            return f"{seconds / unit:.0f} {'s' if unit == 1 else 'min' if unit == 60 else 'h'} ago"
+            return f"{seconds / unit:.0f} {name} ago"
     return f"{seconds / 86_400:.0f} d ago"
 
 
