@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundles.canonical import sha256_bytes, sha256_file
+from bundles.durable import atomic_file
 from bundles.errors import ArchiveError, ConfigError, IntegrityError, ManifestError
 from bundles.manifest import FileRef, Manifest, Variant
 
@@ -78,21 +79,11 @@ def pack_variant(bundle_dir: str | Path, manifest: Manifest, variant_id: str, ou
 
 def _write_archive(members: list[tuple[str, bytes | Path]], out_path: Path) -> Path:
     """Write members (archive path -> bytes or a file) sorted by path, atomically."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    for name, content in sorted(members, key=lambda m: m[0]):
-                        _add_member(tar, name, content)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_file(out_path) as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for name, content in sorted(members, key=lambda m: m[0]):
+                    _add_member(tar, name, content)
     return out_path
 
 

@@ -28,6 +28,14 @@ class ConfigError(EdgeFleetError):
     """A setting, option or request is invalid; the user must change it."""
 
 
+class ContractError(ConfigError, ValueError):
+    """A message or state file does not fit the typed contract (``bundles.contract``); names the field.
+
+    Also a ``ValueError`` so that pydantic, which builds the contract's dataclasses on the server,
+    reports it as a validation error (422) like its own checks.
+    """
+
+
 # --- bundles: the bytes are wrong, never retry the same bytes -----------------------------------
 class BundleError(EdgeFleetError):
     """The bundle or its metadata is invalid; retrying the same bytes cannot help."""
@@ -171,6 +179,7 @@ __all__ = [
     "BundleError",
     "BusyError",
     "ConfigError",
+    "ContractError",
     "ConversionError",
     "EdgeFleetError",
     "ExpiredMetadataError",

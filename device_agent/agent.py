@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from device_agent.config import AgentConfig, load_config
 from device_agent.identity import Enrollment
 from device_agent.inference import LocalEngine
 from device_agent.serving import PredictResult, ServingConfig, ServingPipeline
+from device_agent.statefiles import StateFiles
 from device_agent.update.record import DeploymentRecord
 from device_agent.update.states import DeploymentStatus
 from device_agent.updater import Updater
@@ -67,18 +69,33 @@ def is_downgrade(record: DeploymentRecord) -> bool:
     return record.previous_version is not None and record.version < record.previous_version
 
 
-def _open_telemetry(config: AgentConfig) -> Any:
-    """The telemetry recorder on ``<state_dir>/telemetry.db`` (None if it cannot be opened here)."""
-    try:
-        from device_agent.telemetry.buffer import TelemetryBuffer
-        from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
+def _open_telemetry(config: AgentConfig, files: StateFiles) -> Any:
+    """The telemetry recorder on ``<state_dir>/telemetry.db`` (None if it cannot be opened here).
 
-        settings = TelemetrySettings()
-        buffer = TelemetryBuffer(config.state_dir / "telemetry.db", settings.buffer_cap_bytes)
-        return TelemetryRecorder(buffer, settings)
-    except Exception as e:  # a read-only state dir in an app process: serve without telemetry
-        log.warning("telemetry disabled: %s", e)
-        return None
+    A damaged database is set aside (with its WAL) and a fresh one is started: what it held is lost,
+    but telemetry goes on and the server is told. Only an unwritable state dir turns telemetry off.
+    """
+    import sqlite3
+
+    from device_agent.telemetry.buffer import TelemetryBuffer
+    from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
+
+    settings = TelemetrySettings()
+    path = config.state_dir / "telemetry.db"
+    for attempt in range(2):
+        try:
+            return TelemetryRecorder(TelemetryBuffer(path, settings.buffer_cap_bytes), settings)
+        except sqlite3.DatabaseError as e:
+            if attempt or files.read_only:
+                log.warning("telemetry disabled: %s", e)
+                return None
+            for sidecar in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                sidecar.unlink(missing_ok=True)
+            files.quarantine(path, f"not a usable SQLite database: {e}", "started an empty telemetry buffer")
+        except Exception as e:  # a read-only state dir in an app process: serve without telemetry
+            log.warning("telemetry disabled: %s", e)
+            return None
+    return None
 
 
 class Agent:
@@ -98,6 +115,9 @@ class Agent:
         self.recorder = recorder
         self.capabilities = capabilities or probe_capabilities(config.state_dir)
         self.follow_pointers = follow_pointers
+        self.files = updater.files
+        self.serving_overrides: dict[str, Any] = {}
+        """Settings of agent.toml's ``[serving]`` table, applied to every pipeline the daemon builds."""
         self.started_at = time.time()
         self._pointer_stamp: dict[str, int] = {}
         self._checked_at = 0.0
@@ -110,14 +130,23 @@ class Agent:
         return cls.build(load_config(path, environ, **overrides))
 
     @classmethod
-    def build(cls, config: AgentConfig, follow_pointers: bool = True, telemetry: bool = True) -> Agent:
-        """Assemble engine, pipeline and updater for ``config``, serving the committed models."""
+    def build(
+        cls, config: AgentConfig, follow_pointers: bool = True, telemetry: bool = True, read_only: bool = False
+    ) -> Agent:
+        """Assemble engine, pipeline and updater for ``config``, serving the committed models.
+
+        ``read_only`` (``edgefleet-agent status`` without a daemon): damaged files are worked around
+        in memory and reported, but nothing on disk is moved or rewritten.
+        """
         config.ensure_state_dir()
+        files = StateFiles(config.state_dir, read_only=read_only)
         caps = probe_capabilities(config.state_dir)
         engine = LocalEngine(config.threads, config.max_concurrency, config.max_waiting, config.queue_timeout_s, caps)
-        recorder = _open_telemetry(config) if telemetry else None
+        recorder = _open_telemetry(config, files) if telemetry else None
+        if recorder is not None:
+            files.on_repair(lambda repair: recorder.event(repair.event()))
         pipeline = ServingPipeline(engine, ServingConfig(), recorder=recorder)
-        updater = Updater(config, engine, lambda: caps, TelemetryReporter(recorder))
+        updater = Updater(config, engine, lambda: caps, TelemetryReporter(recorder), files=files)
         agent = cls(config, engine, pipeline, updater, recorder, caps, follow_pointers)
         if follow_pointers:
             agent.reload_committed()
@@ -159,19 +188,10 @@ class Agent:
     # --- following the daemon's commits -------------------------------------------------------------
 
     def reload_committed(self) -> None:
-        """Serve the committed slot of every model (what an app process should run)."""
+        """Serve the committed slot of every model, verified (what an app process should run)."""
         for name in self.updater.slots.models():
-            slots = self.updater.slots.model(name)
-            committed = slots.pointer().committed
-            info = slots.info(committed)
-            self._pointer_stamp[name] = _stamp(slots.pointer_path)
-            if committed is None or info is None:
-                continue
-            if self.engine.serving_dir(name) != slots.slot_dir(committed):
-                try:
-                    self.engine.load(name, slots.slot_dir(committed), info.variant)
-                except Exception as e:  # a damaged slot: keep serving what is loaded
-                    log.error("cannot load %s from slot %s: %s", name, committed, e)
+            self._pointer_stamp[name] = _stamp(self.updater.slots.model(name).pointer_path)
+            self.updater.serve_committed(name)
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -184,17 +204,32 @@ class Agent:
 
     # --- status -------------------------------------------------------------------------------------
 
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        """Per model this device should answer: served locally or not, and why not."""
+        problems = self.updater.problems
+        ready = {name: self.engine.ready(name) for name in self.updater.known_models()}
+        return {
+            name: {"ready": ok, "problem": None if ok else problems.get(name, "not installed yet")}
+            for name, ok in ready.items()
+        }
+
+    def health(self) -> str:
+        """``ok`` (every model served locally), ``degraded`` (some only through the fallback chain) or ``no-model``."""
+        models = self.readiness()
+        if not any(m["ready"] for m in models.values()):
+            return "no-model"
+        return "ok" if all(m["ready"] for m in models.values()) else "degraded"
+
     def status(self) -> dict[str, Any]:
-        """Active and previous bundle per model, last update result, health and queue."""
-        enrollment = Enrollment.load(self.config.identity_dir)
+        """Active and previous bundle per model, last update result, health, repairs and queue."""
+        enrollment = Enrollment.load(self.config.identity_dir, self.files)
         in_progress = self.updater.in_progress()
         engine = self.engine.describe()
-        models: dict[str, dict[str, Any]] = {}
+        models: dict[str, dict[str, Any]] = {name: {"slots": [], **state} for name, state in self.readiness().items()}
         for line in self.updater.installed():
-            entry = models.setdefault(line["name"], {"slots": [], "ready": self.engine.ready(line["name"])})
-            entry["slots"].append(line)
+            models.setdefault(line["name"], {"slots": [], "ready": False, "problem": None})["slots"].append(line)
         for name, served in engine["models"].items():
-            models.setdefault(name, {"slots": [], "ready": True})["served"] = served
+            models.setdefault(name, {"slots": [], "ready": True, "problem": None})["served"] = served
         return {
             "agent_version": AGENT_VERSION,
             "device_id": None if enrollment is None else enrollment.device_id,
@@ -204,7 +239,8 @@ class Agent:
             "last_update": self.updater.last_result(),
             "update_in_progress": None if in_progress is None else in_progress.value,
             "failed_targets": self.updater.failed.all(),
-            "health": "ok" if models and all(m["ready"] for m in models.values()) else "no-model",
+            "health": self.health(),
+            "repairs": [dataclasses.asdict(r) for r in self.files.repairs],
             "queue": engine["queue"],
             "uptime_s": round(time.time() - self.started_at, 1),
         }

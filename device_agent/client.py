@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from bundles.contract import DesiredState, Inventory, parse, parse_json, to_dict
 from bundles.errors import AuthError, ConfigError, ServerError, TransportError
 from device_agent.identity import Enrollment, public_key_hex
 from device_agent.version import AGENT_VERSION
@@ -54,8 +55,12 @@ class FleetClient:
         )  # fmt: skip
         return enrollment, tuf["root"]
 
-    def desired_state(self, etag: str | None) -> tuple[dict[str, Any] | None, str | None]:
-        """``(state, etag)``; ``state`` is None when the server answers 304 (unchanged)."""
+    def desired_state(self, etag: str | None) -> tuple[DesiredState | None, str | None]:
+        """``(state, etag)``; ``state`` is None when the server answers 304 (unchanged).
+
+        Raises:
+            ContractError: the answer is not a valid desired state (nothing of it is used).
+        """
         headers = {} if etag is None else {"If-None-Match": etag}
         try:
             response = self.http.get("/api/v1/device/desired-state", headers={**self.headers(), **headers})
@@ -64,10 +69,12 @@ class FleetClient:
         if response.status_code == 304:
             return None, etag
         _raise_for_status(response, "GET desired-state")
-        return response.json(), response.headers.get("ETag")
+        return parse_json(DesiredState, response.content, "desired state"), response.headers.get("ETag")
 
-    def put_inventory(self, inventory: Mapping[str, Any]) -> None:
-        self._call("PUT", "/api/v1/device/inventory", json=dict(inventory))
+    def put_inventory(self, inventory: Inventory | Mapping[str, Any]) -> None:
+        """Report the inventory (checked against the contract before it is sent)."""
+        body = inventory if isinstance(inventory, Inventory) else parse(Inventory, dict(inventory), "inventory")
+        self._call("PUT", "/api/v1/device/inventory", json=to_dict(body))
 
     def close(self) -> None:
         self.http.close()

@@ -22,13 +22,14 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from bundles.contract import DesiredState, FallbackSection, SavedDesiredState, parse, to_dict
 from bundles.errors import AuthError, EdgeFleetError, TransportError
 from device_agent.agent import Agent
 from device_agent.client import FleetClient
 from device_agent.identity import Enrollment, trusted_root_bytes
-from device_agent.persist import atomic_write_json, read_json
 from device_agent.serving import ServingConfig, ServingPipeline
 from device_agent.shadow import ShadowMode
 from device_agent.update.backoff import backoff_s
@@ -45,9 +46,10 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.wake = threading.Event()  # set by SIGHUP (``systemctl reload``): poll now
         self.desired_path = self.config.state_dir / "desired.json"
-        saved = read_json(self.desired_path) or {}
-        self.desired: dict[str, Any] | None = saved.get("state")
-        self.etag: str | None = saved.get("etag")
+        saved = agent.files.load(self.desired_path, SavedDesiredState, SavedDesiredState(),
+                                 action="the desired state is fetched again at the next poll")  # fmt: skip
+        self._desired: DesiredState | None = saved.state
+        self.etag: str | None = saved.etag
         self.client: FleetClient | None = None
         self.uploader: Any = None
         self.failures = 0
@@ -55,9 +57,18 @@ class Daemon:
         self._fallback: Any = None
         self.shadows = ShadowMode(agent)
 
+    @property
+    def desired(self) -> DesiredState | None:
+        """The desired state followed now (the last one the server sent, or the saved one)."""
+        return self._desired
+
+    @desired.setter
+    def desired(self, value: DesiredState | Mapping[str, Any] | None) -> None:
+        self._desired = value if value is None or isinstance(value, DesiredState) else parse(DesiredState, value)
+
     def connect(self) -> bool:
         """Wire the fleet client, the TUF source and the telemetry uploader from the enrollment."""
-        enrollment = Enrollment.load(self.config.identity_dir)
+        enrollment = Enrollment.load(self.config.identity_dir, self.agent.files)
         if enrollment is None:
             log.warning("not enrolled: run 'edgefleet-agent enroll --server URL --token T'; serving installed models")
             return False
@@ -76,12 +87,36 @@ class Daemon:
         from bundles.tuf.client import TufClient
 
         metadata_dir = self.config.tuf_dir / "metadata"
+        self._heal_tuf_root(metadata_dir / "root.json")
         root = None if (metadata_dir / "root.json").exists() else trusted_root_bytes(self.config.identity_dir)
         return TufClient(
             metadata_dir, self.config.tuf_dir / "targets", enrollment.metadata_url, enrollment.targets_url,
             trusted_root=root, bearer_token=enrollment.access_token, timeout_s=self.config.request_timeout_s,
             http=None if self.client is None else self.client.http,
         )  # fmt: skip
+
+    def _heal_tuf_root(self, path: Any) -> None:
+        """A cached TUF root that is not signed root metadata is set aside: the enrolled root bootstraps again.
+
+        Trust is not lowered: ngclient then walks the root chain up from the enrolled root, checking
+        every rotation's signatures, exactly as on the first update.
+        """
+        from tuf.api.metadata import Metadata, Root
+
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            problem = f"unreadable: {e.strerror or e}"
+        else:
+            try:
+                md: Any = Metadata.from_bytes(raw)
+                problem = "" if isinstance(md.signed, Root) else f"holds {md.signed.type} metadata, not root"
+            except Exception as e:  # noqa: BLE001 - whatever the parser raises, the file is unusable
+                problem = f"not TUF root metadata: {type(e).__name__}: {e}"
+        if problem:
+            self.agent.files.quarantine(path, problem, "the root from enrollment bootstraps TUF again")
 
     def run(self, once: bool = False, http: bool = True) -> None:
         """Serve and update until :attr:`stop` is set (or one round with ``once``)."""
@@ -93,6 +128,7 @@ class Daemon:
             log.info("serving the Open Inference Protocol on %s", server.url)
         try:
             self.agent.updater.recover()
+            self._follow_desired_sections()
             enrolled = self.connect()
             gc.freeze()  # start-up objects (modules, runtimes, models): out of every full collection's scan
             while not self.stop.is_set():
@@ -130,35 +166,42 @@ class Daemon:
             log.error("update round failed: %s", e)
             return backoff_s(self.failures, self.config.backoff_initial_s, self.config.backoff_max_s)
         self.failures = 0
-        if self.desired:
+        if self.desired is not None or self.agent.updater.redownload:
             self.apply()
         self.report()
         return self._poll_interval_s()
 
     def poll(self) -> None:
-        """Fetch the desired state (304 keeps the one we have) and persist it."""
+        """Fetch the desired state (304 keeps the one we have), validate it and persist it."""
         assert self.client is not None
         state, etag = self.client.desired_state(self.etag)
         if state is not None:
             self.desired, self.etag = state, etag
-            atomic_write_json(self.desired_path, {"state": state, "etag": etag}, mode=0o600)
+            self.agent.files.save(self.desired_path, SavedDesiredState(state, etag), mode=0o600)
 
     def apply(self) -> None:
         """Deploy what the desired state names and follow its fallback and telemetry settings."""
-        assert self.desired is not None
-        self._apply_fallback(self.desired.get("fallback"))
-        if self.agent.recorder is not None and self.desired.get("telemetry"):
-            recorder = self.agent.recorder
-            recorder.settings = recorder.settings.with_desired(self.desired["telemetry"])
-        for record in self.agent.updater.apply(self.desired):
+        desired = self.desired or DesiredState()
+        self._follow_desired_sections()
+        for record in self.agent.updater.apply(desired):
             log.info("deployment %s: %s (%s)", record.ref, record.status.value, record.error or "no error")
-        self.shadows.apply(self.desired)
+        self.shadows.apply(to_dict(desired))
 
-    def _apply_fallback(self, section: Any) -> None:
+    def _follow_desired_sections(self) -> None:
+        """The fallback and telemetry sections of the (saved) desired state: followed from start, before any poll."""
+        if self.desired is None:
+            return
+        self._apply_fallback(self.desired.fallback)
+        if self.agent.recorder is not None and self.desired.telemetry is not None:
+            recorder = self.agent.recorder
+            recorder.settings = recorder.settings.with_desired(to_dict(self.desired.telemetry))
+
+    def _apply_fallback(self, section: FallbackSection | None) -> None:
         if section == self._fallback:
             return
         old = self.agent.pipeline
-        self.agent.pipeline = ServingPipeline(self.agent.engine, ServingConfig.from_dict(section), old.recorder)
+        config = ServingConfig.from_dict(None if section is None else to_dict(section), **self.agent.serving_overrides)
+        self.agent.pipeline = ServingPipeline(self.agent.engine, config, old.recorder)
         self.agent.pipeline.take_shadows(old)
         self._fallback = section
         old.close()
@@ -186,18 +229,16 @@ class Daemon:
         models = [{"name": i["name"], "version": i["version"], "state": i["state"]} for i in inventory["installed"]]
         models += self.shadows.heartbeat_models()
         engine = self.agent.engine
-        served = engine.models()
-        health = "ok" if served and all(engine.ready(name) for name in served) else "no-model"
         recorder.heartbeat(
-            time.time() - self.agent.started_at, models, health=health, serving=served,
+            time.time() - self.agent.started_at, models, health=self.agent.health(), serving=engine.models(),
             queue=engine.describe()["queue"], update_in_progress=_value_of(self.agent.updater.in_progress()),
+            repairs=len(self.agent.files.repairs),
         )  # fmt: skip
 
     def _poll_interval_s(self) -> float:
-        desired = self.desired or {}
-        interval = float(desired.get("poll_interval_s") or self.config.poll_interval_s)
-        jitter_s = desired.get("jitter_s")
-        jitter = float(self.config.jitter_s if jitter_s is None else jitter_s)
+        desired = self.desired or DesiredState()
+        interval = float(desired.poll_interval_s or self.config.poll_interval_s)
+        jitter = float(self.config.jitter_s if desired.jitter_s is None else desired.jitter_s)
         return max(1.0, interval + random.uniform(-jitter, jitter))
 
 

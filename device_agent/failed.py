@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_agent.persist import atomic_write_json, read_json
+from bundles.contract import FailedTargets as FailedTargetsFile
+from device_agent.statefiles import StateFiles
 
 
 class FailedTargets:
-    """A persisted map ``name@version`` -> reason."""
+    """A persisted map ``name@version`` -> reason (damaged: set aside, and the map starts empty)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: StateFiles | None = None) -> None:
         self.path = path
+        self.files = files or StateFiles(path.parent)
 
     def all(self) -> dict[str, str]:
-        data = read_json(self.path)
-        return dict(data) if isinstance(data, dict) else {}
+        found: dict[str, str] = self.files.load(self.path, FailedTargetsFile, {})
+        return dict(found)
 
     def reason(self, ref: str) -> str | None:
         return self.all().get(ref)
@@ -29,9 +31,9 @@ class FailedTargets:
         data = self.all()
         if data.get(ref) != reason:
             data[ref] = reason
-            atomic_write_json(self.path, data)
+            self.files.save(self.path, data)
 
     def discard(self, ref: str) -> None:
         data = self.all()
         if data.pop(ref, None) is not None:
-            atomic_write_json(self.path, data)
+            self.files.save(self.path, data)

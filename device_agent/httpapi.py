@@ -109,10 +109,13 @@ class InferenceApi:
         return {"live": True}
 
     def ready(self) -> dict[str, Any]:
-        models = self.agent.engine.models()
-        if not models:
-            raise HttpError(503, "no model is loaded on this device yet")
-        return {"ready": True, "models": models}
+        """Ready only when every model this device should answer is served locally (else 503 saying which not)."""
+        models = self.agent.readiness()
+        missing = {name: m["problem"] for name, m in models.items() if not m["ready"]}
+        if not models or missing:
+            detail = "; ".join(f"{name}: {problem}" for name, problem in missing.items())
+            raise HttpError(503, f"not ready: {detail}" if detail else "no model is loaded on this device yet")
+        return {"ready": True, "models": sorted(models)}
 
     def model_ready(self, model: str) -> dict[str, Any]:
         if not self.agent.engine.ready(model):

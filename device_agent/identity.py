@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundles.errors import ConfigError, KeyFileError
-from device_agent.persist import atomic_write_bytes, atomic_write_json, read_json
+from bundles.contract import EnrollmentRecord, to_dict
+from bundles.durable import atomic_write_bytes, atomic_write_json
+from bundles.errors import KeyFileError
+from device_agent.statefiles import StateFiles
 
 KEY_FILE = "device.key"
 ENROLLMENT_FILE = "enrollment.json"
@@ -63,30 +65,26 @@ def public_key_hex(key: Ed25519PrivateKey) -> str:
 
 
 @dataclass(frozen=True)
-class Enrollment:
+class Enrollment(EnrollmentRecord):
     """What the server said at enrollment (persisted, 0600: it holds the access token)."""
-
-    server_url: str
-    device_id: str
-    access_token: str
-    status: str
-    metadata_url: str
-    targets_url: str
 
     def save(self, identity_dir: Path, trusted_root: dict[str, Any]) -> None:
         atomic_write_bytes(identity_dir / ROOT_FILE, json.dumps(trusted_root).encode("utf-8"), mode=0o600)
-        atomic_write_json(identity_dir / ENROLLMENT_FILE, asdict(self), mode=0o600)
+        atomic_write_json(identity_dir / ENROLLMENT_FILE, to_dict(self), mode=0o600)
 
     @classmethod
-    def load(cls, identity_dir: Path) -> Enrollment | None:
-        """The stored enrollment, or ``None`` if this device was never enrolled."""
-        data = read_json(identity_dir / ENROLLMENT_FILE)
-        if data is None:
-            return None
-        try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"{identity_dir / ENROLLMENT_FILE} is damaged: enroll again") from e
+    def load(cls, identity_dir: Path, files: StateFiles | None = None) -> Enrollment | None:
+        """The stored enrollment, or ``None`` if this device was never enrolled (or its record is damaged).
+
+        A damaged record is set aside and reported: the access token cannot be rebuilt, so the
+        device serves what it has installed until it is enrolled again.
+        """
+        files = files or StateFiles(identity_dir.parent)
+        found: Enrollment | None = files.load(
+            identity_dir / ENROLLMENT_FILE, Enrollment, None,
+            action="not enrolled any more: serving the installed models; run 'edgefleet-agent enroll' again",
+        )  # fmt: skip
+        return found
 
 
 def trusted_root_bytes(identity_dir: Path) -> bytes:

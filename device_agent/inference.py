@@ -187,7 +187,7 @@ class LocalEngine:
 
     # --- the model host the update steps use ----------------------------------------------------
 
-    def load(self, model: str, bundle_dir: Path, variant: str, keep_current: bool = True) -> None:
+    def load(self, model: str, bundle_dir: Path, variant: str, keep_current: bool = True, verify: bool = True) -> None:
         """Serve the bundle in ``bundle_dir``; the current one becomes ``previous`` if ``keep_current``.
 
         A rollback passes ``keep_current=False`` so the bundle that failed is dropped, not kept for
@@ -199,14 +199,17 @@ class LocalEngine:
         if previous is not None and _same(previous, bundle_dir, manifest, variant):
             self._swap(model, previous, keep_current)
             return
-        self._swap(model, self._load_bundle(manifest, bundle_dir, variant), keep_current)
+        self._swap(model, self._load_bundle(manifest, bundle_dir, variant, verify), keep_current)
 
-    def _load_bundle(self, manifest: Manifest, bundle_dir: Path, variant: str) -> LoadedBundle:
+    def _load_bundle(self, manifest: Manifest, bundle_dir: Path, variant: str, verify: bool = True) -> LoadedBundle:
+        """``verify=False`` only when the caller has just checked every file's sha256 itself."""
         from bundles.predictor import Predictor
 
         threads = self.threads or manifest.runtime_config.threads or None
         before = rss_mb()
-        predictor = Predictor.load(manifest, bundle_dir, variant=variant, caps=self.capabilities, threads=threads)
+        predictor = Predictor.load(
+            manifest, bundle_dir, variant=variant, caps=self.capabilities, threads=threads, verify=verify
+        )
         return LoadedBundle(predictor, manifest, bundle_dir, variant, max(0.0, rss_mb() - before))
 
     def _swap(self, model: str, new: LoadedBundle, keep_current: bool) -> None:

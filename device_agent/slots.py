@@ -9,50 +9,35 @@ rewrites it again. A slot is only trusted when its marker ``slot.json`` exists: 
 after every file was verified and fsynced.
 
 Outside a deployment ``active == committed``; :meth:`ModelSlots.settle` restores that after a crash.
+
+Both files are read through :class:`device_agent.statefiles.StateFiles` with their contract models
+(``SlotPointer``, ``SlotMarker``). A damaged pointer is set aside and rebuilt from the slots that
+verify (the newest one is committed); a damaged marker is rebuilt when the slot's files still match
+its ``manifest.json``, else the slot counts as empty. :meth:`ModelSlots.verify` is the full check
+(marker, manifest hash, every file's size and sha256) that start-up runs on the committed slot.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import logging
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from bundles.archive import ArchiveLimits, open_variant, verify_files
 from bundles.canonical import sha256_bytes
+from bundles.contract import SlotMarker, SlotPointer
+from bundles.durable import fsync_dir, fsync_tree
 from bundles.errors import BundleError, InstallError
 from bundles.manifest import Manifest
-from device_agent.persist import atomic_write_json, fsync_dir, read_json
+from device_agent.statefiles import StateFiles
+
+log = logging.getLogger(__name__)
 
 SLOTS = ("a", "b")
 MARKER = "slot.json"
-
-
-@dataclass(frozen=True)
-class Pointer:
-    """Which slot is served, which is known good, and which is kept for rollback (persisted)."""
-
-    active: str | None = None
-    committed: str | None = None
-    previous: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Pointer:
-        data = data or {}
-        return cls(**{k: data.get(k) if data.get(k) in SLOTS else None for k in ("active", "committed", "previous")})
-
-
-@dataclass(frozen=True)
-class SlotInfo:
-    """What a verified slot holds (the marker's content)."""
-
-    slot: str
-    name: str
-    version: int
-    variant: str
-    manifest_sha256: str
+Pointer = SlotPointer
+SlotInfo = SlotMarker
 
 
 def other(slot: str | None) -> str:
@@ -63,30 +48,98 @@ def other(slot: str | None) -> str:
 class ModelSlots:
     """The two slots and the pointer of one model."""
 
-    def __init__(self, models_dir: Path, name: str) -> None:
+    def __init__(self, models_dir: Path, name: str, files: StateFiles | None = None) -> None:
         self.name = name
         self.root = models_dir / name
         self.pointer_path = self.root / "pointer.json"
+        self.files = files or StateFiles(models_dir.parent)
 
     def slot_dir(self, slot: str) -> Path:
         return self.root / f"slot_{slot}"
 
     def pointer(self) -> Pointer:
-        return Pointer.from_dict(read_json(self.pointer_path))
+        """The pointer; a damaged one is set aside and rebuilt from the slots that verify."""
+        found: Pointer = self.files.load(self.pointer_path, SlotPointer, SlotPointer(), self._rebuilt_pointer,
+                                         "rebuilt from the slots that verify (the newest is committed)")  # fmt: skip
+        return found
 
     def _write_pointer(self, pointer: Pointer) -> None:
-        atomic_write_json(self.pointer_path, asdict(pointer))
+        self.files.save(self.pointer_path, pointer)
+
+    def _rebuilt_pointer(self) -> Pointer:
+        good = [(info.version, slot) for slot in SLOTS if (info := self.info(slot)) and self.verify(slot) is None]
+        if not good:
+            return SlotPointer()
+        newest = max(good)[1]
+        pointer = SlotPointer(newest, newest, other(newest) if len(good) == 2 else None)
+        self._write_pointer(pointer)
+        return pointer
 
     def info(self, slot: str | None) -> SlotInfo | None:
         """The marker of ``slot``, or ``None`` if the slot is empty or was never completed."""
         if slot is None:
             return None
-        data = read_json(self.slot_dir(slot) / MARKER)
-        return None if data is None else SlotInfo(**{k: data[k] for k in SlotInfo.__dataclass_fields__})
+        path = self.slot_dir(slot) / MARKER
+        action = "rebuilt from the slot's manifest if its files still match it"
+        found: SlotInfo | None = self.files.load(path, SlotMarker, None, lambda: self._rebuilt_marker(slot), action)
+        return found
+
+    def _rebuilt_marker(self, slot: str) -> SlotInfo | None:
+        """A marker for the variant whose files in ``slot`` all match the slot's manifest (else None)."""
+        try:
+            raw = (self.slot_dir(slot) / "manifest.json").read_bytes()
+            manifest = Manifest.from_bytes(raw)
+        except (OSError, BundleError):
+            return None
+        for variant in manifest.variants:
+            try:
+                verify_files(self.slot_dir(slot), variant.files)
+            except BundleError:
+                continue
+            marker = SlotMarker(slot, manifest.name, manifest.version, variant.id, sha256_bytes(raw))
+            self.files.save(self.slot_dir(slot) / MARKER, marker)
+            return marker
+        return None
+
+    def verify(self, slot: str) -> str | None:
+        """Why ``slot`` cannot be trusted (marker, manifest hash, every file), or ``None`` if it is intact."""
+        info = self.info(slot)
+        if info is None:
+            return f"slot {slot} holds no completed bundle"
+        try:
+            raw = (self.slot_dir(slot) / "manifest.json").read_bytes()
+            if sha256_bytes(raw) != info.manifest_sha256:
+                return f"slot {slot}: manifest.json differs from the one that was verified at install"
+            verify_files(self.slot_dir(slot), Manifest.from_bytes(raw).variant(info.variant).files)
+        except OSError as e:
+            return f"slot {slot}: {e.strerror or e}"
+        except BundleError as e:
+            return f"slot {slot}: {e}"
+        return None
 
     def manifest(self, slot: str) -> Manifest:
         """The manifest stored in ``slot``."""
         return Manifest.from_bytes((self.slot_dir(slot) / "manifest.json").read_bytes())
+
+    def set_aside(self, slot: str, reason: str, action: str) -> None:
+        """Quarantine a damaged slot: its marker and manifest are kept for an engineer, the rest removed."""
+        dest = self.slot_dir(slot)
+        with contextlib.suppress(FileNotFoundError):
+            (dest / MARKER).unlink()
+            fsync_dir(dest)
+        if self.files.read_only:
+            return
+        repair = self.files.quarantine(dest, reason, action, model=self.name)
+        kept = None if repair.quarantined_as is None else self.files.state_dir / repair.quarantined_as
+        if kept is not None and kept.is_dir():
+            for path in sorted(kept.rglob("*"), reverse=True):
+                if path.is_file() and path.name != "manifest.json":
+                    path.unlink(missing_ok=True)
+        self.clear(slot)
+
+    def serve_only(self, slot: str | None) -> None:
+        """After losing the committed slot: ``slot`` (verified) is served and committed, nothing else."""
+        self._write_pointer(SlotPointer(slot, slot, None))
 
     def staging_slot(self) -> str:
         """The slot a new bundle goes into: never the committed one."""
@@ -112,9 +165,9 @@ class ModelSlots:
         dest = self.slot_dir(slot)
         open_variant(archive, dest, manifest, variant_id, limits)
         (dest / "manifest.json").write_bytes(manifest_bytes)
-        _fsync_tree(dest)
+        fsync_tree(dest)
         marker = SlotInfo(slot, manifest.name, manifest.version, variant_id, sha256_bytes(manifest_bytes))
-        atomic_write_json(dest / MARKER, asdict(marker))
+        self.files.save(dest / MARKER, marker)
 
     def holds(self, slot: str, manifest_bytes: bytes, variant_id: str) -> bool:
         """Does ``slot`` hold exactly this bundle and variant, with every file intact?"""
@@ -176,29 +229,20 @@ class ModelSlots:
         return True
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` so a staged slot survives a power cut."""
-    for directory, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(directory))
-
-
 class SlotStore:
     """All models' slots under ``models_dir``."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, files: StateFiles | None = None) -> None:
         self.models_dir = models_dir
+        self.files = files or StateFiles(models_dir.parent)
 
     def model(self, name: str) -> ModelSlots:
-        return ModelSlots(self.models_dir, name)
+        return ModelSlots(self.models_dir, name, self.files)
 
     def models(self) -> list[str]:
-        """Names of the models that have a pointer file."""
+        """Names of the models that have a pointer file or a slot (a lost pointer is rebuilt from the slots)."""
         if not self.models_dir.exists():
             return []
-        return sorted(p.parent.name for p in self.models_dir.glob("*/pointer.json"))
+        found = {p.parent.name for p in self.models_dir.glob("*/pointer.json")}
+        found |= {p.parent.name for p in self.models_dir.glob("*/slot_[ab]") if p.is_dir()}
+        return sorted(found)

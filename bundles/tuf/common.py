@@ -1,4 +1,6 @@
-"""Shared pieces of the TUF helpers: expiry policy, crash-safe writes, and metadata checks.
+"""Shared pieces of the TUF helpers: expiry policy, metadata checks, and the crash-safe writes they use.
+
+The writes themselves live in :mod:`bundles.durable` (re-exported here for the TUF modules).
 
 Every check here raises an error from :mod:`bundles.errors` with one readable sentence, so the
 repository (server side) and the publication code (workstation side) reject bad metadata with the
@@ -8,20 +10,16 @@ same errors the device client uses: ``BadSignatureError``, ``ExpiredMetadataErro
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
+from bundles.durable import atomic_file, atomic_write_bytes, fsync_dir
 from bundles.errors import BadSignatureError, ConfigError, ExpiredMetadataError, TrustError, VersionConflictError
 
 TOP_LEVEL_ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -64,50 +62,6 @@ def key_of(key_or_signer: Key | Signer) -> Key:
     if isinstance(key_or_signer, Signer):
         return key_or_signer.public_key
     return key_or_signer
-
-
-# --- crash-safe files -----------------------------------------------------------------------------
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory entry so a rename in it survives a power cut (no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_file(path: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
-    """Open a temp file next to ``path``; on a clean exit fsync it, ``os.replace`` it onto ``path``, fsync the dir.
-
-    The temp file is created with ``mode`` from the start, so a private key is never readable by
-    others, not even for a moment. On an exception the temp file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` all or nothing (see :func:`atomic_file`)."""
-    with atomic_file(path, mode) as f:
-        f.write(data)
 
 
 # --- parsing and verifying metadata -----------------------------------------------------------------

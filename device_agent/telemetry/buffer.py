@@ -122,8 +122,19 @@ class TelemetryBuffer:
         self._lock = threading.Lock()
         _make_private(self.path)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._configure()
-        self.used_bytes = self._measure()
+        try:
+            self._configure()
+            self._check_integrity()
+            self.used_bytes = self._measure()
+        except sqlite3.DatabaseError:
+            self._db.close()
+            raise
+
+    def _check_integrity(self) -> None:
+        """``PRAGMA quick_check`` at open: a damaged file is refused here, not at some later write."""
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"telemetry database is damaged: {'; '.join(map(str, problems))}")
 
     def _configure(self) -> None:
         for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; older files are tightened

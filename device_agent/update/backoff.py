@@ -12,7 +12,8 @@ Failures after activation (the bundle ran and failed its health check) are not r
 can run is remembered there too (retrying cannot change the signed manifest).
 
 The schedule is a small JSON file (``<state_dir>/retry.json``), model -> ``{target, failures,
-next_at, error}``, so a restart does not reset it.
+next_at, error}`` (``bundles.contract.RetryEntry``), read through ``device_agent.statefiles`` (a
+damaged one is set aside: the schedule starts empty), so a restart does not reset it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from device_agent.persist import atomic_write_json, read_json
+from bundles.contract import RetryEntry, to_dict
+from bundles.contract import RetrySchedule as RetryScheduleFile
+from device_agent.statefiles import StateFiles
 from device_agent.update.record import DeploymentRecord
 from device_agent.update.states import DeploymentStatus
 
@@ -37,9 +40,10 @@ def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
     return float(ceiling / 2 + random.uniform(0.0, ceiling / 2))
 
 
-def desired_target(entry: Mapping[str, Any]) -> str:
-    """What a desired-state entry asks for, as one comparable string."""
-    return f"{entry.get('name')}@{entry.get('version')}/{entry.get('variant') or '*'}/{entry.get('manifest_target')}"
+def desired_target(entry: Any) -> str:
+    """What a desired-state entry (``DesiredModel`` or its dict) asks for, as one comparable string."""
+    data: Mapping[str, Any] = entry if isinstance(entry, Mapping) else to_dict(entry)
+    return f"{data.get('name')}@{data.get('version')}/{data.get('variant') or '*'}/{data.get('manifest_target')}"
 
 
 def failed_before_change(record: DeploymentRecord) -> bool:
@@ -52,42 +56,44 @@ def failed_before_change(record: DeploymentRecord) -> bool:
 class RetrySchedule:
     """When each model's failing target may be tried again (persisted)."""
 
-    def __init__(self, path: Path, initial_s: float, max_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, initial_s: float, max_s: float, clock: Callable[[], float] = time.time,
+        files: StateFiles | None = None,
+    ) -> None:  # fmt: skip
         self.path, self.initial_s, self.max_s, self.clock = path, initial_s, max_s, clock
+        self.files = files or StateFiles(path.parent)
 
-    def _load(self) -> dict[str, dict[str, Any]]:
-        data = read_json(self.path)
-        if not isinstance(data, dict):
-            return {}
-        return {k: v for k, v in data.items() if isinstance(v, dict)}
+    def _load(self) -> dict[str, RetryEntry]:
+        found: dict[str, RetryEntry] = self.files.load(self.path, RetryScheduleFile, {})
+        return dict(found)
+
+    def _save(self, data: dict[str, RetryEntry]) -> None:
+        self.files.save(self.path, data, mode=0o600)
 
     def wait_s(self, model: str, target: str) -> float:
         """Seconds before ``target`` may be tried again for ``model`` (0: now). A new target resets."""
         entry = self._load().get(model)
-        if entry is None or entry.get("target") != target:
+        if entry is None or entry.target != target:
             return 0.0
-        try:
-            return max(0.0, float(entry.get("next_at", 0.0)) - self.clock())
-        except (TypeError, ValueError):
-            return 0.0
+        return max(0.0, entry.next_at - self.clock())
 
     def failed(self, model: str, target: str, error: str | None) -> float:
         """Count one more failure of ``target``; returns the delay before the next try."""
         data = self._load()
-        previous = data.get(model, {})
-        failures = int(previous.get("failures", 0)) + 1 if previous.get("target") == target else 1
+        previous = data.get(model)
+        failures = previous.failures + 1 if previous is not None and previous.target == target else 1
         delay_s = backoff_s(failures, self.initial_s, self.max_s)
-        data[model] = {"target": target, "failures": failures, "next_at": self.clock() + delay_s,
-                       "error": (error or "")[:500]}  # fmt: skip
-        atomic_write_json(self.path, data, mode=0o600)
+        data[model] = RetryEntry(target[:1000], failures, self.clock() + delay_s, (error or "")[:500])
+        self._save(data)
         return delay_s
 
     def clear(self, model: str) -> None:
         """Forget ``model``'s failures (it succeeded, or it is asked for something else)."""
         data = self._load()
         if data.pop(model, None) is not None:
-            atomic_write_json(self.path, data, mode=0o600)
+            self._save(data)
 
     def failures(self, model: str) -> int:
         """Consecutive failures counted for ``model``'s current target."""
-        return int(self._load().get(model, {}).get("failures", 0))
+        entry = self._load().get(model)
+        return 0 if entry is None else entry.failures

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.persist import atomic_write_json, read_json
+from bundles.contract import parse
+from device_agent.statefiles import StateFiles
 from device_agent.update.states import DeploymentStatus, UpdateState
 
 EXIT_STATES = frozenset(
@@ -81,30 +82,42 @@ class DeploymentRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DeploymentRecord:
-        """Read a persisted record; an unknown state string is kept as-is for the resume table."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["status"] = DeploymentStatus(values.get("status", "in-progress"))
-        try:
-            values["state"] = UpdateState(values.get("state", "sync"))
-        except ValueError:
-            values["state"] = UpdateState.CHECK_ROLLBACK
-            values["error"] = values.get("error") or f"unknown persisted state '{data.get('state')}'"
-        return cls(**values)
+    def from_dict(cls, data: Any) -> DeploymentRecord:
+        """Read a persisted record, every field type-checked (:func:`bundles.contract.parse`).
+
+        An unknown state string (written by a newer agent) re-enters at ``check-rollback``.
+        Raises :class:`~bundles.errors.ContractError` for anything that is not a record.
+        """
+        if isinstance(data, dict) and isinstance(data.get("state"), str):
+            if data["state"] not in {s.value for s in UpdateState}:
+                error = data.get("error") or f"unknown persisted state '{data['state']}'"
+                data = {**data, "state": UpdateState.CHECK_ROLLBACK.value, "error": error}
+        record: DeploymentRecord = parse(cls, data, "deployment.json")
+        return record
 
 
 class RecordStore:
     """Loads and saves the one deployment record, enforcing the loop guard on every save."""
 
-    def __init__(self, path: Path, max_saves: int = 28) -> None:
+    def __init__(self, path: Path, max_saves: int = 28, files: StateFiles | None = None) -> None:
         self.path = path
         self.max_saves = max_saves
+        self.files = files or StateFiles(path.parent)
 
     def load(self) -> DeploymentRecord | None:
-        """The persisted record, or ``None`` when no deployment is in progress."""
-        data = read_json(self.path)
-        return None if data is None else DeploymentRecord.from_dict(data)
+        """The persisted record, or ``None`` when no deployment is in progress.
+
+        A damaged record is set aside: the slots are then settled to the committed one and the
+        target is deployed again at the next poll (a partial download resumes).
+        """
+        found: DeploymentRecord | None = self.files.load(
+            self.path,
+            DeploymentRecord,
+            None,
+            action="no deployment resumed; the committed slot is served",
+            parser=DeploymentRecord.from_dict,
+        )
+        return found
 
     def save(self, record: DeploymentRecord) -> None:
         """Count and persist ``record``.
@@ -120,12 +133,8 @@ class RecordStore:
             raise LoopDetected(
                 f"deployment {record.ref} saved {record.store_count} times (now in {record.state.value})"
             )
-        atomic_write_json(self.path, record.to_dict(), mode=0o600)
+        self.files.save(self.path, record.to_dict(), mode=0o600)
 
     def clear(self) -> None:
         """The deployment is over: remove the record durably."""
-        from device_agent.persist import fsync_dir
-
-        if self.path.exists():
-            self.path.unlink()
-            fsync_dir(self.path.parent)
+        self.files.remove(self.path)

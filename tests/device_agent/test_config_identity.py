@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from bundles.durable import atomic_write_json
 from bundles.errors import ConfigError, KeyFileError
 from device_agent.config import load_config, parse_bytes
 from device_agent.identity import Enrollment, load_or_create_key, public_key_hex
-from device_agent.persist import atomic_write_json, read_json
 
 
 def test_config_precedence_is_defaults_then_toml_then_environment(tmp_path: Path) -> None:
@@ -77,5 +78,5 @@ def test_atomic_write_leaves_old_or_new_content_never_a_temp_file(tmp_path: Path
     target = tmp_path / "state.json"
     atomic_write_json(target, {"v": 1})
     atomic_write_json(target, {"v": 2})
-    assert read_json(target) == {"v": 2}
+    assert json.loads(target.read_text()) == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]

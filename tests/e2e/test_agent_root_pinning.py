@@ -57,7 +57,8 @@ def test_a_device_pinned_to_another_root_installs_nothing_from_this_server(fleet
     status = update_once(tmp_path / "device")
     assert status["last_update"]["status"] == "failed"
     assert "threshold of valid signatures" in status["last_update"]["error"]  # TUF refused the server's metadata
-    assert not status["models"], status
+    assert not any(model["slots"] for model in status["models"].values()), status  # nothing installed
+    assert status["models"]["tiny"]["ready"] is False and status["health"] == "no-model"
 
 
 def test_enroll_with_a_root_file_that_is_not_a_tuf_root_is_one_line_and_exit_2(fleet: Fleet, tmp_path: Path) -> None:
