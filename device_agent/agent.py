@@ -192,6 +192,7 @@ class Agent:
         for name in self.updater.slots.models():
             self._pointer_stamp[name] = _stamp(self.updater.slots.model(name).pointer_path)
             self.updater.serve_committed(name)
+        self.updater.recovered = True
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -207,6 +208,8 @@ class Agent:
     def readiness(self) -> dict[str, dict[str, Any]]:
         """Per model this device should answer: served locally or not, and why not."""
         problems = self.updater.problems
+        if not self.updater.recovered:
+            problems = dict.fromkeys(self.updater.known_models(), "starting: verifying the installed bundles")
         ready = {name: self.engine.ready(name) for name in self.updater.known_models()}
         return {
             name: {"ready": ok, "problem": None if ok else problems.get(name, "not installed yet")}

@@ -153,13 +153,11 @@ def _disk_status(config: Any) -> dict[str, Any]:
         return {"agent_version": AGENT_VERSION, "daemon": "not running", "health": "no-model", "models": {},
                 "device_id": None, "state_dir": f"{config.state_dir} (missing)"}  # fmt: skip
 
-    agent = Agent.build(config, follow_pointers=False, telemetry=False)
+    agent = Agent.build(config, follow_pointers=True, telemetry=False, read_only=True)  # verifies, changes nothing
     try:
         status = agent.status()
     finally:
         agent.close()
-    installed = {n: m for n, m in status["models"].items() if any(s["state"] == "active" for s in m["slots"])}
-    status["health"] = "ok" if installed else "no-model"
     status["daemon"] = "not running"
     return status
 

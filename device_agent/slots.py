@@ -101,6 +101,15 @@ class ModelSlots:
             return marker
         return None
 
+    def restore_marker(self, slot: str) -> SlotInfo | None:
+        """The committed slot lost its marker (it is written before the pointer names a slot): rebuild it."""
+        if self.files.read_only or not self.slot_dir(slot).is_dir():
+            return None
+        marker = self._rebuilt_marker(slot)
+        action = "rebuilt from the slot's manifest" if marker else "the slot's files do not match its manifest"
+        self.files.missing(self.slot_dir(slot) / MARKER, action, self.name)
+        return marker
+
     def verify(self, slot: str) -> str | None:
         """Why ``slot`` cannot be trusted (marker, manifest hash, every file), or ``None`` if it is intact."""
         info = self.info(slot)

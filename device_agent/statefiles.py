@@ -123,6 +123,13 @@ class StateFiles:
         self.record(repair)
         return repair
 
+    def missing(self, path: Path, action: str, model: str | None = None) -> Repair:
+        """Record that ``path`` is missing although the rest of the state says it must exist."""
+        repair = Repair(self.relative(path), "missing", action, None, time.time(), model)
+        log.error("state file %s is missing; %s", path, action)
+        self.record(repair)
+        return repair
+
     def record(self, repair: Repair) -> None:
         """Remember a repair and tell the listeners (the telemetry recorder, for the server)."""
         with self._lock:

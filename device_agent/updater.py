@@ -126,6 +126,8 @@ class Updater:
         """Models whose committed bundle was lost at start and must come again through TUF."""
         self.problems: dict[str, str] = {}
         """Models that are installed but not served locally, and why (for ``status`` and readiness)."""
+        self.recovered = False
+        """True once start-up has verified and loaded what it could (readiness waits for it)."""
 
     def set_source(self, source: BundleSource) -> None:
         self.steps.source = source
@@ -142,6 +144,7 @@ class Updater:
         if record is not None:
             self._remember(record)
         self.settle()
+        self.recovered = True
         return record
 
     def settle(self) -> None:
@@ -164,6 +167,8 @@ class Updater:
             if self.engine.serving_dir(name) == model.slot_dir(committed):
                 self.problems.pop(name, None)
                 return
+            if model.info(committed) is None:
+                model.restore_marker(committed)
             problem = model.verify(committed)
             if problem is None:
                 self._load(model, committed)
@@ -206,8 +211,8 @@ class Updater:
             return
         if not any(model.info(slot) is not None for slot in SLOTS):
             return
-        self.files.quarantine(model.pointer_path, "missing while its slots hold bundles",
-                              "rebuilt from the slots that verify (the newest is committed)", model.name)  # fmt: skip
+        action = "rebuilt from the slots that verify (the newest is committed)"
+        self.files.missing(model.pointer_path, action, model.name)
         model._rebuilt_pointer()  # noqa: SLF001 - the slot store's own rebuild rule
 
     def _entry_for(self, name: str, version: int) -> DesiredModel:
