@@ -424,8 +424,8 @@ class InstallEvent(Checked):
     at: str = _f(min_len=1, max_len=64)
     model: str = _f(min_len=1, max_len=100)
     version: int = _f(ge=0, le=2**31 - 1)
-    to_version: int = _f(ge=0, le=2**31 - 1)
-    result: InstallResult = "failed"
+    result: InstallResult | None = None
+    to_version: int | None = _f(None, ge=0, le=2**31 - 1)
     type: Literal["install"] = "install"
     from_version: int | None = _f(None, ge=0, le=2**31 - 1)
     deployment_id: int | None = _f(None, ge=0, le=2**31 - 1)  # the server's rollout id, when there is one

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -56,9 +57,9 @@ class TelemetryReporter:
         event = install_event(
             record.model, record.version, result, record.previous_version, record.rollout_id, record.error,
             [h.split(":", 1)[0] for h in record.history if not h.startswith("resume")],
+            id=record.deployment_id, status=record.status.value, variant=record.selected_variant,
+            health=_bounded_health(record.health), error_kind=record.error_kind, downgrade=is_downgrade(record),
         )  # fmt: skip
-        event.update(id=record.deployment_id, status=record.status.value, variant=record.selected_variant,
-                     health=record.health, error_kind=record.error_kind, downgrade=is_downgrade(record))  # fmt: skip
         if self.recorder is not None:
             self.recorder.event(event)
 
@@ -262,6 +263,17 @@ class Agent:
                 log.warning("telemetry flush at close failed: %s", e)
         self.pipeline.close()
         self.engine.close()
+
+
+def _bounded_health(health: Mapping[str, Any]) -> dict[str, Any]:
+    """The health figures as the contract takes them (plain JSON numbers and short strings)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        return value if isinstance(value, (int, bool, type(None))) else str(value)[:500]
+
+    return {str(k): plain(v) for k, v in list(health.items())[:50]}
 
 
 def _stamp(path: Path) -> int:

@@ -48,21 +48,6 @@ class EnrollOut(BaseModel):
     tuf: TufInfo
 
 
-class InstalledBundle(BaseModel):
-    name: str = Field(min_length=1, max_length=100)
-    version: int = Field(ge=0, le=MAX_INT32)
-    variant: str | None = Field(default=None, max_length=100)
-    slot: str | None = Field(default=None, max_length=32)
-    state: str | None = Field(default=None, max_length=32)
-
-
-class InventoryIn(BaseModel):
-    capabilities: dict[str, Any]
-    installed: list[InstalledBundle] = Field(default_factory=list, max_length=100)
-    agent_version: str | None = Field(default=None, max_length=32)
-    hw_class: str | None = Field(default=None, max_length=64)
-
-
 class ApiKeyIn(Strict):
     name: str = Field(min_length=1, max_length=100)
     role: Literal["admin", "operator", "viewer"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-EVENT_TYPES = ("install", "heartbeat", "drops", "breaker", "error")
+from bundles.contract import Heartbeat, InstallEvent, parse, to_dict
+
+EVENT_TYPES = ("install", "heartbeat", "repair", "drops", "breaker", "error")
 INSTALL_RESULTS = ("installed", "failed", "rolled_back")
 
 
@@ -35,18 +37,24 @@ def install_event(
     deployment_id: int | None = None,
     reason: str | None = None,
     state_path: Sequence[str] = (),
+    **details: Any,
 ) -> dict[str, Any]:
-    """The outcome of one install: ``result`` is ``installed``, ``failed`` or ``rolled_back``."""
+    """The outcome of one install (``bundles.contract.InstallEvent``): ``result`` is ``installed``,
+    ``failed`` or ``rolled_back``; ``details`` adds ``id`` (the deployment id), ``status``,
+    ``variant``, ``health``, ``error_kind``. Checked against the contract before it is queued."""
     if result not in INSTALL_RESULTS:
         raise ValueError(f"install result must be one of {INSTALL_RESULTS}, got {result!r}")
-    return make_event(
-        "install",
-        model,
-        to_version,
-        deployment_id=deployment_id,
-        from_version=from_version,
-        to_version=to_version,
-        result=result,
-        reason=reason,
-        state_path=list(state_path),
-    )
+    event = make_event(
+        "install", model, to_version, deployment_id=deployment_id, from_version=from_version, to_version=to_version,
+        result=result, reason=None if reason is None else reason[:2000], state_path=list(state_path)[-200:],
+    )  # fmt: skip
+    event.update(details)
+    checked: dict[str, Any] = to_dict(parse(InstallEvent, event, "install event"))
+    return checked
+
+
+def heartbeat_event(uptime_s: float, models: Sequence[Mapping[str, Any]], **fields: Any) -> dict[str, Any]:
+    """A ``heartbeat`` (``bundles.contract.Heartbeat``): versions held, health, queue, buffer, repairs."""
+    event = make_event("heartbeat", uptime_s=round(max(uptime_s, 0.0), 1), models=list(models), **fields)
+    checked: dict[str, Any] = to_dict(parse(Heartbeat, event, "heartbeat"))
+    return checked

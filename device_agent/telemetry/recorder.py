@@ -33,7 +33,7 @@ from bundles.errors import ConfigError
 from bundles.manifest import Manifest
 from device_agent.telemetry.buffer import TelemetryBuffer
 from device_agent.telemetry.capture import LatencyCapture, RoutineCapture, never_fits
-from device_agent.telemetry.events import install_event, make_event
+from device_agent.telemetry.events import heartbeat_event, install_event, make_event
 from device_agent.telemetry.sampling import MAX_LOGGED_VALUES, Candidate, WindowSampler
 from device_agent.telemetry.windows import COUNTERS_ONLY, BinPlan, WindowAccumulator, compile_plan
 
@@ -371,9 +371,7 @@ class TelemetryRecorder:
         ``models`` lists name, version and state (active, previous, shadow ...); ``fields`` adds what
         the agent knows of its health (``health``, ``queue`` counters ...).
         """
-        buffer = self.buffer.stats()
-        event = make_event("heartbeat", uptime_s=round(uptime_s, 1), models=list(models), buffer=buffer, **fields)
-        return self.event(event)
+        return self.event(heartbeat_event(uptime_s, models, buffer=self.buffer.stats(), **fields))
 
     def breaker_changed(self, model: str, state: str, failures: int) -> bool:
         """Buffer a circuit-breaker state change of the cloud fallback."""

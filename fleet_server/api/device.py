@@ -1,7 +1,10 @@
 """Device-facing endpoints: enrollment, desired state, inventory and telemetry intake.
 
 A device authenticates with its bearer access token and only ever sees or writes its own rows: the
-device id always comes from the token, never from the request.
+device id always comes from the token, never from the request. Bodies are the typed contract the
+agent also uses (``bundles.contract``): the inventory is parsed into ``Inventory``, the desired
+state is checked against ``DesiredState`` when it is rendered, and heartbeat, install and repair
+events against their models, so the two ends cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from bundles.contract import EVENT_MODELS, Inventory, parse, to_dict
 from bundles.errors import ConfigError
 from fleet_server.api.bodies import read_capped
 from fleet_server.api.deps import AnyDeviceDep, DeviceDep, SessionDep, SettingsDep, bearer_token
-from fleet_server.schemas import ChallengeOut, EnrollIn, EnrollOut, InventoryIn, TelemetryOut, TufInfo
+from fleet_server.schemas import ChallengeOut, EnrollIn, EnrollOut, TelemetryOut, TufInfo
 from fleet_server.services import devices
 from fleet_server.services.desired_state import DesiredStateService, etag_matches
 from fleet_server.services.telemetry_intake import decompress, parse_batch, store_batch
@@ -78,10 +82,10 @@ async def desired_state(
 
 
 @router.put("/device/inventory", status_code=204, responses=AUTH_ERRORS)
-def put_inventory(body: InventoryIn, device: AnyDeviceDep, session: SessionDep) -> Response:
+def put_inventory(body: Inventory, device: AnyDeviceDep, session: SessionDep) -> Response:
     """Replace this device's reported inventory (capabilities, installed bundles, agent version)."""
     row = devices.get_device(session, device.device_id)
-    devices.apply_inventory(row, body.model_dump(exclude_none=True))
+    devices.apply_inventory(row, _without_nulls(to_dict(parse(Inventory, body, "inventory"))))
     devices.touch_last_seen(session, device.device_id)
     return Response(status_code=204)
 
@@ -101,9 +105,26 @@ async def post_telemetry(
     if not raw:
         raise ConfigError("the telemetry body is empty")
     batch = parse_batch(decompress(raw, content_encoding, settings.max_telemetry_bytes), settings.max_telemetry_items)
+    _check_typed_events(batch.items.get("events", []))
     result = await run_in_threadpool(store_batch, request.app.state.engine, device.device_id, batch, len(raw))
     _count_telemetry(request, result.accepted, result.duplicate)
     return TelemetryOut(accepted=result.accepted, duplicate=result.duplicate)
+
+
+def _check_typed_events(events: list[tuple[dict[str, Any], str]]) -> None:
+    """Heartbeats, install and repair events must fit their contract models (400 naming the field if not)."""
+    for i, (item, _text) in enumerate(events):
+        model = EVENT_MODELS.get(str(item.get("type")))
+        if model is not None:
+            parse(model, item, f"events[{i}]")
+
+
+def _without_nulls(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_nulls(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [_without_nulls(v) for v in data]
+    return data
 
 
 def _count_telemetry(request: Request, accepted: dict[str, int], duplicate: bool) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, text
 
+from bundles.contract import DesiredState, parse
 from bundles.errors import AuthError
 from fleet_server.db import UTCDateTime, utcnow
 from fleet_server.errors import ForbiddenError
@@ -138,7 +139,7 @@ class DesiredStateService:
         device_id, status, poll_override = rows[0][0], rows[0][1], rows[0][9]
         models = [_model_entry(row) for row in rows if row[2] is not None] if status == "accepted" else []
         poll_interval_s = int(poll_override or self.settings.poll_interval_s)
-        return {
+        state = {
             "device_id": device_id,
             "poll_interval_s": poll_interval_s,
             "jitter_s": min(self.settings.jitter_s, poll_interval_s // 2),
@@ -151,6 +152,8 @@ class DesiredStateService:
                 "upload_interval_s": self.settings.telemetry_upload_interval_s,
             },
         }
+        parse(DesiredState, state, "desired state")  # the device's own contract: never send what it would refuse
+        return state
 
     def _fallback(self, models: list[dict[str, Any]]) -> dict[str, Any] | None:
         if not self.settings.fallback_url:
