@@ -1,4 +1,8 @@
-"""Bundle archives: deterministic packing and defensive unpacking of tar.gz files.
+"""Archives: deterministic packing and defensive unpacking of tar.gz files (the one tar module of edgefleet).
+
+Bundles, single variants and TUF publications (``bundles.tuf.publication``) are all written by
+:func:`pack_members` and read by :func:`unpack` (or the bundle-aware wrappers below), so the safety
+rules are in one place.
 
 A bundle travels as a ``.efb`` (a tar.gz with ``manifest.json`` at the root and every variant file
 at its manifest path); a single variant travels as a tar.gz of just that variant's files (one TUF
@@ -77,14 +81,22 @@ def pack_variant(bundle_dir: str | Path, manifest: Manifest, variant_id: str, ou
     return _write_archive(members, Path(out_path))
 
 
-def _write_archive(members: list[tuple[str, bytes | Path]], out_path: Path) -> Path:
-    """Write members (archive path -> bytes or a file) sorted by path, atomically."""
-    with atomic_file(out_path) as raw:
+def pack_members(members: list[tuple[str, bytes | Path]], out_path: str | Path) -> Path:
+    """Write a deterministic tar.gz of ``members`` (archive path -> bytes or a local file), atomically.
+
+    Files are streamed (models can be large). The one tar writer of edgefleet: bundles, variants and
+    TUF publications all go through it.
+    """
+    out = Path(out_path)
+    with atomic_file(out) as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for name, content in sorted(members, key=lambda m: m[0]):
                     _add_member(tar, name, content)
-    return out_path
+    return out
+
+
+_write_archive = pack_members
 
 
 def _add_member(tar: tarfile.TarFile, name: str, content: bytes | Path) -> None:
@@ -387,6 +399,7 @@ __all__ = [
     "open_bundle",
     "open_variant",
     "pack_bundle",
+    "pack_members",
     "pack_variant",
     "read_manifest",
     "unpack",

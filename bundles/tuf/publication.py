@@ -16,22 +16,19 @@ path (``<name>/<version>/manifest.json`` or ``<name>/<version>/<variant_id>.tar.
 
 from __future__ import annotations
 
-import io
 import re
-import shutil
-import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from pathlib import Path
+from typing import Any
 
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
+from bundles.archive import ArchiveLimits, pack_members, unpack
 from bundles.errors import ArchiveError, ConfigError
 from bundles.tuf.common import (
-    atomic_file,
     check_signer_role,
     expires_after,
     parse_metadata,
@@ -135,8 +132,7 @@ def sign_targets(
 def write_publication(targets_bytes: bytes, files: Mapping[str, str | Path], out_path: str | Path) -> Path:
     """Pack signed targets metadata and the files it adds into a publication ``.tar.gz``."""
     out = Path(out_path)
-    with atomic_file(out) as f:
-        _pack(targets_bytes, files, f)
+    _pack(targets_bytes, files, out)
     return out
 
 
@@ -187,21 +183,11 @@ def target_file(path: str, local: Path, custom: Mapping[str, Any] | None = None)
     return info
 
 
-def _pack(targets_bytes: bytes, files: Mapping[str, str | Path], out: IO[bytes]) -> None:
-    """Write the publication tar.gz to ``out``, streaming each file (models can be large)."""
-    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-        _add_member(tar, TARGETS_MEMBER, io.BytesIO(targets_bytes), len(targets_bytes))
-        for path, local in sorted(files.items()):
-            with open(local, "rb") as f:
-                _add_member(tar, FILES_PREFIX + path, f, Path(local).stat().st_size)
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: IO[bytes], size: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0
-    tar.addfile(info, data)
+def _pack(targets_bytes: bytes, files: Mapping[str, str | Path], out: Path) -> None:
+    """Write the publication tar.gz at ``out`` (deterministic, streamed, atomic: :mod:`bundles.archive`)."""
+    members: list[tuple[str, bytes | Path]] = [(TARGETS_MEMBER, targets_bytes)]
+    members += [(FILES_PREFIX + path, Path(local)) for path, local in files.items()]
+    pack_members(members, out)
 
 
 # --- server side --------------------------------------------------------------------------------
@@ -210,77 +196,36 @@ def read_publication(
 ) -> Publication:
     """Unpack a publication into ``dest_dir`` with strict checks; the signature is checked by the caller.
 
-    Raises :class:`ArchiveError` for anything but regular files at safe paths, duplicates, sizes
-    over ``limits``, a missing ``targets.json``, or an unreadable archive.
+    The tar rules (regular files at safe paths only, no links or devices, no duplicates, member,
+    total and count caps, nothing after the end) are :func:`bundles.archive.unpack`'s. On top:
+    ``targets.json`` must be there and small, every other file must sit under ``targets/`` at a
+    valid target path. Raises :class:`ArchiveError`.
     """
     limits = limits or PublicationLimits()
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    publication = Publication(targets_bytes=b"")
-    try:
-        with tarfile.open(publication_path, mode="r:gz") as tar:
-            _extract_members(tar, dest, limits, publication)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ArchiveError(f"publication {publication_path} is not a readable tar.gz: {e}") from e
-    if not publication.targets_bytes:
+    unpacked = dest / "publication"
+    archive_limits = ArchiveLimits(limits.max_total_bytes, limits.max_member_bytes, limits.max_members)
+    names = unpack(publication_path, unpacked, archive_limits)
+    if TARGETS_MEMBER not in names:
         raise ArchiveError(f"publication {publication_path} has no {TARGETS_MEMBER}")
+    metadata = unpacked / TARGETS_MEMBER
+    if metadata.stat().st_size > limits.max_metadata_bytes:
+        raise ArchiveError(f"{TARGETS_MEMBER} is larger than {limits.max_metadata_bytes} bytes")
+    publication = Publication(targets_bytes=metadata.read_bytes())
+    for name in names:
+        if name != TARGETS_MEMBER:
+            publication.files[_target_of(name)] = unpacked / name
     return publication
 
 
-def _extract_members(tar: tarfile.TarFile, dest: Path, limits: PublicationLimits, publication: Publication) -> None:
-    total_bytes = 0
-    count = 0
-    seen: set[str] = set()
-    while (member := tar.next()) is not None:
-        count += 1
-        if count > limits.max_members:
-            raise ArchiveError(f"publication has more than {limits.max_members} members")
-        if member.isdir():
-            continue
-        name = _check_member(member, limits, seen)
-        total_bytes += member.size
-        if total_bytes > limits.max_total_bytes:
-            raise ArchiveError(f"publication unpacks to more than {limits.max_total_bytes} bytes")
-        _store_member(tar, member, name, dest, limits, publication)
-
-
-def _check_member(member: tarfile.TarInfo, limits: PublicationLimits, seen: set[str]) -> str:
-    name = member.name
-    if not member.isreg():
-        raise ArchiveError(f"publication member {name!r} is not a regular file (links and devices are refused)")
-    if name in seen:
-        raise ArchiveError(f"publication member {name!r} appears twice")
-    seen.add(name)
-    if member.size > limits.max_member_bytes:
-        raise ArchiveError(f"publication member {name!r} is larger than {limits.max_member_bytes} bytes")
-    if name == TARGETS_MEMBER:
-        if member.size > limits.max_metadata_bytes:
-            raise ArchiveError(f"{TARGETS_MEMBER} is larger than {limits.max_metadata_bytes} bytes")
-        return name
-    if not name.startswith(FILES_PREFIX):
-        raise ArchiveError(f"publication member {name!r} is outside targets/")
+def _target_of(member: str) -> str:
+    if not member.startswith(FILES_PREFIX):
+        raise ArchiveError(f"publication member {member!r} is outside targets/")
     try:
-        validate_target_path(name[len(FILES_PREFIX) :])
+        return validate_target_path(member[len(FILES_PREFIX) :])
     except ConfigError:
-        raise ArchiveError(f"publication member {name!r} has an unsafe path") from None
-    return name
-
-
-def _store_member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: Path, limits: PublicationLimits, pub: Publication
-) -> None:
-    source = tar.extractfile(member)
-    if source is None:
-        raise ArchiveError(f"publication member {name!r} cannot be read")
-    if name == TARGETS_MEMBER:
-        pub.targets_bytes = source.read(limits.max_metadata_bytes + 1)
-        return
-    target_path = name[len(FILES_PREFIX) :]
-    out = dest.joinpath(*PurePosixPath(target_path).parts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:
-        shutil.copyfileobj(source, f, _COPY_CHUNK_BYTES)
-    pub.files[target_path] = out
+        raise ArchiveError(f"publication member {member!r} has an unsafe path") from None
 
 
 __all__ = [
