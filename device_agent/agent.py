@@ -217,6 +217,16 @@ class Agent:
             for name, ok in ready.items()
         }
 
+    def known_models(self) -> list[str]:
+        """The models this device answers for (installed, served, or named by its desired state)."""
+        return self.updater.known_models()
+
+    def expected_version(self, model: str) -> int | None:
+        """The version of ``model`` this device should serve when nothing local serves it (desired state)."""
+        desired = self.updater.saved_desired()
+        versions = [m.version for m in ([] if desired is None else desired.models) if m.name == model]
+        return versions[0] if versions else None
+
     def health(self) -> str:
         """``ok`` (every model served locally), ``degraded`` (some only through the fallback chain) or ``no-model``."""
         models = self.readiness()

@@ -64,9 +64,17 @@ class AgentConfig:
     max_concurrency: int = 4
     max_waiting: int = 16
     queue_timeout_s: float = 1.0
-    # localhost API
+    # localhost API (waitress; see docs/agent.md "Localhost HTTP API")
     http_host: str = "127.0.0.1"
     http_port: int = 8181
+    http_threads: int = 0  # 0 = max_concurrency
+    http_backlog: int = 1024
+    http_connection_limit: int = 256
+    http_read_timeout_s: float = 10.0  # headers and body of one request must be in within this
+    http_idle_timeout_s: float = 30.0  # an idle keep-alive connection is closed after this
+    max_body_bytes: int = 0  # 0 = derived from the memory budget (1 to 64 MiB)
+    memory_budget_bytes: int = 0  # 0 = half of what this process may still allocate
+    max_batch: int = 64  # largest batch a request may carry when the model does not bound it
     log_level: str = "info"
 
     def ensure_state_dir(self) -> Path:
@@ -155,14 +163,16 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def _validate(config: AgentConfig) -> AgentConfig:
     positive = ("poll_interval_s", "backoff_initial_s", "backoff_max_s", "request_timeout_s", "max_concurrency",
-                "retry_initial_s", "retry_max_s")  # fmt: skip
+                "retry_initial_s", "retry_max_s", "http_backlog", "http_connection_limit", "http_read_timeout_s",
+                "http_idle_timeout_s", "max_batch")  # fmt: skip
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(config, key)}")
     if config.max_state_saves < 4:
         raise ConfigError(f"max_state_saves: must be at least 4, got {config.max_state_saves}")
-    if config.max_waiting < 0 or config.threads < 0:
-        raise ConfigError("max_waiting and threads must not be negative")
+    for key in ("max_waiting", "threads", "http_threads", "max_body_bytes", "memory_budget_bytes"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key}: must not be negative, got {getattr(config, key)}")
     return config
 
 

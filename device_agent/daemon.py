@@ -122,9 +122,10 @@ class Daemon:
         """Serve and update until :attr:`stop` is set (or one round with ``once``)."""
         server = None
         if http:
-            from device_agent.httpapi import AgentHttpServer
+            from device_agent.httpapi import AgentHttpServer, http_settings
 
-            server = AgentHttpServer(self.agent, self.config.http_host, self.config.http_port).start()
+            settings = http_settings(self.config)
+            server = AgentHttpServer(self.agent, settings.host, settings.port, settings).start()
             log.info("serving the Open Inference Protocol on %s", server.url)
         try:
             self.agent.updater.recover()

@@ -8,23 +8,43 @@ shows). Tensors are JSON (``{"name", "shape", "datatype", "data"}``, data row-ma
 nested); the binary tensor extension is supported: with ``Inference-Header-Content-Length`` the JSON
 header is followed by raw little-endian tensor bytes (``"parameters": {"binary_data_size": n}``),
 and outputs asked with ``"parameters": {"binary_data": true}`` come back the same way. Errors are
-``{"error": "<one sentence>"}`` with 400 (bad request), 404 (no such model or path), 413 (too
-large) or 503 (not ready, busy: with ``Retry-After``). Served by the standard library's
-``ThreadingHTTPServer`` (no web framework on the device).
+``{"error": "<one sentence>"}`` with 400 (bad request), 404 (no such model, version or path: never
+forwarded to the cloud), 413 (too large for the device or the model), 415 (unknown
+``Content-Encoding``) or 503 (not ready, busy: with ``Retry-After``).
+
+A request goes: waitress (limits on headers, body size and time, strict parsing) -> :class:`OipApp`
+(route; 404 for an unknown model or version; the body limit of the model's input schema; gzip or
+deflate inflated under that limit; declared shapes pre-scanned; the parse cost reserved in the
+memory budget, see :mod:`device_agent.admission`) -> :class:`InferenceApi` (tensors checked against
+the model's inputs, non-finite values refused unless the input allows them, then the serving
+pipeline). Served by waitress, a small pure-Python WSGI server (no web framework on the device).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import re
 import threading
+import time
+import zlib
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bundles.errors import BusyError, ConfigError, EdgeFleetError, InferenceError, InputError, ModelNotReadyError
+from bundles.manifest import Manifest, TensorSpec
+from device_agent.admission import (
+    MemoryBudget,
+    RequestTooLarge,
+    model_max_body_bytes,
+    model_max_elements,
+    parse_cost_bytes,
+)
 from device_agent.version import AGENT_VERSION
 
 log = logging.getLogger(__name__)
@@ -58,14 +78,19 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
     raise InputError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
 
 
-def decode_input(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
-    """One OIP input tensor (JSON data, or raw bytes from the binary extension) as a numpy array."""
+def decode_input(spec: dict[str, Any], binary: bytes | None, declared: TensorSpec | None = None) -> np.ndarray:
+    """One OIP input tensor (JSON data, or raw bytes from the binary extension) as a numpy array.
+
+    With ``declared`` (the model's input), a shape that cannot match is refused before the data is read.
+    """
     try:
-        name, shape, datatype = spec["name"], [int(d) for d in spec["shape"]], spec["datatype"]
+        name, shape, datatype = str(spec["name"]), [_dim(d) for d in spec["shape"]], spec["datatype"]
     except (KeyError, TypeError, ValueError) as e:
-        raise HttpError(400, "each input needs 'name', 'shape' (integers) and 'datatype'") from e
+        raise HttpError(400, "each input needs 'name', 'shape' (non-negative integers) and 'datatype'") from e
     if datatype not in DATATYPES:
         raise HttpError(400, f"input '{name}': datatype '{datatype}' is not one of {', '.join(DATATYPES)}")
+    if declared is not None:
+        check_shape(name, shape, declared)
     dtype = np.dtype(DATATYPES[datatype])
     try:
         if binary is not None:
@@ -73,10 +98,28 @@ def decode_input(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
                 raise HttpError(400, f"input '{name}': binary BYTES tensors are not supported, send JSON")
             array = np.frombuffer(binary, dtype=dtype.newbyteorder("<")).astype(dtype)
         else:
-            array = np.asarray(spec.get("data"), dtype=dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # too large for the datatype: inf, refused next
+                array = np.asarray(spec.get("data"), dtype=dtype)
         return array.reshape(shape)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise HttpError(400, f"input '{name}': data does not match shape {shape} and datatype {datatype}") from e
+
+
+def _dim(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"bad dimension {value!r}")
+    return value
+
+
+def check_shape(name: str, shape: list[int], declared: TensorSpec) -> None:
+    """400 unless ``shape`` fits the model input ``declared`` (fixed dims equal, dynamic ones in range)."""
+    fits = len(shape) == len(declared.shape)
+    for axis, (got, want) in enumerate(zip(shape, declared.shape, strict=False)):
+        low, high = declared.dim_ranges.get(str(axis), (1, None))
+        fits = fits and (got == want if want != -1 else got >= low and (high is None or got <= high))
+    if not fits:
+        expected = [d if d != -1 else "?" for d in declared.shape]
+        raise HttpError(400, f"input '{name}': shape {shape} cannot match the model's {expected}")
 
 
 def encode_output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], bytes | None]:
@@ -94,7 +137,11 @@ def encode_output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], 
 
 
 class InferenceApi:
-    """The protocol logic, independent of the HTTP server (so it is easy to test and reuse)."""
+    """The protocol logic, independent of the HTTP server (so it is easy to test and reuse).
+
+    ``agent`` is a :class:`device_agent.agent.Agent`; anything with ``predict(inputs, model)`` works
+    for inference alone (a test's stand-in, another process's pipeline), without the model checks.
+    """
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
@@ -118,8 +165,9 @@ class InferenceApi:
         return {"ready": True, "models": sorted(models)}
 
     def model_ready(self, model: str) -> dict[str, Any]:
+        self.check_target(model, None)
         if not self.agent.engine.ready(model):
-            raise HttpError(503, f"model '{model}' is not loaded on this device")
+            raise HttpError(503, f"model '{model}' is not loaded on this device", retry_after_s=5)
         return {"name": model, "ready": True}
 
     def model_metadata(self, model: str) -> dict[str, Any]:
@@ -133,9 +181,31 @@ class InferenceApi:
         return {"name": model, "versions": [str(manifest.version)], "platform": "edgefleet",
                 "inputs": tensors(manifest.inputs), "outputs": tensors(manifest.outputs)}  # fmt: skip
 
-    def infer(self, model: str, header: dict[str, Any], binary: bytes) -> tuple[dict[str, Any], bytes]:
+    def manifest(self, model: str) -> Manifest | None:
+        """The served manifest of ``model`` (None when nothing local serves it, or for a stand-in agent)."""
+        engine = getattr(self.agent, "engine", None)
+        return None if engine is None else engine.active_manifest(model)
+
+    def check_target(self, model: str, version: str | None) -> None:
+        """404 for a model this device does not run, or a version it does not serve (never sent to the cloud)."""
+        known = getattr(self.agent, "known_models", None)
+        if known is None:
+            return
+        if model not in known():
+            raise HttpError(404, f"model '{model}' is not installed on this device")
+        if version is None:
+            return
+        manifest = self.manifest(model)
+        served = manifest.version if manifest is not None else self.agent.expected_version(model)
+        if served is None or version != str(served):
+            serving = "no version" if served is None else f"version {served}"
+            raise HttpError(404, f"model '{model}' version {version} is not on this device (it serves {serving})")
+
+    def infer(
+        self, model: str, header: dict[str, Any], binary: bytes, manifest: Manifest | None = None
+    ) -> tuple[dict[str, Any], bytes]:
         """Run one OIP inference request; returns the JSON answer and any binary output bytes."""
-        inputs = self._inputs(header, binary)
+        inputs = self._inputs(header, binary, manifest)
         result = self.agent.predict(inputs, model=model)
         wanted = _requested_outputs(header)
         available = {**result.raw, **result.outputs}
@@ -158,22 +228,47 @@ class InferenceApi:
             answer["id"] = header["id"]
         return answer, b"".join(chunks)
 
-    def _inputs(self, header: dict[str, Any], binary: bytes) -> dict[str, np.ndarray]:
+    def _inputs(self, header: dict[str, Any], binary: bytes, manifest: Manifest | None) -> dict[str, np.ndarray]:
         specs = header.get("inputs")
         if not isinstance(specs, list) or not specs:
             raise HttpError(400, "the request needs a non-empty 'inputs' list")
+        schema = {} if manifest is None else {t.name: t for t in manifest.inputs}
+        strict = manifest is not None and not manifest.preprocess  # pre-processing may reshape what it is sent
         inputs, offset = {}, 0
         for spec in specs:
             if not isinstance(spec, dict):
                 raise HttpError(400, "each input must be an object")
-            size = (spec.get("parameters") or {}).get("binary_data_size")
+            size = _binary_size(spec)
             chunk = None
             if size is not None:
-                chunk, offset = binary[offset : offset + int(size)], offset + int(size)
-                if len(chunk) != int(size):
+                chunk, offset = binary[offset : offset + size], offset + size
+                if len(chunk) != size:
                     raise HttpError(400, f"input '{spec.get('name')}': the binary body is shorter than declared")
-            inputs[str(spec.get("name"))] = decode_input(spec, chunk)
+            declared = schema.get(str(spec.get("name")))
+            if strict and declared is None:
+                raise HttpError(400, f"the model has no input '{spec.get('name')}' (it takes {', '.join(schema)})")
+            array = decode_input(spec, chunk, declared if strict else None)
+            _refuse_non_finite(str(spec.get("name")), array, declared)
+            inputs[str(spec.get("name"))] = array
         return inputs
+
+
+def _binary_size(spec: dict[str, Any]) -> int | None:
+    parameters = spec.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise HttpError(400, f"input '{spec.get('name')}': binary_data_size must be a non-negative integer")
+    return size
+
+
+def _refuse_non_finite(name: str, array: np.ndarray, declared: TensorSpec | None) -> None:
+    """NaN and infinities (including numbers too large for the datatype) only where the schema allows them."""
+    if array.dtype.kind != "f" or (declared is not None and declared.extra.get("allow_non_finite") is True):
+        return
+    if not np.isfinite(array).all():
+        raise HttpError(400, f"input '{name}': NaN or infinite values (or numbers too large for its datatype)")
 
 
 def _requested_outputs(header: dict[str, Any]) -> dict[str, bool]:
@@ -189,6 +284,8 @@ def error_status(e: Exception) -> tuple[int, int | None]:
     """HTTP status (and Retry-After seconds) for an error raised while answering."""
     if isinstance(e, HttpError):
         return e.status, e.retry_after_s
+    if isinstance(e, RequestTooLarge):
+        return 413, None
     if isinstance(e, BusyError):
         return 503, 1
     if isinstance(e, (InputError, ConfigError)):
@@ -200,23 +297,67 @@ def error_status(e: Exception) -> tuple[int, int | None]:
     return 500, None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    api: InferenceApi
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
-    server_version = f"edgefleet-agent/{AGENT_VERSION}"
+@dataclass(frozen=True)
+class HttpSettings:
+    """The localhost server's limits (``[http]`` and ``[serving]`` in agent.toml, see docs/agent.md)."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        log.debug("http: " + format, *args)
+    host: str = "127.0.0.1"
+    port: int = 8181
+    threads: int = 4
+    backlog: int = 1024
+    connection_limit: int = 256
+    read_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * 2**20
+    memory_budget_bytes: int = 256 * 2**20
+    max_batch: int = 64
+    queue_timeout_s: float = 1.0
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        self._answer(lambda: self._get(self.path.split("?", 1)[0].rstrip("/")))
 
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-        self._answer(self._post)
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 415: "Unsupported Media Type",
+            500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
+_DECLARED_SHAPE = re.compile(rb'"shape"\s*:\s*\[([^\]]{0,200})\]')
+_PRESCAN_BYTES = 64 * 1024
 
-    def _get(self, path: str) -> tuple[dict[str, Any], bytes]:
-        api, parts = self.api, path.split("/")
+
+class OipApp:
+    """The WSGI application: routing, body limits, decoding, admission; :class:`InferenceApi` does the rest."""
+
+    def __init__(self, api: InferenceApi, settings: HttpSettings) -> None:
+        self.api, self.settings = api, settings
+        self.budget = MemoryBudget(settings.memory_budget_bytes, settings.queue_timeout_s)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        retry_after: int | None = None
+        try:
+            answer, binary = self._route(environ)
+            status = 200
+        except Exception as e:  # every error becomes a JSON answer, never a traceback
+            status, retry_after = error_status(e)
+            if status == 500:
+                log.exception("http: unexpected error")
+            answer, binary = {"error": str(e) if status != 500 else "internal error"}, b""
+        body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
+        headers = [("Content-Type", "application/json" if not binary else "application/octet-stream"),
+                   ("Content-Length", str(len(body) + len(binary)))]  # fmt: skip
+        if binary:
+            headers.append(("Inference-Header-Content-Length", str(len(body))))
+        if retry_after is not None:
+            headers.append(("Retry-After", str(retry_after)))
+        start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
+        return [body + binary] if binary else [body]
+
+    def _route(self, environ: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "").rstrip("/")
+        parts = path.split("/")
+        if method == "POST" and len(parts) in (5, 7) and parts[:3] == ["", "v2", "models"] and parts[-1] == "infer":
+            if len(parts) == 7 and parts[4] != "versions":
+                raise HttpError(404, f"no such endpoint: POST {path}")
+            return self._infer(environ, parts[3], parts[5] if len(parts) == 7 else None)
+        if method not in ("GET", "HEAD"):
+            raise HttpError(404, f"no such endpoint: {method} {path}")
+        api = self.api
         routes: dict[str, Callable[[], dict[str, Any]]] = {
             "/v2/health/live": api.live, "/v2/health/ready": api.ready, "/v2": api.server_metadata,
             "/edgefleet/status": api.status,
@@ -229,74 +370,169 @@ class _Handler(BaseHTTPRequestHandler):
             return api.model_ready(parts[3]), b""
         raise HttpError(404, f"no such endpoint: GET {path}")
 
-    def _post(self) -> tuple[dict[str, Any], bytes]:
-        parts = self.path.split("?", 1)[0].rstrip("/").split("/")
-        infer = len(parts) in (5, 7) and parts[:3] == ["", "v2", "models"] and parts[-1] == "infer"
-        if not infer or (len(parts) == 7 and parts[4] != "versions"):
-            raise HttpError(404, f"no such endpoint: POST {self.path}")
-        header, binary = self._read_body()
-        return self.api.infer(parts[3], header, binary)
+    def _infer(self, environ: dict[str, Any], model: str, version: str | None) -> tuple[dict[str, Any], bytes]:
+        self.api.check_target(model, version)
+        manifest = self.api.manifest(model)
+        binary = "HTTP_INFERENCE_HEADER_CONTENT_LENGTH" in environ
+        length = int(environ.get("CONTENT_LENGTH") or 0)  # the server refused a malformed one (400)
+        cap = self._body_cap(manifest, binary)
+        if length > cap:
+            raise RequestTooLarge(f"the request body is {length} bytes; '{model}' takes at most {cap}")
+        raw = environ["wsgi.input"].read(length) if length else b""
+        body = _decoded(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
+        header_bytes, payload = _split(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+        if manifest is not None and not binary:
+            _prescan_shapes(header_bytes, manifest, self.settings.max_batch)
+        with self.budget.reserve(parse_cost_bytes(len(body), binary)):
+            del raw, body
+            return self.api.infer(model, _json_object(header_bytes), payload, manifest)
 
-    def _read_body(self) -> tuple[dict[str, Any], bytes]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise HttpError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-        body = self.rfile.read(length)
-        header_len = int(self.headers.get("Inference-Header-Content-Length") or length)
-        try:
-            header = json.loads(body[:header_len] or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HttpError(400, f"the request body is not valid JSON: {e}") from e
-        if not isinstance(header, dict):
-            raise HttpError(400, "the request body must be a JSON object")
-        return header, body[header_len:]
+    def _body_cap(self, manifest: Manifest | None, binary: bool) -> int:
+        """The largest decoded body accepted for this model (its schema), never over the device's limit."""
+        device = self.settings.max_body_bytes
+        model = None if manifest is None else model_max_body_bytes(manifest, self.settings.max_batch, binary)
+        return device if model is None else min(device, model)
 
-    def _answer(self, handler: Any) -> None:
-        try:
-            answer, binary = handler()
-            self._send(200, answer, binary)
-        except Exception as e:  # every error becomes a JSON answer, never a traceback
-            status, retry_after = error_status(e)
-            if status == 500:
-                log.exception("http: unexpected error")
-            self._send(status, {"error": str(e) if status != 500 else "internal error"}, b"", retry_after)
 
-    def _send(self, status: int, answer: dict[str, Any], binary: bytes, retry_after_s: int | None = None) -> None:
-        body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json" if not binary else "application/octet-stream")
-        if binary:
-            self.send_header("Inference-Header-Content-Length", str(len(body)))
-        if retry_after_s is not None:
-            self.send_header("Retry-After", str(retry_after_s))
-        self.send_header("Content-Length", str(len(body) + len(binary)))
-        self.end_headers()
-        self.wfile.write(body + binary)
+def _decoded(raw: bytes, encoding: str, cap: int) -> bytes:
+    """The body without its ``Content-Encoding`` (gzip, deflate), refused past ``cap`` bytes while inflating."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise HttpError(415, f"Content-Encoding '{encoding}' is not supported (use gzip, deflate or none)")
+    inflater = zlib.decompressobj(wbits=47 if "gzip" in encoding else zlib.MAX_WBITS)  # 47: gzip header
+    try:
+        out = inflater.decompress(raw, cap + 1)
+        if encoding == "deflate" and not out and raw:
+            inflater = zlib.decompressobj(wbits=-zlib.MAX_WBITS)  # raw deflate, as some clients send it
+            out = inflater.decompress(raw, cap + 1)
+    except zlib.error as e:
+        raise HttpError(400, f"the {encoding} body is corrupt: {e}") from e
+    if len(out) > cap or inflater.unconsumed_tail:
+        raise RequestTooLarge(f"the {encoding} body inflates past {cap} bytes")
+    return out
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise HttpError(400, "Inference-Header-Content-Length must be an integer") from None
+    if not 0 <= n <= len(body):
+        raise HttpError(400, f"Inference-Header-Content-Length {n} does not fit the {len(body)}-byte body")
+    return body[:n], body[n:]
+
+
+def _prescan_shapes(header: bytes, manifest: Manifest, max_batch: int) -> None:
+    """Refuse from the body's first bytes a declared shape that holds more elements than the model takes."""
+    if len(header) <= _PRESCAN_BYTES:
+        return  # small: parsing is cheap, the full check follows
+    limit = model_max_elements(manifest, max_batch)
+    if limit is None:
+        return
+    for match in _DECLARED_SHAPE.finditer(header, 0, _PRESCAN_BYTES):
+        dims = [d.strip() for d in match.group(1).split(b",") if d.strip()]
+        if all(d.isdigit() for d in dims) and math.prod(int(d) for d in dims) > limit:
+            shape = [int(d) for d in dims]
+            raise HttpError(400, f"declared shape {shape} holds more elements than '{manifest.name}' takes ({limit})")
+
+
+def _json_object(header: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(header or b"{}")
+    except (ValueError, RecursionError) as e:
+        raise HttpError(400, f"the request body is not valid JSON: {e}") from e
+    if not isinstance(parsed, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    return parsed
+
+
+def http_settings(config: Any) -> HttpSettings:
+    """The server's settings from an :class:`~device_agent.config.AgentConfig` (automatic limits resolved)."""
+    from device_agent.admission import default_max_body_bytes, default_memory_budget_bytes
+
+    budget = config.memory_budget_bytes or default_memory_budget_bytes()
+    return HttpSettings(
+        host=config.http_host, port=config.http_port, threads=config.http_threads or config.max_concurrency,
+        backlog=config.http_backlog, connection_limit=config.http_connection_limit,
+        read_timeout_s=config.http_read_timeout_s, idle_timeout_s=config.http_idle_timeout_s,
+        max_body_bytes=config.max_body_bytes or default_max_body_bytes(budget), memory_budget_bytes=budget,
+        max_batch=config.max_batch, queue_timeout_s=config.queue_timeout_s,
+    )  # fmt: skip
 
 
 class AgentHttpServer:
-    """The OIP server for one agent, on a background thread."""
+    """The OIP server for one agent on waitress, in a background thread (see docs/dependencies.md).
 
-    def __init__(self, agent: Any, host: str = "127.0.0.1", port: int = 8181) -> None:
-        handler = type("Handler", (_Handler,), {"api": InferenceApi(agent)})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+    waitress reads requests on one I/O thread (a slow or silent client costs a socket, not a worker),
+    refuses a malformed ``Content-Length`` (400) and a body over ``max_body_bytes`` (413) from the
+    headers, spools bodies past 512 KiB to a temporary file, and hands complete requests to
+    ``threads`` workers in arrival order. On top: a request whose headers and body are not in within
+    ``read_timeout_s`` is dropped (waitress alone only times out idle connections).
+    """
+
+    def __init__(self, agent: Any, host: str = "127.0.0.1", port: int = 8181, settings: HttpSettings | None = None):
+        import waitress.server
+
+        self.settings = dataclasses.replace(settings or HttpSettings(), host=host, port=port)
+        self.app = OipApp(InferenceApi(agent), self.settings)
+        cfg = self.settings
+        self.server: Any = waitress.server.create_server(
+            self.app, host=cfg.host, port=cfg.port, threads=cfg.threads, backlog=cfg.backlog,
+            connection_limit=cfg.connection_limit, channel_timeout=cfg.idle_timeout_s, cleanup_interval=1,
+            max_request_header_size=cfg.max_header_bytes, max_request_body_size=cfg.max_body_bytes,
+            ident=f"edgefleet-agent/{AGENT_VERSION}", expose_tracebacks=False, log_socket_errors=False,
+            asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
+        )  # fmt: skip
+        self.server.channel_class = _deadline_channel(self.server.channel_class)
+        maintenance = self.server.maintenance
+
+        def maintenance_with_deadline(now: float) -> None:
+            maintenance(now)
+            for channel in list(self.server.active_channels.values()):
+                began = getattr(channel, "request_began", None)
+                if channel.request is not None and began is not None and now - began > cfg.read_timeout_s:
+                    channel.will_close = True  # headers or body still not in: drop the connection
+
+        self.server.maintenance = maintenance_with_deadline
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"http://{self.server.effective_host}:{self.server.effective_port}"
 
     def start(self) -> AgentHttpServer:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="edgefleet-http", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop, name="edgefleet-http", daemon=True)
         self._thread.start()
         return self
 
+    def _loop(self) -> None:
+        from waitress import wasyncore
+
+        while not self._stop.is_set():
+            wasyncore.loop(timeout=0.05, map=self.server._map, use_poll=True, count=1)  # noqa: SLF001
+        self.server.task_dispatcher.shutdown()
+        wasyncore.close_all(self.server._map)  # noqa: SLF001
+
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=10)
+
+
+def _deadline_channel(base: type) -> type:
+    """waitress's channel, remembering when the request being received began (for ``read_timeout_s``)."""
+
+    class DeadlineChannel(base):  # type: ignore[valid-type, misc]
+        request_began: float | None = None
+
+        def received(self, data: bytes) -> bool:
+            if self.request is None and data:
+                self.request_began = time.time()
+            return bool(super().received(data))
+
+    return DeadlineChannel

@@ -129,7 +129,7 @@ def test_http_infer_with_the_binary_tensor_extension(server: str, agent: Agent) 
         (
             "/v2/models/nope/infer",
             json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}).encode(),
-            503,
+            404,
         ),
         ("/v2/nothing", b"{}", 404),
     ],
