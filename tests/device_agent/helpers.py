@@ -28,10 +28,17 @@ def publish_bundle(
     version: int,
     bad_golden: bool = False,
     budget_latency_ms: float | None = None,
+    unbounded_batch: bool = False,
 ) -> Manifest:
-    """Build a real bundle and lay it out as the targets ``<name>/<version>/{manifest.json, <variant>.tar.gz}``."""
+    """Build a real bundle and lay it out as the targets ``<name>/<version>/{manifest.json, <variant>.tar.gz}``.
+
+    ``unbounded_batch`` drops the validated range of the batch dimension (the schema then bounds no request).
+    """
     src = work_dir / f"src-{name}-{version}"
     manifest = build_bundle_dir(src, name=name, version=version, seed=version)
+    if unbounded_batch:
+        inputs = tuple(dataclasses.replace(t, dim_ranges={}) for t in manifest.inputs)
+        manifest = dataclasses.replace(manifest, inputs=inputs)
     if bad_golden:
         manifest = with_golden_offset(manifest, 1.0)
     if budget_latency_ms is not None:
