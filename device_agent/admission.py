@@ -148,9 +148,8 @@ class MemoryBudget:
         self.reserved_bytes = 0
         self._changed = threading.Condition()
 
-    @contextmanager
-    def reserve(self, nbytes: int) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget while the block runs.
+    def acquire(self, nbytes: int) -> None:
+        """Take ``nbytes`` of the budget (give it back with :meth:`release`).
 
         Raises:
             RequestTooLarge: ``nbytes`` exceeds the whole budget.
@@ -161,15 +160,25 @@ class MemoryBudget:
                 f"the request would need ~{_mib(nbytes)} MiB to parse; this device allows {_mib(self.budget_bytes)} MiB"
             )
         with self._changed:
-            if not self._changed.wait_for(lambda: self.reserved_bytes + nbytes <= self.budget_bytes, self.wait_s):
+            if self.reserved_bytes + nbytes > self.budget_bytes and not self._changed.wait_for(
+                lambda: self.reserved_bytes + nbytes <= self.budget_bytes, self.wait_s
+            ):
                 raise BusyError(f"the device is busy: {_mib(self.reserved_bytes)} MiB of request memory in use")
             self.reserved_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._changed:
+            self.reserved_bytes -= nbytes
+            self._changed.notify_all()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget while the block runs (:meth:`acquire` / :meth:`release`)."""
+        self.acquire(nbytes)
         try:
             yield
         finally:
-            with self._changed:
-                self.reserved_bytes -= nbytes
-                self._changed.notify_all()
+            self.release(nbytes)
 
 
 def _mib(nbytes: int) -> str:

@@ -121,6 +121,8 @@ class Agent:
         """Settings of agent.toml's ``[serving]`` table, applied to every pipeline the daemon builds."""
         self.started_at = time.time()
         self._pointer_stamp: dict[str, int] = {}
+        self._known: list[str] = []
+        self._known_at = -1e9
         self._checked_at = 0.0
 
     @classmethod
@@ -218,8 +220,15 @@ class Agent:
         }
 
     def known_models(self) -> list[str]:
-        """The models this device answers for (installed, served, or named by its desired state)."""
-        return self.updater.known_models()
+        """The models this device answers for (installed, served, or named by its desired state).
+
+        The part read from disk is cached for a second: this runs on every HTTP request.
+        """
+        now = time.monotonic()
+        if now - self._known_at > 1.0:
+            self._known, self._known_at = self.updater.known_models(), now
+        served = self.engine.models()
+        return self._known if all(name in self._known for name in served) else sorted({*self._known, *served})
 
     def expected_version(self, model: str) -> int | None:
         """The version of ``model`` this device should serve when nothing local serves it (desired state)."""

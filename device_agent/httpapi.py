@@ -48,7 +48,7 @@ from device_agent.admission import (
 from device_agent.version import AGENT_VERSION
 
 log = logging.getLogger(__name__)
-
+logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" at every burst: not news
 MAX_BODY_BYTES = 64 * 2**20
 DATATYPES = {
     "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
@@ -68,14 +68,17 @@ class HttpError(Exception):
         self.status, self.retry_after_s = status, retry_after_s
 
 
+_OIP_BY_DTYPE = {np.dtype(np_name): name for name, np_name in DATATYPES.items() if name != "BYTES"}
+
+
 def oip_datatype(dtype: np.dtype[Any]) -> str:
     """The OIP datatype name of a numpy dtype."""
     if dtype.kind in ("U", "S", "O"):
         return "BYTES"
-    for name, np_name in DATATYPES.items():
-        if np_name == dtype.name:
-            return name
-    raise InputError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
+    found = _OIP_BY_DTYPE.get(dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype)
+    if found is None:
+        raise InputError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
+    return found
 
 
 def decode_input(spec: dict[str, Any], binary: bytes | None, declared: TensorSpec | None = None) -> np.ndarray:
@@ -383,9 +386,13 @@ class OipApp:
         header_bytes, payload = _split(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
         if manifest is not None and not binary:
             _prescan_shapes(header_bytes, manifest, self.settings.max_batch)
-        with self.budget.reserve(parse_cost_bytes(len(body), binary)):
+        cost = parse_cost_bytes(len(body), binary)
+        self.budget.acquire(cost)
+        try:
             del raw, body
             return self.api.infer(model, _json_object(header_bytes), payload, manifest)
+        finally:
+            self.budget.release(cost)
 
     def _body_cap(self, manifest: Manifest | None, binary: bool) -> int:
         """The largest decoded body accepted for this model (its schema), never over the device's limit."""
@@ -474,14 +481,18 @@ class AgentHttpServer:
     ``read_timeout_s`` is dropped (waitress alone only times out idle connections).
     """
 
-    def __init__(self, agent: Any, host: str = "127.0.0.1", port: int = 8181, settings: HttpSettings | None = None):
+    def __init__(
+        self, agent: Any, host: str = "127.0.0.1", port: int = 8181, settings: HttpSettings | None = None,
+        app: Callable[..., Any] | None = None,
+    ) -> None:  # fmt: skip
+        """``app`` replaces the OIP application (the HTTP benchmark's fixed answer, on the same stack)."""
         import waitress.server
 
         self.settings = dataclasses.replace(settings or HttpSettings(), host=host, port=port)
         self.app = OipApp(InferenceApi(agent), self.settings)
         cfg = self.settings
         self.server: Any = waitress.server.create_server(
-            self.app, host=cfg.host, port=cfg.port, threads=cfg.threads, backlog=cfg.backlog,
+            app or self.app, host=cfg.host, port=cfg.port, threads=cfg.threads, backlog=cfg.backlog,
             connection_limit=cfg.connection_limit, channel_timeout=cfg.idle_timeout_s, cleanup_interval=1,
             max_request_header_size=cfg.max_header_bytes, max_request_body_size=cfg.max_body_bytes,
             ident=f"edgefleet-agent/{AGENT_VERSION}", expose_tracebacks=False, log_socket_errors=False,

@@ -1,0 +1,198 @@
+"""Benchmark: the agent's localhost OIP API under load, against the same HTTP stack answering a fixed response.
+
+The server side runs in this process: the real ``AgentHttpServer`` (waitress, the settings the daemon
+derives from its config) in front of a real ``Agent`` (telemetry on, as in the daemon) serving a
+digits-sized ONNX classifier (64 features, 10 classes). The baseline is the same server class with a
+WSGI app that returns a fixed JSON answer without reading the request: what the HTTP stack alone
+costs. The load comes from another process (``--loadgen``): asyncio on raw keep-alive sockets, so the
+generator stays cheaper per request than the server it measures.
+
+Rows: batch-1 JSON tensors, batch-1 binary tensors (``Inference-Header-Content-Length``) and the
+fixed answer, each at concurrency 1, 8 and 64 (closed loop: every client sends its next request
+when its answer arrives). Targets (issue 13): at concurrency 64 the inference rows reach at least
+0.5x the fixed answer's throughput, and every row's p99 is at most 5x its p50.
+
+Run: ``.venv/bin/python benchmarks/agent_http.py`` (writes its section of docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mdreport import write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SECTION = "agent_http"
+CONCURRENCY = (1, 8, 64)
+FIXED = json.dumps({"model_name": "tiny", "model_version": "1", "outputs": [
+    {"name": "label", "shape": [1], "datatype": "BYTES", "data": ["7"]}]}).encode()  # fmt: skip
+
+
+# --- the load generator (its own process) --------------------------------------------------------
+
+
+async def _client(host: str, port: int, request: bytes, stop_at: float, warm_until: float, out: list[float]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while True:
+            start = time.perf_counter()
+            if start >= stop_at:
+                return
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"the server answered {head[:40]!r}")
+            if start >= warm_until:
+                out.append(time.perf_counter() - start)
+    finally:
+        writer.close()
+
+
+async def _load(host: str, port: int, request: bytes, concurrency: int, seconds: float) -> list[float]:
+    now = time.perf_counter()
+    latencies: list[float] = []
+    await asyncio.gather(*(_client(host, port, request, now + 0.5 + seconds, now + 0.5, latencies)
+                           for _ in range(concurrency)))  # fmt: skip
+    return latencies
+
+
+def loadgen_main(args: argparse.Namespace) -> int:
+    request = Path(args.request).read_bytes()
+    latencies = asyncio.run(_load(args.host, args.port, request, args.concurrency, args.seconds))
+    print(json.dumps({"n": len(latencies), "seconds": args.seconds, "latencies": latencies}))
+    return 0
+
+
+def run_load(url: str, request: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    host, port = url.removeprefix("http://").split(":")
+    with tempfile.NamedTemporaryFile(suffix=".http") as handle:
+        handle.write(request)
+        handle.flush()
+        done = subprocess.run([sys.executable, __file__, "--loadgen", "--host", host, "--port", port, "--request",
+                               handle.name, "--concurrency", str(concurrency), "--seconds", str(seconds)],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    result = json.loads(done.stdout)
+    lat = sorted(result["latencies"])
+    return {"rps": len(lat) / result["seconds"], "p50_ms": 1000 * statistics.median(lat),
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}  # fmt: skip
+
+
+# --- the requests ---------------------------------------------------------------------------------
+
+
+def json_request(x: np.ndarray) -> bytes:
+    body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()  # fmt: skip
+    return _http(body, {})
+
+
+def binary_request(x: np.ndarray) -> bytes:
+    header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    return _http(header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))})
+
+
+def _http(body: bytes, headers: dict[str, str]) -> bytes:
+    lines = ["POST /v2/models/tiny/infer HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
+             *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def fixed_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    del environ
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(FIXED)))])
+    return [FIXED]
+
+
+# --- the measurement -------------------------------------------------------------------------------
+
+
+def measure(seconds: float) -> dict[str, dict[int, dict[str, float]]]:
+    from agent_overhead import install_tiny_bundle
+
+    from device_agent.agent import Agent
+    from device_agent.httpapi import AgentHttpServer, http_settings
+
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        state_dir = Path(tmp) / "device"
+        install_tiny_bundle(state_dir, deadline=False, n_features=64, n_classes=10)
+        agent = Agent.from_config(environ=dict(os.environ), state_dir=state_dir)
+        settings = http_settings(agent.config)
+        x = np.random.default_rng(0).uniform(0, 1, (1, 64)).astype(np.float32)
+        servers = {"fixed answer (HTTP stack alone)": AgentHttpServer(agent, port=0, settings=settings, app=fixed_app),
+                   "JSON batch-1": AgentHttpServer(agent, port=0, settings=settings),
+                   "binary batch-1": AgentHttpServer(agent, port=0, settings=settings)}  # fmt: skip
+        requests = {"fixed answer (HTTP stack alone)": json_request(x), "JSON batch-1": json_request(x),
+                    "binary batch-1": binary_request(x)}  # fmt: skip
+        try:
+            for name, server in servers.items():
+                server.start()
+                results[name] = {c: run_load(server.url, requests[name], c, seconds) for c in CONCURRENCY}
+                server.stop()
+                print(name, {c: {k: round(v, 3) for k, v in r.items()} for c, r in results[name].items()}, flush=True)
+        finally:
+            agent.close()
+    return results
+
+
+def table(results: dict[str, dict[int, dict[str, float]]]) -> tuple[str, bool]:
+    fixed = results["fixed answer (HTTP stack alone)"][64]["rps"]
+    rows = ["| request | concurrency | answers/s | p50 ms | p99 ms | p99/p50 | vs fixed at c=64 |",
+            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    met = True
+    for name, by_c in results.items():
+        for c, r in by_c.items():
+            spread = r["p99_ms"] / r["p50_ms"]
+            ratio = r["rps"] / fixed if c == 64 else None
+            ok = spread <= 5 and (ratio is None or name.startswith("fixed") or ratio >= 0.5)
+            met = met and ok
+            ratio_text = "" if ratio is None else f"{ratio:.2f}x"
+            rows.append(f"| {name} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {spread:.1f} "
+                        f"| {ratio_text} {'' if ok else '(target missed)'} |")  # fmt: skip
+    host = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    note = (f"\nHost: {host}. Load from another process (asyncio, raw keep-alive sockets), closed loop. "
+            f"Targets: inference at c=64 >= 0.5x the fixed answer's throughput; p99 <= 5x p50 in every row. "
+            f"**{'MET' if met else 'NOT MET'}**.\n")  # fmt: skip
+    return "\n".join(rows) + "\n" + note, met
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--host", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--request", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loadgen:
+        return loadgen_main(args)
+    body, met = table(measure(args.seconds))
+    print(body)
+    print(f"target (issue 13): {'MET' if met else 'NOT MET'}")
+    if not args.no_write:
+        write_section(SECTION, "Agent localhost HTTP API under load", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
