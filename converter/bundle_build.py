@@ -269,7 +269,9 @@ def make_manifest(model: ModelVersion, variants: list[Variant], reference: Refer
         extra={"source_kind": model.source_kind, "conversion": options},
     )
     runtime = RuntimeConfig(threads=1, deterministic=True, budget_latency_ms=spec.budgets.max_latency_ms,
-                            budget_memory_mb=spec.budgets.max_memory_mb)  # fmt: skip
+                            budget_memory_mb=spec.budgets.max_memory_mb, deadline_ms=spec.serving.deadline_ms,
+                            confidence_threshold=spec.serving.confidence_threshold,
+                            static_answer=spec.serving.static_answer)  # fmt: skip
     return Manifest(
         name=model.name,
         version=model.version,

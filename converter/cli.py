@@ -149,9 +149,15 @@ def register(
     preprocess: Path | None = typer.Option(None, help="JSON list of pre-processing steps."),
     postprocess: Path | None = typer.Option(None, help="JSON list of post-processing steps."),
     label_key: str = typer.Option("y", help="Name of the labels array/column in the data files."),
+    deadline_ms: float | None = typer.Option(None, help="Serving: answer through the fallback chain past this, ms."),
+    confidence_threshold: float | None = typer.Option(None, help="Serving: fall back below this top-1 confidence."),
+    static_answer: str | None = typer.Option(
+        None, help='Serving: the fallback chain\'s last answer, a JSON object or a .json file ({"label": ["unknown"]}).'
+    ),
 ) -> None:
-    """Register a new immutable version of a model with its data, metric and budgets."""
+    """Register a new immutable version of a model with its data, metric, budgets and serving policy."""
     from converter.register import register as do_register
+    from converter.spec import ServingPolicy
 
     with about(f"{name} (new version)", "source"):
         budgets = _budgets(
@@ -159,11 +165,12 @@ def register(
             max_memory_mb=max_memory_mb, max_latency_ratio=max_latency_ratio, latency_batch=latency_batch,
             prefer=prefer, min_top1_agreement=min_top1_agreement, min_cosine=min_cosine,
         )  # fmt: skip
+        policy = ServingPolicy(deadline_ms, confidence_threshold, _json_object_option(static_answer, "--static-answer"))
         spec = ModelSpec(
             task=task, inputs=parse_input_spec(input_spec), metric=metric, budgets=budgets, labels=_labels(labels),
             features=_json_list(features, "features file"), preprocess=_json_list(preprocess, "preprocess file"),
             postprocess=_json_list(postprocess, "postprocess file"), calibration_method=calibration_method,
-            label_key=label_key, request=Request.parse(output, threshold), random_init=random_init,
+            label_key=label_key, request=Request.parse(output, threshold), random_init=random_init, serving=policy,
         )  # fmt: skip
     model = do_register(_registry(), name, source, weights, spec, eval_path, calibration)
     console.print(f"registered {model.ref} (source sha256 {model.source_sha256[:16]}...)")
@@ -176,6 +183,20 @@ def _budgets(max_drop: str | None, **others: Any) -> Budgets:
     """Budgets from the register options; ``--max-drop`` is parsed as absolute or relative (``2%``)."""
     drop, relative = parse_drop(max_drop) if max_drop is not None else (None, False)
     return Budgets(max_drop=drop, max_drop_relative=relative, **others)
+
+
+def _json_object_option(value: str | None, option: str) -> dict[str, Any] | None:
+    """An option given as inline JSON or as the path of a JSON file."""
+    if value is None:
+        return None
+    try:
+        text = value if value.lstrip().startswith("{") else Path(value).read_text(encoding="utf-8")
+        parsed = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{option}: not a JSON object or a readable JSON file ({e})") from e
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{option}: expected a JSON object")
+    return parsed
 
 
 @app.command("list")

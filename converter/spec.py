@@ -154,6 +154,35 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class ServingPolicy:
+    """How devices serve the model, recorded in the manifest's ``runtime_config`` (registration flags).
+
+    ``deadline_ms``: past it the agent answers through its fallback chain; ``confidence_threshold``:
+    a classification less confident than this falls back too; ``static_answer``: the chain's last
+    resort (output name -> value or encoded tensor).
+    """
+
+    deadline_ms: float | None = None
+    confidence_threshold: float | None = None
+    static_answer: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.deadline_ms is not None and not self.deadline_ms > 0:
+            raise ConfigError(f"--deadline-ms must be greater than 0, got {self.deadline_ms}")
+        if self.confidence_threshold is not None and not 0 < self.confidence_threshold <= 1:
+            raise ConfigError(f"--confidence-threshold must be in (0, 1], got {self.confidence_threshold}")
+        if self.static_answer is not None and (not isinstance(self.static_answer, dict) or not self.static_answer):
+            raise ConfigError("--static-answer must be a JSON object mapping output names to values")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingPolicy:
+        return cls(data.get("deadline_ms"), data.get("confidence_threshold"), data.get("static_answer"))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything a registration declares besides the files themselves."""
 
@@ -173,6 +202,7 @@ class ModelSpec:
     readout: Readout | None = None
     """Which output the metric reads and how: inferred (or as requested) at registration."""
     random_init: bool = False
+    serving: ServingPolicy = field(default_factory=ServingPolicy)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -221,6 +251,7 @@ class ModelSpec:
             "request": self.request.to_dict(),
             "readout": None if self.readout is None else self.readout.to_dict(),
             "random_init": self.random_init,
+            "serving": self.serving.to_dict(),
         }
 
     @classmethod
@@ -239,4 +270,5 @@ class ModelSpec:
             request=Request.from_dict(data.get("request") or {}),
             readout=Readout.from_dict(data["readout"]) if data.get("readout") else None,
             random_init=bool(data.get("random_init", False)),
+            serving=ServingPolicy.from_dict(data.get("serving") or {}),
         )

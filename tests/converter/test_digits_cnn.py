@@ -41,7 +41,9 @@ def converted(digits_cnn: object, tmp_path_factory: pytest.TempPathFactory) -> I
         labels.write_text("\n".join(LABELS) + "\n")
         steps = root / "post.json"
         steps.write_text(json.dumps(POSTPROCESS))
-        register_cnn("digits", digits_cnn, "--max-latency-ratio", "3", "--labels", labels, "--postprocess", steps)
+        register_cnn("digits", digits_cnn, "--max-latency-ratio", "3", "--labels", labels, "--postprocess", steps,
+                     "--deadline-ms", "40", "--confidence-threshold", "0.6",
+                     "--static-answer", json.dumps({"label": ["unknown"]}))  # fmt: skip
         ok("convert", "digits", "--targets", "onnx,ort", "--quantize", "auto")
         yield root
 
@@ -103,6 +105,9 @@ def test_bundle_holds_passing_variants_that_pass_their_own_golden_self_test(in_h
     assert sorted(v.id for v in manifest.variants) == passing
     assert manifest.created_at == Registry(in_home).get("digits").created_at
     assert len(manifest.golden.cases) == 8
+    serving = manifest.runtime_config  # the registration flags, as every device reads them
+    assert (serving.deadline_ms, serving.confidence_threshold) == (40.0, 0.6)
+    assert serving.static_answer == {"label": ["unknown"]}
     for variant in manifest.variants:
         assert variant.metrics["metric_drop"] <= 0.01
         assert "latency_b1_p50_ms" not in variant.metrics  # timings stay out of the signed, reproducible bytes
