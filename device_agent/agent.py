@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bundles.contract import FallbackSection, parse
 from bundles.errors import ConfigError, InputError, ModelNotReadyError
 from bundles.selection import DeviceCapabilities, probe_capabilities
 from device_agent.config import AgentConfig, load_config
@@ -81,7 +82,7 @@ def _open_telemetry(config: AgentConfig, files: StateFiles) -> Any:
     from device_agent.telemetry.buffer import TelemetryBuffer
     from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
 
-    settings = TelemetrySettings()
+    settings = parse(TelemetrySettings, dict(config.telemetry), "telemetry")  # agent.toml's [telemetry]
     path = config.state_dir / "telemetry.db"
     for attempt in range(2):
         try:
@@ -117,8 +118,9 @@ class Agent:
         self.capabilities = capabilities or probe_capabilities(config.state_dir)
         self.follow_pointers = follow_pointers
         self.files = updater.files
-        self.serving_overrides: dict[str, Any] = {}
-        """Settings of agent.toml's ``[serving]`` table, applied to every pipeline the daemon builds."""
+        self.fallback_section: FallbackSection | None = None
+        """The desired state's ``fallback`` the pipeline follows now (the daemon and app processes alike)."""
+        self._desired_stamp = 0
         self.started_at = time.time()
         self._pointer_stamp: dict[str, int] = {}
         self._known: list[str] = []
@@ -148,9 +150,12 @@ class Agent:
         recorder = _open_telemetry(config, files) if telemetry else None
         if recorder is not None:
             files.on_repair(lambda repair: recorder.event(repair.event()))
-        pipeline = ServingPipeline(engine, ServingConfig(), recorder=recorder)
         updater = Updater(config, engine, lambda: caps, TelemetryReporter(recorder), files=files)
+        desired = updater.saved_desired()
+        fallback = None if desired is None else desired.fallback
+        pipeline = ServingPipeline(engine, serving_config(config, fallback), recorder=recorder)
         agent = cls(config, engine, pipeline, updater, recorder, caps, follow_pointers)
+        agent.fallback_section = fallback
         if follow_pointers:
             agent.reload_committed()
         return agent
@@ -205,6 +210,24 @@ class Agent:
         stamps = {name: _stamp(self.updater.slots.model(name).pointer_path) for name in self.updater.slots.models()}
         if stamps != self._pointer_stamp:
             self.reload_committed()
+        desired_stamp = _stamp(self.config.state_dir / "desired.json")
+        if desired_stamp != self._desired_stamp:  # the daemon saved a new desired state: same fallback here
+            self._desired_stamp = desired_stamp
+            desired = self.updater.saved_desired()
+            self.follow_fallback(None if desired is None else desired.fallback)
+
+    def follow_fallback(self, section: FallbackSection | Mapping[str, Any] | None) -> None:
+        """Serve with the desired state's fallback ``section`` (and agent.toml's ``[serving]``), if it changed."""
+        wanted: FallbackSection | None = (
+            section if section is None or isinstance(section, FallbackSection) else parse(FallbackSection, section)
+        )
+        if wanted == self.fallback_section:
+            return
+        old = self.pipeline
+        self.pipeline = ServingPipeline(self.engine, serving_config(self.config, wanted), old.recorder)
+        self.pipeline.take_shadows(old)
+        self.fallback_section = wanted
+        old.close()
 
     # --- status -------------------------------------------------------------------------------------
 
@@ -282,6 +305,21 @@ class Agent:
                 log.warning("telemetry flush at close failed: %s", e)
         self.pipeline.close()
         self.engine.close()
+
+
+def serving_config(config: AgentConfig, fallback: FallbackSection | None) -> ServingConfig:
+    """The serving policy: defaults, then the desired state's cloud fallback, then agent.toml's ``[serving]``.
+
+    The same function builds the daemon's pipeline and an app's (``Agent.from_config``), so both
+    answer and fall back alike. An operator's ``[serving] cloud_url`` wins over the fleet's.
+    """
+    values: dict[str, Any] = {}
+    if fallback is not None and fallback.url:
+        mapping = {fallback.model: fallback.model} if fallback.model else dict(fallback.models)
+        values.update(cloud_url=fallback.url, cloud_model=mapping)
+    values.update(config.serving)
+    parsed: ServingConfig = parse(ServingConfig, values, "serving")
+    return parsed
 
 
 def _bounded_health(health: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,13 @@ Precedence, lowest first: the defaults below, the TOML file (keys at the top lev
 ``[agent]`` table), then environment variables ``EDGEFLEET_AGENT_<KEY>`` (for example
 ``EDGEFLEET_AGENT_POLL_INTERVAL_S=60``). Every limit carries its unit in its name; byte limits also
 accept a string with a unit (``"2GB"``, ``"512MiB"``) so that an operator can write what they mean.
+
+Two tables reach the rest: ``[serving]`` (every field of :class:`device_agent.serving.ServingConfig`:
+cloud fallback, circuit breaker, result cache, deadlines) and ``[telemetry]`` (every field of
+:class:`device_agent.telemetry.recorder.TelemetrySettings`: windows, sampling, buffer cap...). Their
+environment form is ``EDGEFLEET_AGENT_SERVING__<KEY>`` / ``EDGEFLEET_AGENT_TELEMETRY__<KEY>``
+(values as JSON: ``5``, ``true``, ``"https://..."``). Both are checked when the config is loaded,
+so a typo fails at start, naming the key.
 The file is found at ``--config``, else ``$EDGEFLEET_AGENT_CONFIG``, else
 ``/etc/edgefleet/agent.toml`` if it exists; with no file the defaults and environment apply.
 """
@@ -11,6 +18,7 @@ The file is found at ``--config``, else ``$EDGEFLEET_AGENT_CONFIG``, else
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bundles.contract import parse
 from bundles.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -76,6 +85,9 @@ class AgentConfig:
     memory_budget_bytes: int = 0  # 0 = half of what this process may still allocate
     max_batch: int = 64  # largest batch a request may carry when the model does not bound it
     log_level: str = "info"
+    # tables: [serving] -> ServingConfig, [telemetry] -> TelemetrySettings (checked at load)
+    serving: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    telemetry: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def ensure_state_dir(self) -> Path:
         """Create ``state_dir`` (mode 0700, tightened if it exists) and return it.
@@ -142,6 +154,9 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"{key}: '{value}' is not a valid {kind}") from e
 
 
+TABLES = ("serving", "telemetry")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -149,16 +164,53 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read agent config {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"agent config {path} is not valid TOML: {e}") from e
-    table = data.get("agent", data)
-    return dict(table) if isinstance(table, Mapping) else {}
+    table = data.get("agent", {k: v for k, v in data.items() if k not in TABLES})
+    values = dict(table) if isinstance(table, Mapping) else {}
+    for name in TABLES:
+        section = data.get(name, table.get(name) if isinstance(table, Mapping) else None)
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(f"[{name}] in {path} must be a table")
+        values[name] = dict(section or {})
+    return values
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        name[len(ENV_PREFIX) :].lower(): value
-        for name, value in environ.items()
-        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() in _FIELDS
-    }
+    values: dict[str, Any] = {}
+    for name, value in environ.items():
+        key = name[len(ENV_PREFIX) :].lower() if name.startswith(ENV_PREFIX) else ""
+        table, _, inner = key.partition("__")
+        if inner and table in TABLES:
+            values.setdefault(table, {})[inner] = _env_value(value)
+        elif key in _FIELDS and key not in TABLES:
+            values[key] = value
+    return values
+
+
+def _env_value(value: str) -> Any:
+    """A table value from the environment: JSON when it parses (``5``, ``true``, ``{...}``), else the text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _check_tables(config: AgentConfig) -> None:
+    """Build each table's target once, so an unknown key or a bad value fails now, naming it."""
+    from device_agent.serving import ServingConfig
+    from device_agent.telemetry.recorder import TelemetrySettings
+
+    for name, kind in (("serving", ServingConfig), ("telemetry", TelemetrySettings)):
+        table = getattr(config, name)
+        known = {f.name for f in dataclasses.fields(kind)}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(f"[{name}]: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            parse(kind, dict(table), name)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[{name}]: {e}") from e
 
 
 def _validate(config: AgentConfig) -> AgentConfig:
@@ -190,10 +242,15 @@ def load_config(
     chosen = path or env.get(f"{ENV_PREFIX}CONFIG") or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     raw: dict[str, Any] = _read_toml(Path(chosen)) if chosen else {}
     values = dict(raw)
-    values.update(_from_env(env))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in _from_env(env).items():
+        values[key] = {**values.get(key, {}), **value} if key in TABLES else value
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = {**values.get(key, {}), **value} if key in TABLES else value
     bad = sorted(k for k in values if k not in _FIELDS)
     if bad:
         raise ConfigError(f"unknown agent setting(s): {', '.join(bad)}")
-    coerced = {k: _coerce(k, v) for k, v in values.items()}
-    return _validate(AgentConfig(**coerced))
+    coerced = {k: v if k in TABLES else _coerce(k, v) for k, v in values.items()}
+    config = _validate(AgentConfig(**coerced))
+    _check_tables(config)
+    return config

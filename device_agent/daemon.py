@@ -30,7 +30,6 @@ from bundles.errors import AuthError, EdgeFleetError, TransportError
 from device_agent.agent import Agent
 from device_agent.client import FleetClient
 from device_agent.identity import Enrollment, trusted_root_bytes
-from device_agent.serving import ServingConfig, ServingPipeline
 from device_agent.shadow import ShadowMode
 from device_agent.update.backoff import backoff_s
 from device_agent.update.source import TufSource
@@ -54,7 +53,6 @@ class Daemon:
         self.uploader: Any = None
         self.failures = 0
         self._inventory_sent: dict[str, Any] | None = None
-        self._fallback: Any = None
         self.shadows = ShadowMode(agent)
 
     @property
@@ -197,15 +195,8 @@ class Daemon:
             recorder = self.agent.recorder
             recorder.settings = recorder.settings.with_desired(to_dict(self.desired.telemetry))
 
-    def _apply_fallback(self, section: FallbackSection | None) -> None:
-        if section == self._fallback:
-            return
-        old = self.agent.pipeline
-        config = ServingConfig.from_dict(None if section is None else to_dict(section), **self.agent.serving_overrides)
-        self.agent.pipeline = ServingPipeline(self.agent.engine, config, old.recorder)
-        self.agent.pipeline.take_shadows(old)
-        self._fallback = section
-        old.close()
+    def _apply_fallback(self, section: FallbackSection | Mapping[str, Any] | None) -> None:
+        self.agent.follow_fallback(section)
 
     def report(self) -> None:
         """Inventory when it changed; close telemetry windows and upload what is buffered."""
