@@ -86,7 +86,10 @@ def _open_telemetry(config: AgentConfig, files: StateFiles) -> Any:
     path = config.state_dir / "telemetry.db"
     for attempt in range(2):
         try:
-            return TelemetryRecorder(TelemetryBuffer(path, settings.buffer_cap_bytes), settings)
+            recorder = TelemetryRecorder(TelemetryBuffer(path, settings.buffer_cap_bytes), settings)
+            if recorder.recovered:
+                log.info("telemetry: %d window(s) of an earlier run recovered from checkpoints", recorder.recovered)
+            return recorder.start()
         except sqlite3.DatabaseError as e:
             if attempt or files.read_only:
                 log.warning("telemetry disabled: %s", e)
@@ -300,6 +303,7 @@ class Agent:
         """Flush telemetry and release the models."""
         if self.recorder is not None:
             try:
+                self.recorder.stop()
                 self.recorder.flush()
             except Exception as e:  # closing must not fail the caller
                 log.warning("telemetry flush at close failed: %s", e)

@@ -77,6 +77,8 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS ix_items_evict ON items (priority, seq);
 CREATE INDEX IF NOT EXISTS ix_items_label ON items (label);
 CREATE TABLE IF NOT EXISTS drops (label TEXT PRIMARY KEY, items INTEGER NOT NULL, size_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (owner TEXT NOT NULL, key TEXT NOT NULL, body BLOB NOT NULL,
+                                        PRIMARY KEY (owner, key));
 """
 
 
@@ -177,12 +179,38 @@ class TelemetryBuffer:
         body = zlib.compress(json.dumps(item, separators=(",", ":")).encode("utf-8"), 6)
         return self.put_many([(kind, label, body)]) == 1
 
-    def put_many(self, items: list[tuple[str, str, bytes]]) -> int:
-        """Store pre-compressed items in one transaction; returns how many were kept."""
+    def put_many(self, items: list[tuple[str, str, bytes]], clear_checkpoints_of: str | None = None) -> int:
+        """Store pre-compressed items in one transaction; returns how many were kept.
+
+        ``clear_checkpoints_of``: the owner whose checkpoints these items complete (closed windows),
+        removed in the same transaction so that a window is never counted twice.
+        """
         kept = 0
         with self._transaction() as db:
             for kind, label, body in items:
                 kept += self._insert(db, kind, label, body)
+            if clear_checkpoints_of is not None:
+                db.execute("DELETE FROM checkpoints WHERE owner = ?", (clear_checkpoints_of,))
+        return kept
+
+    def checkpoint(self, owner: str, bodies: dict[str, bytes]) -> None:
+        """Replace ``owner``'s checkpoints with ``bodies`` (key -> a compressed open window), in one transaction.
+
+        A checkpoint is the window as it would close now; if its process dies before closing it,
+        :meth:`recover_checkpoints` at the next start queues it as a window.
+        """
+        with self._transaction() as db:
+            db.execute("DELETE FROM checkpoints WHERE owner = ?", (owner,))
+            db.executemany("INSERT INTO checkpoints (owner, key, body) VALUES (?, ?, ?)",
+                           [(owner, key, body) for key, body in bodies.items()])  # fmt: skip
+
+    def recover_checkpoints(self, alive: Callable[[str], bool]) -> int:
+        """Queue as windows the checkpoints of owners that are gone (``alive(owner)`` False); how many."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT owner, key, body FROM checkpoints").fetchall()
+            orphans = [(owner, key, body) for owner, key, body in rows if not alive(owner)]
+            kept = sum(self._insert(db, "window", "window", body) for _owner, _key, body in orphans)
+            db.executemany("DELETE FROM checkpoints WHERE owner = ? AND key = ?", [(o, k) for o, k, _ in orphans])
         return kept
 
     def _insert(self, db: sqlite3.Connection, kind: str, label: str, body: bytes) -> int:

@@ -4,12 +4,19 @@ Flow: :meth:`TelemetryRecorder.record` (on the request path, under one lock) cou
 the current window of its (model, version) and offers it to that window's sampler. Routine answers
 (local, no fallback: most requests) take :meth:`TelemetryRecorder.record_local` instead, which needs
 no lock: it captures the answer into its (model, version)'s ``RoutineCapture``
-(``device_agent.telemetry.capture``), binned into the current window every 4,096 answers, and decrements
-the sampling countdown. When the wall-clock window ends (windows are aligned to multiples of
-``window_s`` so that devices' windows line up), :meth:`TelemetryRecorder.tick` bins what the captures
-hold, closes every open window and writes the window payloads and the kept samples into the offline
-buffer in one transaction. Events (installs, heartbeats, breaker changes) go straight to the buffer.
-The uploader drains the buffer.
+(``device_agent.telemetry.capture``) and decrements the sampling countdown. When the wall-clock window
+ends (windows are aligned to multiples of ``window_s`` so that devices' windows line up),
+:meth:`TelemetryRecorder.tick` bins what the captures hold, closes every open window and writes the
+window payloads and the kept samples into the offline buffer in one transaction. Events (installs,
+heartbeats, breaker changes) go straight to the buffer. The uploader drains the buffer.
+
+With :meth:`TelemetryRecorder.start` (the agent does it) a background thread does the numpy work
+the request path used to do: it bins the captured answers every ``bin_interval_s`` (and at once when
+a capture holds 4,096 answers or 256 general ones are pending), closes windows on time even without
+traffic, and every ``checkpoint_interval_s`` writes each open window, as it would close now, to the
+buffer's ``checkpoints`` table. A window that closes normally replaces its checkpoint in the same
+transaction; one whose process died (power cut, ``kill -9``) is queued from its checkpoint at the next
+start, so at most ``checkpoint_interval_s`` of answers are lost.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ import dataclasses
 import datetime as dt
 import functools
 import json
+import logging
 import math
+import os
 import random
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +46,8 @@ from device_agent.telemetry.capture import LatencyCapture, RoutineCapture, never
 from device_agent.telemetry.events import heartbeat_event, install_event, make_event
 from device_agent.telemetry.sampling import MAX_LOGGED_VALUES, Candidate, WindowSampler
 from device_agent.telemetry.windows import COUNTERS_ONLY, BinPlan, WindowAccumulator, compile_plan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,9 +68,13 @@ class TelemetrySettings:
     batch_max_bytes: int = 1_000_000
     histograms: bool = True  # False: counters and the latency histogram only (no input/output distributions)
     max_sample_values: int = MAX_LOGGED_VALUES
+    checkpoint_interval_s: float = 5.0  # open windows saved this often: what a power cut can lose
+    bin_interval_s: float = 1.0  # the binning thread's period (it also wakes when a capture is full)
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or not 0.0 <= self.sample_rate <= 1.0 or self.reservoir_size < 0:
+            raise ConfigError(f"telemetry settings out of range: {self}")
+        if not 0 < self.checkpoint_interval_s <= 3600 or not 0 < self.bin_interval_s <= 60:
             raise ConfigError(f"telemetry settings out of range: {self}")
 
     def with_desired(self, section: Mapping[str, Any] | None) -> TelemetrySettings:
@@ -112,6 +128,75 @@ class TelemetryRecorder:
         self._retired: list[_Route] = []  # routes replaced when histograms were turned on/off
         self._current: dict[str, _Route] = {}  # by model: the routes of record_local valid for the current window
         self._window_start, self._window_end = self._bounds(clock())
+        self.owner = f"{process_identity()}:{uuid.uuid4().hex[:8]}"  # whose checkpoints, in a shared buffer
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._checkpointed_at = 0.0
+        self.recovered = buffer.recover_checkpoints(_owner_alive)
+
+    # --- the binning and checkpointing thread -------------------------------------------------------
+
+    def start(self) -> TelemetryRecorder:
+        """Run binning, window closing and checkpoints on a background thread (see the module docstring)."""
+        if self._worker is None:
+            self._stop.clear()
+            self._worker = threading.Thread(target=self._run, name="edgefleet-telemetry", daemon=True)
+            self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the background thread (the open windows stay open: :meth:`flush` closes them)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._stop.set()
+            self._wake.set()
+            worker.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.bin_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.maintain()
+            except Exception as e:  # noqa: BLE001 - telemetry must never stop; the next pass retries
+                logger.warning("telemetry pass failed: %s", e)
+
+    def maintain(self, now: float | None = None) -> None:
+        """One pass of the background thread: close ended windows, bin what is captured, checkpoint if due."""
+        now = self.clock() if now is None else now
+        self.tick(now)
+        with self._lock:
+            self._bin_everything()
+        if now - self._checkpointed_at >= self.settings.checkpoint_interval_s:
+            self.checkpoint(now)
+
+    def checkpoint(self, now: float | None = None) -> int:
+        """Save every open window as it would close now; how many were saved."""
+        with self._lock:
+            self._bin_everything()
+            texts = {f"{model}:{version}": _window_json(window) for (model, version), window in self._open.items()}
+        bodies = {key: zlib.compress(text, 6) for key, text in texts.items() if text is not None}
+        self.buffer.checkpoint(self.owner, bodies)
+        self._checkpointed_at = self.clock() if now is None else now
+        return len(bodies)
+
+    def _bin_everything(self) -> None:
+        """Bin the captures and every open window's pending requests (under the lock)."""
+        for route in [*self._retired, *self._routes.values()]:
+            self._bin_into_window(route)
+        for window in self._open.values():
+            window.accumulator.bin_pending()
+
+    def _full(self) -> bool:
+        """A window's pending list is full: wake the binning thread; False (bin it yourself) if none runs.
+        Called under the lock."""
+        if self._worker is None:
+            return False
+        self._wake.set()
+        return True
 
     @property
     def settings(self) -> TelemetrySettings:
@@ -241,10 +326,13 @@ class TelemetryRecorder:
         return route
 
     def _on_full(self, route: _Route, _captured: RoutineCapture | LatencyCapture) -> None:
-        """Bin a route's captured answers into the current window (on the request path, once per
-        ``BIN_EVERY_ANSWERS`` answers)."""
-        with self._lock:
-            self._bin_into_window(route)
+        """A route's capture holds ``BIN_EVERY_ANSWERS`` answers: the binning thread takes them (or, when
+        it does not run, they are binned here, on the request path)."""
+        if self._worker is not None:
+            self._wake.set()
+        else:
+            with self._lock:
+                self._bin_into_window(route)
 
     def _bin_into_window(self, route: _Route) -> None:
         """Bin a route's captured answers into its window of the moment (under the lock)."""
@@ -307,7 +395,7 @@ class TelemetryRecorder:
         window = _OpenWindow(
             model,
             manifest,
-            WindowAccumulator(model, version, plan, start, end),
+            WindowAccumulator(model, version, plan, start, end, on_full=self._full),
             WindowSampler(
                 settings.sample_rate,
                 settings.reservoir_size,
@@ -338,11 +426,13 @@ class TelemetryRecorder:
         return closing
 
     def _buffer_windows(self, closing: Mapping[tuple[str, int], _OpenWindow]) -> int:
-        """Buffer the payloads (and samples) of ended windows; how many items were buffered."""
+        """Buffer the payloads (and samples) of ended windows, replacing their checkpoints; how many items."""
         items: list[tuple[str, str, bytes]] = []
         for window in closing.values():
             items += _items_of(window)
-        return self.buffer.put_many(items) if items else 0
+        if not items and not closing:
+            return 0
+        return self.buffer.put_many(items, clear_checkpoints_of=self.owner)
 
     def flush(self) -> int:
         """Close the open windows now (at shutdown, or before an upload in tests)."""
@@ -398,6 +488,55 @@ def _items_of(window: _OpenWindow) -> list[tuple[str, str, bytes]]:
     if payload["counters"]["requests"] or payload["shadow"]["compared"]:
         items.append(("window", "window", _compress(payload)))
     return items
+
+
+def _window_json(window: _OpenWindow) -> bytes | None:
+    """An open window's payload as it would close now (None if it has counted nothing yet). Under the lock."""
+    payload = window.accumulator.close()
+    if not (payload["counters"]["requests"] or payload["shadow"]["compared"]):
+        return None
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "-"
+
+
+def _start_ticks(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot ('-' where /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "-"
+
+
+def process_identity() -> str:
+    """``boot:pid:start``: tells this process apart from a later one that reuses its pid (or a reboot)."""
+    return f"{_boot_id()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _owner_alive(owner: str) -> bool:
+    """Does the process that wrote these checkpoints still run? (Unknown forms: assume it does.)"""
+    parts = owner.split(":")
+    if len(parts) < 3 or not parts[1].isdigit():
+        return True
+    boot, pid, start = parts[0], int(parts[1]), parts[2]
+    if boot != _boot_id():
+        return False  # written before a reboot (the power cut case)
+    if start != "-" and _start_ticks(pid) != start:
+        return False  # that pid is gone, or belongs to another process now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _compress(item: Mapping[str, Any]) -> bytes:

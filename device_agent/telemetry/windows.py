@@ -24,7 +24,7 @@ import dataclasses
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from typing import Any
@@ -263,8 +263,15 @@ class RoutineBatch:
 class WindowAccumulator:
     """Counts and histograms of one (model, version) over one window; see the module docstring."""
 
-    def __init__(self, model: str, version: int, plan: BinPlan, start: dt.datetime, end: dt.datetime) -> None:
+    def __init__(
+        self, model: str, version: int, plan: BinPlan, start: dt.datetime, end: dt.datetime,
+        on_full: Callable[[], bool] | None = None,
+    ) -> None:  # fmt: skip
+        """``on_full``: called when :data:`BIN_EVERY_ROWS` requests are pending; True when someone else
+        (the recorder's binning thread) takes them, else they are binned on the spot."""
         self.model, self.version, self.plan = model, version, plan
+        self.id = uuid.uuid4().hex  # one id for the window, whether it is closed or recovered from a checkpoint
+        self.on_full = on_full
         self.start, self.end = start, end
         self.counters: dict[str, Any] = {
             "requests": 0, "rows": 0, "errors": 0, "fallbacks": 0, "low_confidence": 0,
@@ -303,8 +310,10 @@ class WindowAccumulator:
             kept = self._copy_kept(inputs, inputs_private)
         pending = self._pending
         pending.append((kept, outputs if source == "local" else None, source, latency_ms, fallback_reason))
-        if len(pending) >= BIN_EVERY_ROWS:
-            self.bin_pending()
+        if len(pending) >= BIN_EVERY_ROWS and (
+            self.on_full is None or len(pending) >= 8 * BIN_EVERY_ROWS or not self.on_full()
+        ):
+            self.bin_pending()  # no binning thread, or it lags behind
 
     def _copy_kept(self, inputs: Mapping[str, np.ndarray], inputs_private: bool) -> Mapping[str, np.ndarray]:
         """The input tensors that hold features, copied unless private (the others are not kept)."""
@@ -454,7 +463,7 @@ class WindowAccumulator:
         for cat, counts in zip(self.plan.categorical, self._category_counts, strict=True):
             features[cat.name] = counts.tolist()
         payload: dict[str, Any] = {
-            "id": uuid.uuid4().hex,
+            "id": self.id,
             "model": self.model,
             "version": self.version,
             "start": self.start.isoformat(),

@@ -87,3 +87,18 @@ def test_the_python_api_uses_the_desired_states_cloud_fallback_like_the_daemon(t
         finally:
             app.close()
             daemon_agent.close()
+
+
+def test_the_fleets_telemetry_window_survives_a_restart_without_the_server(tmp_path: Path) -> None:
+    """The desired state is saved with its telemetry section and followed at start, before any poll."""
+    state_dir = tmp_path / "device"
+    state_dir.mkdir()
+    desired = {"models": [], "telemetry": {"window_s": 15, "sample_rate": 0.2}}
+    (state_dir / "desired.json").write_text(json.dumps({"state": desired, "etag": '"7"'}))
+    agent = Agent.from_config(environ={}, state_dir=state_dir)
+    try:
+        assert agent.recorder.settings.window_s == 60.0  # the device's own default until the daemon starts
+        Daemon(agent)._follow_desired_sections()  # what `run` does first, server or not
+        assert (agent.recorder.settings.window_s, agent.recorder.settings.sample_rate) == (15.0, 0.2)
+    finally:
+        agent.close()
