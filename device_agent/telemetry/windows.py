@@ -358,9 +358,9 @@ class WindowAccumulator:
                 counters["violations"]["nan_output"] += _rows_not_finite(matrices[name])
         hist = self.plan.output
         if hist is not None:
-            if hist.categories:
+            if hist.categories and batch.label_counts:
                 self._output_counts += _category_counts(hist, batch.label_counts)
-            elif hist.name in matrices:
+            elif hist.name in matrices:  # numbers (or a categorical histogram over a score vector), as observe() bins
                 self._output_counts += _histogram_values(hist, matrices[hist.name].reshape(-1))
 
     def _bin_latencies(self, latencies: Sequence[float] | np.ndarray) -> None:
