@@ -100,7 +100,7 @@ class RoutineCapture:
         label = hist.name if hist is not None and hist.categories else None
         if label is not None and getattr(outputs.get(label), "size", 0) != 1:
             scores = outputs.get(label)
-            if not _numeric_batch_of_one(scores):
+            if not isinstance(scores, np.ndarray) or not _numeric_batch_of_one(scores):
                 return None
             reads[label], label = scores, None  # a categorical histogram over a score vector: binned as values
         return cls(tensor, value.dtype, int(value.nbytes), reads, label, on_full)
