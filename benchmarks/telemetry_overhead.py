@@ -248,9 +248,9 @@ def measure_cnn_p99(root: Path, calls: int) -> dict[str, float]:
     """The real digits CNN (trained, converted and bundled by the converter): p50 and p99 of a prediction
     through ``ServingPipeline`` with default telemetry (its binning thread started, as in the agent) against
     no recorder, calls alternating. Target (issue 13): telemetry adds at most 10 % to the p99."""
+    from _digits_cnn import digits_cnn_bundle
     from sklearn.datasets import load_digits
 
-    from _digits_cnn import digits_cnn_bundle
     from device_agent.inference import LocalEngine
     from device_agent.serving import ServingConfig, ServingPipeline
     from device_agent.telemetry.buffer import TelemetryBuffer
