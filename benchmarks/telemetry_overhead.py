@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import random
 import statistics
@@ -274,7 +275,8 @@ def measure_cnn_p99(root: Path, calls: int) -> dict[str, float]:
         for i in range(0, calls, 500):
             block = inputs[i : i + 500]
             first, second = (off, on) if (i // 500) % 2 == 0 else (on, off)
-            a, b = time_alternating(lambda x: first.predict("digits", x), lambda x: second.predict("digits", x), block)
+            a, b = time_alternating(functools.partial(first.predict, "digits"), functools.partial(second.predict, "digits"),
+                                    block)  # fmt: skip
             off_us += a if first is off else b
             on_us += b if first is off else a
     finally:
