@@ -275,8 +275,8 @@ def measure_cnn_p99(root: Path, calls: int) -> dict[str, float]:
         for i in range(0, calls, 500):
             block = inputs[i : i + 500]
             first, second = (off, on) if (i // 500) % 2 == 0 else (on, off)
-            a, b = time_alternating(functools.partial(first.predict, "digits"), functools.partial(second.predict, "digits"),
-                                    block)  # fmt: skip
+            calls_a, calls_b = functools.partial(first.predict, "digits"), functools.partial(second.predict, "digits")
+            a, b = time_alternating(calls_a, calls_b, block)
             off_us += a if first is off else b
             on_us += b if first is off else a
     finally:
