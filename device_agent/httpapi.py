@@ -15,9 +15,10 @@ forwarded to the cloud), 413 (too large for the device or the model), 415 (unkno
 A request goes: waitress (limits on headers, body size and time, strict parsing) -> :class:`OipApp`
 (route; 404 for an unknown model or version; the body limit of the model's input schema; gzip or
 deflate inflated under that limit; declared shapes pre-scanned; the parse cost reserved in the
-memory budget, see :mod:`device_agent.admission`) -> :class:`InferenceApi` (tensors checked against
-the model's inputs, non-finite values refused unless the input allows them, then the serving
-pipeline). Served by waitress, a small pure-Python WSGI server (no web framework on the device).
+memory budget, see :mod:`device_agent.admission`) -> :class:`InferenceApi` (tensors decoded,
+non-finite values refused unless the input allows them) -> the serving pipeline, which checks the
+tensors against the model's inputs: a bundle that cannot take what apps send is then counted as
+failing (telemetry, rollout gates) and the fallback chain may still answer. Served by waitress, a small pure-Python WSGI server (no web framework on the device).
 """
 
 from __future__ import annotations
@@ -81,19 +82,14 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
     return found
 
 
-def decode_input(spec: dict[str, Any], binary: bytes | None, declared: TensorSpec | None = None) -> np.ndarray:
-    """One OIP input tensor (JSON data, or raw bytes from the binary extension) as a numpy array.
-
-    With ``declared`` (the model's input), a shape that cannot match is refused before the data is read.
-    """
+def decode_input(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
+    """One OIP input tensor (JSON data, or raw bytes from the binary extension) as a numpy array."""
     try:
         name, shape, datatype = str(spec["name"]), [_dim(d) for d in spec["shape"]], spec["datatype"]
     except (KeyError, TypeError, ValueError) as e:
         raise HttpError(400, "each input needs 'name', 'shape' (non-negative integers) and 'datatype'") from e
     if datatype not in DATATYPES:
         raise HttpError(400, f"input '{name}': datatype '{datatype}' is not one of {', '.join(DATATYPES)}")
-    if declared is not None:
-        check_shape(name, shape, declared)
     dtype = np.dtype(DATATYPES[datatype])
     try:
         if binary is not None:
@@ -112,17 +108,6 @@ def _dim(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"bad dimension {value!r}")
     return value
-
-
-def check_shape(name: str, shape: list[int], declared: TensorSpec) -> None:
-    """400 unless ``shape`` fits the model input ``declared`` (fixed dims equal, dynamic ones in range)."""
-    fits = len(shape) == len(declared.shape)
-    for axis, (got, want) in enumerate(zip(shape, declared.shape, strict=False)):
-        low, high = declared.dim_ranges.get(str(axis), (1, None))
-        fits = fits and (got == want if want != -1 else got >= low and (high is None or got <= high))
-    if not fits:
-        expected = [d if d != -1 else "?" for d in declared.shape]
-        raise HttpError(400, f"input '{name}': shape {shape} cannot match the model's {expected}")
 
 
 def encode_output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], bytes | None]:
@@ -236,7 +221,6 @@ class InferenceApi:
         if not isinstance(specs, list) or not specs:
             raise HttpError(400, "the request needs a non-empty 'inputs' list")
         schema = {} if manifest is None else {t.name: t for t in manifest.inputs}
-        strict = manifest is not None and not manifest.preprocess  # pre-processing may reshape what it is sent
         inputs, offset = {}, 0
         for spec in specs:
             if not isinstance(spec, dict):
@@ -247,10 +231,10 @@ class InferenceApi:
                 chunk, offset = binary[offset : offset + size], offset + size
                 if len(chunk) != size:
                     raise HttpError(400, f"input '{spec.get('name')}': the binary body is shorter than declared")
+            # the shape is checked by the serving pipeline, so that a bundle that cannot take live inputs
+            # is counted (errors, fallbacks) and rolled back, and the fallback chain can still answer
             declared = schema.get(str(spec.get("name")))
-            if strict and declared is None:
-                raise HttpError(400, f"the model has no input '{spec.get('name')}' (it takes {', '.join(schema)})")
-            array = decode_input(spec, chunk, declared if strict else None)
+            array = decode_input(spec, chunk)
             _refuse_non_finite(str(spec.get("name")), array, declared)
             inputs[str(spec.get("name"))] = array
         return inputs

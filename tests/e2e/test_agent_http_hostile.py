@@ -225,11 +225,17 @@ def test_a_57_mb_json_body_is_refused_from_its_length_without_being_parsed(devic
     assert post(device["url"], content=GOOD).status_code == 200
 
 
-def test_a_shape_the_model_cannot_take_is_refused_before_the_data(device: dict[str, Any]) -> None:
+def test_a_shape_the_model_cannot_take_is_refused_and_an_impossible_one_before_its_data_is_parsed(
+    device: dict[str, Any],
+) -> None:
     data = ",".join(["0.5"] * 65)
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 65], "datatype": "FP32", "data": []}]})
     answer = post(device["url"], content=body.replace("[]", f"[{data}]"))
-    assert answer.status_code == 400 and "cannot match" in answer.json()["error"]
+    assert answer.status_code == 400 and "does not match" in answer.json()["error"]
+    huge = json.dumps({"inputs": [{"name": "x", "shape": [100000, 4], "datatype": "FP32", "data": []}]})
+    padded = huge.replace("[]", "[" + ",".join(["0.5"] * 16_500) + "]")  # 66 KB: under the model's cap, pre-scanned
+    answer = post(device["url"], content=padded)
+    assert answer.status_code == 400 and "holds more elements" in answer.json()["error"]
 
 
 # --- memory-limited ---------------------------------------------------------------------------------
