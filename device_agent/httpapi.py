@@ -18,7 +18,8 @@ deflate inflated under that limit; declared shapes pre-scanned; the parse cost r
 memory budget, see :mod:`device_agent.admission`) -> :class:`InferenceApi` (tensors decoded,
 non-finite values refused unless the input allows them) -> the serving pipeline, which checks the
 tensors against the model's inputs: a bundle that cannot take what apps send is then counted as
-failing (telemetry, rollout gates) and the fallback chain may still answer. Served by waitress, a small pure-Python WSGI server (no web framework on the device).
+failing (telemetry, rollout gates) and the fallback chain may still answer. Served by waitress, a
+small pure-Python WSGI server (no web framework on the device).
 """
 
 from __future__ import annotations
