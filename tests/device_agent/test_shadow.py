@@ -48,6 +48,15 @@ def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def idle(shadow: object) -> bool:
+    """The shadow's run has finished entirely (its gate released: the next request will be compared)."""
+    gate = shadow.gate  # type: ignore[attr-defined]
+    if not gate.acquire(blocking=False):
+        return False
+    gate.release()
+    return True
+
+
 def test_the_shadow_runs_beside_the_active_model_and_only_the_active_answer_is_returned(tmp_path: Path) -> None:
     agent, daemon = device(tmp_path)
     daemon.desired = with_shadow(2)
@@ -64,7 +73,7 @@ def test_the_shadow_runs_beside_the_active_model_and_only_the_active_answer_is_r
         result = agent.predict({"x": row[None, :]})
         assert (result.source, result.version) == ("local", 1)
         answers.append(str(result.outputs["label"][0]))
-        wait_for(lambda: shadow.compared + shadow.skipped >= len(answers))  # one run per request in this test
+        wait_for(lambda: shadow.compared + shadow.skipped >= len(answers) and idle(shadow))  # one run per request
     agreed = sum(a == b for a, b in zip(answers, expected_v2, strict=True))
     assert shadow.compared == len(ROWS) and shadow.agreed == agreed and shadow.errors == 0
     assert 0 < agreed < len(ROWS), "two differently seeded models agree on some rows, not all"
