@@ -204,9 +204,10 @@ def test_an_unknown_model_is_a_404_and_never_reaches_the_cloud(device: dict[str,
 
 def test_the_version_in_the_path_is_honoured(device: dict[str, Any]) -> None:
     assert post(device["url"], "/v2/models/tiny/versions/1/infer", content=GOOD).json()["model_version"] == "1"
+    before = device["cloud"].requests  # (earlier tests may have fallen back on a busy host: deadline 50 ms)
     answer = post(device["url"], "/v2/models/tiny/versions/999/infer", content=GOOD)
     assert answer.status_code == 404 and "999" in answer.json()["error"]
-    assert device["cloud"].requests == 0
+    assert device["cloud"].requests == before
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e39"])
