@@ -124,6 +124,8 @@ class Agent:
         self.fallback_section: FallbackSection | None = None
         """The desired state's ``fallback`` the pipeline follows now (the daemon and app processes alike)."""
         self._desired_stamp = 0
+        self.last_round_at: float | None = None
+        """When the daemon last began an update round (None: no round yet, or not a daemon)."""
         self.started_at = time.time()
         self._pointer_stamp: dict[str, int] = {}
         self._known: list[str] = []
@@ -289,6 +291,7 @@ class Agent:
             "update_in_progress": None if in_progress is None else in_progress.value,
             "failed_targets": self.updater.failed.all(),
             "health": self.health(),
+            "last_round_at": self.last_round_at,
             "repairs": [dataclasses.asdict(r) for r in self.files.repairs],
             "queue": engine["queue"],
             "uptime_s": round(time.time() - self.started_at, 1),

@@ -149,6 +149,7 @@ class Daemon:
 
     def round(self) -> float:
         """One poll-apply-report round; returns the seconds to wait before the next one."""
+        self.agent.last_round_at = time.time()
         try:
             self.poll()
         except AuthError as e:

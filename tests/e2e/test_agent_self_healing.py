@@ -179,7 +179,7 @@ def restarted(
     url = f"http://127.0.0.1:{port}"
     try:
         answer = _first_answer(url)
-        status = httpx.get(f"{url}/edgefleet/status", timeout=5).json()
+        status = _status_once_settled(url)
         ready = httpx.get(f"{url}/v2/health/ready", timeout=5)
         before_stop(status)
     finally:
@@ -202,6 +202,17 @@ def _first_answer(url: str) -> dict[str, Any]:
             last = str(e)
         time.sleep(0.1)
     raise AssertionError(f"the agent did not serve tiny locally within {SERVE_WITHIN_S} s: {last}")
+
+
+def _status_once_settled(url: str) -> dict[str, Any]:
+    """The status after start-up's first round began (TUF is healed when the daemon connects, after it serves)."""
+    deadline = time.monotonic() + SERVE_WITHIN_S
+    while True:
+        status = dict(httpx.get(f"{url}/edgefleet/status", timeout=5).json())
+        not_enrolled = status.get("enrollment_status") is None  # (a damaged enrollment: no rounds to wait for)
+        if status.get("last_round_at") is not None or not_enrolled or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
 
 
 def _reap(pid: int) -> None:
