@@ -234,7 +234,7 @@ def test_an_attacker_key_added_to_the_root_with_attacker_signed_targets_is_refus
     status = device_round(state_dir)  # the director sends the device to the attacker's bundle
     assert status["last_update"]["status"] == "failed" and status["last_update"]["model"] == "evil"
     assert "threshold" in status["last_update"]["error"] or "signature" in status["last_update"]["error"].lower()
-    assert not status["models"], status
+    assert not any(m["slots"] for m in status["models"].values()) and status["health"] == "no-model", status
 
 
 def test_a_forged_newer_root_is_refused(scene: Scene) -> None:
@@ -248,7 +248,8 @@ def test_a_forged_newer_root_is_refused(scene: Scene) -> None:
     before = scene.metadata_files()
     assert_refused_and_nothing_signed(scene, before, "root v2", "does not verify", "root keys added")
     status = device_round(state_dir)
-    assert status["last_update"]["status"] == "failed" and not status["models"], status
+    assert status["last_update"]["status"] == "failed", status
+    assert not any(m["slots"] for m in status["models"].values()) and status["health"] == "no-model", status
 
 
 def test_a_targets_version_dropping_one_of_the_engineers_targets_is_refused(scene: Scene) -> None:
