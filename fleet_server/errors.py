@@ -85,7 +85,14 @@ def _domain_error(_request: Request, error: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 429:
         headers = {"Retry-After": "60"}
-    return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+    return error_response(str(error), status, headers)
+
+
+def error_response(detail: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The ``{"detail": ...}`` body every error has; text a client sent (lone surrogates included) is
+    escaped so that the answer can always be encoded."""
+    safe = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"detail": safe}, status_code=status, headers=headers)
 
 
 def describe_validation_error(errors: list[Any]) -> str:

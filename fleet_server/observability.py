@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+TICK_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -48,6 +49,28 @@ class Metrics:
         self.telemetry_batches = Counter(
             "edgefleet_telemetry_batches_total", "Telemetry batches by result", ["result"], registry=self.registry
         )
+        self.rollout_tick_s = Histogram(
+            "edgefleet_rollout_tick_duration_seconds", "Rollout engine tick duration (fold and every evaluation)",
+            buckets=TICK_BUCKETS_S, registry=self.registry,
+        )  # fmt: skip
+        self.rollout_evaluation_failures = Counter(
+            "edgefleet_rollout_evaluation_failures_total", "Rollout evaluations that raised (the rollout paused)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.rollout_decisions = Counter(
+            "edgefleet_rollout_decisions_total",
+            "Rollout engine decisions by action",
+            ["action"],
+            registry=self.registry,
+        )
+        self.invalid_windows = Counter(
+            "edgefleet_telemetry_invalid_windows_total", "Stored windows left out of rollout figures (broken contract)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.background_leader = Gauge(
+            "edgefleet_background_leader", "1 in the process that runs the background tasks", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
 
     def not_modified_ratio(self) -> float:
         """Share of polls answered 304 so far (the Prometheus query is rate(...{result="304"}) / rate(...))."""

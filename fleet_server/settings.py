@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     snapshot_expiry_s: Annotated[int, Field(ge=60)] = 7 * 86_400
     tuf_refresh_interval_s: Annotated[int, Field(ge=1)] = 3600
     background_tasks: bool = True
+    leader_check_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    rollout_tick_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:

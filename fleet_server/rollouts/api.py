@@ -34,7 +34,8 @@ from fleet_server.rollouts.views import describe_rollout, summarise_rollout
 
 def _rollout_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
     """The rollout evaluation loop, ticking every ``tick_interval_s``."""
-    engine = RolloutEngine(app.state.session_factory)
+    leadership = app.state.leadership
+    engine = RolloutEngine(app.state.session_factory, metrics=app.state.metrics, is_leader=lambda: leadership.held)
     app.state.rollout_engine = engine
     return engine.run(tick_interval_s(app.state.settings))
 
@@ -132,7 +133,7 @@ def evaluate_now(rollout_id: int, request: Request, _caller: OperatorDep, sessio
     """Run one evaluation of this rollout now (the loop would do the same on its next tick)."""
     service.get_rollout(session, rollout_id)
     session.commit()  # end this read so the evaluation's writes are visible afterwards (SQLite snapshots)
-    RolloutEngine(request.app.state.session_factory).tick_one(rollout_id)
+    RolloutEngine(request.app.state.session_factory, metrics=request.app.state.metrics).tick_one(rollout_id)
     session.expire_all()
     return describe_rollout(session, service.get_rollout(session, rollout_id))
 

@@ -3,12 +3,18 @@
 Each item is stored with its exact JSON text as sent (see ``json_items``), so the JSON work is
 done once per item.
 
-The payload of every item is opaque JSON whose shape ``docs/telemetry.md`` defines; here we check
-only size, basic types and the few keys we index (``type``, ``model``, ``version``, times,
-``capture_reason``). Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is
-inserted first; if it already exists the batch is a retry and nothing else is written. Rows are
-bulk-inserted per table (PostgreSQL ``COPY``, SQLite ``executemany``; no ORM objects) because
-sampled prediction logs arrive by the thousand.
+The payload of every item is JSON whose shape ``docs/telemetry.md`` defines. Every item is decoded
+strictly and walked once (:mod:`.json_guard`: finite numbers, 64-bit integers, valid Unicode text of
+bounded length, bounded nesting); metric windows are also checked against their contract
+(:func:`bundles.windows.check_window`: counts, sums and histogram sizes), since the rollout engine adds
+them up; and the keys we index (``type``, ``model``, ``version``, times, ``capture_reason``) are
+checked for type, length and range. A bad item refuses the whole batch with a 400 naming the field
+(``windows[2].counters.requests: inf is not a finite number``), so that nothing of it is stored.
+
+Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is inserted first; if it
+already exists the batch is a retry and nothing else is written. Rows are bulk-inserted per table
+(PostgreSQL ``COPY``, SQLite ``executemany``; no ORM objects) because sampled prediction logs arrive
+by the thousand.
 """
 
 from __future__ import annotations
@@ -23,12 +29,22 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from bundles.errors import ConfigError
+from bundles.windows import check_window
 from fleet_server.db import utcnow
 from fleet_server.errors import PayloadTooLargeError
 from fleet_server.models import TelemetryBatch
+from fleet_server.services.json_guard import check_value
 from fleet_server.services.json_items import parse_object_with_item_texts
 
 MAX_INDEXED_TEXT = 100
+EARLIEST_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+LATEST_TIME = dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)
+"""Item times outside these bounds are refused: no device clock is that wrong, and date arithmetic on
+the extremes (year 1 or 9999) overflows."""
+FOLDED_EVENT_TYPES = frozenset({"install", "heartbeat"})
+"""Events the rollout engine reads (``fleet_server.rollouts.fold``); the others are stored as already folded."""
+MAX_WINDOW = dt.timedelta(days=1)
+"""The longest metric window (the agent's are a minute; its offline buffer merges them up to an hour)."""
 
 
 @dataclass(frozen=True)
@@ -103,12 +119,23 @@ def parse_batch(raw: bytes, max_items: int) -> ParsedBatch:
     for kind in KINDS:
         if kind in fields and fields[kind] is not None:
             raise ConfigError(f"{kind}: expected a list of objects")
-        if not all(isinstance(item, dict) for item, _ in lists.get(kind, [])):
-            raise ConfigError(f"{kind}: expected a list of objects")
     total = sum(len(items) for items in lists.values())
     if total > max_items:
         raise PayloadTooLargeError(f"the batch has {total} items; the limit is {max_items} per request")
+    for kind in KINDS:
+        _check_items(kind, lists.get(kind, []))
     return ParsedBatch(batch_id=batch_id, items={kind: lists.get(kind, []) for kind in KINDS})
+
+
+def _check_items(kind: str, items: list[tuple[Any, str]]) -> None:
+    """Each item an object of checked JSON values; windows also against their contract."""
+    for i, (item, _) in enumerate(items):
+        where = f"{kind}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected an object")
+        check_value(item, where)
+        if kind == "windows":
+            check_window(item, where)
 
 
 def _time(item: dict[str, Any], key: str, where: str) -> dt.datetime:
@@ -117,9 +144,12 @@ def _time(item: dict[str, Any], key: str, where: str) -> dt.datetime:
         raise ConfigError(f"{where}.{key}: required, an ISO 8601 time string")
     try:
         parsed = dt.datetime.fromisoformat(value)
-    except ValueError as e:
+        parsed = (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+    except (ValueError, OverflowError) as e:
         raise ConfigError(f"{where}.{key}: {value[:40]!r} is not an ISO 8601 time") from e
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    if not EARLIEST_TIME <= parsed < LATEST_TIME:
+        raise ConfigError(f"{where}.{key}: {value[:40]!r} is outside {EARLIEST_TIME.year} to {LATEST_TIME.year}")
+    return parsed
 
 
 def _text(item: dict[str, Any], key: str, where: str, required: bool, max_chars: int = MAX_INDEXED_TEXT) -> str | None:
@@ -145,9 +175,10 @@ def event_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list[
     rows = []
     for i, (item, text) in enumerate(items):
         where = f"events[{i}]"
-        rows.append({"device_id": device_id, "type": _text(item, "type", where, True, 64),
-                     "model_name": _text(item, "model", where, False), "bundle_version": _version(item, where, False),
-                     "at": _time(item, "at", where), "payload": text})  # fmt: skip
+        kind = _text(item, "type", where, True, 64)
+        rows.append({"device_id": device_id, "type": kind, "model_name": _text(item, "model", where, False),
+                     "bundle_version": _version(item, where, False), "at": _time(item, "at", where), "payload": text,
+                     "folded": kind not in FOLDED_EVENT_TYPES})  # fmt: skip
     return rows
 
 
@@ -156,9 +187,12 @@ def window_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list
     rows = []
     for i, (item, text) in enumerate(items):
         where = f"windows[{i}]"
+        start, end = _time(item, "start", where), _time(item, "end", where)
+        if not start <= end <= start + MAX_WINDOW:
+            raise ConfigError(f"{where}.end: a window ends at or after its start and lasts at most {MAX_WINDOW}")
         rows.append({"device_id": device_id, "model_name": _text(item, "model", where, True),
-                     "bundle_version": _version(item, where, True), "window_start": _time(item, "start", where),
-                     "window_end": _time(item, "end", where), "payload": text})  # fmt: skip
+                     "bundle_version": _version(item, where, True), "window_start": start, "window_end": end,
+                     "payload": text})  # fmt: skip
     return rows
 
 
@@ -213,7 +247,7 @@ def _insert_batch(
 
 # Column order of the bulk inserts; ``batch_pk`` is filled in per batch.
 BULK_COLUMNS: dict[str, tuple[str, ...]] = {
-    "device_events": ("batch_pk", "device_id", "type", "model_name", "bundle_version", "at", "payload"),
+    "device_events": ("batch_pk", "device_id", "type", "model_name", "bundle_version", "at", "payload", "folded"),
     "metric_windows": (
         "batch_pk",
         "device_id",

@@ -36,7 +36,8 @@ from fleet_server.telemetry.tasks import Maintenance
 
 def _maintenance_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
     """The telemetry maintenance loop: drift evaluation and retention."""
-    return Maintenance(app.state.session_factory).run()
+    leadership = app.state.leadership
+    return Maintenance(app.state.session_factory, is_leader=lambda: leadership.held).run()
 
 
 router = APIRouter(prefix="/api/v1/admin", tags=["telemetry"], lifespan=app_task(_maintenance_loop))
