@@ -30,6 +30,7 @@ from fleet_server import __version__
 from fleet_server.api import ROUTERS
 from fleet_server.api.fast_path import DesiredStateFastPath
 from fleet_server.dashboard import mount_dashboard
+from fleet_server.api.guard import RequestGuard
 from fleet_server.db import make_engine, make_session_factory
 from fleet_server.errors import install_error_handlers
 from fleet_server.locks import Leadership
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (*ROUTERS, telemetry_api.router, rollouts_api.router):
         app.include_router(router)
     mount_dashboard(app)
+    app.add_middleware(RequestGuard, settings=settings)
     app.add_middleware(DesiredStateFastPath, service=app.state.desired_state, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times the fast path too
     return app

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     max_telemetry_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024**2
     max_telemetry_items: Annotated[int, Field(ge=1)] = 20_000
     max_json_bytes: Annotated[int, Field(ge=1024)] = 1024**2
+    max_unauthenticated_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
 
     timestamp_expiry_s: Annotated[int, Field(ge=60)] = 86_400
     snapshot_expiry_s: Annotated[int, Field(ge=60)] = 7 * 86_400

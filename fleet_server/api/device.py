@@ -27,14 +27,9 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 @router.post("/enroll/challenge", response_model=ChallengeOut)
-def enroll_challenge(request: Request, session: SessionDep, settings: SettingsDep) -> ChallengeOut:
-    """A single-use nonce for the device to sign with its Ed25519 key (rate-limited per client)."""
-    request.app.state.enroll_limiter.check(_client(request), "enrollment requests")
+def enroll_challenge(session: SessionDep, settings: SettingsDep) -> ChallengeOut:
+    """A single-use nonce for the device to sign with its Ed25519 key (rate-limited per client by the guard)."""
     nonce, ttl_s = devices.create_nonce(session, settings.nonce_ttl_s)
     return ChallengeOut(nonce=nonce, expires_in_s=ttl_s)
 
@@ -42,7 +37,6 @@ def enroll_challenge(request: Request, session: SessionDep, settings: SettingsDe
 @router.post("/enroll", response_model=EnrollOut, responses={**AUTH_ERRORS, 429: {"description": "rate limited"}})
 def enroll(body: EnrollIn, request: Request, session: SessionDep, settings: SettingsDep) -> EnrollOut:
     """Enroll with a fleet token and proof of key possession; returns the access token (shown once)."""
-    request.app.state.enroll_limiter.check(_client(request), "enrollment requests")
     result = devices.enroll(session, settings, body.model_dump())
     base = settings.public_url.rstrip("/")
     tuf = TufInfo(root=request.app.state.tuf.trusted_root(), metadata_url=f"{base}/tuf/metadata/",

@@ -35,6 +35,7 @@ from fleet_server.principals import DevicePrincipal
 from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
 from fleet_server.settings import Settings
 
+MAX_INSTALLED = 100
 log = logging.getLogger("fleet_server.devices")
 LAST_SEEN_RESOLUTION_S = 60
 _STATUS_ATTEMPTS = 3
@@ -177,11 +178,33 @@ def apply_inventory(device: Device, inventory: dict[str, Any]) -> None:
         device.memory_mb, device.disk_free_mb = caps.memory_mb, caps.disk_free_mb
     hw_class = inventory.get("hw_class") or (caps_data or {}).get("hw_class")
     if isinstance(hw_class, str) and hw_class:
-        device.hw_class = hw_class.lower()
+        device.hw_class = _bounded(hw_class, "hw_class", 64).lower()
     if isinstance(inventory.get("agent_version"), str):
-        device.agent_version = inventory["agent_version"]
+        device.agent_version = _bounded(inventory["agent_version"], "agent_version", 32)
     if "installed" in inventory:
-        device.installed = list(inventory["installed"])
+        device.installed = _installed(inventory["installed"])
+
+
+def _bounded(text: str, field: str, max_chars: int) -> str:
+    if len(text) > max_chars:
+        raise ConfigError(f"inventory.{field}: at most {max_chars} characters")
+    return text
+
+
+def _installed(value: Any) -> list[dict[str, Any]]:
+    """The reported installed bundles, each checked (the enrollment inventory is not typed by its route)."""
+    from pydantic import ValidationError
+
+    from fleet_server.schemas import InstalledBundle
+
+    if not isinstance(value, list) or len(value) > MAX_INSTALLED:
+        raise ConfigError(f"inventory.installed: expected a list of at most {MAX_INSTALLED} bundles")
+    try:
+        return [InstalledBundle.model_validate(item).model_dump(exclude_none=True) for item in value]
+    except ValidationError as e:
+        problem = e.errors()[0]
+        where = ".".join(str(part) for part in problem.get("loc", ()))
+        raise ConfigError(f"inventory.installed: {where}: {problem.get('msg', 'invalid')}") from None
 
 
 def authenticate_device(session: Session, settings: Settings, token: str) -> DevicePrincipal:

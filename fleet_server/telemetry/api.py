@@ -83,8 +83,19 @@ def _period(since: dt.datetime | None, until: dt.datetime | None) -> tuple[dt.da
     return since, until
 
 
+EARLIEST, LATEST = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)
+
+
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+    """A query time in UTC, refused (400) outside 2000 to 2200 (where date arithmetic cannot overflow)."""
+    try:
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+        aware = aware.astimezone(dt.timezone.utc)
+    except OverflowError:
+        aware = EARLIEST - dt.timedelta(days=1)
+    if not EARLIEST <= aware < LATEST:
+        raise ConfigError(f"time {value.isoformat()[:40]} is outside {EARLIEST.year} to {LATEST.year}")
+    return aware
 
 
 @router.get("/telemetry/summary", responses=ERRORS)
