@@ -227,3 +227,26 @@ def test_json_nested_2000_deep_is_a_400_on_every_json_route(client, admin_header
         response = client.request(method, path, content=deep, headers={**headers, "Content-Type": "application/json"})
         assert response.status_code == 400, (path, response.text)
         assert "nested deeper than 32 levels" in response.json()["detail"]
+
+
+def test_the_agent_drops_a_refused_batch_counts_it_and_keeps_uploading(live_server, make_device, session_factory,
+                                                                        tmp_path):  # fmt: skip
+    import httpx
+
+    from device_agent.telemetry.buffer import TelemetryBuffer
+    from device_agent.telemetry.uploader import TelemetryUploader
+
+    device = make_device()
+    buffer = TelemetryBuffer(tmp_path / "telemetry.db", 1_000_000)
+    poisoned = {"id": "w", "model": "digits", "version": 3, "start": AT, "end": END, "counters": {"requests": 1e309}}
+    buffer.put("window", "window", poisoned)  # what a damaged disk or a bug could leave in the buffer
+    buffer.put("event", "error", {"id": "e", "type": "error", "at": AT, "message": "kept"})
+    with httpx.Client(base_url=live_server) as http:
+        uploader = TelemetryUploader(buffer, http, lambda: device.headers, batch_max_items=1)
+        report = uploader.maybe_drain()
+    assert report is not None and report.rejected == 1 and uploader.failures == 0
+    assert buffer.stats()["items"] == 0
+    with session_scope(session_factory) as session:
+        events = {e.type: e.payload for e in session.scalars(select(DeviceEvent))}
+    assert events["error"]["message"] == "kept" and events["drops"]["dropped"] == {"window:rejected": 1}
+    assert stored(session_factory)[1] == 0
