@@ -35,7 +35,7 @@ from fleet_server.db import make_engine, make_session_factory
 from fleet_server.errors import install_error_handlers
 from fleet_server.locks import Leadership
 from fleet_server.logs import configure_logging
-from fleet_server.observability import Metrics, MetricsMiddleware
+from fleet_server.observability import Metrics, MetricsMiddleware, forget_this_process
 from fleet_server.ratelimit import RateLimiter
 from fleet_server.rollouts import api as rollouts_api
 from fleet_server.services.desired_state import DesiredStateService
@@ -101,6 +101,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.desired_state.async_pool is not None:
             await app.state.desired_state.async_pool.close()
         leadership.release()
+        forget_this_process()
         app.state.engine.dispose()
 
 

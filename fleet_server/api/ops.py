@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server.db import current_revision
+from fleet_server.observability import exposition
 
 router = APIRouter(tags=["operations"])
 
@@ -35,5 +36,5 @@ def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
-    """Prometheus exposition of this process's metrics."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus exposition: this process's metrics, or every worker's summed (``run --workers N``)."""
+    return Response(exposition(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -93,9 +93,10 @@ def test_a_poisoned_window_cannot_stop_the_rollback_nor_the_other_rollout(client
     for device in good:
         assert report(client, device, fleet.manifests[("other", 2)], "other", requests=100).status_code == 200
     with session_scope(factory) as session:  # a bad window stored past intake (e.g. before it checked windows)
+        broken = {"counters": {"requests": "lots"}, "latency_ms": {"counts": [-1]}}
         session.add(MetricWindow(batch_pk=0, device_id=bad[1].device_id, model_name="digits", bundle_version=2,
                                  window_start=T0 + dt.timedelta(seconds=20), window_end=T0 + dt.timedelta(seconds=80),
-                                 payload={"counters": {"requests": "lots"}, "latency_ms": {"counts": [-1]}}))  # fmt: skip
+                                 payload=broken))  # fmt: skip
     clock.advance(SOAK_S + 2)
     engine.tick()
     with factory() as session:
