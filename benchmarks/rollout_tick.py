@@ -16,8 +16,9 @@ Timed, on the same database in the same run:
    ``STEADY_TICKS`` ticks. Target: <= 200 ms at 10,000 devices on PostgreSQL;
 3. **baseline**: the same cohort figures recomputed from every raw window of the wave
    (``fleet_server.telemetry.query.cohort_stats``, what a tick did before aggregates were folded);
-4. on SQLite, **write lock**: the longest a concurrent writer (a thread inserting small telemetry rows
-   in a loop, as intake does) waited during the steady ticks, against the same writer without ticks.
+4. on SQLite, **write lock**: the longest a concurrent writer (another process inserting small rows
+   in a loop, one transaction each, as intake does) waited during the steady ticks, against the same
+   writer without ticks.
 
 Usage: ``python benchmarks/rollout_tick.py [--devices 1000,10000,100000] [--backends sqlite,postgresql]``.
 Writes its table to ``docs/benchmarks.md`` (section ``rollout_tick``).
@@ -31,9 +32,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -240,40 +241,42 @@ class Scene:
         self.engine.dispose()
 
 
+PROBE_SCRIPT = """
+import json, sqlite3, sys, time, uuid, os
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA busy_timeout=10000")
+latencies = []
+while not os.path.exists(sys.argv[2]):
+    started = time.perf_counter()
+    db.execute("BEGIN")
+    db.execute("INSERT INTO telemetry_batches (device_id, batch_id, received_at, events, windows, samples, size_bytes)"
+               " VALUES ('probe', ?, '2026-03-01 12:00:00.000000', 0, 0, 0, 0)", (uuid.uuid4().hex,))
+    db.execute("COMMIT")
+    latencies.append(time.perf_counter() - started)
+    time.sleep(0.002)
+print(json.dumps(latencies))
+"""
+
+
 class WriterProbe:
-    """A thread inserting one small row per iteration (own connection); records each insert's latency."""
+    """Another process inserting one small row per transaction (as intake does) into the SQLite file, with the
+    server's busy timeout; records how long each insert took (mostly: waiting for the write lock)."""
 
-    def __init__(self, url: str) -> None:
-        import sqlalchemy as sa
-
-        self.engine = sa.create_engine(url)
-        from fleet_server.db import make_engine
-
-        self.engine = make_engine(url)
+    def __init__(self, url: str, work: Path) -> None:
+        self.database = url.removeprefix("sqlite:///")
+        self.stop_file = work / f"probe-stop-{uuid.uuid4().hex}"
         self.latencies_s: list[float] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import sqlalchemy as sa
-
-        statement = sa.text("INSERT INTO telemetry_batches (device_id, batch_id, received_at, events, windows, samples,"
-                            " size_bytes) VALUES (:d, :b, :at, 0, 0, 0, 0)")  # fmt: skip
-        while not self.stop.is_set():
-            started = time.perf_counter()
-            with self.engine.begin() as connection:
-                connection.execute(statement, {"d": "probe", "b": uuid.uuid4().hex, "at": "2026-03-01 12:00:00"})
-            self.latencies_s.append(time.perf_counter() - started)
-            time.sleep(0.002)
 
     def __enter__(self) -> WriterProbe:
-        self.thread.start()
+        command = [sys.executable, "-c", PROBE_SCRIPT, self.database, str(self.stop_file)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.engine.dispose()
+        self.stop_file.touch()
+        out, _ = self.process.communicate(timeout=60)
+        self.latencies_s = json.loads(out)
 
 
 # --- the measurement ---------------------------------------------------------------------------------
@@ -288,14 +291,14 @@ def bench(backend: str, n: int, history_min: int, baseline: bool) -> dict[str, A
             scene = Scene(url, n, work, history_min)
             setup_s = time.perf_counter() - started
             try:
-                return measure(scene, url, backend, baseline) | {"setup_s": setup_s, "history_min": history_min}
+                return measure(scene, url, backend, baseline, work) | {"setup_s": setup_s, "history_min": history_min}
             finally:
                 scene.close()
         finally:
             drop_database(pg_name)
 
 
-def measure(scene: Scene, url: str, backend: str, baseline: bool) -> dict[str, Any]:
+def measure(scene: Scene, url: str, backend: str, baseline: bool, work: Path) -> dict[str, Any]:
     catch_up_s, actions = scene.tick_s()
     out: dict[str, Any] = {"catch_up_s": catch_up_s, "catch_up_actions": actions}
     steady, arriving = [], 0
@@ -306,17 +309,17 @@ def measure(scene: Scene, url: str, backend: str, baseline: bool) -> dict[str, A
         assert not actions, f"the scene was meant to stay mid-wave, got {actions}"
     out |= {"steady_median_s": statistics.median(steady), "steady_max_s": max(steady), "arriving_windows": arriving}
     if backend == "sqlite":
-        out |= writer_waits(scene, url)
+        out |= writer_waits(scene, url, work)
     if baseline:
         out["baseline_s"] = min(scene.baseline_s() for _ in range(2))
     return out
 
 
-def writer_waits(scene: Scene, url: str) -> dict[str, Any]:
+def writer_waits(scene: Scene, url: str, work: Path) -> dict[str, Any]:
     """The longest insert of a concurrent writer with steady ticks running, and without."""
-    with WriterProbe(url) as alone:
+    with WriterProbe(url, work) as alone:
         time.sleep(2.0)
-    with WriterProbe(url) as during:
+    with WriterProbe(url, work) as during:
         for _ in range(STEADY_TICKS):
             scene.write_until(scene.written_until + dt.timedelta(seconds=TICK_S))
             scene.tick_s()

@@ -22,6 +22,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
@@ -32,7 +33,7 @@ from fleet_server.api.fast_path import DesiredStateFastPath
 from fleet_server.dashboard import mount_dashboard
 from fleet_server.api.guard import RequestGuard
 from fleet_server.db import make_engine, make_session_factory
-from fleet_server.errors import install_error_handlers
+from fleet_server.errors import document_errors, install_error_handlers
 from fleet_server.locks import Leadership
 from fleet_server.logs import configure_logging
 from fleet_server.observability import Metrics, MetricsMiddleware, forget_this_process
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     _attach_state(app, settings)
     install_error_handlers(app)
+    _document_errors(app)
     for router in (*ROUTERS, telemetry_api.router, rollouts_api.router):
         app.include_router(router)
     mount_dashboard(app)
@@ -69,8 +71,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _document_errors(app: FastAPI) -> None:
+    """Publish every error status with its ``{"detail"}`` body on every operation (``errors.document_errors``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if not getattr(app.state, "errors_documented", False):
+            app.openapi_schema = document_errors(generate())
+            app.state.errors_documented = True
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _attach_state(app: FastAPI, settings: Settings) -> None:
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)

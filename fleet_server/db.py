@@ -90,14 +90,18 @@ def normalize_url(database_url: str) -> str:
     raise ConfigError(f"database URL {database_url!r} is not sqlite:/// or postgresql://")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
     """WAL and a busy timeout so that the API and background tasks share one SQLite file safely."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.close()
+
+    return on_connect
 
 
 def private_sqlite_file(url: str) -> None:
@@ -118,13 +122,13 @@ def private_sqlite_file(url: str) -> None:
             file.chmod(0o600)
 
 
-def make_engine(database_url: str, pool_size: int = 10) -> Engine:
+def make_engine(database_url: str, pool_size: int = 10, sqlite_busy_timeout_ms: int = 10_000) -> Engine:
     """An engine for a SQLite file or a PostgreSQL server, tuned for the API's short transactions."""
     url = normalize_url(database_url)
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         engine = create_engine(url, pool_size=pool_size, max_overflow=20, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_busy_timeout_ms))
         return engine
     # No pre-ping (a round trip per checkout on the poll path): a dropped connection fails one request
     # with a 503 and SQLAlchemy then replaces the whole pool; ``pool_recycle`` retires idle connections.

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     nonce_ttl_s: Annotated[int, Field(ge=10)] = 300
 
     poll_db_connections: Annotated[int, Field(ge=1, le=100)] = 4
+    sqlite_busy_timeout_ms: Annotated[int, Field(ge=0, le=600_000)] = 10_000
     poll_interval_s: Annotated[int, Field(ge=5)] = 300
     jitter_s: Annotated[int, Field(ge=0)] = 30
     fallback_url: str | None = None

@@ -9,9 +9,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server.db import current_revision
+from fleet_server.errors import RETRY_AFTER_S
 from fleet_server.observability import exposition
 
 router = APIRouter(tags=["operations"])
+RETRY = {"Retry-After": RETRY_AFTER_S}
 
 
 @router.get("/healthz")
@@ -28,9 +30,9 @@ def readyz(request: Request) -> JSONResponse:
             connection.execute(text("SELECT 1"))
         revision = current_revision(request.app.state.engine)
     except SQLAlchemyError as error:
-        return JSONResponse({"status": "unavailable", "detail": f"database: {type(error).__name__}"}, 503)
+        return JSONResponse({"status": "unavailable", "detail": f"database: {type(error).__name__}"}, 503, RETRY)
     if revision is None:
-        return JSONResponse({"status": "unavailable", "detail": "database is not migrated"}, 503)
+        return JSONResponse({"status": "unavailable", "detail": "database is not migrated"}, 503, RETRY)
     return JSONResponse({"status": "ready", "schema_revision": revision, "tuf_root": request.app.state.tuf.has_root()})
 
 
