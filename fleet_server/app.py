@@ -32,8 +32,9 @@ from fleet_server.api import ROUTERS
 from fleet_server.api.fast_path import DesiredStateFastPath
 from fleet_server.dashboard import mount_dashboard
 from fleet_server.api.guard import RequestGuard
+from fleet_server.api.openapi import publish as publish_schema
 from fleet_server.db import make_engine, make_session_factory
-from fleet_server.errors import document_errors, install_error_handlers
+from fleet_server.errors import install_error_handlers
 from fleet_server.locks import Leadership
 from fleet_server.logs import configure_logging
 from fleet_server.observability import Metrics, MetricsMiddleware, forget_this_process
@@ -72,12 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _document_errors(app: FastAPI) -> None:
-    """Publish every error status with its ``{"detail"}`` body on every operation (``errors.document_errors``)."""
+    """Publish the schema as the server enforces it: error statuses and bodies, bounds (``api.openapi``)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if not getattr(app.state, "errors_documented", False):
-            app.openapi_schema = document_errors(generate())
+            app.openapi_schema = publish_schema(generate())
             app.state.errors_documented = True
         return app.openapi_schema or generate()
 

@@ -99,6 +99,8 @@ def error_response(detail: str, status: int, headers: dict[str, str] | None = No
     """The ``{"detail": ...}`` body every error has; text a client sent (lone surrogates included) is
     escaped so that the answer can always be encoded."""
     safe = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(safe) > MAX_DETAIL_CHARS:  # a message quoting what the client sent stays readable
+        safe = safe[: MAX_DETAIL_CHARS - 3] + "..."
     return JSONResponse({"detail": safe}, status_code=status, headers=headers)
 
 
@@ -114,15 +116,16 @@ def describe_validation_error(errors: list[Any]) -> str:
 
 def _validation_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    return JSONResponse({"detail": describe_validation_error(list(error.errors()))}, status_code=422)
+    return error_response(describe_validation_error(list(error.errors())), 422)
 
 
 def _http_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+    return error_response(str(error.detail), error.status_code, dict(error.headers or {}))
 
 
 RETRY_AFTER_S = "5"
+MAX_DETAIL_CHARS = 1000
 UNAVAILABLE = "the database is unavailable; retry later"
 
 
@@ -162,7 +165,7 @@ def _unexpected(_request: Request, error: Exception) -> JSONResponse:
 
 ERROR_SCHEMA: dict[str, Any] = {
     "title": "Error", "type": "object", "required": ["detail"],
-    "properties": {"detail": {"type": "string", "description": "one readable sentence"}},
+    "properties": {"detail": {"type": "string", "maxLength": 1000, "description": "one readable sentence"}},
 }  # fmt: skip
 ERROR_STATUSES: dict[str, str] = {
     "400": "invalid input (the detail names the field)", "401": "missing, unknown or revoked credentials",

@@ -24,7 +24,7 @@ import io
 from collections.abc import Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Response
+from fastapi import APIRouter, FastAPI, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from bundles.errors import ConfigError
@@ -47,6 +47,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }  # fmt: skip
 MAX_SAMPLES = 10_000
 ModelName = Annotated[str, Query(min_length=1, max_length=100)]
+ModelPath = Annotated[str, Path(min_length=1, max_length=100)]
 Since = Annotated[dt.datetime | None, Query(description="ISO 8601; default one hour ago")]
 Until = Annotated[dt.datetime | None, Query(description="ISO 8601; default now")]
 OptModel = Annotated[str | None, Query(max_length=100)]
@@ -161,7 +162,7 @@ def prune(session: SessionDep, _caller: AdminDep, body: PruneIn | None = None) -
 
 @router.get("/drift/{model}", responses=ERRORS)
 def drift(
-    session: SessionDep, _caller: ViewerDep, model: str, since: Since = None, until: Until = None
+    session: SessionDep, _caller: ViewerDep, model: ModelPath, since: Since = None, until: Until = None
 ) -> dict[str, Any]:
     """PSI per feature and for the output, per version, with the monitor's levels."""
     start, end = _period(since, until)
@@ -171,13 +172,13 @@ def drift(
 
 
 @router.get("/drift/{model}/monitor", responses=ERRORS)
-def get_monitor(session: SessionDep, _caller: ViewerDep, model: str) -> dict[str, Any]:
+def get_monitor(session: SessionDep, _caller: ViewerDep, model: ModelPath) -> dict[str, Any]:
     """The thresholds ``model`` is monitored with (``overridden`` false means the defaults)."""
     return monitors.monitor_settings(session, model).to_dict()
 
 
 @router.put("/drift/{model}/monitor", responses=ERRORS)
-def put_monitor(session: SessionDep, _caller: OperatorDep, model: str, body: MonitorIn) -> dict[str, Any]:
+def put_monitor(session: SessionDep, _caller: OperatorDep, model: ModelPath, body: MonitorIn) -> dict[str, Any]:
     """Override the drift thresholds of ``model``."""
     if len(model) > 100:
         raise ConfigError("model: at most 100 characters")
@@ -187,7 +188,7 @@ def put_monitor(session: SessionDep, _caller: OperatorDep, model: str, body: Mon
 
 
 @router.post("/drift/{model}/evaluate", responses=ERRORS)
-def evaluate(session: SessionDep, _caller: OperatorDep, model: str) -> list[dict[str, Any]]:
+def evaluate(session: SessionDep, _caller: OperatorDep, model: ModelPath) -> list[dict[str, Any]]:
     """Evaluate the monitor of ``model`` now; the open alerts afterwards."""
     return [monitors.alert_dict(a) for a in monitors.evaluate(session, model)]
 
