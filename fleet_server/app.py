@@ -40,7 +40,7 @@ from fleet_server.logs import configure_logging
 from fleet_server.observability import Metrics, MetricsMiddleware, forget_this_process
 from fleet_server.ratelimit import RateLimiter
 from fleet_server.rollouts import api as rollouts_api
-from fleet_server.services.desired_state import DesiredStateService
+from fleet_server.services.desired_state import DesiredStateService, listen_for_changes
 from fleet_server.services.tuf_host import TufHost, refresh_loop
 from fleet_server.settings import Settings
 from fleet_server.telemetry import api as telemetry_api
@@ -108,6 +108,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(refresh_loop(app.state.tuf, settings.tuf_refresh_interval_s,
                                                       lambda: leadership.held)))  # fmt: skip
         tasks.append(asyncio.create_task(_flush_loop(app.state.desired_state, LAST_SEEN_FLUSH_INTERVAL_S)))
+        tasks.append(asyncio.create_task(listen_for_changes(app.state.desired_state)))
     try:
         yield
     finally:

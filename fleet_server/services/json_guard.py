@@ -129,7 +129,8 @@ def _walk_array(value: list[Any], depth: int, max_chars: int) -> None:
     if depth > MAX_DEPTH:
         raise _BadValue(f"nested deeper than {MAX_DEPTH} levels")
     for i, item in enumerate(value):
-        if type(item) is float and math.isfinite(item):  # tensors: long runs of plain numbers
+        kind = type(item)  # tensors and histograms: long runs of plain numbers, checked inline
+        if (kind is float and math.isfinite(item)) or (kind is int and INT64_MIN <= item <= INT64_MAX):
             continue
         try:
             _walk(item, depth, max_chars)
