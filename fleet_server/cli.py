@@ -194,7 +194,9 @@ def run(
     data_dir: DataDir = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default from settings).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default from settings).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes (PostgreSQL recommended above 1).")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes; one of them runs the background tasks (docs/server.md).")
+    ] = 1,
 ) -> None:
     """Serve the API with uvicorn (the database is migrated to the newest schema first)."""
     import os

@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 
 from bundles.errors import ConfigError
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
@@ -57,22 +57,32 @@ OptReason = Annotated[str | None, Query(max_length=32)]
 PARQUET: dict[int | str, dict[str, Any]] = {200: {"content": {"application/vnd.apache.parquet": {}}}}
 
 
+def _json_number(value: Any) -> Any:
+    """A JSON number as sent: ``"30"`` or ``true`` is not one (pydantic's lax mode would convert them)."""
+    if isinstance(value, (str, bool)):
+        raise ValueError("expected a number")
+    return value
+
+
+NUMBER = BeforeValidator(_json_number)
+
+
 class MonitorIn(BaseModel):
     """A per-model override of the drift monitor (unset fields keep their value)."""
 
-    warn_psi: float | None = Field(default=None, gt=0, le=10)
-    alert_psi: float | None = Field(default=None, gt=0, le=10)
-    lookback_s: int | None = Field(default=None, gt=0, le=90 * 86_400)
-    min_rows: int | None = Field(default=None, ge=0, le=10**9)
-    enabled: bool | None = None
+    warn_psi: Annotated[float, Field(gt=0, le=10), NUMBER] | None = None
+    alert_psi: Annotated[float, Field(gt=0, le=10), NUMBER] | None = None
+    lookback_s: Annotated[int, Field(gt=0, le=90 * 86_400), NUMBER] | None = None
+    min_rows: Annotated[int, Field(ge=0, le=10**9), NUMBER] | None = None
+    enabled: StrictBool | None = None
 
 
 class PruneIn(BaseModel):
     """Retention limits in days."""
 
-    windows_days: int = Field(default=90, ge=1, le=3650)
-    samples_days: int = Field(default=30, ge=1, le=3650)
-    events_days: int = Field(default=365, ge=1, le=3650)
+    windows_days: Annotated[int, Field(ge=1, le=3650), NUMBER] = 90
+    samples_days: Annotated[int, Field(ge=1, le=3650), NUMBER] = 30
+    events_days: Annotated[int, Field(ge=1, le=3650), NUMBER] = 365
 
 
 def _period(since: dt.datetime | None, until: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:

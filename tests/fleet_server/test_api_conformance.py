@@ -42,7 +42,8 @@ def run_operation(operation, headers: dict[str, str], statuses: list[int], check
         try:
             case.validate_response(response, checks=checks, headers=sent)
         except (Exception, FailureGroup) as failure:  # one (grouped) failure per response
-            failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {str(failure)[:300]}")
+            failures.append(f"{case.method} {case.formatted_path} -> {response.status_code} {response.text[:200]}:"
+                            f" {str(failure)[:300]}")  # fmt: skip
 
     run()
     return failures
