@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, make_url
+from sqlalchemy import JSON, DateTime, Engine, MetaData, bindparam, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -73,6 +73,19 @@ class Base(DeclarativeBase):
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+MAX_BOUND_VALUES = 10_000
+
+
+def among(column: Any, values: Any) -> Any:
+    """``column IN values`` for any number of values: past :data:`MAX_BOUND_VALUES`, the values are
+    rendered into the statement (safely quoted) instead of bound one parameter each, since PostgreSQL's
+    protocol takes at most 65,535 parameters (a rollout to 100,000 devices names more)."""
+    values = list(values)
+    if len(values) <= MAX_BOUND_VALUES:
+        return column.in_(values)
+    return column.in_(bindparam("among_values", values, expanding=True, literal_execute=True))
 
 
 def utcnow() -> dt.datetime:

@@ -40,7 +40,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fleet_server.db import utcnow
+from fleet_server.db import among, utcnow
 from fleet_server.locks import serialized
 from fleet_server.models import Device
 from fleet_server.rollouts import assign, cohorts
@@ -328,7 +328,7 @@ def _last_polls(session: Session, device_ids: list[str]) -> dict[str, dt.datetim
     """When each device last polled its desired state (what a device that sent nothing still shows)."""
     if not device_ids:
         return {}
-    rows = session.execute(select(Device.id, Device.last_seen_at).where(Device.id.in_(device_ids)))
+    rows = session.execute(select(Device.id, Device.last_seen_at).where(among(Device.id, device_ids)))
     return dict(rows.tuples().all())
 
 
