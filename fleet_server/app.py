@@ -30,9 +30,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from fleet_server import __version__
 from fleet_server.api import ROUTERS
 from fleet_server.api.fast_path import DesiredStateFastPath
-from fleet_server.dashboard import mount_dashboard
 from fleet_server.api.guard import RequestGuard
 from fleet_server.api.openapi import publish as publish_schema
+from fleet_server.dashboard import mount_dashboard
 from fleet_server.db import make_engine, make_session_factory
 from fleet_server.errors import install_error_handlers
 from fleet_server.locks import Leadership
