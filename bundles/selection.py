@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import re
@@ -128,12 +129,18 @@ def _strings(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+MAX_MB = 2**31 - 1
+"""The largest memory or disk size a device may report, in MB (a 32-bit column; two petabytes)."""
+
+
 def _optional_int(data: Mapping[str, Any], key: str) -> int | None:
     value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"capabilities.{key}: expected a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_MB):
+        raise ConfigError(f"capabilities.{key}: {value!r} is not a number of MB in [0, {MAX_MB}]")
     return int(value)
 
 

@@ -6,20 +6,175 @@ distribution and shadow agreement. Any set of windows therefore merges into one 
 element-wise, which is what the device's offline buffer does to save space and what the server does
 to sum a device over a day or a cohort over an hour. Both sides use these functions so that the two
 can never disagree on the rule.
+
+A window is also the one thing a device sends that the server adds up, so its numbers are checked
+against the contract at both ends: :func:`check_window` refuses (with the field named) any count
+that is not an integer in ``[0, MAX_COUNT]``, any sum that is not finite and in ``[0, MAX_SUM]``,
+histograms longer than their bounds, names that are not short strings, and counts that contradict
+each other (more errors than requests, more shadow agreements than comparisons). The server runs it
+on intake (a bad window is a 400 naming the field) and again on every stored window it merges
+(:func:`merge_valid`), so that a window stored before these checks, or written past them, is left out
+and counted rather than able to stop an aggregation.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from bundles.errors import ConfigError
 
 LATENCY_EDGES_MS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-20, 51))
 """Latency bucket edges in ms: 0.01 ms to 100 s, ten per decade (71 edges, 72 buckets)."""
 
 MERGED_FIELDS = ("counters", "latency_ms", "features", "output", "shadow")
 """The fields of a window payload that add up; the rest (ids, times) describe it."""
+
+MAX_COUNT = 10**12
+"""The largest count a window may hold (a million requests a second for eleven days)."""
+MAX_SUM = 1e15
+"""The largest sum (of milliseconds) a window may hold."""
+MAX_BINS = 4096
+"""The most bins a feature or output histogram may have."""
+MAX_HISTOGRAMS = 1024
+"""The most features (or outputs) a window may carry histograms for."""
+MAX_NAMES = 256
+"""The most keys a counter group (``sources``, ``fallback_reasons``, ...) may have."""
+MAX_NAME_CHARS = 200
+"""The longest feature, output or counter name."""
+SUM_KEYS = frozenset({"sum", "latency_ms_sum"})
+"""Keys whose values are sums of milliseconds (finite floats), not counts."""
+SCALAR_COUNTERS = frozenset({"requests", "rows", "errors", "fallbacks", "low_confidence"})
+"""Counters that are one count each; the other counter keys may be groups of name -> count."""
+
+
+def check_window(payload: Any, where: str = "window") -> None:
+    """Refuse a window payload whose merged fields break the contract (:class:`ConfigError` naming the field)."""
+    if not isinstance(payload, Mapping):
+        raise ConfigError(f"{where}: expected an object")
+    _check_counters(payload.get("counters"), f"{where}.counters")
+    _check_latency(payload.get("latency_ms"), f"{where}.latency_ms")
+    for key in ("features", "output"):
+        _check_histograms(payload.get(key), f"{where}.{key}")
+    _check_shadow(payload.get("shadow"), f"{where}.shadow")
+
+
+def is_valid_window(payload: Any) -> bool:
+    """Whether :func:`check_window` accepts ``payload`` (never raises)."""
+    try:
+        check_window(payload)
+    except (ConfigError, RecursionError):
+        return False
+    return True
+
+
+def merge_valid(payloads: Iterable[Any]) -> tuple[dict[str, Any], int]:
+    """The sum of the valid windows among ``payloads`` and how many were left out as invalid; never raises."""
+    valid, skipped = [], 0
+    for payload in payloads:
+        if is_valid_window(payload):
+            valid.append(payload)
+        else:
+            skipped += 1
+    return merge_fields(valid), skipped
+
+
+def _check_counters(value: Any, where: str) -> None:
+    if value is None:
+        return
+    counts = _object(value, where, MAX_NAMES)
+    for key, item in counts.items():
+        if isinstance(item, Mapping) and key not in SCALAR_COUNTERS:
+            for name, count in _object(item, f"{where}.{key}", MAX_NAMES).items():
+                check_count(count, f"{where}.{key}.{name}")
+        else:
+            check_count(item, f"{where}.{key}")
+    requests = counts.get("requests", 0)
+    for key in ("errors", "fallbacks"):
+        if counts.get(key, 0) > requests:
+            raise ConfigError(f"{where}.{key}: {counts[key]} is more than the window's {requests} requests")
+
+
+def _check_latency(value: Any, where: str) -> None:
+    if value is None:
+        return
+    latency = _object(value, where, 8)
+    counts = latency.get("counts")
+    if counts is not None:
+        _check_list(counts, f"{where}.counts", len(LATENCY_EDGES_MS) + 1)
+    for key, item in latency.items():
+        if key != "counts":
+            check_sum(item, f"{where}.{key}")
+
+
+def _check_histograms(value: Any, where: str) -> None:
+    if value is None:
+        return
+    for name, counts in _object(value, where, MAX_HISTOGRAMS).items():
+        _check_list(counts, f"{where}.{name}", MAX_BINS)
+
+
+def _check_shadow(value: Any, where: str) -> None:
+    if value is None:
+        return
+    shadow = _object(value, where, 16)
+    for key, item in shadow.items():
+        (check_sum if key in SUM_KEYS else check_count)(item, f"{where}.{key}")
+    if shadow.get("agreed", 0) > shadow.get("compared", 0):
+        raise ConfigError(f"{where}.agreed: more agreements than the {shadow.get('compared', 0)} comparisons")
+
+
+def _object(value: Any, where: str, max_keys: int) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
+    if len(value) > max_keys:
+        raise ConfigError(f"{where}: {len(value)} keys; at most {max_keys}")
+    for key in value:
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME_CHARS:
+            raise ConfigError(f"{where}: keys must be names of 1 to {MAX_NAME_CHARS} characters")
+    return value
+
+
+def _check_list(value: Any, where: str, max_len: int) -> None:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of counts, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise ConfigError(f"{where}: {len(value)} entries; at most {max_len}")
+    if value and _plain_counts(value):
+        return
+    for i, count in enumerate(value):
+        check_count(count, f"{where}[{i}]")
+
+
+def _plain_counts(values: list[Any]) -> bool:
+    """Whether every value is an ``int`` in range (the common case, checked without a Python loop)."""
+    return set(map(type, values)) == {int} and min(values) >= 0 and max(values) <= MAX_COUNT
+
+
+def check_count(value: Any, where: str) -> None:
+    """A count: an integer (``3`` or ``3.0``) in ``[0, MAX_COUNT]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a count, got {type(value).__name__}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ConfigError(f"{where}: {value!r} is not a whole number")
+    if not 0 <= value <= MAX_COUNT:
+        raise ConfigError(f"{where}: {_short(value)} is outside [0, {MAX_COUNT}]")
+
+
+def check_sum(value: Any, where: str) -> None:
+    """A sum of milliseconds: a finite number in ``[0, MAX_SUM]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_SUM):
+        raise ConfigError(f"{where}: {_short(value)} is not a finite number in [0, {MAX_SUM:g}]")
+
+
+def _short(value: float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 def merge_fields(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -44,11 +199,12 @@ def sum_nested(values: list[Any]) -> Any:
         return None
     first = present[0]
     if isinstance(first, Mapping):
-        keys = dict.fromkeys(k for v in present if isinstance(v, Mapping) for k in v)
-        return {k: sum_nested([v.get(k) for v in present if isinstance(v, Mapping)]) for k in keys}
+        maps = [v for v in present if isinstance(v, Mapping)]
+        keys = dict.fromkeys(k for v in maps for k in v)
+        return {k: sum_nested([v.get(k) for v in maps]) for k in keys}
     if isinstance(first, list):
         return _sum_lists([v for v in present if isinstance(v, list)])
-    numbers = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numbers = [v for v in present if type(v) in (int, float)]  # not bool: True is no count
     return sum(numbers) if numbers else present[-1]
 
 
@@ -62,4 +218,20 @@ def _sum_lists(rows: list[list[Any]]) -> Any:
         return rows[-1]
 
 
-__all__ = ["LATENCY_EDGES_MS", "MERGED_FIELDS", "merge_fields", "sum_nested"]
+__all__ = [
+    "LATENCY_EDGES_MS",
+    "MAX_BINS",
+    "MAX_COUNT",
+    "MAX_HISTOGRAMS",
+    "MAX_NAMES",
+    "MAX_NAME_CHARS",
+    "MAX_SUM",
+    "MERGED_FIELDS",
+    "check_count",
+    "check_sum",
+    "check_window",
+    "is_valid_window",
+    "merge_fields",
+    "merge_valid",
+    "sum_nested",
+]

@@ -6,9 +6,14 @@ routers of ``fleet_server.api``, ``fleet_server.telemetry.api`` and ``fleet_serv
 domain-error mapping, the request metrics middleware, the dashboard (``fleet_server.dashboard``, at
 ``/ui``) and the background task that keeps TUF timestamp/snapshot fresh.
 
+Background loops (TUF refresh here; rollout ticks and telemetry maintenance in their routers) run
+only in the one process that holds the background leadership (:class:`fleet_server.locks.Leadership`,
+re-checked every ``leader_check_s``), however many workers or hosts serve the database. The
+last-seen flush is per process (it writes what this process buffered).
+
 Everything request handlers need hangs off ``app.state``: ``settings``, ``engine``,
 ``session_factory``, ``metrics``, ``desired_state`` (the memoised desired-state renderer),
-``enroll_limiter`` and ``tuf`` (the hosted repository).
+``enroll_limiter``, ``tuf`` (the hosted repository) and ``leadership``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,14 +30,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from fleet_server import __version__
 from fleet_server.api import ROUTERS
 from fleet_server.api.fast_path import DesiredStateFastPath
+from fleet_server.api.guard import RequestGuard
+from fleet_server.api.openapi import publish as publish_schema
 from fleet_server.dashboard import mount_dashboard
 from fleet_server.db import make_engine, make_session_factory
 from fleet_server.errors import install_error_handlers
+from fleet_server.locks import Leadership
 from fleet_server.logs import configure_logging
-from fleet_server.observability import Metrics, MetricsMiddleware
+from fleet_server.observability import Metrics, MetricsMiddleware, forget_this_process
 from fleet_server.ratelimit import RateLimiter
 from fleet_server.rollouts import api as rollouts_api
-from fleet_server.services.desired_state import DesiredStateService
+from fleet_server.services.desired_state import DesiredStateService, listen_for_changes
 from fleet_server.services.tuf_host import TufHost, refresh_loop
 from fleet_server.settings import Settings
 from fleet_server.telemetry import api as telemetry_api
@@ -53,16 +62,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     _attach_state(app, settings)
     install_error_handlers(app)
+    _document_errors(app)
     for router in (*ROUTERS, telemetry_api.router, rollouts_api.router):
         app.include_router(router)
     mount_dashboard(app)
+    app.add_middleware(RequestGuard, settings=settings)
     app.add_middleware(DesiredStateFastPath, service=app.state.desired_state, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times the fast path too
     return app
 
 
+def _document_errors(app: FastAPI) -> None:
+    """Publish the schema as the server enforces it: error statuses and bodies, bounds (``api.openapi``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if not getattr(app.state, "errors_documented", False):
+            app.openapi_schema = publish_schema(generate())
+            app.state.errors_documented = True
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _attach_state(app: FastAPI, settings: Settings) -> None:
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
@@ -70,15 +94,21 @@ def _attach_state(app: FastAPI, settings: Settings) -> None:
     app.state.desired_state = DesiredStateService(engine, settings)
     app.state.enroll_limiter = RateLimiter(settings.enroll_rate_per_minute)
     app.state.tuf = TufHost(settings)
+    app.state.leadership = Leadership(engine)
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the background tasks (TUF refresh, last-seen flush); stop them and flush on shutdown."""
+    """Start the background tasks (leadership, TUF refresh, last-seen flush); stop them and flush on shutdown."""
     tasks = []
-    if app.state.settings.background_tasks:
-        tasks.append(asyncio.create_task(refresh_loop(app.state.tuf, app.state.settings.tuf_refresh_interval_s)))
+    settings, leadership = app.state.settings, app.state.leadership
+    if settings.background_tasks:
+        await asyncio.to_thread(_refresh_leadership, app)
+        tasks.append(asyncio.create_task(_leadership_loop(app, settings.leader_check_s)))
+        tasks.append(asyncio.create_task(refresh_loop(app.state.tuf, settings.tuf_refresh_interval_s,
+                                                      lambda: leadership.held)))  # fmt: skip
         tasks.append(asyncio.create_task(_flush_loop(app.state.desired_state, LAST_SEEN_FLUSH_INTERVAL_S)))
+        tasks.append(asyncio.create_task(listen_for_changes(app.state.desired_state)))
     try:
         yield
     finally:
@@ -87,7 +117,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(_flush_quietly, app.state.desired_state)
         if app.state.desired_state.async_pool is not None:
             await app.state.desired_state.async_pool.close()
+        leadership.release()
+        forget_this_process()
         app.state.engine.dispose()
+
+
+def _refresh_leadership(app: FastAPI) -> None:
+    held = app.state.leadership.refresh()
+    app.state.metrics.background_leader.set(1 if held else 0)
+
+
+async def _leadership_loop(app: FastAPI, interval_s: float) -> None:
+    """Keep (or try to take) the background leadership every ``interval_s``."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(_refresh_leadership, app)
+        except Exception:  # never fatal: the next round retries
+            log.exception("could not check the background leadership")
 
 
 async def _flush_loop(service: DesiredStateService, interval_s: float) -> None:

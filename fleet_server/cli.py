@@ -194,7 +194,9 @@ def run(
     data_dir: DataDir = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default from settings).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default from settings).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes (PostgreSQL recommended above 1).")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes; one of them runs the background tasks (docs/server.md).")
+    ] = 1,
 ) -> None:
     """Serve the API with uvicorn (the database is migrated to the newest schema first)."""
     import os
@@ -204,8 +206,20 @@ def run(
     settings = settings_for(data_dir)
     guarded(lambda: upgrade_database(settings.resolved_database_url))
     os.environ["EDGEFLEET_DATA_DIR"] = str(settings.data_dir)
+    if workers > 1:  # every worker writes its metrics here; /metrics sums them (fleet_server.observability)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(fresh_metrics_dir(settings.data_dir))
     uvicorn.run("fleet_server.cli:build_app", factory=True, host=host or settings.host, port=port or settings.port,
                 workers=workers, log_config=None, access_log=False)  # fmt: skip
+
+
+def fresh_metrics_dir(data_dir: Path) -> Path:
+    """An empty ``metrics/`` in the data directory (values of an earlier run would be summed in otherwise)."""
+    import shutil
+
+    path = data_dir / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    return path
 
 
 def build_app() -> Any:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, make_url
+from sqlalchemy import JSON, DateTime, Engine, MetaData, bindparam, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -75,6 +75,19 @@ class Base(DeclarativeBase):
     type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
 
 
+MAX_BOUND_VALUES = 10_000
+
+
+def among(column: Any, values: Any) -> Any:
+    """``column IN values`` for any number of values: past :data:`MAX_BOUND_VALUES`, the values are
+    rendered into the statement (safely quoted) instead of bound one parameter each, since PostgreSQL's
+    protocol takes at most 65,535 parameters (a rollout to 100,000 devices names more)."""
+    values = list(values)
+    if len(values) <= MAX_BOUND_VALUES:
+        return column.in_(values)
+    return column.in_(bindparam("among_values", values, expanding=True, literal_execute=True))
+
+
 def utcnow() -> dt.datetime:
     """The current time, timezone-aware in UTC (the only kind of datetime the schema stores)."""
     return dt.datetime.now(dt.timezone.utc)
@@ -90,14 +103,18 @@ def normalize_url(database_url: str) -> str:
     raise ConfigError(f"database URL {database_url!r} is not sqlite:/// or postgresql://")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
     """WAL and a busy timeout so that the API and background tasks share one SQLite file safely."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.close()
+
+    return on_connect
 
 
 def private_sqlite_file(url: str) -> None:
@@ -118,13 +135,13 @@ def private_sqlite_file(url: str) -> None:
             file.chmod(0o600)
 
 
-def make_engine(database_url: str, pool_size: int = 10) -> Engine:
+def make_engine(database_url: str, pool_size: int = 10, sqlite_busy_timeout_ms: int = 10_000) -> Engine:
     """An engine for a SQLite file or a PostgreSQL server, tuned for the API's short transactions."""
     url = normalize_url(database_url)
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         engine = create_engine(url, pool_size=pool_size, max_overflow=20, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_busy_timeout_ms))
         return engine
     # No pre-ping (a round trip per checkout on the poll path): a dropped connection fails one request
     # with a 503 and SQLAlchemy then replaces the whole pool; ``pool_recycle`` retires idle connections.

@@ -3,14 +3,21 @@
 Services raise errors from :mod:`bundles.errors` (or the few server-only ones below, which belong to
 those families); :func:`install_error_handlers` maps each family to a status code and a JSON body
 ``{"detail": "<one readable sentence>"}``. Request validation errors become a 422 with the first
-problem spelled out, so that no malformed input ever surfaces as a 500.
+problem spelled out, so that no malformed input ever surfaces as a 500. A database that is down or
+locked is a 503 with ``Retry-After`` on every route that needs it, whether the error comes through
+SQLAlchemy or straight from the driver (``COPY``, the desired-state poll's raw connections).
+
+:func:`document_errors` makes the published OpenAPI schema say the same: every operation lists the
+error statuses the API answers, each with the :data:`ERROR_SCHEMA` body.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -85,7 +92,16 @@ def _domain_error(_request: Request, error: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 429:
         headers = {"Retry-After": "60"}
-    return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+    return error_response(str(error), status, headers)
+
+
+def error_response(detail: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The ``{"detail": ...}`` body every error has; text a client sent (lone surrogates included) is
+    escaped so that the answer can always be encoded."""
+    safe = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(safe) > MAX_DETAIL_CHARS:  # a message quoting what the client sent stays readable
+        safe = safe[: MAX_DETAIL_CHARS - 3] + "..."
+    return JSONResponse({"detail": safe}, status_code=status, headers=headers)
 
 
 def describe_validation_error(errors: list[Any]) -> str:
@@ -100,25 +116,45 @@ def describe_validation_error(errors: list[Any]) -> str:
 
 def _validation_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    return JSONResponse({"detail": describe_validation_error(list(error.errors()))}, status_code=422)
+    return error_response(describe_validation_error(list(error.errors())), 422)
 
 
 def _http_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+    return error_response(str(error.detail), error.status_code, dict(error.headers or {}))
+
+
+RETRY_AFTER_S = "5"
+MAX_DETAIL_CHARS = 1000
+UNAVAILABLE = "the database is unavailable; retry later"
+
+
+def unavailable() -> JSONResponse:
+    """The 503 every route answers while the database is down."""
+    return error_response(UNAVAILABLE, 503, {"Retry-After": RETRY_AFTER_S})
+
+
+def _driver_error(_request: Request, error: Exception) -> JSONResponse:
+    """A driver error that did not pass through SQLAlchemy (``COPY``, raw connections)."""
+    if isinstance(error, (psycopg.OperationalError, sqlite3.OperationalError)):
+        log.error("database unavailable: %s", error)
+        return unavailable()
+    if isinstance(error, psycopg.DataError):
+        return error_response(f"a value does not fit the database column ({error})", 400)
+    return _unexpected(_request, error)
 
 
 def _database_error(_request: Request, error: Exception) -> JSONResponse:
     """Out-of-range input the validation missed is a 400; a unique row that a concurrent request created
     first is a 409; a database that is down is a 503 (retry later); anything else is our bug, a 500."""
     if isinstance(error, DataError):
-        return JSONResponse({"detail": f"a value does not fit the database column ({error.orig})"}, 400)
+        return error_response(f"a value does not fit the database column ({error.orig})", 400)
     if isinstance(error, IntegrityError):  # a unique row two requests raced to create
         log.warning("integrity conflict: %s", error.orig)
-        return JSONResponse({"detail": "a concurrent request changed the same record; retry"}, 409)
+        return error_response("a concurrent request changed the same record; retry", 409)
     if isinstance(error, OperationalError):
         log.error("database unavailable: %s", error)
-        return JSONResponse({"detail": "the database is unavailable; retry later"}, 503, {"Retry-After": "5"})
+        return unavailable()
     return _unexpected(_request, error)
 
 
@@ -127,9 +163,43 @@ def _unexpected(_request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal server error (logged)"}, status_code=500)
 
 
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error", "type": "object", "required": ["detail"],
+    "properties": {"detail": {"type": "string", "maxLength": 1000, "description": "one readable sentence"}},
+}  # fmt: skip
+ERROR_STATUSES: dict[str, str] = {
+    "400": "invalid input (the detail names the field)", "401": "missing, unknown or revoked credentials",
+    "403": "credentials without the right role, or a device not accepted",
+    "404": "not found", "409": "conflicts with the current state", "413": "body over this route's limit",
+    "422": "malformed request (the detail names the field)", "429": "rate limited (see Retry-After)",
+    "503": "the database is unavailable (see Retry-After)",
+}  # fmt: skip
+NO_DATABASE = frozenset({"/healthz", "/metrics", "/tuf/metadata/{filename}", "/tuf/targets/{path}"})
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Declare every error status, with :data:`ERROR_SCHEMA`, on every operation of an OpenAPI schema."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["Error"] = ERROR_SCHEMA
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, meaning in ERROR_STATUSES.items():
+                if status == "503" and path in NO_DATABASE:
+                    continue
+                described = responses.get(status, {}).get("description") or meaning
+                responses[status] = {"description": described, "content": body}
+    return schema
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the mapping on an app (called once by ``create_app``)."""
     app.add_exception_handler(SQLAlchemyError, _database_error)
+    app.add_exception_handler(psycopg.Error, _driver_error)
+    app.add_exception_handler(sqlite3.Error, _driver_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(EdgeFleetError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_server.db import Base, utcnow
@@ -211,7 +211,10 @@ class DeviceEvent(Base):
     """An event from a device (install steps, heartbeats, rollbacks); payload shape in docs/telemetry.md."""
 
     __tablename__ = "device_events"
-    __table_args__ = (Index("ix_device_events_device_id_at", "device_id", "at"),)
+    __table_args__ = (
+        Index("ix_device_events_device_id_at", "device_id", "at"),
+        Index("ix_device_events_unfolded", "id", postgresql_where=text("NOT folded"), sqlite_where=text("NOT folded")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     batch_pk: Mapped[int] = mapped_column(BigId)
@@ -221,6 +224,8 @@ class DeviceEvent(Base):
     bundle_version: Mapped[int | None]
     at: Mapped[dt.datetime]
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    folded: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """Read by the rollout engine (``fleet_server.rollouts.fold``); intake stores events it never reads as folded."""
 
 
 class MetricWindow(Base):
@@ -230,6 +235,7 @@ class MetricWindow(Base):
     __table_args__ = (
         Index("ix_metric_windows_model_version_start", "model_name", "bundle_version", "window_start"),
         Index("ix_metric_windows_device_id_start", "device_id", "window_start"),
+        Index("ix_metric_windows_unfolded", "id", postgresql_where=text("NOT folded"), sqlite_where=text("NOT folded")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -240,6 +246,8 @@ class MetricWindow(Base):
     window_start: Mapped[dt.datetime]
     window_end: Mapped[dt.datetime]
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    folded: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """Added into the rollout engine's aggregates (``fleet_server.rollouts.fold``)."""
 
 
 class PredictionSample(Base):

@@ -1,6 +1,11 @@
 """Prometheus metrics and the request-timing middleware.
 
-Each app owns its own ``CollectorRegistry`` (tests build many apps in one process). The middleware is
+Each app owns its own ``CollectorRegistry`` (tests build many apps in one process). With several
+worker processes (``edgefleet-server run --workers N``) every worker would answer ``/metrics`` with
+its own counts, so a scrape would see whichever worker it reached: ``run`` then turns on the
+Prometheus client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh directory in the data
+directory), every worker writes its values there, and :func:`exposition` answers with the sum over
+all of them. The 304 ratio is then computed from the summed poll counters. The middleware is
 plain ASGI (no per-request task or body copy) because it sits on the desired-state hot path. The
 route template (``/api/v1/device/desired-state``), never the raw path, labels a request, and unknown
 methods are folded into ``other``, so that label cardinality stays bounded whatever clients send.
@@ -8,14 +13,30 @@ methods are folded into ``other``, so that label cardinality stays bounded whate
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RATIO_NAME = "edgefleet_desired_state_not_modified_ratio"
+RATIO_HELP = "Share of polls answered 304 since start"
+
+
+def multiprocess() -> bool:
+    """Whether this process writes its metrics for a multi-worker exposition (``run --workers N``)."""
+    return bool(os.environ.get(MULTIPROCESS_ENV))
+
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+TICK_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -30,12 +51,9 @@ class Metrics:
         self.polls = Counter(
             "edgefleet_desired_state_polls_total", "Desired-state polls by result", ["result"], registry=self.registry
         )
-        self.not_modified = Gauge(
-            "edgefleet_desired_state_not_modified_ratio",
-            "Share of polls answered 304 since start",
-            registry=self.registry,
-        )
-        self.not_modified.set_function(self.not_modified_ratio)
+        if not multiprocess():  # (with several workers the ratio is computed from the summed counters)
+            self.not_modified = Gauge(RATIO_NAME, RATIO_HELP, registry=self.registry)
+            self.not_modified.set_function(self.not_modified_ratio)
         self.uploads = Counter(
             "edgefleet_publications_total", "Bundle publications by result", ["result"], registry=self.registry
         )
@@ -48,6 +66,28 @@ class Metrics:
         self.telemetry_batches = Counter(
             "edgefleet_telemetry_batches_total", "Telemetry batches by result", ["result"], registry=self.registry
         )
+        self.rollout_tick_s = Histogram(
+            "edgefleet_rollout_tick_duration_seconds", "Rollout engine tick duration (fold and every evaluation)",
+            buckets=TICK_BUCKETS_S, registry=self.registry,
+        )  # fmt: skip
+        self.rollout_evaluation_failures = Counter(
+            "edgefleet_rollout_evaluation_failures_total", "Rollout evaluations that raised (the rollout paused)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.rollout_decisions = Counter(
+            "edgefleet_rollout_decisions_total",
+            "Rollout engine decisions by action",
+            ["action"],
+            registry=self.registry,
+        )
+        self.invalid_windows = Counter(
+            "edgefleet_telemetry_invalid_windows_total", "Stored windows left out of rollout figures (broken contract)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.background_leader = Gauge(
+            "edgefleet_background_leader", "1 in the process that runs the background tasks", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
 
     def not_modified_ratio(self) -> float:
         """Share of polls answered 304 so far (the Prometheus query is rate(...{result="304"}) / rate(...))."""
@@ -56,6 +96,39 @@ class Metrics:
         }
         total = sum(values.values())
         return values.get("not_modified", 0.0) / total if total else 0.0
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """The Prometheus text of this process, or of every worker summed in multiprocess mode."""
+    if not multiprocess():
+        return bytes(generate_latest(metrics.registry))
+    registry = CollectorRegistry()
+    collector = MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(_PollRatio(collector))
+    return bytes(generate_latest(registry))
+
+
+def forget_this_process() -> None:
+    """At shutdown, in multiprocess mode: drop this process's live gauges (its counters stay counted)."""
+    if multiprocess():
+        mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+class _PollRatio(Collector):
+    """The 304 ratio over every worker's poll counters."""
+
+    def __init__(self, source: MultiProcessCollector) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        values: dict[str, float] = {}
+        for family in self.source.collect():  # type: ignore[no-untyped-call]
+            if family.name == "edgefleet_desired_state_polls":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        values[sample.labels["result"]] = values.get(sample.labels["result"], 0.0) + sample.value
+        total = sum(values.values())
+        yield GaugeMetricFamily(RATIO_NAME, RATIO_HELP, value=values.get("not_modified", 0.0) / total if total else 0.0)
 
 
 class MetricsMiddleware:

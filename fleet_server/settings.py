@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     nonce_ttl_s: Annotated[int, Field(ge=10)] = 300
 
     poll_db_connections: Annotated[int, Field(ge=1, le=100)] = 4
+    sqlite_busy_timeout_ms: Annotated[int, Field(ge=0, le=600_000)] = 10_000
     poll_interval_s: Annotated[int, Field(ge=5)] = 300
     jitter_s: Annotated[int, Field(ge=0)] = 30
     fallback_url: str | None = None
@@ -52,11 +53,14 @@ class Settings(BaseSettings):
     max_telemetry_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024**2
     max_telemetry_items: Annotated[int, Field(ge=1)] = 20_000
     max_json_bytes: Annotated[int, Field(ge=1024)] = 1024**2
+    max_unauthenticated_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
 
     timestamp_expiry_s: Annotated[int, Field(ge=60)] = 86_400
     snapshot_expiry_s: Annotated[int, Field(ge=60)] = 7 * 86_400
     tuf_refresh_interval_s: Annotated[int, Field(ge=1)] = 3600
     background_tasks: bool = True
+    leader_check_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    rollout_tick_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:

@@ -17,6 +17,9 @@ from fleet_server.errors import NotFoundError
 CHUNK_BYTES = 256 * 1024
 
 
+MAX_KEY_CHARS = 1024
+
+
 class Storage(Protocol):
     """Read access to stored objects by relative key (what the HTTP layer needs)."""
 
@@ -40,11 +43,17 @@ class LocalStorage:
         self.root = root
 
     def path_of(self, key: str) -> Path:
-        """The file behind ``key``; refuses keys that leave the root (``..``, absolute paths)."""
-        if not key or key.startswith("/") or "\\" in key or "\x00" in key:
-            raise NotFoundError(f"no stored object {key!r}")
+        """The file behind ``key``; refuses keys that leave the root (``..``, absolute paths) or that no file
+        system could hold (names over 255 bytes, keys over 1,024 characters)."""
+        if not key or key.startswith("/") or "\\" in key or "\x00" in key or len(key) > MAX_KEY_CHARS:
+            raise NotFoundError(f"no stored object {key[:100]!r}")
+        if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in key.split("/")):
+            raise NotFoundError(f"no stored object {key[:100]!r}")
         root = self.root.resolve()
-        path = (root / key).resolve()
+        try:
+            path = (root / key).resolve()
+        except (OSError, ValueError) as e:
+            raise NotFoundError(f"no stored object {key[:100]!r}") from e
         if root not in path.parents:
             raise NotFoundError(f"no stored object {key!r}")
         return path

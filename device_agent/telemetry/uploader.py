@@ -2,9 +2,11 @@
 
 A batch keeps its ``batch_id`` until the server acknowledges it, so a retry after a timeout or a
 lost answer is the same batch and the server counts it once (idempotent by device and batch id).
-Failures back off exponentially with jitter (``backoff_initial_s`` doubling up to
-``backoff_max_s``); a batch the server refuses for good (400, 413, 422) is dropped and counted as
-``<kind>:rejected``, since sending the same bytes again cannot help.
+Failures (transport errors, 5xx, 408, 429) back off exponentially with jitter (``backoff_initial_s``
+doubling up to ``backoff_max_s``); a batch the server refuses for good (any other 4xx but 401/403,
+e.g. a 400 naming a field it will not take) is dropped, counted as ``<kind>:rejected`` (reported to
+the server in the next batch's ``drops`` event) and draining goes on, since sending the same bytes
+again cannot help and must not hold back what follows.
 
 The buffer picks batches by their compressed size, but the server limits the decompressed body
 (``max_telemetry_bytes``, 4 MiB by default). Before its first send, a batch whose JSON is over
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import random
 import threading
 import time
@@ -28,8 +31,10 @@ import httpx
 from bundles.errors import AuthError, ServerError, TransportError
 from device_agent.telemetry.buffer import Batch, TelemetryBuffer
 
+log = logging.getLogger("device_agent.telemetry.uploader")
 TELEMETRY_PATH = "/api/v1/device/telemetry"
-REJECTED_STATUSES = (400, 413, 422)
+RETRIED_CLIENT_STATUSES = (408, 429)
+"""4xx answers that say "later", not "never": the batch is kept and sent again."""
 MAX_BODY_BYTES = 4 * 1024**2
 """The fleet server's default limit on a decompressed telemetry body (``max_telemetry_bytes``)."""
 
@@ -41,6 +46,7 @@ class UploadReport:
     batches: int
     items: int
     duplicates: int
+    rejected: int = 0
 
 
 class TelemetryUploader:
@@ -66,10 +72,11 @@ class TelemetryUploader:
         self.clock = clock
         self.failures = 0
         self.next_attempt_at = 0.0
+        self.rejected_batches = 0
 
-    def send(self, batch: Batch, raw: bytes | None = None) -> bool:
-        """POST one batch (``raw``: its JSON, if already made); True if the server says it already had it.
-        Raises on failure."""
+    def send(self, batch: Batch, raw: bytes | None = None) -> bool | None:
+        """POST one batch (``raw``: its JSON, if already made); True if the server says it already had it,
+        None if it refused it for good (the batch is dropped and counted). Raises on failure."""
         body = gzip.compress(raw if raw is not None else _json_of(batch), 6)
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", **self.headers()}
         try:
@@ -78,9 +85,12 @@ class TelemetryUploader:
             raise TransportError(f"telemetry upload to {self.url} failed: {e}") from e
         if response.status_code in (401, 403):
             raise AuthError(f"telemetry upload refused ({response.status_code}): the device credentials are not valid")
-        if response.status_code in REJECTED_STATUSES:
+        if 400 <= response.status_code < 500 and response.status_code not in RETRIED_CLIENT_STATUSES:
             self.buffer.reject(batch.batch_id, "rejected")
-            raise TransportError(f"telemetry batch {batch.batch_id} rejected ({response.status_code}): {response.text}")
+            self.rejected_batches += 1
+            log.warning("telemetry batch %s refused (%d), dropped: %s", batch.batch_id, response.status_code,
+                        response.text[:300])  # fmt: skip
+            return None
         if response.status_code >= 300:
             raise ServerError(f"telemetry upload got {response.status_code} from the server")
         self.buffer.ack(batch.batch_id)
@@ -88,15 +98,19 @@ class TelemetryUploader:
 
     def drain(self, max_batches: int = 100) -> UploadReport:
         """Send batches until the buffer is empty, ``max_batches`` were sent, or one fails (re-raised)."""
-        batches = items = duplicates = 0
+        batches = items = duplicates = rejected = 0
         for _ in range(max_batches):
             fitting = self._next_fitting_batch()
             if fitting is None:
                 break
             batch, raw = fitting
-            duplicates += self.send(batch, raw)
+            answer = self.send(batch, raw)
+            if answer is None:
+                rejected += 1
+                continue
+            duplicates += answer
             batches, items = batches + 1, items + len(batch)
-        return UploadReport(batches, items, duplicates)
+        return UploadReport(batches, items, duplicates, rejected)
 
     def _next_fitting_batch(self) -> tuple[Batch, bytes] | None:
         """The next batch and its JSON, halved until it fits ``max_body_bytes`` (module docstring)."""

@@ -11,15 +11,21 @@ declines, e.g. an over-long header, which then get the route's 422).
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 
+import psycopg
+from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bundles.errors import AuthError, EdgeFleetError
-from fleet_server.errors import status_for
+from fleet_server.errors import RETRY_AFTER_S, UNAVAILABLE, status_for
 from fleet_server.observability import Metrics
 from fleet_server.services.desired_state import DesiredStateService, etag_matches
 
+log = logging.getLogger("fleet_server.api.fast_path")
 PATH = "/api/v1/device/desired-state"
+DATABASE_ERRORS = (OperationalError, psycopg.OperationalError, sqlite3.OperationalError, OSError)
 MAX_HEADER_BYTES = 1000
 
 
@@ -58,6 +64,9 @@ class DesiredStateFastPath:
             state = await self.service.for_token(token.strip())
         except EdgeFleetError as error:
             return _error(status_for(error), str(error))
+        except DATABASE_ERRORS as error:  # down or locked: the device retries later, as every route says
+            log.error("database unavailable for a desired-state poll: %s", error)
+            return _error(503, UNAVAILABLE, ((b"retry-after", RETRY_AFTER_S.encode()),))
         headers = [(b"etag", state.etag.encode()), (b"cache-control", b"no-cache")]
         if etag_matches(if_none_match, state.etag):
             self.not_modified_polls.inc()
@@ -72,9 +81,11 @@ def raise_missing_token() -> None:
     raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
 
 
-def _error(status: int, detail: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def _error(
+    status: int, detail: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     return status, headers, body

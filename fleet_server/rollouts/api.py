@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 
@@ -34,7 +34,8 @@ from fleet_server.rollouts.views import describe_rollout, summarise_rollout
 
 def _rollout_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
     """The rollout evaluation loop, ticking every ``tick_interval_s``."""
-    engine = RolloutEngine(app.state.session_factory)
+    leadership = app.state.leadership
+    engine = RolloutEngine(app.state.session_factory, metrics=app.state.metrics, is_leader=lambda: leadership.held)
     app.state.rollout_engine = engine
     return engine.run(tick_interval_s(app.state.settings))
 
@@ -46,6 +47,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"description": "not allowed in the rollout's state, or devices held by another rollout"},
 }  # fmt: skip
 Action = Literal["start", "approve", "pause", "resume", "abort", "rollback"]
+RolloutId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Text = Annotated[str, StringConstraints(max_length=500)]
 
 
@@ -122,23 +124,25 @@ def list_rollouts(
 
 
 @router.get("/rollouts/{rollout_id}", responses=ERRORS)
-def show_rollout(rollout_id: int, _caller: ViewerDep, session: SessionDep, devices: bool = False) -> dict[str, Any]:
+def show_rollout(
+    rollout_id: RolloutId, _caller: ViewerDep, session: SessionDep, devices: bool = False
+) -> dict[str, Any]:
     """A rollout with its waves, cohort progress, gate values and decision records."""
     return describe_rollout(session, service.get_rollout(session, rollout_id), with_devices=devices)
 
 
 @router.post("/rollouts/{rollout_id}/evaluate", responses=ERRORS)
-def evaluate_now(rollout_id: int, request: Request, _caller: OperatorDep, session: SessionDep) -> dict[str, Any]:
+def evaluate_now(rollout_id: RolloutId, request: Request, _caller: OperatorDep, session: SessionDep) -> dict[str, Any]:
     """Run one evaluation of this rollout now (the loop would do the same on its next tick)."""
     service.get_rollout(session, rollout_id)
     session.commit()  # end this read so the evaluation's writes are visible afterwards (SQLite snapshots)
-    RolloutEngine(request.app.state.session_factory).tick_one(rollout_id)
+    RolloutEngine(request.app.state.session_factory, metrics=request.app.state.metrics).tick_one(rollout_id)
     session.expire_all()
     return describe_rollout(session, service.get_rollout(session, rollout_id))
 
 
 @router.post("/rollouts/{rollout_id}/{action}", responses=ERRORS)
-def control_rollout(rollout_id: int, action: Action, caller: OperatorDep, session: SessionDep) -> dict[str, Any]:
+def control_rollout(rollout_id: RolloutId, action: Action, caller: OperatorDep, session: SessionDep) -> dict[str, Any]:
     """Approve, pause, resume, abort or roll back a rollout (409 when its state does not allow it)."""
     rollout = service.act(session, rollout_id, action, caller.actor)
     return describe_rollout(session, rollout)

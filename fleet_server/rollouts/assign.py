@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fleet_server.db import among
 from fleet_server.models import Assignment, Device
 
 ACTIVE_SLOT_STATES = frozenset({"active", "trial", "committed"})
@@ -22,7 +23,7 @@ ACTIVE_SLOT_STATES = frozenset({"active", "trial", "committed"})
 
 def assignments_for(session: Session, model: str, device_ids: Sequence[str]) -> dict[str, Assignment]:
     """The current assignment rows of ``model`` for these devices."""
-    query = select(Assignment).where(Assignment.model_name == model, Assignment.device_id.in_(list(device_ids)))
+    query = select(Assignment).where(Assignment.model_name == model, among(Assignment.device_id, device_ids))
     return {a.device_id: a for a in session.scalars(query)}
 
 
@@ -53,7 +54,7 @@ def previous_tuples(
     missing = [d for d in device_ids if d not in assigned]
     inventory: dict[str, Any] = {}
     if missing:
-        for found in session.execute(select(Device.id, Device.installed).where(Device.id.in_(missing))):
+        for found in session.execute(select(Device.id, Device.installed).where(among(Device.id, missing))):
             inventory[found[0]] = found[1]
     for device_id in device_ids:
         row = assigned.get(device_id)

@@ -1,20 +1,28 @@
-"""The evaluation loop: every few seconds, each running rollout is looked at once and moved on.
+"""The evaluation loop: every few seconds, new telemetry is folded in and each running rollout moved on.
 
-A tick, per running rollout, in one transaction with the rollout row locked (``SKIP LOCKED`` on
-PostgreSQL, so several server processes can run the loop without doing the same work twice):
+A tick first folds the telemetry that arrived since the last one into the rollups and device
+evidence (:mod:`.fold`: each row once, in short transactions). Then, per running rollout, in its own
+transaction with the rollout row locked (``SKIP LOCKED`` on PostgreSQL; on SQLite the background
+loop runs in one process, see ``fleet_server.locks``):
 
 1. start the current wave if it is pending (promoting the devices of a passed shadow wave into it);
-2. release devices of the wave under the download cap: write their assignment (live, or shadow) with
+2. classify the released devices from their evidence (:mod:`.observe`,
+   :func:`.decisions.classify_device`);
+3. release devices of the wave under the download cap: write their assignment (live, or shadow) with
    a start-after time carrying their own jitter;
-3. observe the released devices (:mod:`.observe`) and classify them (:func:`.decisions.classify_device`);
-4. read the wave's telemetry and the control cohort's (devices of the rollout still on the previous
-   version) from ``fleet_server.telemetry.query.cohort_stats`` and evaluate the gates;
+4. read the wave's figures and the control cohort's (members still on their previous version) from
+   the rollups and evaluate the gates;
 5. decide (:func:`.decisions.decide`) and apply: advance to the next wave (and go round again),
    pause for approval, pause on a breach, complete, or roll back.
 
-Ticks are idempotent: everything is recomputed from stored rows and the clock, a ``wait`` changes
-only the stored evaluation, and every state change goes through the transition tables. A restart
-loses nothing because nothing is kept in memory between ticks.
+Each rollout is evaluated in isolation: if its evaluation raises, the error is logged, counted
+(``edgefleet_rollout_evaluation_failures_total``) and recorded as a ``pause_on_error`` decision
+("evaluation failed: ..."), the rollout pauses itself, and the other rollouts are evaluated as usual.
+A database that is unavailable is not the rollout's fault: that tick is skipped and retried.
+
+Ticks are idempotent: a tick reads stored rows and the clock, a ``wait`` changes only the stored
+evaluation, and every state change goes through the transition tables. A restart loses nothing
+because nothing is kept in memory between ticks.
 """
 
 from __future__ import annotations
@@ -23,14 +31,18 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fleet_server.db import utcnow
+from fleet_server.db import among, utcnow
+from fleet_server.locks import serialized
+from fleet_server.models import Device
 from fleet_server.rollouts import assign, cohorts
 from fleet_server.rollouts.decisions import (
     SETTLED,
@@ -41,9 +53,11 @@ from fleet_server.rollouts.decisions import (
     classify_device,
     decide,
 )
+from fleet_server.rollouts.fold import CONTROL, ENGINE_LOCK, WAVE, FoldReport, fold_pending
 from fleet_server.rollouts.gates import CohortFigures, Gate, evaluate_gate, parse_gates
-from fleet_server.rollouts.models import Rollout, RolloutDecision, RolloutDevice, RolloutWave
-from fleet_server.rollouts.observe import observe_devices
+from fleet_server.rollouts.members import Member, wave_members, write_changes
+from fleet_server.rollouts.models import Rollout, RolloutDecision, RolloutDevice, RolloutRollup, RolloutWave
+from fleet_server.rollouts.observe import observation_of
 from fleet_server.rollouts.service import (
     ENGINE_ACTOR,
     add_decision,
@@ -56,51 +70,110 @@ from fleet_server.rollouts.service import (
 )
 from fleet_server.rollouts.spec import RolloutPolicy
 from fleet_server.rollouts.states import RolloutEvent, RolloutState, WaveEvent, WaveState
-from fleet_server.telemetry.query import cohort_stats
+from fleet_server.telemetry.query import CohortStats, baseline_of, stats_of
 
 log = logging.getLogger("fleet_server.rollouts.engine")
 
-StatsFn = Callable[[Session, str, int, Sequence[str], dt.datetime], Any]
 DEFAULT_TICK_S = 10.0
 STICKY = frozenset({DeviceOutcome.FAILED.value, DeviceOutcome.TIMED_OUT.value})
+ERROR_ACTION = "pause_on_error"
+TRANSIENT_ERRORS = (OperationalError,)
+"""Errors of the database, not of the rollout: the tick is retried, nothing is paused."""
 
 
 class RolloutEngine:
-    """Runs ticks over every running rollout; ``clock`` and ``stats`` are injectable for tests."""
+    """Runs ticks over every running rollout; ``clock`` is injectable for tests, ``metrics`` (the app's
+    :class:`fleet_server.observability.Metrics`) optional."""
 
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         clock: Callable[[], dt.datetime] = utcnow,
-        stats: StatsFn = cohort_stats,
+        metrics: Any = None,
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
         self.session_factory = session_factory
         self.clock = clock
-        self.stats = stats
+        self.metrics = metrics
+        self.is_leader = is_leader
 
     def tick(self) -> list[RolloutDecision]:
-        """Evaluate every running rollout once; the decisions that acted."""
+        """Fold new telemetry, then evaluate every running rollout once; the decisions that acted."""
+        started = time.perf_counter()
+        self.fold()
         with self.session_factory() as session:
             ids = list(session.scalars(select(Rollout.id).where(Rollout.state == RolloutState.RUNNING.value)))
         made: list[RolloutDecision] = []
         for rollout_id in ids:
-            made.extend(self.tick_one(rollout_id))
+            made.extend(self._evaluate_isolated(rollout_id))
+        if self.metrics is not None:
+            self.metrics.rollout_tick_s.observe(time.perf_counter() - started)
         return made
 
+    def fold(self) -> FoldReport:
+        """Fold the telemetry that arrived since the last fold (see :mod:`.fold`)."""
+        report = fold_pending(self.session_factory)
+        if self.metrics is not None and report.invalid_windows:
+            self.metrics.invalid_windows.inc(report.invalid_windows)
+        return report
+
     def tick_one(self, rollout_id: int) -> list[RolloutDecision]:
-        """Evaluate one rollout in its own transaction (skipped if another process holds it)."""
-        with self.session_factory() as session, session.begin():
+        """Fold new telemetry and evaluate one rollout now (an operator's ``evaluate``)."""
+        self.fold()
+        return self._evaluate_isolated(rollout_id)
+
+    def _evaluate_isolated(self, rollout_id: int) -> list[RolloutDecision]:
+        """Evaluate one rollout; if that raises, record the failure and pause it (see the module docstring)."""
+        try:
+            made = self._evaluate(rollout_id)
+        except TRANSIENT_ERRORS:
+            log.warning("rollout %s not evaluated: the database is unavailable; retrying at the next tick", rollout_id)
+            return []
+        except Exception as error:  # isolation: one rollout's failure must not stop the others
+            return self._contain(rollout_id, error)
+        if self.metrics is not None:
+            for decision in made:
+                self.metrics.rollout_decisions.labels(decision.action).inc()
+        return made
+
+    def _evaluate(self, rollout_id: int) -> list[RolloutDecision]:
+        with self.session_factory() as session, serialized(session, ENGINE_LOCK):
             query = select(Rollout).where(Rollout.id == rollout_id).with_for_update(skip_locked=True)
             rollout = session.scalar(query)
             if rollout is None or rollout.state != RolloutState.RUNNING.value:
+                session.rollback()
                 return []
-            return evaluate_rollout(session, rollout, self.clock(), self.stats)
+            made = evaluate_rollout(session, rollout, self.clock())
+            session.commit()
+            return made
+
+    def _contain(self, rollout_id: int, error: Exception) -> list[RolloutDecision]:
+        """Record a failed evaluation as a decision and pause the rollout (if it still runs)."""
+        log.error("evaluating rollout %s failed; pausing it", rollout_id, exc_info=error)
+        if self.metrics is not None:
+            self.metrics.rollout_evaluation_failures.inc()
+        reason = f"evaluation failed: {type(error).__name__}: {error}"[:1000]
+        try:
+            with self.session_factory() as session, session.begin():
+                rollout = session.scalar(select(Rollout).where(Rollout.id == rollout_id).with_for_update())
+                if rollout is None or rollout.state != RolloutState.RUNNING.value:
+                    return []
+                record = {"error": type(error).__name__}
+                decision = change_state(session, rollout, RolloutEvent.BREACH, actor=ENGINE_ACTOR, action=ERROR_ACTION,
+                                        reason=reason, record=record, now=self.clock())  # fmt: skip
+        except (DBAPIError, OperationalError):
+            log.exception("could not record the failed evaluation of rollout %s", rollout_id)
+            return []
+        if self.metrics is not None:
+            self.metrics.rollout_decisions.labels(ERROR_ACTION).inc()
+        return [decision]
 
     async def run(self, interval_s: float) -> None:
-        """Tick forever (until cancelled), logging and surviving any error of a tick."""
+        """Tick forever (until cancelled) while this process is the background leader, surviving any error."""
         while True:
             try:
-                await asyncio.to_thread(self.tick)
+                if await asyncio.to_thread(self.is_leader):
+                    await asyncio.to_thread(self.tick)
             except Exception:  # a bad tick must not stop the loop; the next tick retries
                 log.exception("rollout tick failed")
             await asyncio.sleep(interval_s)
@@ -112,7 +185,7 @@ def tick_interval_s(settings: Any) -> float:
     return float(value) if value else DEFAULT_TICK_S
 
 
-def evaluate_rollout(session: Session, rollout: Rollout, now: dt.datetime, stats: StatsFn) -> list[RolloutDecision]:
+def evaluate_rollout(session: Session, rollout: Rollout, now: dt.datetime) -> list[RolloutDecision]:
     """One tick of one running rollout (see the module docstring); returns the decisions that acted."""
     policy, gates = policy_of(rollout), parse_gates(list(policy_of(rollout).gates))
     waves = waves_of(session, rollout.id)
@@ -127,7 +200,7 @@ def evaluate_rollout(session: Session, rollout: Rollout, now: dt.datetime, stats
         wave = waves[rollout.current_wave]
         if wave.state == WaveState.PENDING.value:
             _start_wave(session, rollout, waves, wave, now)
-        decision = evaluate_wave(session, rollout, policy, gates, wave, len(waves), now, stats)
+        decision = evaluate_wave(session, rollout, policy, gates, wave, len(waves), now)
         if not decision.acts:
             break
         made.append(_apply(session, rollout, wave, decision, now))
@@ -144,6 +217,8 @@ def _start_wave(
         for device in devices_of(session, rollout.id, previous.index):
             device.wave_index = wave.index
             device.released_at = device.start_after = device.running_since = device.outcome_at = None
+            device.evidence = device.last_report_at = device.last_on_target_at = device.left_target_at = None
+            device.failure = None
             device.outcome, device.outcome_reason = None, "promoted from the shadow wave"
 
 
@@ -155,17 +230,18 @@ def evaluate_wave(
     wave: RolloutWave,
     wave_count: int,
     now: dt.datetime,
-    stats: StatsFn,
 ) -> Decision:
-    """Release, observe, classify, measure and decide for the rollout's current wave."""
-    members = devices_of(session, rollout.id, wave.index)
-    _classify(session, rollout, policy, wave, members, now)  # first, so settled devices free download slots
-    _release(session, rollout, policy, wave, members, now)
-    outcomes = Counter(DeviceOutcome(m.outcome or DeviceOutcome.WAITING.value) for m in members)
-    if wave.state == WaveState.RUNNING.value and members and not _unreleased_or_installing(outcomes):
-        set_wave_state(wave, WaveEvent.SETTLED, now)
-    canary = _canary_figures(session, rollout, wave, members, outcomes, stats)
-    control = _control_figures(session, rollout, wave, stats)
+    """Classify, release, measure and decide for the rollout's current wave."""
+    members = wave_members(session, rollout.id, wave.index)
+    with session.no_autoflush:  # on SQLite, writes (and its write lock) wait for the end of the tick
+        _classify(session, policy, wave, members, now)  # first, so settled devices free download slots
+        _release(session, rollout, policy, wave, members, now)
+        outcomes = Counter(DeviceOutcome(m.outcome or DeviceOutcome.WAITING.value) for m in members)
+        if wave.state == WaveState.RUNNING.value and members and not _unreleased_or_installing(outcomes):
+            set_wave_state(wave, WaveEvent.SETTLED, now)
+        control = _control_figures(session, rollout, wave, members)
+        canary = _canary_figures(session, rollout, wave, members, outcomes)
+    write_changes(session, rollout.id, members)
     results = [evaluate_gate(g, canary, control) for g in gates]
     deadline_passed = wave.deadline_at is not None and now >= wave.deadline_at and not outcomes[DeviceOutcome.WAITING]
     progress = WaveProgress(wave.index, wave.index == wave_count - 1, outcomes, deadline_passed)
@@ -187,7 +263,7 @@ def _release(
     rollout: Rollout,
     policy: RolloutPolicy,
     wave: RolloutWave,
-    members: Sequence[RolloutDevice],
+    members: Sequence[Member],
     now: dt.datetime,
 ) -> None:
     """Tell more devices of the wave to download, within the concurrency cap, in cohort order."""
@@ -207,12 +283,13 @@ def _release(
 
 
 def _release_one(
-    rollout: Rollout, policy: RolloutPolicy, wave: RolloutWave, device: RolloutDevice, now: dt.datetime
+    rollout: Rollout, policy: RolloutPolicy, wave: RolloutWave, device: Member, now: dt.datetime
 ) -> dict[str, Any]:
     """Mark one device released; the assignment values that direct it (live, or shadow beside its active)."""
-    device.released_at = now
-    device.start_after = cohorts.start_after(device.device_id, rollout.id, now, policy.jitter_s)
-    device.outcome, device.outcome_reason = DeviceOutcome.INSTALLING.value, "told to install"
+    start_after = cohorts.start_after(device.device_id, rollout.id, now, policy.jitter_s)
+    device.clear_evidence()  # what it reported as a control device is not evidence of the new bundle
+    device.set(released_at=now, start_after=start_after, outcome=DeviceOutcome.INSTALLING.value,
+               outcome_reason="told to install")  # fmt: skip
     values: dict[str, Any] = {"bundle_version": rollout.bundle_version, "variant": device.variant,
                               "shadow_version": None}  # fmt: skip
     if _is_shadow(wave, device):
@@ -221,40 +298,46 @@ def _release_one(
     return {**values, "rollout_id": rollout.id, "start_after": device.start_after, "pinned": False}
 
 
-def _is_shadow(wave: RolloutWave, device: RolloutDevice) -> bool:
+def _is_shadow(wave: RolloutWave, device: Member | RolloutDevice) -> bool:
     return wave.shadow and device.previous_version is not None
 
 
 def _classify(
     session: Session,
-    rollout: Rollout,
     policy: RolloutPolicy,
     wave: RolloutWave,
-    members: Sequence[RolloutDevice],
+    members: Sequence[Member],
     now: dt.datetime,
 ) -> None:
-    """Update each released device's outcome from what it reported (failures and timeouts stick)."""
+    """Update each released device's outcome from its evidence (failures and timeouts stick)."""
     released = [m for m in members if m.start_after is not None and m.outcome not in STICKY]
-    for shadow in (False, True):
-        group = {m.device_id: m for m in released if _is_shadow(wave, m) is shadow}
-        starts = {d: m.start_after for d, m in group.items() if m.start_after is not None}
-        known = {d: m.running_since for d, m in group.items()}
-        observations = observe_devices(session, rollout.model_name, rollout.bundle_version, starts, shadow, known)
-        for device_id, obs in observations.items():
-            outcome, reason = classify_device(obs, policy.soak_s, policy.device_timeout_s, now)
-            device = group[device_id]
-            if device.outcome != outcome.value:
-                device.outcome, device.outcome_at = outcome.value, now
-            device.outcome_reason, device.running_since = reason, obs.running_since
+    polled = _last_polls(session, [m.device_id for m in released if m.last_report_at is None])
+    for device in released:
+        assert device.start_after is not None
+        obs = observation_of(device.device_id, device.start_after, polled.get(device.device_id),
+                             _is_shadow(wave, device), running_since=device.running_since,
+                             last_report_at=device.last_report_at, last_on_target_at=device.last_on_target_at,
+                             left_target_at=device.left_target_at, failure=device.failure)  # fmt: skip
+        outcome, reason = classify_device(obs, policy.soak_s, policy.device_timeout_s, now)
+        if device.outcome != outcome.value:
+            device.set(outcome=outcome.value, outcome_at=now)
+        device.set(outcome_reason=reason)
+
+
+def _last_polls(session: Session, device_ids: list[str]) -> dict[str, dt.datetime | None]:
+    """When each device last polled its desired state (what a device that sent nothing still shows)."""
+    if not device_ids:
+        return {}
+    rows = session.execute(select(Device.id, Device.last_seen_at).where(among(Device.id, device_ids)))
+    return dict(rows.tuples().all())
 
 
 def _canary_figures(
     session: Session,
     rollout: Rollout,
     wave: RolloutWave,
-    members: Sequence[RolloutDevice],
+    members: Sequence[Member],
     outcomes: Counter[DeviceOutcome],
-    stats: StatsFn,
 ) -> CohortFigures:
     counts = {
         "devices_total": len(members),
@@ -266,29 +349,45 @@ def _canary_figures(
     if not released or wave.started_at is None:
         return CohortFigures(**counts)
     shadow = [m for m in released if _is_shadow(wave, m)]
+    version = rollout.bundle_version
     if shadow:  # shadow results ride in the windows of the version the device still serves
-        version = Counter(m.previous_version for m in shadow).most_common(1)[0][0]
-        cohort = stats(session, rollout.model_name, int(version or 0), [m.device_id for m in shadow], wave.started_at)
-    else:
-        cohort = stats(session, rollout.model_name, rollout.bundle_version, [m.device_id for m in released],
-                       wave.started_at)  # fmt: skip
+        version = int(Counter(m.previous_version for m in shadow).most_common(1)[0][0] or 0)
+    cohort = _rollup_stats(session, rollout, wave.index, WAVE, version)
     return CohortFigures.from_stats(cohort, **counts)
 
 
-def _control_figures(session: Session, rollout: Rollout, wave: RolloutWave, stats: StatsFn) -> CohortFigures | None:
-    """The devices of this rollout not yet released, on their (most common) previous version."""
+def _control_figures(
+    session: Session, rollout: Rollout, wave: RolloutWave, members: Sequence[Member]
+) -> CohortFigures | None:
+    """The rollout's members not released yet, on their (most common) previous version, since the wave started
+    (``members``: the current wave's, whose releases of this tick are not written yet)."""
     if wave.started_at is None:
         return None
-    query = select(RolloutDevice).where(
-        RolloutDevice.rollout_id == rollout.id, RolloutDevice.membership == "member",
-        RolloutDevice.released_at.is_(None), RolloutDevice.previous_version.is_not(None),
+    query = (
+        select(RolloutDevice.previous_version, func.count())
+        .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.membership == "member",
+               RolloutDevice.released_at.is_(None), RolloutDevice.previous_version.is_not(None))
+        .group_by(RolloutDevice.previous_version)
     )  # fmt: skip
-    control = list(session.scalars(query))
-    if not control:
+    counts = Counter(dict(session.execute(query).tuples().all()))
+    released_now = [m.previous_version for m in members if "released_at" in m.changed]
+    counts.subtract(v for v in released_now if v is not None)
+    counts = +counts  # drop the versions no unreleased member runs any more
+    if not counts:
         return None
-    version = Counter(m.previous_version for m in control).most_common(1)[0][0]
-    ids = [m.device_id for m in control if m.previous_version == version]
-    return CohortFigures.from_stats(stats(session, rollout.model_name, int(version or 0), ids, wave.started_at))
+    version = max(sorted(v for v in counts if v is not None), key=lambda v: counts[v])
+    return CohortFigures.from_stats(_rollup_stats(session, rollout, wave.index, CONTROL, int(version or 0)))
+
+
+def _rollup_stats(session: Session, rollout: Rollout, wave_index: int, cohort: str, version: int) -> CohortStats:
+    """A cohort's figures from its rollup (empty figures before its first window)."""
+    row = session.scalar(select(RolloutRollup).where(
+        RolloutRollup.rollout_id == rollout.id, RolloutRollup.wave_index == wave_index,
+        RolloutRollup.cohort == cohort, RolloutRollup.bundle_version == version))  # fmt: skip
+    merged = row.merged if row is not None else {}
+    baseline = baseline_of(session, rollout.model_name, version)
+    stats = stats_of(merged or {}, baseline, row.devices if row is not None else 0)
+    return CohortStats(**{**stats.__dict__, "invalid_windows": row.invalid_windows if row is not None else 0})
 
 
 def _figures_dict(figures: CohortFigures) -> dict[str, Any]:

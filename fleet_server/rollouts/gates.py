@@ -117,6 +117,7 @@ class CohortFigures:
     psi_output: float | None = None
     shadow_agreement: float | None = None
     shadow_samples: int = 0
+    invalid_windows: int = 0  # stored windows left out of the figures: they broke the window contract
 
     @classmethod
     def from_stats(cls, stats: Any, **outcomes: int) -> CohortFigures:

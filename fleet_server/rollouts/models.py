@@ -1,4 +1,4 @@
-"""Rollout tables (schema revision ``0003``).
+"""Rollout tables (schema revisions ``0003`` and ``0005``).
 
 - ``rollouts``: one row per rollout: the target bundle (model, version), the state, the policy (waves,
   gates, soak, timeouts, breach action, approval, download pacing) as JSON, and what was targeted.
@@ -9,6 +9,10 @@
   (for rollback), its release and start-after times and its outcome in the wave.
 - ``rollout_decisions``: append-only decision records: who (``engine`` or an admin key), what
   action, from which state to which, why, and the numbers that drove it.
+- ``rollout_rollups`` (``0005``): per wave, cohort and version, the running sum of the metric windows
+  the engine has folded in (``.fold``), so that a tick reads a few rows instead of every window; each
+  rollout device's ``evidence`` (also ``0005``) is what it reported since its release, folded the
+  same way. ``metric_windows.folded`` and ``device_events.folded`` mark what was folded.
 
 Everything the engine needs to resume after a restart is in these rows; nothing lives in memory.
 """
@@ -88,6 +92,35 @@ class RolloutDevice(Base):
     outcome_reason: Mapped[str] = mapped_column(Text, default="")
     outcome_at: Mapped[dt.datetime | None]
     restored_at: Mapped[dt.datetime | None]
+    evidence: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """What the device reported since its release, folded in as it arrives (``.fold``, ``.observe``)."""
+    last_report_at: Mapped[dt.datetime | None]
+    last_on_target_at: Mapped[dt.datetime | None]
+    left_target_at: Mapped[dt.datetime | None]
+    failure: Mapped[str | None] = mapped_column(Text)
+    """The evidence as the tick classifies it (kept by the fold beside ``evidence`` and ``running_since``)."""
+
+
+class RolloutRollup(Base):
+    """The sum of the metric windows of one cohort of a wave, on one bundle version, kept as windows arrive.
+
+    ``cohort`` is ``wave`` (devices released in the wave, on the version they were told to run) or
+    ``control`` (members not released yet, on their previous version, since the wave started).
+    """
+
+    __tablename__ = "rollout_rollups"
+    __table_args__ = (UniqueConstraint("rollout_id", "wave_index", "cohort", "bundle_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    wave_index: Mapped[int]
+    cohort: Mapped[str] = mapped_column(String(16))
+    bundle_version: Mapped[int]
+    windows: Mapped[int] = mapped_column(default=0)
+    invalid_windows: Mapped[int] = mapped_column(default=0)
+    devices: Mapped[int] = mapped_column(default=0)
+    merged: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class RolloutDecision(Base):

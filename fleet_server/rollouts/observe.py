@@ -1,25 +1,32 @@
-"""What the server knows about each released device of a wave, read from stored telemetry.
+"""What the server knows about each released device of a wave: its evidence, folded in as telemetry arrives.
 
 Sources (shapes in ``docs/telemetry.md``): ``install`` events (``result`` installed / failed /
 rolled_back for ``version``), ``heartbeat`` events (``models``: name, version, state) and metric
 windows (one per model version the device served). A device is *running* the target once it reports
 an ``installed`` event for it, serves windows on it, or lists it in a heartbeat; it stops running it
-when a later window or heartbeat shows another version active (the agent rolled back by itself). Its
-*last report* on the target (for the soak) is the end of its latest window or heartbeat on it.
+when a later window or its latest heartbeat shows another version active (the agent rolled back by
+itself). Its *last report* on the target (for the soak) is the end of its latest window or heartbeat
+on it. The latest install event wins (a failure after an install, or an install after a failure).
 
 For a shadow wave the device keeps serving its active version and runs the target beside it, so only
 install events and heartbeats say it runs the shadow, and any later report counts as a report.
-Events dated before the device was released (minus a clock-skew allowance) are ignored.
+Reports dated before the device was released (minus a clock-skew allowance) are ignored.
+
+:class:`Evidence` holds that per device and is stored with it (``rollout_devices.evidence``): the
+fold (:mod:`.fold`) adds each new window and event exactly once, in whatever order they arrive, so a
+tick reads one small JSON value per device instead of every report since the release.
+:func:`observe_devices` folds a device's stored reports from scratch (the same rules; for tests and
+inspection).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.models import Device, DeviceEvent, MetricWindow
@@ -30,28 +37,214 @@ FAILED_RESULTS = frozenset({"failed", "rolled_back"})
 RUNNING_STATES = frozenset({"active", "trial", "shadow"})
 
 
+def _epoch(value: dt.datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _time(value: Any) -> dt.datetime | None:
+    """A stored time (epoch seconds: cheap to read back for thousands of devices a tick)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _later(a: dt.datetime | None, b: dt.datetime) -> dt.datetime:
+    return b if a is None else max(a, b)
+
+
+def _earlier(a: dt.datetime | None, b: dt.datetime) -> dt.datetime:
+    return b if a is None else min(a, b)
+
+
 @dataclass
-class _Evidence:
-    """Everything found for one device, folded into an observation at the end."""
+class Evidence:
+    """What one released device reported on a rollout's target since its start (minus the skew allowance)."""
 
     start: dt.datetime
     running_since: dt.datetime | None = None
     last_on_target: dt.datetime | None = None
     last_report: dt.datetime | None = None
-    left_target_at: dt.datetime | None = None
+    installed_at: dt.datetime | None = None
     failure: str | None = None
     failure_at: dt.datetime | None = None
     windows: dict[int, tuple[dt.datetime, dt.datetime]] = field(default_factory=dict)
+    heartbeat: tuple[dt.datetime, int, bool, bool] | None = None  # at, event id, lists target, lists any
+    counted: str | None = None  # the rollup this device was last counted in (``fold``)
+
+    @classmethod
+    def starting(cls, started_at: dt.datetime) -> Evidence:
+        """Empty evidence for a device allowed to start at ``started_at``."""
+        return cls(start=started_at - dt.timedelta(seconds=CLOCK_SKEW_S))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None, started_at: dt.datetime | None) -> Evidence:
+        """Stored evidence (whatever is unreadable in it is dropped, never raised)."""
+        found = (
+            cls.starting(started_at)
+            if started_at is not None
+            else cls(start=dt.datetime.max.replace(tzinfo=dt.timezone.utc))
+        )
+        data = data if isinstance(data, Mapping) else {}
+        found.running_since, found.last_on_target = _time(data.get("running_since")), _time(data.get("last_on_target"))
+        found.last_report, found.installed_at = _time(data.get("last_report")), _time(data.get("installed_at"))
+        found.failure_at = _time(data.get("failure_at"))
+        found.failure = data["failure"] if isinstance(data.get("failure"), str) else None
+        found.counted = data["counted"] if isinstance(data.get("counted"), str) else None
+        found.windows = _windows_from_json(data.get("windows"))
+        found.heartbeat = _heartbeat_from_json(data.get("heartbeat"))
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (times as epoch seconds; versions as string keys)."""
+        heartbeat = None
+        if self.heartbeat is not None:
+            at, event_id, on_target, any_version = self.heartbeat
+            heartbeat = [at.timestamp(), event_id, on_target, any_version]
+        return {
+            "running_since": _epoch(self.running_since), "last_on_target": _epoch(self.last_on_target),
+            "last_report": _epoch(self.last_report), "installed_at": _epoch(self.installed_at),
+            "failure": self.failure, "failure_at": _epoch(self.failure_at), "counted": self.counted,
+            "windows": {str(v): [s.timestamp(), e.timestamp()] for v, (s, e) in self.windows.items()},
+            "heartbeat": heartbeat,
+        }  # fmt: skip
+
+    # --- folding reports in -------------------------------------------------------------------------
 
     def running(self, at: dt.datetime) -> None:
-        self.running_since = at if self.running_since is None else min(self.running_since, at)
+        self.running_since = _earlier(self.running_since, at)
 
     def seen_on_target(self, at: dt.datetime) -> None:
-        self.last_on_target = at if self.last_on_target is None else max(self.last_on_target, at)
+        self.last_on_target = _later(self.last_on_target, at)
         self.seen(at)
 
     def seen(self, at: dt.datetime) -> None:
-        self.last_report = at if self.last_report is None else max(self.last_report, at)
+        self.last_report = _later(self.last_report, at)
+
+    def fold_install(self, at: dt.datetime, version: int | None, payload: Mapping[str, Any], target: int) -> None:
+        """An ``install`` event of the rollout's model."""
+        if at < self.start or version != target:
+            return
+        result = str(payload.get("result") or "")
+        if result == "installed":
+            self.running(at)
+            self.seen_on_target(at)
+            self.installed_at = _later(self.installed_at, at)
+            if self.failure_at is None or at >= self.failure_at:
+                self.failure, self.failure_at = None, None
+        elif result in FAILED_RESULTS and (self.installed_at is None or at >= self.installed_at):
+            reason = payload.get("reason") or "no reason given"
+            self.failure, self.failure_at = f"install {result.replace('_', ' ')}: {str(reason)[:300]}", at
+
+    def fold_heartbeat(
+        self, at: dt.datetime, event_id: int, payload: Mapping[str, Any], model: str, target: int
+    ) -> None:
+        """A heartbeat: a report; running the target if it lists it; the latest one says what runs now."""
+        if at < self.start:
+            return
+        versions = running_versions(payload, model)
+        self.seen(at)
+        if target in versions:
+            self.running(at)
+            self.seen_on_target(at)
+        if self.heartbeat is None or (at, event_id) > self.heartbeat[:2]:
+            self.heartbeat = (at, event_id, target in versions, bool(versions))
+
+    def fold_window(self, start: dt.datetime, end: dt.datetime, version: int, target: int, shadow: bool) -> None:
+        """A metric window of the rollout's model."""
+        if end < self.start:
+            return
+        first, last = self.windows.get(version, (start, end))
+        self.windows[version] = (min(first, start), max(last, end))
+        if shadow or version != target:
+            self.seen(end)
+        else:
+            self.running(max(start, self.start))
+            self.seen_on_target(end)
+
+    # --- reading it out -----------------------------------------------------------------------------
+
+    def left_target_at(self, target: int, shadow: bool) -> dt.datetime | None:
+        """When the device was last seen on another version after running the target (None: it still runs it)."""
+        if self.running_since is None:
+            return None
+        left = None
+        if self.heartbeat is not None and self.heartbeat[3] and not self.heartbeat[2]:
+            left = self.heartbeat[0]
+        if not shadow:
+            target_end = self.windows.get(target, (self.running_since, self.running_since))[1]
+            later = [end for v, (start, end) in self.windows.items() if v != target and start >= target_end]
+            if later:
+                left = max(later)
+        return left
+
+    def summary(self, target: int, shadow: bool) -> dict[str, Any]:
+        """What the tick classifies from, as the ``rollout_devices`` columns that hold it."""
+        return {"running_since": self.running_since, "last_report_at": self.last_report,
+                "last_on_target_at": self.last_on_target, "left_target_at": self.left_target_at(target, shadow),
+                "failure": self.failure}  # fmt: skip
+
+    def observation(
+        self, device_id: str, started_at: dt.datetime, polled_at: dt.datetime | None, target: int, shadow: bool
+    ) -> DeviceObservation:
+        """The device's observation for :func:`.decisions.classify_device`."""
+        return observation_of(device_id, started_at, polled_at, shadow, **self.summary(target, shadow))
+
+
+def observation_of(
+    device_id: str,
+    started_at: dt.datetime,
+    polled_at: dt.datetime | None,
+    shadow: bool,
+    *,
+    running_since: dt.datetime | None,
+    last_report_at: dt.datetime | None,
+    last_on_target_at: dt.datetime | None,
+    left_target_at: dt.datetime | None,
+    failure: str | None,
+) -> DeviceObservation:
+    """An observation from a device's evidence summary (see :meth:`Evidence.summary`)."""
+    running_now = running_since is not None and left_target_at is None
+    last_seen = last_report_at if shadow else last_on_target_at
+    if last_seen is None:
+        last_seen = max([t for t in (last_report_at, polled_at) if t is not None], default=None)
+    return DeviceObservation(device_id, started_at, running_since, running_now, failure, last_seen)
+
+
+def running_versions(payload: Mapping[str, Any], model: str) -> set[int]:
+    """Versions of ``model`` a heartbeat says are running (active, on trial or in shadow)."""
+    models = payload.get("models") or []
+    if not isinstance(models, list):
+        return set()
+    entries = [m for m in models if isinstance(m, dict) and m.get("name") == model]
+    running = [m for m in entries if m.get("state", "active") in RUNNING_STATES]
+    return {m["version"] for m in running if isinstance(m.get("version"), int) and not isinstance(m["version"], bool)}
+
+
+def _windows_from_json(value: Any) -> dict[int, tuple[dt.datetime, dt.datetime]]:
+    out: dict[int, tuple[dt.datetime, dt.datetime]] = {}
+    if not isinstance(value, Mapping):
+        return out
+    for version, span in value.items():
+        if isinstance(span, list) and len(span) == 2 and str(version).isdigit():
+            first, last = _time(span[0]), _time(span[1])
+            if first is not None and last is not None:
+                out[int(version)] = (first, last)
+    return out
+
+
+def _heartbeat_from_json(value: Any) -> tuple[dt.datetime, int, bool, bool] | None:
+    if not isinstance(value, list) or len(value) != 4:
+        return None
+    at = _time(value[0])
+    if at is None or not isinstance(value[1], int):
+        return None
+    return at, value[1], bool(value[2]), bool(value[3])
+
+
+# --- from scratch ------------------------------------------------------------------------------------
 
 
 def observe_devices(
@@ -62,130 +255,36 @@ def observe_devices(
     shadow: bool = False,
     known_running_since: dict[str, dt.datetime | None] | None = None,
 ) -> dict[str, DeviceObservation]:
-    """Observations for released devices (device id -> its start-after time); ``known_running_since``
-    carries what earlier ticks found, so evidence that has aged out of the queries is not lost."""
+    """Observations for released devices (device id -> its start-after time), folding every stored report
+    since their start; ``known_running_since`` carries what earlier ticks found."""
     if not starts:
         return {}
-    evidence = {d: _Evidence(start=s - dt.timedelta(seconds=CLOCK_SKEW_S)) for d, s in starts.items()}
+    evidence = {d: Evidence.starting(s) for d, s in starts.items()}
     for device_id, since_at in (known_running_since or {}).items():
         if since_at is not None and device_id in evidence:
             evidence[device_id].running(since_at)
     since = min(e.start for e in evidence.values())
     ids = list(starts)
-    _fold_install_events(session, model, version, ids, since, evidence)
-    _fold_heartbeats(session, model, version, ids, since, evidence)
-    _fold_windows(session, model, version, ids, since, evidence, shadow)
+    for event in _events(session, ids, since):
+        found = evidence[event.device_id]
+        if event.type == "install" and event.model_name == model:
+            found.fold_install(event.at, event.bundle_version, event.payload or {}, version)
+        elif event.type == "heartbeat":
+            found.fold_heartbeat(event.at, event.id, event.payload or {}, model, version)
+    windows = select(
+        MetricWindow.device_id, MetricWindow.bundle_version, MetricWindow.window_start, MetricWindow.window_end
+    ).where(MetricWindow.model_name == model, MetricWindow.device_id.in_(ids), MetricWindow.window_end > since)
+    for device_id, window_version, start, end in session.execute(windows).tuples():
+        evidence[device_id].fold_window(start, end, int(window_version), version, shadow)
     polled = dict(session.execute(select(Device.id, Device.last_seen_at).where(Device.id.in_(ids))).tuples().all())
-    return {d: _observation(d, starts[d], e, polled.get(d), shadow) for d, e in evidence.items()}
+    return {d: e.observation(d, starts[d], polled.get(d), version, shadow) for d, e in evidence.items()}
 
 
-def _events(session: Session, kind: str, model: str, ids: Sequence[str], since: dt.datetime) -> list[DeviceEvent]:
+def _events(session: Session, ids: Sequence[str], since: dt.datetime) -> list[DeviceEvent]:
     query = (
         select(DeviceEvent)
-        .where(DeviceEvent.type == kind, DeviceEvent.device_id.in_(list(ids)), DeviceEvent.at >= since)
+        .where(DeviceEvent.type.in_(("install", "heartbeat")), DeviceEvent.device_id.in_(list(ids)),
+               DeviceEvent.at >= since)
         .order_by(DeviceEvent.at, DeviceEvent.id)
-    )
-    if kind == "install":
-        query = query.where(DeviceEvent.model_name == model)
-    return list(session.scalars(query))
-
-
-def _fold_install_events(
-    session: Session, model: str, version: int, ids: Sequence[str], since: dt.datetime, evidence: dict[str, _Evidence]
-) -> None:
-    for event in _events(session, "install", model, ids, since):
-        found = evidence[event.device_id]
-        if event.at < found.start or event.bundle_version != version:
-            continue
-        result = str(event.payload.get("result") or "")
-        if result == "installed":
-            found.running(event.at)
-            found.seen_on_target(event.at)
-            found.failure, found.failure_at = None, None
-        elif result in FAILED_RESULTS:
-            reason = event.payload.get("reason") or "no reason given"
-            found.failure, found.failure_at = f"install {result.replace('_', ' ')}: {reason}", event.at
-
-
-def _fold_heartbeats(
-    session: Session, model: str, version: int, ids: Sequence[str], since: dt.datetime, evidence: dict[str, _Evidence]
-) -> None:
-    """Only each device's latest heartbeat matters (one row per device, however long the soak)."""
-    latest = (
-        select(func.max(DeviceEvent.id).label("id"))
-        .where(DeviceEvent.type == "heartbeat", DeviceEvent.device_id.in_(list(ids)), DeviceEvent.at >= since)
-        .group_by(DeviceEvent.device_id)
-        .subquery()
-    )
-    for event in session.scalars(select(DeviceEvent).join(latest, DeviceEvent.id == latest.c.id)):
-        found = evidence[event.device_id]
-        if event.at < found.start:
-            continue
-        versions = _running_versions(event.payload, model)
-        found.seen(event.at)
-        if version in versions:
-            found.running(event.at)
-            found.seen_on_target(event.at)
-        elif versions and found.running_since is not None:
-            found.left_target_at = event.at
-
-
-def _running_versions(payload: dict[str, Any], model: str) -> set[int]:
-    """Versions of ``model`` a heartbeat says are running (active, on trial or in shadow)."""
-    models = payload.get("models") or []
-    entries = [m for m in models if isinstance(m, dict) and m.get("name") == model]
-    running = [m for m in entries if m.get("state", "active") in RUNNING_STATES]
-    return {m["version"] for m in running if isinstance(m.get("version"), int)}
-
-
-def _fold_windows(
-    session: Session,
-    model: str,
-    version: int,
-    ids: Sequence[str],
-    since: dt.datetime,
-    evidence: dict[str, _Evidence],
-    shadow: bool,
-) -> None:
-    query = (
-        select(MetricWindow.device_id, MetricWindow.bundle_version, func.min(MetricWindow.window_start),
-               func.max(MetricWindow.window_end))
-        .where(MetricWindow.model_name == model, MetricWindow.device_id.in_(list(ids)), MetricWindow.window_end > since)
-        .group_by(MetricWindow.device_id, MetricWindow.bundle_version)
     )  # fmt: skip
-    for device_id, window_version, first_start, last_end in session.execute(query).tuples():
-        found = evidence[device_id]
-        if last_end < found.start:
-            continue
-        found.windows[int(window_version)] = (first_start, last_end)
-        if shadow:
-            found.seen(last_end)
-        elif window_version == version:
-            found.running(max(first_start, found.start))
-            found.seen_on_target(last_end)
-        else:
-            found.seen(last_end)
-    if not shadow:
-        for found in evidence.values():
-            _note_other_version_after_target(found, version)
-
-
-def _note_other_version_after_target(found: _Evidence, version: int) -> None:
-    """A window on another version that ends after the target's last one: the device left the target."""
-    if found.running_since is None:
-        return
-    target_end = found.windows.get(version, (found.running_since, found.running_since))[1]
-    later = [end for v, (start, end) in found.windows.items() if v != version and start >= target_end]
-    if later:
-        found.left_target_at = max(later)
-
-
-def _observation(
-    device_id: str, start: dt.datetime, found: _Evidence, polled_at: dt.datetime | None, shadow: bool
-) -> DeviceObservation:
-    failure = found.failure
-    running_now = found.running_since is not None and found.left_target_at is None
-    last_seen = found.last_report if shadow else found.last_on_target
-    if last_seen is None:
-        last_seen = max([t for t in (found.last_report, polled_at) if t is not None], default=None)
-    return DeviceObservation(device_id, start, found.running_since, running_now, failure, last_seen)
+    return list(session.scalars(query))

@@ -26,7 +26,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from bundles.errors import ConfigError, EdgeFleetError
 from fleet_server import audit
-from fleet_server.db import utcnow
+from fleet_server.db import among, utcnow
 from fleet_server.errors import ConflictError, NotFoundError
 from fleet_server.models import Assignment, Device
 from fleet_server.rollouts import assign
@@ -228,7 +228,7 @@ def refuse_conflicts(session: Session, model: str, device_ids: Sequence[str]) ->
         select(RolloutDevice.rollout_id, Rollout.state, RolloutDevice.device_id)
         .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
         .where(Rollout.model_name == model, Rollout.state.in_([s.value for s in ACTIVE_STATES]),
-               RolloutDevice.membership == "member", RolloutDevice.device_id.in_(list(device_ids)))
+               RolloutDevice.membership == "member", among(RolloutDevice.device_id, device_ids))
     )  # fmt: skip
     held: dict[tuple[int, str], list[str]] = {}
     for rollout_id, state, device_id in session.execute(query).tuples():
@@ -336,7 +336,7 @@ def restore_devices(session: Session, rollout: Rollout, now: dt.datetime) -> dic
     ids = [d.device_id for d in released]
     current = assign.assignments_for(session, rollout.model_name, ids)
     caps: dict[str, Any] = dict(
-        session.execute(select(Device.id, Device.capabilities).where(Device.id.in_(ids))).tuples().all()
+        session.execute(select(Device.id, Device.capabilities).where(among(Device.id, ids))).tuples().all()
     )
     summary: dict[str, Any] = {"restored": 0, "cleared": 0, "skipped": []}
     manifests: dict[int, Any] = {}
@@ -418,7 +418,7 @@ def _leave_active_rollouts(session: Session, model: str, device_ids: Sequence[st
     query = (
         select(RolloutDevice).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
         .where(Rollout.model_name == model, Rollout.state.in_([s.value for s in ACTIVE_STATES]),
-               RolloutDevice.membership == "member", RolloutDevice.device_id.in_(list(device_ids)))
+               RolloutDevice.membership == "member", among(RolloutDevice.device_id, device_ids))
     )  # fmt: skip
     for device in session.scalars(query):
         device.membership, device.reason = "pinned", reason

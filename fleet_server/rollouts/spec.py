@@ -27,8 +27,12 @@ _WAVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%)?\s*(?::\s*(shadow))?\s*$")
 _REF_RE = re.compile(r"^\s*([a-z0-9][a-z0-9._-]{0,63})@(\d+)\s*$")
 
 
+MAX_DURATION_S = 366 * 86_400.0
+"""The longest soak, device timeout or jitter: a year (a longer one is a typo, and breaks date arithmetic)."""
+
+
 def parse_duration_s(text: str | float | int) -> float:
-    """Seconds in ``30m``, ``2h``, ``45s``, ``1d``, ``500ms`` or a plain number of seconds."""
+    """Seconds in ``30m``, ``2h``, ``45s``, ``1d``, ``500ms`` or a plain number of seconds (at most a year)."""
     if isinstance(text, int | float) and not isinstance(text, bool):
         seconds = float(text)
     else:
@@ -37,7 +41,9 @@ def parse_duration_s(text: str | float | int) -> float:
             raise ConfigError(f"duration {text!r} is not a number with an optional unit ms, s, m, h or d (e.g. 30m)")
         seconds = float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
     if seconds < 0 or not math.isfinite(seconds):
-        raise ConfigError(f"duration {text!r} must be zero or positive")
+        raise ConfigError(f"duration {str(text)[:40]!r} must be zero or positive")
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(f"duration {str(text)[:40]!r} is over the limit of {MAX_DURATION_S / 86_400:g} days")
     return seconds
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from bundles.errors import ConfigError, NoCompatibleVariantError
 from bundles.manifest import Manifest
 from bundles.selection import DeviceCapabilities, select_variant
+from fleet_server.db import among
 from fleet_server.errors import ConflictError, NotFoundError
 from fleet_server.models import Assignment, BundleRecord, Device, DeviceGroup, DeviceGroupMember, SavedFilter
 from fleet_server.services import device_filter
@@ -113,7 +114,7 @@ def _groups_by_device(session: Session, device_ids: list[str]) -> dict[str, list
     rows = session.execute(
         select(DeviceGroupMember.device_id, DeviceGroup.name)
         .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
-        .where(DeviceGroupMember.device_id.in_(device_ids))
+        .where(among(DeviceGroupMember.device_id, device_ids))
     )
     out: dict[str, list[str]] = {}
     for device_id, name in rows:
@@ -125,7 +126,7 @@ def _tags_by_device(session: Session, device_ids: list[str]) -> dict[str, list[s
     from fleet_server.models import DeviceTag
 
     out: dict[str, list[str]] = {}
-    query = select(DeviceTag.device_id, DeviceTag.tag).where(DeviceTag.device_id.in_(device_ids))
+    query = select(DeviceTag.device_id, DeviceTag.tag).where(among(DeviceTag.device_id, device_ids))
     for device_id, tag in session.execute(query):
         out.setdefault(device_id, []).append(tag)
     return out
@@ -135,9 +136,9 @@ def place_devices(
     session: Session, manifest: Manifest, device_ids: Sequence[str], honour_pins: bool = True
 ) -> list[Placement]:
     """Classify each named device for ``manifest`` (see the module docstring)."""
-    devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(list(device_ids))))}
+    devices = {d.id: d for d in session.scalars(select(Device).where(among(Device.id, device_ids)))}
     pins = select(Assignment.device_id).where(
-        Assignment.model_name == manifest.name, Assignment.pinned.is_(True), Assignment.device_id.in_(list(device_ids))
+        Assignment.model_name == manifest.name, Assignment.pinned.is_(True), among(Assignment.device_id, device_ids)
     )
     pinned = set(session.scalars(pins))
     return [_place(devices[d], manifest, honour_pins and d in pinned) for d in device_ids if d in devices]

@@ -9,13 +9,23 @@ the memo can never serve stale state, whichever process made the change.
 
 ``last_seen_at`` is not written per poll: polls are recorded in memory and flushed in one
 statement by :meth:`DesiredStateService.flush_last_seen` (a background task every few seconds).
+
+On PostgreSQL a process that runs its background tasks also keeps each token's answer in memory
+and answers repeated polls (and authenticates telemetry uploads) without the database, for as long
+as it listens on the ``edgefleet_desired_state`` channel (:func:`listen_for_changes`): triggers
+(migration ``0006``) notify a device's id whenever a row its state is made of changes, in any
+process, and the entry is dropped. An answer read while a notification arrived is not kept (it may
+predate the change), and a lost listening connection drops every entry and stops caching until it
+listens again, so the cache is never more stale than the notification's delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +40,7 @@ from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret
 from fleet_server.services.async_pg import AsyncPgPool, conninfo_for
 from fleet_server.settings import Settings
 
+log = logging.getLogger("fleet_server.desired_state")
 MEMO_MAX_DEVICES = 500_000
 
 # One round trip: the device, its assignments and its group poll-interval override. Run on the raw
@@ -57,11 +68,12 @@ _PARAM_MARKERS = {"sqlite": ":token_hash", "postgresql": "%(token_hash)s"}
 
 @dataclass(frozen=True)
 class RenderedState:
-    """A device's desired state as sent on the wire."""
+    """A device's desired state as sent on the wire (and the device's status, for authentication)."""
 
     device_id: str
     etag: str
     body: bytes
+    status: str = "accepted"
 
 
 def manifest_target(name: str, version: int) -> str:
@@ -81,17 +93,48 @@ class DesiredStateService:
         self._memo: dict[str, tuple[tuple[Any, ...], RenderedState]] = {}
         self._seen: dict[str, dt.datetime] = {}
         self._seen_lock = threading.Lock()
+        self._by_token: dict[str, RenderedState] = {}  # only while listening (module docstring)
+        self._tokens_of: dict[str, set[str]] = {}
+        self._listening = False
+        self._changes = 0
 
     async def for_token(self, token: str) -> RenderedState:
         """The desired state of the device holding ``token`` (401/403 for bad or retired tokens).
 
-        PostgreSQL: awaited on an asyncio connection, so polls overlap their round trips. SQLite: a
-        local query of tens of microseconds, run inline (cheaper than any hop to a thread).
+        PostgreSQL: from memory while this process listens for changes, else awaited on an asyncio
+        connection, so polls overlap their round trips. SQLite: a local query of tens of
+        microseconds, run inline (cheaper than any hop to a thread).
         """
         token_hash = self._token_hash(token)
+        cached = self._by_token.get(token_hash)
+        if cached is not None:
+            self._note_seen(cached.device_id)
+            return cached
+        changes = self._changes
         params = {"token_hash": token_hash}
         rows = await self.async_pool.fetchall(self._sql, params) if self.async_pool else self._query(token_hash)
-        return self._from_rows(rows)
+        state = self._from_rows(rows)
+        if self._listening and changes == self._changes:
+            self._by_token[token_hash] = state
+            self._tokens_of.setdefault(state.device_id, set()).add(token_hash)
+        return state
+
+    def listening(self, on: bool) -> None:
+        """Start (or stop) answering from memory; either way, forget every kept answer."""
+        self._listening = on
+        self._changes += 1
+        self._by_token.clear()
+        self._tokens_of.clear()
+
+    def changed(self, device_id: str) -> None:
+        """A notification: the state of ``device_id`` (``*``: every device) may have changed."""
+        self._changes += 1
+        if device_id == "*":
+            self._by_token.clear()
+            self._tokens_of.clear()
+            return
+        for token_hash in self._tokens_of.pop(device_id, ()):
+            self._by_token.pop(token_hash, None)
 
     def for_token_sync(self, token: str) -> RenderedState:
         """The same, for callers outside an event loop (CLI, tests)."""
@@ -109,7 +152,7 @@ class DesiredStateService:
         if status in ("rejected", "decommissioned"):
             raise ForbiddenError(f"device {device_id} is {status}")
         self._note_seen(device_id)
-        return self._rendered(device_id, tuple(rows))
+        return self._rendered(device_id, status, tuple(rows))
 
     def _query(self, token_hash: str) -> list[tuple[Any, ...]]:
         """Run the state query on a pooled raw DBAPI connection (a SELECT: no transaction to commit)."""
@@ -123,12 +166,12 @@ class DesiredStateService:
         finally:
             connection.close()
 
-    def _rendered(self, device_id: str, key: tuple[Any, ...]) -> RenderedState:
+    def _rendered(self, device_id: str, status: str, key: tuple[Any, ...]) -> RenderedState:
         cached = self._memo.get(device_id)
         if cached is not None and cached[0] == key:
             return cached[1]
         body = json.dumps(self.render(key), separators=(",", ":"), sort_keys=True).encode()
-        rendered = RenderedState(device_id, '"' + hashlib.sha256(body).hexdigest()[:32] + '"', body)
+        rendered = RenderedState(device_id, '"' + hashlib.sha256(body).hexdigest()[:32] + '"', body, status)
         if len(self._memo) >= MEMO_MAX_DEVICES:
             self._memo.clear()
         self._memo[device_id] = (key, rendered)
@@ -191,6 +234,30 @@ def _model_entry(row: Any) -> dict[str, Any]:
         else {"version": int(shadow), "manifest_target": manifest_target(name, shadow)},
         "start_after": as_utc(row[7]).isoformat() if row[7] is not None else None,
     }
+
+
+CHANNEL = "edgefleet_desired_state"
+
+
+async def listen_for_changes(service: DesiredStateService, retry_s: float = 2.0) -> None:
+    """Keep a LISTEN connection (PostgreSQL) and forward each notification to ``service``, until cancelled."""
+    import psycopg
+
+    if service.async_pool is None:
+        return
+    while True:
+        try:
+            connection = await psycopg.AsyncConnection.connect(service.async_pool.conninfo, autocommit=True)
+            async with connection:
+                await connection.execute(f"LISTEN {CHANNEL}")
+                service.listening(True)
+                async for notification in connection.notifies():
+                    service.changed(notification.payload)
+        except psycopg.Error as error:
+            log.warning("desired-state notifications lost (%s); answering from the database meanwhile", error)
+        finally:
+            service.listening(False)
+        await asyncio.sleep(retry_s)
 
 
 def as_utc(value: dt.datetime | str) -> dt.datetime:

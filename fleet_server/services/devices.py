@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from bundles.contract import InstalledBundle, parse, to_dict
 from bundles.errors import AuthError, ConfigError
 from bundles.selection import DeviceCapabilities
 from fleet_server.audit import record
@@ -35,6 +36,7 @@ from fleet_server.principals import DevicePrincipal
 from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
 from fleet_server.settings import Settings
 
+MAX_INSTALLED = 100
 log = logging.getLogger("fleet_server.devices")
 LAST_SEEN_RESOLUTION_S = 60
 _STATUS_ATTEMPTS = 3
@@ -177,11 +179,25 @@ def apply_inventory(device: Device, inventory: dict[str, Any]) -> None:
         device.memory_mb, device.disk_free_mb = caps.memory_mb, caps.disk_free_mb
     hw_class = inventory.get("hw_class") or (caps_data or {}).get("hw_class")
     if isinstance(hw_class, str) and hw_class:
-        device.hw_class = hw_class.lower()
+        device.hw_class = _bounded(hw_class, "hw_class", 64).lower()
     if isinstance(inventory.get("agent_version"), str):
-        device.agent_version = inventory["agent_version"]
+        device.agent_version = _bounded(inventory["agent_version"], "agent_version", 32)
     if "installed" in inventory:
-        device.installed = list(inventory["installed"])
+        device.installed = _installed(inventory["installed"])
+
+
+def _bounded(text: str, field: str, max_chars: int) -> str:
+    if len(text) > max_chars:
+        raise ConfigError(f"inventory.{field}: at most {max_chars} characters")
+    return text
+
+
+def _installed(value: Any) -> list[dict[str, Any]]:
+    """The reported installed bundles, each checked against the contract (the enrollment inventory is not
+    typed by its route)."""
+    if not isinstance(value, list) or len(value) > MAX_INSTALLED:
+        raise ConfigError(f"inventory.installed: expected a list of at most {MAX_INSTALLED} bundles")
+    return [to_dict(parse(InstalledBundle, item, f"inventory.installed[{i}]")) for i, item in enumerate(value)]
 
 
 def authenticate_device(session: Session, settings: Settings, token: str) -> DevicePrincipal:

@@ -3,7 +3,9 @@
 A telemetry batch holds thousands of items that the server stores as opaque JSON. Decoding them
 (to validate the few indexed keys) and then encoding them again for storage would do the JSON work
 twice; instead the top-level object is walked with :meth:`json.JSONDecoder.raw_decode`, which
-reports where each item ends, so each item's original text is stored as is.
+reports where each item ends, so each item's original text is stored as is. Decoding is strict
+(:mod:`.json_guard`): ``NaN``, ``Infinity``, over-long integers and nesting past the recursion limit
+are refused here, and the caller checks each item with :func:`.json_guard.check_value`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import re
 from typing import Any
 
 from bundles.errors import ConfigError
+from fleet_server.services.json_guard import raw_decode
 
-_DECODER = json.JSONDecoder()
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -45,14 +47,14 @@ def _parse(text: str, list_keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[
     lists: dict[str, list[tuple[Any, str]]] = {}
     pos = _expect(text, _skip(text, 0), "{")
     while text[pos] != "}":
-        key, pos = _DECODER.raw_decode(text, pos)
+        key, pos = raw_decode(text, pos)
         if not isinstance(key, str) or key in fields or key in lists:
             raise ConfigError("the body has a non-string or repeated key")
         pos = _expect(text, _skip(text, pos), ":")
         if key in list_keys and text[pos] == "[":
-            lists[key], pos = _items(text, pos)
+            lists[key], pos = _items(text, pos, key)
         else:
-            fields[key], pos = _DECODER.raw_decode(text, pos)
+            fields[key], pos = raw_decode(text, pos, key)
         pos = _skip(text, pos)
         if text[pos] == ",":
             pos = _skip(text, pos + 1)
@@ -63,11 +65,11 @@ def _parse(text: str, list_keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[
     return fields, lists
 
 
-def _items(text: str, pos: int) -> tuple[list[tuple[Any, str]], int]:
+def _items(text: str, pos: int, key: str) -> tuple[list[tuple[Any, str]], int]:
     items: list[tuple[Any, str]] = []
     pos = _expect(text, pos, "[")
     while text[pos] != "]":
-        item, end = _DECODER.raw_decode(text, pos)
+        item, end = raw_decode(text, pos, f"{key}[{len(items)}]")
         items.append((item, text[pos:end]))
         pos = _skip(text, end)
         if text[pos] == ",":

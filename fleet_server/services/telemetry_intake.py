@@ -3,12 +3,18 @@
 Each item is stored with its exact JSON text as sent (see ``json_items``), so the JSON work is
 done once per item.
 
-The payload of every item is opaque JSON whose shape ``docs/telemetry.md`` defines; here we check
-only size, basic types and the few keys we index (``type``, ``model``, ``version``, times,
-``capture_reason``). Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is
-inserted first; if it already exists the batch is a retry and nothing else is written. Rows are
-bulk-inserted per table (PostgreSQL ``COPY``, SQLite ``executemany``; no ORM objects) because
-sampled prediction logs arrive by the thousand.
+The payload of every item is JSON whose shape ``docs/telemetry.md`` defines. Every item is decoded
+strictly and walked once (:mod:`.json_guard`: finite numbers, 64-bit integers, valid Unicode text of
+bounded length, bounded nesting); metric windows are also checked against their contract
+(:func:`bundles.windows.check_window`: counts, sums and histogram sizes), since the rollout engine adds
+them up; and the keys we index (``type``, ``model``, ``version``, times, ``capture_reason``) are
+checked for type, length and range. A bad item refuses the whole batch with a 400 naming the field
+(``windows[2].counters.requests: inf is not a finite number``), so that nothing of it is stored.
+
+Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is inserted first; if it
+already exists the batch is a retry and nothing else is written. Rows are bulk-inserted per table
+(PostgreSQL ``COPY``, SQLite ``executemany``; no ORM objects) because sampled prediction logs arrive
+by the thousand.
 """
 
 from __future__ import annotations
@@ -23,12 +29,22 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from bundles.errors import ConfigError
+from bundles.windows import check_window
 from fleet_server.db import utcnow
 from fleet_server.errors import PayloadTooLargeError
 from fleet_server.models import TelemetryBatch
+from fleet_server.services.json_guard import check_value
 from fleet_server.services.json_items import parse_object_with_item_texts
 
 MAX_INDEXED_TEXT = 100
+EARLIEST_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+LATEST_TIME = dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)
+"""Item times outside these bounds are refused: no device clock is that wrong, and date arithmetic on
+the extremes (year 1 or 9999) overflows."""
+FOLDED_EVENT_TYPES = frozenset({"install", "heartbeat"})
+"""Events the rollout engine reads (``fleet_server.rollouts.fold``); the others are stored as already folded."""
+MAX_WINDOW = dt.timedelta(days=1)
+"""The longest metric window (the agent's are a minute; its offline buffer merges them up to an hour)."""
 
 
 @dataclass(frozen=True)
@@ -103,12 +119,23 @@ def parse_batch(raw: bytes, max_items: int) -> ParsedBatch:
     for kind in KINDS:
         if kind in fields and fields[kind] is not None:
             raise ConfigError(f"{kind}: expected a list of objects")
-        if not all(isinstance(item, dict) for item, _ in lists.get(kind, [])):
-            raise ConfigError(f"{kind}: expected a list of objects")
     total = sum(len(items) for items in lists.values())
     if total > max_items:
         raise PayloadTooLargeError(f"the batch has {total} items; the limit is {max_items} per request")
+    for kind in KINDS:
+        _check_items(kind, lists.get(kind, []))
     return ParsedBatch(batch_id=batch_id, items={kind: lists.get(kind, []) for kind in KINDS})
+
+
+def _check_items(kind: str, items: list[tuple[Any, str]]) -> None:
+    """Each item an object of checked JSON values; windows also against their contract."""
+    for i, (item, _) in enumerate(items):
+        where = f"{kind}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected an object")
+        check_value(item, where)
+        if kind == "windows":
+            check_window(item, where)
 
 
 def _time(item: dict[str, Any], key: str, where: str) -> dt.datetime:
@@ -117,9 +144,12 @@ def _time(item: dict[str, Any], key: str, where: str) -> dt.datetime:
         raise ConfigError(f"{where}.{key}: required, an ISO 8601 time string")
     try:
         parsed = dt.datetime.fromisoformat(value)
-    except ValueError as e:
+        parsed = (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+    except (ValueError, OverflowError) as e:
         raise ConfigError(f"{where}.{key}: {value[:40]!r} is not an ISO 8601 time") from e
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    if not EARLIEST_TIME <= parsed < LATEST_TIME:
+        raise ConfigError(f"{where}.{key}: {value[:40]!r} is outside {EARLIEST_TIME.year} to {LATEST_TIME.year}")
+    return parsed
 
 
 def _text(item: dict[str, Any], key: str, where: str, required: bool, max_chars: int = MAX_INDEXED_TEXT) -> str | None:
@@ -145,9 +175,10 @@ def event_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list[
     rows = []
     for i, (item, text) in enumerate(items):
         where = f"events[{i}]"
-        rows.append({"device_id": device_id, "type": _text(item, "type", where, True, 64),
-                     "model_name": _text(item, "model", where, False), "bundle_version": _version(item, where, False),
-                     "at": _time(item, "at", where), "payload": text})  # fmt: skip
+        kind = _text(item, "type", where, True, 64)
+        rows.append({"device_id": device_id, "type": kind, "model_name": _text(item, "model", where, False),
+                     "bundle_version": _version(item, where, False), "at": _time(item, "at", where), "payload": text,
+                     "folded": kind not in FOLDED_EVENT_TYPES})  # fmt: skip
     return rows
 
 
@@ -156,9 +187,12 @@ def window_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list
     rows = []
     for i, (item, text) in enumerate(items):
         where = f"windows[{i}]"
+        start, end = _time(item, "start", where), _time(item, "end", where)
+        if not start <= end <= start + MAX_WINDOW:
+            raise ConfigError(f"{where}.end: a window ends at or after its start and lasts at most {MAX_WINDOW}")
         rows.append({"device_id": device_id, "model_name": _text(item, "model", where, True),
-                     "bundle_version": _version(item, where, True), "window_start": _time(item, "start", where),
-                     "window_end": _time(item, "end", where), "payload": text})  # fmt: skip
+                     "bundle_version": _version(item, where, True), "window_start": start, "window_end": end,
+                     "payload": text})  # fmt: skip
     return rows
 
 
@@ -195,6 +229,64 @@ def store_batch(engine: Engine, device_id: str, batch: ParsedBatch, size_bytes: 
     return IntakeResult(accepted=counts, duplicate=False)
 
 
+# PostgreSQL: the whole batch in one statement (one round trip, autocommit): the batch row first, and
+# the items only if it was new (a retry inserts nothing and returns no id).
+_PG_STORE_SQL = """
+WITH b AS (
+    INSERT INTO telemetry_batches (device_id, batch_id, received_at, events, windows, samples, size_bytes)
+    VALUES (%(device)s, %(batch)s, %(now)s, %(n_events)s, %(n_windows)s, %(n_samples)s, %(size)s)
+    ON CONFLICT (device_id, batch_id) DO NOTHING RETURNING id
+), e AS (
+    INSERT INTO device_events (batch_pk, device_id, type, model_name, bundle_version, at, payload, folded)
+    SELECT b.id, %(device)s, t.type, t.model, t.version, t.at, CAST(t.payload AS json), t.folded FROM b,
+        unnest(%(e_type)s::text[], %(e_model)s::text[], %(e_version)s::int[], %(e_at)s::timestamptz[],
+               %(e_payload)s::text[], %(e_folded)s::bool[]) AS t(type, model, version, at, payload, folded)
+), w AS (
+    INSERT INTO metric_windows (batch_pk, device_id, model_name, bundle_version, window_start, window_end, payload)
+    SELECT b.id, %(device)s, t.model, t.version, t.start, t.end_, CAST(t.payload AS json) FROM b,
+        unnest(%(w_model)s::text[], %(w_version)s::int[], %(w_start)s::timestamptz[], %(w_end)s::timestamptz[],
+               %(w_payload)s::text[]) AS t(model, version, start, end_, payload)
+), s AS (
+    INSERT INTO prediction_samples (batch_pk, device_id, model_name, bundle_version, reason, at, payload)
+    SELECT b.id, %(device)s, t.model, t.version, t.reason, t.at, CAST(t.payload AS json) FROM b,
+        unnest(%(s_model)s::text[], %(s_version)s::int[], %(s_reason)s::text[], %(s_at)s::timestamptz[],
+               %(s_payload)s::text[]) AS t(model, version, reason, at, payload)
+)
+SELECT id FROM b
+"""
+_STORED_COUNTS_SQL = (
+    "SELECT events, windows, samples FROM telemetry_batches WHERE device_id = %(device)s AND batch_id = %(batch)s"
+)
+
+
+async def store_batch_async(pool: Any, device_id: str, batch: ParsedBatch, size_bytes: int) -> IntakeResult:
+    """:func:`store_batch` on PostgreSQL's asyncio pool (``async_pg``), in one statement and one round trip."""
+    rows = {"events": event_rows(batch.items["events"], device_id),
+            "windows": window_rows(batch.items["windows"], device_id),
+            "samples": sample_rows(batch.items["samples"], device_id)}  # fmt: skip
+    counts = {kind: len(kind_rows) for kind, kind_rows in rows.items()}
+    params = {"device": device_id, "batch": batch.batch_id, "now": utcnow(), "size": size_bytes,
+              **{f"n_{kind}": n for kind, n in counts.items()}, **_columns(rows)}  # fmt: skip
+    if await pool.fetchall(_PG_STORE_SQL, params):
+        return IntakeResult(accepted=counts, duplicate=False)
+    stored = await pool.fetchall(_STORED_COUNTS_SQL, params)
+    events, windows, samples = stored[0]
+    return IntakeResult(accepted={"events": events, "windows": windows, "samples": samples}, duplicate=True)
+
+
+def _columns(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[Any]]:
+    """The items as one array per column (what ``unnest`` reads)."""
+    spec = {"e": ("events", ("type", "model_name", "bundle_version", "at", "payload", "folded")),
+            "w": ("windows", ("model_name", "bundle_version", "window_start", "window_end", "payload")),
+            "s": ("samples", ("model_name", "bundle_version", "reason", "at", "payload"))}  # fmt: skip
+    names = {"model_name": "model", "bundle_version": "version", "window_start": "start", "window_end": "end"}
+    out: dict[str, list[Any]] = {}
+    for prefix, (kind, columns) in spec.items():
+        for column in columns:
+            out[f"{prefix}_{names.get(column, column)}"] = [row[column] for row in rows[kind]]
+    return out
+
+
 def _insert_batch(
     connection: Connection, device_id: str, batch_id: str, counts: dict[str, int], size_bytes: int
 ) -> int | None:
@@ -213,7 +305,7 @@ def _insert_batch(
 
 # Column order of the bulk inserts; ``batch_pk`` is filled in per batch.
 BULK_COLUMNS: dict[str, tuple[str, ...]] = {
-    "device_events": ("batch_pk", "device_id", "type", "model_name", "bundle_version", "at", "payload"),
+    "device_events": ("batch_pk", "device_id", "type", "model_name", "bundle_version", "at", "payload", "folded"),
     "metric_windows": (
         "batch_pk",
         "device_id",

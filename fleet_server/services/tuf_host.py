@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +135,12 @@ class TufHost:
         return loaded
 
 
-async def refresh_loop(host: TufHost, interval_s: float) -> None:
-    """Run ``host.refresh`` every ``interval_s`` until cancelled; failures are logged, never fatal."""
+async def refresh_loop(host: TufHost, interval_s: float, is_leader: Callable[[], bool] = lambda: True) -> None:
+    """Run ``host.refresh`` every ``interval_s`` (when ``is_leader()``) until cancelled; failures are logged."""
     while True:
         try:
-            await asyncio.to_thread(host.refresh)
+            if is_leader():
+                await asyncio.to_thread(host.refresh)
         except EdgeFleetError as error:
             log.warning("TUF refresh failed: %s", error)
         except Exception:

@@ -12,15 +12,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from bundles.windows import LATENCY_EDGES_MS, merge_fields
+from bundles.windows import LATENCY_EDGES_MS, merge_valid
 
 PSI_EPSILON = 1e-4
 """Floor for empty bins so that PSI stays finite (a common convention)."""
 
 
 def merge_windows(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add window payloads into one: counters, latency, features, output, shadow (the shared rule)."""
-    return merge_fields(payloads)
+    """Add window payloads into one: counters, latency, features, output, shadow (the shared rule); a
+    payload that breaks the window contract is left out (``bundles.windows.merge_valid``)."""
+    return merge_valid(payloads)[0]
 
 
 def add_nested(left: Any, right: Any) -> Any:

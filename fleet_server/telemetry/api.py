@@ -24,8 +24,8 @@ import io
 from collections.abc import Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Response
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, FastAPI, Path, Query, Response
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 
 from bundles.errors import ConfigError
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
@@ -36,7 +36,8 @@ from fleet_server.telemetry.tasks import Maintenance
 
 def _maintenance_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
     """The telemetry maintenance loop: drift evaluation and retention."""
-    return Maintenance(app.state.session_factory).run()
+    leadership = app.state.leadership
+    return Maintenance(app.state.session_factory, is_leader=lambda: leadership.held).run()
 
 
 router = APIRouter(prefix="/api/v1/admin", tags=["telemetry"], lifespan=app_task(_maintenance_loop))
@@ -46,6 +47,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }  # fmt: skip
 MAX_SAMPLES = 10_000
 ModelName = Annotated[str, Query(min_length=1, max_length=100)]
+ModelPath = Annotated[str, Path(min_length=1, max_length=100)]
 Since = Annotated[dt.datetime | None, Query(description="ISO 8601; default one hour ago")]
 Until = Annotated[dt.datetime | None, Query(description="ISO 8601; default now")]
 OptModel = Annotated[str | None, Query(max_length=100)]
@@ -55,22 +57,32 @@ OptReason = Annotated[str | None, Query(max_length=32)]
 PARQUET: dict[int | str, dict[str, Any]] = {200: {"content": {"application/vnd.apache.parquet": {}}}}
 
 
+def _json_number(value: Any) -> Any:
+    """A JSON number as sent: ``"30"`` or ``true`` is not one (pydantic's lax mode would convert them)."""
+    if isinstance(value, (str, bool)):
+        raise ValueError("expected a number")
+    return value
+
+
+NUMBER = BeforeValidator(_json_number)
+
+
 class MonitorIn(BaseModel):
     """A per-model override of the drift monitor (unset fields keep their value)."""
 
-    warn_psi: float | None = Field(default=None, gt=0, le=10)
-    alert_psi: float | None = Field(default=None, gt=0, le=10)
-    lookback_s: int | None = Field(default=None, gt=0, le=90 * 86_400)
-    min_rows: int | None = Field(default=None, ge=0, le=10**9)
-    enabled: bool | None = None
+    warn_psi: Annotated[float, Field(gt=0, le=10), NUMBER] | None = None
+    alert_psi: Annotated[float, Field(gt=0, le=10), NUMBER] | None = None
+    lookback_s: Annotated[int, Field(gt=0, le=90 * 86_400), NUMBER] | None = None
+    min_rows: Annotated[int, Field(ge=0, le=10**9), NUMBER] | None = None
+    enabled: StrictBool | None = None
 
 
 class PruneIn(BaseModel):
     """Retention limits in days."""
 
-    windows_days: int = Field(default=90, ge=1, le=3650)
-    samples_days: int = Field(default=30, ge=1, le=3650)
-    events_days: int = Field(default=365, ge=1, le=3650)
+    windows_days: Annotated[int, Field(ge=1, le=3650), NUMBER] = 90
+    samples_days: Annotated[int, Field(ge=1, le=3650), NUMBER] = 30
+    events_days: Annotated[int, Field(ge=1, le=3650), NUMBER] = 365
 
 
 def _period(since: dt.datetime | None, until: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
@@ -82,8 +94,19 @@ def _period(since: dt.datetime | None, until: dt.datetime | None) -> tuple[dt.da
     return since, until
 
 
+EARLIEST, LATEST = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)
+
+
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+    """A query time in UTC, refused (400) outside 2000 to 2200 (where date arithmetic cannot overflow)."""
+    try:
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+        aware = aware.astimezone(dt.timezone.utc)
+    except OverflowError:
+        aware = EARLIEST - dt.timedelta(days=1)
+    if not EARLIEST <= aware < LATEST:
+        raise ConfigError(f"time {value.isoformat()[:40]} is outside {EARLIEST.year} to {LATEST.year}")
+    return aware
 
 
 @router.get("/telemetry/summary", responses=ERRORS)
@@ -149,7 +172,7 @@ def prune(session: SessionDep, _caller: AdminDep, body: PruneIn | None = None) -
 
 @router.get("/drift/{model}", responses=ERRORS)
 def drift(
-    session: SessionDep, _caller: ViewerDep, model: str, since: Since = None, until: Until = None
+    session: SessionDep, _caller: ViewerDep, model: ModelPath, since: Since = None, until: Until = None
 ) -> dict[str, Any]:
     """PSI per feature and for the output, per version, with the monitor's levels."""
     start, end = _period(since, until)
@@ -159,13 +182,13 @@ def drift(
 
 
 @router.get("/drift/{model}/monitor", responses=ERRORS)
-def get_monitor(session: SessionDep, _caller: ViewerDep, model: str) -> dict[str, Any]:
+def get_monitor(session: SessionDep, _caller: ViewerDep, model: ModelPath) -> dict[str, Any]:
     """The thresholds ``model`` is monitored with (``overridden`` false means the defaults)."""
     return monitors.monitor_settings(session, model).to_dict()
 
 
 @router.put("/drift/{model}/monitor", responses=ERRORS)
-def put_monitor(session: SessionDep, _caller: OperatorDep, model: str, body: MonitorIn) -> dict[str, Any]:
+def put_monitor(session: SessionDep, _caller: OperatorDep, model: ModelPath, body: MonitorIn) -> dict[str, Any]:
     """Override the drift thresholds of ``model``."""
     if len(model) > 100:
         raise ConfigError("model: at most 100 characters")
@@ -175,7 +198,7 @@ def put_monitor(session: SessionDep, _caller: OperatorDep, model: str, body: Mon
 
 
 @router.post("/drift/{model}/evaluate", responses=ERRORS)
-def evaluate(session: SessionDep, _caller: OperatorDep, model: str) -> list[dict[str, Any]]:
+def evaluate(session: SessionDep, _caller: OperatorDep, model: ModelPath) -> list[dict[str, Any]]:
     """Evaluate the monitor of ``model`` now; the open alerts afterwards."""
     return [monitors.alert_dict(a) for a in monitors.evaluate(session, model)]
 

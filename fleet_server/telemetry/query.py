@@ -1,7 +1,11 @@
-"""Queries over stored telemetry: cohort numbers for rollout gates, per-device and per-version views.
+"""Queries over stored telemetry: cohort numbers, per-device and per-version views.
 
 Everything is computed from the raw ``metric_windows`` rows (merged by addition, see
-``aggregate``) and the bundle's drift baseline in ``bundles.manifest``; nothing here writes.
+``aggregate``) and the bundle's drift baseline in ``bundles.manifest``; nothing here writes. The
+merge is total: a stored window that breaks the window contract (``bundles.windows.check_window``)
+is left out and counted as ``invalid_windows``, so no stored row can turn a query into an error.
+The rollout engine reads the same figures from its rollups (``fleet_server.rollouts.fold``) through
+:func:`stats_of`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from bundles.errors import ConfigError
+from bundles.windows import merge_valid
 from fleet_server.models import BundleRecord, DeviceEvent, MetricWindow, PredictionSample
-from fleet_server.telemetry.aggregate import counter, latency_percentile, merge_windows, psi_by_feature
+from fleet_server.telemetry.aggregate import counter, latency_percentile, psi_by_feature
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class CohortStats:
     psi_output: float | None
     shadow_agreement: float | None
     shadow_samples: int
+    invalid_windows: int = 0
 
     @property
     def error_rate(self) -> float | None:
@@ -105,8 +111,9 @@ def cohort_stats(
 ) -> CohortStats:
     """Health of ``model@version`` on ``device_ids`` from windows that end after ``since``."""
     rows = window_rows(session, model, version, device_ids, since)
-    merged = merge_windows(row.payload for row in rows)
-    return stats_of(merged, baseline_of(session, model, version), len({row.device_id for row in rows}))
+    merged, invalid = merge_valid(row.payload for row in rows)
+    stats = stats_of(merged, baseline_of(session, model, version), len({row.device_id for row in rows}))
+    return CohortStats(**{**stats.__dict__, "invalid_windows": invalid})
 
 
 # --- summaries: per version, per device, fleet-wide ------------------------------------------------
@@ -127,9 +134,10 @@ def summarize(
     for key, rows in sorted(groups.items()):
         versions = sorted({r.bundle_version for r in rows})
         baseline = baseline_of(session, model, versions[0]) if len(versions) == 1 else {}
-        stats = stats_of(merge_windows(r.payload for r in rows), baseline, len({r.device_id for r in rows}))
+        merged, invalid = merge_valid(r.payload for r in rows)
+        stats = stats_of(merged, baseline, len({r.device_id for r in rows}))
         label = dict(zip(("device_id", "version") if by == "device" else ("version",), key, strict=False))
-        out.append({"model": model, **label, **stats.to_dict()})
+        out.append({"model": model, **label, **stats.to_dict(), "invalid_windows": invalid})
     return out
 
 

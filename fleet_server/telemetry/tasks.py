@@ -1,6 +1,7 @@
 """The telemetry maintenance loop: evaluate drift monitors and apply retention, in the server process.
 
-Started by the router's lifespan when the server runs its background tasks (``api.lifespan``):
+Started by the router's lifespan when the server runs its background tasks (``api.lifespan``), in
+the process that holds the background leadership (``fleet_server.locks``):
 every :data:`DRIFT_INTERVAL_S` every model that reported in the last day is evaluated (alerts open,
 update or resolve), and once a day raw telemetry older than the retention limits is deleted. Each
 tick runs in a worker thread with its own transaction; an error is logged and the loop goes on.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -32,6 +34,7 @@ class Maintenance:
     session_factory: sessionmaker[Session]
     retention: query.Retention = field(default_factory=query.Retention)
     last_prune: dt.datetime | None = None
+    is_leader: Callable[[], bool] = lambda: True
 
     def tick(self, now: dt.datetime | None = None) -> dict[str, int]:
         """Evaluate drift now, prune when a day has passed; returns what it did (open alerts, rows deleted)."""
@@ -48,6 +51,8 @@ class Maintenance:
         """Tick every ``interval_s`` until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
+            if not self.is_leader():
+                continue
             try:
                 await asyncio.to_thread(self.tick)
             except (SQLAlchemyError, EdgeFleetError):

@@ -53,15 +53,15 @@ def test_server_errors_back_off_exponentially_and_resend_the_same_batch(tmp_path
     assert len({body["batch_id"] for body in server.bodies}) == 1  # four sends, one batch id
 
 
-def test_a_refused_batch_is_dropped_and_reported_in_the_next_one(tmp_path: Path) -> None:
-    server = Server([413])
+@pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
+def test_a_refused_batch_is_dropped_counted_and_draining_goes_on(tmp_path: Path, status: int) -> None:
+    server = Server([status])
     up = uploader(tmp_path, server, [0.0])
-    assert up.maybe_drain() is None
+    report = up.maybe_drain()
+    assert report is not None and report.rejected == 1 and up.failures == 0 and up.rejected_batches == 1
     assert up.buffer.stats()["items"] == 0
-    up.buffer.put("event", "error", {"id": "e", "type": "error", "at": "2026-01-01T00:00:00+00:00"})
-    up.next_attempt_at = 0.0
-    up.drain()
-    drops = next(e for e in server.bodies[-1]["events"] if e["type"] == "drops")
+    assert len(server.bodies) == 2  # the refused batch, then at once the next one: its drops report
+    drops = next(e for e in server.bodies[1]["events"] if e["type"] == "drops")
     assert drops["dropped"] == {"event:rejected": 1}
 
 
@@ -69,6 +69,13 @@ def test_revoked_credentials_keep_the_batch(tmp_path: Path) -> None:
     up = uploader(tmp_path, Server([401]), [0.0])
     with pytest.raises(AuthError):
         up.drain()
+    assert up.buffer.stats()["items"] == 1
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_a_4xx_that_means_later_keeps_the_batch(tmp_path: Path, status: int) -> None:
+    up = uploader(tmp_path, Server([status]), [0.0])
+    assert up.maybe_drain() is None and up.failures == 1
     assert up.buffer.stats()["items"] == 1
 
 
