@@ -36,6 +36,7 @@ STEP_OPS = (
 )  # fmt: skip
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DEPLOYMENT_TARGET_RE = re.compile(r"^(macOS|iOS|tvOS|watchOS|visionOS)\d+(\.\d+)*$")
 
 T = TypeVar("T")
 
@@ -210,8 +211,34 @@ class Step:
 
 
 @dataclass(frozen=True)
+class ValidatedRuntime:
+    """A runtime and the version of it on which the converter measured the variant's parity and metric."""
+
+    runtime: str
+    version: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "validated_runtime") -> ValidatedRuntime:
+        data = _mapping(data, where)
+        return cls(runtime=_require(data, "runtime", str, where), version=_require(data, "version", str, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "version": self.version}
+
+    def describe(self) -> str:
+        return f"{self.runtime} {self.version}"
+
+
+@dataclass(frozen=True)
 class Requirements:
-    """What a device needs to run a variant."""
+    """What a device needs to run a variant.
+
+    ``validated_runtimes`` lists the runtimes (and versions) on which the converter executed the
+    variant and it met its gates; when it is not empty, a device may run the variant only on one of
+    them (:func:`bundles.selection.validated_runtime_for`), because an older or different runtime can
+    load a model and silently compute something else. ``deployment_target`` is the lowest OS release
+    the format needs (Core ML: ``macOS13``).
+    """
 
     runtime: str  # onnxruntime | litert | tflite_runtime | llama_cpp | coreml
     min_runtime_version: str = "0"
@@ -219,13 +246,22 @@ class Requirements:
     accelerators: tuple[str, ...] = ()  # required accelerators, e.g. ("cuda",); empty = CPU is fine
     min_memory_mb: int = 0
     os: tuple[str, ...] = ()  # empty = any; else e.g. ("darwin",) for Core ML
+    validated_runtimes: tuple[ValidatedRuntime, ...] = ()
+    deployment_target: str = ""  # e.g. "macOS13"; empty = none
     extra: dict[str, Any] = field(default_factory=dict)
 
-    KNOWN: ClassVar[tuple[str, ...]] = ("runtime", "min_runtime_version", "arch", "accelerators", "min_memory_mb", "os")
+    KNOWN: ClassVar[tuple[str, ...]] = (
+        "runtime", "min_runtime_version", "arch", "accelerators", "min_memory_mb", "os", "validated_runtimes",
+        "deployment_target",
+    )  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "requirements") -> Requirements:
         data = _mapping(data, where)
+        validated = _optional(data, "validated_runtimes", list, where, [])
+        deployment_target = _optional(data, "deployment_target", str, where, "")
+        if deployment_target and not _DEPLOYMENT_TARGET_RE.match(deployment_target):
+            raise ManifestError(f"{where}.deployment_target: '{deployment_target}' is not like 'macOS13' or 'iOS16'")
         return cls(
             runtime=_require(data, "runtime", str, where),
             min_runtime_version=_optional(data, "min_runtime_version", str, where, "0"),
@@ -233,11 +269,15 @@ class Requirements:
             accelerators=tuple(_optional(data, "accelerators", list, where, [])),
             min_memory_mb=_optional(data, "min_memory_mb", int, where, 0),
             os=tuple(_optional(data, "os", list, where, [])),
+            validated_runtimes=tuple(
+                ValidatedRuntime.from_dict(v, f"{where}.validated_runtimes[{i}]") for i, v in enumerate(validated)
+            ),
+            deployment_target=deployment_target,
             extra=_extra(data, cls.KNOWN),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "runtime": self.runtime,
             "min_runtime_version": self.min_runtime_version,
             "arch": list(self.arch),
@@ -245,6 +285,10 @@ class Requirements:
             "min_memory_mb": self.min_memory_mb,
             "os": list(self.os),
         }
+        if self.validated_runtimes:
+            out["validated_runtimes"] = [v.to_dict() for v in self.validated_runtimes]
+        if self.deployment_target:
+            out["deployment_target"] = self.deployment_target
         return {**self.extra, **out}
 
 
@@ -846,4 +890,5 @@ __all__ = [
     "Step",
     "TensorSpec",
     "Variant",
+    "ValidatedRuntime",
 ]

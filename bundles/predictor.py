@@ -24,11 +24,17 @@ from typing import Any
 import numpy as np
 
 from bundles.archive import read_manifest, verify_files
-from bundles.errors import InferenceError, InputError, ManifestError, SelfTestError
+from bundles.errors import InferenceError, InputError, ManifestError, RuntimeUnavailableError, SelfTestError
 from bundles.manifest import GoldenCase, Manifest, TensorSpec, Variant
 from bundles.processing import Pipeline, compile_steps
 from bundles.runtimes.base import Runtime, load_runtime
-from bundles.selection import DeviceCapabilities, probe_capabilities, select_variant
+from bundles.selection import (
+    DeviceCapabilities,
+    probe_capabilities,
+    rejection_reasons,
+    select_variant,
+    validated_runtime_for,
+)
 from bundles.tensors import decode_tensor, numpy_dtype
 
 
@@ -119,6 +125,8 @@ class Predictor:
         self.manifest = manifest
         self.variant = variant
         self.runtime = runtime
+        self.runtime_name: str = runtime.name
+        """The runtime that executes the variant (``litert``, ``tflite_runtime``, ...), reported by devices."""
         self.threads = threads
         self._checks = tuple(_InputCheck.of(spec) for spec in manifest.inputs)
         self._pre: Pipeline = compile_steps(manifest.preprocess, "pre", manifest.inputs[0].name)
@@ -140,15 +148,22 @@ class Predictor:
     ) -> Predictor:
         """Load a variant (by id, or the best one for ``caps``/this host) from a bundle directory.
 
-        ``verify`` re-checks the variant's files against the manifest hashes first (turn it off
-        only when the caller has just verified them, e.g. right after unpacking).
+        The variant runs on a runtime it was validated on (:func:`bundles.selection.validated_runtime_for`
+        with ``caps``, or this host's probed capabilities); when this host has none, loading is refused
+        with the reasons (:class:`RuntimeUnavailableError`). ``verify`` re-checks the variant's files
+        against the manifest hashes first (turn it off only when the caller has just verified them,
+        e.g. right after unpacking).
         """
+        caps = caps if caps is not None else probe_capabilities()
         chosen = _resolve_variant(manifest, variant, caps)
+        runtime_name = _runtime_for(manifest, chosen, caps)
         root = Path(bundle_dir)
         if verify:
             verify_files(root, chosen.files)
         n_threads = threads if threads is not None else manifest.runtime_config.threads
-        runtime = load_runtime(chosen.target, root / chosen.entry, n_threads, chosen.requirements.accelerators)
+        runtime = load_runtime(
+            chosen.target, root / chosen.entry, n_threads, chosen.requirements.accelerators, runtime=runtime_name
+        )
         _check_runtime_names(manifest, chosen, runtime)
         return cls(manifest, chosen, runtime, n_threads)
 
@@ -280,12 +295,27 @@ class Predictor:
         self.close()
 
 
-def _resolve_variant(manifest: Manifest, variant: str | Variant | None, caps: DeviceCapabilities | None) -> Variant:
+def _resolve_variant(manifest: Manifest, variant: str | Variant | None, caps: DeviceCapabilities) -> Variant:
     if isinstance(variant, Variant):
         return manifest.variant(variant.id)
     if isinstance(variant, str):
         return manifest.variant(variant)
-    return select_variant(manifest, caps if caps is not None else probe_capabilities())
+    return select_variant(manifest, caps)
+
+
+def _runtime_for(manifest: Manifest, variant: Variant, caps: DeviceCapabilities) -> str:
+    """The validated runtime ``caps`` has for ``variant``; refused with every reason when there is none."""
+    name = validated_runtime_for(variant, caps)
+    if name is not None:
+        return name
+    reasons = rejection_reasons(variant, caps)
+    if variant.target == "coreml":
+        from bundles.runtimes.coreml import unavailable_reason
+
+        reasons = [r for r in (unavailable_reason(),) if r] + reasons
+    raise RuntimeUnavailableError(
+        f"{manifest.ref} variant {variant.id} cannot run on this host: {'; '.join(reasons) or 'no runtime for it'}"
+    )
 
 
 def _check_runtime_names(manifest: Manifest, variant: Variant, runtime: Runtime) -> None:

@@ -6,10 +6,16 @@ running host. :func:`select_variant` keeps the variants whose requirements the d
 picks the best; when none fits it raises :class:`NoCompatibleVariantError` listing, per variant,
 every reason it was rejected, so an operator sees at once what a device lacks.
 
-Ranking (best first): the device's ``preferences`` (targets, precisions, ``target:precision`` or
-variant ids, earliest wins); then ``passed`` before ``structural``; then variants that use an
-accelerator the device has; then smaller variants (a quantised variant is only published when it
-met its accuracy and latency gates, so smaller is better); then the variant id for a stable order.
+A variant fits when the device has a runtime that may run it (:func:`usable_runtimes`: one of its
+``validated_runtimes`` at the same release series, or else its ``runtime`` at the minimum
+version), its arch, OS and deployment target, accelerators, memory and disk.
+
+Ranking (best first): the device's ``preferences`` (targets, precisions, ``target:precision``,
+variant ids or runtime names, earliest wins; a rollout's preferences come before the device's
+own, :meth:`DeviceCapabilities.with_preferences`); then ``passed`` before ``structural``; then
+variants that use an accelerator the device has; then smaller variants (a quantised variant is
+only published when it met its accuracy and latency gates, so smaller is better); then the variant
+id for a stable order. :func:`validated_runtime_for` names the runtime the chosen variant runs on.
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ import platform
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from bundles.errors import ConfigError, NoCompatibleVariantError
-from bundles.manifest import Manifest, Variant
+from bundles.manifest import Manifest, Requirements, Variant
 
 _ARCH_ALIASES = {
     "amd64": "x86_64",
@@ -77,10 +83,12 @@ class DeviceCapabilities:
     disk_free_mb: int | None = None
     preferences: tuple[str, ...] = ()
     hw_class: str = ""
+    os_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     KNOWN: ClassVar[tuple[str, ...]] = (
         "arch", "os", "python", "runtimes", "accelerators", "memory_mb", "disk_free_mb", "preferences", "hw_class",
+        "os_version",
     )  # fmt: skip
 
     @classmethod
@@ -102,6 +110,7 @@ class DeviceCapabilities:
             disk_free_mb=_optional_int(data, "disk_free_mb"),
             preferences=_strings(data, "preferences"),
             hw_class=str(data.get("hw_class") or ""),
+            os_version=str(data.get("os_version") or ""),
             extra={k: v for k, v in data.items() if k not in cls.KNOWN},
         )
 
@@ -117,7 +126,14 @@ class DeviceCapabilities:
             "preferences": list(self.preferences),
             "hw_class": self.hw_class,
         }
+        if self.os_version:
+            out["os_version"] = self.os_version
         return {**self.extra, **out}
+
+    def with_preferences(self, preferences: tuple[str, ...]) -> DeviceCapabilities:
+        """The same device with ``preferences`` ranked before its own (a rollout's override)."""
+        merged = tuple(dict.fromkeys((*preferences, *self.preferences)))
+        return replace(self, preferences=merged)
 
 
 def _strings(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
@@ -163,7 +179,15 @@ def probe_capabilities(data_dir: str | Path = ".", preferences: tuple[str, ...] 
         disk_free_mb=_disk_free_mb(Path(data_dir)),
         preferences=preferences,
         hw_class=probe_hw_class(os_name),
+        os_version=probe_os_version(os_name),
     )
+
+
+def probe_os_version(os_name: str) -> str:
+    """The OS release a deployment target is compared with: macOS's product version, else the kernel's."""
+    if os_name == "darwin":
+        return platform.mac_ver()[0]
+    return platform.release()
 
 
 _DEVICE_TREE_MODELS = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")
@@ -288,19 +312,71 @@ def version_at_least(installed: str, minimum: str) -> bool:
     return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
 
 
+def same_release_series(installed: str, validated: str) -> bool:
+    """``installed`` is of the release series (major.minor) ``validated`` names: ``2.3.1`` fits ``2.3.0``."""
+    return version_tuple(installed)[:2] == version_tuple(validated)[:2] and bool(version_tuple(validated))
+
+
+def usable_runtimes(variant: Variant, caps: DeviceCapabilities) -> list[str]:
+    """The runtimes of ``caps`` that may run ``variant``, in the variant's order of preference.
+
+    A variant that lists ``validated_runtimes`` runs only on one of them, at a version of the same
+    release series as the one it was validated on (a patch release keeps the kernels; another
+    series may load the model and compute something else, as tflite-runtime 2.14 does with
+    ai-edge-quantizer's dynamic-range int8). Otherwise the variant's ``runtime`` at
+    ``min_runtime_version`` or later.
+    """
+    req = variant.requirements
+    if req.validated_runtimes:
+        return [
+            v.runtime
+            for v in req.validated_runtimes
+            if v.runtime in caps.runtimes and same_release_series(caps.runtimes[v.runtime], v.version)
+        ]
+    installed = caps.runtimes.get(req.runtime)
+    return [req.runtime] if installed is not None and version_at_least(installed, req.min_runtime_version) else []
+
+
+def validated_runtime_for(variant: Variant, caps: DeviceCapabilities) -> str | None:
+    """The runtime ``caps`` should run ``variant`` on (the variant's first usable one), or None."""
+    usable = usable_runtimes(variant, caps)
+    preferred = [r for r in caps.preferences if r in usable]
+    return preferred[0] if preferred else (usable[0] if usable else None)
+
+
+def _runtime_reasons(variant: Variant, caps: DeviceCapabilities) -> list[str]:
+    req = variant.requirements
+    if usable_runtimes(variant, caps):
+        return []
+    if req.validated_runtimes:
+        validated = ", ".join(v.describe() for v in req.validated_runtimes)
+        installed = ", ".join(f"{name} {version}" for name, version in sorted(caps.runtimes.items())) or "none"
+        return [f"validated only on {validated} (this device has {installed})"]
+    installed_version = caps.runtimes.get(req.runtime)
+    if installed_version is None:
+        return [f"runtime {req.runtime} is not installed"]
+    return [f"runtime {req.runtime} {installed_version} is older than the required {req.min_runtime_version}"]
+
+
+def _deployment_target_reasons(req: Requirements, caps: DeviceCapabilities) -> list[str]:
+    """A ``macOS13`` target needs macOS 13 or later (unknown OS versions are not held against a variant)."""
+    match = re.match(r"macOS(\d+(?:\.\d+)*)$", req.deployment_target)
+    if match is None or caps.os != "darwin" or not caps.os_version:
+        return []
+    if version_at_least(caps.os_version, match.group(1)):
+        return []
+    return [f"needs {req.deployment_target} or later, this device runs macOS {caps.os_version}"]
+
+
 def rejection_reasons(variant: Variant, caps: DeviceCapabilities) -> list[str]:
     """Every reason ``variant`` cannot run on ``caps``; empty when it can."""
     req = variant.requirements
-    reasons: list[str] = []
-    installed = caps.runtimes.get(req.runtime)
-    if installed is None:
-        reasons.append(f"runtime {req.runtime} is not installed")
-    elif not version_at_least(installed, req.min_runtime_version):
-        reasons.append(f"runtime {req.runtime} {installed} is older than the required {req.min_runtime_version}")
+    reasons = _runtime_reasons(variant, caps)
     if req.arch and caps.arch not in {normalize_arch(a) for a in req.arch}:
         reasons.append(f"arch {caps.arch} is not one of {', '.join(req.arch)}")
     if req.os and caps.os not in {o.lower() for o in req.os}:
         reasons.append(f"os {caps.os} is not one of {', '.join(req.os)}")
+    reasons.extend(_deployment_target_reasons(req, caps))
     missing = [a for a in req.accelerators if a not in caps.accelerators]
     if missing:
         reasons.append(f"accelerator {', '.join(missing)} is not available")
@@ -312,17 +388,18 @@ def rejection_reasons(variant: Variant, caps: DeviceCapabilities) -> list[str]:
     return reasons
 
 
-def _preference_rank(variant: Variant, preferences: tuple[str, ...]) -> int:
+def _preference_rank(variant: Variant, caps: DeviceCapabilities) -> int:
     keys = {variant.id, variant.target, variant.precision, f"{variant.target}:{variant.precision}"}
-    for rank, preference in enumerate(preferences):
+    keys.update(usable_runtimes(variant, caps))
+    for rank, preference in enumerate(caps.preferences):
         if preference in keys:
             return rank
-    return len(preferences)
+    return len(caps.preferences)
 
 
 def _rank_key(variant: Variant, caps: DeviceCapabilities) -> tuple[int, int, int, int, str]:
     return (
-        _preference_rank(variant, caps.preferences),
+        _preference_rank(variant, caps),
         0 if variant.status == "passed" else 1,
         -len(variant.requirements.accelerators),
         variant.size_bytes,
@@ -355,8 +432,12 @@ __all__ = [
     "normalize_arch",
     "probe_accelerators",
     "probe_capabilities",
+    "probe_os_version",
     "rejection_reasons",
+    "same_release_series",
     "select_variant",
+    "usable_runtimes",
+    "validated_runtime_for",
     "version_at_least",
     "version_tuple",
 ]

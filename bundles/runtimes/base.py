@@ -41,21 +41,36 @@ class RuntimeLoader(Protocol):
     def load(self, path: Path, threads: int = 1, accelerators: Sequence[str] = ()) -> Runtime: ...
 
 
-RUNTIMES_BY_TARGET: dict[str, tuple[str, str]] = {
-    "onnx": ("bundles.runtimes.onnxruntime", "OnnxRuntime"),
-    "ort": ("bundles.runtimes.onnxruntime", "OnnxRuntime"),
-    "tflite": ("bundles.runtimes.litert", "LiteRtRuntime"),
+RUNTIMES_BY_NAME: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("bundles.runtimes.onnxruntime", "OnnxRuntime"),
+    "litert": ("bundles.runtimes.litert", "LiteRtRuntime"),
+    "tflite_runtime": ("bundles.runtimes.litert", "TfliteRuntime"),
+    "coreml": ("bundles.runtimes.coreml", "CoreMlRuntime"),
 }
-"""Variant target -> (module, class). Core ML and GGUF arrive in wave 2 through the same interface."""
+"""Runtime name (``Requirements.runtime``, ``validated_runtimes``) -> (module, class)."""
+
+RUNTIMES_BY_TARGET: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnxruntime",),
+    "ort": ("onnxruntime",),
+    "tflite": ("litert", "tflite_runtime"),
+    "coreml": ("coreml",),
+}
+"""Variant target -> the runtimes that can execute it, the default first. GGUF arrives with the LLM path."""
 
 
-def load_runtime(target: str, path: Path, threads: int = 1, accelerators: Sequence[str] = ()) -> Runtime:
-    """Load ``path`` with the runtime for ``target``; :class:`RuntimeUnavailableError` if there is none."""
-    if target not in RUNTIMES_BY_TARGET:
+def load_runtime(
+    target: str, path: Path, threads: int = 1, accelerators: Sequence[str] = (), runtime: str | None = None
+) -> Runtime:
+    """Load ``path`` with ``runtime`` (default: the target's first); :class:`RuntimeUnavailableError` if impossible."""
+    names = RUNTIMES_BY_TARGET.get(target)
+    if names is None:
         raise RuntimeUnavailableError(f"no runtime for target '{target}' in this version of edgefleet")
-    module_name, class_name = RUNTIMES_BY_TARGET[target]
+    name = runtime or names[0]
+    if name not in names or name not in RUNTIMES_BY_NAME:
+        raise RuntimeUnavailableError(f"runtime '{name}' cannot run target '{target}' (runtimes: {', '.join(names)})")
+    module_name, class_name = RUNTIMES_BY_NAME[name]
     loader: RuntimeLoader = getattr(importlib.import_module(module_name), class_name)
     return loader.load(path, threads=threads, accelerators=accelerators)
 
 
-__all__ = ["RUNTIMES_BY_TARGET", "Runtime", "RuntimeLoader", "load_runtime"]
+__all__ = ["RUNTIMES_BY_NAME", "RUNTIMES_BY_TARGET", "Runtime", "RuntimeLoader", "load_runtime"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from bundles.errors import (
     RuntimeUnavailableError,
     SelfTestError,
 )
-from bundles.manifest import Manifest, Step, TensorSpec
+from bundles.manifest import Manifest, Requirements, Step, TensorSpec
 from bundles.predictor import Predictor
 from bundles.selection import DeviceCapabilities
 from bundles.testing import build_bundle_dir, golden_inputs, reference_classifier, with_golden_offset
@@ -226,11 +227,22 @@ def test_a_manifest_that_disagrees_with_the_model_is_refused(pristine_bundle: Bu
         Predictor.load(renamed, root, variant="onnx-fp32")
 
 
-def test_a_target_without_a_runtime_here_is_runtime_unavailable(pristine_bundle: Bundle) -> None:
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS executes Core ML: the refusal is for other hosts")
+def test_a_coreml_variant_is_refused_off_macos_with_the_reason(pristine_bundle: Bundle) -> None:
     manifest, root = pristine_bundle
-    coreml = dataclasses.replace(manifest.variants[0], target="coreml")
-    with pytest.raises(RuntimeUnavailableError, match="no runtime for target 'coreml'"):
+    requirements = Requirements(runtime="coreml", os=("darwin",), deployment_target="macOS13")
+    coreml = dataclasses.replace(manifest.variants[0], target="coreml", requirements=requirements, status="structural")
+    with pytest.raises(RuntimeUnavailableError, match="Core ML executes models only on macOS .*runtime coreml is not"):
         Predictor.load(dataclasses.replace(manifest, variants=(coreml,)), root, variant=coreml.id)
+
+
+def test_a_runtime_that_cannot_run_the_target_is_refused(tmp_path: Path) -> None:
+    from bundles.runtimes.base import load_runtime
+
+    with pytest.raises(RuntimeUnavailableError, match="runtime 'onnxruntime' cannot run target 'tflite'"):
+        load_runtime("tflite", tmp_path / "model.tflite", runtime="onnxruntime")
+    with pytest.raises(RuntimeUnavailableError, match="no runtime for target 'gguf'"):
+        load_runtime("gguf", tmp_path / "model.gguf")
 
 
 def test_a_file_the_runtime_cannot_load_is_runtime_unavailable(tmp_path: Path) -> None:

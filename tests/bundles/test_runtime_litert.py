@@ -37,12 +37,14 @@ def test_tensors_are_found_with_or_without_a_signature(tmp_path: Path, signature
     runtime = LiteRtRuntime.load(tmp_path / "m.tflite")
     assert runtime.input_names == ("x",) and runtime.output_names == ("logits",)
     np.testing.assert_allclose(runtime.run({"x": X})["logits"], model.logits(X), atol=1e-5)
-    with pytest.raises(InferenceError, match="LiteRT failed on m.tflite"):
-        runtime.run({"x": X.astype(np.float64)})  # the Predictor converts; the raw runtime refuses
+    # the request's float64 is cast to the model's float32; a tensor the model does not have is refused
+    np.testing.assert_allclose(runtime.run({"x": X.astype(np.float64)})["logits"], model.logits(X), atol=1e-5)
+    with pytest.raises(InferenceError, match="litert cannot take these inputs for m.tflite"):
+        runtime.run({"pixels": X})
     runtime.close()
 
 
 def test_a_file_that_is_not_a_tflite_model_is_runtime_unavailable(tmp_path: Path) -> None:
     (tmp_path / "bad.tflite").write_bytes(b"TFL3 but not really")
-    with pytest.raises(RuntimeUnavailableError, match="LiteRT cannot load bad.tflite"):
+    with pytest.raises(RuntimeUnavailableError, match="litert cannot load bad.tflite"):
         LiteRtRuntime.load(tmp_path / "bad.tflite")
