@@ -2,7 +2,10 @@
 
 Targets derived from ONNX (``onnx``, ``ort``) ask :meth:`BuildContext.onnx_variant` for the ONNX
 file at a precision, which is built once per conversion and reused. Targets that convert from the
-source directly (``tflite``, ``coreml`` in wave 2) use :attr:`BuildContext.source` instead.
+source directly (``tflite``, ``coreml``) use :attr:`BuildContext.source` instead, and keep what
+they convert once in :attr:`BuildContext.cache`. Runtimes of other Python environments (the old
+tflite-runtime) run in one worker process per conversion (:meth:`BuildContext.worker`), stopped by
+:meth:`BuildContext.close`.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bundles.errors import ConversionError
+from bundles.errors import ConversionError, RuntimeUnavailableError
 from converter.datasets import Dataset, batch_sizes_for
 from converter.onnx_tools import check_inputs_match_spec, check_model, load_onnx
 from converter.quantize import make_precision
 from converter.sources import SourceModel
 from converter.spec import ModelSpec
+from converter.workers import RuntimeWorker
 
 
 @dataclass
@@ -31,6 +35,26 @@ class BuildContext:
     _onnx: dict[str, Path] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     """Per-conversion scratch space for exporters (e.g. a batch of ORT conversions done once)."""
+    _workers: dict[str, RuntimeWorker | RuntimeUnavailableError] = field(default_factory=dict)
+
+    def worker(self, runtime: str) -> RuntimeWorker:
+        """The conversion's worker process of ``runtime`` (started once; an unavailable runtime stays so)."""
+        if runtime not in self._workers:
+            try:
+                self._workers[runtime] = RuntimeWorker(runtime, self.work_dir / f"worker-{runtime}")
+            except RuntimeUnavailableError as e:
+                self._workers[runtime] = e
+        found = self._workers[runtime]
+        if isinstance(found, RuntimeUnavailableError):
+            raise RuntimeUnavailableError(str(found))
+        return found
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        for worker in self._workers.values():
+            if isinstance(worker, RuntimeWorker):
+                worker.close()
+        self._workers.clear()
 
     @property
     def max_batch(self) -> int:

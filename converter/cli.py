@@ -275,8 +275,10 @@ def _history_row(registry: Registry, model: ModelVersion, conversion: Any) -> li
 @one_line_errors
 def convert(
     ref: str = typer.Argument(..., help="NAME or NAME@VERSION"),
-    targets: str = typer.Option("onnx,ort", help="Comma-separated targets: onnx, ort (tflite, coreml, gguf: wave 2)."),
-    quantize: str = typer.Option("auto", help="auto (the ladder) or a list: fp32,fp16,int8-dynamic,int8-static"),
+    targets: str = typer.Option("onnx,ort", help="Comma-separated targets: onnx, ort, tflite, coreml."),
+    quantize: str = typer.Option(
+        "auto", help="auto (each target's ladder) or a list, e.g. fp32,fp16,int8-dynamic,int8-static,int8-weight"
+    ),
     strict: bool = typer.Option(False, help="Exit 3 if any requested precision was refused."),
 ) -> None:
     """Export, quantise and gate each variant, then build the bundle and the report."""
@@ -287,7 +289,8 @@ def convert(
 
     registry = _registry()
     name, version = _split_ref(ref)
-    chosen_targets, precisions = parse_targets(targets), parse_quantize(quantize)
+    chosen_targets = parse_targets(targets)
+    precisions = parse_quantize(quantize, chosen_targets)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task(f"converting {ref}", total=None)

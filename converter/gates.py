@@ -12,6 +12,11 @@ Measured on the final file, on the registered evaluation data:
 - file size and peak memory (growth of the process's peak RSS while loading and running it);
 - dynamic dimensions at both ends of their declared range (outputs must keep their parity).
 
+A runner of another process (:class:`converter.workers.WorkerRunner`) times its calls and measures
+its memory itself (``time_calls``, ``peak_rss_delta_bytes``). A variant no runtime of this host can
+execute is held to what :func:`judge_structure` can check (its size) besides its exporter's
+structural checks.
+
 :func:`judge` turns measurements and budgets into a :class:`Verdict`: the reasons a variant is
 refused (none when it passes) and the notes of a variant kept despite a finding (``--prefer size``
 keeps a quantised variant that is slower than its parent, saying so). A quantised variant is
@@ -124,6 +129,9 @@ def measure(variant: BuiltVariant, open_runner: Callable[[BuiltVariant], Runner]
     runner = open_runner(variant)
     outputs = run_in_chunks(runner.run, data, spec)
     peak_rss_delta = max(0, _peak_rss_bytes() - rss_before)
+    in_worker = getattr(runner, "peak_rss_delta_bytes", None)
+    if callable(in_worker):  # a runtime in another process: its own growth, not this process's
+        peak_rss_delta = int(in_worker())
     metrics = parity(outputs, reference, spec)
     metrics.update(size_bytes=variant.size_bytes, peak_rss_delta_bytes=peak_rss_delta)
     metrics.update(latency(runner, data, spec))
@@ -230,9 +238,13 @@ def latency_ratio(parent: Runner, child: Runner, feeds: dict[str, np.ndarray]) -
 
 def _time_calls(runner: Runner, feeds: dict[str, np.ndarray], calls: int = _MAX_CALLS,
                 warmup: int = _WARMUP_CALLS, budget_s: float = _MAX_TIMING_S) -> list[float]:  # fmt: skip
+    timed_inside = getattr(runner, "time_calls", None)
+    if callable(timed_inside):  # a runtime in another process times itself: the pipe is not the model's cost
+        times: list[float] = timed_inside(feeds, calls, warmup, budget_s)
+        return times
     for _ in range(warmup):
         runner.run(feeds)
-    times: list[float] = []
+    times = []
     deadline = time.perf_counter() + budget_s
     while len(times) < calls and (len(times) < 10 or time.perf_counter() < deadline):
         start = time.perf_counter()
@@ -358,6 +370,17 @@ def _dynamic_reasons(metrics: dict[str, Any]) -> list[str]:
         for label, error in extremes.items()
         if error > allowed
     ]
+
+
+def judge_structure(metrics: dict[str, Any], spec: ModelSpec, parent: dict[str, Any] | None) -> list[str]:
+    """The budgets a variant that could not be executed here can still be held to: its size."""
+    reasons = []
+    budget = spec.budgets.max_size_bytes
+    if budget is not None and metrics["size_bytes"] > budget:
+        reasons.append(f"size {metrics['size_bytes']} B > budget {budget} B")
+    if parent is not None and metrics["size_bytes"] >= parent["size_bytes"]:
+        reasons.append(f"not smaller than its fp32 parent ({metrics['size_bytes']} B vs {parent['size_bytes']} B)")
+    return reasons
 
 
 def _judge_against_parent(metrics: dict[str, Any], parent: dict[str, Any], spec: ModelSpec,

@@ -40,7 +40,7 @@ from converter.spec import ModelSpec
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _TOOLS = ("edgefleet", "torch", "onnx", "onnxruntime", "onnxscript", "onnxconverter-common", "skl2onnx",
-          "scikit-learn", "numpy")  # fmt: skip
+          "scikit-learn", "numpy", "litert-torch", "ai-edge-quantizer", "ai-edge-litert", "coremltools")  # fmt: skip
 _CHECK_ROWS = 64
 """Evaluation rows the source runs on at registration: enough to tell probabilities from logits."""
 

@@ -6,9 +6,13 @@ refused ones with the reasons and numbers that refused them (those refused befor
 measured, "nothing to quantise", in a section of their own and under the plot), the kept ones
 with the findings they were kept despite (``--prefer size``). Error metrics say "lower is better".
 Latencies are medians over all timed calls with the range of the round medians beside them (the
-spread over repeated runs). Every plot panel draws its budget: the size of the fp32 parent (and
-``--max-size-bytes``), the least metric value the drop budget allows, the fp32 parent's latency
-times the allowed ratio (and ``--max-latency-ms`` at batch 1). Reports are for people: unlike the
+spread over repeated runs). Each variant's runtimes say where it ran and how it fared there
+(LiteRT and tflite-runtime for TFLite); *structural* variants (Core ML off macOS) are listed,
+never plotted as measured. A section compares every executed variant on every runtime with the
+source and with each other (:mod:`converter.agreement`, with its heat map). Every plot panel
+draws its budget: the size of the fp32 parent (and ``--max-size-bytes``), the least metric value
+the drop budget allows, the fp32 parent's latency times the allowed ratio (and
+``--max-latency-ms`` at batch 1). Reports are for people: unlike the
 bundle they carry timings and memory figures, so two runs' reports differ.
 """
 
@@ -17,18 +21,21 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from converter.agreement import markdown_lines as agreement_lines
+from converter.agreement import plot_png as agreement_plot
 from converter.home import Home, publish_dir, staging_dir
 from converter.metrics import metric
 from converter.registry import Conversion, ModelVersion
 from converter.spec import ModelSpec
 
-_COLUMNS = ("variant", "status", "size", "x fp32 size", "{metric}", "drop", "max err", "top-1", "p50 b1 ms (range)",
-            "p50 batch ms (range)", "x fp32 time b1 / batch", "why refused / notes")  # fmt: skip
+_COLUMNS = ("variant", "status", "runtimes", "size", "x fp32 size", "{metric}", "drop", "max err", "top-1",
+            "p50 b1 ms (range)", "p50 batch ms (range)", "x fp32 time b1 / batch", "why refused / notes")  # fmt: skip
 
 
 def metric_title(spec: ModelSpec) -> str:
@@ -71,6 +78,13 @@ def _ratios(metrics: dict[str, Any]) -> str:
     return f"{_fmt(b1, 3)} / {_fmt(batch, 3)}" if b1 is not None else _fmt(batch, 3)
 
 
+def _runtimes(result: dict[str, Any]) -> str:
+    """``litert 2.3.0 passed, tflite_runtime 2.14.0 refused``: where the variant ran and how it fared."""
+    entries = result.get("runtimes") or {}
+    return ", ".join(f"{name} {e.get('version', '')} {e.get('status', '')}".replace("  ", " ")
+                     for name, e in entries.items()) or "-"  # fmt: skip
+
+
 def rows(results: list[dict[str, Any]]) -> list[list[str]]:
     """One row of strings per rung, in :func:`columns` order."""
     out = []
@@ -79,7 +93,7 @@ def rows(results: list[dict[str, Any]]) -> list[list[str]]:
         name = r["variant_id"] + (" *" if m.get("preferred") else "")
         why = "; ".join(r["reasons"] + r.get("notes", []))
         out.append([
-            name, r["status"], _size(m.get("size_bytes")), _fmt(m.get("size_ratio_to_fp32"), 3),
+            name, r["status"], _runtimes(r), _size(m.get("size_bytes")), _fmt(m.get("size_ratio_to_fp32"), 3),
             _fmt(m.get("metric_value")), _fmt(m.get("metric_drop")), _fmt(m.get("max_abs_error"), 3),
             _fmt(m.get("top1_agreement")), _latency(m, "b1"), _latency(m, "batch"), _ratios(m), why,
         ])  # fmt: skip
@@ -96,12 +110,12 @@ def rich_table(model: ModelVersion, results: list[dict[str, Any]]) -> Table:
     for column in columns(model.spec):
         table.add_column(column, overflow="fold", max_width=60 if column.startswith("why") else None)
     for row in rows(results):
-        style = "green" if row[1] == "passed" else "red"
+        style = {"passed": "green", "structural": "yellow"}.get(row[1], "red")
         table.add_row(*row, style=style)
     return table
 
 
-def markdown(model: ModelVersion, conversion: Conversion) -> str:
+def markdown(model: ModelVersion, conversion: Conversion, agreement: dict[str, Any] | None = None) -> str:
     spec = model.spec
     header = columns(spec)
     readout = f"; the metric reads {spec.readout.describe()}" if spec.readout is not None else ""
@@ -116,7 +130,9 @@ def markdown(model: ModelVersion, conversion: Conversion) -> str:
         f"- budgets: {spec.budgets.describe(spec.metric_name)}",
         f"- options: {conversion.options}; bundle `{conversion.bundle_file}` sha256 `{conversion.bundle_sha256}`",
         "- latencies: median of all timed calls (range of the medians of 5 rounds); time ratios vs the fp32 "
-        "parent of the same target at batch 1 / at the typical batch",
+        "parent of the same target on the same runtime at batch 1 / at the typical batch; figures of the first "
+        "runtime a variant passed on (the others under *runtimes* and in the agreement table)",
+        '- status *structural*: structurally valid, not executed on this host (never "passed")',
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -127,7 +143,13 @@ def markdown(model: ModelVersion, conversion: Conversion) -> str:
         lines += ["", "## Refused before measurement", ""]
         lines += [f"- {r['variant_id']}: {'; '.join(r['reasons'])}" for r in skipped]
     lines += ["", "![size, metric and latency per variant, with their budgets](plot.png)", ""]
+    lines += agreement_lines(agreement or {})
     return "\n".join(lines)
+
+
+def _structural_lines(results: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['variant_id']}: structurally valid, not executed on this host" for r in results
+            if r["status"] == "structural"]  # fmt: skip
 
 
 def plot_figure(results: list[dict[str, Any]], spec: ModelSpec) -> Any:
@@ -141,14 +163,14 @@ def plot_figure(results: list[dict[str, Any]], spec: ModelSpec) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [r for r in results if r["metrics"].get("size_bytes") is not None]
+    measured = [r for r in results if r["metrics"].get("size_bytes") is not None and r["status"] != "structural"]
     batch = next((r["metrics"].get("latency_batch") for r in measured if r["metrics"].get("latency_batch")), "N")
     figure, axes = plt.subplots(1, 4, figsize=(18, 4.8))
     _size_panel(axes[0], measured, spec)
     _metric_panel(axes[1], measured, spec)
     _latency_panel(axes[2], measured, spec, "b1", "latency p50, batch 1 (ms)")
     _latency_panel(axes[3], measured, spec, "batch", f"latency p50, batch {batch} (ms)")
-    lines = _not_measured_lines(not_measured(results))
+    lines = _not_measured_lines(not_measured(results)) + _structural_lines(results)
     if lines:
         figure.text(0.01, 0.01, "\n".join(lines), fontsize=8, color="dimgray", va="bottom")
     figure.tight_layout(rect=(0, 0.035 * len(lines), 1, 1))
@@ -250,7 +272,8 @@ def _zoom(axis: Any, values: list[float]) -> None:
         axis.set_ylim(low - margin, high + margin)
 
 
-def html_page(model: ModelVersion, conversion: Conversion, png: bytes) -> str:
+def html_page(model: ModelVersion, conversion: Conversion, png: bytes, agreement: dict[str, Any] | None = None,
+              agreement_png: bytes | None = None) -> str:  # fmt: skip
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns(model.spec))
     body = "".join(
         f"<tr class='{html.escape(row[1])}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
@@ -263,15 +286,47 @@ def html_page(model: ModelVersion, conversion: Conversion, png: bytes) -> str:
     )
     skipped_html = f"<h2>Refused before measurement</h2><ul>{skipped}</ul>" if skipped else ""
     image = base64.b64encode(png).decode("ascii")
+    agreement_html = _agreement_html(agreement or {}, agreement_png)
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(model.ref)} conversion {conversion.number}</title><style>"
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:4px 6px}tr.passed{background:#eefbe9}tr.refused{background:#fdeaea}"
+        "tr.structural{background:#fdf8e2}"
         f"</style></head><body><p>{summary}</p><table><tr>{head}</tr>{body}</table>{skipped_html}"
         f"<p><img alt='size, metric and latency per variant, with their budgets' "
-        f"src='data:image/png;base64,{image}'></p></body></html>"
+        f"src='data:image/png;base64,{image}'></p>{agreement_html}</body></html>"
     )
+
+
+def _agreement_html(agreement: dict[str, Any], png: bytes | None) -> str:
+    lines = agreement_lines(agreement)
+    if not lines:
+        return ""
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| variant")]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[4].strip("|").split("|"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row.strip("|").split("|"))
+                   + "</tr>" for row in table)  # fmt: skip
+    image = (
+        ""
+        if png is None
+        else (
+            "<p><img alt='agreement between every pair of executed variants' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'></p>"
+        )
+    )
+    return f"<h2>Cross-target agreement</h2><p>{html.escape(lines[2])}</p><table><tr>{head}</tr>{body}</table>{image}"
+
+
+def _agreement(home: Home, model: ModelVersion, conversion: Conversion) -> dict[str, Any]:
+    """The cross-target agreement the conversion saved in its ``results.json`` (empty for older conversions)."""
+    path = home.conversion_dir(model.name, model.version, conversion.number) / "results.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    found = saved.get("agreement") if isinstance(saved, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def write_report(home: Home, model: ModelVersion, conversion: Conversion) -> Path:
@@ -279,10 +334,14 @@ def write_report(home: Home, model: ModelVersion, conversion: Conversion) -> Pat
     final = home.reports_dir(model.name, model.version) / f"conversion-{conversion.number}"
     if final.exists():
         return final / "report.html"
+    agreement = _agreement(home, model, conversion)
     with staging_dir(final) as staging:
         png = plot_png(conversion.results, model.spec)
         (staging / "plot.png").write_bytes(png)
-        (staging / "report.md").write_text(markdown(model, conversion))
-        (staging / "report.html").write_text(html_page(model, conversion, png))
+        agreement_png = agreement_plot(agreement)
+        if agreement_png is not None:
+            (staging / "agreement.png").write_bytes(agreement_png)
+        (staging / "report.md").write_text(markdown(model, conversion, agreement))
+        (staging / "report.html").write_text(html_page(model, conversion, png, agreement, agreement_png))
         publish_dir(staging, final)
     return final / "report.html"

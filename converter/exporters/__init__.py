@@ -2,15 +2,25 @@
 
 Each module provides:
 
-- ``TARGET`` and ``RUNTIME`` (the ``Requirements.runtime`` devices need);
-- ``PRECISIONS``: the precisions it can build, in ladder order (most aggressive first);
+- ``TARGET``, ``RUNTIME`` (the ``Requirements.runtime`` devices need) and ``RUNTIMES``: every
+  runtime the variants are gated on, the primary first (``tflite``: ``litert`` and the old
+  ``tflite_runtime``);
+- ``PRECISIONS``: the precisions it can build, in ladder order (most aggressive first), and
+  ``EXTRA_PRECISIONS``: recipes built only when asked for by name;
 - ``build(ctx, precision, out_dir) -> BuiltVariant``: write the variant's files into ``out_dir``;
-- ``open_runner(variant) -> Runner``: the variant loaded in its real runtime. A target the host
-  cannot execute (Core ML on Linux) will return ``None`` and its variants will be ``structural``;
-  the pipeline handles that case when such a target arrives (wave 2), not before.
+  a source the target cannot take, or a model its converter cannot lower, is a ConversionError
+  with the converter's reason (the target is refused, the other targets go on);
+- ``open_runner(variant, runtime, ctx) -> Runner``: the variant loaded in that runtime; a runtime
+  this host cannot run (Core ML off macOS, a missing tflite-runtime environment) raises
+  RuntimeUnavailableError with the reason;
+- ``runtime_version(runtime, ctx) -> str``: the version the gates ran on (it goes into the
+  variant's ``validated_runtimes`` when ``VALIDATED_RUNTIMES_BIND`` is true);
+- optionally ``check_structure(variant, ctx, parent) -> (metrics, reasons)``: what can be validated
+  without executing; a variant no runtime of this host can execute is then ``structural``
+  ("structurally valid, not executed on this host"), never "passed".
 
-Targets of the bundle format without a module here (``tflite``, ``coreml``, ``gguf`` in wave 1) are
-refused with one line saying they are not available yet. Adding a target means adding a module.
+Targets of the bundle format without a module here (``gguf`` until the LLM path) are refused with
+one line saying they are not available yet. Adding a target means adding a module.
 """
 
 from __future__ import annotations
@@ -19,12 +29,15 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from bundles.errors import ConfigError
+from bundles.errors import ConfigError, ConversionError
 from bundles.manifest import TARGETS, Requirements
+
+if TYPE_CHECKING:
+    from converter.spec import ModelSpec
 
 
 @dataclass
@@ -56,6 +69,32 @@ class Runner(Protocol):
     """A variant loaded in its runtime."""
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def torch_module(ctx: Any, target: str) -> Any:
+    """The source's ``nn.Module``, or the refusal of a source kind that cannot reach ``target``."""
+    module = getattr(ctx.source, "module", None)
+    if ctx.source.kind != "torch" or module is None:
+        raise ConversionError(
+            f"a {ctx.source.kind} source cannot reach {target}: its converter takes PyTorch modules only "
+            f"(the onnx and ort targets take every source)"
+        )
+    return module
+
+
+def example_inputs(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:
+    """Zero inputs: the batch at ``batch`` (within its range), other dynamic dims at their lowest."""
+    from bundles.tensors import numpy_dtype
+
+    out = {}
+    for tensor in spec.inputs:
+        shape = []
+        for index, dim in enumerate(tensor.shape):
+            low, high = tensor.dim_ranges.get(str(index), (1, 1))
+            wanted = batch if index == 0 else low
+            shape.append(dim if dim != -1 else min(max(wanted, low), high))
+        out[tensor.name] = np.zeros(shape, dtype=numpy_dtype(tensor.dtype))
+    return out
 
 
 def available_targets() -> tuple[str, ...]:

@@ -51,5 +51,12 @@ class SessionRunner:
         return run_session(self.session, feeds)
 
 
-def open_runner(variant: BuiltVariant) -> SessionRunner:
+def open_runner(variant: BuiltVariant, runtime: str = RUNTIME, ctx: Any = None) -> SessionRunner:  # noqa: ARG001
     return SessionRunner(variant.entry_path, what=variant.id)
+
+
+def runtime_version(runtime: str, ctx: BuildContext) -> str:  # noqa: ARG001
+    """The ONNX Runtime the gates run on (the variant's requirement stays the opset's minimum)."""
+    import onnxruntime
+
+    return str(onnxruntime.__version__)

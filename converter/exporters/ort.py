@@ -33,12 +33,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bundles.errors import ConversionError
 from bundles.manifest import Requirements
 from converter.build_context import BuildContext
 from converter.exporters import BuiltVariant
 from converter.exporters.onnx import SessionRunner, min_runtime_version
+from converter.exporters.onnx import runtime_version as runtime_version
 from converter.quantize import PRECISIONS as LADDER
 
 TARGET = "ort"
@@ -145,5 +147,5 @@ def _write_config(model: Path, dest: Path) -> None:
     dest.write_text("\n".join(cleaned) + "\n")
 
 
-def open_runner(variant: BuiltVariant) -> SessionRunner:
+def open_runner(variant: BuiltVariant, runtime: str = RUNTIME, ctx: Any = None) -> SessionRunner:  # noqa: ARG001
     return SessionRunner(variant.entry_path, what=variant.id)

@@ -14,12 +14,12 @@ dynamic dimensions with their ranges.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import logging
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ class TorchSource:
                     external_data=False,
                     input_names=[s.name for s in self.spec.inputs],
                     output_names=list(probe),
-                    dynamic_shapes=None if self.exported is not None else _dynamic_shapes(self.spec),
+                    dynamic_shapes=None if self.exported is not None else dynamic_shapes(self.spec),
                     optimize=True,
                 )
                 assert program is not None
@@ -160,7 +160,7 @@ def _example_input(spec: Any) -> np.ndarray:
     return np.zeros(shape, dtype=numpy_dtype(spec.dtype))
 
 
-def _dynamic_shapes(spec: ModelSpec) -> tuple[dict[int, Any], ...] | None:
+def dynamic_shapes(spec: ModelSpec) -> tuple[dict[int, Any], ...] | None:
     import torch
 
     per_input: list[dict[int, Any]] = []
@@ -192,7 +192,9 @@ def load(files: list[Path], spec: ModelSpec) -> TorchSource:
 def _call_factory(path: Path, factory: str) -> Any:
     import torch
 
-    module_name = f"edgefleet_factory_{uuid.uuid4().hex[:8]}"
+    # Named after the file's content, not at random: exporters that keep module paths in tensor names
+    # (litert-torch) then write the same bytes for the same registered file.
+    module_name = f"edgefleet_factory_{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
     try:
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         assert loader_spec is not None and loader_spec.loader is not None
