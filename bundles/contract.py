@@ -373,6 +373,8 @@ class InstalledBundle(Checked):
     variant: str | None = _f(None, max_len=100)
     slot: str | None = _f(None, max_len=32)
     state: str | None = _f(None, max_len=32)
+    runtime: str | None = _f(None, max_len=32)  # the runtime the variant runs on there (validated for it)
+    runtime_version: str | None = _f(None, max_len=64)
 
 
 @dataclass(frozen=True)
@@ -433,6 +435,8 @@ class InstallEvent(Checked):
     state_path: list[str] = _f(list, max_len=200)
     status: str | None = _f(None, max_len=32)
     variant: str | None = _f(None, max_len=100)
+    runtime: str | None = _f(None, max_len=32)  # the runtime the variant was validated on that runs it here
+    runtime_version: str | None = _f(None, max_len=64)
     health: dict[str, Any] = _f(dict, max_len=50)
     error_kind: str | None = _f(None, max_len=32)
     downgrade: bool | None = None  # the director sent the device to an older version (above the release floor)

@@ -97,7 +97,7 @@ def _fmt(value: Any) -> str:
 
 
 def plot_png(report: dict[str, Any]) -> bytes | None:
-    """A heat map of every pair: top-1 agreement for classifiers, else the mean absolute difference."""
+    """Heat maps of every pair: top-1 agreement (classifiers) and the mean absolute difference (log scale)."""
     if not report or len(report.get("labels", [])) < 2:
         return None
     import matplotlib
@@ -105,26 +105,43 @@ def plot_png(report: dict[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = report["top1_agreement"][0][0] is not None
-    key, title = ("top1_agreement", "top-1 agreement") if classes else ("mean_abs_diff", "mean abs difference")
-    matrix = np.array([[np.nan if v is None else v for v in row] for row in report[key]], dtype=float)
+    panels = [("mean_abs_diff", "mean abs difference (log scale, lower is closer)")]
+    if report["top1_agreement"][0][0] is not None:
+        panels.insert(0, ("top1_agreement", "top-1 agreement"))
     labels = [label + (" (refused)" if status == "refused" else "")
               for label, status in zip(report["labels"], report["statuses"], strict=True)]  # fmt: skip
-    size = max(5.0, 0.55 * len(labels) + 2.5)
-    figure, axis = plt.subplots(figsize=(size + 1.5, size))
-    colours = "viridis" if classes else "magma_r"
-    image = axis.imshow(matrix, cmap=colours, vmin=np.nanmin(matrix), vmax=np.nanmax(matrix))
-    axis.set_xticks(range(len(labels)), labels, rotation=70, ha="right", fontsize=7)
-    axis.set_yticks(range(len(labels)), labels, fontsize=7)
-    if len(labels) <= 24:
-        for i in range(len(labels)):
-            for j in range(len(labels)):
-                if not np.isnan(matrix[i, j]):
-                    axis.text(j, i, f"{matrix[i, j]:.3g}", ha="center", va="center", fontsize=5, color="white")
-    axis.set_title(f"{title} between executed variants (output {report['output']})", fontsize=10)
-    figure.colorbar(image, ax=axis, fraction=0.046)
+    size = max(5.0, 0.45 * len(labels) + 3.0)
+    figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 1.5, size))
+    for axis, (key, title) in zip(np.atleast_1d(axes), panels, strict=True):
+        _heat_map(figure, axis, report[key], labels, title, log=key != "top1_agreement")
+    figure.suptitle(f"agreement between executed variants (output {report['output']})", fontsize=11)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _heat_map(figure: Any, axis: Any, values: list[list[float | None]], labels: list[str], title: str,
+              log: bool) -> None:  # fmt: skip
+    from matplotlib.colors import LogNorm, Normalize
+
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    finite = matrix[np.isfinite(matrix) & (matrix > 0)] if log else matrix[np.isfinite(matrix)]
+    if finite.size == 0:
+        return
+    norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if log else Normalize(vmin=finite.min(), vmax=1.0)
+    shown = np.where(matrix > 0, matrix, np.nan) if log else matrix
+    image = axis.imshow(shown, cmap="magma_r" if log else "viridis", norm=norm)
+    axis.set_xticks(range(len(labels)), labels, rotation=70, ha="right", fontsize=7)
+    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    if len(labels) <= 24:
+        middle = norm(np.nanmedian(shown)) if np.isfinite(shown).any() else 0.5
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if np.isfinite(shown[i, j]):
+                    dark = norm(shown[i, j]) > 0.5 if log else norm(shown[i, j]) < max(middle, 0.5)
+                    axis.text(j, i, f"{matrix[i, j]:.2g}", ha="center", va="center", fontsize=5,
+                              color="white" if dark else "black")  # fmt: skip
+    axis.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axis, fraction=0.046)

@@ -273,13 +273,13 @@ def _rung(run: _Run, exporter: ModuleType, precision: str, parents: dict[str, Me
 def _on_runtime(run: _Run, exporter: ModuleType, built: BuiltVariant, runtime: str,
                 parents: dict[str, Measurement] | None) -> _OnRuntime:  # fmt: skip
     """Measure and judge ``built`` on ``runtime`` (unavailable when this host cannot run it)."""
-    parent = None if parents is None else parents.get(runtime)
-    if parents is not None and parent is None:
-        return _OnRuntime(runtime, "unavailable", reasons=[f"its fp32 parent did not pass on {runtime}"])
     try:
         version = exporter.runtime_version(runtime, run.ctx)
     except RuntimeUnavailableError as e:
         return _OnRuntime(runtime, "unavailable", reasons=[str(e)])
+    parent = None if parents is None else parents.get(runtime)
+    if parents is not None and parent is None:
+        return _OnRuntime(runtime, "unavailable", version, [f"its fp32 parent did not pass on {runtime} {version}"])
     outcome = _OnRuntime(runtime, "refused", version)
     spec = run.model.spec
     try:
@@ -365,6 +365,7 @@ def _structural(run: _Run, exporter: ModuleType, built: BuiltVariant, outcomes: 
     with about(run.model.ref, built.id):
         metrics, reasons = exporter.check_structure(built, run.ctx, None if parent is None else parent.metrics)
     reasons = reasons + judge_structure(metrics, run.model.spec, None if parent is None else parent.metrics)
+    metrics["size_ratio_to_fp32"] = 1.0 if parent is None else metrics["size_bytes"] / parent.metrics["size_bytes"]
     notes = [f"structurally valid, not executed on this host ({'; '.join(o.reasons)})" for o in outcomes[:1]]
     measured = Measurement(metrics=metrics)
     _record(run, built, measured, "refused" if reasons else "structural", reasons, [] if reasons else notes,

@@ -29,7 +29,8 @@ import numpy as np
 
 from bundles.contract import FallbackSection, parse
 from bundles.errors import ConfigError, InputError, ModelNotReadyError
-from bundles.selection import DeviceCapabilities, probe_capabilities
+from bundles.selection import DeviceCapabilities
+from device_agent.capabilities import device_capabilities
 from device_agent.config import AgentConfig, load_config
 from device_agent.identity import Enrollment
 from device_agent.inference import LocalEngine
@@ -59,6 +60,7 @@ class TelemetryReporter:
             record.model, record.version, result, record.previous_version, record.rollout_id, record.error,
             [h.split(":", 1)[0] for h in record.history if not h.startswith("resume")],
             id=record.deployment_id, status=record.status.value, variant=record.selected_variant,
+            runtime=record.selected_runtime, runtime_version=record.selected_runtime_version,
             health=_bounded_health(record.health), error_kind=record.error_kind, downgrade=is_downgrade(record),
         )  # fmt: skip
         if self.recorder is not None:
@@ -118,7 +120,7 @@ class Agent:
     ) -> None:
         self.config, self.engine, self.pipeline, self.updater = config, engine, pipeline, updater
         self.recorder = recorder
-        self.capabilities = capabilities or probe_capabilities(config.state_dir)
+        self.capabilities = capabilities or device_capabilities(config)
         self.follow_pointers = follow_pointers
         self.files = updater.files
         self.fallback_section: FallbackSection | None = None
@@ -150,7 +152,7 @@ class Agent:
         """
         config.ensure_state_dir()
         files = StateFiles(config.state_dir, read_only=read_only)
-        caps = probe_capabilities(config.state_dir)
+        caps = device_capabilities(config)
         engine = LocalEngine(config.threads, config.max_concurrency, config.max_waiting, config.queue_timeout_s, caps)
         recorder = _open_telemetry(config, files) if telemetry else None
         if recorder is not None:
@@ -299,7 +301,7 @@ class Agent:
 
     def inventory(self) -> dict[str, Any]:
         """What the server's inventory endpoint takes."""
-        caps = probe_capabilities(self.config.state_dir)
+        caps = device_capabilities(self.config)
         return {"capabilities": caps.to_dict(), "installed": self.updater.installed(), "agent_version": AGENT_VERSION}
 
     def close(self) -> None:

@@ -63,7 +63,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from bundles.selection import probe_capabilities
+    from device_agent.capabilities import device_capabilities
     from device_agent.client import FleetClient
     from device_agent.identity import load_or_create_key
 
@@ -71,7 +71,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     pinned_root = _read_root_file(args.root) if args.root else None
     config.ensure_state_dir()
     key = load_or_create_key(config.identity_dir)
-    caps = probe_capabilities(config.state_dir if config.state_dir.exists() else ".")
+    caps = device_capabilities(config)
     inventory = {"capabilities": caps.to_dict(), "installed": [], "agent_version": AGENT_VERSION}
     client = FleetClient(args.server, timeout_s=config.request_timeout_s)
     try:

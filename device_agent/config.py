@@ -85,9 +85,16 @@ class AgentConfig:
     memory_budget_bytes: int = 0  # 0 = half of what this process may still allocate
     max_batch: int = 64  # largest batch a request may carry when the model does not bound it
     log_level: str = "info"
+    # runtimes the agent may run models on (comma-separated names, e.g. "litert"); empty = every installed one
+    runtimes: str = ""
     # tables: [serving] -> ServingConfig, [telemetry] -> TelemetrySettings (checked at load)
     serving: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     telemetry: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def allowed_runtimes(self) -> tuple[str, ...]:
+        """The ``runtimes`` setting as names; empty means every runtime installed on the device."""
+        return tuple(r.strip() for r in self.runtimes.split(",") if r.strip())
 
     def ensure_state_dir(self) -> Path:
         """Create ``state_dir`` (mode 0700, tightened if it exists) and return it.
@@ -225,6 +232,13 @@ def _validate(config: AgentConfig) -> AgentConfig:
     for key in ("max_waiting", "threads", "http_threads", "max_body_bytes", "memory_budget_bytes"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}: must not be negative, got {getattr(config, key)}")
+    from bundles.selection import RUNTIME_DISTRIBUTIONS
+
+    unknown = [r for r in config.allowed_runtimes if r not in RUNTIME_DISTRIBUTIONS]
+    if unknown:
+        raise ConfigError(
+            f"runtimes: unknown runtime(s) {', '.join(unknown)} (known: {', '.join(RUNTIME_DISTRIBUTIONS)})"
+        )
     return config
 
 

@@ -294,6 +294,7 @@ class LocalEngine:
                 name: {
                     "version": loaded.manifest.version,
                     "variant": loaded.variant,
+                    "runtime": loaded.predictor.runtime_name,
                     "bundle_dir": str(loaded.bundle_dir),
                     "previous_version": None if name not in self._previous else self._previous[name].manifest.version,
                 }

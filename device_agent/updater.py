@@ -25,7 +25,9 @@ from typing import Any
 
 from bundles.contract import DesiredModel, DesiredState, LastUpdate, parse, to_dict
 from bundles.durable import remove_stray_temp_files as remove_temp_files_in
-from bundles.selection import DeviceCapabilities
+from bundles.errors import EdgeFleetError
+from bundles.manifest import Manifest
+from bundles.selection import DeviceCapabilities, validated_runtime_for
 from device_agent.config import AgentConfig
 from device_agent.failed import FailedTargets
 from device_agent.inference import LocalEngine
@@ -301,8 +303,13 @@ class Updater:
         return None if found is None else dict(to_dict(found))
 
     def installed(self) -> list[dict[str, Any]]:
-        """Inventory lines: one per model and non-empty slot."""
+        """Inventory lines: one per model and non-empty slot, with the runtime its variant runs on here.
+
+        ``runtime`` is the runtime the variant was validated on that this device has (None when it has
+        none: the line says so rather than hide the slot).
+        """
         lines = []
+        caps = self.steps.capabilities()
         for name in self.slots.models():
             model = self.slots.model(name)
             pointer = model.pointer()
@@ -310,14 +317,24 @@ class Updater:
                 info = model.info(slot)
                 if info is not None:
                     state = _slot_state(slot, pointer.active, pointer.committed, pointer.previous)
-                    lines.append(
-                        {"name": name, "version": info.version, "variant": info.variant, "slot": slot, "state": state}
-                    )
+                    line = {"name": name, "version": info.version, "variant": info.variant, "slot": slot,
+                            "state": state}  # fmt: skip
+                    lines.append({**line, **_runtime_of(model.slot_dir(slot), info.variant, caps)})
         return lines
 
     def in_progress(self) -> UpdateState | None:
         record = self.store.load()
         return None if record is None else record.state
+
+
+def _runtime_of(slot_dir: Path, variant_id: str, caps: DeviceCapabilities) -> dict[str, Any]:
+    """``runtime`` / ``runtime_version`` the slot's variant runs on here (from its manifest)."""
+    try:
+        variant = Manifest.from_bytes((slot_dir / "manifest.json").read_bytes()).variant(variant_id)
+    except (OSError, EdgeFleetError):
+        return {"runtime": None, "runtime_version": None}
+    runtime = validated_runtime_for(variant, caps)
+    return {"runtime": runtime, "runtime_version": caps.runtimes.get(runtime or "")}
 
 
 def _not_yet(start_after: Any) -> bool:

@@ -86,8 +86,14 @@ def open_runner(variant: BuiltVariant, runtime: str, ctx: BuildContext) -> Runne
 
 
 def runtime_version(runtime: str, ctx: BuildContext) -> str:  # noqa: ARG001
+    """coremltools' version on macOS; RuntimeUnavailableError elsewhere (the variants are then structural)."""
     from importlib import metadata
 
+    from bundles.runtimes.coreml import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeUnavailableError(reason)
     return metadata.version("coremltools")
 
 

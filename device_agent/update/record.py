@@ -51,6 +51,8 @@ class DeploymentRecord:
     previous_slot: str | None = None  # the committed slot to roll back to
     previous_version: int | None = None
     selected_variant: str | None = None
+    selected_runtime: str | None = None  # the runtime the variant was validated on and will run on here
+    selected_runtime_version: str | None = None
     manifest_sha256: str | None = None
     archive_path: str | None = None
     error: str | None = None

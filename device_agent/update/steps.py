@@ -23,7 +23,7 @@ from bundles.errors import (
     NoCompatibleVariantError,
 )
 from bundles.manifest import Manifest, Variant
-from bundles.selection import DeviceCapabilities, rejection_reasons, select_variant
+from bundles.selection import DeviceCapabilities, rejection_reasons, select_variant, validated_runtime_for
 from device_agent.config import AgentConfig
 from device_agent.failed import FailedTargets
 from device_agent.slots import ModelSlots, SlotStore
@@ -119,13 +119,19 @@ class UpdateSteps:
             self.host.load(model.name, model.slot_dir(slot), info.variant, keep_current)
 
     def _choose_variant(self, record: DeploymentRecord, manifest: Manifest) -> Variant:
+        """The directed variant (or this device's best), and the runtime it was validated on that runs it here."""
         caps = self.capabilities()
         if record.variant is None:
-            return select_variant(manifest, caps)
-        variant = manifest.variant(record.variant)
-        reasons = rejection_reasons(variant, caps)
-        if reasons:
-            raise NoCompatibleVariantError(f"{record.ref}: variant {variant.id} cannot run here", {variant.id: reasons})
+            variant = select_variant(manifest, caps)
+        else:
+            variant = manifest.variant(record.variant)
+            reasons = rejection_reasons(variant, caps)
+            if reasons:
+                why = "; ".join(reasons)
+                raise NoCompatibleVariantError(f"{record.ref}: variant {variant.id} cannot run here: {why}",
+                                               {variant.id: reasons})  # fmt: skip
+        record.selected_runtime = validated_runtime_for(variant, caps)
+        record.selected_runtime_version = caps.runtimes.get(record.selected_runtime or "")
         return variant
 
     def _check_floor(self, record: DeploymentRecord) -> None:

@@ -68,6 +68,11 @@ class RolloutIn(BaseModel):
     approval: Literal["none", "start", "each_wave"] = "none"
     max_concurrent_downloads: int | None = Field(default=None, ge=1)
     jitter: str | float = "60s"
+    variant_preferences: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=16, examples=[["tflite", "onnx:int8-static"]],
+        description="ranked before each device's own preferences when its variant is picked "
+        "(targets, precisions, target:precision, variant ids, runtime names)",
+    )  # fmt: skip
     draft: bool = False
 
     def to_request(self) -> service.CreateRequest:
@@ -77,7 +82,7 @@ class RolloutIn(BaseModel):
             waves=parse_waves(self.waves), gates=tuple(self.gates), soak_s=parse_duration_s(self.soak),
             device_timeout_s=parse_duration_s(self.device_timeout), on_breach=self.on_breach,
             approval=self.approval, max_concurrent_downloads=self.max_concurrent_downloads,
-            jitter_s=parse_duration_s(self.jitter),
+            jitter_s=parse_duration_s(self.jitter), variant_preferences=tuple(self.variant_preferences),
         )  # fmt: skip
         return service.CreateRequest(model, version, tuple(self.targets), policy, self.draft)
 

@@ -53,8 +53,8 @@ from fleet_server.rollouts.decisions import (
     classify_device,
     decide,
 )
-from fleet_server.rollouts.fold import CONTROL, ENGINE_LOCK, WAVE, FoldReport, fold_pending
-from fleet_server.rollouts.gates import CohortFigures, Gate, evaluate_gate, parse_gates
+from fleet_server.rollouts.fold import CONTROL, ENGINE_LOCK, WAVE, FoldReport, fold_pending, variant_cohort
+from fleet_server.rollouts.gates import CohortFigures, Gate, evaluate_gate, evaluate_per_variant, parse_gates
 from fleet_server.rollouts.members import Member, wave_members, write_changes
 from fleet_server.rollouts.models import Rollout, RolloutDecision, RolloutDevice, RolloutRollup, RolloutWave
 from fleet_server.rollouts.observe import observation_of
@@ -241,8 +241,10 @@ def evaluate_wave(
             set_wave_state(wave, WaveEvent.SETTLED, now)
         control = _control_figures(session, rollout, wave, members)
         canary = _canary_figures(session, rollout, wave, members, outcomes)
+        by_variant = _variant_figures(session, rollout, wave, members, canary)
     write_changes(session, rollout.id, members)
-    results = [evaluate_gate(g, canary, control) for g in gates]
+    results = [evaluate_per_variant(g, by_variant, control) if g.per_variant else evaluate_gate(g, canary, control)
+               for g in gates]  # fmt: skip
     deadline_passed = wave.deadline_at is not None and now >= wave.deadline_at and not outcomes[DeviceOutcome.WAITING]
     progress = WaveProgress(wave.index, wave.index == wave_count - 1, outcomes, deadline_passed)
     decision = decide(progress, results, policy)
@@ -250,6 +252,7 @@ def evaluate_wave(
         "at": now.isoformat(), "action": decision.action.value, "reason": decision.reason,
         "devices": progress.counts(), "gates": [r.to_dict() for r in results],
         "canary": _figures_dict(canary), "control": _figures_dict(control) if control else None,
+        "by_variant": {variant: _figures_dict(figures) for variant, figures in by_variant.items()},
     }  # fmt: skip
     return decision
 
@@ -354,6 +357,33 @@ def _canary_figures(
         version = int(Counter(m.previous_version for m in shadow).most_common(1)[0][0] or 0)
     cohort = _rollup_stats(session, rollout, wave.index, WAVE, version)
     return CohortFigures.from_stats(cohort, **counts)
+
+
+def _variant_figures(
+    session: Session, rollout: Rollout, wave: RolloutWave, members: Sequence[Member], canary: CohortFigures
+) -> dict[str, CohortFigures]:
+    """The wave's figures per variant the server directed its devices to (from per-variant rollups, when several).
+
+    A shadow wave's devices keep serving their previous version beside the target: its figures stay whole.
+    """
+    groups: dict[str, list[Member]] = {}
+    for member in members:
+        groups.setdefault(member.variant or "unknown", []).append(member)
+    if len(groups) <= 1 or any(_is_shadow(wave, m) for m in members if m.released_at is not None):
+        return dict.fromkeys(groups, canary)
+    out = {}
+    for variant, group in sorted(groups.items()):
+        outcomes = Counter(DeviceOutcome(m.outcome or DeviceOutcome.WAITING.value) for m in group)
+        counts = {
+            "devices_total": len(group), "devices_healthy": outcomes[DeviceOutcome.HEALTHY],
+            "devices_failed": outcomes[DeviceOutcome.FAILED], "devices_timed_out": outcomes[DeviceOutcome.TIMED_OUT],
+        }  # fmt: skip
+        if wave.started_at is None or not any(m.released_at is not None for m in group):
+            out[variant] = CohortFigures(**counts)
+            continue
+        cohort = _rollup_stats(session, rollout, wave.index, variant_cohort(variant), rollout.bundle_version)
+        out[variant] = CohortFigures.from_stats(cohort, **counts)
+    return out
 
 
 def _control_figures(

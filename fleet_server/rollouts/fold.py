@@ -6,8 +6,9 @@ once into what the engine keeps:
 
 - metric windows into **rollups** (``rollout_rollups``): per rollout, wave, cohort (``wave`` for
   the wave's released devices on the version they were told to run, ``control`` for members not
-  released yet on their previous version) and bundle version, the element-wise sum of the windows
-  (``bundles.windows``), their count and the number of devices that contributed;
+  released yet on their previous version, and :func:`variant_cohort` for the wave's devices of one
+  variant, so gates and views can split a wave by variant) and bundle version, the element-wise sum
+  of the windows (``bundles.windows``), their count and the number of devices that contributed;
 - windows, ``install`` events and heartbeats of a released device into its **evidence**
   (``rollout_devices.evidence``, :class:`.observe.Evidence`), from which the tick classifies it.
 
@@ -29,6 +30,7 @@ device's membership in the active rollout of that model: only the rollout's curr
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import typing
@@ -57,6 +59,11 @@ ENGINE_LOCK = "rollout-engine"
 """The critical section of the fold and of every evaluation: one at a time per database."""
 
 RollupKey = tuple[int, int, str, int]  # rollout id, wave index, cohort, bundle version
+
+
+def variant_cohort(variant: str) -> str:
+    """The rollup cohort of a wave's devices directed to ``variant`` (16 characters: the column's width)."""
+    return "v:" + hashlib.sha256(variant.encode("utf-8")).hexdigest()[:14]
 
 
 @dataclass
@@ -126,6 +133,7 @@ class _Member:
     previous_version: int | None
     evidence_json: dict[str, Any] | None
     running_since: dt.datetime | None
+    variant: str | None = None
     evidence: Evidence | None = None
     changed: bool = False
     shadow: bool = False
@@ -175,7 +183,7 @@ class _Plan:
         if rollouts and device_ids:
             query = select(RolloutDevice.rollout_id, RolloutDevice.device_id, RolloutDevice.wave_index,
                            RolloutDevice.released_at, RolloutDevice.start_after, RolloutDevice.previous_version,
-                           RolloutDevice.evidence, RolloutDevice.running_since).where(
+                           RolloutDevice.evidence, RolloutDevice.running_since, RolloutDevice.variant).where(
                 RolloutDevice.rollout_id.in_(list(rollouts)), RolloutDevice.device_id.in_(list(device_ids)),
                 RolloutDevice.membership == "member")  # fmt: skip
             for row in session.execute(query):
@@ -203,25 +211,31 @@ class _Plan:
             return
         shadow = rollout.wave_shadow and member.previous_version is not None
         if version == (member.previous_version if shadow else rollout.version):
-            self._count(member, (rollout.id, rollout.wave, WAVE, version), payload_text)
+            also = None if shadow or not member.variant else (rollout.id, rollout.wave, variant_cohort(member.variant),
+                                                              version)  # fmt: skip
+            self._count(member, (rollout.id, rollout.wave, WAVE, version), payload_text, also)
         member.loaded_evidence().fold_window(start, end, int(version), rollout.version, shadow)
         member.changed = True
 
-    def _count(self, member: _Member, key: RollupKey, payload_text: str) -> None:
-        rollup = self.rollups[key]
+    def _count(self, member: _Member, key: RollupKey, payload_text: str, also: RollupKey | None = None) -> None:
+        """Add a window to ``key``'s rollup (and to ``also``'s, the device's variant cohort of the same wave)."""
+        rollups = [self.rollups[key]] + ([self.rollups[also]] if also is not None else [])
         payload = _window_payload(payload_text)
         if payload is None:
-            rollup.invalid += 1
+            for rollup in rollups:
+                rollup.invalid += 1
             self.invalid += 1
             return
-        rollup.payloads.append(payload)
-        rollup.windows += 1
         label = ":".join(str(part) for part in key)
         evidence = member.loaded_evidence()
-        if evidence.counted != label:
+        new_device = evidence.counted != label
+        if new_device:
             evidence.counted = label
             member.changed = True
-            rollup.devices += 1
+        for rollup in rollups:
+            rollup.payloads.append(payload)
+            rollup.windows += 1
+            rollup.devices += int(new_device)
 
     def add_event(self, event: Any) -> None:
         event_id, device_id, kind, model, version, at, payload_text = event

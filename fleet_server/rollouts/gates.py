@@ -1,8 +1,12 @@
 """Gates: parsed from strings such as ``error_rate<0.01``, evaluated on what a wave's devices report.
 
-A gate is ``<metric> <op> <threshold>[x] [min=<n>]``. A threshold ending in ``x`` is relative to the
-devices still on the previous version (the control cohort): ``p99_ms<1.2x`` passes while the wave's
-p99 is under 1.2 times the control's. ``min=`` overrides the metric's minimum sample size.
+A gate is ``<metric> <op> <threshold>[x] [min=<n>] [per=variant]``. A threshold ending in ``x`` is
+relative to the devices still on the previous version (the control cohort): ``p99_ms<1.2x`` passes
+while the wave's p99 is under 1.2 times the control's. ``min=`` overrides the metric's minimum sample
+size. ``per=variant`` judges each variant's devices on their own (a bundle's TFLite variant on some
+boards, its ONNX variant on others): the gate fails when any variant's cohort fails it, waits while
+any waits, and passes when every one passes (:func:`evaluate_per_variant`), so a bad variant cannot
+hide behind a healthy majority.
 
 Each evaluation has three outcomes: ``pass``, ``fail``, or ``wait`` (not enough data yet: fewer
 samples than the minimum, no control figure for a relative gate). Insufficient data never passes.
@@ -16,14 +20,14 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bundles.errors import ConfigError
 
 _GATE_RE = re.compile(
     r"^\s*(?P<metric>[a-z0-9_]+)\s*(?P<op><=|>=|<|>)\s*(?P<value>\d+(?:\.\d+)?(?:e-?\d+)?)\s*(?P<rel>x)?"
-    r"\s*(?:(?:min|min_samples)\s*=\s*(?P<min>\d+))?\s*$"
+    r"\s*(?:(?:min|min_samples)\s*=\s*(?P<min>\d+))?\s*(?:per\s*=\s*(?P<per>variant))?\s*$"
 )
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
@@ -68,6 +72,7 @@ class Gate:
     threshold: float
     relative: bool = False
     min_samples: int | None = None
+    per_variant: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Gate:
@@ -82,13 +87,14 @@ class Gate:
         if relative and not METRICS[metric].relative_ok:
             raise ConfigError(f"gate {text!r}: {metric} has no previous-version comparison; give an absolute value")
         minimum = int(match.group("min")) if match.group("min") else None
-        return cls(metric, match.group("op"), float(match.group("value")), relative, minimum)
+        return cls(metric, match.group("op"), float(match.group("value")), relative, minimum, bool(match.group("per")))
 
     @property
     def text(self) -> str:
         """The gate as an operator writes it (stable: used as its key in stored evaluations)."""
         value = f"{self.threshold:g}{'x' if self.relative else ''}"
-        return f"{self.metric}{self.op}{value}" + (f" min={self.min_samples}" if self.min_samples is not None else "")
+        text = f"{self.metric}{self.op}{value}" + (f" min={self.min_samples}" if self.min_samples is not None else "")
+        return text + (" per=variant" if self.per_variant else "")
 
 
 def parse_gates(texts: tuple[str, ...] | list[str]) -> tuple[Gate, ...]:
@@ -192,6 +198,22 @@ def evaluate_gate(gate: Gate, canary: CohortFigures, control: CohortFigures | No
         return result("wait", why_no_threshold)
     verdict = _OPS[gate.op](value, threshold) or (gate.relative and value == threshold == 0.0)
     return result("pass" if verdict else "fail", _describe(gate, value, threshold, sample, metric, control_value))
+
+
+def evaluate_per_variant(gate: Gate, by_variant: Mapping[str, CohortFigures],
+                         control: CohortFigures | None = None) -> GateResult:  # fmt: skip
+    """One gate on each variant's cohort: the first failure, else the first wait, else a pass naming them all."""
+    if not by_variant:
+        return evaluate_gate(gate, CohortFigures(), control)
+    results = {variant: evaluate_gate(gate, figures, control) for variant, figures in sorted(by_variant.items())}
+    for status in ("fail", "wait"):
+        found = [(v, r) for v, r in results.items() if r.status == status]
+        if found:
+            variant, result = found[0]
+            return replace(result, reason=f"variant {variant}: {result.reason}")
+    summary = "; ".join(f"{v}: {r.reason}" for v, r in results.items())
+    first = next(iter(results.values()))
+    return replace(first, reason=f"every variant within the gate ({summary})")
 
 
 def _threshold(gate: Gate, control: CohortFigures | None, minimum: int) -> tuple[float | None, str]:

@@ -193,7 +193,8 @@ def create_rollout(session: Session, request: CreateRequest, actor: str, now: dt
     now = now or utcnow()
     parse_gates(list(request.policy.gates))
     manifest = load_manifest(session, request.model, request.version, new_assignment=True)
-    placements = place_devices(session, manifest, resolve_targets(session, request.targets))
+    placements = place_devices(session, manifest, resolve_targets(session, request.targets),
+                               preferences=request.policy.variant_preferences)  # fmt: skip
     members = [p for p in placements if p.membership == "member"]
     if not members:
         raise ConfigError(f"no device of the target set can take {manifest.ref}: {_summarise_out(placements)}")

@@ -121,6 +121,9 @@ class RolloutPolicy:
     approval: str = "none"
     max_concurrent_downloads: int | None = None
     jitter_s: float = 60.0
+    variant_preferences: tuple[str, ...] = ()
+    """Ranked before each device's own preferences when the server picks its variant (targets, precisions,
+    ``target:precision``, variant ids or runtime names; :func:`bundles.selection.select_variant`)."""
 
     def __post_init__(self) -> None:
         if self.on_breach not in ON_BREACH:
@@ -137,6 +140,7 @@ class RolloutPolicy:
         out = asdict(self)
         out["waves"] = [w.text for w in self.waves]
         out["gates"] = list(self.gates)
+        out["variant_preferences"] = list(self.variant_preferences)
         return out
 
     @classmethod
@@ -147,6 +151,8 @@ class RolloutPolicy:
             known["waves"] = parse_waves(known["waves"])
         if "gates" in known:
             known["gates"] = tuple(known["gates"])
+        if "variant_preferences" in known:
+            known["variant_preferences"] = tuple(str(p) for p in known["variant_preferences"])
         for key in ("soak_s", "device_timeout_s", "jitter_s"):
             if key in known:
                 known[key] = parse_duration_s(known[key])

@@ -133,31 +133,40 @@ def _tags_by_device(session: Session, device_ids: list[str]) -> dict[str, list[s
 
 
 def place_devices(
-    session: Session, manifest: Manifest, device_ids: Sequence[str], honour_pins: bool = True
+    session: Session,
+    manifest: Manifest,
+    device_ids: Sequence[str],
+    honour_pins: bool = True,
+    preferences: tuple[str, ...] = (),
 ) -> list[Placement]:
-    """Classify each named device for ``manifest`` (see the module docstring)."""
+    """Classify each named device for ``manifest`` (see the module docstring).
+
+    ``preferences`` (a rollout's ``variant_preferences``) rank before each device's own when its variant is
+    picked; they never make a variant the device cannot run (or was not validated for) compatible.
+    """
     devices = {d.id: d for d in session.scalars(select(Device).where(among(Device.id, device_ids)))}
     pins = select(Assignment.device_id).where(
         Assignment.model_name == manifest.name, Assignment.pinned.is_(True), among(Assignment.device_id, device_ids)
     )
     pinned = set(session.scalars(pins))
-    return [_place(devices[d], manifest, honour_pins and d in pinned) for d in device_ids if d in devices]
+    return [_place(devices[d], manifest, honour_pins and d in pinned, preferences) for d in device_ids if d in devices]
 
 
-def _place(device: Device, manifest: Manifest, is_pinned: bool) -> Placement:
+def _place(device: Device, manifest: Manifest, is_pinned: bool, preferences: tuple[str, ...]) -> Placement:
     if device.status != "accepted":
         return Placement(device.id, "excluded", f"device is {device.status}, not accepted")
     if is_pinned:
         return Placement(device.id, "pinned", f"{manifest.name} is pinned on this device")
-    return place_on_capabilities(device.id, device.capabilities, manifest)
+    return place_on_capabilities(device.id, device.capabilities, manifest, preferences)
 
 
-def place_on_capabilities(device_id: str, capabilities: dict[str, object] | None, manifest: Manifest) -> Placement:
+def place_on_capabilities(device_id: str, capabilities: dict[str, object] | None, manifest: Manifest,
+                          preferences: tuple[str, ...] = ()) -> Placement:  # fmt: skip
     """Member with the chosen variant, or incompatible with every variant's reasons."""
     if not capabilities:
         return Placement(device_id, "incompatible", "the device has not reported its capabilities yet")
     try:
-        caps = DeviceCapabilities.from_dict(capabilities)
+        caps = DeviceCapabilities.from_dict(capabilities).with_preferences(preferences)
         variant = select_variant(manifest, caps)
     except NoCompatibleVariantError as error:
         why = "; ".join(f"{vid}: {', '.join(reasons)}" for vid, reasons in error.reasons.items())

@@ -112,7 +112,7 @@ def _aware(value: dt.datetime) -> dt.datetime:
 @router.get("/telemetry/summary", responses=ERRORS)
 def summary(
     session: SessionDep, _caller: ViewerDep, model: ModelName, since: Since = None, until: Until = None,
-    by: Annotated[str, Query(pattern="^(version|device|fleet)$")] = "version",
+    by: Annotated[str, Query(pattern="^(version|device|fleet|variant)$")] = "version",
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Requests, errors, fallbacks, latency percentiles and PSI per version, per device or fleet-wide."""
     start, end = _period(since, until)

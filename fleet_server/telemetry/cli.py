@@ -154,7 +154,7 @@ def monitor_command(
 @app.command("summary")
 def summary_command(
     model: Annotated[str, typer.Argument(help="Model name.")],
-    by: Annotated[str, typer.Option("--by", help="version, device or fleet.")] = "version",
+    by: Annotated[str, typer.Option("--by", help="version, device, variant or fleet.")] = "version",
     since: SinceOpt = "1h",
     data_dir: DataDir = None,
     as_json: JsonOut = False,

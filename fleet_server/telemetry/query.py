@@ -118,25 +118,34 @@ def cohort_stats(
 
 # --- summaries: per version, per device, fleet-wide ------------------------------------------------
 
-GROUPINGS = ("version", "device", "fleet")
+GROUPINGS = ("version", "device", "fleet", "variant")
+_LABELS = {"device": ("device_id", "version"), "variant": ("version", "variant")}
 
 
 def summarize(
     session: Session, model: str, since: dt.datetime, until: dt.datetime | None = None, by: str = "version"
 ) -> list[dict[str, Any]]:
-    """Aggregates of ``model`` per bundle version, per (device, version), or fleet-wide (all summed)."""
+    """Aggregates of ``model`` per bundle version, per (device, version), per (version, variant), or fleet-wide.
+
+    ``variant`` groups each device's windows under the variant it reported installing for that version
+    (its latest ``install`` event with result ``installed``; ``unknown`` when it reported none), so the
+    TFLite variant on some boards and the ONNX variant on others are seen apart.
+    """
     if by not in GROUPINGS:
         raise ConfigError(f"group by must be one of {', '.join(GROUPINGS)}, got {by!r}")
+    rows_found = window_rows(session, model, since=since, until=until)
+    variants = installed_variants(session, model, {r.device_id for r in rows_found}) if by == "variant" else {}
     groups: dict[tuple[Any, ...], list[MetricWindow]] = {}
-    for row in window_rows(session, model, since=since, until=until):
-        groups.setdefault(_group_key(row, by), []).append(row)
+    for row in rows_found:
+        key = (row.bundle_version, variants.get((row.device_id, row.bundle_version), "unknown"))
+        groups.setdefault(key if by == "variant" else _group_key(row, by), []).append(row)
     out = []
     for key, rows in sorted(groups.items()):
         versions = sorted({r.bundle_version for r in rows})
         baseline = baseline_of(session, model, versions[0]) if len(versions) == 1 else {}
         merged, invalid = merge_valid(r.payload for r in rows)
         stats = stats_of(merged, baseline, len({r.device_id for r in rows}))
-        label = dict(zip(("device_id", "version") if by == "device" else ("version",), key, strict=False))
+        label = dict(zip(_LABELS.get(by, ("version",)), key, strict=False))
         out.append({"model": model, **label, **stats.to_dict(), "invalid_windows": invalid})
     return out
 
@@ -147,6 +156,24 @@ def _group_key(row: MetricWindow, by: str) -> tuple[Any, ...]:
     if by == "device":
         return (row.device_id, row.bundle_version)
     return ()
+
+
+def installed_variants(session: Session, model: str, device_ids: set[str]) -> dict[tuple[str, int], str]:
+    """(device, version) -> the variant the device last reported installing for ``model@version``."""
+    if not device_ids:
+        return {}
+    query = (
+        select(DeviceEvent.device_id, DeviceEvent.bundle_version, DeviceEvent.payload)
+        .where(DeviceEvent.type == "install", DeviceEvent.model_name == model,
+               DeviceEvent.device_id.in_(sorted(device_ids)))
+        .order_by(DeviceEvent.at, DeviceEvent.id)
+    )  # fmt: skip
+    found: dict[tuple[str, int], str] = {}
+    for device_id, version, payload in session.execute(query):
+        variant = (payload or {}).get("variant")
+        if version is not None and (payload or {}).get("result") == "installed" and isinstance(variant, str):
+            found[(device_id, int(version))] = variant
+    return found
 
 
 # --- sampled prediction logs -----------------------------------------------------------------------
