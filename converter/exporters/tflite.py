@@ -119,7 +119,7 @@ def _fp32(ctx: BuildContext) -> tuple[Path, dict[str, Any]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         output_names = list(ctx.source.predict(example_inputs(ctx.spec, 1)))
         details = _convert(module, ctx.spec, output_names, path, ctx.work_dir / "tflite-tools.log")
-        _check_io(path, ctx.spec, output_names)
+        _check_io(path, ctx.spec, output_names, ctx.work_dir / "tflite-tools.log")
         ctx.cache[_FP32_KEY] = (path, details)
     cached: tuple[Path, dict[str, Any]] = ctx.cache[_FP32_KEY]
     return cached
@@ -220,11 +220,12 @@ def _batch_is_one(spec: ModelSpec) -> bool:
     return all(t.shape and t.shape[0] == 1 for t in spec.inputs)
 
 
-def _check_io(path: Path, spec: ModelSpec, output_names: list[str]) -> None:
+def _check_io(path: Path, spec: ModelSpec, output_names: list[str], log: Path) -> None:
     """The file's signature takes the spec's inputs in the source's layout and gives the source's outputs."""
     from bundles.runtimes.litert import LiteRtRuntime
 
-    runtime = LiteRtRuntime.load(path)
+    with native_output_to(log):  # the first interpreter of a process announces XNNPACK on stdout
+        runtime = LiteRtRuntime.load(path)
     try:
         details = runtime._runner.get_input_details() if runtime._runner is not None else {}
         if set(runtime.input_names) != {t.name for t in spec.inputs} or set(runtime.output_names) != set(output_names):

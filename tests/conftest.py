@@ -1,0 +1,50 @@
+"""Session-wide fixtures shared by several test packages.
+
+``digits_all_targets``: the digits CNN registered and converted once per session to ONNX, TFLite
+and Core ML with every rung of every ladder (about half a minute on 2 cores), used by the converter's
+target tests and by the end-to-end TFLite rollout. ``--prefer size`` keeps quantised variants that
+are slower than their fp32 parent on this x86 host (with the finding as a note), so what is
+published does not depend on the load of a shared machine; refusals by measured accuracy still
+refuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.converter.conftest import DigitsCnn, train_digits_cnn
+from tests.converter.helpers import ok, register_cnn
+
+
+@dataclass(frozen=True)
+class ConvertedDigits:
+    """A home with digits@1 converted once to onnx, tflite and coreml."""
+
+    home: Path
+    cnn: DigitsCnn
+
+    @property
+    def bundle(self) -> Path:
+        return next((self.home / "artifacts" / "digits" / "1" / "conversions" / "1").glob("*.efb"))
+
+    @property
+    def report_dir(self) -> Path:
+        return self.home / "reports" / "digits" / "1" / "conversion-1"
+
+    @property
+    def results_json(self) -> Path:
+        return self.home / "artifacts" / "digits" / "1" / "conversions" / "1" / "results.json"
+
+
+@pytest.fixture(scope="session")
+def digits_all_targets(tmp_path_factory: pytest.TempPathFactory) -> ConvertedDigits:
+    cnn = train_digits_cnn(tmp_path_factory.mktemp("digits_cnn_all_targets"))
+    root = tmp_path_factory.mktemp("home-all-targets")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEFLEET_HOME", str(root))
+        register_cnn("digits", cnn, "--prefer", "size")
+        ok("convert", "digits", "--targets", "onnx,tflite,coreml", "--quantize", "auto")
+    return ConvertedDigits(root, cnn)
