@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,8 @@ def _lower(wrapped: Any, examples: dict[str, np.ndarray], dynamic: dict[str, Any
     import torch
 
     sample = {name: torch.from_numpy(value) for name, value in examples.items()}
+    for noisy in ("torchao", "torchao.kernel.intmm", "jax", "absl"):  # CUDA kernels absent, Triton absent: not ours
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         with native_output_to(log):
             import litert_torch
@@ -199,8 +202,11 @@ def _lower(wrapped: Any, examples: dict[str, np.ndarray], dynamic: dict[str, Any
 def _lowering_error(error: Exception, log: Path) -> str:
     """The most telling line: the unsupported operator when litert-torch names one, else the error itself."""
     text = f"{type(error).__name__}: {first_line(error)}"
+    if "Lowering not found" in text:
+        return text
     for line in str(error).splitlines() + log_tail(log, 40).split(" | "):
-        if "While executing" in line or "Lowering not found" in line or "not supported" in line.lower():
+        telling = "While executing" in line or "Lowering not found" in line or "not supported" in line.lower()
+        if telling and line.strip() not in text:
             return f"{text} ({line.strip()[:200]})"
     return text
 
