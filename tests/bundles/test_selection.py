@@ -8,8 +8,8 @@ import platform
 
 import pytest
 
-from bundles.errors import ConfigError, NoCompatibleVariantError
-from bundles.manifest import FileRef, Manifest, Requirements, TensorSpec, Variant
+from bundles.errors import ConfigError, ManifestError, NoCompatibleVariantError
+from bundles.manifest import FileRef, Manifest, Requirements, TensorSpec, ValidatedRuntime, Variant
 from bundles.selection import (
     DeviceCapabilities,
     compatible_variants,
@@ -17,7 +17,10 @@ from bundles.selection import (
     normalize_arch,
     probe_capabilities,
     rejection_reasons,
+    same_release_series,
     select_variant,
+    usable_runtimes,
+    validated_runtime_for,
     version_at_least,
 )
 
@@ -232,3 +235,73 @@ def test_this_host_reports_a_hw_class_and_it_survives_a_round_trip() -> None:
     caps = probe_capabilities()
     assert caps.hw_class  # linux-x86_64 here, pi4 on a Raspberry Pi 4
     assert DeviceCapabilities.from_dict(caps.to_dict()).hw_class == caps.hw_class
+
+
+# --- runtimes a variant was validated on -----------------------------------------------------------
+
+BOTH = (ValidatedRuntime("litert", "2.3.0"), ValidatedRuntime("tflite_runtime", "2.14.0"))
+LITERT_ONLY = (ValidatedRuntime("litert", "2.3.0"),)
+VALIDATED = manifest_of(
+    variant("tflite-int8-weight", "tflite", "int8-weight", 46_000, runtime="litert", validated_runtimes=BOTH),
+    variant("tflite-int8-dynamic", "tflite", "int8-dynamic", 44_000, runtime="litert", validated_runtimes=LITERT_ONLY),
+)
+
+
+def _device(**runtimes: str) -> DeviceCapabilities:
+    return DeviceCapabilities(arch="aarch64", os="linux", runtimes=dict(runtimes))
+
+
+def test_a_variant_runs_only_on_a_runtime_it_was_validated_on() -> None:
+    old = _device(tflite_runtime="2.14.0")
+    assert select_variant(VALIDATED, old).id == "tflite-int8-weight"
+    assert validated_runtime_for(VALIDATED.variant("tflite-int8-weight"), old) == "tflite_runtime"
+    assert rejection_reasons(VALIDATED.variant("tflite-int8-dynamic"), old) == [
+        "validated only on litert 2.3.0 (this device has tflite_runtime 2.14.0)"
+    ]
+
+
+def test_a_patch_release_of_the_validated_series_fits_another_series_does_not() -> None:
+    dynamic = VALIDATED.variant("tflite-int8-dynamic")
+    assert usable_runtimes(dynamic, _device(litert="2.3.1")) == ["litert"]
+    assert usable_runtimes(dynamic, _device(litert="2.4.0")) == []
+    assert usable_runtimes(dynamic, _device(litert="2.2.9")) == []
+    assert same_release_series("2.14.0", "2.14") and not same_release_series("2.14.0", "")
+
+
+def test_the_first_validated_runtime_is_used_unless_the_device_prefers_another() -> None:
+    weight = VALIDATED.variant("tflite-int8-weight")
+    both = _device(litert="2.3.0", tflite_runtime="2.14.0")
+    assert validated_runtime_for(weight, both) == "litert"
+    assert validated_runtime_for(weight, both.with_preferences(("tflite_runtime",))) == "tflite_runtime"
+
+
+def test_a_rollouts_preferences_rank_before_the_devices_own() -> None:
+    caps = dataclasses.replace(PI, preferences=("onnx",))
+    assert select_variant(FLEET, caps).target == "onnx"
+    assert select_variant(FLEET, caps.with_preferences(("tflite",))).id == "tflite-int8"
+    assert caps.with_preferences(("tflite", "onnx")).preferences == ("tflite", "onnx")
+
+
+def test_a_core_ml_variant_needs_macos_at_its_deployment_target() -> None:
+    coreml = variant("coreml-fp16", "coreml", "fp16", runtime="coreml", os=("darwin",), deployment_target="macOS13")
+    mac = DeviceCapabilities(arch="aarch64", os="darwin", runtimes={"coreml": "9.0"}, os_version="12.7.1")
+    assert rejection_reasons(coreml, mac) == ["needs macOS13 or later, this device runs macOS 12.7.1"]
+    assert rejection_reasons(coreml, dataclasses.replace(mac, os_version="14.2")) == []
+    assert rejection_reasons(coreml, dataclasses.replace(mac, os_version="")) == []  # unknown: not held against it
+    assert rejection_reasons(coreml, PI) == ["runtime coreml is not installed", "os linux is not one of darwin"]
+
+
+def test_validated_runtimes_and_the_deployment_target_round_trip_and_are_checked() -> None:
+    entry = VALIDATED.variant("tflite-int8-weight").to_dict()
+    assert entry["requirements"]["validated_runtimes"] == [
+        {"runtime": "litert", "version": "2.3.0"}, {"runtime": "tflite_runtime", "version": "2.14.0"},
+    ]  # fmt: skip
+    assert Variant.from_dict(entry) == VALIDATED.variant("tflite-int8-weight")
+    plain = variant("onnx-fp32").to_dict()["requirements"]
+    assert "validated_runtimes" not in plain and "deployment_target" not in plain  # older bundles keep their bytes
+    with pytest.raises(ManifestError, match="deployment_target: 'Mojave' is not like 'macOS13'"):
+        Requirements.from_dict({"runtime": "coreml", "deployment_target": "Mojave"})
+    with pytest.raises(ManifestError, match=r"validated_runtimes\[0\]: missing required field 'version'"):
+        Requirements.from_dict({"runtime": "litert", "validated_runtimes": [{"runtime": "litert"}]})
+    caps = DeviceCapabilities.from_dict({"arch": "arm64", "os": "Darwin", "os_version": "14.1"})
+    assert caps.os_version == "14.1" and caps.to_dict()["os_version"] == "14.1"
