@@ -30,6 +30,7 @@ executes the variants in Core ML and runs the full numeric gates.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -114,7 +115,14 @@ def _model(ctx: BuildContext, precision: str) -> tuple[Any, dict[str, Any]]:
     return _compress(fp32, precision, ctx.work_dir / "coreml-tools.log"), details
 
 
+def _quiet_coremltools() -> None:
+    """coremltools logs its import checks (torch and scikit-learn versions, the macOS-only proxies) and every
+    op a failed route could not convert: expected here, and the route taken is recorded in the details."""
+    logging.getLogger("coremltools").setLevel(logging.CRITICAL)
+
+
 def _convert(ctx: BuildContext, precision: str) -> tuple[Any, dict[str, Any]]:
+    _quiet_coremltools()
     import coremltools as ct
 
     module = torch_module(ctx, TARGET)

@@ -84,6 +84,7 @@ def _wave(wave: RolloutWave, devices: list[RolloutDevice]) -> dict[str, Any]:
         "gates": evaluation.get("gates", []),
         "canary": evaluation.get("canary"),
         "control": evaluation.get("control"),
+        "by_variant": evaluation.get("by_variant") or {},
     }
 
 

@@ -6,7 +6,7 @@ runs the maintenance loop (``tasks``: drift evaluation every 5 minutes, retentio
 
 | method, path | what |
 |---|---|
-| ``GET /api/v1/admin/telemetry/summary?model=&by=version|device|fleet&since=&until=`` | aggregates |
+| ``GET /api/v1/admin/telemetry/summary?model=&by=version|device|variant|fleet&since=&until=`` | aggregates |
 | ``GET /api/v1/admin/telemetry/cohort?model=&version=&device_id=...&since=`` | rollout-gate numbers |
 | ``GET /api/v1/admin/telemetry/samples?model=&version=&device_id=&reason=&since=&until=&limit=`` | sampled logs |
 | ``GET /api/v1/admin/telemetry/samples.parquet?...`` | the same as a Parquet file |
