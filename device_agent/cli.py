@@ -170,7 +170,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"health      {status.get('health')}",
     ]
     for name, model in sorted(status.get("models", {}).items()):
-        slots = ", ".join(f"v{s['version']} {s['variant']} [{s['state']}, slot {s['slot']}]" for s in model["slots"])
+        slots = ", ".join(f"v{s['version']} {s['variant']}{_on(s)} [{s['state']}, slot {s['slot']}]"
+                          for s in model["slots"])  # fmt: skip
         lines.append(f"model       {name}: {slots or 'nothing installed'}")
     last = status.get("last_update")
     if last:
@@ -182,6 +183,14 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"queue       running {queue.get('running', 0)}, waiting {queue.get('waiting', 0)}, "
                  f"completed {queue.get('completed', 0)}, rejected {queue.get('rejected', 0)}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _on(slot: dict[str, Any]) -> str:
+    """`` on litert 2.3.0``: the runtime the slot's variant runs on here (validated for it), when known."""
+    runtime = slot.get("runtime")
+    if not runtime:
+        return ""
+    return f" on {runtime} {slot.get('runtime_version') or ''}".rstrip()
 
 
 COMMANDS = {"enroll": cmd_enroll, "run": cmd_run, "status": cmd_status}

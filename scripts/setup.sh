@@ -23,3 +23,17 @@ fi
 "$VENV/bin/pip" install -q "torch==2.13.0"
 "$VENV/bin/pip" install -q -e ".[all]"
 echo "environment ready in $VENV"
+
+# The old TFLite runtime that devices stuck on numpy < 2 still run: tflite-runtime 2.14 cannot live beside
+# numpy 2, so it gets its own small environment, where the converter validates every TFLite variant too
+# (converter/workers.py finds it here, or through EDGEFLEET_TFLITE_RUNTIME_PYTHON).
+TFLITE_VENV="${TFLITE_VENV:-.venv-tflite214}"
+if ! "$TFLITE_VENV/bin/python" -c "import tflite_runtime.interpreter" >/dev/null 2>&1; then
+  [[ -x "$TFLITE_VENV/bin/python" ]] || "$PY" -m venv "$TFLITE_VENV"
+  if "$TFLITE_VENV/bin/pip" install -q "tflite-runtime==2.14.0" "numpy<2"; then
+    echo "tflite-runtime 2.14 environment ready in $TFLITE_VENV"
+  else
+    echo "warning: tflite-runtime 2.14 has no wheel for $("$PY" --version) here: TFLite variants will be" \
+         "validated on LiteRT only (set EDGEFLEET_TFLITE_RUNTIME_PYTHON to a python 3.9-3.11 environment with it)" >&2
+  fi
+fi

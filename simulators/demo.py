@@ -4,14 +4,15 @@ The story walks the user journeys (ML engineer, fleet admin, device) with the re
 command printed before it runs, so the demo doubles as a tutorial:
 
 1. the ML engineer trains a small CNN on scikit-learn's digits, creates the offline release key,
-   registers the model and converts it (ONNX and ORT format, the quantisation ladder, every variant
-   gated in ONNX Runtime against the source);
+   registers the model and converts it (ONNX, ORT format and TFLite, each target's quantisation
+   ladder, every variant gated against the source in ONNX Runtime, or in LiteRT and tflite-runtime);
 2. the fleet admin initialises and starts a fleet server (SQLite, loopback) and the engineer
    publishes the bundle, signed with the release key, into the server's TUF repository;
-3. a device enrolls with a fleet token, is directed to the bundle, fetches the manifest and only
-   the variant it selects through the TUF client, installs it into an A/B slot after its golden
-   self-test, and serves predictions on its localhost Open Inference Protocol API;
-4. the demo sends real test digits to the device and prints what came back;
+3. two devices enroll with a fleet token (one with ONNX Runtime, one a board with LiteRT only), are
+   directed to the bundle, each fetches the manifest and only the variant validated for its runtime
+   (ONNX on the first, TFLite on the second) through the TUF client, installs it into an A/B slot
+   after its golden self-test, and serves predictions on its localhost Open Inference Protocol API;
+4. the demo sends real test digits to both devices and prints what came back;
 5. a faulty retrain (it forgot to normalise its inputs) passes every offline check, is published and
    rolled out with gates while an app keeps sending requests; the drift gate breaches and the fleet
    rolls the device back to the previous bundle by itself.
@@ -49,6 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("EDGEFLEET_DEMO_DIR", str(ROOT / "demo-data"))).resolve()
 BIN = Path(sys.executable).parent
 console = Console(highlight=False, width=max(100, shutil.get_terminal_size((120, 40)).columns))
+
+
+TARGETS = "onnx,ort,tflite"
+LITERT_DEVICE = "device-2"
+"""A board with LiteRT only (``EDGEFLEET_AGENT_RUNTIMES=litert``): it runs the bundle's TFLite variant."""
 
 
 class DemoFailed(RuntimeError):
@@ -171,7 +177,7 @@ def convert_model(env: dict[str, str], trained: TrainingOutputs, source: Path) -
         ],
         env,
     )  # fmt: skip
-    run(["edgefleet-convert", "convert", "digits", "--targets", "onnx,ort", "--quantize", "auto"], env)
+    run(["edgefleet-convert", "convert", "digits", "--targets", TARGETS, "--quantize", "auto"], env)
 
 
 def start_server(env: dict[str, str]) -> tuple[dict[str, str], str]:
@@ -193,8 +199,11 @@ def start_server(env: dict[str, str]) -> tuple[dict[str, str], str]:
     return server_env, _secret(r"efk_\S+", out, "admin API key")
 
 
-def enroll_device(server_env: dict[str, str], url: str, name: str) -> tuple[dict[str, str], int]:
-    """Chapter 3a: a device enrolls with a fleet token; returns its env and localhost API port."""
+def enroll_device(server_env: dict[str, str], url: str, name: str, runtimes: str = "") -> tuple[dict[str, str], int]:
+    """Chapter 3a: a device enrolls with a fleet token; returns its env and localhost API port.
+
+    ``runtimes`` limits the runtimes the agent offers and uses (``litert``: a board without ONNX Runtime).
+    """
     out = run(["edgefleet-server", "enroll-token", "create", "--fleet", "lab", "--expires", "1d"], server_env)
     token = _secret(r"efe_\S+", out, "enrollment token")
     http_port = _free_port()
@@ -204,6 +213,7 @@ def enroll_device(server_env: dict[str, str], url: str, name: str) -> tuple[dict
         "EDGEFLEET_AGENT_POLL_INTERVAL_S": "2",
         "EDGEFLEET_AGENT_JITTER_S": "0.5",
         "EDGEFLEET_AGENT_HTTP_PORT": str(http_port),
+        "EDGEFLEET_AGENT_RUNTIMES": runtimes,
     }
     run(["edgefleet-agent", "enroll", "--server", url, "--token", token], device_env)
     return device_env, http_port
@@ -242,9 +252,8 @@ def wait_until_serving(http_port: int, agent: subprocess.Popen[bytes]) -> dict[s
         return dict(wait_for("the device to install digits and report ready", ready, 180, agent))
 
 
-def predict_on_device(http_port: int, eval_path: Path, count: int = 12) -> float:
+def predict_on_device(http_port: int, eval_path: Path, count: int = 12, device: str = "device-1") -> float:
     """Chapter 4: send real held-out digits to the device's OIP endpoint; print answers and accuracy."""
-    chapter("4. The app on the device: predictions over the localhost Open Inference Protocol API")
     data = np.load(eval_path)
     x, y = data["x"][:count], data["y"][:count]
     body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
@@ -254,7 +263,7 @@ def predict_on_device(http_port: int, eval_path: Path, count: int = 12) -> float
         raise DemoFailed(f"inference failed with {response.status_code}: {response.text}")
     answer = response.json()
     predicted = _predicted_classes(answer, count)
-    table = Table(title=f"{count} held-out digits through the device (model {answer.get('model_version', '?')})")
+    table = Table(title=f"{count} held-out digits through {device} (model {answer.get('model_version', '?')})")
     for column in ("digit", "true label", "device says", ""):
         table.add_column(column)
     for i in range(count):
@@ -360,7 +369,7 @@ def faulty_retrain(env: dict[str, str], source: Path) -> None:
         ],
         env,
     )  # fmt: skip
-    run(["edgefleet-convert", "convert", "digits", "--targets", "onnx,ort", "--quantize", "auto"], env, quiet=True)
+    run(["edgefleet-convert", "convert", "digits", "--targets", TARGETS, "--quantize", "auto"], env, quiet=True)
     console.print("(conversion table omitted: every rung as in chapter 1)")
 
 
@@ -384,10 +393,19 @@ def stopped_by_the_fleet(env: dict[str, str], server_env: dict[str, str], url: s
         metadata = httpx.get(f"http://127.0.0.1:{http_port}/v2/models/digits", timeout=2).json()
         return list(metadata.get("versions", [])) == ["1"]
 
-    wait_for("the device to serve digits v1 again", serves_v1, 120)
+    wait_for("the devices to serve digits v1 again", serves_v1, 120)
     run(["edgefleet-server", "drift", "digits"], server_env)
     answered = ", ".join(f"v{v}: {n}" for v, n in sorted(app.answers_by_version.items()))
     console.print(f"the app kept getting answers throughout ({answered}; failed requests: {app.failures})")
+
+
+def _serves_v1(http_port: int) -> bool:
+    metadata = httpx.get(f"http://127.0.0.1:{http_port}/v2/models/digits", timeout=2).json()
+    return list(metadata.get("versions", [])) == ["1"]
+
+
+def _answered(app: App) -> str:
+    return ", ".join(f"v{v}: {n}" for v, n in sorted(app.answers_by_version.items())) + f"; failed {app.failures}"
 
 
 def _stopped(server_env: dict[str, str], rollout_id: int) -> str | None:
@@ -409,25 +427,39 @@ def story() -> None:
                  server)  # fmt: skip
         run(["edgefleet-convert", "publish", "digits", "--server", url, "--api-key", api_key, "--yes"], env)
         run(["edgefleet-server", "bundles", "list"], server_env)
-        chapter("3. The device: enroll, get directed, install through TUF, serve")
-        device_env, http_port = enroll_device(server_env, url, "device-1")
+        chapter("3. The devices: enroll, get directed, install through TUF, serve")
+        device_env, http_port = enroll_device(server_env, url, "device-1", runtimes="onnxruntime")
+        lite_env, lite_port = enroll_device(server_env, url, LITERT_DEVICE, runtimes="litert")
         group_devices(server_env)
-        with background(["edgefleet-agent", "run"], device_env, WORK / "agent.log") as agent:
+        with (
+            background(["edgefleet-agent", "run"], device_env, WORK / "agent.log") as agent,
+            background(["edgefleet-agent", "run"], lite_env, WORK / "agent-litert.log") as lite_agent,
+        ):
             direct_fleet(server_env, 1)
             metadata = wait_until_serving(http_port, agent)
-            console.print(f"device serves digits version {metadata.get('versions')} on localhost:{http_port}")
+            console.print(f"device-1 serves digits version {metadata.get('versions')} on localhost:{http_port}")
+            wait_until_serving(lite_port, lite_agent)
             run(["edgefleet-agent", "status"], device_env)
-            run(["edgefleet-server", "devices", "list", "--filter", "runtime=onnxruntime>=1.20"], server_env)
+            console.print(f"{LITERT_DEVICE} is a board with LiteRT only: the server directed it to a TFLite variant")
+            run(["edgefleet-agent", "status"], lite_env)
+            run(["edgefleet-server", "devices", "list", "--filter", "runtime=litert>=2.3"], server_env)
+            chapter("4. The apps on the devices: predictions over the localhost Open Inference Protocol API")
             accuracy = predict_on_device(http_port, trained.eval)
-            with App(http_port, np.load(trained.eval)["x"]) as app:
+            lite_accuracy = predict_on_device(lite_port, trained.eval, device=LITERT_DEVICE)
+            images = np.load(trained.eval)["x"]
+            with App(http_port, images) as app, App(lite_port, images) as lite_app:
                 soak_and_complete(server_env)
                 faulty_retrain(env, source)
                 stopped_by_the_fleet(env, server_env, url, api_key, http_port, app)
+                wait_for(f"{LITERT_DEVICE} to serve digits v1 again", lambda: _serves_v1(lite_port), 120)
+                console.print(f"{LITERT_DEVICE} (TFLite) kept answering too ({_answered(lite_app)})")
             run(["edgefleet-agent", "status"], device_env)
+            run(["edgefleet-agent", "status"], lite_env)
     console.print(
         Panel.fit(
             f"verified prediction: the device answered {accuracy:.0%} of held-out digits correctly with a bundle\n"
-            "it fetched through TUF, checked against the release key's signature and self-tested before use.\n"
+            "it fetched through TUF, checked against the release key's signature and self-tested before use;\n"
+            f"the LiteRT-only board answered {lite_accuracy:.0%} with the TFLite variant validated for its runtime.\n"
             "A faulty retrain that passed every offline check was stopped by its drift gate and rolled back\n"
             "by the fleet, while the app kept getting answers.",
             title="demo finished",
@@ -442,7 +474,7 @@ def main() -> None:
         story()
     except DemoFailed as e:
         console.print(f"[bold red]demo failed:[/] {e}")
-        console.print(f"logs: {WORK}/server.log, {WORK}/agent.log")
+        console.print(f"logs: {WORK}/server.log, {WORK}/agent.log, {WORK}/agent-litert.log")
         sys.exit(1)
 
 
