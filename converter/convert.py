@@ -309,8 +309,8 @@ def _measure_on(run: _Run, exporter: ModuleType, built: BuiltVariant, runtime: s
         _release(open_runner(built))  # throwaway load: one-time runtime set-up is not charged to fp32's memory
     try:
         measured = measure(built, open_runner, run.data, run.reference, spec)
-    except RuntimeUnavailableError as e:
-        raise ConversionError(f"{runtime} cannot load it: {e}") from e
+    except RuntimeUnavailableError as e:  # the runtime is here but refuses this file (its words say which)
+        raise ConversionError(str(e) if runtime in str(e) else f"{runtime} cannot load it: {e}") from e
     _compare_with_parent(run, measured, parent)
     if any(t.dim_ranges for t in spec.inputs):
         assert measured.runner is not None

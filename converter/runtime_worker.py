@@ -28,6 +28,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from bundles.errors import EdgeFleetError
+
 
 def _status_bytes(key: str) -> int:
     try:
@@ -131,6 +133,8 @@ def serve(requests: TextIO, replies: TextIO) -> None:
             continue
         try:
             reply = {"ok": True, **worker.handle(json.loads(line))}
+        except EdgeFleetError as e:  # the runtime's own refusal, already worded for people
+            reply = {"ok": False, "error": str(e)}
         except Exception as e:  # every failure is an answer: the parent decides what it means
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         replies.write(json.dumps(reply) + "\n")

@@ -92,7 +92,8 @@ class RuntimeWorker:
             raise error_type(f"the {self.runtime} worker did not answer ({request['op']}): {self._log_tail()}")
         reply: dict[str, Any] = json.loads(line)
         if not reply.get("ok"):
-            raise error_type(f"{self.runtime}: {reply.get('error', 'unknown error')}")
+            error = str(reply.get("error", "unknown error"))
+            raise error_type(error if error.startswith(self.runtime) else f"{self.runtime}: {error}")
         return reply
 
     def load(self, target: str, path: Path, threads: int = 1) -> WorkerRunner:
