@@ -80,6 +80,12 @@ def create(
     approval: Annotated[str, typer.Option(help="none, start or each_wave.")] = "none",
     max_downloads: Annotated[int | None, typer.Option(help="Max concurrent downloads per wave.")] = None,
     jitter: Annotated[str, typer.Option(help="Spread of devices' download start times.")] = "60s",
+    prefer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prefer", help="Repeatable variant preference ranked before each device's own (tflite, onnx:int8-static)."
+        ),
+    ] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Create without starting ('rollout start' later).")] = False,
     data_dir: DataDir = None,
     as_json: JsonOut = False,
@@ -96,6 +102,7 @@ def create(
             approval=approval,
             max_concurrent_downloads=max_downloads,
             jitter_s=parse_duration_s(jitter),
+            variant_preferences=tuple(prefer or ()),
         )  # fmt: skip
     )
     with _db(data_dir) as session:

@@ -3,7 +3,15 @@
 import pytest
 
 from bundles.errors import ConfigError
-from fleet_server.rollouts.gates import METRICS, CohortFigures, Gate, GateResult, evaluate_gate, parse_gates
+from fleet_server.rollouts.gates import (
+    METRICS,
+    CohortFigures,
+    Gate,
+    GateResult,
+    evaluate_gate,
+    evaluate_per_variant,
+    parse_gates,
+)
 
 
 def figures(**kw):
@@ -173,3 +181,30 @@ def test_relative_gate_passes_when_both_versions_are_at_zero():
     control = figures(requests=1000, errors=0)
     assert evaluate_gate(gate, figures(requests=200, errors=0), control).status == "pass"
     assert evaluate_gate(gate, figures(requests=200, errors=1), control).status == "fail"
+
+
+def test_a_per_variant_gate_parses_and_prints_back():
+    gate = Gate.parse("error_rate<0.01 min=20 per=variant")
+    assert gate == Gate("error_rate", "<", 0.01, min_samples=20, per_variant=True)
+    assert gate.text == "error_rate<0.01 min=20 per=variant" and Gate.parse(gate.text) == gate
+    assert Gate.parse("p99_ms<40 per=variant").per_variant
+
+
+def test_a_per_variant_gate_fails_when_one_variant_fails_behind_a_healthy_majority():
+    gate = Gate.parse("error_rate<0.01 min=100 per=variant")
+    healthy = figures(requests=10_000, errors=10)
+    bad = figures(requests=200, errors=40)
+    whole = figures(requests=10_200, errors=50)
+    assert evaluate_gate(gate, whole).status == "pass"  # the whole wave hides the bad variant
+    result = evaluate_per_variant(gate, {"onnx-int8-static": healthy, "tflite-int8-weight": bad})
+    assert result.status == "fail" and result.reason.startswith("variant tflite-int8-weight: error_rate=0.2 breached")
+
+
+def test_a_per_variant_gate_waits_for_the_smallest_variant_and_passes_naming_every_one():
+    gate = Gate.parse("error_rate<0.01 min=100 per=variant")
+    enough, thin = figures(requests=500, errors=0), figures(requests=20, errors=0)
+    waiting = evaluate_per_variant(gate, {"onnx-fp16": enough, "tflite-fp16": thin})
+    assert waiting.status == "wait" and waiting.reason == "variant tflite-fp16: needs 100 requests, has 20"
+    passed = evaluate_per_variant(gate, {"onnx-fp16": enough, "tflite-fp16": enough})
+    assert passed.status == "pass" and "onnx-fp16: error_rate=0" in passed.reason and "tflite-fp16:" in passed.reason
+    assert evaluate_per_variant(gate, {}).status == "wait"

@@ -72,3 +72,26 @@ def test_every_named_device_is_placed_with_a_reason(factory, devices):
     assert placements[devices["pending"][0]].membership == "excluded"
     assert placements[devices["pending"][0]].reason == "device is pending, not accepted"
     assert len(placements) == 6
+
+
+def test_a_rollouts_variant_preferences_rank_first_but_never_make_a_variant_eligible():
+    from bundles.manifest import ValidatedRuntime
+    from fleet_server.rollouts.targets import place_on_capabilities
+    from tests.bundles.test_selection import manifest_of, variant
+
+    manifest = manifest_of(
+        variant("onnx-fp32", size_bytes=150_000, min_runtime_version="1.20"),
+        variant("tflite-int8-dynamic", "tflite", "int8-dynamic", 45_000, runtime="litert",
+                validated_runtimes=(ValidatedRuntime("litert", "2.3.0"),)),
+    )  # fmt: skip
+    both = {"arch": "x86_64", "os": "linux", "runtimes": {"onnxruntime": "1.32.0", "litert": "2.3.0"}}
+    assert place_on_capabilities("d", both, manifest).variant == "tflite-int8-dynamic"  # the smaller one
+    assert place_on_capabilities("d", both, manifest, ("onnx",)).variant == "onnx-fp32"
+    only_onnx = {**both, "runtimes": {"onnxruntime": "1.32.0"}}
+    assert place_on_capabilities("d", only_onnx, manifest, ("tflite",)).variant == "onnx-fp32"
+    old_runtime = {**both, "runtimes": {"tflite_runtime": "2.14.0"}}
+    placed = place_on_capabilities("d", old_runtime, manifest, ("tflite",))
+    assert placed.membership == "incompatible"
+    assert (
+        "tflite-int8-dynamic: validated only on litert 2.3.0 (this device has tflite_runtime 2.14.0)" in placed.reason
+    )
