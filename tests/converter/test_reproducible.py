@@ -147,3 +147,35 @@ def test_an_ort_variant_says_it_is_not_reproducible_where_randomisation_cannot_b
     ok("convert", "tiny", "--targets", "onnx,ort", "--quantize", "fp32")
     manifest, _ = open_bundle(latest(home, "tiny")[1], tmp_path / "open")
     assert {v.id: v.metrics["reproducible"] for v in manifest.variants} == {"onnx-fp32": True, "ort-fp32": False}
+
+
+CONVERT_SOME = textwrap.dedent(
+    """
+    import sys
+    from converter.convert import convert
+    from converter.home import Home
+    from converter.registry import Registry
+
+    targets, precisions = tuple(sys.argv[2].split(",")), tuple(sys.argv[3].split(","))
+    convert(Registry(Home.from_env()), sys.argv[1], None, targets, precisions)
+    """
+)
+
+
+def test_tflite_and_coreml_bytes_are_the_same_in_separate_processes_with_other_hash_seeds(
+    home: Path, tmp_path: Path
+) -> None:
+    """litert-torch keeps module paths in tensor names (a factory imported under a random module name changed them)
+    and coremltools stamps a date, writes a protobuf map in hash order and random package ids."""
+    _register_three_kinds(home, tmp_path)
+    for seed in ("4", "5"):
+        env = {**os.environ, "EDGEFLEET_HOME": str(home), "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", CONVERT_SOME, "mlp", "tflite,coreml", "fp32,int8-weight"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    registry = Registry(Home(home))
+    conversions = registry.conversions(registry.get("mlp"))
+    assert len({c.bundle_sha256 for c in conversions}) == 1, [c.bundle_sha256 for c in conversions]
+    statuses = {r["variant_id"]: r["status"] for r in conversions[0].results}
+    assert statuses["tflite-fp32"] == "passed" and statuses["coreml-fp32"] == "structural", statuses
