@@ -165,8 +165,8 @@ CONVERT_SOME = textwrap.dedent(
 def test_tflite_and_coreml_bytes_are_the_same_in_separate_processes_with_other_hash_seeds(
     home: Path, tmp_path: Path
 ) -> None:
-    """litert-torch keeps module paths in tensor names (a factory imported under a random module name changed them)
-    and coremltools stamps a date, writes a protobuf map in hash order and random package ids."""
+    """litert-torch keeps module paths in tensor names (a factory imported under a random module name changed
+    them); coremltools stamps a date, writes a protobuf map in hash order and random package ids."""
     _register_three_kinds(home, tmp_path)
     for seed in ("4", "5"):
         env = {**os.environ, "EDGEFLEET_HOME": str(home), "PYTHONHASHSEED": seed,
