@@ -171,8 +171,8 @@ def test_tflite_and_coreml_bytes_are_the_same_in_separate_processes_with_other_h
     for seed in ("4", "5"):
         env = {**os.environ, "EDGEFLEET_HOME": str(home), "PYTHONHASHSEED": seed,
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", CONVERT_SOME, "mlp", "tflite,coreml", "fp32,int8-weight"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+        command = [sys.executable, "-c", CONVERT_SOME, "mlp", "tflite,coreml", "fp32,int8-weight"]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
     registry = Registry(Home(home))
     conversions = registry.conversions(registry.get("mlp"))
