@@ -200,3 +200,30 @@ def test_the_report_compares_every_executed_variant_with_the_source_and_each_oth
     assert "## Cross-target agreement" in report and "tflite-int8-dynamic@tflite_runtime 2.14.0 | refused" in report
     assert (digits_all_targets.report_dir / "agreement.png").read_bytes()[:4] == b"\x89PNG"
     assert "coreml-fp16 | structural" in report
+
+
+def test_int16_model_io_is_quantised_from_the_tensors_parameters_in_both_runtimes(
+    digits_all_targets: ConvertedDigits, bundle: tuple[Manifest, Path], tmp_path: Path
+) -> None:
+    """static int8 weights with int16 activations (built by name: ``int8-static-a16``) in LiteRT and tflite-runtime."""
+    from bundles.runtimes.litert import LiteRtRuntime
+    from converter.datasets import load_dataset
+    from converter.exporters.tflite import quantise
+    from converter.spec import parse_input_spec
+    from converter.workers import RuntimeWorker
+
+    manifest, root = bundle
+    calibration = load_dataset(digits_all_targets.cnn.calibration, parse_input_spec("x: float32[-1,1,8,8]"), "y", "c")
+    out = tmp_path / "a16.tflite"
+    quantise(root / manifest.variant("tflite-fp32").entry, "int8-static-a16", out, calibration, tmp_path / "log")
+    x = digits_all_targets.cnn.eval_x[:40]
+    fp32 = LiteRtRuntime.load(root / manifest.variant("tflite-fp32").entry).run({"x": x})["logits"]
+    lite = LiteRtRuntime.load(out)
+    assert lite._inputs["x"].dtype == np.int16 and lite._outputs["logits"].dtype == np.int16
+    worker = RuntimeWorker("tflite_runtime", tmp_path / "worker")
+    try:
+        for logits in (lite.run({"x": x})["logits"], worker.load("tflite", out).run({"x": x})["logits"]):
+            assert logits.dtype == np.float32
+            assert float(np.mean(logits.argmax(axis=1) == fp32.argmax(axis=1))) >= 0.95
+    finally:
+        worker.close()

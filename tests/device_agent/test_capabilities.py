@@ -14,7 +14,7 @@ from device_agent.config import load_config
 
 def test_only_the_allowed_runtimes_are_reported(tmp_path: Path) -> None:
     installed = installed_runtimes()
-    assert {"onnxruntime", "litert"} <= set(installed)
+    assert {"onnxruntime", "litert"} <= set(installed)  # the agent's test environment: agent,onnx,tflite
     config = load_config(environ={"EDGEFLEET_AGENT_STATE_DIR": str(tmp_path), "EDGEFLEET_AGENT_RUNTIMES": "litert"})
     assert config.allowed_runtimes == ("litert",)
     assert device_capabilities(config).runtimes == {"litert": installed["litert"]}

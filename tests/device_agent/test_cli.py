@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bundles.selection import installed_runtimes
 from device_agent.cli import main
 from tests.device_agent.e2e_support import free_port
 from tests.device_agent.helpers import Device, entry
@@ -37,7 +38,9 @@ def test_status_shows_the_active_and_previous_bundle_and_the_last_update(
     device.engine.close()
     assert main(["--state-dir", str(tmp_path), "status"]) == 0
     out = capsys.readouterr().out
-    assert "v2 onnx-fp32 [active, slot b]" in out and "v1 onnx-fp32 [previous, slot a]" in out
+    ort = installed_runtimes()["onnxruntime"]  # each slot says the runtime its variant runs on here
+    assert f"v2 onnx-fp32 on onnxruntime {ort} [active, slot b]" in out
+    assert f"v1 onnx-fp32 on onnxruntime {ort} [previous, slot a]" in out
     assert "last update tiny@2 installed" in out and "health      ok" in out
 
 

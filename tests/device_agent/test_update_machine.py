@@ -9,6 +9,7 @@ served, loadable model that passes its self-test.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,57 @@ def test_a_device_without_the_runtime_reports_incompatible_and_keeps_its_model(t
     assert h.reporter.reports[-1]["status"] == "incompatible"
     assert not any(t.endswith(".tar.gz") for t in h.device.source.fetched[-1:]), "an unusable variant was downloaded"
     assert h.final_check() == 1
+
+
+def _publish_tflite_validated_on_litert(targets: Path, work: Path, version: int) -> None:
+    """tiny@version with onnx-fp32 and a tflite-fp32 variant validated on LiteRT only (as the converter writes it)."""
+    from bundles.archive import pack_variant
+    from bundles.manifest import ValidatedRuntime
+    from bundles.testing import build_bundle_dir, write_manifest
+
+    src = work / f"src-tflite-{version}"
+    manifest = build_bundle_dir(src, name="tiny", version=version, seed=version, tflite=True)
+    litert = ValidatedRuntime("litert", "2.3.0")
+    variants = tuple(
+        dataclasses.replace(v, requirements=dataclasses.replace(v.requirements, validated_runtimes=(litert,)))
+        if v.target == "tflite" else v
+        for v in manifest.variants
+    )  # fmt: skip
+    manifest = dataclasses.replace(manifest, variants=variants)
+    write_manifest(src, manifest)
+    out = targets / "tiny" / str(version)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_bytes(manifest.to_bytes())
+    for variant in manifest.variants:
+        pack_variant(src, manifest, variant.id, out / f"{variant.id}.tar.gz")
+
+
+def test_a_variant_is_never_run_on_a_runtime_it_was_not_validated_on_and_the_report_says_why(
+    tmp_path: Path, published: Path
+) -> None:
+    import shutil
+
+    targets = tmp_path / "targets"
+    shutil.copytree(published, targets)
+    _publish_tflite_validated_on_litert(targets, tmp_path, 7)
+    h = Harness(tmp_path, targets)
+    caps = h.device.updater.steps.capabilities()
+    onnx_version = caps.runtimes["onnxruntime"]
+    old_board = dataclasses.replace(caps, runtimes={"tflite_runtime": "2.14.0", "onnxruntime": onnx_version})
+    h.device.updater.steps.capabilities = lambda: old_board
+    directed = {**entry("tiny", 7), "variant": "tflite-fp32"}  # a director that ignores the validation
+    record = h.device.updater.deploy(directed)
+    assert record.status is DeploymentStatus.INCOMPATIBLE
+    assert "validated only on litert 2.3.0 (this device has onnxruntime" in (record.error or "")
+    assert "tflite_runtime 2.14.0" in (record.error or "")
+    assert not any(t.endswith("tflite-fp32.tar.gz") for t in h.device.source.fetched), "downloaded for nothing"
+    litert_board = dataclasses.replace(caps, runtimes={"litert": "2.3.0"})
+    h.device.updater.steps.capabilities = lambda: litert_board
+    h.device.updater.failed.discard("tiny@7")  # the operator fixed the board: try again
+    record = h.device.updater.deploy({**entry("tiny", 7), "variant": "tflite-fp32", "rollout_id": 2})
+    assert record.status is DeploymentStatus.INSTALLED, record.error
+    assert (record.selected_variant, record.selected_runtime, record.selected_runtime_version) == (
+        "tflite-fp32", "litert", "2.3.0",
+    )  # fmt: skip
+    active = next(line for line in h.device.updater.installed() if line["state"] == "active")
+    assert (active["variant"], active["runtime"], active["runtime_version"]) == ("tflite-fp32", "litert", "2.3.0")
