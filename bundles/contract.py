@@ -9,8 +9,10 @@ enrollment) are frozen dataclasses here. Both ends validate with the same code:
   maps, nested models) and the limits in the field's metadata (:func:`limits`). It is *total*: any
   input either becomes a model or raises :class:`~bundles.errors.ContractError` naming the field;
   it never raises anything else. Unknown keys are ignored, so an older reader accepts a newer writer.
-* ``__post_init__`` (via :class:`Checked`) re-applies the limits, so the server's FastAPI/pydantic
-  layer, which builds these dataclasses from their type hints, enforces exactly the same bounds.
+* ``__post_init__`` (via :class:`Checked`) re-applies the limits when a model is built directly; the
+  limits are stored under pydantic's ``Field`` keywords, so the server's FastAPI/pydantic layer, which
+  builds these dataclasses from their type hints, enforces the same bounds and publishes them in its
+  OpenAPI schema.
 * :func:`to_dict` is the inverse (``None`` fields kept, so the bytes are stable).
 
 ``CONTRACT_VERSION`` is sent by the agent (``User-Agent`` and inventory) so a server can tell which
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import math
 import re
@@ -52,9 +55,20 @@ def limits(
     ge: float | None = None,
     le: float | None = None,
 ) -> dict[str, Any]:
-    """Field metadata bounding a value: ``field(metadata=limits(max_len=100, ge=0))``."""
-    return {"max_len": max_len, "min_len": min_len, "pattern": None if pattern is None else re.compile(pattern),
-            "ge": ge, "le": le}  # fmt: skip
+    """Field metadata bounding a value: ``field(metadata=limits(max_len=100, ge=0))``.
+
+    The keys are pydantic's ``Field`` keywords (``max_length``, ``min_length``, ``pattern``, ``ge``,
+    ``le``), and only the bounds actually set are present: pydantic builds a stdlib dataclass field as
+    ``Field(**field.metadata)``, so the server's request validation and its OpenAPI schema carry exactly
+    these bounds, and a client generating requests from the schema never meets a hidden one.
+    """
+    given = {"max_length": max_len, "min_length": min_len or None, "pattern": pattern, "ge": ge, "le": le}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 # --- the validator ---------------------------------------------------------------------------------
@@ -169,7 +183,7 @@ def _mapping(kind: Any, data: Any, where: str, meta: Mapping[str, Any]) -> dict[
 
 
 def _check_size(size: int, where: str, meta: Mapping[str, Any]) -> None:
-    bound = meta.get("max_len") or MAX_ITEMS
+    bound = meta.get("max_length") or MAX_ITEMS
     if size > bound:
         raise ContractError(f"{where}: at most {bound} items, got {size}")
 
@@ -238,12 +252,12 @@ def _check_number(value: float, where: str, meta: Mapping[str, Any]) -> None:
 
 
 def _check_text(value: str, where: str, meta: Mapping[str, Any]) -> None:
-    bound = meta.get("max_len") or MAX_TEXT
-    if not meta.get("min_len", 0) <= len(value) <= bound:
-        raise ContractError(f"{where}: expected {meta.get('min_len', 0)} to {bound} characters, got {len(value)}")
+    bound = meta.get("max_length") or MAX_TEXT
+    if not meta.get("min_length", 0) <= len(value) <= bound:
+        raise ContractError(f"{where}: expected {meta.get('min_length', 0)} to {bound} characters, got {len(value)}")
     pattern = meta.get("pattern")
-    if pattern is not None and not pattern.match(value):
-        raise ContractError(f"{where}: {_show(value)} does not match {pattern.pattern}")
+    if pattern is not None and not _compiled(pattern).match(value):
+        raise ContractError(f"{where}: {_show(value)} does not match {pattern}")
     if "\x00" in value:
         raise ContractError(f"{where}: NUL characters are not allowed")
 
@@ -259,13 +273,13 @@ def _json_like(data: Any, where: str, depth: int) -> Any:
             raise ContractError(f"{where}: expected a finite number, got {data}")
         return data
     if isinstance(data, str):
-        _check_text(data, where, {"max_len": 65536})
+        _check_text(data, where, {"max_length": 65536})
         return data
     if isinstance(data, (list, tuple)):
-        _check_size(len(data), where, {"max_len": 100_000})
+        _check_size(len(data), where, {"max_length": 100_000})
         return [_json_like(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(data)]
     if isinstance(data, Mapping):
-        _check_size(len(data), where, {"max_len": 100_000})
+        _check_size(len(data), where, {"max_length": 100_000})
         return {str(k): _json_like(v, f"{where}.{k}", depth + 1) for k, v in data.items()}
     raise ContractError(f"{where}: {type(data).__name__} is not JSON")
 

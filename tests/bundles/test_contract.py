@@ -102,3 +102,27 @@ def test_the_server_side_pydantic_build_enforces_the_same_bounds() -> None:
             parse(Inventory, bad)
         with pytest.raises(ValidationError):
             adapter.validate_python(bad)
+
+
+_SCHEMA_KEYS = {"max_length": ("maxLength", "maxItems", "maxProperties"), "min_length": ("minLength", "minItems"),
+                "pattern": ("pattern",), "ge": ("minimum",), "le": ("maximum",)}  # fmt: skip
+
+
+def _schema_bounds(prop: dict[str, Any]) -> set[str]:
+    """The JSON-schema bound keywords of a property, looking inside ``anyOf`` (optional fields)."""
+    found = set(prop)
+    for choice in prop.get("anyOf", []):
+        found |= set(choice)
+    return found
+
+
+@pytest.mark.parametrize("kind", MODELS, ids=lambda kind: kind.__name__)
+def test_the_published_schema_carries_every_bound_the_contract_enforces(kind: type) -> None:
+    """A client generating requests from the server's OpenAPI schema must never meet a hidden bound."""
+    pydantic = pytest.importorskip("pydantic", reason="server side: pydantic is not installed on a device")
+    schema = pydantic.TypeAdapter(kind).json_schema(mode="validation")
+    props = schema.get("properties") or schema["$defs"][kind.__name__]["properties"]
+    for f in dataclasses.fields(kind):
+        present = _schema_bounds(props[f.name])
+        for key in f.metadata:
+            assert present & set(_SCHEMA_KEYS[key]), f"{kind.__name__}.{f.name}: {key} is not in the schema"
