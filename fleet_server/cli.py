@@ -3,31 +3,40 @@
 Admin commands work directly on the database of the data directory (the same settings as ``run``:
 ``EDGEFLEET_*`` environment variables and ``<data-dir>/server.env``), and every change is written to
 the audit log with the actor ``cli:<unix user>``. Errors print one readable line and exit non-zero.
+
+This module holds the core commands and registers, once, the command sets of the rollouts
+(``rollout ...``) and telemetry (``drift``, ``telemetry ...``) subpackages; what all three share
+(data directory, sessions, output, durations, errors) is in :mod:`fleet_server.cli_common`, which
+the subpackages import instead of this module.
 """
 
 from __future__ import annotations
 
-import getpass
-import json
-import re
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from bundles.errors import ConfigError, EdgeFleetError
+from fleet_server.cli_common import (
+    DataDir,
+    JsonOut,
+    actor,
+    console,
+    db_session,
+    fail,
+    guarded,
+    print_json,
+    print_rows,
+    settings_for,
+    whole_seconds,
+)
 from fleet_server.db import make_engine, make_session_factory, session_scope, upgrade_database
-from fleet_server.rollouts.cli import app as rollout_app
+from fleet_server.rollouts import cli as rollouts_cli
+from fleet_server.schemas import ENROLL_TOKEN_LIFETIME_S
 from fleet_server.settings import ENV_FILE_NAME, Settings, load_settings
-from fleet_server.telemetry.cli import register as register_telemetry
+from fleet_server.telemetry import cli as telemetry_cli
 
 app = typer.Typer(help="Run and administer an edgefleet fleet server.", no_args_is_help=True, add_completion=False)
 api_keys_app = typer.Typer(help="Admin API keys (roles: admin, operator, viewer).", no_args_is_help=True)
@@ -45,84 +54,20 @@ for sub, name in (
     (filters_app, "filters"),
     (bundles_app, "bundles"),
     (tuf_app, "tuf"),
-    (rollout_app, "rollout"),
+    (rollouts_cli.app, "rollout"),
+    (telemetry_cli.app, "telemetry"),
 ):
     app.add_typer(sub, name=name)  # fmt: skip
-register_telemetry(app)
+app.command("drift")(telemetry_cli.drift)
 
-console = Console()
-T = TypeVar("T")
-DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="EDGEFLEET_DATA_DIR", help="Data directory.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-_DURATION_RE = re.compile(r"^(\d+)\s*([smhdw]?)$")
-_DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+POLL_INTERVAL_S = (1, 86_400)
+"""A group's poll interval override from the host: down to 1 s (the demo polls every 2 s), where the API
+keeps remote admins at 5 s or more."""
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
-
-
-def actor() -> str:
-    """How the audit log names a CLI user."""
-    return f"cli:{getpass.getuser()}"
-
-
-def parse_duration_s(text: str) -> int:
-    """``7d``, ``12h``, ``30m``, ``90s`` or plain seconds -> seconds."""
-    match = _DURATION_RE.match(text.strip().lower())
-    if match is None:
-        raise ConfigError(f"duration {text!r} is not like 7d, 12h, 30m or 90s")
-    return int(match.group(1)) * _DURATION_UNITS_S[match.group(2)]
-
-
-def fail(message: str) -> None:
-    """Print one readable line to stderr and exit 1."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def guarded(action: Callable[[], T]) -> T:
-    """Run ``action``; domain and settings errors become one line and exit code 1."""
-    try:
-        return action()
-    except EdgeFleetError as error:
-        fail(str(error))
-    except ValidationError as error:
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()))
-    raise AssertionError("unreachable")
-
-
-def settings_for(data_dir: Path | None) -> Settings:
-    """Load the settings of a data directory (environment first, then ``server.env``)."""
-    return guarded(lambda: load_settings(data_dir))
-
-
-@contextmanager
-def db_session(data_dir: Path | None) -> Iterator[tuple[Session, Settings]]:
-    """A transaction on the server database; domain errors end the command with one line."""
-    settings = settings_for(data_dir)
-    engine = make_engine(settings.resolved_database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            yield session, settings
-    except EdgeFleetError as error:
-        fail(str(error))
-    finally:
-        engine.dispose()
-
-
-def print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: str = "") -> None:
-    """A rich table of ``columns`` (or the full rows as JSON)."""
-    if as_json:
-        console.print_json(json.dumps(rows, default=str))
-        return
-    table = Table(title=title or None)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    console.print(table)
 
 
 # --- init and run ----------------------------------------------------------------------------------
@@ -279,7 +224,7 @@ def enroll_token_create(
     """Create a fleet enrollment token; the secret is printed once."""
     from fleet_server.services.enroll_tokens import create_enroll_token
 
-    expires_in_s = guarded(lambda: parse_duration_s(expires))
+    expires_in_s = whole_seconds("--expires", expires, *ENROLL_TOKEN_LIFETIME_S)
     with db_session(data_dir) as (session, settings):
         token, secret = create_enroll_token(session, fleet=fleet, expires_in_s=expires_in_s, max_uses=max_uses,
                                             actor=actor(), pepper=settings.token_pepper)  # fmt: skip
@@ -337,7 +282,7 @@ def devices_show(device_id: str, data_dir: DataDir = None) -> None:
 
     with db_session(data_dir) as (session, _):
         detail = fleet.device_detail(session, device_id)
-    console.print_json(json.dumps(detail, default=str))
+    print_json(detail)
 
 
 def _device_status(action: str, device_id: str, data_dir: Path | None) -> None:
@@ -406,7 +351,7 @@ def groups_create(
     """Create a static group."""
     from fleet_server.services import fleet
 
-    poll_s = guarded(lambda: parse_duration_s(poll_interval)) if poll_interval else None
+    poll_s = whole_seconds("--poll-interval", poll_interval, *POLL_INTERVAL_S) if poll_interval else None
     with db_session(data_dir) as (session, _):
         fleet.create_group(session, name=name, description=description, poll_interval_s=poll_s, actor=actor())
     console.print(f"group {name} created")
@@ -424,7 +369,7 @@ def groups_set_poll(
 
     if interval is None and not clear:
         fail("give an interval or --clear")
-    poll_s = guarded(lambda: parse_duration_s(interval)) if interval else None
+    poll_s = whole_seconds("interval", interval, *POLL_INTERVAL_S) if interval else None
     with db_session(data_dir) as (session, _):
         changes = {"poll_interval_s": poll_s, "clear_poll_interval": clear}
         fleet.update_group(session, name=name, changes=changes, actor=actor())
@@ -517,7 +462,7 @@ def bundles_show(name: str, version: int, data_dir: DataDir = None) -> None:
 
     with db_session(data_dir) as (session, _):
         detail = registry.describe_bundle(registry.get_bundle(session, name, version), with_manifest=True)
-    console.print_json(json.dumps(detail, default=str))
+    print_json(detail)
 
 
 @bundles_app.command("deprecate")
@@ -585,32 +530,6 @@ def audit(
                  "before": e.before, "after": e.after} for e in entries]  # fmt: skip
     print_rows(rows, ["at", "actor", "action", "target"], as_json)
 
-
-# --- commands of the telemetry and rollouts subpackages ------------------------------------------
-
-# module -> the sub-command name used when the module has an ``app`` but no ``register(core_app)``.
-OPTIONAL_CLIS = {"fleet_server.telemetry.cli": "telemetry", "fleet_server.rollouts.cli": "rollout"}
-
-
-def attach_optional_clis(core: typer.Typer) -> None:
-    """Add the subpackages' commands when they are installed: ``register(core)`` if the module has
-    one, else its ``app`` as a sub-command (``edgefleet-server rollout ...``)."""
-    import importlib
-
-    for module_name, command in OPTIONAL_CLIS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name is not None and module_name.startswith(error.name):
-                continue
-            raise
-        if callable(getattr(module, "register", None)):
-            module.register(core)
-        elif isinstance(getattr(module, "app", None), typer.Typer):
-            core.add_typer(module.app, name=command)
-
-
-attach_optional_clis(app)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Hex = str
 MAX_INT32 = 2**31 - 1  # every integer column is a 32-bit INTEGER on PostgreSQL
+ENROLL_TOKEN_LIFETIME_S = (60, 366 * 86_400)  # (shortest, longest): the API and the CLI accept the same
 DbInt = Annotated[int, Field(ge=0, le=MAX_INT32)]
 ShortText = Field(min_length=1, max_length=200)
 
@@ -70,7 +71,7 @@ class ApiKeyCreated(ApiKeyOut):
 
 class EnrollTokenIn(Strict):
     fleet: str = Field(min_length=1, max_length=64, pattern="^[a-z0-9][a-z0-9_.-]*$")
-    expires_in_s: int = Field(default=7 * 86_400, ge=60, le=366 * 86_400)
+    expires_in_s: int = Field(default=7 * 86_400, ge=ENROLL_TOKEN_LIFETIME_S[0], le=ENROLL_TOKEN_LIFETIME_S[1])
     max_uses: int | None = Field(default=None, ge=1, le=MAX_INT32)
 
 

@@ -2,7 +2,7 @@
 
 Reads need the ``viewer`` role; creating, controlling and pinning need ``operator``. Every mutation
 is audited (by :mod:`.service`). The router's lifespan starts the evaluation loop with the app when
-background tasks are on (``settings.background_tasks``), every ``tick_interval_s`` seconds.
+background tasks are on (``settings.background_tasks``), every ``settings.rollout_tick_s`` seconds.
 
 | method, path | what |
 |---|---|
@@ -25,19 +25,20 @@ from sqlalchemy import select
 
 from fleet_server.api.deps import OperatorDep, SessionDep, ViewerDep
 from fleet_server.background import app_task
+from fleet_server.durations import parse_duration_s
 from fleet_server.rollouts import service
-from fleet_server.rollouts.engine import RolloutEngine, tick_interval_s
+from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.rollouts.models import Rollout
-from fleet_server.rollouts.spec import DEFAULT_WAVES, RolloutPolicy, parse_bundle_ref, parse_duration_s, parse_waves
+from fleet_server.rollouts.spec import DEFAULT_WAVES, RolloutPolicy, parse_bundle_ref, parse_waves
 from fleet_server.rollouts.views import describe_rollout, summarise_rollout
 
 
 def _rollout_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
-    """The rollout evaluation loop, ticking every ``tick_interval_s``."""
+    """The rollout evaluation loop, ticking every ``settings.rollout_tick_s`` (``EDGEFLEET_ROLLOUT_TICK_S``)."""
     leadership = app.state.leadership
     engine = RolloutEngine(app.state.session_factory, metrics=app.state.metrics, is_leader=lambda: leadership.held)
     app.state.rollout_engine = engine
-    return engine.run(tick_interval_s(app.state.settings))
+    return engine.run(app.state.settings.rollout_tick_s)
 
 
 router = APIRouter(prefix="/api/v1/admin", tags=["rollouts"], lifespan=app_task(_rollout_loop))

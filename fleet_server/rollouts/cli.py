@@ -3,7 +3,8 @@
 Like the rest of ``edgefleet-server``, these commands work on the server's database directly (the
 settings of ``--data-dir``) and audit every change as ``cli:<unix user>``; the running server's
 evaluation loop picks changes up on its next tick (``rollout evaluate`` runs one now). Errors print
-one line and exit 1.
+one line and exit 1 (the shared pieces are in :mod:`fleet_server.cli_common`; ``fleet_server.cli``
+registers :data:`app` as ``rollout``).
 
     edgefleet-server rollout create digits@3 --to group:lab --waves 1%,10%,50%,100% \\
         --soak 30m --gate "error_rate<0.01" --gate "p99_ms<40" --gate "psi<0.2" --on-breach rollback
@@ -14,56 +15,30 @@ one line and exit 1.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bundles.errors import EdgeFleetError
+from fleet_server.cli_common import (
+    DataDir,
+    JsonOut,
+    actor,
+    console,
+    db_session,
+    duration_s,
+    guarded,
+    print_json,
+    settings_for,
+)
 from fleet_server.rollouts import service
-from fleet_server.rollouts.spec import DEFAULT_WAVES, RolloutPolicy, parse_bundle_ref, parse_duration_s, parse_waves
+from fleet_server.rollouts.spec import DEFAULT_WAVES, RolloutPolicy, parse_bundle_ref, parse_waves
 
 app = typer.Typer(help="Staged, gated rollouts of a bundle across the fleet.", no_args_is_help=True)
-console = Console()
-DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="EDGEFLEET_DATA_DIR", help="Data directory.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Targets = Annotated[list[str], typer.Option("--to", help="all, group:NAME, filter:NAME, where:EXPR or device:ID.")]
-
-
-@contextmanager
-def _db(data_dir: Path | None) -> Iterator[Session]:
-    """A transaction on the server database (the core CLI's settings loading and error handling)."""
-    from fleet_server import cli as core
-
-    with core.db_session(data_dir) as (session, _settings):
-        yield session
-
-
-def _actor() -> str:
-    from fleet_server import cli as core
-
-    return core.actor()
-
-
-def _fail(message: str) -> None:
-    from fleet_server import cli as core
-
-    core.fail(message)
-
-
-def _parsed(action: Any) -> Any:
-    """Run a parse step; a bad option becomes one readable line and exit 1."""
-    try:
-        return action()
-    except EdgeFleetError as error:
-        _fail(str(error))
 
 
 @app.command("create")
@@ -91,23 +66,23 @@ def create(
     as_json: JsonOut = False,
 ) -> None:
     """Create a rollout of a bundle to a target set; it starts at once unless --draft or approval is needed."""
-    model, version = _parsed(lambda: parse_bundle_ref(bundle))
-    policy = _parsed(
+    model, version = guarded(lambda: parse_bundle_ref(bundle))
+    durations_s = {"soak_s": duration_s("--soak", soak), "device_timeout_s": duration_s("--device-timeout",
+                   device_timeout), "jitter_s": duration_s("--jitter", jitter)}  # fmt: skip
+    policy = guarded(
         lambda: RolloutPolicy(
             waves=parse_waves(waves),
             gates=tuple(gate or ()),
-            soak_s=parse_duration_s(soak),
-            device_timeout_s=parse_duration_s(device_timeout),
             on_breach=on_breach,
             approval=approval,
             max_concurrent_downloads=max_downloads,
-            jitter_s=parse_duration_s(jitter),
             variant_preferences=tuple(prefer or ()),
+            **durations_s,
         )  # fmt: skip
     )
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         rollout = service.create_rollout(
-            session, service.CreateRequest(model, version, tuple(to), policy, draft), _actor()
+            session, service.CreateRequest(model, version, tuple(to), policy, draft), actor()
         )
         view = _describe(session, rollout.id)
     _print(view, as_json)  # after the commit: a broken pipe while printing must not undo the rollout
@@ -124,13 +99,13 @@ def list_rollouts(
     from fleet_server.rollouts.models import Rollout
     from fleet_server.rollouts.views import summarise_rollout
 
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         query = select(Rollout).order_by(Rollout.id.desc())
         query = query.where(Rollout.state == state) if state else query
         query = query.where(Rollout.model_name == model) if model else query
         rows = [summarise_rollout(r) for r in session.scalars(query)]
     if as_json:
-        console.print_json(json.dumps(rows))
+        print_json(rows)
         return
     table = Table()
     for column in ("id", "bundle", "state", "wave", "targets", "created_by"):
@@ -149,17 +124,17 @@ def show(
     as_json: JsonOut = False,
 ) -> None:
     """Waves, cohort progress, gate values and decision records of a rollout."""
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         view = _describe(session, rollout_id, devices)
     _print(view, as_json)
 
 
 def _control(action: str, rollout_id: int, data_dir: Path | None, as_json: bool) -> None:
-    with _db(data_dir) as session:
-        service.act(session, rollout_id, action, _actor())
+    with db_session(data_dir) as (session, _):
+        service.act(session, rollout_id, action, actor())
         view = _describe(session, rollout_id)
     if as_json:
-        console.print_json(json.dumps(view))
+        print_json(view)
         return
     last = view["decisions"][-1]
     console.print(f"rollout {rollout_id}: {last['from_state']} -> {last['to_state']} ({last['reason']})", markup=False)
@@ -204,11 +179,10 @@ def rollback(rollout_id: int, data_dir: DataDir = None, as_json: JsonOut = False
 @app.command("evaluate")
 def evaluate(rollout_id: int, data_dir: DataDir = None, as_json: JsonOut = False) -> None:
     """Run one evaluation now instead of waiting for the server's loop."""
-    from fleet_server import cli as core
     from fleet_server.db import make_engine, make_session_factory
     from fleet_server.rollouts.engine import RolloutEngine
 
-    settings = core.settings_for(data_dir)
+    settings = settings_for(data_dir)
     engine = make_engine(settings.resolved_database_url)
     try:
         RolloutEngine(make_session_factory(engine)).tick_one(rollout_id)
@@ -224,9 +198,9 @@ def pin(
     data_dir: DataDir = None,
 ) -> None:
     """Pin devices (or a group, a filter) to a version; rollouts leave them alone until unpinned."""
-    model, version = _parsed(lambda: parse_bundle_ref(bundle))
-    with _db(data_dir) as session:
-        result = service.pin(session, model, version, to, _actor())
+    model, version = guarded(lambda: parse_bundle_ref(bundle))
+    with db_session(data_dir) as (session, _):
+        result = service.pin(session, model, version, to, actor())
     console.print(f"pinned {len(result['pinned'])} device(s) to {bundle}")
     for item in result["not_pinned"]:
         console.print(f"  not pinned {item['device_id']}: {item['reason']}", markup=False)
@@ -235,8 +209,8 @@ def pin(
 @app.command("unpin")
 def unpin(model: str, to: Targets, data_dir: DataDir = None) -> None:
     """Lift pins of a model (devices keep their version until a rollout moves them)."""
-    with _db(data_dir) as session:
-        result = service.unpin(session, model, to, _actor())
+    with db_session(data_dir) as (session, _):
+        result = service.unpin(session, model, to, actor())
     console.print(f"unpinned {len(result['unpinned'])} device(s)")
 
 
@@ -248,7 +222,7 @@ def _describe(session: Session, rollout_id: int, with_devices: bool = False) -> 
 
 def _print(view: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        console.print_json(json.dumps(view))
+        print_json(view)
         return
     policy = view["policy"]
     console.print(f"rollout {view['id']}  {view['bundle']}  [bold]{view['state']}[/bold]  "

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -74,7 +73,6 @@ from fleet_server.telemetry.query import CohortStats, baseline_of, stats_of
 
 log = logging.getLogger("fleet_server.rollouts.engine")
 
-DEFAULT_TICK_S = 10.0
 STICKY = frozenset({DeviceOutcome.FAILED.value, DeviceOutcome.TIMED_OUT.value})
 ERROR_ACTION = "pause_on_error"
 TRANSIENT_ERRORS = (OperationalError,)
@@ -177,12 +175,6 @@ class RolloutEngine:
             except Exception:  # a bad tick must not stop the loop; the next tick retries
                 log.exception("rollout tick failed")
             await asyncio.sleep(interval_s)
-
-
-def tick_interval_s(settings: Any) -> float:
-    """The loop period: ``settings.rollout_tick_s`` if the settings have it, else EDGEFLEET_ROLLOUT_TICK_S."""
-    value = getattr(settings, "rollout_tick_s", None) or os.environ.get("EDGEFLEET_ROLLOUT_TICK_S")
-    return float(value) if value else DEFAULT_TICK_S
 
 
 def evaluate_rollout(session: Session, rollout: Rollout, now: dt.datetime) -> list[RolloutDecision]:
@@ -448,4 +440,4 @@ def _apply(
                         record=record, now=now)  # fmt: skip
 
 
-__all__ = ["SETTLED", "RolloutEngine", "evaluate_rollout", "tick_interval_s"]
+__all__ = ["SETTLED", "RolloutEngine", "evaluate_rollout"]

@@ -1,7 +1,8 @@
 """What an operator asks for, parsed and validated before anything is stored.
 
-``digits@3`` -> (model, version); ``30m`` -> 1800 s; ``1%,10%,50%,100%`` or ``5,20,100%`` -> waves
-(cumulative: each entry is how much of the target set has the bundle once that wave is done; a
+``digits@3`` -> (model, version); ``30m`` -> 1800 s (the server's one duration grammar,
+:mod:`fleet_server.durations`); ``1%,10%,50%,100%`` or ``5,20,100%`` -> waves (cumulative: each
+entry is how much of the target set has the bundle once that wave is done; a
 ``:shadow`` suffix makes a wave install the bundle beside the active model instead of in its place).
 :class:`RolloutPolicy` gathers the knobs that drive decisions and is stored as JSON on the rollout.
 Every parse error is a :class:`~bundles.errors.ConfigError` naming the bad text.
@@ -16,35 +17,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bundles.errors import ConfigError
+from fleet_server.durations import parse_duration_s
 
 DEFAULT_WAVES = "1%,10%,50%,100%"
 ON_BREACH = ("rollback", "pause")
 APPROVAL = ("none", "start", "each_wave")
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _WAVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%)?\s*(?::\s*(shadow))?\s*$")
 _REF_RE = re.compile(r"^\s*([a-z0-9][a-z0-9._-]{0,63})@(\d+)\s*$")
-
-
-MAX_DURATION_S = 366 * 86_400.0
-"""The longest soak, device timeout or jitter: a year (a longer one is a typo, and breaks date arithmetic)."""
-
-
-def parse_duration_s(text: str | float | int) -> float:
-    """Seconds in ``30m``, ``2h``, ``45s``, ``1d``, ``500ms`` or a plain number of seconds (at most a year)."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        match = _DURATION_RE.match(str(text))
-        if not match:
-            raise ConfigError(f"duration {text!r} is not a number with an optional unit ms, s, m, h or d (e.g. 30m)")
-        seconds = float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
-    if seconds < 0 or not math.isfinite(seconds):
-        raise ConfigError(f"duration {str(text)[:40]!r} must be zero or positive")
-    if seconds > MAX_DURATION_S:
-        raise ConfigError(f"duration {str(text)[:40]!r} is over the limit of {MAX_DURATION_S / 86_400:g} days")
-    return seconds
 
 
 def parse_bundle_ref(text: str) -> tuple[str, int]:

@@ -46,6 +46,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"description": "role too weak"},
 }  # fmt: skip
 MAX_SAMPLES = 10_000
+MAX_LOOKBACK_S = 90 * 86_400  # a drift monitor's evaluation period, through the API or the CLI
 ModelName = Annotated[str, Query(min_length=1, max_length=100)]
 ModelPath = Annotated[str, Path(min_length=1, max_length=100)]
 Since = Annotated[dt.datetime | None, Query(description="ISO 8601; default one hour ago")]
@@ -72,7 +73,7 @@ class MonitorIn(BaseModel):
 
     warn_psi: Annotated[float, Field(gt=0, le=10), NUMBER] | None = None
     alert_psi: Annotated[float, Field(gt=0, le=10), NUMBER] | None = None
-    lookback_s: Annotated[int, Field(gt=0, le=90 * 86_400), NUMBER] | None = None
+    lookback_s: Annotated[int, Field(gt=0, le=MAX_LOOKBACK_S), NUMBER] | None = None
     min_rows: Annotated[int, Field(ge=0, le=10**9), NUMBER] | None = None
     enabled: StrictBool | None = None
 

@@ -8,56 +8,30 @@
     edgefleet-server telemetry export-samples samples.parquet --model digits --reason fallback
     edgefleet-server telemetry prune --samples-days 30
 
-:func:`register` adds both to the core CLI app (one line in ``fleet_server/cli.py``). Errors print
-one line and exit 1, like every ``edgefleet-server`` command.
+``fleet_server.cli`` registers :func:`drift` and :data:`app` (as ``telemetry``) once; the shared
+pieces (data directory, sessions, output, durations) come from :mod:`fleet_server.cli_common`.
+Errors print one line and exit 1, like every ``edgefleet-server`` command.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from sqlalchemy.orm import Session
 
+from fleet_server.cli_common import DataDir, JsonOut, console, db_session, duration_s, print_json, whole_seconds
 from fleet_server.telemetry import monitors, query
+from fleet_server.telemetry.api import MAX_LOOKBACK_S
 
 app = typer.Typer(help="Fleet telemetry: summaries, drift monitors and alerts, sampled logs.", no_args_is_help=True)
-console = Console()
-DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="EDGEFLEET_DATA_DIR", help="Data directory.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-SinceOpt = Annotated[str, typer.Option("--since", help="Look back this far: 30m, 12h, 7d.")]
-
-
-def register(core: typer.Typer) -> None:
-    """Add ``drift`` and the ``telemetry`` sub-app to the core ``edgefleet-server`` app."""
-    core.command("drift")(drift)
-    core.add_typer(app, name="telemetry")
-
-
-@contextmanager
-def _db(data_dir: Path | None) -> Iterator[Session]:
-    from fleet_server import cli as core
-
-    with core.db_session(data_dir) as (session, _settings):
-        yield session
+SinceOpt = Annotated[str, typer.Option("--since", help="Look back this far: 30m, 12h, 7d, 2w.")]
 
 
 def _since(text: str) -> dt.datetime:
-    from fleet_server import cli as core
-
-    seconds = core.guarded(lambda: core.parse_duration_s(text))
-    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
-
-
-def _print_json(data: Any) -> None:
-    console.print_json(json.dumps(data, default=str))
+    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=duration_s("--since", text))
 
 
 def drift(
@@ -68,12 +42,12 @@ def drift(
     as_json: JsonOut = False,
 ) -> None:
     """PSI per feature and for the output, per version, against the bundle's training baseline."""
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         settings = monitors.monitor_settings(session, model)
         versions = monitors.drift_by_version(session, model, _since(since), dt.datetime.now(dt.timezone.utc))
         alerts = monitors.evaluate(session, model) if evaluate else monitors.list_alerts(session, model)
         if as_json:
-            _print_json({"monitor": settings.to_dict(), "versions": [v.to_dict() for v in versions],
+            print_json({"monitor": settings.to_dict(), "versions": [v.to_dict() for v in versions],
                          "alerts": [monitors.alert_dict(a) for a in alerts]})  # fmt: skip
             return
         _print_drift(model, settings, versions)
@@ -122,10 +96,10 @@ def alerts_command(
     as_json: JsonOut = False,
 ) -> None:
     """Drift alerts, newest first (open ones unless --all)."""
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         rows = [monitors.alert_dict(a) for a in monitors.list_alerts(session, model, open_only=not include_resolved)]
     if as_json:
-        _print_json(rows)
+        print_json(rows)
     else:
         _print_alerts(rows)
 
@@ -140,15 +114,13 @@ def monitor_command(
     data_dir: DataDir = None,
 ) -> None:
     """Show, or override with options, the drift thresholds of a model."""
-    from fleet_server import cli as core
-
-    lookback_s = None if lookback is None else core.guarded(lambda: core.parse_duration_s(lookback))
-    with _db(data_dir) as session:
+    lookback_s = None if lookback is None else whole_seconds("--lookback", lookback, 1, MAX_LOOKBACK_S)
+    with db_session(data_dir) as (session, _):
         if warn is None and alert is None and lookback_s is None and min_rows is None:
             settings = monitors.monitor_settings(session, model)
         else:
             settings = monitors.set_monitor(session, model, warn, alert, lookback_s, min_rows)
-    _print_json(settings.to_dict())
+    print_json(settings.to_dict())
 
 
 @app.command("summary")
@@ -160,10 +132,10 @@ def summary_command(
     as_json: JsonOut = False,
 ) -> None:
     """Requests, errors, fallback rate, latency p95/p99 and PSI per version, per device or fleet-wide."""
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         rows = query.summarize(session, model, _since(since), by=by)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     columns = {"version": "version", "device_id": "device", "devices_reporting": "devices", "requests": "requests",
                "error_rate": "errors", "fallback_rate": "fallbacks", "latency_p95_ms": "p95 ms",
@@ -194,7 +166,7 @@ def export_samples_command(
     data_dir: DataDir = None,
 ) -> None:
     """Write sampled prediction logs to Parquet (weights: 1 / inclusion_probability)."""
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         where = query.SampleFilter(model, version, device_id, reason, _since(since), None)
         rows = query.samples(session, where, limit=10_000_000)
         count = query.samples_to_parquet(rows, str(out))
@@ -209,6 +181,6 @@ def prune_command(
     data_dir: DataDir = None,
 ) -> None:
     """Delete raw telemetry older than the retention limits."""
-    with _db(data_dir) as session:
+    with db_session(data_dir) as (session, _):
         deleted = query.prune(session, query.Retention(windows_days, samples_days, events_days))
-    _print_json(deleted)
+    print_json(deleted)

@@ -8,7 +8,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from fleet_server.cli import app, parse_duration_s
+from fleet_server.cli import app
 from fleet_server.settings import load_settings
 
 runner = CliRunner()
@@ -78,11 +78,6 @@ def test_insecure_settings_stop_the_cli_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEFLEET_MODE", "production")
     result = runner.invoke(app, ["api-keys", "list", "--data-dir", str(tmp_path)])
     assert result.exit_code == 1 and "refusing insecure settings" in result.output
-
-
-def test_durations():
-    assert [parse_duration_s(t) for t in ("7d", "12h", "30m", "90s", "45", "2w")] == [604800, 43200, 1800, 90, 45,
-                                                                                      1209600]  # fmt: skip
 
 
 def test_subpackage_commands_are_attached_to_the_core_cli():

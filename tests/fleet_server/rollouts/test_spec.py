@@ -1,23 +1,9 @@
-"""Parsing what an operator types: durations, bundle references, waves and policies."""
+"""Parsing what an operator types: bundle references, waves and policies (durations: ``test_cli_common.py``)."""
 
 import pytest
 
 from bundles.errors import ConfigError
-from fleet_server.rollouts.spec import RolloutPolicy, WaveSpec, parse_bundle_ref, parse_duration_s, parse_waves
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("30m", 1800), ("2h", 7200), ("45s", 45), ("1d", 86400), ("500ms", 0.5), ("90", 90), (12, 12), ("1.5m", 90)],
-)
-def test_durations_parse_with_units(text, seconds):
-    assert parse_duration_s(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "m", "30 minutes", "-5s", "1w"])
-def test_bad_durations_are_refused_naming_the_text(text):
-    with pytest.raises(ConfigError, match="duration"):
-        parse_duration_s(text)
+from fleet_server.rollouts.spec import RolloutPolicy, WaveSpec, parse_bundle_ref, parse_waves
 
 
 def test_bundle_ref_splits_name_and_version():
