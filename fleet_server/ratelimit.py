@@ -1,4 +1,4 @@
-"""A per-client token bucket, used to rate-limit enrollment.
+"""A per-client token bucket, used to rate-limit enrollment and failed dashboard logins.
 
 In-process only: behind a load balancer with N processes the effective limit is N times the setting,
 which is the intended order of magnitude (this guards against a runaway script, not a botnet).
@@ -25,12 +25,25 @@ class RateLimiter:
 
     def check(self, client: str, what: str = "requests") -> None:
         """Spend one token for ``client``; a :class:`RateLimitedError` (429) when none is left."""
+        if not self.spend(client):
+            raise RateLimitedError(f"too many {what} from {client}; retry in a minute")
+
+    def spend(self, client: str) -> bool:
+        """Spend one token for ``client`` if one is left; whether one was."""
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(client, (self.capacity, now))
             tokens = min(self.capacity, tokens + (now - last) * self.refill_per_s)
             if tokens < 1.0:
-                raise RateLimitedError(f"too many {what} from {client}; retry in a minute")
+                return False
             if len(self._buckets) >= MAX_TRACKED_CLIENTS:
                 self._buckets.clear()
             self._buckets[client] = (tokens - 1.0, now)
+            return True
+
+    def exhausted(self, client: str) -> bool:
+        """Whether ``client`` has no token left now (a check that spends nothing)."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self.capacity, now))
+        return min(self.capacity, tokens + (now - last) * self.refill_per_s) < 1.0

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
 
     require_approval: bool = False
     enroll_rate_per_minute: Annotated[int, Field(ge=1)] = 60
+    login_failures_per_minute: Annotated[int, Field(ge=1)] = 10
     nonce_ttl_s: Annotated[int, Field(ge=10)] = 300
 
     poll_db_connections: Annotated[int, Field(ge=1, le=100)] = 4

@@ -30,6 +30,7 @@ from fleet_server.dashboard.routes import router
 from fleet_server.dashboard.sessions import SessionCodec
 from fleet_server.dashboard.web import SECURITY_HEADERS, LoginRequiredError, page_context, redirect, render
 from fleet_server.errors import describe_validation_error, status_for
+from fleet_server.ratelimit import RateLimiter
 
 log = logging.getLogger("fleet_server.dashboard")
 MOUNT_PATH = "/ui"
@@ -44,6 +45,7 @@ def create_dashboard(parent: FastAPI) -> FastAPI:
     ui.state.session_factory = parent.state.session_factory
     ui.state.codec = SessionCodec(settings.token_pepper)
     ui.state.secure_cookies = settings.public_url.startswith("https://")
+    ui.state.login_limiter = RateLimiter(settings.login_failures_per_minute)
     ui.include_router(router)
     ui.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     ui.add_exception_handler(LoginRequiredError, _login_required)

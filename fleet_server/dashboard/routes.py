@@ -41,6 +41,7 @@ from fleet_server.dashboard.web import (
 )
 from fleet_server.db import session_scope, utcnow
 from fleet_server.models import ApiKey
+from fleet_server.ratelimit import RateLimiter
 from fleet_server.rollouts import service
 from fleet_server.services.api_keys import authenticate_api_key
 
@@ -71,9 +72,15 @@ def login(request: Request, ctx: AnyPage, fields: Fields) -> Response:
     """Check the API key; on success a new session id bound to the key (never the one sent in)."""
     check_csrf(request, ctx, fields)
     target = safe_next(request, base_path(request) + fields.get("next", "/"))
+    limiter: RateLimiter = request.app.state.login_limiter
+    client = request.client.host if request.client else "unknown"
+    if limiter.exhausted(client):  # checked before the key, so a correct guess gains nothing either
+        error = f"too many failed logins from {client}; retry in a minute"
+        return render(request, ctx, "login.html", status=429, next=target, error=error)
     try:
         principal = authenticate_api_key(_factory(request), request.app.state.settings, fields.get("api_key", ""))
     except AuthError as error:
+        limiter.spend(client)
         return render(request, ctx, "login.html", status=401, next=target, error=str(error))
     with _factory(request)() as session:
         key = session.get(ApiKey, principal.key_id)

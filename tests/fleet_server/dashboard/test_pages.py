@@ -117,6 +117,25 @@ def test_a_wrong_key_is_refused_with_a_message_and_no_session(https, make_api_ke
     assert https.get(f"{UI}/", follow_redirects=False).status_code == 303
 
 
+def test_repeated_failed_logins_lock_the_client_out_even_with_the_right_key(app, https, make_api_key):
+    """Guessing keys costs a token per miss; once spent, the right key is refused too until the bucket refills."""
+    misses = app.state.settings.login_failures_per_minute
+    form = https.get(f"{UI}/login")
+    for _ in range(misses):
+        data = {"csrf_token": csrf_of(form.text), "api_key": "efk_guess", "next": "/"}
+        assert https.post(f"{UI}/login", data=data).status_code == 401
+    good = {"csrf_token": csrf_of(form.text), "api_key": make_api_key("admin"), "next": "/"}
+    answer = https.post(f"{UI}/login", data=good, follow_redirects=False)
+    assert answer.status_code == 429 and "too many failed logins" in answer.text
+    assert https.get(f"{UI}/", follow_redirects=False).status_code == 303  # still not logged in
+
+
+def test_successful_logins_spend_nothing_from_the_failed_login_budget(app, https, make_api_key):
+    key = make_api_key("viewer")
+    for _ in range(app.state.settings.login_failures_per_minute + 2):
+        login(https, key)
+
+
 def test_login_needs_the_forms_csrf_token(https, make_api_key):
     https.get(f"{UI}/login")
     answer = https.post(f"{UI}/login", data={"csrf_token": "0" * 64, "api_key": make_api_key("admin")})
