@@ -51,11 +51,12 @@ from bundles.manifest import (
     TensorSpec,
     Variant,
 )
+from bundles.readout import CLASS_SCORES
 from bundles.tensors import dtype_name, encode_tensor
 from converter.datasets import Dataset, batch_sizes_for
 from converter.exporters import BuiltVariant
 from converter.gates import Reference
-from converter.metrics import CLASS_SCORES, MULTILABEL, SINGLE_LABEL, predicted_classes
+from converter.metrics import MULTILABEL, SINGLE_LABEL, predicted_classes
 from converter.registry import ModelVersion
 
 GOLDEN_CASES = 8

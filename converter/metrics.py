@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bundles.errors import ConfigError
+from bundles.readout import CLASS_SCORES, SCORE_FORMS, decide_classes
+from bundles.readout import logit as _logit
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,6 @@ FORMS: dict[str, Form] = {
 
 SINGLE_LABEL = ("logits", "probabilities", "binary-logit", "binary-probability", "labels")
 MULTILABEL = ("multilabel-logits", "multilabel-probabilities")
-CLASS_SCORES = ("logits", "probabilities")
 
 Compute = Callable[[np.ndarray, "np.ndarray | None", np.ndarray, "Reading"], float]
 
@@ -90,22 +91,14 @@ def predicted_classes(values: np.ndarray, reading: Reading) -> np.ndarray:
     """Class decisions: class indices per row (single-label) or a 0/1 matrix (multi-label)."""
     if reading.form == "labels":
         return class_indices(values.reshape(-1), reading.class_values)
+    if reading.form in SCORE_FORMS:
+        return decide_classes(values, reading.form, reading.threshold)
+    if reading.form not in MULTILABEL:
+        raise ConfigError(f"output form '{reading.form}' has no class decisions")
     scores = values.reshape(len(values), -1).astype(np.float64)
     threshold = 0.5 if reading.threshold is None else reading.threshold
-    form = reading.form
-    if form in CLASS_SCORES:
-        if reading.threshold is None or scores.shape[1] != 2:
-            return np.asarray(np.argmax(scores, axis=1))
-        positive = _softmax(scores)[:, 1] if form == "logits" else scores[:, 1]
-        return (positive >= threshold).astype(np.int64)
-    if form in ("binary-logit", "multilabel-logits"):
-        decided = scores >= _logit(threshold)
-    elif form in ("binary-probability", "multilabel-probabilities"):
-        decided = scores >= threshold
-    else:
-        raise ConfigError(f"output form '{form}' has no class decisions")
-    decided = decided.astype(np.int64)
-    return decided[:, 0] if form.startswith("binary") else decided
+    decided = scores >= _logit(threshold) if reading.form == "multilabel-logits" else scores >= threshold
+    return decided.astype(np.int64)
 
 
 def label_text(value: object) -> str:
@@ -130,15 +123,6 @@ def agreement(values: np.ndarray, reference: np.ndarray, reading: Reading) -> fl
     if reading.form not in SINGLE_LABEL + MULTILABEL:
         return None
     return float(np.mean(predicted_classes(values, reading) == predicted_classes(reference, reading)))
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
-
-
-def _logit(probability: float) -> float:
-    return float(np.log(probability / (1.0 - probability)))
 
 
 def _accuracy(values: np.ndarray, targets: np.ndarray | None, _ref: np.ndarray, reading: Reading) -> float:

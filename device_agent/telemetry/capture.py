@@ -98,11 +98,11 @@ class RoutineCapture:
             return None
         hist = plan.output
         label = hist.name if hist is not None and hist.categories else None
-        if label is not None and getattr(outputs.get(label), "size", 0) != 1:
+        if label is not None and (plan.decision is not None or getattr(outputs.get(label), "size", 0) != 1):
             scores = outputs.get(label)
             if not isinstance(scores, np.ndarray) or not _numeric_batch_of_one(scores):
                 return None
-            reads[label], label = scores, None  # a categorical histogram over a score vector: binned as values
+            reads[label], label = scores, None  # class scores: the window decides their classes
         return cls(tensor, value.dtype, int(value.nbytes), reads, label, on_full)
 
     def add(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], latency_ms: float) -> bool:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bundles.manifest import FeatureSpec, Histogram, Manifest
+from bundles.readout import SCORE_FORMS, decide_classes
 from bundles.windows import LATENCY_EDGES_MS, MERGED_FIELDS, merge_fields
 
 """Fixed latency bucket edges (0.01 ms to 100 s, ten per decade); the server has the same list."""
@@ -102,6 +103,21 @@ class CategoryBins:
 
 
 @dataclass(frozen=True)
+class OutputDecision:
+    """The readout of a class histogram whose output holds scores (a CNN's logits, a binary MLP's one logit):
+    a window counts ``decide_classes(scores, form, threshold)``, as the converter did for the baseline."""
+
+    form: str
+    threshold: float | None = None
+
+    def counts(self, hist: Histogram, scores: np.ndarray) -> np.ndarray:
+        """Counts per class of the rows of ``scores`` ([rows, ...]); rows deciding no known class are dropped."""
+        decided = decide_classes(scores, self.form, self.threshold)
+        decided = decided[(decided >= 0) & (decided < len(hist.categories))]
+        return np.bincount(decided, minlength=len(hist.categories))
+
+
+@dataclass(frozen=True)
 class BinPlan:
     """Everything the accumulator needs from a manifest, compiled once."""
 
@@ -112,6 +128,7 @@ class BinPlan:
     output_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     float_outputs: tuple[str, ...] = ()  # the first float model output: NaN/inf there is what reaches the answer
     fixed_rows: frozenset[str] = frozenset()  # inputs whose every request row has one shape (no preprocessing)
+    decision: OutputDecision | None = None  # how the categorical output histogram's classes are read from scores
 
     @property
     def numeric_outputs(self) -> tuple[str, ...]:
@@ -158,7 +175,18 @@ def compile_plan(manifest: Manifest | None) -> BinPlan:
         output_ranges=_output_ranges(manifest),
         float_outputs=tuple(t.name for t in manifest.outputs if t.dtype.startswith("float"))[:1],
         fixed_rows=_fixed_rows(manifest),
+        decision=_output_decision(manifest),
     )
+
+
+def _output_decision(manifest: Manifest) -> OutputDecision | None:
+    """The readout's decision when the output histogram counts classes of a score output (None otherwise)."""
+    hist, readout = manifest.drift_baseline.output, manifest.readout
+    if hist is None or not hist.categories or readout is None or readout.form not in SCORE_FORMS:
+        return None
+    if readout.output != hist.name:  # the histogram counts a label output (scikit-learn's ``label``)
+        return None
+    return OutputDecision(readout.form, readout.threshold)
 
 
 def _fixed_rows(manifest: Manifest) -> frozenset[str]:
@@ -360,8 +388,8 @@ class WindowAccumulator:
         if hist is not None:
             if hist.categories and batch.label_counts:
                 self._output_counts += _category_counts(hist, batch.label_counts)
-            elif hist.name in matrices:  # numbers (or a categorical histogram over a score vector), as observe() bins
-                self._output_counts += _histogram_values(hist, matrices[hist.name].reshape(-1))
+            elif hist.name in matrices:  # numbers, or the classes decided from scores, as observe() bins
+                self._output_counts += _scores_histogram(hist, self.plan.decision, matrices[hist.name])
 
     def _bin_latencies(self, latencies: Sequence[float] | np.ndarray) -> None:
         if not isinstance(latencies, np.ndarray):
@@ -441,7 +469,7 @@ class WindowAccumulator:
             self.counters["violations"]["nan_output"] += _count_nonfinite(pending, name)
         hist = self.plan.output
         if hist is not None:
-            self._output_counts += _output_histogram(hist, _values_of(pending, hist.name))
+            self._output_counts += _output_histogram(hist, _values_of(pending, hist.name), self.plan.decision)
 
     def _check_output_ranges(self, matrices: Mapping[str, np.ndarray | None]) -> None:
         """Count output rows outside their declared range, from [rows, values] matrices by output name."""
@@ -610,19 +638,27 @@ def _equal_width_constants(
     return first, scale, floor, ceiling
 
 
-def _output_histogram(hist: Histogram, arrays: list[Any]) -> np.ndarray:
+def _output_histogram(hist: Histogram, arrays: list[Any], decision: OutputDecision | None = None) -> np.ndarray:
     """Counts of the outputs ``arrays`` (one per request) on the baseline histogram.
 
     Batch-1 categorical answers (the usual case) are counted straight from the one-element arrays
-    (no concatenation of hundreds of tiny object arrays); anything else is stacked first.
+    (no concatenation of hundreds of tiny object arrays); scores are stacked, then decided; anything
+    else is stacked first.
     """
-    if hist.categories:
+    if hist.categories and decision is None:
         try:
             return _category_counts(hist, Counter(map(np.ndarray.item, arrays)))  # item(): only 1-element arrays
         except (TypeError, ValueError):
             pass  # not all arrays, or a batch: stack them
     matrix = _stack_rows(arrays)
-    return np.zeros(len(hist.freqs), dtype=np.int64) if matrix is None else _histogram_values(hist, matrix.reshape(-1))
+    return np.zeros(len(hist.freqs), dtype=np.int64) if matrix is None else _scores_histogram(hist, decision, matrix)
+
+
+def _scores_histogram(hist: Histogram, decision: OutputDecision | None, matrix: np.ndarray) -> np.ndarray:
+    """Counts of a [rows, values] output matrix: its decided classes when a decision reads it, else its values."""
+    if decision is not None:
+        return decision.counts(hist, matrix)
+    return _histogram_values(hist, matrix.reshape(-1))
 
 
 def _category_counts(hist: Histogram, counted: Mapping[Any, int]) -> np.ndarray:

@@ -263,3 +263,43 @@ def test_replacing_the_pipelines_recorder_sends_routine_answers_to_the_new_one(t
     pipeline.predict("tiny", {"x": np.zeros((1, 4), dtype=np.float32)})
     assert first.flush() == 0 and second.flush() == 1
     assert drain(buffer).windows[0]["counters"]["requests"] == 1
+
+
+def _scores_model(tmp_path: Path, form: str, n_classes: int):
+    """A classifier that answers raw scores (no postprocess), read by the manifest's readout in ``form``."""
+    from bundles.manifest import Histogram, Readout
+    from bundles.testing import OUTPUT_NAME, reference_classifier
+
+    manifest = build_bundle_dir(tmp_path / "bundle", name="scores", version=1, n_classes=n_classes, seed=5)
+    classes = tuple(f"c{i}" for i in range(max(2, n_classes)))
+    baseline = dataclasses.replace(
+        manifest.drift_baseline,
+        output=Histogram(OUTPUT_NAME, categories=classes, freqs=(1 / len(classes),) * len(classes)),
+    )
+    manifest = dataclasses.replace(manifest, postprocess=(), drift_baseline=baseline,
+                                   readout=Readout(OUTPUT_NAME, form, classes=classes))  # fmt: skip
+    write_manifest(tmp_path / "bundle", manifest)
+    engine = LocalEngine()
+    engine.load("scores", tmp_path / "bundle", "onnx-fp32")
+    buffer = TelemetryBuffer(tmp_path / "telemetry.db", cap_bytes=10_000_000)
+    recorder = TelemetryRecorder(buffer, TelemetrySettings(sample_rate=0.0), clock=FakeClock(), rng=random.Random(1))
+    config = ServingConfig(cloud_url=dead_url(), enforce_deadlines=False)
+    return reference_classifier(4, n_classes, 5), ServingPipeline(engine, config, recorder=recorder), recorder, buffer
+
+
+@pytest.mark.parametrize(("form", "n_classes"), [("logits", 3), ("binary-logit", 1)])
+def test_a_score_output_is_counted_by_the_class_its_readout_decides(tmp_path: Path, form: str, n_classes: int) -> None:
+    """The baseline counts classes (argmax, or one logit against 0): so must the device, on both capture paths."""
+    from bundles.readout import decide_classes
+    from bundles.testing import OUTPUT_NAME
+
+    reference, pipeline, recorder, buffer = _scores_model(tmp_path, form, n_classes)
+    xs = np.random.default_rng(3).normal(0.0, 2.0, size=(60, 4)).astype(np.float32)
+    for x in xs[:50]:  # batch-1 answers: the routine capture
+        pipeline.predict("scores", {"x": x[None, :]})
+    pipeline.predict("scores", {"x": xs[50:]})  # a batch: the general way
+    recorder.flush()
+    (window,) = drain(buffer).windows
+    decided = decide_classes(reference.logits(xs), form)
+    assert window["output"][OUTPUT_NAME] == np.bincount(decided, minlength=max(2, n_classes)).tolist()
+    assert sum(window["output"][OUTPUT_NAME]) == 60
