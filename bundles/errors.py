@@ -158,6 +158,18 @@ class InputError(InferenceError):
     """Inputs do not match the model's declared schema."""
 
 
+class RequestTooLargeError(InputError):
+    """A request body, once inflated, or a tensor is over the limit the server or the model sets (413)."""
+
+
+class UnsupportedEncodingError(InputError):
+    """The request's ``Content-Encoding`` is not one the server inflates (415)."""
+
+
+class DeadlineExceededError(InferenceError):
+    """The request's own deadline passed before it could be answered (504); it was not run."""
+
+
 class RuntimeUnavailableError(InferenceError):
     """The runtime a variant needs is not installed or cannot run on this host."""
 
@@ -181,6 +193,7 @@ __all__ = [
     "ConfigError",
     "ContractError",
     "ConversionError",
+    "DeadlineExceededError",
     "EdgeFleetError",
     "ExpiredMetadataError",
     "GateFailedError",
@@ -193,6 +206,7 @@ __all__ = [
     "MixAndMatchError",
     "ModelNotReadyError",
     "NoCompatibleVariantError",
+    "RequestTooLargeError",
     "RollbackAttackError",
     "RuntimeUnavailableError",
     "SelfTestError",
@@ -202,6 +216,7 @@ __all__ = [
     "TransportError",
     "TrustError",
     "UnknownTargetError",
+    "UnsupportedEncodingError",
     "UntrustedRecordError",
     "VersionConflictError",
 ]

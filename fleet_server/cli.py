@@ -33,6 +33,7 @@ from fleet_server.cli_common import (
     whole_seconds,
 )
 from fleet_server.db import make_engine, make_session_factory, session_scope, upgrade_database
+from fleet_server.inference import cli as inference_cli
 from fleet_server.rollouts import cli as rollouts_cli
 from fleet_server.schemas import ENROLL_TOKEN_LIFETIME_S
 from fleet_server.settings import ENV_FILE_NAME, Settings, load_settings
@@ -59,6 +60,7 @@ for sub, name in (
 ):
     app.add_typer(sub, name=name)  # fmt: skip
 app.command("drift")(telemetry_cli.drift)
+inference_cli.register(app)
 
 POLL_INTERVAL_S = (1, 86_400)
 """A group's poll interval override from the host: down to 1 s (the demo polls every 2 s), where the API

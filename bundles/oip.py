@@ -1,0 +1,307 @@
+"""The Open Inference Protocol (KServe v2) tensor codec: request bodies in, answer bodies out.
+
+A request body is a JSON header (``{"id", "inputs", "outputs", "parameters"}``), optionally followed
+by raw tensor bytes (the binary tensor extension: the header's length is the
+``Inference-Header-Content-Length`` HTTP header, and each binary input says how many bytes it takes
+with ``"parameters": {"binary_data_size": n}``, in input order). Numeric tensors are little-endian
+row-major; ``BYTES`` tensors in binary form are a 4-byte little-endian length before each element,
+as Triton and ``tritonclient`` lay them out. Outputs come back as JSON, or as binary when the
+request asks (``binary_data_output`` for all, or ``binary_data`` per requested output).
+
+Flow of a request: :func:`inflate` (``Content-Encoding`` gzip/deflate, refused past a size cap) ->
+:func:`split_body` -> :func:`parse_header` -> :func:`decode_inputs` (one numpy array per input,
+each checked against its declared shape and datatype); the answer: :func:`encode_outputs`.
+Everything the client got wrong raises :class:`bundles.errors.InputError` (or its
+:class:`RequestTooLargeError` / :class:`UnsupportedEncodingError` kin) with one readable sentence,
+so a server maps it to a 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from bundles.errors import InputError, RequestTooLargeError, UnsupportedEncodingError
+
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
+}  # fmt: skip
+"""OIP datatype -> numpy dtype name (``BYTES`` tensors are object arrays of ``str``)."""
+MANIFEST_TO_OIP: dict[str, str] = {
+    "bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "uint16": "UINT16", "int16": "INT16", "uint32": "UINT32",
+    "uint64": "UINT64", "int32": "INT32", "int64": "INT64", "float16": "FP16", "float32": "FP32",
+    "float64": "FP64", "string": "BYTES",
+}  # fmt: skip
+"""Manifest dtype name -> OIP datatype."""
+_OIP_BY_DTYPE = {np.dtype(np_name): name for name, np_name in DATATYPES.items() if name != "BYTES"}
+_LENGTH = struct.Struct("<I")
+
+
+def oip_datatype(dtype: np.dtype[Any]) -> str:
+    """The OIP datatype of a numpy dtype."""
+    if dtype.kind in ("U", "S", "O"):
+        return "BYTES"
+    found = _OIP_BY_DTYPE.get(dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype)
+    if found is None:
+        raise InputError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
+    return found
+
+
+# --- the body ---------------------------------------------------------------------------------------
+
+
+def inflate(raw: bytes, encoding: str, cap_bytes: int) -> bytes:
+    """The body without its ``Content-Encoding`` (gzip, deflate or none), refused past ``cap_bytes``."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        if len(raw) > cap_bytes:
+            raise RequestTooLargeError(f"the request body is {len(raw)} bytes; the limit is {cap_bytes}")
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise UnsupportedEncodingError(f"Content-Encoding '{encoding}' is not supported (use gzip, deflate or none)")
+    inflater = zlib.decompressobj(wbits=47 if "gzip" in encoding else zlib.MAX_WBITS)  # 47: zlib or gzip header
+    try:
+        out = inflater.decompress(raw, cap_bytes + 1)
+        if encoding == "deflate" and not out and raw:
+            inflater = zlib.decompressobj(wbits=-zlib.MAX_WBITS)  # raw deflate, as some clients send it
+            out = inflater.decompress(raw, cap_bytes + 1)
+    except zlib.error as e:
+        raise InputError(f"the {encoding} body is corrupt: {e}") from e
+    if len(out) > cap_bytes or inflater.unconsumed_tail:
+        raise RequestTooLargeError(f"the {encoding} body inflates past the {cap_bytes}-byte limit")
+    return out
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary payload) by ``Inference-Header-Content-Length`` (None: all JSON)."""
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise InputError("Inference-Header-Content-Length must be an integer") from None
+    if not 0 <= n <= len(body):
+        raise InputError(f"Inference-Header-Content-Length {n} does not fit the {len(body)}-byte body")
+    return body[:n], body[n:]
+
+
+def parse_header(header: bytes) -> dict[str, Any]:
+    """The JSON header as an object; NaN and infinity literals are refused like any bad JSON."""
+    try:
+        parsed = json.loads(header or b"{}", parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(parsed, dict):
+        raise InputError("the request body must be a JSON object")
+    return parsed
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def decode_inputs(header: Mapping[str, Any], payload: bytes) -> dict[str, np.ndarray]:
+    """Every input of a request as a numpy array (binary chunks taken in input order)."""
+    specs = header.get("inputs")
+    if not isinstance(specs, list) or not specs:
+        raise InputError("the request needs a non-empty 'inputs' list")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in specs:
+        if not isinstance(spec, dict):
+            raise InputError("each input must be an object with 'name', 'shape', 'datatype'")
+        size = binary_size(spec)
+        chunk = None
+        if size is not None:
+            chunk, offset = payload[offset : offset + size], offset + size
+            if len(chunk) != size:
+                raise InputError(f"input '{spec.get('name')}': the binary body is shorter than its binary_data_size")
+        name = str(spec.get("name"))
+        if name in inputs:
+            raise InputError(f"input '{name}' is given twice")
+        inputs[name] = decode_tensor(spec, chunk)
+    if offset != len(payload):
+        raise InputError(f"the binary body has {len(payload) - offset} bytes that no input claims")
+    return inputs
+
+
+def binary_size(spec: Mapping[str, Any]) -> int | None:
+    """The ``binary_data_size`` parameter of a tensor spec (None: the tensor is JSON)."""
+    parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InputError(f"input '{spec.get('name')}': 'parameters' must be an object")
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InputError(f"input '{spec.get('name')}': binary_data_size must be a non-negative integer")
+    return size
+
+
+def decode_tensor(spec: Mapping[str, Any], binary: bytes | None) -> np.ndarray:
+    """One input tensor (JSON ``data``, or raw bytes from the binary extension) as a numpy array."""
+    name, shape, datatype = _tensor_head(spec)
+    try:
+        if datatype == "BYTES":
+            array = _bytes_array(binary, name) if binary is not None else _json_strings(spec.get("data"), name)
+        elif binary is not None:
+            array = np.frombuffer(binary, dtype=np.dtype(DATATYPES[datatype]).newbyteorder("<"))
+            array = array.astype(DATATYPES[datatype])
+        else:
+            array = _json_numbers(spec.get("data"), DATATYPES[datatype])
+        array = array.reshape(shape)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InputError(f"input '{name}': data does not match shape {shape} and datatype {datatype}") from e
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"input '{name}': NaN or infinite values (or numbers too large for {datatype})")
+    return array
+
+
+def _tensor_head(spec: Mapping[str, Any]) -> tuple[str, list[int], str]:
+    name, shape, datatype = spec.get("name"), spec.get("shape"), spec.get("datatype")
+    if not isinstance(name, str) or not name:
+        raise InputError("each input needs a 'name' (a non-empty string)")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if datatype not in DATATYPES:
+        raise InputError(f"input '{name}': datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+    return name, shape, str(datatype)
+
+
+def _json_numbers(data: Any, dtype: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ValueError("'data' must be a list")
+    with np.errstate(over="ignore", invalid="ignore"):  # too large for the datatype: inf, refused after
+        return np.asarray(data, dtype=dtype)
+
+
+def _json_strings(data: Any, name: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ValueError("'data' must be a list")
+    flat = _flatten(data)
+    if not all(isinstance(v, str) for v in flat):
+        raise InputError(f"input '{name}': BYTES data must be strings")
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    if not any(isinstance(v, list) for v in data):
+        return data
+    return [x for v in data for x in (_flatten(v) if isinstance(v, list) else [v])]
+
+
+def _bytes_array(binary: bytes, name: str) -> np.ndarray:
+    """Length-prefixed elements (Triton's BYTES layout) as an object array of ``str``."""
+    items: list[str] = []
+    offset = 0
+    while offset < len(binary):
+        if offset + 4 > len(binary):
+            raise InputError(f"input '{name}': a BYTES element's length is cut off")
+        (length,) = _LENGTH.unpack_from(binary, offset)
+        offset += 4
+        if offset + length > len(binary):
+            raise InputError(f"input '{name}': a BYTES element is shorter than its length")
+        try:
+            items.append(binary[offset : offset + length].decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"input '{name}': BYTES elements must be UTF-8 text") from e
+        offset += length
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+# --- outputs ----------------------------------------------------------------------------------------
+
+
+def requested_outputs(header: Mapping[str, Any]) -> dict[str, bool]:
+    """Requested output names -> whether each wants binary data (empty: every output)."""
+    wanted = header.get("outputs")
+    if wanted is None:
+        return {}
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
+        raise InputError("'outputs' must be a list of {\"name\": ...} objects")
+    default = binary_output_default(header)
+    found: dict[str, bool] = {}
+    for o in wanted:
+        parameters = o.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InputError(f"output '{o['name']}': 'parameters' must be an object")
+        found[o["name"]] = bool(parameters.get("binary_data", default))
+    return found
+
+
+def binary_output_default(header: Mapping[str, Any]) -> bool:
+    """The request-level ``binary_data_output`` parameter (False when absent)."""
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InputError("'parameters' must be an object")
+    return bool(parameters.get("binary_data_output", False))
+
+
+def encode_output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], bytes | None]:
+    """One output tensor as OIP JSON, or as a header plus raw bytes when ``binary``."""
+    array = np.asarray(value)
+    datatype = oip_datatype(array.dtype)
+    tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
+    flat = array.reshape(-1)
+    if binary:
+        if datatype == "BYTES":
+            raw = b"".join(_LENGTH.pack(len(b)) + b for b in (_utf8(v) for v in flat))
+        else:
+            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        return tensor, raw
+    tensor["data"] = [_text(v) for v in flat] if datatype == "BYTES" else flat.tolist()
+    return tensor, None
+
+
+def _utf8(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def encode_outputs(
+    outputs: Mapping[str, np.ndarray], wanted: Mapping[str, bool], default_binary: bool
+) -> tuple[list[dict[str, Any]], bytes]:
+    """The answer's output tensors (``wanted`` order, or every output) and the binary bytes after the header."""
+    names = list(wanted) if wanted else list(outputs)
+    tensors, chunks = [], []
+    for name in names:
+        tensor, raw = encode_output(name, outputs[name], wanted.get(name, default_binary))
+        tensors.append(tensor)
+        if raw is not None:
+            chunks.append(raw)
+    return tensors, b"".join(chunks)
+
+
+__all__ = [
+    "DATATYPES",
+    "MANIFEST_TO_OIP",
+    "binary_output_default",
+    "binary_size",
+    "decode_inputs",
+    "decode_tensor",
+    "encode_output",
+    "encode_outputs",
+    "inflate",
+    "oip_datatype",
+    "parse_header",
+    "requested_outputs",
+    "split_body",
+]
