@@ -2,10 +2,11 @@
 
 ``fleet`` (module): a fleet server (real app, SQLite, real TUF repository with a release root and
 online keys) that has published ``tiny@1``, ``tiny@2`` (float32 in, logits and post-processed
-probabilities/labels out) and ``echo@1`` (a ``BYTES`` and an ``FP16`` input, echoed), an admin and
-a viewer key, and an accepted device of fleet ``lab`` assigned ``tiny@1``; plus a device of fleet
-``other`` with no assignment. ``endpoint`` (module): ``edgefleet-server inference``'s app on
-uvicorn on loopback for that fleet (lazy loading, batching on); yields :class:`Served`.
+probabilities/labels out), ``broken@1`` (fails its golden self-test) and ``echo@1`` (a ``BYTES`` and
+an ``FP16`` input, echoed); an admin, an operator and a viewer key; an accepted device of fleet
+``lab`` assigned ``tiny@1`` and ``echo@1``, and a device of fleet ``other`` with no assignment.
+``make_endpoint(**settings)`` runs ``edgefleet-server inference``'s app on uvicorn on loopback for
+that fleet; ``endpoint`` (module) is one with the defaults (lazy loading, batching on).
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ def build_echo_bundle(bundle_dir: Path, name: str = "echo", version: int = 1) ->
     return manifest
 
 
+def build_broken_bundle(bundle_dir: Path) -> tuple[Path, Any]:
+    """``broken@1``: a runnable bundle whose golden expected outputs are off, so its self-test fails."""
+    from bundles.testing import build_bundle_dir, with_golden_offset, write_manifest
+
+    manifest = with_golden_offset(build_bundle_dir(bundle_dir, name="broken", version=1), 1.0)
+    write_manifest(bundle_dir, manifest)
+    return bundle_dir, manifest
+
+
 def publish_dir(release: Release, bundle_dir: Path, manifest: Any) -> None:
     """Publish an already built bundle directory through the admin API."""
     from bundles.archive import pack_variant
@@ -168,6 +178,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         release.publish("tiny", 2)
         echo_dir = base / "echo"
         publish_dir(release, echo_dir, build_echo_bundle(echo_dir))
+        publish_dir(release, *build_broken_bundle(base / "broken"))
         device, other = _enroll(client, "lab"), _enroll(client, "other")
         for model, version in (("tiny", 1), ("echo", 1)):
             body = {"device_id": device["device_id"], "model_name": model, "bundle_version": version, "pinned": True}
