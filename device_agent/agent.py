@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bundles.contract import FallbackSection, parse
+from bundles.contract import EnrollmentRecord, FallbackSection, parse
 from bundles.errors import ConfigError, InputError, ModelNotReadyError
 from bundles.selection import DeviceCapabilities
 from device_agent.capabilities import device_capabilities
@@ -123,6 +123,8 @@ class Agent:
         self.capabilities = capabilities or device_capabilities(config)
         self.follow_pointers = follow_pointers
         self.files = updater.files
+        self.enrollment: Enrollment | None = None
+        """The stored enrollment: the fleet's endpoint and this device's token for the cloud fallback."""
         self.fallback_section: FallbackSection | None = None
         """The desired state's ``fallback`` the pipeline follows now (the daemon and app processes alike)."""
         self._desired_stamp = 0
@@ -160,9 +162,11 @@ class Agent:
         updater = Updater(config, engine, lambda: caps, TelemetryReporter(recorder), files=files)
         desired = updater.saved_desired()
         fallback = None if desired is None else desired.fallback
-        pipeline = ServingPipeline(engine, serving_config(config, fallback), recorder=recorder)
+        enrollment = Enrollment.load(config.identity_dir, files)
+        pipeline = ServingPipeline(engine, serving_config(config, fallback, enrollment), recorder=recorder)
         agent = cls(config, engine, pipeline, updater, recorder, caps, follow_pointers)
         agent.fallback_section = fallback
+        agent.enrollment = enrollment
         if follow_pointers:
             agent.reload_committed()
         return agent
@@ -231,7 +235,8 @@ class Agent:
         if wanted == self.fallback_section:
             return
         old = self.pipeline
-        self.pipeline = ServingPipeline(self.engine, serving_config(self.config, wanted), old.recorder)
+        config = serving_config(self.config, wanted, self.enrollment)
+        self.pipeline = ServingPipeline(self.engine, config, old.recorder)
         self.pipeline.take_shadows(old)
         self.fallback_section = wanted
         old.close()
@@ -316,16 +321,26 @@ class Agent:
         self.engine.close()
 
 
-def serving_config(config: AgentConfig, fallback: FallbackSection | None) -> ServingConfig:
+def serving_config(
+    config: AgentConfig, fallback: FallbackSection | None, enrollment: EnrollmentRecord | None = None
+) -> ServingConfig:
     """The serving policy: defaults, then the desired state's cloud fallback, then agent.toml's ``[serving]``.
 
     The same function builds the daemon's pipeline and an app's (``Agent.from_config``), so both
-    answer and fall back alike. An operator's ``[serving] cloud_url`` wins over the fleet's.
+    answer and fall back alike. An operator's ``[serving] cloud_url`` wins over the fleet's. With no
+    fallback named anywhere, an enrolled device falls back to its fleet server's inference endpoint
+    (``<server_url>/v2``). The device's access token goes only to the fleet's endpoint (the desired
+    state's or the default one), never to a URL set in agent.toml (which may set ``cloud_token``).
     """
     values: dict[str, Any] = {}
+    token = None if enrollment is None else enrollment.access_token
     if fallback is not None and fallback.url:
         mapping = {fallback.model: fallback.model} if fallback.model else dict(fallback.models)
-        values.update(cloud_url=fallback.url, cloud_model=mapping)
+        values.update(cloud_url=fallback.url, cloud_model=mapping, cloud_token=token)
+    elif enrollment is not None:
+        values.update(cloud_url=enrollment.server_url.rstrip("/") + "/v2", cloud_token=token)
+    if "cloud_url" in config.serving and config.serving["cloud_url"] != values.get("cloud_url"):
+        values.pop("cloud_token", None)
     values.update(config.serving)
     parsed: ServingConfig = parse(ServingConfig, values, "serving")
     return parsed

@@ -308,8 +308,11 @@ class OipClient:
         timeout_s: float = 2.0,
         client: httpx.Client | None = None,
         binary_threshold_bytes: int = 16 * 1024,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """``headers`` go with every request (the device's bearer token for the fleet's endpoint)."""
         self.base_url = base_url.rstrip("/")
+        self.headers = dict(headers or {})
         self.timeout_s = timeout_s
         self.binary_threshold_bytes = binary_threshold_bytes
         self._owned = client is None
@@ -330,7 +333,9 @@ class OipClient:
 
     def _post(self, url: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
         try:
-            response = self.client.post(url, content=content, headers=headers, timeout=self.timeout_s)
+            response = self.client.post(
+                url, content=content, headers={**self.headers, **headers}, timeout=self.timeout_s
+            )
         except httpx.HTTPError as e:
             raise TransportError(f"cloud inference at {url} failed: {type(e).__name__}: {e}") from e
         if response.status_code >= 500 or response.status_code == 429:
@@ -342,7 +347,10 @@ class OipClient:
     def ready(self, model: str) -> bool:
         """``GET {base}/models/{model}/ready`` answers 200 (what tritonclient checks too)."""
         try:
-            return self.client.get(f"{self.base_url}/models/{model}/ready", timeout=self.timeout_s).status_code == 200
+            answer = self.client.get(
+                f"{self.base_url}/models/{model}/ready", headers=self.headers, timeout=self.timeout_s
+            )
+            return answer.status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -139,7 +139,9 @@ class ServingConfig:
     """Fallback settings; :meth:`from_dict` reads the ``fallback`` section of the desired state.
 
     ``cloud_url`` is the OIP v2 base URL (``https://host/v2``); ``cloud_model`` maps a local model
-    name to the cloud's name when they differ. ``deadline_ms`` applies to bundles that declare none.
+    name to the cloud's name when they differ; ``cloud_token`` is sent as ``Authorization: Bearer``
+    (the device's own access token when the endpoint is the fleet's). ``deadline_ms`` applies to
+    bundles that declare none.
     A deadline-bound call runs inline (no worker thread) while the p99 of the model's recent
     latencies times ``inline_deadline_margin`` is within the deadline (0 turns inline runs off); a
     miss sends the model to the worker-thread path for ``inline_cooldown_s`` (see :class:`DeadlineGuard`).
@@ -147,6 +149,7 @@ class ServingConfig:
 
     cloud_url: str | None = None
     cloud_model: dict[str, str] = field(default_factory=dict)
+    cloud_token: str | None = None
     cloud_timeout_s: float = 2.0
     breaker_failures: int = 3
     breaker_reset_s: float = 30.0
@@ -310,7 +313,9 @@ class ServingPipeline:
         self.recorder = recorder
         self.cloud: CloudClient | None = cloud
         if cloud is None and self.config.cloud_url:
-            self.cloud = OipClient(self.config.cloud_url, self.config.cloud_timeout_s)
+            token = self.config.cloud_token
+            headers = {"Authorization": f"Bearer {token}"} if token else None
+            self.cloud = OipClient(self.config.cloud_url, self.config.cloud_timeout_s, headers=headers)
         self.cache = ResultCache(self.config.cache_entries)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._policies: dict[tuple[str, int], _Policy] = {}
