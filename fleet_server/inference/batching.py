@@ -4,7 +4,8 @@ Flow: :meth:`DynamicBatcher.submit` refuses at once when the queue is full (``Bu
 with ``Retry-After``), else queues the request and waits for its answer, at most until its own
 deadline (``DeadlineExceededError`` -> 504; a request whose deadline passes while it waits is dropped
 from the queue and never run). One collector task per model takes the oldest request, waits until
-``max_batch_size`` rows are queued or the oldest has waited ``max_queue_delay_us``, and runs the
+``max_batch_size`` rows are queued, the oldest has waited ``max_queue_delay_us`` or no request came
+for a quarter of that, and runs the
 batch on the model threads (:meth:`ServedModel.run_batch`: the Predictor stacks the requests and
 calls the runtime once). While a batch runs, the next one fills up, so under load the batches grow by
 themselves and the delay only matters when the endpoint is idle. A batch that fails is retried one
@@ -96,6 +97,7 @@ class DynamicBatcher:
         self.max_delay_s = max_queue_delay_us / 1e6
         self._queue: collections.deque[_Waiting] = collections.deque()
         self._wake = asyncio.Event()
+        self._last_rows = 0
         self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{model.name}")
 
     @property
@@ -128,15 +130,17 @@ class DynamicBatcher:
                 await self._run(batch)
 
     async def _fill(self) -> None:
-        """Wait until a full batch is queued or the oldest request has waited the maximum delay."""
+        """Wait for more requests: until a full batch is queued, the oldest has waited the maximum delay, or
+        none came for a quarter of it."""
         oldest = self._queue[0].queued_at
+        gap_s = self.max_delay_s / 4
         while sum(w.rows for w in self._queue) < self.max_batch_size:
             left = oldest + self.max_delay_s - time.monotonic()
             if left <= 0:
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), left)
+                await asyncio.wait_for(self._wake.wait(), min(left, gap_s))
             except asyncio.TimeoutError:
                 return
 
@@ -159,6 +163,7 @@ class DynamicBatcher:
         return batch
 
     async def _run(self, batch: list[_Waiting]) -> None:
+        self._last_rows = sum(w.rows for w in batch)
         self.metrics.batch_size.labels(self.model.name).observe(sum(w.rows for w in batch))
         loop = asyncio.get_running_loop()
         try:

@@ -1,0 +1,401 @@
+"""Benchmark: the cloud inference endpoint under batch-1 load, against a naive wrapper and the ceiling.
+
+Two models, both published as signed bundles to a real fleet server (SQLite, TUF) and served by the
+endpoint from its repository: the digits CNN as the converter ships it, and a medium model (a wide
+MLP, 64 -> 2048 -> 2048 -> 2048 -> 10, 34 MB of fp32 weights, whose batch-1 call costs a few ms
+because it reads every weight; a batch of 32 reads them once). Arms, each a uvicorn server with one
+worker process on loopback:
+
+- (a) ``naive``: a FastAPI wrapper that parses the JSON and calls ``session.run`` per request;
+- (b) ``ours, no batching``: ``edgefleet-server inference``'s app with batching off;
+- (c) ``ours, batching``: the same with dynamic batching (max batch 32, max delay 2 ms);
+- (d) the ceiling: the lower of in-process batched ``session.run`` throughput (batch 32, rows/s) and
+  the same HTTP stack (uvicorn + FastAPI) answering a fixed response.
+
+The load generator is another process (asyncio on raw keep-alive sockets; closed loop: each client
+sends its next request when its answer arrives), batch-1 JSON requests, concurrency 1, 8 and 64.
+Targets at concurrency 64: (c) >= 4x (a) on the medium model, and (c) >= 0.7x (d) on both models.
+
+Run: ``.venv/bin/python benchmarks/cloud_inference.py [--seconds 3]`` (writes its section of docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mdreport import write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SECTION = "cloud_inference"
+CONCURRENCY = (1, 8, 64)
+PEPPER = "bench-pepper-0123456789abcdef"
+MAX_BATCH = 32
+FIXED = json.dumps({"model_name": "m", "model_version": "1", "outputs": [
+    {"name": "label", "shape": [1], "datatype": "BYTES", "data": ["7"]}]}).encode()  # fmt: skip
+
+
+# --- the load generator (its own process) --------------------------------------------------------
+
+
+async def _client(host: str, port: int, request: bytes, stop_at: float, warm_until: float, out: list[float]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while True:
+            start = time.perf_counter()
+            if start >= stop_at:
+                return
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"the server answered {head[:60]!r}")
+            if start >= warm_until:
+                out.append(time.perf_counter() - start)
+    finally:
+        writer.close()
+
+
+async def _load(host: str, port: int, request: bytes, concurrency: int, seconds: float) -> list[float]:
+    now = time.perf_counter()
+    latencies: list[float] = []
+    await asyncio.gather(*(_client(host, port, request, now + 1.0 + seconds, now + 1.0, latencies)
+                           for _ in range(concurrency)))  # fmt: skip
+    return latencies
+
+
+def run_load(port: int, request: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile(suffix=".http") as handle:
+        handle.write(request)
+        handle.flush()
+        done = subprocess.run([sys.executable, __file__, "--loadgen", "--port", str(port), "--request", handle.name,
+                               "--concurrency", str(concurrency), "--seconds", str(seconds)],
+                              capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {done.stderr[-600:]}")
+    result = json.loads(done.stdout)
+    lat = sorted(result["latencies"])
+    return {"rps": len(lat) / result["seconds"], "p50_ms": 1000 * statistics.median(lat),
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}  # fmt: skip
+
+
+def http_request(model: str, name: str, x: np.ndarray, token: str) -> bytes:
+    body = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()  # fmt: skip
+    lines = [f"POST /v2/models/{model}/infer HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
+             f"Authorization: Bearer {token}", "Content-Type: application/json"]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# --- the servers (each in its own process) ----------------------------------------------------------
+
+
+def naive_app(model_path: str, threads: int) -> Any:
+    """(a): parse, ``session.run``, answer JSON; nothing else."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    out_name = session.get_outputs()[0].name
+    app = FastAPI()
+
+    @app.post("/v2/models/{name}/infer")
+    def infer(name: str, request_body: dict[str, Any]) -> Response:
+        spec = request_body["inputs"][0]
+        x = np.asarray(spec["data"], dtype=np.float32).reshape(spec["shape"])
+        (y,) = session.run([out_name], {spec["name"]: x})
+        answer = {"model_name": name, "outputs": [{"name": out_name, "shape": list(y.shape), "datatype": "FP32",
+                                                   "data": y.ravel().tolist()}]}  # fmt: skip
+        return Response(json.dumps(answer), media_type="application/json")
+
+    return app
+
+
+def fixed_app() -> Any:
+    """(d, HTTP side): the same stack answering a fixed response after reading the body."""
+    app = FastAPI()
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:  # noqa: ARG001 - the route's shape, as in the others
+        await request.body()
+        return Response(FIXED, media_type="application/json")
+
+    return app
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.serve == "naive":
+        app = naive_app(args.model_path, args.threads)
+    elif args.serve == "fixed":
+        app = fixed_app()
+    else:
+        from fleet_server.inference.app import create_inference_app
+        from fleet_server.inference.settings import load_inference_settings
+
+        app = create_inference_app(load_inference_settings(Path(args.data_dir)))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+@contextlib.contextmanager
+def server(port: int, *args: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    process = subprocess.Popen([sys.executable, __file__, "--port", str(port), *args],
+                               env={**os.environ, **(env or {})})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"server {args} did not start")
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- the models and the fleet ------------------------------------------------------------------------
+
+
+def build_mlp_bundle(bundle_dir: Path) -> Any:
+    """The medium model: a wide MLP as an ONNX bundle (golden cases from ONNX Runtime itself)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bundles.archive import sha256_file
+    from bundles.manifest import DriftBaseline, FileRef, Golden, GoldenCase, RuntimeConfig, TensorSpec
+    from bundles.tensors import encode_tensor
+    from bundles.testing import build_bundle_dir, write_manifest
+
+    base = build_bundle_dir(bundle_dir, name="mlp", version=1)
+    rng = np.random.default_rng(0)
+    sizes = [64, 2048, 2048, 2048, 10]
+    nodes, inits, previous = [], [], "x"
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(n_out, np.float32), f"b{i}")]
+        out = "logits" if i == len(sizes) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [previous, f"w{i}", f"b{i}"], [out if out == "logits" else f"g{i}"]))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
+        previous = out
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])
+    graph = helper.make_graph(nodes, "mlp", [x_info], [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                     ["b", 10])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = bundle_dir / "onnx-fp32" / "model.onnx"
+    onnx.save_model(model, str(path))
+    x = rng.uniform(-1, 1, (2, 64)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    variant = dataclasses.replace(base.variants[0], files=(FileRef("onnx-fp32/model.onnx", sha256_file(path),
+                                                                   path.stat().st_size),))  # fmt: skip
+    manifest = dataclasses.replace(
+        base, inputs=(TensorSpec("x", "float32", (-1, 64)),), outputs=(TensorSpec("logits", "float32", (-1, 10)),),
+        features=(), postprocess=(), variants=(variant,), drift_baseline=DriftBaseline(),
+        golden=Golden(cases=(GoldenCase({"x": encode_tensor(x)}, {"logits": encode_tensor(y)}),), atol=1e-3,
+                      rtol=1e-3),
+        runtime_config=RuntimeConfig(threads=1),
+    )  # fmt: skip
+    write_manifest(bundle_dir, manifest)
+    return manifest
+
+
+@dataclasses.dataclass
+class BenchModel:
+    name: str
+    label: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    model_path: Path
+
+
+def arrange_fleet(work: Path) -> tuple[Path, str, list[BenchModel]]:
+    """A fleet server data dir with both bundles published; returns it, an admin key and the models."""
+    from _digits_cnn import digits_cnn_bundle
+    from fastapi.testclient import TestClient
+
+    from bundles.manifest import Manifest
+    from fleet_server.app import create_app
+    from fleet_server.db import session_scope, upgrade_database
+    from fleet_server.services.api_keys import create_api_key
+    from fleet_server.settings import Settings
+    from tests.fleet_server.inference.conftest import make_release, publish_dir
+
+    data = work / "data"
+    data.mkdir(parents=True)
+    url = f"sqlite:///{data / 'fleet.db'}"
+    upgrade_database(url)
+    (data / "server.env").write_text(
+        f"EDGEFLEET_DATABASE_URL={url}\nEDGEFLEET_TOKEN_PEPPER={PEPPER}\nEDGEFLEET_PUBLIC_URL=https://bench.test\n"
+        "EDGEFLEET_BACKGROUND_TASKS=false\nEDGEFLEET_LOG_LEVEL=warning\n"
+    )
+    settings = Settings(data_dir=data, database_url=url, token_pepper=PEPPER, public_url="https://bench.test",
+                        background_tasks=False, log_level="warning")  # fmt: skip
+    digits_dir, _ = digits_cnn_bundle(work / "digits")
+    digits = Manifest.from_bytes((digits_dir / "manifest.json").read_bytes())
+    mlp = build_mlp_bundle(work / "mlp")
+    with TestClient(create_app(settings)) as client:
+        with session_scope(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+            _, key = create_api_key(session, name="bench", role="admin", actor="bench", pepper=PEPPER)
+        (work / "release").mkdir()
+        release = make_release(client, {"Authorization": f"Bearer {key}"}, work / "release")
+        publish_dir(release, digits_dir, digits)
+        publish_dir(release, work / "mlp", mlp)
+    models = [
+        BenchModel("digits", "digits CNN", digits.inputs[0].name, (1, *digits.inputs[0].shape[1:]),
+                   digits_dir / digits.variants[0].entry),
+        BenchModel("mlp", "wide MLP (medium)", "x", (1, 64), work / "mlp" / "onnx-fp32" / "model.onnx"),
+    ]  # fmt: skip
+    return data, key, models
+
+
+def batched_ceiling_rps(model: BenchModel, threads: int, seconds: float) -> float:
+    """In-process batched ``session.run`` throughput (rows/s) at batch ``MAX_BATCH`` on ``threads`` threads."""
+    import concurrent.futures
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model.model_path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(0, 1, (MAX_BATCH, *model.input_shape[1:])).astype(np.float32)
+
+    def spin(stop_at: float) -> int:
+        n = 0
+        while time.perf_counter() < stop_at:
+            session.run(None, {model.input_name: x})
+            n += 1
+        return n
+
+    stop_at = time.perf_counter() + seconds
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        calls = sum(pool.map(spin, [stop_at] * threads))
+    return calls * MAX_BATCH / seconds
+
+
+# --- the measurement -------------------------------------------------------------------------------
+
+
+def measure(seconds: float) -> tuple[dict[str, dict[str, dict[int, dict[str, float]]]], dict[str, dict[str, float]]]:
+    results: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    ceilings: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data, key, models = arrange_fleet(Path(tmp))
+        for model in models:
+            x = np.random.default_rng(1).uniform(0, 1, model.input_shape).astype(np.float32)
+            request = http_request(model.name, model.input_name, x, key)
+            arms: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+                "(a) naive FastAPI + session.run": (("--serve", "naive", "--model-path", str(model.model_path)), {}),
+                "(b) ours, no batching": (("--serve", "ours", "--data-dir", str(data)),
+                                          {"EDGEFLEET_INFERENCE_BATCHING": "false"}),
+                "(c) ours, dynamic batching": (("--serve", "ours", "--data-dir", str(data)),
+                                               {"EDGEFLEET_INFERENCE_MAX_BATCH_SIZE": str(MAX_BATCH),
+                                                "EDGEFLEET_INFERENCE_MAX_QUEUE_DELAY_US": "2000"}),
+                "fixed response (same HTTP stack)": (("--serve", "fixed"), {}),
+            }  # fmt: skip
+            rows: dict[str, dict[int, dict[str, float]]] = {}
+            for arm, (args, env) in arms.items():
+                port = free_port()
+                with server(port, *args, env=env):
+                    run_load(port, request, 1, 0.5)  # warm-up (lazy load, connections)
+                    rows[arm] = {c: run_load(port, request, c, seconds) for c in CONCURRENCY}
+                print(arm, model.name, {c: round(r["rps"]) for c, r in rows[arm].items()}, flush=True)
+            results[model.name] = rows
+            batched = batched_ceiling_rps(model, 2, seconds)
+            fixed = rows["fixed response (same HTTP stack)"][64]["rps"]
+            ceilings[model.name] = {
+                "batched_rows_per_s": batched,
+                "fixed_http_rps": fixed,
+                "ceiling": min(batched, fixed),
+            }
+        labels = {m.name: m.label for m in models}
+    return {labels[k]: v for k, v in results.items()}, {labels[k]: v for k, v in ceilings.items()}
+
+
+def table(results: dict[str, Any], ceilings: dict[str, dict[str, float]]) -> tuple[str, bool]:
+    lines = [f"Host: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+             "one uvicorn worker per arm, load generator in another process, batch-1 JSON requests.", "",
+             "| model | arm | c=1 rps | c=8 rps | c=64 rps | c=64 p50 ms | c=64 p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    ok = True
+    verdicts = []
+    for model, rows in results.items():
+        for arm, by_c in rows.items():
+            lines.append(f"| {model} | {arm} | {by_c[1]['rps']:.0f} | {by_c[8]['rps']:.0f} | {by_c[64]['rps']:.0f} "
+                         f"| {by_c[64]['p50_ms']:.2f} | {by_c[64]['p99_ms']:.2f} |")  # fmt: skip
+        ceiling = ceilings[model]
+        ours = rows["(c) ours, dynamic batching"][64]["rps"]
+        naive = rows["(a) naive FastAPI + session.run"][64]["rps"]
+        vs_ceiling = ours / ceiling["ceiling"]
+        verdicts.append(f"- {model}: (d) ceiling = min(batched session.run {ceiling['batched_rows_per_s']:.0f} rows/s, "
+                        f"fixed response {ceiling['fixed_http_rps']:.0f} rps) = {ceiling['ceiling']:.0f}; "
+                        f"(c)/(d) = {vs_ceiling:.2f} (target >= 0.7: {'met' if vs_ceiling >= 0.7 else 'NOT met'}); "
+                        f"(c)/(a) = {ours / naive:.1f}x")  # fmt: skip
+        ok = ok and vs_ceiling >= 0.7
+        if "medium" in model:
+            verdicts[-1] += f" (target >= 4x: {'met' if ours / naive >= 4 else 'NOT met'})"
+            ok = ok and ours / naive >= 4
+    return "\n".join(lines + ["", "Targets at concurrency 64:", *verdicts]), ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["naive", "ours", "fixed"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--request", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loadgen:
+        latencies = asyncio.run(_load("127.0.0.1", args.port, Path(args.request).read_bytes(), args.concurrency,
+                                      args.seconds))  # fmt: skip
+        print(json.dumps({"seconds": args.seconds, "latencies": latencies}))
+        return 0
+    if args.serve:
+        return serve_main(args)
+    results, ceilings = measure(args.seconds)
+    body, ok = table(results, ceilings)
+    print(body)
+    write_section(SECTION, "Cloud inference endpoint under load", body)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
