@@ -25,7 +25,7 @@ import numpy as np
 
 from bundles.archive import read_manifest, verify_files
 from bundles.errors import InferenceError, InputError, ManifestError, RuntimeUnavailableError, SelfTestError
-from bundles.manifest import GoldenCase, Manifest, TensorSpec, Variant
+from bundles.manifest import EncodedTensor, GoldenCase, Manifest, TensorSpec, Variant
 from bundles.processing import Pipeline, compile_steps
 from bundles.runtimes.base import Runtime, load_runtime
 from bundles.selection import (
@@ -266,7 +266,7 @@ class Predictor:
         except InferenceError as e:
             tally.failures.append(f"golden case {index}: the model failed: {e}")
             return
-        for name, encoded in case.expected.items():
+        for name, encoded in _expected_for(case, self.variant.id).items():
             problem = _compare(name, outputs.get(name), decode_tensor(encoded), atol, rtol, tally)
             if problem:
                 tally.failures.append(f"golden case {index} {problem}")
@@ -329,6 +329,18 @@ def _check_runtime_names(manifest: Manifest, variant: Variant, runtime: Runtime)
             f"outputs {list(runtime.output_names)}) differ from the manifest's "
             f"(inputs {sorted(declared_in)}, outputs {sorted(declared_out)})"
         )
+
+
+def _expected_for(case: GoldenCase, variant_id: str) -> dict[str, EncodedTensor]:
+    """The case's expected outputs for ``variant_id``: its own (``expected_by_variant``, generation bundles, whose
+    greedy tokens are each variant's own), else the shared ones."""
+    own = (case.extra.get("expected_by_variant") or {}).get(variant_id)
+    if not isinstance(own, dict):
+        return case.expected
+    try:
+        return {k: EncodedTensor.from_dict(v, f"golden.expected_by_variant.{variant_id}.{k}") for k, v in own.items()}
+    except ManifestError:
+        return case.expected
 
 
 def _split_prediction(whole: Prediction, sizes: list[int]) -> list[Prediction]:

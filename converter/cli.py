@@ -214,7 +214,7 @@ def list_models() -> None:
     for column in ("name", "latest", "task", "metric", "source", "registered", "conversions"):
         table.add_column(column)
     for model in latest.values():
-        table.add_row(model.name, str(model.version), model.spec.task, model.spec.metric, model.source_kind,
+        table.add_row(model.name, str(model.version), model.spec.task, model.spec.metric or "-", model.source_kind,
                       model.created_at, str(len(registry.conversions(model))))  # fmt: skip
     console.print(table)
 
@@ -233,10 +233,16 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION")) -> None:
     console.print(f"task {spec.task}, metric {spec.metric}, calibration {spec.calibration_method}")
     if spec.readout is not None:
         console.print(f"the metric reads {spec.readout.describe()}", markup=False, highlight=False)
-    console.print("budgets: " + spec.budgets.describe(spec.metric_name), markup=False, highlight=False)
+    if spec.llm is not None:
+        console.print(f"gates and serving limits: {json.dumps(spec.llm, sort_keys=True)}", markup=False,
+                      highlight=False)  # fmt: skip
+    else:
+        console.print("budgets: " + spec.budgets.describe(spec.metric_name), markup=False, highlight=False)
     console.print("tools: " + ", ".join(f"{k} {v}" for k, v in sorted(model.tool_versions.items())))
     conversions = registry.conversions(model)
-    if conversions:
+    if conversions and spec.llm is not None:
+        console.print(llm_table(model, conversions[-1].results))
+    elif conversions:
         from converter.report import rich_table
 
         console.print(rich_table(model, conversions[-1].results))
@@ -289,6 +295,10 @@ def convert(
 
     registry = _registry()
     name, version = _split_ref(ref)
+    found = registry.versions(name)
+    if found and found[-1].spec.llm is not None:
+        _convert_llm(registry, registry.get(name, version), targets, quantize)
+        return
     chosen_targets = parse_targets(targets)
     precisions = parse_quantize(quantize, chosen_targets)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -308,6 +318,98 @@ def convert(
         raise GateFailedError(
             f"model {outcome.model.ref}, variant {refused[0].variant_id}: {'; '.join(refused[0].reasons)}"
         )
+
+
+def _convert_llm(registry: Registry, model: ModelVersion, targets: str, quantize: str) -> None:
+    """A language model: GGUF variants gated against the source (see converter.llm.convert)."""
+    from converter.llm.convert import convert_llm, parse_precisions
+
+    if targets not in ("onnx,ort", "gguf"):
+        raise ConfigError(f"{model.ref} is a language model: its only target is gguf (got --targets {targets})")
+    precisions = parse_precisions(quantize)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(f"converting {model.ref}", total=None)
+        outcome = convert_llm(
+            registry,
+            model,
+            precisions,
+            progress=lambda message: progress.update(task, description=f"{model.ref}: {message}"),
+        )
+    console.print(llm_table(outcome.model, [r.to_dict() for r in outcome.results]))
+    console.print(f"bundle {outcome.bundle_path} (sha256 {outcome.conversion.bundle_sha256[:16]}...)")
+
+
+def llm_table(model: ModelVersion, results: list[dict[str, Any]]) -> Table:
+    """Per GGUF variant: status, size, KL, top-1 agreement, perplexity ratio, speed, tensor types, reasons."""
+    table = Table(title=f"{model.ref}: GGUF variants against the source")
+    for column in ("variant", "status", "size", "KL", "top-1", "ppl ratio", "TTFT ms", "tok/s", "tensor types",
+                   "reasons"):  # fmt: skip
+        table.add_column(column)
+    for r in results:
+        m = r["metrics"]
+        types = ", ".join(f"{k} {v}" for k, v in m.get("tensor_types", {}).items())
+        table.add_row(r["variant_id"], r["status"], f"{m.get('size_bytes', 0):,}", f"{m.get('kl_mean', 0):.5f}",
+                      f"{m.get('top1_agreement', 0):.4f}", f"{m.get('ppl_ratio', 0):.4f}",
+                      f"{m.get('ttft_ms', 0):.1f}", f"{m.get('tokens_per_s', 0):.0f}", types,
+                      "; ".join(r["reasons"]))  # fmt: skip
+    return table
+
+
+@app.command("register-llm")
+@one_line_errors
+def register_llm(
+    name: str = typer.Argument(..., help="Model name (lowercase)."),
+    source: Path = typer.Option(..., help="Hugging Face model directory (config.json, safetensors, tokenizer)."),
+    eval_text: Path = typer.Option(..., "--eval-text", help="UTF-8 text the variants are scored on."),
+    calibration_text: Path | None = typer.Option(None, "--calibration-text", help="UTF-8 calibration text."),
+    max_kl: str | None = typer.Option(None, help="Mean KL bounds per precision, e.g. 'q8_0=0.005,q4_k_m=0.05'."),
+    min_top1: str | None = typer.Option(None, help="Least top-token agreement per precision, e.g. 'q4_k_m=0.9'."),
+    max_ppl_ratio: str | None = typer.Option(None, help="Largest perplexity ratio per precision, e.g. 'q4_k_m=1.05'."),
+    max_size_bytes: int | None = typer.Option(None, help="Largest variant size in bytes."),
+    min_tokens_per_s: float | None = typer.Option(None, help="Least decode speed on this workstation."),
+    max_prompt_tokens: int = typer.Option(0, help="Serving: longest prompt (0: the context less max-new-tokens)."),
+    max_new_tokens: int = typer.Option(256, help="Serving: most tokens one request generates."),
+    max_generation_s: float = typer.Option(30.0, help="Serving: wall time of one generation, s."),
+    deadline_ms: float | None = typer.Option(None, help="Serving: answer through the cloud past this TTFT, ms."),
+) -> None:
+    """Register a new immutable version of a Hugging Face causal language model (Llama family)."""
+    from converter.llm.gates import LlmBudgets
+    from converter.llm.register import LlmSettings
+    from converter.llm.register import register_llm as do_register
+    from converter.spec import ServingPolicy
+
+    with about(f"{name} (new version)", "source"):
+        defaults = LlmBudgets()
+        budgets = LlmBudgets(
+            max_kl={**defaults.max_kl, **_per_precision(max_kl, "--max-kl")},
+            min_top1={**defaults.min_top1, **_per_precision(min_top1, "--min-top1")},
+            max_ppl_ratio=_per_precision(max_ppl_ratio, "--max-ppl-ratio"),
+            max_size_bytes=max_size_bytes, min_tokens_per_s=min_tokens_per_s,
+        )  # fmt: skip
+        settings = LlmSettings(budgets, max_prompt_tokens, max_new_tokens, max_generation_s)
+        serving = ServingPolicy(deadline_ms=deadline_ms)
+    model = do_register(_registry(), name, source, eval_text, calibration_text, settings, serving)
+    console.print(f"registered {model.ref} (source sha256 {model.source_sha256[:16]}...)")
+
+
+def _per_precision(text: str | None, option: str) -> dict[str, float]:
+    """``'q8_0=0.005,q4_k_m=0.05'`` -> {precision: bound}."""
+    from converter.llm.quantize import PRECISIONS
+
+    if not text:
+        return {}
+    out = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in (*PRECISIONS, "f32"):
+            raise ConfigError(f"{option}: '{part}' is not PRECISION=NUMBER with PRECISION one of f32, "
+                              f"{', '.join(PRECISIONS)}")  # fmt: skip
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"{option}: '{value}' is not a number") from None
+    return out
 
 
 @app.command()

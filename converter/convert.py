@@ -439,7 +439,7 @@ def _finish(registry: Registry, run: _Run, options: dict[str, Any], duration_s: 
         (staging / "results.json").write_bytes(
             canonical_json({"results": results, "duration_s": duration_s, "agreement": agreement})
         )
-        return _insert_conversion(registry, run, staging, bundle.name, options, manifest)
+        return insert_conversion(registry, run.model, run.results, staging, bundle.name, options, manifest)
 
 
 def _assemble(run: _Run, bundle_dir: Path, options: dict[str, Any]) -> Manifest:
@@ -483,24 +483,25 @@ def _golden(run: _Run) -> Any:
     return golden_for(run.data, run.reference, chosen, outputs, fp32_ids, batch, unexecuted)
 
 
-def _insert_conversion(registry: Registry, run: _Run, staging: Path, bundle_name: str, options: dict[str, Any],
-                       manifest: Manifest) -> Outcome:  # fmt: skip
+def insert_conversion(registry: Registry, model: ModelVersion, results: list[RungResult], staging: Path,
+                      bundle_name: str, options: dict[str, Any], manifest: Manifest) -> Outcome:  # fmt: skip
+    """Record a conversion whose bundle and results are in ``staging``, and move them to their final place."""
     final: Path | None = None
     try:
         with registry.transaction() as session:
-            number = registry.next_conversion_number(session, run.model)
+            number = registry.next_conversion_number(session, model)
             row = ConversionRow(
-                model_version_id=run.model.id, number=number, created_at=utc_now(),
-                options_json=json.dumps(options), results_json=json.dumps([r.to_dict() for r in run.results]),
+                model_version_id=model.id, number=number, created_at=utc_now(),
+                options_json=json.dumps(options), results_json=json.dumps([r.to_dict() for r in results]),
                 bundle_file=bundle_name, bundle_sha256=sha256_file(staging / bundle_name),
             )  # fmt: skip
             session.add(row)
             session.flush()
-            final = registry.home.conversion_dir(run.model.name, run.model.version, number)
+            final = registry.home.conversion_dir(model.name, model.version, number)
             publish_dir(staging, final)
             conversion = Conversion.from_row(row)
     except BaseException:
         if final is not None:
             shutil.rmtree(final, ignore_errors=True)
         raise
-    return Outcome(run.model, conversion, run.results, manifest, final / bundle_name)
+    return Outcome(model, conversion, results, manifest, final / bundle_name)

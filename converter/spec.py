@@ -203,6 +203,8 @@ class ModelSpec:
     """Which output the metric reads and how: inferred (or as requested) at registration."""
     random_init: bool = False
     serving: ServingPolicy = field(default_factory=ServingPolicy)
+    llm: dict[str, Any] | None = None
+    """A language model's gates and serving limits (:class:`converter.llm.register.LlmSettings`), else None."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -252,6 +254,7 @@ class ModelSpec:
             "readout": None if self.readout is None else self.readout.to_dict(),
             "random_init": self.random_init,
             "serving": self.serving.to_dict(),
+            "llm": self.llm,
         }
 
     @classmethod
@@ -271,4 +274,5 @@ class ModelSpec:
             readout=Readout.from_dict(data["readout"]) if data.get("readout") else None,
             random_init=bool(data.get("random_init", False)),
             serving=ServingPolicy.from_dict(data.get("serving") or {}),
+            llm=data.get("llm"),
         )

@@ -48,3 +48,38 @@ def digits_all_targets(tmp_path_factory: pytest.TempPathFactory) -> ConvertedDig
         register_cnn("digits", cnn, "--prefer", "size")
         ok("convert", "digits", "--targets", "onnx,tflite,coreml", "--quantize", "auto")
     return ConvertedDigits(root, cnn)
+
+
+@dataclass(frozen=True)
+class ConvertedLlm:
+    """A home with tiny-llm@1 (the tiny Llama) converted once to gguf f16, q8_0 and q4_k_m."""
+
+    home: Path
+    source: Path
+
+    @property
+    def bundle(self) -> Path:
+        return next((self.home / "artifacts" / "tiny-llm" / "1" / "conversions" / "1").glob("*.efb"))
+
+    @property
+    def results_json(self) -> Path:
+        return self.home / "artifacts" / "tiny-llm" / "1" / "conversions" / "1" / "results.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(request: pytest.FixtureRequest) -> Path:
+    """The tiny Llama's Hugging Face directory: trained once (under a minute) and cached by its recipe's hash."""
+    from converter.llm.tiny import tiny_llama
+
+    return tiny_llama(request.config.cache.mkdir("edgefleet-tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> ConvertedLlm:
+    root = tmp_path_factory.mktemp("home-llm")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEFLEET_HOME", str(root))
+        ok("register-llm", "tiny-llm", "--source", tiny_llama_dir, "--eval-text", tiny_llama_dir / "eval.txt",
+           "--calibration-text", tiny_llama_dir / "calibration.txt", "--max-new-tokens", "64")  # fmt: skip
+        ok("convert", "tiny-llm", "--quantize", "f16,q8_0,q4_k_m")
+    return ConvertedLlm(root, tiny_llama_dir)

@@ -46,6 +46,7 @@ RUNTIMES_BY_NAME: dict[str, tuple[str, str]] = {
     "litert": ("bundles.runtimes.litert", "LiteRtRuntime"),
     "tflite_runtime": ("bundles.runtimes.litert", "TfliteRuntime"),
     "coreml": ("bundles.runtimes.coreml", "CoreMlRuntime"),
+    "llama_cpp": ("bundles.runtimes.llama_cpp", "LlamaCppRuntime"),
 }
 """Runtime name (``Requirements.runtime``, ``validated_runtimes``) -> (module, class)."""
 
@@ -54,8 +55,9 @@ RUNTIMES_BY_TARGET: dict[str, tuple[str, ...]] = {
     "ort": ("onnxruntime",),
     "tflite": ("litert", "tflite_runtime"),
     "coreml": ("coreml",),
+    "gguf": ("llama_cpp",),
 }
-"""Variant target -> the runtimes that can execute it, the default first. GGUF arrives with the LLM path."""
+"""Variant target -> the runtimes that can execute it, the default first."""
 
 
 def load_runtime(

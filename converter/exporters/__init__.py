@@ -19,8 +19,9 @@ Each module provides:
   without executing; a variant no runtime of this host can execute is then ``structural``
   ("structurally valid, not executed on this host"), never "passed".
 
-Targets of the bundle format without a module here (``gguf`` until the LLM path) are refused with
-one line saying they are not available yet. Adding a target means adding a module.
+``gguf`` is the target of language models only (:mod:`converter.llm`, registered with
+``register-llm``): asked of any other model it is refused with one line saying so. Adding a target
+means adding a module.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def exporter_for(target: str) -> ModuleType:
     """The exporter module of ``target``; a one-line ConfigError for planned or unknown targets."""
     if target in available_targets():
         return importlib.import_module(f"converter.exporters.{target}")
+    if target == "gguf":
+        raise ConfigError(
+            "target 'gguf' is for language models (register one with 'edgefleet-convert register-llm'); "
+            f"this model's targets: {', '.join(available_targets())}"
+        )
     if target in TARGETS:
         raise ConfigError(
             f"target '{target}' is not available yet in this release (available: {', '.join(available_targets())})"

@@ -241,8 +241,10 @@ def test_a_runtime_that_cannot_run_the_target_is_refused(tmp_path: Path) -> None
 
     with pytest.raises(RuntimeUnavailableError, match="runtime 'onnxruntime' cannot run target 'tflite'"):
         load_runtime("tflite", tmp_path / "model.tflite", runtime="onnxruntime")
-    with pytest.raises(RuntimeUnavailableError, match="no runtime for target 'gguf'"):
-        load_runtime("gguf", tmp_path / "model.gguf")
+    with pytest.raises(RuntimeUnavailableError, match="no runtime for target 'safetensors'"):
+        load_runtime("safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeUnavailableError, match="runtime 'onnxruntime' cannot run target 'gguf'"):
+        load_runtime("gguf", tmp_path / "model.gguf", runtime="onnxruntime")
 
 
 def test_a_file_the_runtime_cannot_load_is_runtime_unavailable(tmp_path: Path) -> None:

@@ -114,9 +114,12 @@ def test_a_model_whose_export_does_not_match_the_source_is_refused(home: Path, t
     assert registry.conversions(registry.get("noisy")) == []
 
 
-def test_gguf_says_it_is_not_available_yet(home: Path) -> None:
+def test_gguf_of_a_model_that_is_no_language_model_says_what_it_is_for(home: Path) -> None:
     line = _one_line_error(*cli("convert", "digits", "--targets", "onnx,gguf"), expected_code=2)
-    assert line == "error: target 'gguf' is not available yet in this release (available: onnx, ort, tflite, coreml)"
+    assert line == (
+        "error: target 'gguf' is for language models (register one with 'edgefleet-convert register-llm'); "
+        "this model's targets: onnx, ort, tflite, coreml"
+    )
 
 
 def test_unknown_models_and_options_are_one_line(home: Path, digits_cnn: object) -> None:
