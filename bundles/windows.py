@@ -30,7 +30,10 @@ from bundles.errors import ConfigError
 LATENCY_EDGES_MS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-20, 51))
 """Latency bucket edges in ms: 0.01 ms to 100 s, ten per decade (71 edges, 72 buckets)."""
 
-MERGED_FIELDS = ("counters", "latency_ms", "features", "output", "shadow")
+TOKENS_PER_S_EDGES: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-10, 51))
+"""Decode-speed bucket edges in tokens/s: 0.1 to 100,000, ten per decade (61 edges, 62 buckets)."""
+
+MERGED_FIELDS = ("counters", "latency_ms", "features", "output", "shadow", "llm")
 """The fields of a window payload that add up; the rest (ids, times) describe it."""
 
 MAX_COUNT = 10**12
@@ -60,6 +63,7 @@ def check_window(payload: Any, where: str = "window") -> None:
     for key in ("features", "output"):
         _check_histograms(payload.get(key), f"{where}.{key}")
     _check_shadow(payload.get("shadow"), f"{where}.shadow")
+    _check_llm(payload.get("llm"), f"{where}.llm")
 
 
 def is_valid_window(payload: Any) -> bool:
@@ -125,6 +129,21 @@ def _check_shadow(value: Any, where: str) -> None:
         (check_sum if key in SUM_KEYS else check_count)(item, f"{where}.{key}")
     if shadow.get("agreed", 0) > shadow.get("compared", 0):
         raise ConfigError(f"{where}.agreed: more agreements than the {shadow.get('compared', 0)} comparisons")
+
+
+def _check_llm(value: Any, where: str) -> None:
+    """Generations of a language model: counts, token sums, stop reasons, TTFT and tokens/s histograms."""
+    if value is None:
+        return
+    llm = _object(value, where, 8)
+    for key in ("generations", "prompt_tokens", "completion_tokens"):
+        check_count(llm.get(key, 0), f"{where}.{key}")
+    for name, count in _object(llm.get("stop_reasons") or {}, f"{where}.stop_reasons", MAX_NAMES).items():
+        check_count(count, f"{where}.stop_reasons.{name}")
+    for key, edges in (("ttft_ms", LATENCY_EDGES_MS), ("tokens_per_s", TOKENS_PER_S_EDGES)):
+        counts = _object(llm.get(key) or {}, f"{where}.{key}", 1).get("counts")
+        if counts is not None:
+            _check_list(counts, f"{where}.{key}.counts", len(edges) + 1)
 
 
 def _object(value: Any, where: str, max_keys: int) -> Mapping[str, Any]:
@@ -220,6 +239,7 @@ def _sum_lists(rows: list[list[Any]]) -> Any:
 
 __all__ = [
     "LATENCY_EDGES_MS",
+    "TOKENS_PER_S_EDGES",
     "MAX_BINS",
     "MAX_COUNT",
     "MAX_HISTOGRAMS",

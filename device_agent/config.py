@@ -5,7 +5,9 @@ Precedence, lowest first: the defaults below, the TOML file (keys at the top lev
 ``EDGEFLEET_AGENT_POLL_INTERVAL_S=60``). Every limit carries its unit in its name; byte limits also
 accept a string with a unit (``"2GB"``, ``"512MiB"``) so that an operator can write what they mean.
 
-Two tables reach the rest: ``[serving]`` (every field of :class:`device_agent.serving.ServingConfig`:
+Three tables reach the rest: ``[llm]`` (:class:`device_agent.llm.LlmSettings`: limits of language
+models, the redaction hook, the cloud's OpenAI-compatible base URL), ``[serving]`` (every field of
+:class:`device_agent.serving.ServingConfig`:
 cloud fallback, circuit breaker, result cache, deadlines) and ``[telemetry]`` (every field of
 :class:`device_agent.telemetry.recorder.TelemetrySettings`: windows, sampling, buffer cap...). Their
 environment form is ``EDGEFLEET_AGENT_SERVING__<KEY>`` / ``EDGEFLEET_AGENT_TELEMETRY__<KEY>``
@@ -90,6 +92,7 @@ class AgentConfig:
     # tables: [serving] -> ServingConfig, [telemetry] -> TelemetrySettings (checked at load)
     serving: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     telemetry: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    llm: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # [llm] -> device_agent.llm.LlmSettings
 
     @property
     def allowed_runtimes(self) -> tuple[str, ...]:
@@ -161,7 +164,7 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"{key}: '{value}' is not a valid {kind}") from e
 
 
-TABLES = ("serving", "telemetry")
+TABLES = ("serving", "telemetry", "llm")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -203,10 +206,11 @@ def _env_value(value: str) -> Any:
 
 def _check_tables(config: AgentConfig) -> None:
     """Build each table's target once, so an unknown key or a bad value fails now, naming it."""
+    from device_agent.llm import LlmSettings
     from device_agent.serving import ServingConfig
     from device_agent.telemetry.recorder import TelemetrySettings
 
-    for name, kind in (("serving", ServingConfig), ("telemetry", TelemetrySettings)):
+    for name, kind in (("serving", ServingConfig), ("telemetry", TelemetrySettings), ("llm", LlmSettings)):
         table = getattr(config, name)
         known = {f.name for f in dataclasses.fields(kind)}
         unknown = sorted(set(table) - known)

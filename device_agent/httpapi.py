@@ -3,7 +3,9 @@ device or the cloud endpoint with the same client.
 
 Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server metadata),
 ``GET /v2/models/{m}`` (model metadata), ``GET /v2/models/{m}/ready``, ``POST /v2/models/{m}/infer``
-(also under ``/versions/{v}/``), plus ``GET /edgefleet/status`` (what ``edgefleet-agent status``
+(also under ``/versions/{v}/``), the OpenAI-compatible ``POST /v1/chat/completions``,
+``POST /v1/completions`` and ``GET /v1/models`` for language models (:mod:`device_agent.llm`,
+server-sent events when ``stream`` is true), plus ``GET /edgefleet/status`` (what ``edgefleet-agent status``
 shows). Tensors are JSON (``{"name", "shape", "datatype", "data"}``, data row-major and flat or
 nested); the binary tensor extension is supported: with ``Inference-Header-Content-Length`` the JSON
 header is followed by raw little-endian tensor bytes (``"parameters": {"binary_data_size": n}``),
@@ -32,7 +34,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +136,22 @@ class InferenceApi:
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
+        self._llm: Any = None
+
+    @property
+    def llm(self) -> Any:
+        """The OpenAI-compatible routes (:class:`device_agent.llm.LlmApi`), built on first use."""
+        if self._llm is None:
+            from device_agent.llm import LlmApi
+
+            config = getattr(self.agent, "config", None)
+            self._llm = LlmApi(self.agent, getattr(config, "llm", None))
+        return self._llm
+
+    def openai_models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the models this device answers for."""
+        known: list[str] = list(getattr(self.agent, "known_models", list)())
+        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "edgefleet"} for m in known]}
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "edgefleet-agent", "version": AGENT_VERSION, "extensions": ["binary_tensor_data"]}
@@ -316,7 +334,9 @@ class OipApp:
         self.api, self.settings = api, settings
         self.budget = MemoryBudget(settings.memory_budget_bytes, settings.queue_timeout_s)
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "").startswith("/v1/"):
+            return self._openai(environ, start_response)
         retry_after: int | None = None
         try:
             answer, binary = self._route(environ)
@@ -335,6 +355,44 @@ class OipApp:
             headers.append(("Retry-After", str(retry_after)))
         start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
         return [body + binary] if binary else [body]
+
+    def _openai(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The OpenAI-compatible routes: JSON answers, server-sent events, OpenAI-style error objects."""
+        from device_agent.llm import ROUTES, GenerationError
+
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "").rstrip("/")
+        headers: list[tuple[str, str]] = []
+        try:
+            if method == "GET" and path == "/v1/models":
+                return _json_answer(start_response, 200, self.api.openai_models())
+            if method != "POST" or path not in ROUTES:
+                raise HttpError(404, f"no such endpoint: {method} {path}")
+            answer = self.api.llm.answer(path, _json_object(self._openai_body(environ)))
+        except Exception as e:  # every error becomes an OpenAI error object, never a traceback
+            status, retry_after = error_status(e)
+            if status == 500:
+                log.exception("http: unexpected error")
+            kind = "invalid_request_error" if status in (400, 404, 413) else "server_error"
+            param = e.param if isinstance(e, GenerationError) else None
+            message = str(e) if status != 500 else "internal error"
+            if retry_after is not None:
+                headers.append(("Retry-After", str(retry_after)))
+            error = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+            return _json_answer(start_response, status, error, headers)
+        headers += list(answer.headers.items())
+        if answer.events is None:
+            return _json_answer(start_response, 200, answer.json or {}, headers)
+        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), *headers])
+        events: Iterable[bytes] = answer.events
+        return events
+
+    def _openai_body(self, environ: dict[str, Any]) -> bytes:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        cap = min(self.settings.max_body_bytes, _OPENAI_MAX_BODY_BYTES)
+        if length > cap:
+            raise RequestTooLarge(f"the request body is {length} bytes; the OpenAI routes take at most {cap}")
+        raw = environ["wsgi.input"].read(length) if length else b""
+        return _decoded(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
 
     def _route(self, environ: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "").rstrip("/")
@@ -384,6 +442,17 @@ class OipApp:
         device = self.settings.max_body_bytes
         model = None if manifest is None else model_max_body_bytes(manifest, self.settings.max_batch, binary)
         return device if model is None else min(device, model)
+
+
+_OPENAI_MAX_BODY_BYTES = 4 * 2**20
+
+
+def _json_answer(start_response: Callable[..., Any], status: int, answer: dict[str, Any],
+                 headers: list[tuple[str, str]] | None = None) -> list[bytes]:  # fmt: skip
+    body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
+    basics = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    start_response(f"{status} {_REASONS.get(status, 'Error')}", [*basics, *(headers or [])])
+    return [body]
 
 
 def _decoded(raw: bytes, encoding: str, cap: int) -> bytes:

@@ -126,6 +126,15 @@ class LocalEngine:
         finally:
             self._release(loaded)
 
+    def acquire(self, model: str, timeout_s: float | None = None) -> LoadedBundle:
+        """Admit a request and pin the active bundle for as long as the caller needs it (a streamed generation);
+        every :meth:`acquire` needs its :meth:`release`. Raises like :meth:`predict`."""
+        return self._enter(model, timeout_s)
+
+    def release(self, loaded: LoadedBundle) -> None:
+        """End what :meth:`acquire` began."""
+        self._release(loaded)
+
     # --- admission ------------------------------------------------------------------------------
 
     def _enter(self, model: str, timeout_s: float | None) -> LoadedBundle:

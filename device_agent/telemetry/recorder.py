@@ -366,6 +366,17 @@ class TelemetryRecorder:
                 )  # fmt: skip
                 slot[0].put(slot[1], candidate)
 
+    def record_generation(self, model: str, manifest: Manifest | None, prompt_tokens: int, completion_tokens: int,
+                          stop_reason: str, ttft_ms: float | None, tokens_per_s: float | None) -> None:  # fmt: skip
+        """Add one language-model generation's figures to its window (the request itself goes through ``record``)."""
+        now = self.clock()
+        if now >= self._window_end:
+            self.tick(now)
+        version = manifest.version if manifest is not None else 0
+        with self._lock:
+            window = self._window_of(model, version, manifest)
+            window.accumulator.observe_generation(prompt_tokens, completion_tokens, stop_reason, ttft_ms, tokens_per_s)
+
     def record_shadow(
         self, model: str, shadow_manifest: Manifest, agreed: bool, latency_ms: float | None = None, error: bool = False
     ) -> None:

@@ -20,6 +20,7 @@ batch) and binned on the baseline's edges like any numeric feature.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime as dt
 import uuid
@@ -33,7 +34,7 @@ import numpy as np
 
 from bundles.manifest import FeatureSpec, Histogram, Manifest
 from bundles.readout import SCORE_FORMS, decide_classes
-from bundles.windows import LATENCY_EDGES_MS, MERGED_FIELDS, merge_fields
+from bundles.windows import LATENCY_EDGES_MS, MERGED_FIELDS, TOKENS_PER_S_EDGES, merge_fields
 
 """Fixed latency bucket edges (0.01 ms to 100 s, ten per decade); the server has the same list."""
 _LATENCY_EDGES = np.asarray(LATENCY_EDGES_MS)
@@ -312,6 +313,7 @@ class WindowAccumulator:
         self._category_counts = [np.zeros(len(c.categories), dtype=np.int64) for c in plan.categorical]
         self._output_counts = np.zeros(len(plan.output.freqs) if plan.output else 0, dtype=np.int64)
         self.shadow: dict[str, Any] = {"compared": 0, "agreed": 0, "errors": 0, "latency_ms_sum": 0.0}
+        self.llm: dict[str, Any] | None = None  # a language model's generations, once it has one
         self._keep = tuple(plan.tensors)
         self._single = self._keep[0] if len(self._keep) == 1 else None  # the one tensor holding features
 
@@ -353,6 +355,25 @@ class WindowAccumulator:
                 return {}
             return {name: value if inputs_private else np.array(value)}
         return {k: np.array(inputs[k]) for k in keep if k in inputs} if keep else inputs
+
+    def observe_generation(self, prompt_tokens: int, completion_tokens: int, stop_reason: str,
+                           ttft_ms: float | None, tokens_per_s: float | None) -> None:  # fmt: skip
+        """Note one generation of a language model (TTFT and decode-speed histograms, token sums, stop reason)."""
+        if self.llm is None:
+            self.llm = {
+                "generations": 0, "prompt_tokens": 0, "completion_tokens": 0, "stop_reasons": {},
+                "ttft_ms": {"counts": [0] * (len(LATENCY_EDGES_MS) + 1)},
+                "tokens_per_s": {"counts": [0] * (len(TOKENS_PER_S_EDGES) + 1)},
+            }  # fmt: skip
+        llm = self.llm
+        llm["generations"] += 1
+        llm["prompt_tokens"] += int(prompt_tokens)
+        llm["completion_tokens"] += int(completion_tokens)
+        llm["stop_reasons"][stop_reason] = llm["stop_reasons"].get(stop_reason, 0) + 1
+        if ttft_ms is not None:
+            llm["ttft_ms"]["counts"][bisect.bisect_right(LATENCY_EDGES_MS, ttft_ms)] += 1
+        if tokens_per_s is not None:
+            llm["tokens_per_s"]["counts"][bisect.bisect_right(TOKENS_PER_S_EDGES, tokens_per_s)] += 1
 
     def count_capture(self, reason: str) -> None:
         """Count a sample kept for upload, by capture reason."""
@@ -502,6 +523,8 @@ class WindowAccumulator:
             "output": {self.plan.output.name: self._output_counts.tolist()} if self.plan.output else {},
             "shadow": self.shadow,
         }
+        if self.llm is not None:
+            payload["llm"] = self.llm
         return payload
 
 

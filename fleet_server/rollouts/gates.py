@@ -42,7 +42,7 @@ class Metric:
     """A gate metric: which sample size guards it and whether a control comparison makes sense."""
 
     name: str
-    sample: str  # "requests", "shadow_samples" or "devices"
+    sample: str  # "requests", "shadow_samples", "generations" or "devices"
     default_min: int
     relative_ok: bool
     meaning: str
@@ -58,6 +58,8 @@ METRICS: dict[str, Metric] = {
         Metric("psi", "requests", 200, False, "largest input-feature PSI against the bundle's baseline"),
         Metric("psi_output", "requests", 200, False, "output PSI against the bundle's baseline"),
         Metric("shadow_agreement", "shadow_samples", 100, False, "share of shadow predictions equal to the active's"),
+        Metric("ttft_p95_ms", "generations", 50, True, "language models: 95th percentile time to first token, ms"),
+        Metric("tokens_per_s_p50", "generations", 50, True, "language models: median decode speed, tokens/s"),
         Metric("install_success", "devices", 0, False, "devices healthy after the soak / devices settled"),
     )
 }
@@ -124,6 +126,9 @@ class CohortFigures:
     shadow_agreement: float | None = None
     shadow_samples: int = 0
     invalid_windows: int = 0  # stored windows left out of the figures: they broke the window contract
+    generations: int = 0
+    ttft_p95_ms: float | None = None
+    tokens_per_s_p50: float | None = None
 
     @classmethod
     def from_stats(cls, stats: Any, **outcomes: int) -> CohortFigures:
@@ -151,7 +156,8 @@ class CohortFigures:
 
     def sample(self, kind: str) -> int:
         """The sample size of a kind: requests, shadow samples or settled devices."""
-        return {"requests": self.requests, "shadow_samples": self.shadow_samples}.get(kind, self.devices_settled)
+        samples = {"requests": self.requests, "shadow_samples": self.shadow_samples, "generations": self.generations}
+        return samples.get(kind, self.devices_settled)
 
 
 @dataclass(frozen=True)

@@ -49,11 +49,14 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def latency_percentile(counts: Sequence[float], quantile: float) -> float | None:
-    """The ``quantile`` (0..1) of a latency histogram on :data:`LATENCY_EDGES_MS`, or None if empty.
+def latency_percentile(
+    counts: Sequence[float], quantile: float, edges: Sequence[float] = LATENCY_EDGES_MS
+) -> float | None:
+    """The ``quantile`` (0..1) of a histogram on ``edges`` (default :data:`LATENCY_EDGES_MS`), or None if empty.
 
     Interpolates log-linearly inside the bucket that holds the quantile; the open-ended first and
-    last buckets answer their finite edge.
+    last buckets answer their finite edge. Also reads the TTFT and tokens/s histograms of language
+    models (``bundles.windows.TOKENS_PER_S_EDGES``).
     """
     total = float(sum(counts))
     if total <= 0:
@@ -62,13 +65,12 @@ def latency_percentile(counts: Sequence[float], quantile: float) -> float | None
     seen = 0.0
     for i, count in enumerate(counts):
         if count > 0 and seen + count >= target:
-            return _interpolate_bucket(i, (target - seen) / count)
+            return _interpolate_bucket(i, (target - seen) / count, edges)
         seen += count
-    return LATENCY_EDGES_MS[-1]
+    return edges[-1]
 
 
-def _interpolate_bucket(index: int, fraction: float) -> float:
-    edges = LATENCY_EDGES_MS
+def _interpolate_bucket(index: int, fraction: float, edges: Sequence[float]) -> float:
     if index == 0:
         return edges[0]
     if index >= len(edges):

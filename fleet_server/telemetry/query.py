@@ -19,7 +19,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from bundles.errors import ConfigError
-from bundles.windows import merge_valid
+from bundles.windows import TOKENS_PER_S_EDGES, merge_valid
 from fleet_server.models import BundleRecord, DeviceEvent, MetricWindow, PredictionSample
 from fleet_server.telemetry.aggregate import counter, latency_percentile, psi_by_feature
 
@@ -39,6 +39,10 @@ class CohortStats:
     shadow_agreement: float | None
     shadow_samples: int
     invalid_windows: int = 0
+    generations: int = 0
+    """Language models: generations answered locally, and their TTFT p95 and decode-speed median."""
+    ttft_p95_ms: float | None = None
+    tokens_per_s_p50: float | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -103,7 +107,19 @@ def stats_of(merged: dict[str, Any], baseline: dict[str, Any], devices: int) -> 
         psi_output=max(outputs) if outputs else None,
         shadow_agreement=(int(shadow.get("agreed", 0)) / compared) if compared else None,
         shadow_samples=compared,
+        **_llm_stats(merged.get("llm") or {}),
     )
+
+
+def _llm_stats(llm: dict[str, Any]) -> dict[str, Any]:
+    """Generations, TTFT p95 and decode tokens/s p50 of a merged window's ``llm`` field."""
+    return {
+        "generations": int(llm.get("generations", 0) or 0),
+        "ttft_p95_ms": latency_percentile((llm.get("ttft_ms") or {}).get("counts") or [], 0.95),
+        "tokens_per_s_p50": latency_percentile(
+            (llm.get("tokens_per_s") or {}).get("counts") or [], 0.5, TOKENS_PER_S_EDGES
+        ),
+    }
 
 
 def cohort_stats(
