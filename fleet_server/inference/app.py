@@ -3,7 +3,9 @@
 Routes (``docs/inference.md``): ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
 ``GET /v2/models/{name}[/versions/{v}]`` and ``.../ready``, ``POST .../infer``; the repository
 extension ``POST /v2/repository/index``, ``POST /v2/repository/models/{name}/load`` and ``/unload``;
-``GET /metrics``. Health and server metadata are open (load balancers probe them); everything else
+``GET /metrics``; for GGUF bundles the OpenAI-compatible ``POST /v1/chat/completions``,
+``POST /v1/completions`` and ``GET /v1/models`` (:mod:`~fleet_server.inference.openai_routes`).
+Health and server metadata are open (load balancers probe them); everything else
 takes a device token or an admin API key (:mod:`fleet_server.inference.access`).
 
 Flow of an inference request: caller (cached token check, device rate limit, the fleet's models)
@@ -39,6 +41,7 @@ from fleet_server.inference.access import Access, Caller
 from fleet_server.inference.batching import make_runner
 from fleet_server.inference.metrics import InferenceMetrics, exposition
 from fleet_server.inference.models import ServedModel
+from fleet_server.inference.openai_routes import add_openai_routes
 from fleet_server.inference.repository import Catalog, Key, ModelRepository
 from fleet_server.inference.settings import Configured
 from fleet_server.inference.source import VerifiedBundles
@@ -162,6 +165,7 @@ def create_inference_app(configured: Configured) -> FastAPI:
     _health_routes(app, endpoint)
     _model_routes(app, endpoint)
     _repository_routes(app, endpoint)
+    add_openai_routes(app, endpoint)
     return app
 
 

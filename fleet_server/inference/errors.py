@@ -67,28 +67,36 @@ def status_of(error: EdgeFleetError) -> int:
     return status_for(error)
 
 
-def error_response(message: str, status: int) -> JSONResponse:
+def error_response(message: str, status: int, request: Request | None = None, param: str | None = None) -> JSONResponse:
+    """``{"error": message}``; on the OpenAI routes (``/v1/``) OpenAI's error object, which its clients read."""
     retry = RETRY_AFTER_S.get(status)
     headers = {"Retry-After": str(retry)} if retry is not None else None
+    if request is not None and request.url.path.startswith("/v1/"):
+        return JSONResponse(openai_error(message[:2000], status, param), status_code=status, headers=headers)
     return JSONResponse({"error": message[:2000]}, status_code=status, headers=headers)
 
 
-def _domain(_request: Request, error: Exception) -> JSONResponse:
+def openai_error(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _domain(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, EdgeFleetError)
     status = status_of(error)
     if status >= 500:
         log.warning("inference: %s: %s", type(error).__name__, error)
-    return error_response(str(error), status)
+    return error_response(str(error), status, request, getattr(error, "param", None))
 
 
-def _validation(_request: Request, error: Exception) -> JSONResponse:
+def _validation(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    return error_response(describe_validation_error(list(error.errors())), 400)
+    return error_response(describe_validation_error(list(error.errors())), 400, request)
 
 
-def _http(_request: Request, error: Exception) -> JSONResponse:
+def _http(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    return error_response(str(error.detail), error.status_code)
+    return error_response(str(error.detail), error.status_code, request)
 
 
 def _database(_request: Request, error: Exception) -> JSONResponse:
