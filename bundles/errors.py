@@ -158,6 +158,14 @@ class InputError(InferenceError):
     """Inputs do not match the model's declared schema."""
 
 
+class GenerationError(InputError):
+    """A request the OpenAI-compatible routes refuse (400), with the OpenAI error ``param`` it concerns."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class RequestTooLargeError(InputError):
     """A request body, once inflated, or a tensor is over the limit the server or the model sets (413)."""
 
@@ -197,6 +205,7 @@ __all__ = [
     "EdgeFleetError",
     "ExpiredMetadataError",
     "GateFailedError",
+    "GenerationError",
     "InferenceError",
     "InputError",
     "InstallError",

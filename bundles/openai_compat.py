@@ -19,21 +19,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bundles.errors import InputError
+from bundles.errors import GenerationError
 from bundles.manifest import Manifest
 from bundles.runtimes.llama_cpp import GenerationStats, LlamaCppRuntime, Sampling
 
+__all__ = ["ROUTES", "GenerationError", "GenerationRequest", "LlmLimits", "Started", "start_generation"]
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 MAX_MESSAGES = 256
 MAX_STOP_STRINGS = 4
-
-
-class GenerationError(InputError):
-    """A request the OpenAI routes refuse (400), with the OpenAI error ``param`` it concerns."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
