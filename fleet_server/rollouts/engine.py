@@ -28,11 +28,13 @@ because nothing is kept in memory between ticks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -98,12 +100,13 @@ class RolloutEngine:
     def tick(self) -> list[RolloutDecision]:
         """Fold new telemetry, then evaluate every running rollout once; the decisions that acted."""
         started = time.perf_counter()
-        self.fold()
-        with self.session_factory() as session:
-            ids = list(session.scalars(select(Rollout.id).where(Rollout.state == RolloutState.RUNNING.value)))
-        made: list[RolloutDecision] = []
-        for rollout_id in ids:
-            made.extend(self._evaluate_isolated(rollout_id))
+        with collector_paused():
+            self.fold()
+            with self.session_factory() as session:
+                ids = list(session.scalars(select(Rollout.id).where(Rollout.state == RolloutState.RUNNING.value)))
+            made: list[RolloutDecision] = []
+            for rollout_id in ids:
+                made.extend(self._evaluate_isolated(rollout_id))
         if self.metrics is not None:
             self.metrics.rollout_tick_s.observe(time.perf_counter() - started)
         return made
@@ -175,6 +178,25 @@ class RolloutEngine:
             except Exception:  # a bad tick must not stop the loop; the next tick retries
                 log.exception("rollout tick failed")
             await asyncio.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Run the block with Python's cyclic garbage collector paused (it resumes afterwards).
+
+    A tick at 10,000 devices allocates some 60,000 containers (parsed windows, evidence, rows) that
+    live until its end: with the collector running, they survive young collections into the old
+    generation and set off full collections of the whole process heap, which took a fifth of a
+    tick's CPU time. Paused, they are freed by reference counting when the tick drops them, and the
+    little cyclic garbage a tick leaves (sessions) is collected by the next collection after it.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def evaluate_rollout(session: Session, rollout: Rollout, now: dt.datetime) -> list[RolloutDecision]:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bundles.windows import LATENCY_EDGES_MS, MERGED_FIELDS, merge_fields, sum_nested
+from bundles.errors import ConfigError
+from bundles.windows import (
+    LATENCY_EDGES_MS,
+    MERGED_FIELDS,
+    _check_fields,
+    _plainly_valid,
+    is_valid_window,
+    merge_fields,
+    sum_nested,
+)
 
 counts = st.lists(st.integers(min_value=0, max_value=1000), min_size=1, max_size=6)
 window = st.fixed_dictionaries(
@@ -44,3 +53,51 @@ def test_only_the_additive_fields_are_merged() -> None:
 def test_latency_edges_span_ten_microseconds_to_one_hundred_seconds_ten_per_decade() -> None:
     assert len(LATENCY_EDGES_MS) == 71
     assert abs(LATENCY_EDGES_MS[0] - 0.01) < 1e-12 and abs(LATENCY_EDGES_MS[-1] - 100_000) < 1e-6
+
+
+number = st.one_of(
+    st.integers(-2, 10**13),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+)
+loose_counts = st.lists(st.one_of(st.integers(0, 100), number), max_size=5)
+loose_window = st.fixed_dictionaries(
+    {},
+    optional={
+        "counters": st.one_of(
+            st.dictionaries(st.sampled_from(["requests", "errors", "fallbacks", "sources", ""]),
+                            st.one_of(st.integers(0, 100), number, st.dictionaries(st.text(max_size=3), number))),
+            number,
+        ),
+        "latency_ms": st.one_of(st.fixed_dictionaries({"counts": loose_counts}, optional={"sum": number}), number),
+        "features": st.one_of(st.dictionaries(st.text(max_size=3), st.one_of(loose_counts, number)), number),
+        "output": st.dictionaries(st.sampled_from(["label"]), loose_counts),
+        "shadow": st.dictionaries(st.sampled_from(["compared", "agreed", "latency_ms_sum"]), number),
+    },
+)  # fmt: skip
+
+
+@given(loose_window)
+def test_the_bulk_check_of_folded_windows_accepts_only_what_the_field_checks_accept(payload: dict) -> None:
+    """``check_window`` takes a fast path for the usual window; it must never let through what the
+    field-by-field checks (which name the bad field) refuse."""
+    try:
+        _check_fields(payload, "window")
+        accepted_field_by_field = True
+    except ConfigError:
+        accepted_field_by_field = False
+    assert is_valid_window(payload) == accepted_field_by_field
+    if _plainly_valid(payload):
+        assert accepted_field_by_field
+
+
+def test_a_window_as_agents_write_it_takes_the_bulk_check() -> None:
+    payload = {"counters": {"requests": 60, "rows": 60, "errors": 1, "fallbacks": 0},
+               "latency_ms": {"counts": [0] * 24 + [60] + [0] * 47, "sum": 120.0},
+               "features": {"f0": [8, 7, 6]}, "output": {"label": [17, 17, 26]},
+               "shadow": {"compared": 3, "agreed": 2}}  # fmt: skip
+    assert _plainly_valid(payload)
+    assert not _plainly_valid({**payload, "counters": {"requests": 60, "errors": 61}})
+    assert not _plainly_valid({**payload, "latency_ms": {"counts": [1], "sum": float("nan")}})
