@@ -67,6 +67,13 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return value
         return value.replace(tzinfo=dt.timezone.utc)
 
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        """No conversion on PostgreSQL, whose driver returns ``timestamptz`` values timezone-aware already (a
+        Python call per value saved: a rollout tick reads some 40,000 of them at 10,000 devices)."""
+        if dialect.name == "postgresql":
+            return self.impl_instance.result_processor(dialect, coltype)
+        return super().result_processor(dialect, coltype)
+
 
 class Base(DeclarativeBase):
     """Declarative base of every fleet-server table (core, telemetry, rollouts)."""

@@ -75,12 +75,14 @@ class FoldReport:
     events: int = 0
     invalid_windows: int = 0
     chunks: int = 0
+    drained: bool = False  # the last chunk found fewer rows than it could take: nothing was left to fold
 
     def add(self, other: FoldReport) -> None:
         self.windows += other.windows
         self.events += other.events
         self.invalid_windows += other.invalid_windows
         self.chunks += other.chunks
+        self.drained = other.drained
 
 
 def fold_pending(factory: sessionmaker[Session], max_chunks: int | None = None) -> FoldReport:
@@ -89,9 +91,9 @@ def fold_pending(factory: sessionmaker[Session], max_chunks: int | None = None) 
     while max_chunks is None or report.chunks < max_chunks:
         with factory() as session:
             chunk = fold_chunk(session)
-        if chunk.windows == 0 and chunk.events == 0:
-            break
         report.add(chunk)
+        if chunk.drained:  # what arrives meanwhile waits for the next fold (no query to find nothing)
+            break
     return report
 
 
@@ -111,7 +113,7 @@ def fold_chunk(session: Session) -> FoldReport:
         ).all()  # fmt: skip
         if not windows and not events:
             session.rollback()
-            return FoldReport()
+            return FoldReport(drained=True)
         plan = _Plan.load(session, {w.device_id for w in windows} | {e.device_id for e in events})
         for window in windows:
             plan.add_window(window)
@@ -119,7 +121,8 @@ def fold_chunk(session: Session) -> FoldReport:
             plan.add_event(event)
         plan.write(session, [w.id for w in windows], [e.id for e in events])
         session.commit()
-    return FoldReport(len(windows), len(events), plan.invalid, 1)
+    drained = len(windows) < limit and len(events) < limit
+    return FoldReport(len(windows), len(events), plan.invalid, 1, drained)
 
 
 @dataclass
