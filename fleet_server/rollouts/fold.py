@@ -38,7 +38,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, Text, any_, bindparam, cast, select, text, update
+from sqlalchemy import Select, Table, Text, any_, bindparam, cast, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,6 +58,11 @@ CHUNK_ROWS = {"sqlite": 500, "postgresql": 5000}
 WAVE, CONTROL = "wave", "control"
 ENGINE_LOCK = "rollout-engine"
 """The critical section of the fold and of every evaluation: one at a time per database."""
+
+UNFOLDED_WINDOWS, UNFOLDED_EVENTS = text("NOT metric_windows.folded"), text("NOT device_events.folded")
+"""The partial indexes' own condition (migration 0005), written out: SQLite uses a partial index only for a
+query that repeats its condition, and SQLAlchemy renders ``~folded`` there as ``folded = 0`` (a scan of the
+whole table for every chunk)."""
 
 RollupKey = tuple[int, int, str, int]  # rollout id, wave index, cohort, bundle version
 
@@ -101,16 +106,8 @@ def fold_chunk(session: Session) -> FoldReport:
     """Fold one chunk in one transaction (committed here)."""
     limit = CHUNK_ROWS.get(session.get_bind().dialect.name, 500)
     with serialized(session, ENGINE_LOCK):
-        windows = session.execute(
-            select(MetricWindow.id, MetricWindow.device_id, MetricWindow.model_name, MetricWindow.bundle_version,
-                   MetricWindow.window_start, MetricWindow.window_end, cast(MetricWindow.payload, Text))
-            .where(~MetricWindow.folded).order_by(MetricWindow.id).limit(limit)  # NOT folded: the partial index
-        ).all()  # fmt: skip
-        events = session.execute(
-            select(DeviceEvent.id, DeviceEvent.device_id, DeviceEvent.type, DeviceEvent.model_name,
-                   DeviceEvent.bundle_version, DeviceEvent.at, cast(DeviceEvent.payload, Text))
-            .where(~DeviceEvent.folded).order_by(DeviceEvent.id).limit(limit)
-        ).all()  # fmt: skip
+        windows = session.execute(unfolded_windows(limit)).all()
+        events = session.execute(unfolded_events(limit)).all()
         if not windows and not events:
             session.rollback()
             return FoldReport(drained=True)
@@ -123,6 +120,24 @@ def fold_chunk(session: Session) -> FoldReport:
         session.commit()
     drained = len(windows) < limit and len(events) < limit
     return FoldReport(len(windows), len(events), plan.invalid, 1, drained)
+
+
+def unfolded_windows(limit: int) -> Select[Any]:
+    """The oldest ``limit`` windows not folded yet (through the partial index ``ix_metric_windows_unfolded``)."""
+    return (
+        select(MetricWindow.id, MetricWindow.device_id, MetricWindow.model_name, MetricWindow.bundle_version,
+               MetricWindow.window_start, MetricWindow.window_end, cast(MetricWindow.payload, Text))
+        .where(UNFOLDED_WINDOWS).order_by(MetricWindow.id).limit(limit)
+    )  # fmt: skip
+
+
+def unfolded_events(limit: int) -> Select[Any]:
+    """The oldest ``limit`` events not folded yet (through the partial index ``ix_device_events_unfolded``)."""
+    return (
+        select(DeviceEvent.id, DeviceEvent.device_id, DeviceEvent.type, DeviceEvent.model_name,
+               DeviceEvent.bundle_version, DeviceEvent.at, cast(DeviceEvent.payload, Text))
+        .where(UNFOLDED_EVENTS).order_by(DeviceEvent.id).limit(limit)
+    )  # fmt: skip
 
 
 @dataclass
@@ -385,4 +400,5 @@ def _write_evidence(session: Session, members: list[_Member]) -> None:
     session.execute(statement, rows)
 
 
-__all__ = ["CONTROL", "ENGINE_LOCK", "WAVE", "FoldReport", "fold_chunk", "fold_pending"]
+__all__ = ["CONTROL", "ENGINE_LOCK", "WAVE", "FoldReport", "fold_chunk", "fold_pending", "unfolded_events",
+           "unfolded_windows"]
