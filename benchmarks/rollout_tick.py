@@ -54,6 +54,7 @@ HEARTBEAT_EVERY_MIN = 5
 WAVES = "40%,100%"
 GATES = ("error_rate<0.01", "p99_ms<40", "psi<0.2")
 WINDOW_COLUMNS = ("batch_pk", "device_id", "model_name", "bundle_version", "window_start", "window_end", "payload")
+LOAD_AT_START = os.getloadavg()
 EVENT_COLUMNS = ("batch_pk", "device_id", "type", "model_name", "bundle_version", "at", "payload")
 
 
@@ -223,6 +224,18 @@ class Scene:
         decisions = self.rollout_engine.tick()
         return time.perf_counter() - started, [d.action for d in decisions]
 
+    def timed_tick(self) -> tuple[float, float | None, list[str]]:
+        """A tick's wall time, and the CPU time it took (this process and its PostgreSQL backends, when their
+        ``/proc`` entries can be read: the database runs on this host); None when that cannot be measured."""
+        database_before = backend_cpu_s(self.engine)
+        process_before = time.process_time()
+        elapsed, actions = self.tick_s()
+        process_s = time.process_time() - process_before
+        database_after = backend_cpu_s(self.engine)
+        if database_before is None or database_after is None:
+            return elapsed, None, actions
+        return elapsed, process_s + database_after - database_before, actions
+
     def baseline_s(self) -> float:
         """The wave's and the control's figures recomputed from every raw window (the pre-fold tick's work)."""
         from fleet_server.rollouts.models import RolloutWave
@@ -239,6 +252,26 @@ class Scene:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def backend_cpu_s(engine: Any) -> float | None:
+    """CPU seconds used so far by the server processes of ``engine``'s database (0 on SQLite, which runs in this
+    process); None if PostgreSQL runs elsewhere (its processes are not readable here)."""
+    if engine.dialect.name != "postgresql":
+        return 0.0
+    import sqlalchemy as sa
+
+    with engine.connect() as connection:
+        pids = connection.scalars(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))
+        pids = list(pids)
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (man 5 proc)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 PROBE_SCRIPT = """
@@ -301,13 +334,16 @@ def bench(backend: str, n: int, history_min: int, baseline: bool) -> dict[str, A
 def measure(scene: Scene, url: str, backend: str, baseline: bool, work: Path) -> dict[str, Any]:
     catch_up_s, actions = scene.tick_s()
     out: dict[str, Any] = {"catch_up_s": catch_up_s, "catch_up_actions": actions}
-    steady, arriving = [], 0
+    steady, cpu, arriving = [], [], 0
     for _ in range(STEADY_TICKS):
         arriving = scene.write_until(scene.written_until + dt.timedelta(seconds=TICK_S))
-        elapsed, actions = scene.tick_s()
+        elapsed, cpu_s, actions = scene.timed_tick()
         steady.append(elapsed)
+        cpu.append(cpu_s)
         assert not actions, f"the scene was meant to stay mid-wave, got {actions}"
     out |= {"steady_median_s": statistics.median(steady), "steady_max_s": max(steady), "arriving_windows": arriving}
+    if None not in cpu:
+        out["steady_cpu_median_s"] = statistics.median(c for c in cpu if c is not None)
     if backend == "sqlite":
         out |= writer_waits(scene, url, work)
     if baseline:
@@ -334,23 +370,25 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores "
         f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, load average "
-        f"{os.getloadavg()[0]:.1f} at the end. Command: `python benchmarks/rollout_tick.py`. A rollout of "
+        f"{LOAD_AT_START[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. "
+        "Command: `python benchmarks/rollout_tick.py`. A rollout of "
         f"`digits@2` with waves `{WAVES}`, gates {', '.join(GATES)}, mid-way through wave 1; every device reports a "
         f"window a minute and a heartbeat every {HEARTBEAT_EVERY_MIN} min (history: the minutes below).",
         "",
         "| database | devices | history (min, windows) | catch-up tick | steady tick: median | max | "
-        "windows arriving per tick | baseline: figures from raw windows | SQLite: longest concurrent insert "
-        "during ticks / without |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "CPU per steady tick (engine + database) | windows arriving per tick | baseline: figures from raw windows | "
+        "SQLite: longest concurrent insert during ticks / without |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         baseline = f"{r['baseline_s'] * 1000:,.0f} ms" if "baseline_s" in r else "not run"
         writer = (f"{r['writer_max_ms_ticks']:.1f} ms / {r['writer_max_ms_alone']:.1f} ms"
                   if "writer_max_ms_ticks" in r else "n/a")  # fmt: skip
+        cpu = f"{r['steady_cpu_median_s'] * 1000:,.0f} ms" if "steady_cpu_median_s" in r else "not measured"
         lines.append(
             f"| {r['backend']} | {r['devices']:,} | {r['history_min']} ({r['devices'] * r['history_min']:,}) | "
             f"{r['catch_up_s'] * 1000:,.0f} ms | **{r['steady_median_s'] * 1000:,.0f} ms** | "
-            f"{r['steady_max_s'] * 1000:,.0f} ms | {r['arriving_windows']:,} | {baseline} | {writer} |"
+            f"{r['steady_max_s'] * 1000:,.0f} ms | {cpu} | {r['arriving_windows']:,} | {baseline} | {writer} |"
         )
     lines += [
         "",

@@ -122,7 +122,7 @@ def fold_chunk(session: Session) -> FoldReport:
     return FoldReport(len(windows), len(events), plan.invalid, 1, drained)
 
 
-def unfolded_windows(limit: int) -> Select[Any]:
+def unfolded_windows(limit: int) -> Select[int, str, str, int, dt.datetime, dt.datetime, str]:
     """The oldest ``limit`` windows not folded yet (through the partial index ``ix_metric_windows_unfolded``)."""
     return (
         select(MetricWindow.id, MetricWindow.device_id, MetricWindow.model_name, MetricWindow.bundle_version,
@@ -131,7 +131,7 @@ def unfolded_windows(limit: int) -> Select[Any]:
     )  # fmt: skip
 
 
-def unfolded_events(limit: int) -> Select[Any]:
+def unfolded_events(limit: int) -> Select[int, str, str, str | None, int | None, dt.datetime, str]:
     """The oldest ``limit`` events not folded yet (through the partial index ``ix_device_events_unfolded``)."""
     return (
         select(DeviceEvent.id, DeviceEvent.device_id, DeviceEvent.type, DeviceEvent.model_name,
@@ -400,5 +400,13 @@ def _write_evidence(session: Session, members: list[_Member]) -> None:
     session.execute(statement, rows)
 
 
-__all__ = ["CONTROL", "ENGINE_LOCK", "WAVE", "FoldReport", "fold_chunk", "fold_pending", "unfolded_events",
-           "unfolded_windows"]
+__all__ = [
+    "CONTROL",
+    "ENGINE_LOCK",
+    "WAVE",
+    "FoldReport",
+    "fold_chunk",
+    "fold_pending",
+    "unfolded_events",
+    "unfolded_windows",
+]
