@@ -106,8 +106,9 @@ def fold_chunk(session: Session) -> FoldReport:
     """Fold one chunk in one transaction (committed here)."""
     limit = CHUNK_ROWS.get(session.get_bind().dialect.name, 500)
     with serialized(session, ENGINE_LOCK):
-        windows = session.execute(unfolded_windows(limit)).all()
-        events = session.execute(unfolded_events(limit)).all()
+        connection = session.connection()  # Core: plain columns need no ORM row layer (thousands of rows)
+        windows = connection.execute(unfolded_windows(limit)).all()
+        events = connection.execute(unfolded_events(limit)).all()
         if not windows and not events:
             session.rollback()
             return FoldReport(drained=True)
@@ -205,7 +206,7 @@ class _Plan:
                            RolloutDevice.evidence, RolloutDevice.running_since, RolloutDevice.variant).where(
                 RolloutDevice.rollout_id.in_(list(rollouts)), _among(session, RolloutDevice.device_id, device_ids),
                 RolloutDevice.membership == "member")  # fmt: skip
-            for row in session.execute(query):
+            for row in session.connection().execute(query):
                 rollout, member = rollouts[row[0]], _Member(*row)
                 member.target = rollout.version
                 member.shadow = rollout.wave_shadow and member.previous_version is not None

@@ -67,7 +67,8 @@ def wave_members(session: Session, rollout_id: int, wave_index: int) -> list[Mem
                RolloutDevice.membership == "member")
         .order_by(RolloutDevice.device_id)
     )  # fmt: skip
-    return [Member(*row) for row in session.execute(query)]
+    session.flush()  # ORM changes made earlier in the tick (a promoted shadow wave) are part of what is read
+    return [Member(*row) for row in session.connection().execute(query)]  # Core: no ORM row layer for plain columns
 
 
 def write_changes(session: Session, rollout_id: int, members: list[Member]) -> int:
