@@ -100,6 +100,8 @@ def _plainly_valid(payload: Mapping[str, Any]) -> bool:
     counts at once; anything else (groups of counters, float counts, a bad value) returns False and
     gets the field-by-field checks, which name what is wrong.
     """
+    if payload.get("llm") is not None:  # a language model's generations: the field-by-field checks
+        return False
     counters, latency, shadow = payload.get("counters", {}), payload.get("latency_ms", {}), payload.get("shadow", {})
     if not (type(counters) is dict and type(latency) is dict and type(shadow) is dict):
         return False

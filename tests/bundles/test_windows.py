@@ -75,6 +75,9 @@ loose_window = st.fixed_dictionaries(
         "features": st.one_of(st.dictionaries(st.text(max_size=3), st.one_of(loose_counts, number)), number),
         "output": st.dictionaries(st.sampled_from(["label"]), loose_counts),
         "shadow": st.dictionaries(st.sampled_from(["compared", "agreed", "latency_ms_sum"]), number),
+        "llm": st.one_of(
+            number, st.dictionaries(st.sampled_from(["generations", "completion_tokens", "stop_reasons"]), number)
+        ),
     },
 )  # fmt: skip
 
