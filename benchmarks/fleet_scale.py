@@ -1,0 +1,151 @@
+"""Fleet scale: N simulated devices (``edgefleet-sim``) against real fleet servers, SQLite and PostgreSQL.
+
+For each database, the same scenario: the fleet enrolls (each device with its own Ed25519 key), is put
+on version 1, then a good version 2 is rolled out in waves (``1%,100%``, gated on the error rate) and
+must converge with no device left without a working model. The baseline, measured in the same run, is
+the same scenario with ``--baseline-devices`` devices (default 1,000; 0 skips it): what grows with the
+fleet, and what only follows the intervals.
+
+Reported per run: convergence time of the rollout (creation to the whole fleet on v2), polls/s over the
+run, poll latency p50/p99 as the devices saw it, rollout tick p50/p99 (the servers' histogram), server
+CPU seconds and peak RSS (all server processes), bytes downloaded, and the largest fleet that converged.
+
+Usage: ``python benchmarks/fleet_scale.py [--devices 10000] [--backends sqlite,postgresql]
+[--processes-pg 2] [--baseline-devices 1000]``. Writes ``docs/benchmarks.md`` between
+``<!-- BEGIN fleet_scale -->`` and ``<!-- END fleet_scale -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mdreport import write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simulators.fleet.runner import Simulation, SimulationResult  # noqa: E402
+from simulators.fleet.scenario import (  # noqa: E402
+    BundleSpec,
+    FaultSpec,
+    FleetSpec,
+    RolloutSpec,
+    Scenario,
+    ServerSpec,
+)
+
+
+def scenario(devices: int, database: str, processes: int) -> Scenario:
+    """The scale scenario: intervals an operator of a large fleet would set (poll 30 s, windows 60 s)."""
+    return Scenario(
+        name=f"fleet scale {devices} on {database}",
+        server=ServerSpec(
+            database=database,
+            processes=processes,
+            rollout_tick_s=2.0,
+            telemetry_window_s=60,
+            poll_interval_s=30,
+            jitter_s=10,
+        ),  # fmt: skip
+        fleet=FleetSpec(
+            devices=devices,
+            profiles={"pi4": 0.4, "pi5": 0.3, "orin-nano": 0.2, "x86": 0.1},
+            requests_per_s=0.5,
+            concurrency=48,
+            enroll_per_s=250.0,
+        ),  # fmt: skip
+        bundles=(BundleSpec(1), BundleSpec(2)),
+        rollouts=(
+            RolloutSpec(
+                2,
+                waves="1%,100%",
+                gates=("error_rate<0.02 min=50",),
+                soak="30s",
+                device_timeout="10m",
+                expect="completed",
+                timeout_s=1500,
+            ),
+        ),  # fmt: skip
+        faults=FaultSpec(),
+    )
+
+
+def run(devices: int, database: str, processes: int, work: Path) -> SimulationResult:
+    result = Simulation(scenario(devices, database, processes), work / f"{database}-{devices}").run()
+    print(f"{database} {devices}: ok={result.ok} {result.totals['polls_per_s']:.0f} polls/s {result.server}")
+    return result
+
+
+def row(result: SimulationResult) -> dict[str, Any]:
+    rollout = result.rollouts[-1]
+    converged = None if rollout.converged_s is None else rollout.converged_s - rollout.started_s
+    return {"database": result.database, "processes": result.processes, "devices": result.devices,
+            "ok": result.ok, "converged_s": converged, "polls_per_s": result.totals["polls_per_s"],
+            "poll_p50_ms": result.totals["poll_p50_ms"], "poll_p99_ms": result.totals["poll_p99_ms"],
+            "tick_p50_ms": result.server.get("rollout_tick_p50_ms"),
+            "tick_p99_ms": result.server.get("rollout_tick_p99_ms"),
+            "cpu_s": result.server.get("server_cpu_s"), "rss_mb": result.server.get("server_peak_rss_mb"),
+            "mb_down": result.totals["bytes_down"] / 1e6, "without": rollout.without_working_model,
+            "duration_s": result.duration_s}  # fmt: skip
+
+
+def _f(value: Any, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]], load: tuple[float, float]) -> str:
+    lines = [
+        f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
+        f"({platform.machine()}), Python {platform.python_version()}; the simulator (one process, devices as tasks "
+        "on one event loop, 48 worker threads) and the server processes share the machine. Poll every 30 s "
+        "(jitter 10 s), metric windows of 60 s, rollout `1%,100%` gated on `error_rate<0.02 min=50`, soak 30 s. "
+        "Command: `python benchmarks/fleet_scale.py`.",
+        "",
+        "| database | server processes | devices | converged | rollout converged after | polls/s | poll p50 / p99 ms "
+        "| rollout tick p50 / p99 ms | server CPU s | server peak RSS MB | MB downloaded | without a working model |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['database']} | {r['processes']} | {r['devices']:,} | {'yes' if r['ok'] else '**no**'} "
+            f"| {_f(r['converged_s'])} s | {_f(r['polls_per_s'], 1)} "
+            f"| {_f(r['poll_p50_ms'], 1)} / {_f(r['poll_p99_ms'], 1)} "
+            f"| {_f(r['tick_p50_ms'])} / {_f(r['tick_p99_ms'])} | {_f(r['cpu_s'])} | {_f(r['rss_mb'])} "
+            f"| {_f(r['mb_down'], 1)} | {r['without']} |"
+        )
+    largest = max((r["devices"] for r in rows if r["ok"]), default=0)
+    lines += ["", f"Largest fleet that converged in this run: **{largest:,} devices**. Load average before / after: "
+              f"{load[0]:.1f} / {load[1]:.1f} (above 2: other work shared the two cores)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--processes-pg", type=int, default=2)
+    parser.add_argument("--baseline-devices", type=int, default=1000)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="edgefleet-fleet-scale-"))
+    load_before = os.getloadavg()[0]
+    rows = []
+    for database in args.backends.split(","):
+        processes = args.processes_pg if database == "postgresql" else 1
+        for devices in ([args.baseline_devices] if args.baseline_devices else []) + [args.devices]:
+            rows.append(row(run(devices, database, processes, work)))
+    text = table(rows, (load_before, os.getloadavg()[0]))
+    print(text)
+    write_section("fleet_scale", "Fleet scale: simulated devices against real fleet servers", text)
+
+
+if __name__ == "__main__":
+    main()
