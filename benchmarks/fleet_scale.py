@@ -142,9 +142,9 @@ def main() -> None:
         processes = args.processes_pg if database == "postgresql" else 1
         for devices in ([args.baseline_devices] if args.baseline_devices else []) + [args.devices]:
             rows.append(row(run(devices, database, processes, work)))
-    text = table(rows, (load_before, os.getloadavg()[0]))
+            text = table(rows, (load_before, os.getloadavg()[0]))  # written after each run: a long run keeps its rows
+            write_section("fleet_scale", "Fleet scale: simulated devices against real fleet servers", text)
     print(text)
-    write_section("fleet_scale", "Fleet scale: simulated devices against real fleet servers", text)
 
 
 if __name__ == "__main__":
