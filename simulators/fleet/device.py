@@ -47,7 +47,7 @@ from device_agent.telemetry.events import heartbeat_event, install_event
 from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
 from device_agent.telemetry.uploader import TelemetryUploader
 from device_agent.update.source import variant_target
-from simulators.fleet.behaviour import ModelBehaviour
+from simulators.fleet.behaviour import Answer, ModelBehaviour
 from simulators.fleet.net import Balancer, DeviceLink
 from simulators.fleet.profiles import HardwareProfile
 
@@ -98,6 +98,7 @@ class Fleet:
                  behaviours: dict[int, tuple[str, float]], started_at: float) -> None:  # fmt: skip
         self.base_url, self.token, self.balancer, self.work_dir = base_url, token, balancer, work_dir
         self.behaviours = behaviours  # version -> (behaviour, rate)
+        self.cloud_fallback = False
         self.started_at = started_at
         self._models: dict[tuple[int, str], ModelBehaviour] = {}
 
@@ -379,14 +380,29 @@ class VirtualDevice:
         manifest = self.manifests[self.running]
         model = self.fleet.model(manifest)
         base = self.profile.base_latency_ms
+        deadline_ms = manifest.runtime_config.deadline_ms
         for _ in range(count):
             answer = model.answer(self.rng, base)
             self.counters.requests += 1
-            if answer.error is not None:
+            late = deadline_ms is not None and answer.latency_ms > deadline_ms
+            if (answer.error is not None or late) and self.fleet.cloud_fallback:
+                self._answer_from_cloud(manifest, model, answer, "local_error" if answer.error else "deadline")
+            elif answer.error is not None:
                 self.counters.errors += 1
                 self.recorder.record(MODEL, manifest, answer.inputs, None, None, answer.latency_ms, error=answer.error)
             else:
                 self.recorder.record_local(MODEL, manifest, answer.inputs, answer.outputs or {}, answer.latency_ms)
+
+    def _answer_from_cloud(self, manifest: Manifest, model: ModelBehaviour, answer: Answer, reason: str) -> None:
+        """The serving pipeline's fallback, shortcut: the cloud answers with the golden outputs after the
+        local attempt (cut at the deadline) and a round trip (docs/simulator.md)."""
+        assert self.recorder is not None
+        self.counters.fallbacks += 1
+        deadline_ms = manifest.runtime_config.deadline_ms or answer.latency_ms
+        latency_ms = min(answer.latency_ms, deadline_ms) + self.profile.rtt_ms + 5.0
+        good = model.cases[self.rng.randrange(len(model.cases))]
+        self.recorder.record(MODEL, manifest, answer.inputs, dict(good.outputs or {}), "cloud", latency_ms,
+                             fallback_reason=reason)  # fmt: skip
 
     rate = 1.0
 

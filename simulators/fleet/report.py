@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def plot_timeline(result: SimulationResult, path: Path) -> Path | None:
     if not samples:
         return None
     t = [s.t_s for s in samples]
-    fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(11, 12), sharex=True)
     for key in sorted({k for s in samples for k in s.versions}):
         axes[0].plot(t, [s.versions.get(key, 0) for s in samples], label=key)
     axes[0].set_ylabel("devices per version")
@@ -118,7 +119,8 @@ def plot_timeline(result: SimulationResult, path: Path) -> Path | None:
     polls = [s.polls for s in samples]
     rates = [(b - a) / max(t2 - t1, 1e-9) for a, b, t1, t2 in zip(polls, polls[1:], t, t[1:], strict=False)]
     axes[2].plot(t, [0.0, *rates], label="polls/s")
-    axes[2].set_xlabel("seconds since the simulation started")
+    _plot_gates(axes[3], samples)
+    axes[3].set_xlabel("seconds since the simulation started")
     for at, what in result.events:
         for ax in axes:
             ax.axvline(at, color="grey", alpha=0.25, linewidth=0.8)
@@ -134,6 +136,22 @@ def plot_timeline(result: SimulationResult, path: Path) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+_GATE = re.compile(r"^\s*[a-z0-9_]+\s*(<=|>=|<|>)\s*([0-9.eE+-]+)")
+
+
+def _plot_gates(ax: Any, samples: list[Any]) -> None:
+    """Each gate's value over time as a share of its threshold (1.0: the threshold; dashed)."""
+    for key in sorted({k for s in samples for k in s.gates}):
+        match = _GATE.match(key.split(": ", 1)[-1])
+        threshold = float(match.group(2)) if match else 0.0
+        if not threshold:
+            continue
+        points = [(s.t_s, s.gates[key] / threshold) for s in samples if key in s.gates]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", markersize=3, label=key)
+    ax.axhline(1.0, color="red", linestyle="--", linewidth=1)
+    ax.set_ylabel("gate value / threshold")
 
 
 def _html(data: dict[str, Any], png: Path | None) -> str:

@@ -51,6 +51,7 @@ class Sample:
     wave: int | None
     polls: int
     bytes_down: int
+    gates: dict[str, float] = field(default_factory=dict)  # the current wave's gate values (last evaluation)
 
 
 @dataclass
@@ -106,7 +107,8 @@ class Simulation:
         self.events: list[tuple[float, str]] = []
         self.t0 = time.monotonic()
         self.stopping = False
-        self.current = ("", "", None)  # label, state, wave
+        self.current: tuple[str, str, Any] = ("", "", None)  # label, state, wave
+        self.current_gates: dict[str, float] = {}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -142,6 +144,7 @@ class Simulation:
         spec, faults = self.scenario.fleet, self.scenario.faults
         behaviours = {b.version: (b.behaviour, b.rate) for b in self.scenario.bundles}
         self.fleet = Fleet(self.cluster.url, token, balancer, self.work_dir, behaviours, started_at=float("inf"))
+        self.fleet.cloud_fallback = spec.cloud_fallback
         rng = random.Random(spec.seed)  # noqa: S311 - simulation
         for index, profile in enumerate(assign_profiles(spec.devices, spec.profiles)):
             drawn = DeviceFaults(
@@ -232,6 +235,7 @@ class Simulation:
             view = await asyncio.to_thread(self._view, rollout_id)
             state = str(view.get("state", "?"))
             self.current = (label, state, view.get("current_wave"))
+            self.current_gates = _wave_gates(view)
             on_target = sum(d.running == spec.version for d in self.devices)
             progress.update(task, completed=on_target, status=f"{state} wave {view.get('current_wave')}")
             if state in TERMINAL and outcome.decided_s is None:
@@ -289,7 +293,8 @@ class Simulation:
             polls += d.counters.polls
             down += d.link.stats.bytes_down
         label, state, wave = self.current
-        return Sample(round(self.elapsed(), 2), versions, states, label, state, wave, polls, down)
+        gates = {f"{label}: {k}": v for k, v in self.current_gates.items()}
+        return Sample(round(self.elapsed(), 2), versions, states, label, state, wave, polls, down, gates)
 
     async def _server_faults(self) -> None:
         faults = self.scenario.faults
@@ -346,6 +351,18 @@ def _quantile(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return float(statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, round(q * 100) - 1))])
+
+
+def _wave_gates(view: dict[str, Any]) -> dict[str, float]:
+    """The gate values of the rollout's current wave (its last evaluation), by gate text."""
+    waves = view.get("waves") or []
+    current = view.get("current_wave")
+    wave = next((w for w in waves if w.get("index") == current), None)
+    if wave is None:
+        return {}
+    return {
+        str(g["gate"]): float(g["value"]) for g in wave.get("gates") or [] if isinstance(g.get("value"), int | float)
+    }
 
 
 def _last_reason(view: dict[str, Any]) -> str:

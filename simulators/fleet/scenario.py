@@ -49,6 +49,7 @@ class FleetSpec:
     requests_per_s: float = 1.0  # inference requests each device serves (its app's load)
     concurrency: int = 32  # worker threads running device steps (the devices themselves are tasks on one loop)
     enroll_per_s: float = 200.0  # enrollment pace at start (a fleet is not switched on in one instant)
+    cloud_fallback: bool = False  # a failed or late local answer is answered by the cloud (counted as a fallback)
     seed: int = 0
 
 
