@@ -47,6 +47,7 @@ class ProcessSampler:
 
     def __init__(self) -> None:
         self.cpu_by_pid: dict[int, float] = {}
+        self.root_of: dict[int, int] = {}
         self.peak_rss_mb = 0.0
         self.first_cpu_at: float | None = None
 
@@ -55,13 +56,20 @@ class ProcessSampler:
         for root in pids:
             for pid in _children(root):
                 self.cpu_by_pid[pid] = max(self.cpu_by_pid.get(pid, 0.0), _cpu_s(pid))
+                self.root_of[pid] = root
                 rss += _rss_mb(pid)
         self.peak_rss_mb = max(self.peak_rss_mb, rss)
 
     def summary(self) -> dict[str, float]:
+        """Totals, and the CPU seconds of each server process (with its children): how the load was shared."""
+        by_root: dict[int, float] = {}
+        for pid, cpu in self.cpu_by_pid.items():
+            by_root[self.root_of[pid]] = by_root.get(self.root_of[pid], 0.0) + cpu
+        shares = {f"server_cpu_s_process_{i}": round(cpu, 1) for i, cpu in enumerate(by_root.values())}
         return {
             "server_cpu_s": round(sum(self.cpu_by_pid.values()), 1),
             "server_peak_rss_mb": round(self.peak_rss_mb, 1),
+            **shares,
         }
 
 
