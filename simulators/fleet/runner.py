@@ -211,7 +211,8 @@ class Simulation:
 
     async def _enrolled(self, progress: Progress) -> None:
         task = progress.add_task("enrolling", total=len(self.devices), status="")
-        deadline = time.monotonic() + 60 + len(self.devices) / self.scenario.fleet.enroll_per_s * 3
+        # paced at enroll_per_s, but a loaded server enrolls slower: allow at least 10 devices/s
+        deadline = time.monotonic() + 120 + len(self.devices) / min(self.scenario.fleet.enroll_per_s, 10.0)
         while time.monotonic() < deadline:
             done = sum(d.device_id is not None for d in self.devices)
             progress.update(task, completed=done)
