@@ -130,6 +130,7 @@ class VirtualDevice:
         self.state = "new"  # new, idle, installing, power_off, offline, failed
         self.power_off_until = 0.0
         self.pending_events: list[dict[str, Any]] = []
+        self.staged: tuple[DesiredModel, str, int | None, str | None, float] | None = None
         self.recorder: TelemetryRecorder | None = None
         self.uploader: TelemetryUploader | None = None
         self.window_s, self.upload_interval_s = 60.0, 60.0
@@ -232,6 +233,8 @@ class VirtualDevice:
         return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
 
     def _poll_wait_s(self) -> float:
+        if self.staged is not None:
+            return max(0.05, self.staged[4] - time.time())
         poll = self.desired.poll_interval_s if self.desired and self.desired.poll_interval_s else 60.0
         jitter = self.desired.jitter_s if self.desired and self.desired.jitter_s else 0.0
         return float(poll) + self.rng.uniform(-float(jitter), float(jitter))
@@ -267,6 +270,9 @@ class VirtualDevice:
 
     def _maybe_install(self) -> None:
         entry = self._entry()
+        if self.staged is not None:
+            self._commit_when_transferred(entry)
+            return
         if entry is None or entry.version == self.running or not self._due(entry):
             return
         if self.failed_targets.get(entry.manifest_target, 0) >= 5:
@@ -274,11 +280,34 @@ class VirtualDevice:
         self.state = "installing"
         previous = self.running
         crash_at = self._crash_point()
+        received_before, requests_before = self.link.stats.bytes_down, self.link.stats.requests
         try:
             variant = self._download(entry, crash_at)
         except EdgeFleetError as e:
             self._install_failed(entry, e)
             return
+        stats = self.link.stats
+        transfer_s = self.profile.transfer_s(
+            stats.bytes_down - received_before, stats.requests - requests_before, self.faults.slow_factor
+        )
+        self.staged = (entry, variant, previous, crash_at, time.time() + transfer_s)
+        self._commit_when_transferred(entry)
+
+    def _commit_when_transferred(self, entry: DesiredModel | None) -> None:
+        """Commit the staged install once its bytes would have crossed this board's link (loopback is faster
+        than any device's): the download's simulated duration is its bytes and round trips on the profile's link."""
+        assert self.staged is not None
+        staged, variant, previous, crash_at, ready_at = self.staged
+        if entry is None or entry.manifest_target != staged.manifest_target:
+            self.staged, self.state = None, "idle"  # directed elsewhere meanwhile: the staged bundle is dropped
+            return
+        if time.time() < ready_at:
+            self.state = "downloading"
+            return
+        self.staged = None
+        self._commit(entry, variant, previous, crash_at)
+
+    def _commit(self, entry: DesiredModel, variant: str, previous: int | None, crash_at: str | None) -> None:
         self.versions_run.add(entry.version)
         if crash_at == "commit":
             self.running = entry.version
@@ -342,7 +371,7 @@ class VirtualDevice:
         """The power went: in-memory state is lost; back after a short reboot."""
         self.counters.power_losses += 1
         self.state = "power_off"
-        self.recorder, self.uploader, self.etag, self.desired = None, None, None, None
+        self.recorder, self.uploader, self.etag, self.desired, self.staged = None, None, None, None, None
         off_s = self.rng.uniform(2.0, 8.0)
         self.power_off_until = time.time() + off_s
         return off_s
