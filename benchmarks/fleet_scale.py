@@ -92,7 +92,8 @@ def _after(outcome: RolloutOutcome, at: float | None) -> float | None:
 
 
 def row(result: SimulationResult) -> dict[str, Any]:
-    _, good, bad = result.rollouts
+    missing = RolloutOutcome("not started", 0, 0, "-", state="not started")
+    _, good, bad = [*result.rollouts, missing, missing][:3]
     return {"database": result.database, "processes": result.processes, "devices": result.devices,
             "ok": result.ok, "good_converged_s": _after(good, good.converged_s), "good_state": good.state,
             "bad_state": bad.state, "bad_decided_s": _after(bad, bad.decided_s),
@@ -104,6 +105,7 @@ def row(result: SimulationResult) -> dict[str, Any]:
             "cpu_s": result.server.get("server_cpu_s"), "rss_mb": result.server.get("server_peak_rss_mb"),
             "mb_down": result.totals["bytes_down"] / 1e6,
             "without": max(r.without_working_model for r in result.rollouts),
+            "enrolled": result.enrolled,
             "duration_s": result.duration_s}  # fmt: skip
 
 

@@ -89,9 +89,12 @@ class SimulationResult:
     events: list[tuple[float, str]]
     work_dir: Path
 
+    expected_rollouts: int = 0
+
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.rollouts) and self.enrolled == self.devices
+        complete = len(self.rollouts) == self.expected_rollouts
+        return complete and all(r.ok for r in self.rollouts) and self.enrolled == self.devices
 
 
 class Simulation:
@@ -177,11 +180,14 @@ class Simulation:
             with progress:
                 await self._enrolled(progress)
                 baseline = RolloutSpec(version=1, waves="100%", gates=(), soak="0s", device_timeout="1h",
-                                       expect="completed", timeout_s=max(120.0, spec.devices / 20))  # fmt: skip
+                                       expect="completed", timeout_s=max(120.0, spec.devices / 4))  # fmt: skip
                 outcomes.append(await self._rollout(progress, baseline, "baseline v1"))
                 self.fleet.started_at = time.time()
                 fault_task = asyncio.create_task(self._server_faults())
                 for i, rollout in enumerate(self.scenario.rollouts):
+                    if outcomes[-1].decided_s is None:  # the previous rollout still holds the devices (409)
+                        self.note(f"rollout {i + 1}: v{rollout.version} not started: the previous one did not end")
+                        break
                     outcomes.append(await self._rollout(progress, rollout, f"rollout {i + 1}: v{rollout.version}"))
                 fault_task.cancel()
         finally:
@@ -339,7 +345,7 @@ class Simulation:
         spec = self.scenario
         return SimulationResult(spec.name, len(self.devices), sum(d.device_id is not None for d in self.devices),
                                 spec.server.database, spec.server.processes, duration_s, outcomes, self.timeline,
-                                totals, server, self.events, self.work_dir)  # fmt: skip
+                                totals, server, self.events, self.work_dir, len(spec.rollouts) + 1)  # fmt: skip
 
     def _tick_quantiles(self) -> dict[str, float]:
         texts = [self.cluster.metrics(i) for i in range(len(self.cluster.ports))]
