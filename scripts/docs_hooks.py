@@ -31,6 +31,7 @@ CLIS = (
     ("edgefleet-convert", "converter.cli", "typer"),
     ("edgefleet-server", "fleet_server.cli", "typer"),
     ("edgefleet-agent", "device_agent.cli", "argparse"),
+    ("edgefleet-sim", "simulators.fleet.cli", "typer"),
 )
 
 
