@@ -327,10 +327,11 @@ def serving_config(
     """The serving policy: defaults, then the desired state's cloud fallback, then agent.toml's ``[serving]``.
 
     The same function builds the daemon's pipeline and an app's (``Agent.from_config``), so both
-    answer and fall back alike. An operator's ``[serving] cloud_url`` wins over the fleet's. With no
-    fallback named anywhere, an enrolled device falls back to its fleet server's inference endpoint
-    (``<server_url>/v2``). The device's access token goes only to the fleet's endpoint (the desired
-    state's or the default one), never to a URL set in agent.toml (which may set ``cloud_token``).
+    answer and fall back alike. An operator's ``[serving] cloud_url`` wins over the fleet's. The fleet
+    server announces its inference endpoint in every desired state (``fallback.url``); only a device of
+    an older server, whose desired state names none, guesses ``<server_url>/v2`` of its enrollment. The
+    device's access token goes only to the fleet's endpoint (the announced one or that guess), never to
+    a URL set in agent.toml (which may set ``cloud_token``).
     """
     values: dict[str, Any] = {}
     token = None if enrollment is None else enrollment.access_token

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     poll_interval_s: Annotated[int, Field(ge=5)] = 300
     jitter_s: Annotated[int, Field(ge=0)] = 30
     fallback_url: str | None = None
+    """The inference endpoint (OIP v2 base URL) announced to devices; None: ``<public_url>/v2``."""
     telemetry_window_s: Annotated[int, Field(ge=1)] = 60
     telemetry_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     telemetry_reservoir_size: Annotated[int, Field(ge=0)] = 20
@@ -82,6 +83,15 @@ class Settings(BaseSettings):
         if not self.public_url.startswith("https://"):
             problems.append(f"EDGEFLEET_PUBLIC_URL {self.public_url!r} is not https://")
         return problems
+
+    @property
+    def inference_url(self) -> str:
+        """The inference endpoint every desired state announces: ``fallback_url``, else ``<public_url>/v2``.
+
+        Devices send their own access token to this URL (and only to the one the server names), so it is
+        the fleet's endpoint (``edgefleet-server inference`` behind the same host, or one set here).
+        """
+        return self.fallback_url or self.public_url.rstrip("/") + "/v2"
 
     @property
     def env_file(self) -> Path:

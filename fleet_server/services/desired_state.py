@@ -198,10 +198,9 @@ class DesiredStateService:
         parse(DesiredState, state, "desired state")  # the device's own contract: never send what it would refuse
         return state
 
-    def _fallback(self, models: list[dict[str, Any]]) -> dict[str, Any] | None:
-        if not self.settings.fallback_url:
-            return None
-        return {"url": self.settings.fallback_url, "model": models[0]["name"] if models else None}
+    def _fallback(self, models: list[dict[str, Any]]) -> dict[str, Any]:
+        """The fleet's inference endpoint (always announced, so devices need not guess it)."""
+        return {"url": self.settings.inference_url, "model": models[0]["name"] if models else None}
 
     def _note_seen(self, device_id: str) -> None:
         with self._seen_lock:

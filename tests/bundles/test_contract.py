@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from bundles import contract
 from bundles.contract import (
     DesiredState,
+    FallbackSection,
     Heartbeat,
     InstallEvent,
     Inventory,
@@ -66,6 +67,13 @@ def test_a_desired_state_round_trips_and_keeps_its_types() -> None:
     assert state.models[0].shadow is not None and state.models[0].shadow.version == 4
     assert state.fallback is not None and state.fallback.url == "https://cloud.example/v2"
     assert parse(DesiredState, to_dict(state)) == state
+
+
+def test_an_old_servers_desired_state_without_a_fallback_still_parses() -> None:
+    """The announced endpoint is optional: a server that names none leaves the device to its default."""
+    old = {key: value for key, value in DESIRED.items() if key != "fallback"}
+    assert parse(DesiredState, old).fallback is None
+    assert parse(DesiredState, {**DESIRED, "fallback": {"url": None}}).fallback == FallbackSection()
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """End to end: a real agent whose local model fails is answered by the fleet's inference endpoint.
 
-The agent has no fallback configured anywhere (no desired-state ``fallback``, nothing in agent.toml),
-so it falls back to its fleet server's endpoint by default with its own device token. Then the
-endpoint goes down (the circuit breaker opens) and comes back (it closes).
+The agent has no fallback configured in agent.toml; the fleet server's desired state announces its
+inference endpoint (``EDGEFLEET_FALLBACK_URL``, here the endpoint on its own loopback port, where a
+guessed ``<server_url>/v2`` would not answer), and the agent falls back to it with its own device
+token. Then the endpoint goes down (the circuit breaker opens) and comes back (it closes).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from device_agent.config import load_config
 from device_agent.fallback import CLOSED, OPEN
 from device_agent.identity import Enrollment
 from fleet_server.inference.app import create_inference_app
+from tests.fleet_server.conftest import auth
 from tests.fleet_server.inference import conftest as inference_fixtures
 from tests.fleet_server.inference.conftest import Fleet, configured_for, serve
 
@@ -35,6 +37,18 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _announced_fallback(arranged: Fleet, inference_url: str) -> dict[str, Any]:
+    """The ``fallback`` section of the device's desired state, as the real fleet server renders it."""
+    arranged.settings.fallback_url = f"{inference_url}/v2"
+    try:
+        response = arranged.client.get("/api/v1/device/desired-state", headers=auth(arranged.device_token))
+    finally:
+        arranged.settings.fallback_url = None
+    assert response.status_code == 200, response.text
+    fallback: dict[str, Any] = response.json()["fallback"]
+    return fallback
 
 
 def _agent_with_failing_local_model(tmp_path: Path, arranged: Fleet, server_url: str) -> Agent:
@@ -63,8 +77,11 @@ def test_local_failure_is_answered_by_the_cloud_and_the_breaker_follows_the_endp
     port = _free_port()
     app = create_inference_app(configured_for(fleet))
     with serve(app, port) as url:
-        agent = _agent_with_failing_local_model(tmp_path, fleet, url)
-        assert agent.pipeline.config.cloud_url == f"{url}/v2"  # the default: no fallback configured
+        agent = _agent_with_failing_local_model(tmp_path, fleet, fleet.settings.public_url)
+        assert agent.pipeline.config.cloud_url == f"{fleet.settings.public_url}/v2"  # an old server's: a guess
+        agent.follow_fallback(_announced_fallback(fleet, url))  # what the daemon does with each desired state
+        assert agent.pipeline.config.cloud_url == f"{url}/v2"
+        assert agent.pipeline.config.cloud_token == fleet.device_token
         result = agent.predict({"x": X}, model="tiny")
         assert result.source == "cloud"
         assert result.fallback_reason == "local_error"

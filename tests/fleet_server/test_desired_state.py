@@ -80,6 +80,12 @@ def test_polls_record_last_seen_in_one_flush(app, client, make_device, session_f
         assert session.get(Device, device.device_id).last_seen_at is not None
 
 
+def test_the_fleets_inference_endpoint_is_announced_by_default(app, client, make_device):
+    device = make_device()
+    public_url = app.state.settings.public_url.rstrip("/")
+    assert _poll(client, device).json()["fallback"] == {"url": f"{public_url}/v2", "model": None}
+
+
 def test_fallback_endpoint_is_announced_when_configured(app, client, make_device, session_factory):
     app.state.settings.fallback_url = "https://cloud.test/v2"
     device = make_device()

@@ -2,7 +2,8 @@
 
 It runs a real model (``bundles.predictor.Predictor.run_model``: the raw model outputs, as a cloud
 endpoint would) behind ``POST /v2/models/{name}/infer`` and ``GET /v2/models/{name}/ready``.
-``fail_with`` makes it answer an error status (a sick cloud); ``requests`` counts inference calls.
+``fail_with`` makes it answer an error status (a sick cloud); ``requests`` counts inference calls and
+``authorizations`` holds each call's ``Authorization`` header (None when there was none).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class OipServer:
         self.models = models
         self.fail_with: int | None = None
         self.requests = 0
+        self.authorizations: list[str | None] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.01,), daemon=True)
 
@@ -60,6 +62,7 @@ class OipServer:
 
             def do_POST(self) -> None:
                 outer.requests += 1
+                outer.authorizations.append(self.headers.get("Authorization"))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if outer.fail_with is not None:
                     self._send(outer.fail_with, {"error": "the cloud is unwell"})
