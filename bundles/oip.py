@@ -14,6 +14,12 @@ each checked against its declared shape and datatype); the answer: :func:`encode
 Everything the client got wrong raises :class:`bundles.errors.InputError` (or its
 :class:`RequestTooLargeError` / :class:`UnsupportedEncodingError` kin) with one readable sentence,
 so a server maps it to a 4xx.
+
+The client's side is the same codec the other way round: :func:`encode_request` (a request's
+tensors are laid out like an answer's), then :func:`split_body`, :func:`parse_header` and
+:func:`decode_answer` (an answer's tensors are read like a request's). The cloud endpoint, the
+device's localhost API and the device's fallback client all use this module, so they agree on
+every datatype and layout.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -92,10 +98,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def parse_header(header: bytes) -> dict[str, Any]:
-    """The JSON header as an object; NaN and infinity literals are refused like any bad JSON."""
+def parse_header(header: bytes, allow_constants: bool = False) -> dict[str, Any]:
+    """The JSON header as an object; NaN and infinity literals are refused like any bad JSON.
+
+    ``allow_constants`` lets them through, for a server that refuses non-finite values per input
+    instead (the device's API, where an input's schema may allow them).
+    """
     try:
-        parsed = json.loads(header or b"{}", parse_constant=_refuse_constant)
+        parsed = json.loads(header or b"{}", parse_constant=None if allow_constants else _refuse_constant)
     except (ValueError, RecursionError) as e:
         raise InputError(f"the request body is not valid JSON: {e}") from e
     if not isinstance(parsed, dict):
@@ -110,47 +120,64 @@ def _refuse_constant(name: str) -> Any:
 # --- inputs -----------------------------------------------------------------------------------------
 
 
-def decode_inputs(header: Mapping[str, Any], payload: bytes) -> dict[str, np.ndarray]:
-    """Every input of a request as a numpy array (binary chunks taken in input order)."""
+def decode_inputs(
+    header: Mapping[str, Any], payload: bytes, allow_non_finite: Collection[str] = ()
+) -> dict[str, np.ndarray]:
+    """Every input of a request as a numpy array (binary chunks taken in input order).
+
+    NaN and infinities are refused except in the inputs named in ``allow_non_finite``.
+    """
     specs = header.get("inputs")
     if not isinstance(specs, list) or not specs:
         raise InputError("the request needs a non-empty 'inputs' list")
-    inputs: dict[str, np.ndarray] = {}
+    return decode_tensors(specs, payload, "input", lambda name: name in allow_non_finite)
+
+
+def decode_tensors(
+    specs: list[Any], payload: bytes, what: str, allow_non_finite: Callable[[str], bool]
+) -> dict[str, np.ndarray]:
+    """Tensor specs (``what``: input or output) as numpy arrays by name, binary chunks taken in order."""
+    tensors: dict[str, np.ndarray] = {}
     offset = 0
     for spec in specs:
         if not isinstance(spec, dict):
-            raise InputError("each input must be an object with 'name', 'shape', 'datatype'")
-        size = binary_size(spec)
+            raise InputError(f"each {what} must be an object with 'name', 'shape', 'datatype'")
+        size = binary_size(spec, what)
         chunk = None
         if size is not None:
             chunk, offset = payload[offset : offset + size], offset + size
             if len(chunk) != size:
-                raise InputError(f"input '{spec.get('name')}': the binary body is shorter than its binary_data_size")
+                raise InputError(f"{what} '{spec.get('name')}': the binary body is shorter than its binary_data_size")
         name = str(spec.get("name"))
-        if name in inputs:
-            raise InputError(f"input '{name}' is given twice")
-        inputs[name] = decode_tensor(spec, chunk)
+        if name in tensors:
+            raise InputError(f"{what} '{name}' is given twice")
+        tensors[name] = decode_tensor(spec, chunk, allow_non_finite(name), what)
     if offset != len(payload):
-        raise InputError(f"the binary body has {len(payload) - offset} bytes that no input claims")
-    return inputs
+        raise InputError(f"the binary body has {len(payload) - offset} bytes that no {what} claims")
+    return tensors
 
 
-def binary_size(spec: Mapping[str, Any]) -> int | None:
+def binary_size(spec: Mapping[str, Any], what: str = "input") -> int | None:
     """The ``binary_data_size`` parameter of a tensor spec (None: the tensor is JSON)."""
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise InputError(f"input '{spec.get('name')}': 'parameters' must be an object")
+        raise InputError(f"{what} '{spec.get('name')}': 'parameters' must be an object")
     size = parameters.get("binary_data_size")
     if size is None:
         return None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise InputError(f"input '{spec.get('name')}': binary_data_size must be a non-negative integer")
+        raise InputError(f"{what} '{spec.get('name')}': binary_data_size must be a non-negative integer")
     return size
 
 
-def decode_tensor(spec: Mapping[str, Any], binary: bytes | None) -> np.ndarray:
-    """One input tensor (JSON ``data``, or raw bytes from the binary extension) as a numpy array."""
-    name, shape, datatype = _tensor_head(spec)
+def decode_tensor(
+    spec: Mapping[str, Any], binary: bytes | None, allow_non_finite: bool = False, what: str = "input"
+) -> np.ndarray:
+    """One tensor (JSON ``data``, or raw bytes from the binary extension) as a numpy array.
+
+    ``what`` names the tensor's role in error messages (``input`` on a server, ``output`` in a client).
+    """
+    name, shape, datatype = _tensor_head(spec, what)
     try:
         if datatype == "BYTES":
             array = _bytes_array(binary, name) if binary is not None else _json_strings(spec.get("data"), name)
@@ -161,20 +188,20 @@ def decode_tensor(spec: Mapping[str, Any], binary: bytes | None) -> np.ndarray:
             array = _json_numbers(spec.get("data"), DATATYPES[datatype])
         array = array.reshape(shape)
     except (ValueError, TypeError, OverflowError) as e:
-        raise InputError(f"input '{name}': data does not match shape {shape} and datatype {datatype}") from e
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InputError(f"input '{name}': NaN or infinite values (or numbers too large for {datatype})")
+        raise InputError(f"{what} '{name}': data does not match shape {shape} and datatype {datatype}") from e
+    if not allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"{what} '{name}': NaN or infinite values (or numbers too large for {datatype})")
     return array
 
 
-def _tensor_head(spec: Mapping[str, Any]) -> tuple[str, list[int], str]:
+def _tensor_head(spec: Mapping[str, Any], what: str) -> tuple[str, list[int], str]:
     name, shape, datatype = spec.get("name"), spec.get("shape"), spec.get("datatype")
     if not isinstance(name, str) or not name:
-        raise InputError("each input needs a 'name' (a non-empty string)")
+        raise InputError(f"each {what} needs a 'name' (a non-empty string)")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InputError(f"input '{name}': 'shape' must be a list of non-negative integers")
+        raise InputError(f"{what} '{name}': 'shape' must be a list of non-negative integers")
     if datatype not in DATATYPES:
-        raise InputError(f"input '{name}': datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+        raise InputError(f"{what} '{name}': datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     return name, shape, str(datatype)
 
 
@@ -290,14 +317,51 @@ def encode_outputs(
     return tensors, b"".join(chunks)
 
 
+# --- the client's side -------------------------------------------------------------------------------
+
+
+def encode_request(inputs: Mapping[str, Any], binary: bool) -> tuple[bytes, dict[str, str]]:
+    """A request body and its HTTP headers: JSON tensors, or with ``binary`` the numeric tensors as raw
+    bytes after the JSON header (strings stay JSON, which every server reads) and binary outputs asked."""
+    specs, chunks = [], []
+    for name, value in inputs.items():
+        array = np.asarray(value)
+        spec, raw = encode_output(name, array, binary and array.dtype.kind not in ("U", "S", "O"))
+        specs.append(spec)
+        if raw is not None:
+            chunks.append(raw)
+    header: dict[str, Any] = {"inputs": specs}
+    if not binary:
+        return json.dumps(header).encode(), {"Content-Type": "application/json"}
+    header["parameters"] = {"binary_data_output": True}
+    encoded = json.dumps(header).encode()
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(encoded))}
+    return encoded + b"".join(chunks), headers
+
+
+def decode_answer(answer: Mapping[str, Any], payload: bytes) -> dict[str, np.ndarray]:
+    """The outputs of an answer (its JSON header parsed, and the binary bytes after it) by name.
+
+    Outputs may hold NaN and infinities (a model's answer is not checked like a client's input);
+    a malformed answer raises :class:`InputError` naming the output.
+    """
+    tensors = answer.get("outputs")
+    if not isinstance(tensors, list):
+        raise InputError("the answer has no 'outputs' list")
+    return decode_tensors(tensors, payload, "output", lambda _name: True)
+
+
 __all__ = [
     "DATATYPES",
     "MANIFEST_TO_OIP",
     "binary_output_default",
     "binary_size",
+    "decode_answer",
     "decode_inputs",
     "decode_tensor",
+    "decode_tensors",
     "encode_output",
+    "encode_request",
     "encode_outputs",
     "inflate",
     "oip_datatype",

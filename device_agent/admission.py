@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bundles.errors import BusyError, InputError
+from bundles.errors import BusyError, RequestTooLargeError
 from bundles.manifest import Manifest
 
 JSON_EXPANSION = 24
@@ -37,10 +37,6 @@ JSON_BYTES_PER_ELEMENT = 32
 """The widest JSON number a client may reasonably send per element (``-1.2345678901234567e-300, ``)."""
 HEADER_ALLOWANCE_BYTES = 64 * 1024
 """Room for names, parameters and whitespace around the tensors."""
-
-
-class RequestTooLarge(InputError):
-    """The request cannot fit this device or this model (HTTP 413)."""
 
 
 def device_memory_bytes() -> int:
@@ -152,11 +148,11 @@ class MemoryBudget:
         """Take ``nbytes`` of the budget (give it back with :meth:`release`).
 
         Raises:
-            RequestTooLarge: ``nbytes`` exceeds the whole budget.
+            RequestTooLargeError: ``nbytes`` exceeds the whole budget.
             BusyError: the budget stayed full for ``wait_s``.
         """
         if nbytes > self.budget_bytes:
-            raise RequestTooLarge(
+            raise RequestTooLargeError(
                 f"the request would need ~{_mib(nbytes)} MiB to parse; this device allows {_mib(self.budget_bytes)} MiB"
             )
         with self._changed:
@@ -187,7 +183,6 @@ def _mib(nbytes: int) -> str:
 
 __all__ = [
     "MemoryBudget",
-    "RequestTooLarge",
     "default_max_body_bytes",
     "default_memory_budget_bytes",
     "device_memory_bytes",

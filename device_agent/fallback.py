@@ -8,14 +8,14 @@ deadline, low confidence) and walks the chain; this module holds the pieces it w
   (half-open): success closes it, failure opens it again. A dead cloud is not hammered.
 - :class:`ResultCache`: bounded LRU of answers keyed by (model, bundle version, input hash), filled
   only for bundles whose ``runtime_config.deterministic`` is true.
-- :class:`OipClient`: the Open Inference Protocol v2 REST client (JSON tensors) over httpx.
+- :class:`OipClient`: the Open Inference Protocol v2 REST client over httpx (the tensor codec is
+  :mod:`bundles.oip`, the cloud endpoint's own).
 - :func:`static_outputs`: the bundle's declared ``runtime_config.static_answer`` as tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import threading
 import time
@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bundles.errors import InferenceError, ServerError, TransportError
+from bundles import oip
+from bundles.errors import InferenceError, InputError, ServerError, TransportError
 from bundles.manifest import Manifest
 
 # --- circuit breaker -------------------------------------------------------------------------
@@ -249,47 +250,6 @@ def confidence_of(raw: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
 
 # --- Open Inference Protocol v2 client -------------------------------------------------------
 
-_OIP_DATATYPES = {
-    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
-    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
-    "float16": "FP16", "float32": "FP32", "float64": "FP64",
-}  # fmt: skip
-_NUMPY_OF_OIP = {v: k for k, v in _OIP_DATATYPES.items()}
-
-
-def to_oip_tensor(name: str, value: Any) -> dict[str, Any]:
-    """A numpy array as an OIP ``$request_input`` (JSON data, row-major)."""
-    arr = np.asarray(value)
-    datatype = oip_datatype(name, arr)
-    data = [str(v) for v in arr.reshape(-1)] if datatype == "BYTES" else arr.reshape(-1).tolist()
-    return {"name": name, "shape": list(arr.shape), "datatype": datatype, "data": data}
-
-
-def oip_datatype(name: str, arr: np.ndarray) -> str:
-    """The OIP datatype of an input array; an InferenceError if the protocol has none."""
-    if arr.dtype.kind in "USO":
-        return "BYTES"
-    datatype = _OIP_DATATYPES.get(arr.dtype.name)
-    if datatype is None:
-        raise InferenceError(f"input '{name}' has dtype {arr.dtype.name}, which the inference protocol cannot carry")
-    return datatype
-
-
-def from_oip_tensor(tensor: Mapping[str, Any]) -> tuple[str, np.ndarray]:
-    """An OIP ``$response_output`` as (name, numpy array)."""
-    try:
-        name, shape, datatype = str(tensor["name"]), [int(d) for d in tensor["shape"]], str(tensor["datatype"])
-        data = tensor["data"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise InferenceError(f"the cloud answered a malformed output tensor: {e}") from e
-    dtype: Any = object if datatype == "BYTES" else _NUMPY_OF_OIP.get(datatype)
-    if dtype is None:
-        raise InferenceError(f"the cloud answered an output of unknown datatype {datatype}")
-    try:
-        return name, np.asarray(data, dtype=dtype).reshape(shape)
-    except (ValueError, TypeError) as e:
-        raise InferenceError(f"the cloud's output '{name}' does not fit shape {shape}: {e}") from e
-
 
 class OipClient:
     """Open Inference Protocol v2 REST client: ``POST {base}/models/{name}/infer``.
@@ -323,11 +283,10 @@ class OipClient:
         path = f"/models/{model}" + (f"/versions/{version}" if version is not None else "") + "/infer"
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         numeric_bytes = sum(a.nbytes for a in arrays.values() if a.dtype.kind not in "USO")
-        if numeric_bytes >= self.binary_threshold_bytes:
-            content, headers = binary_request(arrays)
-        else:
-            body = {"inputs": [to_oip_tensor(name, value) for name, value in arrays.items()]}
-            content, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+        try:
+            content, headers = oip.encode_request(arrays, binary=numeric_bytes >= self.binary_threshold_bytes)
+        except InputError as e:  # a dtype the protocol cannot carry: nothing the cloud could answer
+            raise InferenceError(f"cannot send these inputs to the cloud: {e}") from e
         response = self._post(self.base_url + path, content, headers)
         return parse_response(response, model)
 
@@ -361,54 +320,24 @@ class OipClient:
 
 def binary_request(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """A binary-extension request body: numeric tensors as raw bytes, strings as JSON; binary outputs asked."""
-    specs, chunks = [], []
-    for name, array in arrays.items():
-        if array.dtype.kind in "USO":
-            specs.append(to_oip_tensor(name, array))
-            continue
-        raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-        specs.append({"name": name, "shape": list(array.shape), "datatype": oip_datatype(name, array),
-                      "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
-        chunks.append(raw)
-    header = json.dumps({"inputs": specs, "parameters": {"binary_data_output": True}}).encode()
-    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
-    return header + b"".join(chunks), headers
+    return oip.encode_request(arrays, binary=True)
 
 
 def parse_response(response: httpx.Response, model: str) -> dict[str, np.ndarray]:
-    """Outputs of an OIP answer, JSON or binary extension (``Inference-Header-Content-Length``)."""
-    body = response.content
-    header_length = response.headers.get("inference-header-content-length")
-    split = int(header_length) if header_length is not None else len(body)
-    try:
-        data = json.loads(body[:split])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ServerError(f"the cloud's answer for {model} is not JSON") from e
-    outputs = data.get("outputs") if isinstance(data, dict) else None
-    if not isinstance(outputs, list):
-        raise InferenceError(f"the cloud's answer for {model} has no 'outputs' list")
-    result, offset = {}, split
-    for tensor in outputs:
-        size = ((tensor.get("parameters") or {}) if isinstance(tensor, dict) else {}).get("binary_data_size")
-        if size is None:
-            name, array = from_oip_tensor(tensor)
-        else:
-            name, array = _from_binary(tensor, body[offset : offset + int(size)])
-            offset += int(size)
-        result[name] = array
-    return result
+    """Outputs of an OIP answer, JSON or binary extension (``Inference-Header-Content-Length``).
 
-
-def _from_binary(tensor: Mapping[str, Any], raw: bytes) -> tuple[str, np.ndarray]:
-    name, datatype = str(tensor.get("name")), str(tensor.get("datatype"))
-    dtype = _NUMPY_OF_OIP.get(datatype)
-    if dtype is None:
-        raise InferenceError(f"the cloud's binary output '{name}' has unsupported datatype {datatype}")
+    An answer that is not a JSON object is the cloud failing (:class:`ServerError`, counted by the
+    breaker); one with malformed outputs is an :class:`InferenceError` (the cloud is alive).
+    """
     try:
-        shape = [int(d) for d in tensor["shape"]]
-        return name, np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
-    except (KeyError, TypeError, ValueError) as e:
-        raise InferenceError(f"the cloud's binary output '{name}' does not fit its shape: {e}") from e
+        header, payload = oip.split_body(response.content, response.headers.get("inference-header-content-length"))
+        answer = oip.parse_header(header, allow_constants=True)
+    except InputError as e:
+        raise ServerError(f"the cloud's answer for {model} is not an OIP answer: {e}") from e
+    try:
+        return oip.decode_answer(answer, payload)
+    except InputError as e:
+        raise InferenceError(f"the cloud's answer for {model} is malformed: {e}") from e
 
 
 def _error_text(response: httpx.Response) -> str:

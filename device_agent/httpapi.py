@@ -14,6 +14,9 @@ and outputs asked with ``"parameters": {"binary_data": true}`` come back the sam
 forwarded to the cloud), 413 (too large for the device or the model), 415 (unknown
 ``Content-Encoding``) or 503 (not ready, busy: with ``Retry-After``).
 
+The tensor codec is :mod:`bundles.oip`, the cloud endpoint's own, so both read and write every
+datatype (FP16, BYTES in JSON or binary) alike.
+
 A request goes: waitress (limits on headers, body size and time, strict parsing) -> :class:`OipApp`
 (route; 404 for an unknown model or version; the body limit of the model's input schema; gzip or
 deflate inflated under that limit; declared shapes pre-scanned; the parse cost reserved in the
@@ -33,18 +36,26 @@ import math
 import re
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bundles.errors import BusyError, ConfigError, EdgeFleetError, InferenceError, InputError, ModelNotReadyError
+from bundles import oip
+from bundles.errors import (
+    BusyError,
+    ConfigError,
+    EdgeFleetError,
+    InferenceError,
+    InputError,
+    ModelNotReadyError,
+    RequestTooLargeError,
+    UnsupportedEncodingError,
+)
 from bundles.manifest import Manifest, TensorSpec
 from device_agent.admission import (
     MemoryBudget,
-    RequestTooLarge,
     model_max_body_bytes,
     model_max_elements,
     parse_cost_bytes,
@@ -54,14 +65,6 @@ from device_agent.version import AGENT_VERSION
 log = logging.getLogger(__name__)
 logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" at every burst: not news
 MAX_BODY_BYTES = 64 * 2**20
-DATATYPES = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
-}  # fmt: skip
-_MANIFEST_TO_OIP = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "uint16": "UINT16", "int16": "INT16",
-                    "int32": "INT32", "int64": "INT64", "float16": "FP16", "float32": "FP32", "float64": "FP64",
-                    "string": "BYTES"}  # fmt: skip
 
 
 class HttpError(Exception):
@@ -70,61 +73,6 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status, self.retry_after_s = status, retry_after_s
-
-
-_OIP_BY_DTYPE = {np.dtype(np_name): name for name, np_name in DATATYPES.items() if name != "BYTES"}
-
-
-def oip_datatype(dtype: np.dtype[Any]) -> str:
-    """The OIP datatype name of a numpy dtype."""
-    if dtype.kind in ("U", "S", "O"):
-        return "BYTES"
-    found = _OIP_BY_DTYPE.get(dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype)
-    if found is None:
-        raise InputError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
-    return found
-
-
-def decode_input(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
-    """One OIP input tensor (JSON data, or raw bytes from the binary extension) as a numpy array."""
-    try:
-        name, shape, datatype = str(spec["name"]), [_dim(d) for d in spec["shape"]], spec["datatype"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise HttpError(400, "each input needs 'name', 'shape' (non-negative integers) and 'datatype'") from e
-    if datatype not in DATATYPES:
-        raise HttpError(400, f"input '{name}': datatype '{datatype}' is not one of {', '.join(DATATYPES)}")
-    dtype = np.dtype(DATATYPES[datatype])
-    try:
-        if binary is not None:
-            if datatype == "BYTES":
-                raise HttpError(400, f"input '{name}': binary BYTES tensors are not supported, send JSON")
-            array = np.frombuffer(binary, dtype=dtype.newbyteorder("<")).astype(dtype)
-        else:
-            with np.errstate(over="ignore", invalid="ignore"):  # too large for the datatype: inf, refused next
-                array = np.asarray(spec.get("data"), dtype=dtype)
-        return array.reshape(shape)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise HttpError(400, f"input '{name}': data does not match shape {shape} and datatype {datatype}") from e
-
-
-def _dim(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"bad dimension {value!r}")
-    return value
-
-
-def encode_output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], bytes | None]:
-    """One output tensor as OIP JSON, or as a header plus raw bytes when ``binary``."""
-    array = np.asarray(value)
-    datatype = oip_datatype(array.dtype)
-    tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
-    if binary and datatype != "BYTES":
-        raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-        tensor["parameters"] = {"binary_data_size": len(raw)}
-        return tensor, raw
-    flat = array.reshape(-1)
-    tensor["data"] = [str(v) for v in flat] if datatype == "BYTES" else flat.tolist()
-    return tensor, None
 
 
 class InferenceApi:
@@ -183,7 +131,7 @@ class InferenceApi:
             raise HttpError(404, f"model '{model}' is not installed on this device")
 
         def tensors(specs: Any) -> list[dict[str, Any]]:
-            return [{"name": t.name, "datatype": _MANIFEST_TO_OIP[t.dtype], "shape": list(t.shape)} for t in specs]
+            return [{"name": t.name, "datatype": oip.MANIFEST_TO_OIP[t.dtype], "shape": list(t.shape)} for t in specs]
 
         return {"name": model, "versions": [str(manifest.version)], "platform": "edgefleet",
                 "inputs": tensors(manifest.inputs), "outputs": tensors(manifest.outputs)}  # fmt: skip
@@ -214,84 +162,43 @@ class InferenceApi:
         """Run one OIP inference request; returns the JSON answer and any binary output bytes."""
         inputs = self._inputs(header, binary, manifest)
         result = self.agent.predict(inputs, model=model)
-        wanted = _requested_outputs(header)
+        wanted = oip.requested_outputs(header)
         available = {**result.raw, **result.outputs}
-        names = list(result.outputs) if not wanted else list(wanted)
-        missing = [n for n in names if n not in available]
+        missing = [n for n in wanted if n not in available]
         if missing:
             raise HttpError(400, f"model '{model}' has no output(s) {', '.join(missing)}")
-        default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
-        outputs, chunks = [], []
-        for name in names:
-            tensor, raw = encode_output(name, available[name], wanted.get(name, default_binary))
-            outputs.append(tensor)
-            if raw is not None:
-                chunks.append(raw)
+        tensors, binary_out = oip.encode_outputs(available if wanted else result.outputs, wanted,
+                                                 oip.binary_output_default(header))  # fmt: skip
         answer = {"model_name": model, "model_version": None if result.version is None else str(result.version),
-                  "outputs": outputs,
+                  "outputs": tensors,
                   "parameters": {"source": result.source, "fallback_reason": result.fallback_reason,
                                  "latency_ms": round(result.latency_ms, 3)}}  # fmt: skip
         if "id" in header:
             answer["id"] = header["id"]
-        return answer, b"".join(chunks)
+        return answer, binary_out
 
     def _inputs(self, header: dict[str, Any], binary: bytes, manifest: Manifest | None) -> dict[str, np.ndarray]:
-        specs = header.get("inputs")
-        if not isinstance(specs, list) or not specs:
-            raise HttpError(400, "the request needs a non-empty 'inputs' list")
-        schema = {} if manifest is None else {t.name: t for t in manifest.inputs}
-        inputs, offset = {}, 0
-        for spec in specs:
-            if not isinstance(spec, dict):
-                raise HttpError(400, "each input must be an object")
-            size = _binary_size(spec)
-            chunk = None
-            if size is not None:
-                chunk, offset = binary[offset : offset + size], offset + size
-                if len(chunk) != size:
-                    raise HttpError(400, f"input '{spec.get('name')}': the binary body is shorter than declared")
-            # the shape is checked by the serving pipeline, so that a bundle that cannot take live inputs
-            # is counted (errors, fallbacks) and rolled back, and the fallback chain can still answer
-            declared = schema.get(str(spec.get("name")))
-            array = decode_input(spec, chunk)
-            _refuse_non_finite(str(spec.get("name")), array, declared)
-            inputs[str(spec.get("name"))] = array
-        return inputs
+        """The request's tensors; NaN and infinities only in inputs whose schema allows them.
+
+        The shapes are checked by the serving pipeline, so that a bundle that cannot take live inputs
+        is counted (errors, fallbacks) and rolled back, and the fallback chain can still answer.
+        """
+        allowed = () if manifest is None else {t.name for t in manifest.inputs if _allows_non_finite(t)}
+        return oip.decode_inputs(header, binary, allowed)
 
 
-def _binary_size(spec: dict[str, Any]) -> int | None:
-    parameters = spec.get("parameters") or {}
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise HttpError(400, f"input '{spec.get('name')}': binary_data_size must be a non-negative integer")
-    return size
-
-
-def _refuse_non_finite(name: str, array: np.ndarray, declared: TensorSpec | None) -> None:
-    """NaN and infinities (including numbers too large for the datatype) only where the schema allows them."""
-    if array.dtype.kind != "f" or (declared is not None and declared.extra.get("allow_non_finite") is True):
-        return
-    if not np.isfinite(array).all():
-        raise HttpError(400, f"input '{name}': NaN or infinite values (or numbers too large for its datatype)")
-
-
-def _requested_outputs(header: dict[str, Any]) -> dict[str, bool]:
-    """Requested output names -> whether each wants binary data (empty: all outputs, JSON)."""
-    wanted = header.get("outputs") or []
-    if not isinstance(wanted, list):
-        raise HttpError(400, "'outputs' must be a list of {\"name\": ...}")
-    return {str(o.get("name")): bool((o.get("parameters") or {}).get("binary_data", False))
-            for o in wanted if isinstance(o, dict)}  # fmt: skip
+def _allows_non_finite(spec: TensorSpec) -> bool:
+    return spec.extra.get("allow_non_finite") is True
 
 
 def error_status(e: Exception) -> tuple[int, int | None]:
     """HTTP status (and Retry-After seconds) for an error raised while answering."""
     if isinstance(e, HttpError):
         return e.status, e.retry_after_s
-    if isinstance(e, RequestTooLarge):
+    if isinstance(e, RequestTooLargeError):
         return 413, None
+    if isinstance(e, UnsupportedEncodingError):
+        return 415, None
     if isinstance(e, BusyError):
         return 503, 1
     if isinstance(e, (InputError, ConfigError)):
@@ -367,7 +274,7 @@ class OipApp:
                 return _json_answer(start_response, 200, self.api.openai_models())
             if method != "POST" or path not in ROUTES:
                 raise HttpError(404, f"no such endpoint: {method} {path}")
-            answer = self.api.llm.answer(path, _json_object(self._openai_body(environ)))
+            answer = self.api.llm.answer(path, oip.parse_header(self._openai_body(environ), allow_constants=True))
         except Exception as e:  # every error becomes an OpenAI error object, never a traceback
             status, retry_after = error_status(e)
             if status == 500:
@@ -390,9 +297,9 @@ class OipApp:
         length = int(environ.get("CONTENT_LENGTH") or 0)
         cap = min(self.settings.max_body_bytes, _OPENAI_MAX_BODY_BYTES)
         if length > cap:
-            raise RequestTooLarge(f"the request body is {length} bytes; the OpenAI routes take at most {cap}")
+            raise RequestTooLargeError(f"the request body is {length} bytes; the OpenAI routes take at most {cap}")
         raw = environ["wsgi.input"].read(length) if length else b""
-        return _decoded(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
+        return oip.inflate(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
 
     def _route(self, environ: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "").rstrip("/")
@@ -423,17 +330,17 @@ class OipApp:
         length = int(environ.get("CONTENT_LENGTH") or 0)  # the server refused a malformed one (400)
         cap = self._body_cap(manifest, binary)
         if length > cap:
-            raise RequestTooLarge(f"the request body is {length} bytes; '{model}' takes at most {cap}")
+            raise RequestTooLargeError(f"the request body is {length} bytes; '{model}' takes at most {cap}")
         raw = environ["wsgi.input"].read(length) if length else b""
-        body = _decoded(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
-        header_bytes, payload = _split(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+        body = oip.inflate(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
+        header_bytes, payload = oip.split_body(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
         if manifest is not None and not binary:
             _prescan_shapes(header_bytes, manifest, self.settings.max_batch)
         cost = parse_cost_bytes(len(body), binary)
         self.budget.acquire(cost)
         try:
             del raw, body
-            return self.api.infer(model, _json_object(header_bytes), payload, manifest)
+            return self.api.infer(model, oip.parse_header(header_bytes, allow_constants=True), payload, manifest)
         finally:
             self.budget.release(cost)
 
@@ -455,38 +362,6 @@ def _json_answer(start_response: Callable[..., Any], status: int, answer: dict[s
     return [body]
 
 
-def _decoded(raw: bytes, encoding: str, cap: int) -> bytes:
-    """The body without its ``Content-Encoding`` (gzip, deflate), refused past ``cap`` bytes while inflating."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return raw
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise HttpError(415, f"Content-Encoding '{encoding}' is not supported (use gzip, deflate or none)")
-    inflater = zlib.decompressobj(wbits=47 if "gzip" in encoding else zlib.MAX_WBITS)  # 47: gzip header
-    try:
-        out = inflater.decompress(raw, cap + 1)
-        if encoding == "deflate" and not out and raw:
-            inflater = zlib.decompressobj(wbits=-zlib.MAX_WBITS)  # raw deflate, as some clients send it
-            out = inflater.decompress(raw, cap + 1)
-    except zlib.error as e:
-        raise HttpError(400, f"the {encoding} body is corrupt: {e}") from e
-    if len(out) > cap or inflater.unconsumed_tail:
-        raise RequestTooLarge(f"the {encoding} body inflates past {cap} bytes")
-    return out
-
-
-def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    if header_length is None:
-        return body, b""
-    try:
-        n = int(header_length)
-    except ValueError:
-        raise HttpError(400, "Inference-Header-Content-Length must be an integer") from None
-    if not 0 <= n <= len(body):
-        raise HttpError(400, f"Inference-Header-Content-Length {n} does not fit the {len(body)}-byte body")
-    return body[:n], body[n:]
-
-
 def _prescan_shapes(header: bytes, manifest: Manifest, max_batch: int) -> None:
     """Refuse from the body's first bytes a declared shape that holds more elements than the model takes."""
     if len(header) <= _PRESCAN_BYTES:
@@ -499,16 +374,6 @@ def _prescan_shapes(header: bytes, manifest: Manifest, max_batch: int) -> None:
         if all(d.isdigit() for d in dims) and math.prod(int(d) for d in dims) > limit:
             shape = [int(d) for d in dims]
             raise HttpError(400, f"declared shape {shape} holds more elements than '{manifest.name}' takes ({limit})")
-
-
-def _json_object(header: bytes) -> dict[str, Any]:
-    try:
-        parsed = json.loads(header or b"{}")
-    except (ValueError, RecursionError) as e:
-        raise HttpError(400, f"the request body is not valid JSON: {e}") from e
-    if not isinstance(parsed, dict):
-        raise HttpError(400, "the request body must be a JSON object")
-    return parsed
 
 
 def http_settings(config: Any) -> HttpSettings:

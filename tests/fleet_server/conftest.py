@@ -27,12 +27,14 @@ Stable fixture names (other helpers' tests import them; do not rename):
 
 Helpers: ``default_inventory(hw_class)``, ``auth(token)`` (an ``Authorization`` header dict),
 ``enroll_device(http, token, inventory, key=None)`` (the enrollment handshake with any client: a
-``TestClient`` or an ``httpx.Client`` on ``live_server``), ``empty_all_tables(engine)``, and the
+``TestClient`` or an ``httpx.Client`` on ``live_server``), ``serve_on_loopback(app, port=0)`` (a context
+manager: any app on uvicorn, yields its URL), ``empty_all_tables(engine)``, and the
 dataclasses ``EnrolledDevice`` and ``Release``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -336,13 +338,14 @@ def release(client: TestClient, admin_headers: dict[str, str], online_keys: None
 # --- a real server on loopback ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def live_server(app: FastAPI) -> Iterator[str]:
-    """The app served by uvicorn on 127.0.0.1 (an ephemeral port); yields ``http://127.0.0.1:<port>``."""
+@contextlib.contextmanager
+def serve_on_loopback(app: FastAPI, port: int = 0) -> Iterator[str]:
+    """``app`` on uvicorn on 127.0.0.1 (an ephemeral port unless given; lifespan on); yields its base URL."""
     import uvicorn
 
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port given again after a stop
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -351,7 +354,16 @@ def live_server(app: FastAPI) -> Iterator[str]:
     while not server.started and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.01)
     assert server.started, "uvicorn did not start within 10 s"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def live_server(app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn on 127.0.0.1 (an ephemeral port); yields ``http://127.0.0.1:<port>``."""
+    with serve_on_loopback(app) as url:
+        yield url

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,14 @@ from fastapi.testclient import TestClient
 from fleet_server.app import create_app
 from fleet_server.db import session_scope, upgrade_database
 from fleet_server.settings import Settings
-from tests.fleet_server.conftest import TEST_PEPPER, Release, auth, default_inventory, enroll_device
+from tests.fleet_server.conftest import (
+    TEST_PEPPER,
+    Release,
+    auth,
+    default_inventory,
+    enroll_device,
+    serve_on_loopback,
+)
 
 
 @dataclass
@@ -187,28 +191,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                     device["access_token"], device["device_id"], other["access_token"], base)  # fmt: skip
 
 
-@contextlib.contextmanager
-def serve(app: FastAPI, port: int = 0) -> Iterator[str]:
-    """``app`` on uvicorn on loopback (an ephemeral port unless given; lifespan on); yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start within 10 s"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+serve = serve_on_loopback  # ``app`` on uvicorn on loopback (a port may be given); yields its base URL
 
 
 def configured_for(fleet: Fleet, **inference: Any) -> Any:

@@ -135,3 +135,19 @@ def test_repository_index_load_and_unload(endpoint: Served) -> None:
     assert index[("tiny", "2")] == "UNLOADED"
     with pytest.raises(InferenceServerException, match="role operator"):
         client.load_model("tiny", headers=headers(endpoint.fleet.viewer_key))
+
+
+def test_the_devices_fallback_client_reads_binary_bytes_and_fp16_answers(endpoint: Served) -> None:
+    """Past 16 KiB the device asks for binary outputs; the endpoint sends BYTES ones binary too."""
+    from device_agent.fallback import OipClient
+
+    rows = 4096  # 4096 x 2 FP16 = 16 KiB: the client switches to the binary extension
+    text = np.array([f"row {i}" for i in range(rows)], dtype=object)
+    half = np.random.default_rng(5).uniform(-4, 4, (rows, 2)).astype(np.float16)
+    client = OipClient(endpoint.url + "/v2", timeout_s=10, headers=headers(endpoint.fleet.device_token))
+    try:
+        outputs = client.infer("echo", {"text": text, "half": half})
+    finally:
+        client.close()
+    assert list(outputs["text_out"]) == list(text)
+    np.testing.assert_array_equal(outputs["half_out"], half * 2)
