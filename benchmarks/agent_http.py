@@ -4,7 +4,7 @@ The server side runs in this process: the real ``AgentHttpServer`` (waitress, th
 derives from its config) in front of a real ``Agent`` (telemetry on, as in the daemon) serving a
 digits-sized ONNX classifier (64 features, 10 classes). The baseline is the same server class with a
 WSGI app that returns a fixed JSON answer without reading the request: what the HTTP stack alone
-costs. The load comes from another process (``--loadgen``): asyncio on raw keep-alive sockets, so the
+costs. The load comes from another process (``_loadgen.py``): asyncio on raw keep-alive sockets, so the
 generator stays cheaper per request than the server it measures.
 
 Rows: batch-1 JSON tensors, batch-1 binary tensors (``Inference-Header-Content-Length``) and the
@@ -18,21 +18,18 @@ Run: ``.venv/bin/python benchmarks/agent_http.py`` (writes its section of docs/b
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _loadgen  # noqa: E402
 from _mdreport import write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,52 +43,9 @@ FIXED = json.dumps({"model_name": "tiny", "model_version": "1", "outputs": [
 # --- the load generator (its own process) --------------------------------------------------------
 
 
-async def _client(host: str, port: int, request: bytes, stop_at: float, warm_until: float, out: list[float]) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        while True:
-            start = time.perf_counter()
-            if start >= stop_at:
-                return
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
-            await reader.readexactly(length)
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"the server answered {head[:40]!r}")
-            if start >= warm_until:
-                out.append(time.perf_counter() - start)
-    finally:
-        writer.close()
-
-
-async def _load(host: str, port: int, request: bytes, concurrency: int, seconds: float) -> list[float]:
-    now = time.perf_counter()
-    latencies: list[float] = []
-    await asyncio.gather(*(_client(host, port, request, now + 0.5 + seconds, now + 0.5, latencies)
-                           for _ in range(concurrency)))  # fmt: skip
-    return latencies
-
-
-def loadgen_main(args: argparse.Namespace) -> int:
-    request = Path(args.request).read_bytes()
-    latencies = asyncio.run(_load(args.host, args.port, request, args.concurrency, args.seconds))
-    print(json.dumps({"n": len(latencies), "seconds": args.seconds, "latencies": latencies}))
-    return 0
-
-
 def run_load(url: str, request: bytes, concurrency: int, seconds: float) -> dict[str, float]:
     host, port = url.removeprefix("http://").split(":")
-    with tempfile.NamedTemporaryFile(suffix=".http") as handle:
-        handle.write(request)
-        handle.flush()
-        done = subprocess.run([sys.executable, __file__, "--loadgen", "--host", host, "--port", port, "--request",
-                               handle.name, "--concurrency", str(concurrency), "--seconds", str(seconds)],
-                              capture_output=True, text=True, check=True)  # fmt: skip
-    result = json.loads(done.stdout)
-    lat = sorted(result["latencies"])
-    return {"rps": len(lat) / result["seconds"], "p50_ms": 1000 * statistics.median(lat),
-            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}  # fmt: skip
+    return _loadgen.run_load(host, int(port), request, concurrency, seconds)
 
 
 # --- the requests ---------------------------------------------------------------------------------
@@ -178,14 +132,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--host", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--request", help=argparse.SUPPRESS)
-    parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.loadgen:
-        return loadgen_main(args)
     body, met = table(measure(args.seconds))
     print(body)
     print(f"target (issue 13): {'MET' if met else 'NOT MET'}")

@@ -345,12 +345,14 @@ def _expected_for(case: GoldenCase, variant_id: str) -> dict[str, EncodedTensor]
 
 def _split_prediction(whole: Prediction, sizes: list[int]) -> list[Prediction]:
     total = sum(sizes)
-    cuts = np.cumsum(sizes)[:-1]
+    ends = [int(end) for end in np.cumsum(sizes)]
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # plain slices: np.split costs ~10 us a piece
 
     def split(tensors: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         parts = [{} for _ in sizes]  # type: list[dict[str, np.ndarray]]
         for name, value in tensors.items():
-            pieces = np.split(value, cuts) if value.ndim and value.shape[0] == total else [value] * len(sizes)
+            whole_batch = value.ndim and value.shape[0] == total
+            pieces = [value[a:b] for a, b in bounds] if whole_batch else [value] * len(sizes)
             for part, piece in zip(parts, pieces, strict=True):
                 part[name] = piece
         return parts

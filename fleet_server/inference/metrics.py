@@ -7,6 +7,8 @@ mode, as ``edgefleet-server run`` does, and :func:`exposition` sums every worker
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -42,10 +44,23 @@ class InferenceMetrics:
             "edgefleet_inference_loaded_models", "Models loaded in this process", registry=self.registry,
             multiprocess_mode="livesum",
         )  # fmt: skip
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.loaded_bytes = Gauge(
             "edgefleet_inference_loaded_bytes", "Estimated memory of the loaded models", registry=self.registry,
             multiprocess_mode="livesum",
         )  # fmt: skip
+
+    def request_done(self, model: str, status: str, latency_s: float | None) -> None:
+        """Count one request (and its latency when answered); the labelled series are looked up once."""
+        children = self._children.get((model, status))
+        if children is None:
+            if len(self._children) > 10_000:  # unknown model names come from clients: bounded
+                self._children.clear()
+            children = (self.requests.labels(model, status), self.request_latency_s.labels(model))
+            self._children[(model, status)] = children
+        children[0].inc()
+        if latency_s is not None:
+            children[1].observe(latency_s)
 
 
 def exposition(metrics: InferenceMetrics) -> bytes:
