@@ -59,6 +59,8 @@ def run_load(
         raise RuntimeError(f"the load generator failed: {done.stderr[-600:]}")
     result = json.loads(done.stdout)
     lat = sorted(result["latencies"])
+    if not lat:  # nothing answered after the warm-up (a server still loading)
+        return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}
     return {"rps": len(lat) / result["seconds"], "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}  # fmt: skip
 

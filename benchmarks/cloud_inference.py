@@ -60,6 +60,14 @@ def run_load(port: int, request: bytes, concurrency: int, seconds: float) -> dic
     return _loadgen.run_load("127.0.0.1", port, request, concurrency, seconds, warm_s=1.0)
 
 
+def _warm_up(port: int, request: bytes, timeout_s: float = 120.0) -> None:
+    """Until the server answers (ours loads the model at its first request: a 135 MB bundle takes seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while run_load(port, request, 1, 0.5)["rps"] == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server on port {port} answered nothing within {timeout_s:.0f} s")
+
+
 def http_request(model: str, name: str, x: np.ndarray, token: str) -> bytes:
     body = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()  # fmt: skip
@@ -292,7 +300,7 @@ def measure(seconds: float) -> tuple[dict[str, dict[str, dict[int, dict[str, flo
             for arm, (args, env) in arms.items():
                 port = free_port()
                 with server(port, *args, env=env):
-                    run_load(port, request, 1, 0.5)  # warm-up (lazy load, connections)
+                    _warm_up(port, request)
                     rows[arm] = {c: run_load(port, request, c, seconds) for c in CONCURRENCY}
                 print(arm, model.name, {c: round(r["rps"]) for c, r in rows[arm].items()}, flush=True)
             results[model.name] = rows
