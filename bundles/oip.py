@@ -117,7 +117,6 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-
 # --- inputs -----------------------------------------------------------------------------------------
 
 
