@@ -381,7 +381,7 @@ def table(
             ok = ok and ours / naive >= 4
     notes = [] if ok else ["", "Targets not met here, and what bounds them on this host (per-request CPU of the "
                                "protocol work against a fixed answer; two model threads on two shared cores): "
-                               "[ADR 0008](adr/0008-cloud-inference.md#what-was-measured)."]  # fmt: skip
+                               "[ADR 0009](adr/0009-cloud-inference.md#what-was-measured)."]  # fmt: skip
     return "\n".join(lines + ["", "Targets at concurrency 64:", *verdicts, *notes]), ok
 
 
