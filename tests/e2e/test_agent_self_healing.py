@@ -241,6 +241,19 @@ def repaired_files(status: dict[str, Any]) -> list[str]:
     return [r["file"] for r in status["repairs"]]
 
 
+def served_from_a_or_healed(result: dict[str, Any]) -> None:
+    """Answered locally by slot a's verified v1, or by v2 when its download through TUF beat the first request.
+
+    Since the agent falls back to its fleet's endpoint by default, the re-download of v2 can finish
+    before the first local answer (seen under load; the window in between answers 503 when the fleet
+    runs no inference endpoint): either way a verified version answered locally, never the damaged one.
+    """
+    version = result["answer"]["model_version"]
+    assert version in ("1", "2"), result["answer"]
+    if version == "2":
+        assert (result["status"]["last_update"] or {}).get("status") == "installed", result["status"]["last_update"]
+
+
 # --- the matrix ----------------------------------------------------------------------------------
 
 
@@ -266,7 +279,7 @@ def test_a_damaged_committed_model_falls_back_to_the_other_verified_slot(
     device: dict[str, Any], zygote: Zygote, tmp_path: Path, damage: Callable[[Path], None]
 ) -> None:
     result = restarted(device, zygote, tmp_path, lambda d: damage(model_file(d)))
-    assert result["answer"]["model_version"] == "1"  # slot a's v1, verified, until v2 comes back
+    served_from_a_or_healed(result)
     repair = next(r for r in result["status"]["repairs"] if r["file"] == "models/tiny/slot_b")
     assert "serving v1 from slot a" in repair["action"]
 
@@ -275,7 +288,7 @@ def test_a_garbage_slot_manifest_falls_back_to_the_other_slot(
     device: dict[str, Any], zygote: Zygote, tmp_path: Path
 ) -> None:
     result = restarted(device, zygote, tmp_path, lambda d: garbage(d / "models/tiny/slot_b/manifest.json"))
-    assert result["answer"]["model_version"] == "1"
+    served_from_a_or_healed(result)
     assert "models/tiny/slot_b" in repaired_files(result["status"])
 
 
