@@ -59,9 +59,12 @@ _LAST_SEEN_SQL = text("UPDATE devices SET last_seen_at = :at WHERE id = :device_
     bindparam("at", type_=UTCDateTime())
 )
 # PostgreSQL: one statement for the whole buffer instead of one row update per device.
-_PG_LAST_SEEN_SQL = text(
-    "UPDATE devices SET last_seen_at = u.at FROM unnest(CAST(:ids AS text[]), CAST(:ats AS timestamptz[])) AS u(id, at)"
-    " WHERE devices.id = u.id"
+_PG_LAST_SEEN_SQL = text(  # rows locked in id order first: two server processes flushing overlapping devices
+    # would otherwise lock them in their join orders and deadlock (seen with 10,000 simulated devices)
+    "WITH locked AS (SELECT id FROM devices WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE)"
+    " UPDATE devices SET last_seen_at = u.at"
+    " FROM unnest(CAST(:ids AS text[]), CAST(:ats AS timestamptz[])) AS u(id, at)"
+    " WHERE devices.id = u.id AND devices.id IN (SELECT id FROM locked)"
 )
 _PARAM_MARKERS = {"sqlite": ":token_hash", "postgresql": "%(token_hash)s"}
 
