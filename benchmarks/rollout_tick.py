@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mdreport import write_section  # noqa: E402
+from _scratchdb import create_database, drop_database  # noqa: E402
 
-PG_ADMIN_URL = os.environ.get("EDGEFLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 HISTORY_MIN = 30
 TICK_S = 10
@@ -59,36 +59,6 @@ EVENT_COLUMNS = ("batch_pk", "device_id", "type", "model_name", "bundle_version"
 
 
 # --- set-up -----------------------------------------------------------------------------------------
-
-
-def create_database(backend: str, work: Path) -> tuple[str, str | None]:
-    from fleet_server.db import upgrade_database
-
-    if backend == "sqlite":
-        url = f"sqlite:///{work / 'fleet.db'}"
-        upgrade_database(url)
-        return url, None
-    import sqlalchemy as sa
-
-    name = f"edgefleet_tick_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    upgrade_database(url)
-    return url, name
-
-
-def drop_database(name: str | None) -> None:
-    if name is None:
-        return
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def seed_fleet(factory: Any, n: int, work: Path) -> dict[int, Any]:
@@ -318,7 +288,7 @@ class WriterProbe:
 def bench(backend: str, n: int, history_min: int, baseline: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"edgefleet-tick-{backend}-") as tmp:
         work = Path(tmp)
-        url, pg_name = create_database(backend, work)
+        url, pg_name = create_database(backend, work, "edgefleet_tick")
         try:
             started = time.perf_counter()
             scene = Scene(url, n, work, history_min)

@@ -43,12 +43,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mdreport import write_section  # noqa: E402
+from _scratchdb import create_database, drop_database  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PEPPER = "bench-pepper-0123456789abcdefghij"
-PG_ADMIN_URL = os.environ.get("EDGEFLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CONCURRENCY = 32
 NOT_MODIFIED_SHARE = 0.95
 UPLOAD_CONNECTIONS = 16
@@ -67,37 +67,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def create_database(backend: str, work: Path) -> tuple[str, str | None]:
-    """A fresh, migrated database; returns (url, postgres database name to drop or None)."""
-    from fleet_server.db import upgrade_database
-
-    if backend == "sqlite":
-        url = f"sqlite:///{work / 'fleet.db'}"
-        upgrade_database(url)
-        return url, None
-    import sqlalchemy as sa
-
-    name = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    upgrade_database(url)
-    return url, name
-
-
-def drop_database(name: str | None) -> None:
-    if name is None:
-        return
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def seed_devices(url: str, n_devices: int) -> list[str]:
