@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,7 @@ from converter.datasets import Dataset, batch_sizes_for
 from converter.exporters import BuiltVariant, Runner
 from converter.metrics import agreement, metric, row_cosine
 from converter.readout import Readout, check_target_shape, encode_targets, infer_readout
+from converter.runtime_worker import peak_rss_bytes, reset_peak_rss
 from converter.spec import ModelSpec, format_drop
 
 _WARMUP_CALLS = 5
@@ -125,10 +125,10 @@ def run_in_chunks(predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarra
 def measure(variant: BuiltVariant, open_runner: Callable[[BuiltVariant], Runner], data: Dataset,
             reference: Reference, spec: ModelSpec) -> Measurement:  # fmt: skip
     """Load and run ``variant`` on the evaluation data; parity, metric, size, memory and latency."""
-    rss_before = _reset_peak_rss()
+    rss_before = reset_peak_rss()
     runner = open_runner(variant)
     outputs = run_in_chunks(runner.run, data, spec)
-    peak_rss_delta = max(0, _peak_rss_bytes() - rss_before)
+    peak_rss_delta = max(0, peak_rss_bytes() - rss_before)
     in_worker = getattr(runner, "peak_rss_delta_bytes", None)
     if callable(in_worker):  # a runtime in another process: its own growth, not this process's
         peak_rss_delta = int(in_worker())
@@ -410,26 +410,3 @@ def _slower_than_parent(metrics: dict[str, Any], parent: dict[str, Any], spec: M
             f"vs {parent[f'latency_{label}_p50_ms']:.3f} ms; allowed {allowed:.2f}x)"
         )
     return findings
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in bytes."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status_bytes("VmRSS")
-
-
-def _peak_rss_bytes() -> int:
-    return _status_bytes("VmHWM") or _status_bytes("VmRSS")
-
-
-def _status_bytes(key: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0

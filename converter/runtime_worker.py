@@ -41,12 +41,18 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
-def _reset_peak_rss() -> int:
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in bytes."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
     return _status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since the last :func:`reset_peak_rss` (the current RSS if the kernel has no mark)."""
+    return _status_bytes("VmHWM") or _status_bytes("VmRSS")
 
 
 class Worker:
@@ -79,7 +85,7 @@ class Worker:
         from bundles.runtimes.base import load_runtime
 
         handle = request["handle"]
-        self.rss_before[handle] = _reset_peak_rss()
+        self.rss_before[handle] = reset_peak_rss()
         runtime = load_runtime(request["target"], Path(request["path"]), int(request.get("threads", 1)),
                                runtime=request["runtime"])  # fmt: skip
         self.loaded[handle] = runtime
@@ -111,7 +117,7 @@ class Worker:
         return {"times": times}
 
     def op_memory(self, request: dict[str, Any]) -> dict[str, Any]:
-        peak = _status_bytes("VmHWM") or _status_bytes("VmRSS")
+        peak = peak_rss_bytes()
         return {"peak_rss_delta_bytes": max(0, peak - self.rss_before.get(request["handle"], peak))}
 
     def op_close(self, request: dict[str, Any]) -> dict[str, Any]:
