@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from enum import Enum
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.routing import Route
 
 from bundles import oip
 from bundles.errors import EdgeFleetError, InputError, ModelNotReadyError, RequestTooLargeError
@@ -217,21 +217,34 @@ def _model_routes(app: FastAPI, endpoint: Endpoint) -> None:
         return {"name": name, "version": str(key[1]), "ready": True}
 
     async def infer(request: Request) -> Response:
-        """The path parameters are read from the request: FastAPI's parameter resolution cost ~60 us a call."""
         params = request.path_params
         return await _infer(endpoint, request, params["name"], params.get("version"))
 
     tags = list[str | Enum](["inference"])
-    for prefix in ("/v2/models/{name}/versions/{version}", "/v2/models/{name}"):  # the hot route first
+    for prefix in ("/v2/models/{name}/versions/{version}", "/v2/models/{name}"):
         path_params = [p for p in PATH_PARAMETERS if "{" + p["name"] + "}" in prefix]
         extra = {**INFER_BODY, "parameters": path_params + INFER_BODY["parameters"]}
         app.add_api_route(prefix + "/infer", infer, methods=["POST"], tags=tags, responses=ERROR_RESPONSES,
                           openapi_extra=extra, summary="Run an inference")  # fmt: skip
+    _serve_infer_first(app, infer)
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_api_route(prefix, metadata, methods=["GET"], tags=tags, responses=ERROR_RESPONSES,
                           summary="Model metadata")  # fmt: skip
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"], tags=tags, responses=ERROR_RESPONSES,
                           summary="Model readiness")  # fmt: skip
+
+
+def _serve_infer_first(app: FastAPI, infer: Callable[[Request], Awaitable[Response]]) -> None:
+    """Answer the two infer paths with plain Starlette routes, tried before every other route.
+
+    The FastAPI routes above stay for the OpenAPI schema (and would answer identically); the hot
+    path skips FastAPI's dependency resolution and the walk past the docs and health routes, about
+    a third of the endpoint's own CPU per request with a small model (docs/benchmarks.md). Errors
+    still reach the app's exception handlers, which wrap every route.
+    """
+    fast = [Route(prefix + "/infer", infer, methods=["POST"])
+            for prefix in ("/v2/models/{name}/versions/{version}", "/v2/models/{name}")]  # fmt: skip
+    app.router.routes[:0] = fast
 
 
 async def _target(endpoint: Endpoint, request: Request, name: str, version: str | None) -> tuple[Caller, Key]:
@@ -312,7 +325,7 @@ def _answer(
     answer: dict[str, Any] = {"model_name": name, "model_version": str(version), "outputs": tensors}
     if "id" in header:
         answer["id"] = header["id"]
-    body = json.dumps(answer, separators=(",", ":")).encode()
+    body = oip.dumps_answer(answer)
     if not binary:
         return Response(body, media_type="application/json")
     headers = {"Inference-Header-Content-Length": str(len(body))}

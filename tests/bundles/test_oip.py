@@ -89,3 +89,75 @@ def test_non_finite_values_are_refused_in_inputs_unless_allowed_and_kept_in_answ
 def test_a_malformed_answer_is_refused_naming_the_output(answer: dict, payload: bytes, message: str) -> None:
     with pytest.raises(InputError, match=message):
         oip.decode_answer(answer, payload)
+
+
+def _standard_header(raw: bytes, allow_constants: bool) -> object:
+    """What the header parser accepted before orjson: the standard library, constants refused unless allowed."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(name)
+
+    try:
+        parsed = json.loads(raw, parse_constant=None if allow_constants else refuse)
+    except (ValueError, RecursionError):
+        return "refused"
+    return parsed if isinstance(parsed, dict) else "refused"
+
+
+HEADERS = [
+    b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [0.1, 2]}]}',
+    b'{"a": NaN}', b'{"a": -Infinity}', b'{"a": 1e400}', b'{"a": 123456789012345678901234567890}',
+    '{"a": "\u00e9"}'.encode("utf-16"), '{"a": 1}'.encode("utf-32-le"), b'{"a": "\xff"}', b'{"a": 1, "a": 2}',
+    b"[1, 2]", b"", b"  ", b"{", b'{"a": 1} x', b"[" * 3000 + b"]" * 3000, b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("allow_constants", [False, True])
+@pytest.mark.parametrize("raw", HEADERS)
+def test_the_header_parser_accepts_exactly_what_the_standard_library_accepts(raw: bytes, allow_constants: bool) -> None:
+    expected = _standard_header(raw or b"{}", allow_constants)
+    try:
+        got: object = oip.parse_header(raw, allow_constants)
+    except InputError:
+        got = "refused"
+    if raw == b'{"a": 123456789012345678901234567890}':  # orjson reads integers past 64 bits as floats:
+        assert got == {"a": 1.2345678901234568e29}  # no tensor takes either (the next test)
+        return
+    assert repr(got) == repr(expected)  # repr: NaN == NaN, and 1 is not 1.0
+
+
+@pytest.mark.parametrize("datatype", ["INT64", "INT8", "UINT64", "BOOL"])
+@pytest.mark.parametrize("value", [b"1.5", b"1e30", b"123456789012345678901234567890", b"-1e300", b"300"])
+def test_an_integer_tensor_refuses_numbers_it_cannot_hold_exactly(datatype: str, value: bytes) -> None:
+    raw = b'{"inputs": [{"name": "x", "shape": [2], "datatype": "%s", "data": [1, %s]}]}' % (datatype.encode(), value)
+    header = oip.parse_header(raw)
+    if value == b"300" and datatype in ("INT64", "UINT64"):
+        assert oip.decode_inputs(header, b"")["x"].tolist() == [1, 300]
+        return
+    with pytest.raises(InputError, match="input 'x': data does not match"):
+        oip.decode_inputs(header, b"")
+
+
+def test_integral_floats_and_json_booleans_are_taken_as_the_integers_they_are() -> None:
+    raw = b'{"inputs": [{"name": "i", "shape": [2], "datatype": "INT32", "data": [1.0, -2]},'
+    raw += b' {"name": "b", "shape": [3], "datatype": "BOOL", "data": [true, 0, 1]}]}'
+    decoded = oip.decode_inputs(oip.parse_header(raw), b"")
+    assert decoded["i"].tolist() == [1, -2] and decoded["b"].tolist() == [True, False, True]
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(tensors(), min_size=1, max_size=3), request_id=st.text(max_size=12))
+def test_an_answer_header_reads_back_as_the_standard_library_would_write_it(
+    values: list[np.ndarray], request_id: str
+) -> None:
+    tensors_json, _ = oip.encode_outputs({f"out{i}": v for i, v in enumerate(values)}, {}, False)
+    answer = {"model_name": "m", "model_version": "1", "id": request_id, "outputs": tensors_json}
+    assert json.loads(oip.dumps_answer(answer)) == json.loads(json.dumps(answer))
+
+
+def test_a_model_answering_nan_or_infinity_is_written_with_the_literals_clients_read() -> None:
+    y = np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32)
+    tensors_json, _ = oip.encode_outputs({"y": y}, {}, False)
+    body = oip.dumps_answer({"outputs": tensors_json})
+    assert b"NaN" in body and b"-Infinity" in body and b"null" not in body
+    assert oip.decode_answer(json.loads(body), b"")["y"].tobytes() == y.tobytes()
