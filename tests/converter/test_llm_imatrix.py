@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,6 +47,21 @@ def test_there_is_one_entry_per_matrix_the_quantiser_looks_up_as_wide_as_its_inp
     assert len(matrices) == 15 and imatrix.summary()["entries"] == 15
     assert all(np.all(np.isfinite(v)) and np.all(v > 0) for v in imatrix.means().values())
     assert set(imatrix.counts.values()) == {imatrix.tokens}
+
+
+def test_it_equals_what_llama_cpps_own_collector_sees_in_the_gguf_file(
+    tiny_llama_dir: Path, parent: Path, imatrix: ImportanceMatrix
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    text = (tiny_llama_dir / "calibration.txt").read_text(encoding="utf-8")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    chunks = calibration_chunks(ids, int(tokenizer.bos_token_id), imatrix.chunk_size)
+    sums, counts = _llama_cpp_collection(parent, chunks, imatrix.chunk_size)
+    assert sorted(sums) == sorted(imatrix.sums) and set(counts.values()) == {imatrix.tokens}
+    for name, mean in imatrix.means().items():  # float32 torch vs llama.cpp (f16 KV cache): 5e-4 at most measured
+        np.testing.assert_allclose(mean, sums[name] / counts[name], rtol=2e-3, err_msg=name)
 
 
 def test_it_is_computed_on_the_whole_calibration_text_in_chunks_opened_with_bos(
@@ -138,3 +155,77 @@ def test_a_model_registered_without_calibration_text_builds_without_a_matrix(
     assert not (conversion_dir / "imatrix.gguf").exists()
     manifest, _ = open_bundle(next(conversion_dir.glob("*.efb")), tmp_path / "b")
     assert "imatrix" not in manifest.lineage.extra
+
+
+class _GgmlTensor(ctypes.Structure):
+    """``struct ggml_tensor`` of the ggml that llama-cpp-python ships (include/ggml.h), enough to read a MUL_MAT."""
+
+
+_GgmlTensor._fields_ = [
+    ("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4),
+    ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(_GgmlTensor) * 10), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8),
+]  # fmt: skip
+
+
+def _llama_cpp_collection(parent: Path, chunks: list[list[int]], n_ctx: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """What llama-imatrix collects (tools/imatrix/imatrix.cpp): per MUL_MAT weight, the input's squares per column.
+
+    The scheduler's eval callback sees every matrix product of the graph; every position's output is
+    requested (as llama-imatrix does), so the last layer runs on all tokens.
+    """
+    import llama_cpp
+
+    from bundles.runtimes.llama_cpp import extra_buffers_enabled
+
+    ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    ggml.ggml_op_name.restype, ggml.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    ggml.ggml_get_name.restype, ggml.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    layout_errors: list[str] = []
+
+    @llama_cpp.ggml_backend_sched_eval_callback  # type: ignore[misc]
+    def collect(pointer: int, ask: bool, _user_data: int) -> bool:
+        tensor = ctypes.cast(pointer, ctypes.POINTER(_GgmlTensor)).contents
+        if ggml.ggml_get_name(pointer) != tensor.name:  # the struct above is not this ggml's
+            layout_errors.append(tensor.name.decode(errors="replace"))
+            return False
+        if ggml.ggml_op_name(tensor.op) != b"MUL_MAT":
+            return not ask
+        weight, x = tensor.src[0].contents, tensor.src[1].contents
+        name = weight.name.decode()
+        if ask:
+            return x.type == 0 and (name.startswith("blk.") or name == "output.weight")  # F32 inputs
+        rows = x.ne[1] * x.ne[2] * x.ne[3]
+        values = np.ctypeslib.as_array(ctypes.cast(x.data, ctypes.POINTER(ctypes.c_float)), shape=(rows, x.ne[0]))
+        sums[name] = sums.get(name, 0) + np.square(values.astype(np.float64)).sum(axis=0)
+        counts[name] = counts.get(name, 0) + rows
+        return True
+
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.use_extra_bufts = extra_buffers_enabled()  # the AMX kernels fault on some VMs (open_llama)
+    model = llama_cpp.llama_model_load_from_file(str(parent).encode(), model_params)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+    params.n_threads = params.n_threads_batch = 2
+    params.cb_eval = collect
+    context = llama_cpp.llama_init_from_model(model, params)
+    try:
+        for chunk in chunks:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context), True)
+            batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, 1
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = len(chunk)
+            try:
+                assert llama_cpp.llama_decode(context, batch) == 0
+            finally:
+                llama_cpp.llama_batch_free(batch)
+    finally:
+        llama_cpp.llama_free(context)
+        llama_cpp.llama_model_free(model)
+    assert not layout_errors, f"ggml_tensor layout differs from this ggml's: {layout_errors[:3]}"
+    return sums, counts
