@@ -3,7 +3,10 @@
 1. Per GGUF variant of the tiny Llama (``converter.llm.tiny``, converted by ``convert_llm``): size,
    mean KL divergence and top-token agreement against transformers, perplexity ratio, decode tokens/s
    and time to first token, as the converter's gates measured them; the size of q4_k_m against f16.
-2. The agent's local ``/v1/chat/completions`` (waitress, the serving path, telemetry on) against
+2. q4_k_m with and without the importance matrix from the calibration text (``converter.llm.imatrix``):
+   the same tiny Llama registered a second time without ``--calibration-text`` and converted to
+   q4_k_m alone; the same gate figures, with f16 as the reference row.
+3. The agent's local ``/v1/chat/completions`` (waitress, the serving path, telemetry on) against
    llama-cpp-python's own ``Llama.create_chat_completion`` on the same q4_k_m file, the same chat
    messages, greedy, the same token budget and thread count: completion tokens per second of wall
    time per request, calls interleaved, medians of the same run.
@@ -32,8 +35,11 @@ SECTION = "llm"
 MESSAGES = [{"role": "user", "content": "This program is free software; you can redistribute it"}]
 
 
-def convert(work: Path) -> tuple[list[dict[str, Any]], Path]:
-    """Register and convert the tiny Llama in a private home; the variants' results and the bundle."""
+def convert(work: Path) -> tuple[list[dict[str, Any]], Path, dict[str, Any]]:
+    """Register and convert the tiny Llama in a private home; the variants' results, the bundle, plain q4_k_m.
+
+    The last is the q4_k_m result of a second registration without calibration text (no importance matrix).
+    """
     from converter.home import Home
     from converter.llm.convert import convert_llm
     from converter.llm.register import LlmSettings, register_llm
@@ -45,7 +51,23 @@ def convert(work: Path) -> tuple[list[dict[str, Any]], Path]:
     registry = Registry(Home.from_env())
     model = register_llm(registry, "tiny-llm", source, source / "eval.txt", source / "calibration.txt", LlmSettings())
     outcome = convert_llm(registry, model, ("f16", "q8_0", "q4_k_m"))
-    return [r.to_dict() for r in outcome.results], outcome.bundle_path
+    plain_model = register_llm(registry, "tiny-llm-plain", source, source / "eval.txt", None, LlmSettings())
+    plain = convert_llm(registry, plain_model, ("q4_k_m",)).results[-1].to_dict()
+    return [r.to_dict() for r in outcome.results], outcome.bundle_path, plain
+
+
+def imatrix_table(results: list[dict[str, Any]], plain: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """f16, q4_k_m without and q4_k_m with the importance matrix: the gate figures side by side."""
+    by_id = {r["variant_id"]: r for r in results}
+    rows = [("gguf-f16", "-", by_id["gguf-f16"]), ("gguf-q4_k_m", "none", plain),
+            ("gguf-q4_k_m", "calibration text", by_id["gguf-q4_k_m"])]  # fmt: skip
+    lines = ["| variant | importance matrix | size (bytes) | mean KL | top-1 agreement | ppl ratio |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for variant, imatrix, r in rows:
+        m = r["metrics"]
+        lines.append(f"| {variant} | {imatrix} | {m['size_bytes']:,} | {m['kl_mean']:.5f} | "
+                     f"{m['top1_agreement']:.4f} | {m['ppl_ratio']:.4f} |")  # fmt: skip
+    return "\n".join(lines), by_id["gguf-q4_k_m"]["metrics"]["imatrix"]
 
 
 def variants_table(results: list[dict[str, Any]]) -> tuple[str, float]:
@@ -112,10 +134,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-llm-") as tmp:
         work = Path(tmp)
-        results, bundle = convert(work)
+        results, bundle, plain = convert(work)
         table, size_ratio = variants_table(results)
+        with_imatrix, imatrix = imatrix_table(results, plain)
         speed = agent_vs_direct(bundle, work, args.rounds, args.max_tokens)
     ratio = speed["agent"] / speed["direct"]
+    with_m = next(r for r in results if r["variant_id"] == "gguf-q4_k_m")["metrics"]
+    kl_change = with_m["kl_mean"] / plain["metrics"]["kl_mean"] - 1
     body = "\n".join([
         "Tiny Llama (hidden 256, 2 layers, vocabulary 512, trained here), gated against transformers on its",
         "held-out licence text (1,033 positions). Timings on this machine (2 cores, shared).",
@@ -123,6 +148,14 @@ def main() -> None:
         table,
         "",
         f"q4_k_m / f16 size: **{size_ratio:.1%}** (target at most 35 %: {'met' if size_ratio <= 0.35 else 'NOT met'}).",
+        "",
+        f"q4_k_m with the importance matrix from the calibration text ({imatrix['tokens']:,} tokens in "
+        f"{imatrix['chunks']} chunks, {imatrix['entries']} matrices) and without it (the same model registered "
+        "without `--calibration-text`); figures against transformers on the same evaluation text:",
+        "",
+        with_imatrix,
+        "",
+        f"Mean KL with / without the importance matrix: **{kl_change:+.1%}**.",
         "",
         f"Chat on q4_k_m, greedy, up to {args.max_tokens} tokens, {args.rounds} interleaved requests each "
         "(completion tokens / wall time of the request):",
@@ -134,6 +167,8 @@ def main() -> None:
         f"{speed['agent']:.0f} |",
         "",
         f"Agent / direct: **{ratio:.2f}** (target at least 0.90: {'met' if ratio >= 0.9 else 'NOT met'}).",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: `.venv/bin/python benchmarks/llm.py`",
     ])  # fmt: skip
     print(body)
     if not args.no_write:

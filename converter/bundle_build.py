@@ -70,7 +70,7 @@ MANIFEST_METRIC_KEYS = (
     "max_abs_error", "cosine", "top1_agreement", "metric", "metric_value", "source_metric_value", "metric_drop",
     "size_bytes", "size_ratio_to_fp32", "dynamic_extremes", "golden_atol", "ladder_rank", "preferred",
     "gates", "reproducible", "runtimes", "batch", "route", "deployment_target", "structural", "spec_version",
-    "model_type", "ops", "weights_bytes", "weights_ratio_to_fp32", "weight_errors",
+    "model_type", "ops", "weights_bytes", "weights_ratio_to_fp32", "weight_errors", "imatrix",
 )  # fmt: skip
 """Gate results written into each variant's ``metrics``: only reproducible figures (timings stay in the report)."""
 RUNTIME_METRIC_KEYS = ("status", "version", "max_abs_error", "cosine", "top1_agreement", "metric_value", "metric_drop")

@@ -341,17 +341,18 @@ def _convert_llm(registry: Registry, model: ModelVersion, targets: str, quantize
 
 
 def llm_table(model: ModelVersion, results: list[dict[str, Any]]) -> Table:
-    """Per GGUF variant: status, size, KL, top-1 agreement, perplexity ratio, speed, tensor types, reasons."""
+    """Per GGUF variant: status, size, KL, top-1 agreement, perplexity ratio, speed, tensor types, imatrix, reasons."""
     table = Table(title=f"{model.ref}: GGUF variants against the source")
     for column in ("variant", "status", "size", "KL", "top-1", "ppl ratio", "TTFT ms", "tok/s", "tensor types",
-                   "reasons"):  # fmt: skip
+                   "imatrix", "reasons"):  # fmt: skip
         table.add_column(column)
     for r in results:
         m = r["metrics"]
         types = ", ".join(f"{k} {v}" for k, v in m.get("tensor_types", {}).items())
+        imatrix = f"{m['imatrix']['tokens']:,} tokens" if "imatrix" in m else "-"
         table.add_row(r["variant_id"], r["status"], f"{m.get('size_bytes', 0):,}", f"{m.get('kl_mean', 0):.5f}",
                       f"{m.get('top1_agreement', 0):.4f}", f"{m.get('ppl_ratio', 0):.4f}",
-                      f"{m.get('ttft_ms', 0):.1f}", f"{m.get('tokens_per_s', 0):.0f}", types,
+                      f"{m.get('ttft_ms', 0):.1f}", f"{m.get('tokens_per_s', 0):.0f}", types, imatrix,
                       "; ".join(r["reasons"]))  # fmt: skip
     return table
 

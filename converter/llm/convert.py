@@ -3,12 +3,15 @@
 Flow: the registered Hugging Face directory is written as a float32 GGUF (:mod:`converter.llm.
 gguf_file`); its tokenizer must split the evaluation text exactly as the source's does; the source
 scores the evaluation windows once (transformers); then the float32 parent is measured and judged
-(a wrong conversion, e.g. without the RoPE permutation, stops everything here, with its numbers),
-and every requested precision is written by llama.cpp's quantiser, its effective tensor types read
-back, measured and judged (:mod:`converter.llm.gates`). Passing variants go into the bundle; refused
-ones are recorded with the numbers that refused them. The golden cases are fixed prompts from the
-evaluation text with each variant's own greedy tokens (``expected_by_variant``): a device replays
-them through the same runtime version and must get the same tokens.
+(a wrong conversion, e.g. without the RoPE permutation, stops everything here, with its numbers).
+With calibration text the source also yields an importance matrix (:mod:`converter.llm.imatrix`),
+given to the quantiser for the k-quants, recorded with those variants and in the lineage, and kept
+as ``imatrix.gguf`` in the conversion's directory. Every requested precision is written by llama.cpp's
+quantiser, its effective tensor types read back, measured and judged (:mod:`converter.llm.gates`).
+Passing variants go into the bundle; refused ones are recorded with the numbers that refused them.
+The golden cases are fixed prompts from the evaluation text with each variant's own greedy tokens
+(``expected_by_variant``): a device replays them through the same runtime version and must get the
+same tokens.
 
 The bundle is a generation bundle: task ``generation``, the tensor face of
 :class:`bundles.runtimes.llama_cpp.LlamaCppRuntime`, variants of target ``gguf`` bound to the
@@ -49,6 +52,7 @@ from converter.convert import Outcome, RungResult, insert_conversion
 from converter.home import scratch_dir, staging_dir
 from converter.llm import gates
 from converter.llm.gguf_file import tensor_types, write_gguf
+from converter.llm.imatrix import IMATRIX_PRECISIONS, ImportanceMatrix, compute_imatrix
 from converter.llm.quantize import NOMINAL_TYPES, PRECISIONS, quantize
 from converter.llm.register import GENERATION_INPUTS, GENERATION_OUTPUTS, LlmSettings, settings_of
 from converter.register import tool_versions
@@ -59,6 +63,8 @@ GOLDEN_PROMPTS = 3
 GOLDEN_PROMPT_TOKENS = 12
 GOLDEN_NEW_TOKENS = 8
 _THREADS = 2
+IMATRIX_FILE = "imatrix.gguf"
+"""The importance matrix in llama.cpp's format, next to the bundle (``llama-quantize --imatrix`` reads it)."""
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -89,13 +95,15 @@ def convert_llm(registry: Registry, model: ModelVersion, precisions: tuple[str, 
         results = [_gate(parent, "f32", source, speed_prompt, settings, None)]
         if results[0].status != "passed":
             raise GateFailedError(f"model {model.ref}, variant gguf-f32: {'; '.join(results[0].reasons)}")
+        imatrix = _importance_matrix(hf_dir, artifacts, model, precisions, say)
         built: list[tuple[RungResult, Path]] = []
         for precision in precisions:
             say(f"gguf-{precision}: quantising and measuring")
             path = work / "variants" / f"gguf-{precision}" / "model.gguf"
             path.parent.mkdir(parents=True)
-            quantize(parent, path, precision, _THREADS)
-            result = _gate(path, precision, source, speed_prompt, settings, results[0].metrics)
+            weights = imatrix if precision in IMATRIX_PRECISIONS else None
+            quantize(parent, path, precision, _THREADS, imatrix=weights)
+            result = _gate(path, precision, source, speed_prompt, settings, results[0].metrics, weights)
             results.append(result)
             if result.status == "passed":
                 built.append((result, path))
@@ -105,7 +113,17 @@ def convert_llm(registry: Registry, model: ModelVersion, precisions: tuple[str, 
             raise GateFailedError(f"model {model.ref}: no GGUF variant passed its gates ({detail})")
         say("building the bundle")
         options = {"targets": ["gguf"], "quantize": list(precisions)}
-        return _finish(registry, model, settings, results, built, source, options, time.perf_counter() - started)
+        return _finish(registry, model, settings, results, built, source, options, time.perf_counter() - started,
+                       imatrix)  # fmt: skip
+
+
+def _importance_matrix(hf_dir: Path, artifacts: Path, model: ModelVersion, precisions: tuple[str, ...],
+                       say: Progress) -> ImportanceMatrix | None:  # fmt: skip
+    """The matrix from the registered calibration text, when there is one and a precision uses it."""
+    if not model.calibration_file or not any(p in IMATRIX_PRECISIONS for p in precisions):
+        return None
+    say("computing the importance matrix from the calibration text")
+    return compute_imatrix(hf_dir, artifacts / model.calibration_file)
 
 
 def _source_dir(artifacts: Path, model: ModelVersion, work: Path) -> Path:
@@ -132,9 +150,11 @@ def _score_source(hf_dir: Path, parent: Path, eval_file: Path, settings: LlmSett
 
 
 def _gate(path: Path, precision: str, source: gates.SourceScores, speed_prompt: list[int], settings: LlmSettings,
-          parent: dict[str, Any] | None) -> RungResult:  # fmt: skip
+          parent: dict[str, Any] | None, imatrix: ImportanceMatrix | None = None) -> RungResult:  # fmt: skip
     figures = gates.measure(path, source, _THREADS, speed_prompt)
     figures["tensor_types"] = tensor_types(path)
+    if imatrix is not None:
+        figures["imatrix"] = imatrix.summary()
     reasons = gates.judge(precision, figures, settings.budgets)
     nominal = NOMINAL_TYPES.get(precision)
     if nominal is not None and nominal not in figures["tensor_types"]:
@@ -149,11 +169,15 @@ def _gate(path: Path, precision: str, source: gates.SourceScores, speed_prompt: 
 
 def _finish(registry: Registry, model: ModelVersion, settings: LlmSettings, results: list[RungResult],
             built: list[tuple[RungResult, Path]], source: gates.SourceScores, options: dict[str, Any],
-            duration_s: float) -> Outcome:  # fmt: skip
+            duration_s: float, imatrix: ImportanceMatrix | None) -> Outcome:  # fmt: skip
     home = registry.home
     with staging_dir(home.artifacts_dir(model.name, model.version) / "conversions" / "staging") as staging:
         bundle_dir = staging / "bundle"
-        manifest = _assemble(model, settings, built, source, bundle_dir)
+        lineage = _lineage(model)
+        if imatrix is not None:
+            imatrix.write_gguf(staging / IMATRIX_FILE, model.calibration_file)
+            lineage.extra["imatrix"] = {**imatrix.summary(), "file_sha256": sha256_file(staging / IMATRIX_FILE)}
+        manifest = _assemble(model, settings, built, source, bundle_dir, lineage)
         bundle = pack_bundle(bundle_dir, manifest, staging / f"{model.name}-{model.version}.efb")
         payload = {"results": [r.to_dict() for r in results], "duration_s": duration_s, "agreement": {}}
         (staging / "results.json").write_bytes(canonical_json(payload))
@@ -161,7 +185,7 @@ def _finish(registry: Registry, model: ModelVersion, settings: LlmSettings, resu
 
 
 def _assemble(model: ModelVersion, settings: LlmSettings, built: list[tuple[RungResult, Path]],
-              source: gates.SourceScores, bundle_dir: Path) -> Manifest:  # fmt: skip
+              source: gates.SourceScores, bundle_dir: Path, lineage: Lineage) -> Manifest:  # fmt: skip
     version = metadata.version("llama-cpp-python")
     variants, expected = [], {}
     for result, path in sorted(built, key=lambda item: item[1].stat().st_size):
@@ -178,7 +202,7 @@ def _assemble(model: ModelVersion, settings: LlmSettings, built: list[tuple[Rung
     manifest = Manifest(
         name=model.name, version=model.version, created_at=model.created_at, task="generation",
         inputs=GENERATION_INPUTS, outputs=GENERATION_OUTPUTS, variants=tuple(variants),
-        golden=_golden(source, expected), lineage=_lineage(model), runtime_config=_runtime_config(model, settings),
+        golden=_golden(source, expected), lineage=lineage, runtime_config=_runtime_config(model, settings),
     )  # fmt: skip
     Manifest.from_bytes(manifest.to_bytes())
     (bundle_dir / "manifest.json").write_bytes(manifest.to_bytes())
