@@ -129,9 +129,13 @@ def dumps_answer(answer: Mapping[str, Any]) -> bytes:
 
     A model may answer NaN or infinity; orjson would write ``null`` for it, so an answer whose bytes
     hold ``null`` anywhere is written again by the standard library, which writes ``NaN`` and
-    ``Infinity`` as Python's and tritonclient's JSON readers expect.
+    ``Infinity`` as Python's and tritonclient's JSON readers expect; so is an answer holding a value
+    orjson does not write (numpy scalars), which the standard library writes or refuses as before.
     """
-    body = orjson.dumps(answer)
+    try:
+        body = orjson.dumps(answer)
+    except TypeError:  # what orjson does not write (a numpy float64 among plain values): the standard library
+        body = b"null"
     if b"null" in body:
         body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
     return body

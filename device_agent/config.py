@@ -81,7 +81,8 @@ class AgentConfig:
     http_threads: int = 0  # 0 = max_concurrency
     http_backlog: int = 1024
     http_connection_limit: int = 256
-    http_read_timeout_s: float = 10.0  # headers and body of one request must be in within this
+    http_read_timeout_s: float = 10.0  # headers and body of one request must be in within this...
+    http_min_read_rate_bytes_s: int = 500  # ...plus a second per this many bytes received (a body still arriving)
     http_idle_timeout_s: float = 30.0  # an idle keep-alive connection is closed after this
     max_body_bytes: int = 0  # 0 = derived from the memory budget (1 to 64 MiB)
     memory_budget_bytes: int = 0  # 0 = half of what this process may still allocate
@@ -227,7 +228,7 @@ def _check_tables(config: AgentConfig) -> None:
 def _validate(config: AgentConfig) -> AgentConfig:
     positive = ("poll_interval_s", "backoff_initial_s", "backoff_max_s", "request_timeout_s", "max_concurrency",
                 "retry_initial_s", "retry_max_s", "http_backlog", "http_connection_limit", "http_read_timeout_s",
-                "http_idle_timeout_s", "max_batch")  # fmt: skip
+                "http_min_read_rate_bytes_s", "http_idle_timeout_s", "max_batch")  # fmt: skip
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(config, key)}")

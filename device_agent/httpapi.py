@@ -30,7 +30,6 @@ small pure-Python WSGI server (no web framework on the device).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -220,6 +219,7 @@ class HttpSettings:
     backlog: int = 1024
     connection_limit: int = 256
     read_timeout_s: float = 10.0
+    min_read_rate_bytes_s: int = 500
     idle_timeout_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 64 * 2**20
@@ -253,7 +253,7 @@ class OipApp:
             if status == 500:
                 log.exception("http: unexpected error")
             answer, binary = {"error": str(e) if status != 500 else "internal error"}, b""
-        body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
+        body = oip.dumps_answer(answer)
         headers = [("Content-Type", "application/json" if not binary else "application/octet-stream"),
                    ("Content-Length", str(len(body) + len(binary)))]  # fmt: skip
         if binary:
@@ -356,7 +356,7 @@ _OPENAI_MAX_BODY_BYTES = 4 * 2**20
 
 def _json_answer(start_response: Callable[..., Any], status: int, answer: dict[str, Any],
                  headers: list[tuple[str, str]] | None = None) -> list[bytes]:  # fmt: skip
-    body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
+    body = oip.dumps_answer(answer)
     basics = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     start_response(f"{status} {_REASONS.get(status, 'Error')}", [*basics, *(headers or [])])
     return [body]
@@ -384,7 +384,8 @@ def http_settings(config: Any) -> HttpSettings:
     return HttpSettings(
         host=config.http_host, port=config.http_port, threads=config.http_threads or config.max_concurrency,
         backlog=config.http_backlog, connection_limit=config.http_connection_limit,
-        read_timeout_s=config.http_read_timeout_s, idle_timeout_s=config.http_idle_timeout_s,
+        read_timeout_s=config.http_read_timeout_s, min_read_rate_bytes_s=config.http_min_read_rate_bytes_s,
+        idle_timeout_s=config.http_idle_timeout_s,
         max_body_bytes=config.max_body_bytes or default_max_body_bytes(budget), memory_budget_bytes=budget,
         max_batch=config.max_batch, queue_timeout_s=config.queue_timeout_s,
     )  # fmt: skip
@@ -397,7 +398,10 @@ class AgentHttpServer:
     refuses a malformed ``Content-Length`` (400) and a body over ``max_body_bytes`` (413) from the
     headers, spools bodies past 512 KiB to a temporary file, and hands complete requests to
     ``threads`` workers in arrival order. On top: a request whose headers and body are not in within
-    ``read_timeout_s`` is dropped (waitress alone only times out idle connections).
+    ``read_timeout_s``, plus a second for every ``min_read_rate_bytes_s`` bytes received so far, is
+    dropped (waitress alone only times out idle connections). The allowance is Apache
+    mod_reqtimeout's ``MinRate``: a client dripping bytes is cut off, a large body arriving at any
+    useful rate is not (a 60 MB upload on a loaded device takes seconds).
     """
 
     def __init__(
@@ -424,7 +428,10 @@ class AgentHttpServer:
             maintenance(now)
             for channel in list(self.server.active_channels.values()):
                 began = getattr(channel, "request_began", None)
-                if channel.request is not None and began is not None and now - began > cfg.read_timeout_s:
+                if channel.request is None or began is None:
+                    continue
+                allowed_s = cfg.read_timeout_s + channel.request_bytes / cfg.min_read_rate_bytes_s
+                if now - began > allowed_s:
                     channel.will_close = True  # headers or body still not in: drop the connection
 
         self.server.maintenance = maintenance_with_deadline
@@ -455,14 +462,17 @@ class AgentHttpServer:
 
 
 def _deadline_channel(base: type) -> type:
-    """waitress's channel, remembering when the request being received began (for ``read_timeout_s``)."""
+    """waitress's channel, remembering when the request being received began and how many bytes of it came
+    (for ``read_timeout_s`` and ``min_read_rate_bytes_s``)."""
 
     class DeadlineChannel(base):  # type: ignore[valid-type, misc]
         request_began: float | None = None
+        request_bytes = 0
 
         def received(self, data: bytes) -> bool:
             if self.request is None and data:
-                self.request_began = time.time()
+                self.request_began, self.request_bytes = time.time(), 0
+            self.request_bytes += len(data)
             return bool(super().received(data))
 
     return DeadlineChannel

@@ -163,6 +163,20 @@ def test_a_half_sent_request_is_dropped_after_the_read_timeout_and_holds_no_work
         sock.close()
 
 
+def test_a_body_still_arriving_at_a_useful_rate_is_not_cut_off_by_the_read_timeout(device: dict[str, Any]) -> None:
+    """Read timeout 1 s: a 60 KB body sent over ~2.5 s (24 KB/s, far above the 500 B/s minimum) is answered."""
+    body = GOOD[:-1] + " " * 60_000 + "}"
+    host, port = device["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        started = time.monotonic()
+        for i in range(0, len(body), 6_000):
+            sock.sendall(body[i : i + 6_000].encode())
+            time.sleep(0.25)
+        assert time.monotonic() - started > 2  # past the read timeout, still arriving
+        assert sock.recv(100).startswith(b"HTTP/1.1 200"), "the connection was cut while the body arrived"
+
+
 def test_clients_that_disconnect_early_leave_no_traceback(device: dict[str, Any]) -> None:
     host, port = device["url"].removeprefix("http://").split(":")
     body = GOOD.encode()
