@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import json
 import math
 import re
 import types
@@ -33,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
+from bundles import jsonio
 from bundles.errors import ContractError
 
 CONTRACT_VERSION = 1
@@ -91,7 +91,7 @@ def parse(kind: Any, data: Any, where: str | None = None) -> Any:
 def parse_json(kind: type[T], raw: bytes | str, where: str | None = None) -> T:
     """Decode JSON bytes and :func:`parse` them (bad JSON is a :class:`ContractError` too)."""
     try:
-        data = json.loads(raw)
+        data = jsonio.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ContractError(f"{where or _name(kind)}: not valid JSON ({e})") from e
     result: T = parse(kind, data, where)

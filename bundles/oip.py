@@ -24,15 +24,14 @@ every datatype and layout.
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
-import orjson
 
+from bundles import jsonio
 from bundles.errors import InputError, RequestTooLargeError, UnsupportedEncodingError
 
 DATATYPES: dict[str, str] = {
@@ -103,42 +102,21 @@ def parse_header(header: bytes, allow_constants: bool = False) -> dict[str, Any]
     """The JSON header as an object; NaN and infinity literals are refused like any bad JSON.
 
     ``allow_constants`` lets them through, for a server that refuses non-finite values per input
-    instead (the device's API, where an input's schema may allow them). orjson parses (a 64-float
-    request in 2 us where the standard library takes 20); what it refuses (the constants, UTF-16
-    text, integers past 64 bits) is parsed again by the standard library, which decides and words
-    the error, so both parsers accept exactly what the standard library alone accepted.
+    instead (the device's API, where an input's schema may allow them). Parsed by
+    :func:`bundles.jsonio.loads` (orjson, with the standard library's results).
     """
     try:
-        parsed = orjson.loads(header or b"{}")
-    except orjson.JSONDecodeError:
-        parsed = _parse_standard(header, allow_constants)
+        parsed = jsonio.loads(header or b"{}", None if allow_constants else _refuse_constant)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"the request body is not valid JSON: {e}") from e
     if not isinstance(parsed, dict):
         raise InputError("the request body must be a JSON object")
     return parsed
 
 
-def _parse_standard(header: bytes, allow_constants: bool) -> Any:
-    try:
-        return json.loads(header, parse_constant=None if allow_constants else _refuse_constant)
-    except (ValueError, RecursionError) as e:
-        raise InputError(f"the request body is not valid JSON: {e}") from e
-
-
 def dumps_answer(answer: Mapping[str, Any]) -> bytes:
-    """An answer's JSON header as compact bytes (orjson; the standard library where a float is not finite).
-
-    A model may answer NaN or infinity; orjson would write ``null`` for it, so an answer whose bytes
-    hold ``null`` anywhere is written again by the standard library, which writes ``NaN`` and
-    ``Infinity`` as Python's and tritonclient's JSON readers expect; so is an answer holding a value
-    orjson does not write (numpy scalars), which the standard library writes or refuses as before.
-    """
-    try:
-        body = orjson.dumps(answer)
-    except TypeError:  # what orjson does not write (a numpy float64 among plain values): the standard library
-        body = b"null"
-    if b"null" in body:
-        body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
-    return body
+    """An answer's JSON header as compact bytes (:func:`bundles.jsonio.dumps`: NaN written as ``NaN``)."""
+    return jsonio.dumps(answer)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -42,6 +42,7 @@ from sqlalchemy import Select, Table, Text, any_, bindparam, cast, select, text,
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
+from bundles import jsonio
 from bundles.windows import is_valid_window, merge_fields
 from fleet_server.db import among, utcnow
 from fleet_server.locks import serialized
@@ -318,7 +319,7 @@ def _active_rollouts(session: Session) -> dict[int, _Rollout]:
 def _json_object(payload_text: Any) -> dict[str, Any] | None:
     """A stored payload as an object (None when it does not parse as one; never raises)."""
     try:
-        payload = json.loads(payload_text) if isinstance(payload_text, str) else payload_text
+        payload = jsonio.loads(payload_text) if isinstance(payload_text, str) else payload_text
     except (ValueError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None

@@ -1,0 +1,41 @@
+"""JSON in and out at orjson's speed, with exactly the standard library's results.
+
+orjson parses a request of 64 floats in about 2 us where :mod:`json` takes 20, and writes an answer in
+3 us against 30 (ADR 0011). It differs from the standard library at the edges, so each function here
+gives orjson the common case and hands the edges to :mod:`json`, which then decides:
+
+- :func:`loads`: what orjson refuses (NaN and infinity literals, UTF-16/32 text, anything malformed)
+  is parsed again by :mod:`json` with the caller's ``parse_constant``; its result or its error (a
+  ``ValueError``) is the answer. One difference is left: orjson reads integers past 64 bits as floats
+  (the callers' contracts refuse both).
+- :func:`dumps`: orjson writes NaN and infinities as ``null``, and refuses numpy scalars; output that
+  holds ``null`` anywhere, or that orjson refused, is written by :mod:`json` (compact separators), which
+  writes ``NaN``/``Infinity`` as Python's and tritonclient's readers expect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+
+def loads(raw: bytes | str, parse_constant: Callable[[str], Any] | None = None) -> Any:
+    """``raw`` parsed; raises ``ValueError`` (or ``RecursionError``) exactly where :func:`json.loads` would."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw, parse_constant=parse_constant)
+
+
+def dumps(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON bytes, as ``json.dumps(value, separators=(",", ":"))`` would write it."""
+    try:
+        body = orjson.dumps(value)
+    except TypeError:
+        body = b"null"
+    if b"null" in body:
+        body = json.dumps(value, separators=(",", ":")).encode("utf-8")
+    return body
