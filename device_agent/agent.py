@@ -189,7 +189,17 @@ class Agent:
         name = self._model_name(model)
         return self.pipeline.predict_batch(name, [_as_arrays(inputs) for inputs in batch])
 
+    def await_start_up(self) -> None:
+        """Before answering: let start-up finish verifying and loading the installed slots (at most
+        ``startup_wait_s``), so that a request that comes meanwhile is answered by the slot that verifies
+        rather than by the fallback chain (a 503 "not_ready" when the cloud cannot answer). Free once started.
+        """
+        if self.updater.starting and not self.updater.wait_recovered(self.config.startup_wait_s):
+            log.warning("start-up is still verifying the installed bundles after %.0f s", self.config.startup_wait_s)
+
     def _model_name(self, model: str | None) -> str:
+        if self.updater.starting:
+            self.await_start_up()
         if self.follow_pointers and time.monotonic() - self._checked_at >= 1.0:
             self._maybe_reload()
         if model is not None:
@@ -211,7 +221,7 @@ class Agent:
         for name in self.updater.slots.models():
             self._pointer_stamp[name] = _stamp(self.updater.slots.model(name).pointer_path)
             self.updater.serve_committed(name)
-        self.updater.recovered = True
+        self.updater.mark_recovered()
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()

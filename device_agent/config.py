@@ -75,6 +75,7 @@ class AgentConfig:
     max_concurrency: int = 4
     max_waiting: int = 16
     queue_timeout_s: float = 1.0
+    startup_wait_s: float = 30.0  # a request during start-up waits this long for the slots to be verified and loaded
     # localhost API (waitress; see docs/agent.md "Localhost HTTP API")
     http_host: str = "127.0.0.1"
     http_port: int = 8181

@@ -119,6 +119,7 @@ class Daemon:
     def run(self, once: bool = False, http: bool = True) -> None:
         """Serve and update until :attr:`stop` is set (or one round with ``once``)."""
         server = None
+        self.agent.updater.expect_recovery()  # requests that come before the slots are verified wait for them
         if http:
             from device_agent.httpapi import AgentHttpServer, http_settings
 

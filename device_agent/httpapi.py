@@ -135,6 +135,12 @@ class InferenceApi:
         return {"name": model, "versions": [str(manifest.version)], "platform": "edgefleet",
                 "inputs": tensors(manifest.inputs), "outputs": tensors(manifest.outputs)}  # fmt: skip
 
+    def await_start_up(self) -> None:
+        """Let the agent's start-up finish verifying the installed slots first (see ``Agent.await_start_up``)."""
+        wait = getattr(self.agent, "await_start_up", None)
+        if callable(wait):
+            wait()
+
     def manifest(self, model: str) -> Manifest | None:
         """The served manifest of ``model`` (None when nothing local serves it, or for a stand-in agent)."""
         engine = getattr(self.agent, "engine", None)
@@ -324,6 +330,7 @@ class OipApp:
         raise HttpError(404, f"no such endpoint: GET {path}")
 
     def _infer(self, environ: dict[str, Any], model: str, version: str | None) -> tuple[dict[str, Any], bytes]:
+        self.api.await_start_up()  # the version served and the model's schema are known once start-up loaded it
         self.api.check_target(model, version)
         manifest = self.api.manifest(model)
         binary = "HTTP_INFERENCE_HEADER_CONTENT_LENGTH" in environ

@@ -129,6 +129,9 @@ class LlmApi:
         """Answer ``POST route`` with ``body`` (already parsed JSON)."""
         request = GenerationRequest.parse(ROUTES[route], body)
         model = self._model_name(request.model)
+        await_start_up = getattr(self.agent, "await_start_up", None)
+        if callable(await_start_up):  # a model still being verified at start-up answers locally once loaded
+            await_start_up()
         started = time.monotonic()
         try:
             local = self._start_local(model, request, started)

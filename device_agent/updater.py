@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -129,7 +130,10 @@ class Updater:
         self.problems: dict[str, str] = {}
         """Models that are installed but not served locally, and why (for ``status`` and readiness)."""
         self.recovered = False
-        """True once start-up has verified and loaded what it could (readiness waits for it)."""
+        """True once start-up has verified and loaded what it could (readiness and requests wait for it)."""
+        self.starting = False
+        """True from :meth:`expect_recovery` (the daemon, before it serves HTTP) until :meth:`recover` ends."""
+        self._recovered_event = threading.Event()
 
     def set_source(self, source: BundleSource) -> None:
         self.steps.source = source
@@ -143,11 +147,32 @@ class Updater:
         except Exception as e:  # noqa: BLE001 - a resume that cannot finish must not keep the device down
             log.error("could not resume the interrupted deployment (%s); serving the committed slots", e)
             self.store.clear()
-        if record is not None:
-            self._remember(record)
-        self.settle()
-        self.recovered = True
+        try:
+            if record is not None:
+                self._remember(record)
+            self.settle()
+        finally:  # requests waiting for start-up go on whatever happened
+            self.mark_recovered()
         return record
+
+    def expect_recovery(self) -> None:
+        """Start-up begins (:meth:`recover` follows): requests wait for it (:meth:`wait_recovered`).
+
+        The daemon serves HTTP before it verifies the slots (liveness, readiness that says why), so a
+        request can come while a good slot is still being verified: it waits for it rather than being
+        answered by the fallback chain, which would say 503 "not_ready" for a model about to serve.
+        """
+        self.starting = True
+
+    def mark_recovered(self) -> None:
+        """Start-up is over: what verifies is served; requests waiting for it go on."""
+        self.recovered = True
+        self.starting = False
+        self._recovered_event.set()
+
+    def wait_recovered(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a start-up in progress to end; whether none is in progress any more."""
+        return not self.starting or self._recovered_event.wait(timeout_s)
 
     def settle(self) -> None:
         """Outside a deployment, serve the committed slot of every model (and only that), verified."""

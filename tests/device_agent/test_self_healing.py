@@ -9,8 +9,12 @@ again and serves it locally.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 
 from bundles.manifest import Manifest
@@ -18,6 +22,7 @@ from bundles.predictor import Predictor
 from device_agent.agent import Agent
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
+from device_agent.httpapi import AgentHttpServer
 from device_agent.statefiles import StateFiles
 from tests.device_agent.helpers import VARIANT, DirectorySource, entry, publish_bundle
 from tests.device_agent.telemetry.oip_server import OipServer
@@ -34,6 +39,67 @@ def installed_device(tmp_path: Path) -> tuple[Path, Path]:
     agent.updater.apply({"models": [entry("tiny", 1)]})
     agent.close()
     return tmp_path / "device", targets
+
+
+def device_with_two_versions(tmp_path: Path) -> Path:
+    """A device state dir where slot a holds tiny@1 (previous) and slot b tiny@2 (committed)."""
+    targets = tmp_path / "targets"
+    for version in (1, 2):
+        publish_bundle(targets, tmp_path / "work", "tiny", version)
+    agent = Agent.from_config(environ={}, state_dir=tmp_path / "device", min_free_disk_bytes=0, health_runs=2)
+    agent.updater.set_source(DirectorySource(targets, tmp_path / "device" / "cache"))
+    for version in (1, 2):
+        agent.updater.apply({"models": [entry("tiny", version)]})
+    agent.close()
+    return tmp_path / "device"
+
+
+def test_requests_during_start_up_wait_for_the_slot_that_verifies_and_none_gets_a_503(tmp_path: Path) -> None:
+    """The daemon serves HTTP before start-up verifies the slots: what comes meanwhile waits, then slot a answers.
+
+    Slot b (committed v2) is zeroed, slot a (v1) is good. Requests sent before start-up has verified
+    anything used to find no model loaded and go down the fallback chain: 503 "local model not_ready"
+    (here the fleet runs no inference endpoint), although v1 was about to be served.
+    """
+    state_dir = device_with_two_versions(tmp_path)
+    slot_b = state_dir / "models" / "tiny" / "slot_b"
+    model_file = slot_b / Manifest.from_bytes((slot_b / "manifest.json").read_bytes()).variant(VARIANT).files[0].path
+    model_file.write_bytes(bytes(model_file.stat().st_size))
+    agent = Agent.build(load_config(environ={}, state_dir=state_dir), follow_pointers=False, telemetry=False)
+    agent.updater.expect_recovery()  # as `edgefleet-agent run` (Daemon.run): start-up announced, HTTP, then recover
+    server = AgentHttpServer(agent, "127.0.0.1", 0).start()
+    answers: list[tuple[float, int, dict[str, Any]]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                sent = time.monotonic()
+                answer = client.post(f"{server.url}/v2/models/tiny/infer", json=body)
+                answers.append((sent, answer.status_code, answer.json()))
+
+    clients = [threading.Thread(target=hammer) for _ in range(4)]
+    try:
+        for client in clients:
+            client.start()
+        from_python: list[Any] = []
+        app = threading.Thread(target=lambda: from_python.append(agent.predict(X, model="tiny")))
+        app.start()
+        time.sleep(0.3)  # every client has sent a request that start-up has not verified anything for yet
+        recover_began = time.monotonic()
+        agent.updater.recover()
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in [*clients, app]:
+            thread.join(timeout=30)
+        server.stop()
+        agent.close()
+    assert sum(sent < recover_began for sent, _, _ in answers) >= 4, "no request came during start-up"
+    assert {status for _, status, _ in answers} == {200}, [a for _, s, a in answers if s != 200][:3]
+    assert {(a["model_version"], a["parameters"]["source"]) for _, _, a in answers} == {("1", "local")}
+    assert (from_python[0].source, from_python[0].version) == ("local", 1)
 
 
 def test_a_lost_bundle_is_answered_by_the_cloud_then_downloaded_again(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -244,9 +245,11 @@ def repaired_files(status: dict[str, Any]) -> list[str]:
 def served_from_a_or_healed(result: dict[str, Any]) -> None:
     """Answered locally by slot a's verified v1, or by v2 when its download through TUF beat the first request.
 
-    Since the agent falls back to its fleet's endpoint by default, the re-download of v2 can finish
-    before the first local answer (seen under load; the window in between answers 503 when the fleet
-    runs no inference endpoint): either way a verified version answered locally, never the damaged one.
+    Requests that come during start-up wait for the slots to be verified and are answered by slot a
+    (``test_no_request_gets_a_503_while_the_committed_slot_is_repaired``), but this case's first
+    request can come after the whole repair (the client retries its connection every 0.1 s, and the
+    re-download takes a fraction of a second on an idle host): either way a verified version answered
+    locally, never the damaged one.
     """
     version = result["answer"]["model_version"]
     assert version in ("1", "2"), result["answer"]
@@ -282,6 +285,52 @@ def test_a_damaged_committed_model_falls_back_to_the_other_verified_slot(
     served_from_a_or_healed(result)
     repair = next(r for r in result["status"]["repairs"] if r["file"] == "models/tiny/slot_b")
     assert "serving v1 from slot a" in repair["action"]
+
+
+@pytest.mark.parametrize("damage", [zeroed, garbage], ids=lambda f: f.__name__)
+def test_no_request_gets_a_503_while_the_committed_slot_is_repaired(
+    device: dict[str, Any], zygote: Zygote, tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    """Clients hammer the agent from its first instant: every answer is local, v1 from slot a until v2 is back."""
+    state_dir = tmp_path / "device"
+    shutil.copytree(device["state_dir"], state_dir)
+    damage(model_file(state_dir) if damage is zeroed else state_dir / "models/tiny/slot_b/manifest.json")
+    port = free_port()
+    pid = zygote.start(state_dir, port)
+    try:
+        answers = _hammered(f"http://127.0.0.1:{port}", clients=4)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        _reap(pid)
+    assert answers, "the agent never answered"
+    refused = [(status, answer) for status, answer in answers if status != 200]
+    assert not refused, f"{len(refused)} of {len(answers)} requests refused, e.g. {refused[:2]}"
+    assert {a["parameters"]["source"] for _, a in answers} == {"local"}
+    assert {a["model_version"] for _, a in answers} <= {"1", "2"}
+
+
+def _hammered(url: str, clients: int) -> list[tuple[int, dict[str, Any]]]:
+    """Every answer to ``clients`` threads posting without pause from before the agent listens until v2 answers."""
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
+    answers: list[tuple[int, dict[str, Any]]] = []
+    deadline = time.monotonic() + SERVE_WITHIN_S
+
+    def client() -> None:
+        with httpx.Client(timeout=SERVE_WITHIN_S) as http:
+            while time.monotonic() < deadline and not any(a.get("model_version") == "2" for _, a in answers[-8:]):
+                try:
+                    answer = http.post(f"{url}/v2/models/tiny/infer", json=body)
+                except httpx.ConnectError:
+                    time.sleep(0.002)
+                    continue
+                answers.append((answer.status_code, answer.json()))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
 
 
 def test_a_garbage_slot_manifest_falls_back_to_the_other_slot(
