@@ -35,7 +35,7 @@ from bundles.selection import (
     select_variant,
     validated_runtime_for,
 )
-from bundles.tensors import decode_tensor, numpy_dtype
+from bundles.tensors import conform, decode_tensor, numpy_dtype
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,8 @@ class _InputCheck:
         return cls(spec.name, numpy_dtype(spec.dtype), len(spec.shape), fixed, spec.shape)
 
     def coerce(self, value: Any) -> np.ndarray:
-        """Convert a non-exact value to the declared dtype when that loses no kind of meaning."""
-        arr = np.asarray(value)
-        if arr.dtype == self.dtype:
-            return arr
-        if self.dtype.kind == "O" and arr.dtype.kind in "US":
-            return arr.astype(object)
-        if not np.can_cast(arr.dtype, self.dtype, casting="same_kind"):
-            raise InputError(f"input '{self.name}': dtype {arr.dtype} cannot be used as {self.dtype}")
-        return arr.astype(self.dtype)
+        """Convert a non-exact value to the declared dtype (:func:`bundles.tensors.conform`, the fallback's too)."""
+        return conform(value, self.dtype, self.name)
 
     def shape_error(self, value: np.ndarray) -> InputError:
         expected = [d if d != -1 else "?" for d in self.shape]

@@ -9,12 +9,13 @@ and are refused at encoding time rather than producing bytes no reader agrees on
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from bundles.errors import ManifestError
-from bundles.manifest import DTYPES, EncodedTensor
+from bundles.errors import InputError, ManifestError
+from bundles.manifest import DTYPES, EncodedTensor, TensorSpec
 
 _STRING_KINDS = ("U", "S", "O")
 
@@ -34,6 +35,39 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
     if name not in DTYPES:
         raise ManifestError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
     return np.dtype(object) if name == "string" else np.dtype(name)
+
+
+def conform(value: Any, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    """``value`` as the model's declared ``dtype``, when that keeps its kind of meaning.
+
+    The one conversion of a request's inputs: the Predictor runs it on what it feeds the model, and
+    the device's cloud fallback on what it forwards, so the cloud is sent what the device would run
+    (a JSON number list decodes as float64 for a float32 model; the cloud checks datatypes exactly).
+    Allowed: a cast within a kind or up it (float64 -> float32 or float16, int32 -> int64, int ->
+    float) and text to ``object`` strings; refused (:class:`InputError`): float -> int, anything -> bool...
+    """
+    arr = np.asarray(value)
+    if arr.dtype == dtype:
+        return arr
+    if dtype.kind == "O" and arr.dtype.kind in "US":
+        return arr.astype(object)
+    if not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+        raise InputError(f"input '{name}': dtype {arr.dtype} cannot be used as {dtype}")
+    return arr.astype(dtype)
+
+
+def input_dtypes(specs: Iterable[TensorSpec]) -> dict[str, np.dtype[Any]]:
+    """Input name -> the numpy dtype :func:`conform` converts it to (a manifest's ``inputs``)."""
+    return {spec.name: numpy_dtype(spec.dtype) for spec in specs}
+
+
+def conform_inputs(inputs: Mapping[str, Any], dtypes: Mapping[str, np.dtype[Any]]) -> dict[str, np.ndarray]:
+    """Every input :func:`conform`-ed to its dtype in ``dtypes``; one it does not name is passed as it is."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        dtype = dtypes.get(name)
+        out[name] = np.asarray(value) if dtype is None else conform(value, dtype, name)
+    return out
 
 
 def encode_tensor(array: Any) -> EncodedTensor:
@@ -56,4 +90,4 @@ def decode_tensor(tensor: EncodedTensor) -> np.ndarray:
         raise ManifestError(f"tensor of dtype {tensor.dtype} and shape {list(tensor.shape)} is malformed: {e}") from e
 
 
-__all__ = ["decode_tensor", "dtype_name", "encode_tensor", "numpy_dtype"]
+__all__ = ["conform", "conform_inputs", "decode_tensor", "dtype_name", "encode_tensor", "input_dtypes", "numpy_dtype"]

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 from bundles import oip
-from bundles.errors import InferenceError, InputError, ServerError, TransportError
+from bundles.errors import InferenceError, InputError, RequestTooLargeError, ServerError, TransportError
 from bundles.manifest import Manifest
 
 # --- circuit breaker -------------------------------------------------------------------------
@@ -259,7 +259,10 @@ class OipClient:
     binary tensor extension (JSON header, then raw little-endian bytes, ``Inference-Header-Content-
     Length``) and asks for binary outputs, since JSON costs ~5x the bytes and most of the time for an
     image. Transport failures and 5xx answers are :class:`TransportError` / :class:`ServerError` (they
-    count against the breaker); 4xx answers are :class:`InferenceError` carrying the server's ``error``.
+    count against the breaker, as does 429); the cloud refusing the request's inputs (400, 413) is the
+    client's error, :class:`InputError` / :class:`RequestTooLargeError` as the device itself would raise
+    (the device's API answers the same status); other 4xx answers (401, 403, 404: this device or model
+    is not served there) are :class:`InferenceError` carrying the server's ``error``.
     """
 
     def __init__(
@@ -277,6 +280,7 @@ class OipClient:
         self.binary_threshold_bytes = binary_threshold_bytes
         self._owned = client is None
         self.client = client or httpx.Client(timeout=timeout_s)
+        self._dtypes: dict[str, dict[str, np.dtype[Any]]] = {}
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None) -> dict[str, np.ndarray]:
         """Run ``model`` in the cloud; the answer's outputs as numpy arrays."""
@@ -299,9 +303,34 @@ class OipClient:
             raise TransportError(f"cloud inference at {url} failed: {type(e).__name__}: {e}") from e
         if response.status_code >= 500 or response.status_code == 429:
             raise ServerError(f"cloud inference at {url} answered {response.status_code}: {_error_text(response)}")
+        if response.status_code in (400, 413):
+            kind = RequestTooLargeError if response.status_code == 413 else InputError
+            raise kind(f"the cloud refused the inputs ({response.status_code}): {_error_text(response)}")
         if response.status_code >= 400:
             raise InferenceError(f"cloud inference at {url} refused the request: {_error_text(response)}")
         return response
+
+    def input_dtypes(self, model: str) -> dict[str, np.dtype[Any]]:
+        """The datatype of each input of ``model`` as the cloud declares it (``GET {base}/models/{model}``).
+
+        What the fallback converts a request to when no local model declares it (nothing loaded). Read
+        once per model; an answer without usable metadata gives ``{}`` (the inputs are sent as they are),
+        a transport failure or a 5xx raises like :meth:`infer` (it counts against the breaker).
+        """
+        found = self._dtypes.get(model)
+        if found is not None:
+            return found
+        url = f"{self.base_url}/models/{model}"
+        try:
+            response = self.client.get(url, headers=self.headers, timeout=self.timeout_s)
+        except httpx.HTTPError as e:
+            raise TransportError(f"cloud metadata at {url} failed: {type(e).__name__}: {e}") from e
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ServerError(f"cloud metadata at {url} answered {response.status_code}: {_error_text(response)}")
+        found = _declared_dtypes(response) if response.status_code == 200 else {}
+        if response.status_code == 200:
+            self._dtypes[model] = found
+        return found
 
     def ready(self, model: str) -> bool:
         """``GET {base}/models/{model}/ready`` answers 200 (what tritonclient checks too)."""
@@ -338,6 +367,15 @@ def parse_response(response: httpx.Response, model: str) -> dict[str, np.ndarray
         return oip.decode_answer(answer, payload)
     except InputError as e:
         raise InferenceError(f"the cloud's answer for {model} is malformed: {e}") from e
+
+
+def _declared_dtypes(response: httpx.Response) -> dict[str, np.dtype[Any]]:
+    """Input name -> numpy dtype from OIP model metadata (``inputs: [{name, datatype}]``); ``{}`` if malformed."""
+    try:
+        specs = response.json().get("inputs")
+        return {str(t["name"]): np.dtype(oip.DATATYPES[t["datatype"]]) for t in specs}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -41,6 +41,7 @@ import numpy as np
 
 from bundles.errors import EdgeFleetError, InferenceError, InputError, ModelNotReadyError, TransportError
 from bundles.manifest import Manifest
+from bundles.tensors import conform_inputs, input_dtypes
 from device_agent.fallback import (
     CircuitBreaker,
     OipClient,
@@ -96,7 +97,14 @@ class Recorder(Protocol):
 
 
 class CloudClient(Protocol):
-    """A cloud endpoint (``device_agent.fallback.OipClient``)."""
+    """A cloud endpoint (``device_agent.fallback.OipClient``).
+
+    ``infer`` raises :class:`TransportError` when the cloud failed (counted by the breaker),
+    :class:`InputError` when it refused the inputs (the client's error), another
+    :class:`EdgeFleetError` when it cannot answer this request. Optional:
+    ``input_dtypes(model) -> {input name: numpy dtype}``, the cloud's declared inputs, used to
+    convert a request when no local model declares them.
+    """
 
     def infer(
         self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None
@@ -236,6 +244,8 @@ class _Policy:
     postprocess: Any  # bundles.processing.Pipeline or None
     raw_names: frozenset[str]
     guard: DeadlineGuard | None = None
+    input_dtypes: Mapping[str, np.dtype[Any]] = field(default_factory=dict)
+    """What the fallback converts inputs to before forwarding them ({}: no local manifest, ask the cloud)."""
 
 
 class _DeadlineMissed(Exception):
@@ -485,6 +495,7 @@ class ServingPipeline:
             postprocess=_compile_postprocess(manifest),
             raw_names=frozenset(t.name for t in manifest.outputs),
             guard=self._guard(deadline_s),
+            input_dtypes=input_dtypes(manifest.inputs),
         )
 
     def _guard(self, deadline_s: float | None) -> DeadlineGuard | None:
@@ -617,18 +628,36 @@ class ServingPipeline:
         if not breaker.allow():
             attempt.failures.append("cloud: circuit breaker open")
             return None
+        name = self.config.cloud_model.get(model, model)
         try:
-            outputs = self.cloud.infer(self.config.cloud_model.get(model, model), inputs)
+            outputs = self.cloud.infer(name, self._as_declared(name, inputs, policy))
         except TransportError as e:
             breaker.failure()
             attempt.failures.append(f"cloud: {e}")
             return None
+        except InputError as e:  # the inputs cannot be what the model takes: the client's error, as if local
+            breaker.success()
+            if attempt.reason == "low_confidence":  # the local model took them: its answer follows
+                attempt.failures.append(f"cloud: {e}")
+                return None
+            raise
         except EdgeFleetError as e:
             breaker.success()  # the cloud is alive; it refused this request
             attempt.failures.append(f"cloud: {e}")
             return None
         breaker.success()
         return _postprocessed(outputs, policy)
+
+    def _as_declared(self, cloud_model: str, inputs: dict[str, np.ndarray], policy: _Policy) -> dict[str, np.ndarray]:
+        """The inputs the local model would run (:func:`bundles.tensors.conform` to its declared dtypes), for the cloud.
+
+        With no local manifest (nothing loaded), the cloud's own model metadata declares the dtypes.
+        """
+        dtypes = policy.input_dtypes
+        if not dtypes:
+            declared = getattr(self.cloud, "input_dtypes", None)
+            dtypes = declared(cloud_model) if callable(declared) else {}
+        return conform_inputs(inputs, dtypes) if dtypes else inputs
 
     def _try_previous(
         self, model: str, inputs: dict[str, np.ndarray], attempt: _Attempt

@@ -169,6 +169,42 @@ def test_a_failing_cloud_opens_the_breaker_and_a_half_open_probe_closes_it(bundl
     assert pipeline.breaker("tiny").state == "closed" and cloud.requests == 5
 
 
+def test_a_cloud_that_refuses_the_inputs_is_the_clients_error_and_never_opens_the_breaker(cloud: OipServer) -> None:
+    """Nothing local could check the inputs: the cloud's 400 is the answer (an InputError, HTTP 400), not a 503."""
+    pipeline = ServingPipeline(FaultyEngine(LocalEngine()), ServingConfig(cloud_url=cloud.url, breaker_failures=2))
+    cloud.fail_with = 400
+    try:
+        for _ in range(3):
+            with pytest.raises(InputError, match="the cloud refused the inputs"):
+                pipeline.predict("tiny", X)
+        assert (pipeline.breaker("tiny").state, pipeline.breaker("tiny").failures) == ("closed", 0)
+    finally:
+        cloud.fail_with = None
+
+
+def test_a_cloud_refusal_after_a_low_confidence_answer_keeps_the_local_answer(tmp_path: Path, cloud: OipServer) -> None:
+    """The local model took these inputs: the cloud disagreeing about them is no reason to refuse the client."""
+    make_bundle(tmp_path, 1, seed=1, confidence_threshold=0.99)
+    cloud.fail_with = 400
+    try:
+        result = ServingPipeline(engine_with(tmp_path), ServingConfig(cloud_url=cloud.url)).predict("tiny", X)
+    finally:
+        cloud.fail_with = None
+    assert (result.source, result.fallback_reason) == ("local", "low_confidence")
+
+
+def test_a_cloud_that_does_not_serve_the_model_lets_the_chain_go_on(bundle_v1: Path, cloud: OipServer) -> None:
+    """A 404 (or 401/403) says the cloud cannot serve this device or model, not that the inputs are wrong."""
+    engine = engine_with(bundle_v1)
+    engine.crash = True
+    cloud.fail_with = 404
+    try:
+        result = ServingPipeline(engine, ServingConfig(cloud_url=cloud.url)).predict("tiny", X)
+    finally:
+        cloud.fail_with = None
+    assert result.source == "static"
+
+
 def test_half_open_lets_a_single_probe_through_at_a_time() -> None:
     clock = FakeClock()
     breaker = CircuitBreaker(failure_threshold=1, reset_s=10.0, clock=clock)
