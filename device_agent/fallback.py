@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -282,8 +283,8 @@ class OipClient:
         self.client = client or httpx.Client(timeout=timeout_s)
         self._dtypes: dict[str, dict[str, np.dtype[Any]]] = {}
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None) -> dict[str, np.ndarray]:
-        """Run ``model`` in the cloud; the answer's outputs as numpy arrays."""
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None) -> CloudAnswer:
+        """Run ``model`` in the cloud; the answer's outputs as numpy arrays, and what it says of them."""
         path = f"/models/{model}" + (f"/versions/{version}" if version is not None else "") + "/infer"
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         numeric_bytes = sum(a.nbytes for a in arrays.values() if a.dtype.kind not in "USO")
@@ -352,7 +353,19 @@ def binary_request(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, s
     return oip.encode_request(arrays, binary=True)
 
 
-def parse_response(response: httpx.Response, model: str) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class CloudAnswer:
+    """A cloud answer: its outputs, the version that ran (``model_version``, None if not said), and whether
+    the bundle's post-processing already ran there (``parameters.postprocessed``, what edgefleet's endpoint
+    says: its outputs hold the post-processed tensors, in place of raw ones of the same name). A plain
+    OIP server (Triton...) answers raw model outputs, which the device post-processes itself."""
+
+    outputs: dict[str, np.ndarray]
+    version: int | None = None
+    postprocessed: bool = False
+
+
+def parse_response(response: httpx.Response, model: str) -> CloudAnswer:
     """Outputs of an OIP answer, JSON or binary extension (``Inference-Header-Content-Length``).
 
     An answer that is not a JSON object is the cloud failing (:class:`ServerError`, counted by the
@@ -364,9 +377,18 @@ def parse_response(response: httpx.Response, model: str) -> dict[str, np.ndarray
     except InputError as e:
         raise ServerError(f"the cloud's answer for {model} is not an OIP answer: {e}") from e
     try:
-        return oip.decode_answer(answer, payload)
+        outputs = oip.decode_answer(answer, payload)
     except InputError as e:
         raise InferenceError(f"the cloud's answer for {model} is malformed: {e}") from e
+    parameters = answer.get("parameters")
+    postprocessed = isinstance(parameters, dict) and parameters.get("postprocessed") is True
+    return CloudAnswer(outputs, _version(answer.get("model_version")), postprocessed)
+
+
+def _version(value: Any) -> int | None:
+    """An answer's ``model_version`` as the integer edgefleet versions are (None for anything else)."""
+    text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    return int(text) if text.isdigit() and len(text) < 10 else None
 
 
 def _declared_dtypes(response: httpx.Response) -> dict[str, np.dtype[Any]]:

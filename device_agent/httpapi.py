@@ -177,7 +177,7 @@ class InferenceApi:
         answer = {"model_name": model, "model_version": None if result.version is None else str(result.version),
                   "outputs": tensors,
                   "parameters": {"source": result.source, "fallback_reason": result.fallback_reason,
-                                 "latency_ms": round(result.latency_ms, 3)}}  # fmt: skip
+                                 "latency_ms": round(result.latency_ms, 3), "postprocessed": True}}  # fmt: skip
         if "id" in header:
             answer["id"] = header["id"]
         return answer, binary_out

@@ -44,6 +44,7 @@ from bundles.manifest import Manifest
 from bundles.tensors import conform_inputs, input_dtypes
 from device_agent.fallback import (
     CircuitBreaker,
+    CloudAnswer,
     OipClient,
     ResultCache,
     cache_key,
@@ -106,17 +107,16 @@ class CloudClient(Protocol):
     convert a request when no local model declares them.
     """
 
-    def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None
-    ) -> dict[str, np.ndarray]: ...
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None = None) -> CloudAnswer: ...
 
 
 @dataclass(frozen=True)
 class PredictResult:
     """One answer and its provenance.
 
-    ``source`` is one of :data:`SOURCES`; ``version`` is the bundle version that produced it (None
-    for the cloud and for a static answer without a manifest); ``fallback_reason`` says why the local
+    ``source`` is one of :data:`SOURCES`; ``version`` is the bundle version that produced it (the
+    cloud's ``model_version``; None when a cloud does not say, and for a static answer without a
+    manifest); ``fallback_reason`` says why the local
     model's answer was not used (None when it was).
     """
 
@@ -601,7 +601,7 @@ class ServingPipeline:
 
         cloud = self._try_cloud(model, inputs, policy, attempt)
         if cloud is not None:
-            return answer(cloud, "cloud", None)
+            return answer(*cloud)
         if attempt.reason == "low_confidence" and attempt.prediction is not None:
             return self._local_result(model, manifest, attempt, start)
         previous = self._try_previous(model, inputs, attempt)
@@ -620,7 +620,8 @@ class ServingPipeline:
 
     def _try_cloud(
         self, model: str, inputs: dict[str, np.ndarray], policy: _Policy, attempt: _Attempt
-    ) -> dict[str, np.ndarray] | None:
+    ) -> tuple[dict[str, np.ndarray], str, int | None] | None:
+        """The cloud's answer (outputs, ``"cloud"``, the version it ran), None to go on down the chain."""
         if self.cloud is None:
             attempt.failures.append("cloud: no fallback endpoint configured")
             return None
@@ -630,7 +631,7 @@ class ServingPipeline:
             return None
         name = self.config.cloud_model.get(model, model)
         try:
-            outputs = self.cloud.infer(name, self._as_declared(name, inputs, policy))
+            reply = self.cloud.infer(name, self._as_declared(name, inputs, policy))
         except TransportError as e:
             breaker.failure()
             attempt.failures.append(f"cloud: {e}")
@@ -646,7 +647,8 @@ class ServingPipeline:
             attempt.failures.append(f"cloud: {e}")
             return None
         breaker.success()
-        return _postprocessed(outputs, policy)
+        outputs = reply.outputs if reply.postprocessed else _postprocessed(reply.outputs, policy)
+        return outputs, "cloud", reply.version
 
     def _as_declared(self, cloud_model: str, inputs: dict[str, np.ndarray], policy: _Policy) -> dict[str, np.ndarray]:
         """The inputs the local model would run (:func:`bundles.tensors.conform` to its declared dtypes), for the cloud.
@@ -710,7 +712,8 @@ def _compile_postprocess(manifest: Manifest) -> Any:
 
 
 def _postprocessed(outputs: dict[str, np.ndarray], policy: _Policy) -> dict[str, np.ndarray]:
-    """Apply the bundle's post-processing when the cloud answered the raw model outputs."""
+    """Apply the bundle's post-processing when the cloud answered the raw model outputs only (a plain OIP
+    server; edgefleet's endpoint says it post-processed them already, and they are not touched again)."""
     if policy.postprocess is None or not policy.raw_names <= set(outputs):
         return outputs
     try:

@@ -322,7 +322,10 @@ def _answer(
     if missing:
         raise InputError(f"model '{name}' has no output(s) {', '.join(missing)} (it has {', '.join(outputs)})")
     tensors, binary = oip.encode_outputs(outputs, wanted, default_binary)
+    # ``postprocessed``: the outputs hold the bundle's post-processed tensors (a device must not apply it again)
+    parameters = {"postprocessed": True}
     answer: dict[str, Any] = {"model_name": name, "model_version": str(version), "outputs": tensors}
+    answer["parameters"] = parameters
     if "id" in header:
         answer["id"] = header["id"]
     body = oip.dumps_answer(answer)

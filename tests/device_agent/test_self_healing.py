@@ -69,6 +69,7 @@ def test_requests_during_start_up_wait_for_the_slot_that_verifies_and_none_gets_
     agent.updater.expect_recovery()  # as `edgefleet-agent run` (Daemon.run): start-up announced, HTTP, then recover
     server = AgentHttpServer(agent, "127.0.0.1", 0).start()
     answers: list[tuple[float, int, dict[str, Any]]] = []
+    began: list[float] = []
     stop = threading.Event()
 
     def hammer() -> None:
@@ -76,6 +77,7 @@ def test_requests_during_start_up_wait_for_the_slot_that_verifies_and_none_gets_
         with httpx.Client(timeout=30) as client:
             while not stop.is_set():
                 sent = time.monotonic()
+                began.append(sent)
                 answer = client.post(f"{server.url}/v2/models/tiny/infer", json=body)
                 answers.append((sent, answer.status_code, answer.json()))
 
@@ -86,6 +88,9 @@ def test_requests_during_start_up_wait_for_the_slot_that_verifies_and_none_gets_
         from_python: list[Any] = []
         app = threading.Thread(target=lambda: from_python.append(agent.predict(X, model="tiny")))
         app.start()
+        deadline = time.monotonic() + 20
+        while len(began) < len(clients) and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(0.3)  # every client has sent a request that start-up has not verified anything for yet
         recover_began = time.monotonic()
         agent.updater.recover()

@@ -77,13 +77,25 @@ def build_counter_bundle(bundle_dir: Path) -> Any:
     return manifest
 
 
+def build_softmax_bundle(bundle_dir: Path) -> Any:
+    """``soft@1``: the reference classifier whose post-processing replaces its logits by their softmax (in place)."""
+    from bundles.manifest import Step
+    from bundles.testing import write_manifest
+
+    manifest = dataclasses.replace(build_bundle_dir(bundle_dir, name="soft", version=1), postprocess=(Step("softmax"),))
+    write_manifest(bundle_dir, manifest)
+    return manifest
+
+
 @pytest.fixture(scope="module")
 def cloud(fleet: Fleet) -> Iterator[str]:  # noqa: F811 - the fixture above
-    """The real inference endpoint on loopback; the device is also assigned ``counter@1`` (an INT64 input)."""
-    counter_dir = fleet.work / "counter"
-    publish_dir(fleet.release, counter_dir, build_counter_bundle(counter_dir))
-    body = {"device_id": fleet.device_id, "model_name": "counter", "bundle_version": 1, "pinned": True}
-    assert fleet.client.put("/api/v1/admin/assignments", headers=auth(fleet.admin_key), json=body).status_code == 200
+    """The real inference endpoint on loopback; the device is also assigned ``counter@1`` (an INT64 input)
+    and ``soft@1`` (post-processing in place)."""
+    for name, build in (("counter", build_counter_bundle), ("soft", build_softmax_bundle)):
+        publish_dir(fleet.release, fleet.work / name, build(fleet.work / name))
+        body = {"device_id": fleet.device_id, "model_name": name, "bundle_version": 1, "pinned": True}
+        answer = fleet.client.put("/api/v1/admin/assignments", headers=auth(fleet.admin_key), json=body)
+        assert answer.status_code == 200, answer.text
     with serve(create_inference_app(configured_for(fleet))) as url:
         yield url
 
@@ -238,6 +250,23 @@ def test_a_local_model_that_crashes_is_answered_by_the_cloud_with_its_declared_d
     assert status == 200, answer
     assert (answer["parameters"]["source"], answer["parameters"]["fallback_reason"]) == ("cloud", "local_error")
     check_outputs("tiny", answer["arrays"])
+
+
+def test_a_cloud_answer_is_post_processed_once_like_the_local_one(device: Device, tmp_path: Path) -> None:
+    """The endpoint answers post-processed outputs: the device must not post-process them again."""
+    manifest = build_softmax_bundle(tmp_path / "soft-1")
+    device.agent.engine.load("soft", tmp_path / "soft-1", "onnx-fp32")
+    local = device.agent.predict({"x": X}, model="soft")
+    assert local.source == "local"
+
+    def crash(_feeds: Any) -> Any:
+        raise RuntimeError("the local runtime crashed")
+
+    device.agent.engine._active["soft"].predictor.runtime.run = crash  # noqa: SLF001 - inject the local failure only
+    status, answer = device.infer("soft", json_body(("x", "FP32", X)))
+    assert status == 200 and answer["parameters"]["source"] == "cloud", answer
+    np.testing.assert_allclose(answer["arrays"]["logits"], local.outputs["logits"], atol=1e-6)
+    assert answer["model_version"] == str(manifest.version)  # the version the cloud ran, not null
 
 
 @pytest.mark.parametrize(

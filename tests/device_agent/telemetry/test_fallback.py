@@ -318,10 +318,12 @@ def test_large_inputs_use_the_binary_tensor_extension_with_the_agents_server(tmp
     server = AgentHttpServer(PipelineAgent(ServingPipeline(other)), port=0).start()
     try:
         with httpx.Client(event_hooks={"response": [seen.append]}) as http:
-            outputs = OipClient(server.url + "/v2", client=http).infer("tiny", x)
+            answer = OipClient(server.url + "/v2", client=http).infer("tiny", x)
+            outputs = answer.outputs
     finally:
         server.stop()
     assert "inference-header-content-length" in seen[0].headers  # the answer came back binary too
     expected = other.engine.predict("tiny", x)
     np.testing.assert_array_equal(outputs["logits"], expected.outputs["logits"])  # raw bytes: exact
     assert list(outputs["label"]) == list(expected.outputs["label"])  # strings still come back as JSON
+    assert answer.postprocessed and answer.version == 1  # a device's answer is final, like the cloud's

@@ -146,8 +146,10 @@ def test_the_devices_fallback_client_reads_binary_bytes_and_fp16_answers(endpoin
     half = np.random.default_rng(5).uniform(-4, 4, (rows, 2)).astype(np.float16)
     client = OipClient(endpoint.url + "/v2", timeout_s=10, headers=headers(endpoint.fleet.device_token))
     try:
-        outputs = client.infer("echo", {"text": text, "half": half})
+        answer = client.infer("echo", {"text": text, "half": half})
     finally:
         client.close()
+    outputs = answer.outputs
+    assert answer.postprocessed and answer.version == 1  # final outputs: the device does not post-process them
     assert list(outputs["text_out"]) == list(text)
     np.testing.assert_array_equal(outputs["half_out"], half * 2)
