@@ -173,8 +173,12 @@ class Agent:
 
     # --- predictions ------------------------------------------------------------------------------
 
-    def predict(self, inputs: Mapping[str, Any], model: str | None = None) -> PredictResult:
+    def predict(self, inputs: Mapping[str, Any], model: str | None = None, version: int | None = None) -> PredictResult:
         """One prediction: ``inputs`` maps input names to arrays (batch first).
+
+        ``version`` is the version the answer must come from when the fallback chain answers (the
+        cloud is asked for it; the previous version does not answer); the local path serves what it
+        serves (the HTTP API's ``/versions/{v}/`` refuses any other version first).
 
         Raises:
             InputError: the inputs do not fit the model.
@@ -182,7 +186,7 @@ class Agent:
             BusyError / InferenceError: the device is saturated or the whole chain failed.
         """
         name = self._model_name(model)
-        return self.pipeline.predict(name, _as_arrays(inputs))
+        return self.pipeline.predict(name, _as_arrays(inputs), version)
 
     def predict_batch(self, batch: Sequence[Mapping[str, Any]], model: str | None = None) -> list[PredictResult]:
         """Several predictions on the same model, each with its own provenance."""

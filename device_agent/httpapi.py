@@ -162,11 +162,18 @@ class InferenceApi:
             raise HttpError(404, f"model '{model}' version {version} is not on this device (it serves {serving})")
 
     def infer(
-        self, model: str, header: dict[str, Any], binary: bytes, manifest: Manifest | None = None
-    ) -> tuple[dict[str, Any], bytes]:
-        """Run one OIP inference request; returns the JSON answer and any binary output bytes."""
+        self, model: str, header: dict[str, Any], binary: bytes, manifest: Manifest | None = None,
+        version: str | None = None,
+    ) -> tuple[dict[str, Any], bytes]:  # fmt: skip
+        """Run one OIP inference request; returns the JSON answer and any binary output bytes.
+
+        ``version`` (``/versions/{v}/``, checked by :meth:`check_target`) is also what the fallback asks for.
+        """
         inputs = self._inputs(header, binary, manifest)
-        result = self.agent.predict(inputs, model=model)
+        if version is None:
+            result = self.agent.predict(inputs, model=model)
+        else:
+            result = self.agent.predict(inputs, model=model, version=int(version))
         wanted = oip.requested_outputs(header)
         available = {**result.raw, **result.outputs}
         missing = [n for n in wanted if n not in available]
@@ -347,7 +354,8 @@ class OipApp:
         self.budget.acquire(cost)
         try:
             del raw, body
-            return self.api.infer(model, oip.parse_header(header_bytes, allow_constants=True), payload, manifest)
+            header = oip.parse_header(header_bytes, allow_constants=True)
+            return self.api.infer(model, header, payload, manifest, version)
         finally:
             self.budget.release(cost)
 

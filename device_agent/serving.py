@@ -346,8 +346,12 @@ class ServingPipeline:
         self._recorder = value
         self._record_local: Callable[..., None] | None = getattr(value, "record_local", None)
 
-    def predict(self, model: str, inputs: dict[str, np.ndarray]) -> PredictResult:
-        """One prediction with its provenance; :class:`InferenceError` when the whole chain fails."""
+    def predict(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None) -> PredictResult:
+        """One prediction with its provenance; :class:`InferenceError` when the whole chain fails.
+
+        ``version``: the version the caller asked for (the HTTP API's ``/versions/{v}/``, which serves it
+        locally or 404s): the cloud is asked for that version, and the previous version does not answer.
+        """
         start = time.perf_counter()
         manifest = self.local.active_manifest(model)
         policy = self._policy(model, manifest)
@@ -368,7 +372,7 @@ class ServingPipeline:
                     self._offer_shadow(model, inputs, result.outputs)
             else:
                 key = cache_key(inputs, self.config.cache_max_input_bytes) if policy.cacheable else None
-                result = self._fall_back(model, inputs, manifest, policy, attempt, key, start)
+                result = self._fall_back(model, inputs, manifest, policy, attempt, key, start, version)
         except InferenceError as e:
             self._record_failure(model, manifest, inputs, start, e, attempt.reason or None)
             raise
@@ -593,18 +597,19 @@ class ServingPipeline:
         attempt: _Attempt,
         key: Hashable | None,
         start: float,
+        version: int | None = None,
     ) -> PredictResult:
         def answer(outputs: dict[str, np.ndarray], source: str, version: int | None) -> PredictResult:
             return PredictResult(
                 dict(outputs), source, model, version, _elapsed_ms(start), attempt.reason, attempt.confidence
             )
 
-        cloud = self._try_cloud(model, inputs, policy, attempt)
+        cloud = self._try_cloud(model, inputs, policy, attempt, version)
         if cloud is not None:
             return answer(*cloud)
         if attempt.reason == "low_confidence" and attempt.prediction is not None:
             return self._local_result(model, manifest, attempt, start)
-        previous = self._try_previous(model, inputs, attempt)
+        previous = self._try_previous(model, inputs, attempt, version)
         if previous is not None:
             return answer(*previous)
         if key is not None and manifest is not None:
@@ -619,7 +624,7 @@ class ServingPipeline:
         raise InferenceError(_no_answer_message(model, attempt))
 
     def _try_cloud(
-        self, model: str, inputs: dict[str, np.ndarray], policy: _Policy, attempt: _Attempt
+        self, model: str, inputs: dict[str, np.ndarray], policy: _Policy, attempt: _Attempt, version: int | None
     ) -> tuple[dict[str, np.ndarray], str, int | None] | None:
         """The cloud's answer (outputs, ``"cloud"``, the version it ran), None to go on down the chain."""
         if self.cloud is None:
@@ -631,7 +636,7 @@ class ServingPipeline:
             return None
         name = self.config.cloud_model.get(model, model)
         try:
-            reply = self.cloud.infer(name, self._as_declared(name, inputs, policy))
+            reply = self.cloud.infer(name, self._as_declared(name, inputs, policy), version)
         except TransportError as e:
             breaker.failure()
             attempt.failures.append(f"cloud: {e}")
@@ -662,7 +667,7 @@ class ServingPipeline:
         return conform_inputs(inputs, dtypes) if dtypes else inputs
 
     def _try_previous(
-        self, model: str, inputs: dict[str, np.ndarray], attempt: _Attempt
+        self, model: str, inputs: dict[str, np.ndarray], attempt: _Attempt, version: int | None
     ) -> tuple[dict[str, np.ndarray], str, int | None] | None:
         try:
             predictor = self.local.previous_predictor(model)
@@ -672,13 +677,16 @@ class ServingPipeline:
         if predictor is None:
             attempt.failures.append("previous: no previous version loaded")
             return None
+        previous_version = getattr(getattr(predictor, "manifest", None), "version", None)
+        if version is not None and previous_version != version:
+            attempt.failures.append(f"previous: version {previous_version}, not the version {version} asked for")
+            return None
         try:
             prediction = predictor.predict(inputs)
         except Exception as e:  # noqa: BLE001 - the chain goes on whatever the previous version raised
             attempt.failures.append(f"previous: {type(e).__name__}: {e}")
             return None
-        previous_manifest = getattr(predictor, "manifest", None)
-        return dict(prediction.outputs), "previous", getattr(previous_manifest, "version", None)
+        return dict(prediction.outputs), "previous", previous_version
 
     # --- telemetry ------------------------------------------------------------------------------
 

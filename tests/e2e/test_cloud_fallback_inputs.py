@@ -252,6 +252,21 @@ def test_a_local_model_that_crashes_is_answered_by_the_cloud_with_its_declared_d
     check_outputs("tiny", answer["arrays"])
 
 
+def test_a_version_asked_in_the_path_is_the_version_the_cloud_runs(device: Device, tmp_path: Path) -> None:
+    """``/versions/2/infer`` served locally by v2 (crashing): the cloud runs v2 too, not the device's assigned v1."""
+    build_bundle_dir(tmp_path / "tiny-2", name="tiny", version=2, seed=2)
+    device.agent.engine.load("tiny", tmp_path / "tiny-2", "onnx-fp32")
+
+    def crash(_feeds: Any) -> Any:
+        raise RuntimeError("the local runtime crashed")
+
+    device.agent.engine._active["tiny"].predictor.runtime.run = crash  # noqa: SLF001 - inject the local failure only
+    response = httpx.post(f"{device.url}/v2/models/tiny/versions/2/infer", content=json_body(("x", "FP32", X)))
+    assert response.status_code == 200, response.text
+    assert (response.json()["parameters"]["source"], response.json()["model_version"]) == ("cloud", "2")
+    assert device.infer("tiny", json_body(("x", "FP32", X)))[1]["model_version"] == "1"  # no version: the assigned
+
+
 def test_a_cloud_answer_is_post_processed_once_like_the_local_one(device: Device, tmp_path: Path) -> None:
     """The endpoint answers post-processed outputs: the device must not post-process them again."""
     manifest = build_softmax_bundle(tmp_path / "soft-1")
