@@ -10,11 +10,12 @@ takes a device token or an admin API key (:mod:`fleet_server.inference.access`).
 
 Flow of an inference request: caller (cached token check, device rate limit, the fleet's models)
 -> body read under ``max_body_bytes`` -> ``Content-Encoding`` inflated under the same limit ->
-JSON header and binary tensors decoded (:mod:`bundles.oip`) -> the version resolved (asked, the
-device's own, or newest) and loaded if needed (:mod:`~fleet_server.inference.repository`) -> the
-inputs checked against the model -> the model's runner (dynamic batcher or direct) -> outputs
-selected and encoded, JSON or binary. Handlers read the raw body themselves (no body model), so
-a request needs no ``Content-Type`` and the hot path costs no validation layer.
+JSON header parsed -> the version resolved (asked, the device's own, or newest) and loaded if needed
+(:mod:`~fleet_server.inference.repository`) -> tensors decoded (:mod:`bundles.oip`; NaN and
+infinities only in inputs whose schema allows them, as on a device) -> the inputs checked against
+the model -> the model's runner (dynamic batcher or direct) -> outputs selected and encoded, JSON or
+binary. Handlers read the raw body themselves (no body model), so a request needs no
+``Content-Type`` and the hot path costs no validation layer.
 """
 
 from __future__ import annotations
@@ -265,10 +266,11 @@ async def _infer(endpoint: Endpoint, request: Request, name: str, version: str |
         caller, key = await _target(endpoint, request, name, version)
         label = name
         deadline = _deadline(request.headers.get(DEADLINE_HEADER))
-        header, inputs = await _decoded_request(endpoint, request)
+        header, payload = await _request_parts(endpoint, request)
         wanted = oip.requested_outputs(header)
         default_binary = oip.binary_output_default(header)
         async with endpoint.repository.use(key) as entry:
+            inputs = oip.decode_inputs(header, payload, getattr(entry.model, "non_finite_inputs", frozenset()))
             rows = entry.model.check(inputs)
             outputs = await entry.runner.submit(inputs, rows, deadline)
         response = _answer(name, key[1], header, outputs, wanted, default_binary)
@@ -291,13 +293,14 @@ def _deadline(value: str | None) -> float | None:
     return time.monotonic() + ms / 1000.0
 
 
-async def _decoded_request(endpoint: Endpoint, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+async def _request_parts(endpoint: Endpoint, request: Request) -> tuple[dict[str, Any], bytes]:
+    """The JSON header and the binary payload; inputs are decoded once the model is known, because NaN and
+    infinities are refused except in inputs whose schema allows them (``allow_non_finite``, as on a device)."""
     limit = endpoint.settings.max_body_bytes
     raw = await _body(request, limit)
     body = oip.inflate(raw, request.headers.get("content-encoding", ""), limit)
     header_bytes, payload = oip.split_body(body, request.headers.get("inference-header-content-length"))
-    header = oip.parse_header(header_bytes)
-    return header, oip.decode_inputs(header, payload)
+    return oip.parse_header(header_bytes, allow_constants=True), payload
 
 
 async def _body(request: Request, limit: int) -> bytes:

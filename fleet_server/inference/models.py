@@ -75,6 +75,8 @@ class BundleModel:
         if not predictor.dynamic_batch:
             self.max_batch_size = 1  # a fixed batch dimension cannot be stacked
         self._inputs = self.manifest.inputs
+        self.non_finite_inputs = frozenset(t.name for t in self._inputs if t.extra.get("allow_non_finite") is True)
+        """Inputs whose schema allows NaN and infinities (refused in every other input, as on a device)."""
 
     def metadata(self) -> dict[str, Any]:
         """The OIP model metadata (tensors as the model file declares them, -1 for a free dimension)."""

@@ -87,11 +87,24 @@ def build_softmax_bundle(bundle_dir: Path) -> Any:
     return manifest
 
 
+def build_tolerant_bundle(bundle_dir: Path) -> Any:
+    """``tolerant@1``: the reference classifier whose input schema allows NaN and infinities."""
+    from bundles.testing import write_manifest
+
+    manifest = build_bundle_dir(bundle_dir, name="tolerant", version=1)
+    spec = manifest.inputs[0]
+    inputs = (dataclasses.replace(spec, extra={**spec.extra, "allow_non_finite": True}),)
+    manifest = dataclasses.replace(manifest, inputs=inputs)
+    write_manifest(bundle_dir, manifest)
+    return manifest
+
+
 @pytest.fixture(scope="module")
 def cloud(fleet: Fleet) -> Iterator[str]:  # noqa: F811 - the fixture above
-    """The real inference endpoint on loopback; the device is also assigned ``counter@1`` (an INT64 input)
-    and ``soft@1`` (post-processing in place)."""
-    for name, build in (("counter", build_counter_bundle), ("soft", build_softmax_bundle)):
+    """The real inference endpoint on loopback; the device is also assigned ``counter@1`` (an INT64 input),
+    ``soft@1`` (post-processing in place) and ``tolerant@1`` (NaN allowed)."""
+    builders = {"counter": build_counter_bundle, "soft": build_softmax_bundle, "tolerant": build_tolerant_bundle}
+    for name, build in builders.items():
         publish_dir(fleet.release, fleet.work / name, build(fleet.work / name))
         body = {"device_id": fleet.device_id, "model_name": name, "bundle_version": 1, "pinned": True}
         answer = fleet.client.put("/api/v1/admin/assignments", headers=auth(fleet.admin_key), json=body)
@@ -265,6 +278,31 @@ def test_a_version_asked_in_the_path_is_the_version_the_cloud_runs(device: Devic
     assert response.status_code == 200, response.text
     assert (response.json()["parameters"]["source"], response.json()["model_version"]) == ("cloud", "2")
     assert device.infer("tiny", json_body(("x", "FP32", X)))[1]["model_version"] == "1"  # no version: the assigned
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["nothing local", "local model crashing"])
+def test_nan_in_an_input_whose_schema_allows_it_is_answered_by_the_cloud_too(
+    device: Device, tmp_path: Path, local: bool
+) -> None:
+    """The device takes NaN in ``allow_non_finite`` inputs; the cloud used to refuse any NaN (400).
+
+    With nothing local, the cloud applies the schema; with the local model loaded (and crashing), the device does.
+    """
+    if local:
+        build_tolerant_bundle(tmp_path / "tolerant")
+        build_bundle_dir(tmp_path / "tiny", name="tiny", version=1)
+        for model in ("tolerant", "tiny"):
+            device.agent.engine.load(model, tmp_path / model, "onnx-fp32")
+            device.agent.engine._active[model].predictor.runtime.run = _crash  # noqa: SLF001 - the local failure
+    body = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP64","data":[NaN,1,2,Infinity]}]}'
+    status, answer = device.infer("tolerant", body)
+    assert status == 200 and answer["parameters"]["source"] == "cloud", answer
+    status, answer = device.infer("tiny", body)
+    assert status == 400 and "NaN" in answer["error"], answer  # the schema does not allow it: refused
+
+
+def _crash(_feeds: Any) -> Any:
+    raise RuntimeError("the local runtime crashed")
 
 
 def test_a_cloud_answer_is_post_processed_once_like_the_local_one(device: Device, tmp_path: Path) -> None:
