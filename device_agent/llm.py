@@ -42,7 +42,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bundles.errors import BusyError, ConfigError, EdgeFleetError, InferenceError, InputError, ModelNotReadyError
+from bundles.errors import (
+    BusyError,
+    ConfigError,
+    EdgeFleetError,
+    InferenceError,
+    InputError,
+    ModelNotReadyError,
+    RequestTooLargeError,
+)
 from bundles.manifest import Manifest
 from bundles.openai_compat import (
     ROUTES,
@@ -271,6 +279,10 @@ class LlmApi:
             return Answer(headers, events=events)
         try:
             answer = self._post(url + route, body, auth)
+        except InputError as e:  # the cloud refused the request itself: the client's error (400/413), as if local
+            reasons.append(f"cloud: {e}")
+            self._record(model, manifest, prompt_text(request), "", None, _ms(started), reason, "; ".join(reasons))
+            raise
         except EdgeFleetError as e:
             reasons.append(f"cloud: {e}")
             self._record(model, manifest, prompt_text(request), "", None, _ms(started), reason, "; ".join(reasons))
@@ -296,6 +308,8 @@ class LlmApi:
             response = self.client.post(url, json=body, headers=headers)
         except httpx.HTTPError as e:
             raise InferenceError(f"{url} failed: {type(e).__name__}: {e}") from e
+        if response.status_code in (400, 413):
+            raise _cloud_refusal(response)
         if response.status_code != 200:
             raise InferenceError(f"{url} answered {response.status_code}: {response.text[:200]}")
         try:
@@ -334,6 +348,20 @@ class LlmApi:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _cloud_refusal(response: httpx.Response) -> InputError:
+    """The cloud's 400 (or 413) as the error the device's own checks raise, with the cloud's message and param."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    error = error if isinstance(error, dict) else {"message": str(error or response.text[:200])}
+    message = f"the cloud refused the request: {str(error.get('message'))[:500]}"
+    if response.status_code == 413:
+        return RequestTooLargeError(message)
+    param = error.get("param")
+    return GenerationError(message, param if isinstance(param, str) else None)
 
 
 def _delta_text(data: Mapping[str, Any]) -> str:

@@ -160,6 +160,22 @@ def test_a_device_without_its_model_falls_back_or_says_why_not(bundle_dir: Path,
             served.agent.close()
 
 
+def test_a_request_the_cloud_refuses_is_the_clients_error_not_a_503(bundle_dir: Path, tmp_path: Path) -> None:
+    """The device has no local model, so no limits to check: the cloud's 400 comes back as a 400 (it was a 503)."""
+    cloud = _serve(tmp_path / "cloud", bundle_dir, max_prompt_tokens=2)
+    empty = _serve(tmp_path / "empty", None, cloud_url=cloud.server.url)
+    try:
+        refused = httpx.post(f"{empty.server.url}/v1/chat/completions", json={"model": MODEL, "messages": HELLO},
+                             timeout=30)  # fmt: skip
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["type"] == "invalid_request_error", refused.text
+        assert "the cloud refused the request" in error["message"] and "prompt" in error["message"]
+    finally:
+        for served in (empty, cloud):
+            served.server.stop()
+            served.agent.close()
+
+
 def test_the_wall_time_limit_ends_a_generation(bundle_dir: Path, tmp_path: Path) -> None:
     served = _serve(tmp_path / "device", bundle_dir, max_generation_s=1e-6)
     try:
