@@ -17,23 +17,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-import orjson
+_orjson: ModuleType | None
+try:  # the agent extra brings it; a bare numpy install still works, at the standard library's speed
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - every extra installs orjson
+    _orjson = None
 
 
 def loads(raw: bytes | str, parse_constant: Callable[[str], Any] | None = None) -> Any:
     """``raw`` parsed; raises ``ValueError`` (or ``RecursionError``) exactly where :func:`json.loads` would."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw, parse_constant=parse_constant)
+    if _orjson is not None:
+        try:
+            return _orjson.loads(raw)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(raw, parse_constant=parse_constant)
 
 
 def dumps(value: Any) -> bytes:
     """``value`` as compact UTF-8 JSON bytes, as ``json.dumps(value, separators=(",", ":"))`` would write it."""
     try:
-        body = orjson.dumps(value)
+        body: bytes = _orjson.dumps(value) if _orjson is not None else b"null"
     except TypeError:
         body = b"null"
     if b"null" in body:

@@ -70,3 +70,9 @@ def test_values_orjson_does_not_write_are_written_or_refused_by_the_standard_lib
     assert jsonio.dumps({"x": np.float64(0.5)}) == b'{"x":0.5}'
     with pytest.raises(TypeError):
         jsonio.dumps({"x": np.float32(0.5)})  # as json.dumps refuses it
+
+
+def test_without_orjson_the_standard_library_does_all_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jsonio, "_orjson", None)
+    assert jsonio.dumps({"a": [1, 0.5, float("nan")]}) == b'{"a":[1,0.5,NaN]}'
+    assert jsonio.loads(b'{"a": [1, 0.5]}') == {"a": [1, 0.5]}

@@ -2,7 +2,7 @@
 
 | package | may import (of ours) |
 |---|---|
-| ``bundles`` | none of the others; third party at module level: numpy, cryptography, tuf, |
+| ``bundles`` | none of the others; third party at module level: numpy, orjson, cryptography, tuf, |
 | | securesystemslib, httpx only (runtimes lazily, inside functions) |
 | ``device_agent`` | ``bundles`` only |
 | ``converter`` | ``bundles`` only |
@@ -33,7 +33,7 @@ ALLOWED_OURS = {
     "fleet_server": {"bundles"},
     "simulators": {"bundles", "converter", "device_agent", "fleet_server"},
 }
-BUNDLES_MODULE_LEVEL_THIRD_PARTY = {"numpy", "cryptography", "tuf", "securesystemslib", "httpx"}
+BUNDLES_MODULE_LEVEL_THIRD_PARTY = {"numpy", "orjson", "cryptography", "tuf", "securesystemslib", "httpx"}
 
 
 @dataclass(frozen=True)
