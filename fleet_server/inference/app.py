@@ -37,7 +37,7 @@ from bundles import oip
 from bundles.errors import EdgeFleetError, InputError, ModelNotReadyError, RequestTooLargeError
 from fleet_server import __version__
 from fleet_server.db import make_engine, make_session_factory
-from fleet_server.inference import errors
+from fleet_server.inference import errors, heap
 from fleet_server.inference.access import Access, Caller
 from fleet_server.inference.batching import make_runner
 from fleet_server.inference.metrics import InferenceMetrics, exposition
@@ -124,6 +124,7 @@ class Endpoint:
     def _loaded_changed(self, count: int, used_bytes: int) -> None:
         self.metrics.loaded_models.set(count)
         self.metrics.loaded_bytes.set(used_bytes)
+        heap.settle()  # the model's objects live long: out of the collector's sight
 
     async def load_eager(self) -> None:
         """Load the ``models`` setting (``eager``: every published model's newest version when it is empty)."""
@@ -154,12 +155,14 @@ def create_inference_app(configured: Configured) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(endpoint.load_eager())
-        try:
-            yield
-        finally:
-            task.cancel()
-            await endpoint.close()
+        with heap.serving_collector():
+            heap.settle()
+            task = asyncio.create_task(endpoint.load_eager())
+            try:
+                yield
+            finally:
+                task.cancel()
+                await endpoint.close()
 
     app = FastAPI(
         title="edgefleet cloud inference", version=__version__, lifespan=lifespan,

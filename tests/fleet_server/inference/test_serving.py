@@ -115,3 +115,18 @@ def index(served: Served) -> list[dict[str, Any]]:
     headers = {"Authorization": f"Bearer {served.fleet.admin_key}"}
     answer: list[dict[str, Any]] = httpx.post(f"{served.url}/v2/repository/index", headers=headers, timeout=10).json()
     return answer
+
+
+def test_while_serving_young_collections_are_rarer_and_a_loaded_models_objects_are_frozen(make_endpoint: Any) -> None:
+    """The collector settings of fleet_server.inference.heap hold for the app's life and are undone after."""
+    import gc
+
+    from fleet_server.inference.heap import YOUNG_THRESHOLD
+
+    before = gc.get_threshold()
+    with make_endpoint() as served:
+        gc.unfreeze()  # what an earlier endpoint froze; the load below must freeze again
+        assert post(served).status_code == 200  # the first request loads tiny@2
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
