@@ -76,3 +76,12 @@ def test_without_orjson_the_standard_library_does_all_of_it(monkeypatch: pytest.
     monkeypatch.setattr(jsonio, "_orjson", None)
     assert jsonio.dumps({"a": [1, 0.5, float("nan")]}) == b'{"a":[1,0.5,NaN]}'
     assert jsonio.loads(b'{"a": [1, 0.5]}') == {"a": [1, 0.5]}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"a": None, "b": [1.5, 2]}, {"a": [[1.0, float("inf")]], "b": None}, [None, float("nan")], [10**400, None],
+     [1e308, 1e308, None], {"x": [1, "a", None, [float("-inf")]]}, (None, 1.0)],
+)  # fmt: skip
+def test_a_value_holding_none_is_written_as_the_standard_library_writes_it(value: Any) -> None:
+    assert jsonio.dumps(value) == json.dumps(value, separators=(",", ":")).encode()
