@@ -107,7 +107,7 @@ def measure(seconds: float) -> dict[str, dict[int, dict[str, float]]]:
     return results
 
 
-def table(results: dict[str, dict[int, dict[str, float]]]) -> tuple[str, bool]:
+def table(results: dict[str, dict[int, dict[str, float]]], load: tuple[float, float]) -> tuple[str, bool]:
     fixed = results["fixed answer (HTTP stack alone)"][64]["rps"]
     rows = ["| request | concurrency | answers/s | p50 ms | p99 ms | p99/p50 | vs fixed at c=64 |",
             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -121,7 +121,8 @@ def table(results: dict[str, dict[int, dict[str, float]]]) -> tuple[str, bool]:
             ratio_text = "" if ratio is None else f"{ratio:.2f}x"
             rows.append(f"| {name} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {spread:.1f} "
                         f"| {ratio_text} {'' if ok else '(target missed)'} |")  # fmt: skip
-    host = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    host = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, load average "
+            f"{load[0]:.1f} at the start and {load[1]:.1f} at the end")  # fmt: skip
     note = (f"\nHost: {host}. Load from another process (asyncio, raw keep-alive sockets), closed loop. "
             f"Targets: inference at c=64 >= 0.5x the fixed answer's throughput; p99 <= 5x p50 in every row. "
             f"**{'MET' if met else 'NOT MET'}**.\n")  # fmt: skip
@@ -133,7 +134,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    body, met = table(measure(args.seconds))
+    load_before = os.getloadavg()[0]
+    results = measure(args.seconds)
+    body, met = table(results, (load_before, os.getloadavg()[0]))
     print(body)
     print(f"target (issue 13): {'MET' if met else 'NOT MET'}")
     if not args.no_write:
