@@ -1,6 +1,7 @@
 """``edgefleet-sim``: run a scenario file against real fleet server(s) and write its report.
 
     edgefleet-sim run simulators/scenarios/good-rollout.toml --devices 200 --out sim-report/
+    edgefleet-sim run simulators/scenarios/good-rollout.toml --devices 10000 --workers 2
     edgefleet-sim check my-scenario.toml
 
 Exit status: 0 when every rollout ended as the scenario expects and the fleet converged with no
@@ -26,8 +27,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Simulate a f
 console = Console()
 
 
-def _load(path: Path, devices: int | None, database: str | None, processes: int | None) -> Scenario:
+def _load(path: Path, devices: int | None, database: str | None, processes: int | None,
+          workers: int | None = None) -> Scenario:  # fmt: skip
     scenario = load_scenario(path)
+    if workers is not None:
+        scenario = dataclasses.replace(scenario, simulator=dataclasses.replace(scenario.simulator, workers=workers))
     fleet = scenario.fleet if devices is None else dataclasses.replace(scenario.fleet, devices=devices)
     server = scenario.server
     if database is not None:
@@ -50,6 +54,9 @@ def run(
     devices: Annotated[int | None, typer.Option(help="Override [fleet] devices.")] = None,
     database: Annotated[str | None, typer.Option(help="Override [server] database: sqlite or postgresql.")] = None,
     processes: Annotated[int | None, typer.Option(help="Override [server] processes.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Override [simulator] workers: simulator processes (0: from the core count).")
+    ] = None,
     work_dir: Annotated[
         Path | None, typer.Option(help="Where devices and servers keep state (default: a temp dir).")
     ] = None,
@@ -60,7 +67,7 @@ def run(
     from simulators.fleet.runner import Simulation
 
     try:
-        scenario = _load(scenario_file, devices, database, processes)
+        scenario = _load(scenario_file, devices, database, processes, workers)
         base = work_dir or Path(tempfile.mkdtemp(prefix="edgefleet-sim-"))
         result = Simulation(scenario, base / "run", console=console, progress=not quiet).run()
     except (ConfigError, EdgeFleetError) as e:

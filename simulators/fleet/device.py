@@ -98,7 +98,7 @@ class Fleet:
                  behaviours: dict[int, tuple[str, float]], started_at: float) -> None:  # fmt: skip
         self.base_url, self.token, self.balancer, self.work_dir = base_url, token, balancer, work_dir
         self.behaviours = behaviours  # version -> (behaviour, rate)
-        self.cloud_fallback = False
+        self.cloud_fallback = True
         self.started_at = started_at
         self._models: dict[tuple[int, str], ModelBehaviour] = {}
 
@@ -414,13 +414,19 @@ class VirtualDevice:
             answer = model.answer(self.rng, base)
             self.counters.requests += 1
             late = deadline_ms is not None and answer.latency_ms > deadline_ms
-            if (answer.error is not None or late) and self.fleet.cloud_fallback:
+            if (answer.error is not None or late) and self._cloud():
                 self._answer_from_cloud(manifest, model, answer, "local_error" if answer.error else "deadline")
             elif answer.error is not None:
                 self.counters.errors += 1
                 self.recorder.record(MODEL, manifest, answer.inputs, None, None, answer.latency_ms, error=answer.error)
             else:
                 self.recorder.record_local(MODEL, manifest, answer.inputs, answer.outputs or {}, answer.latency_ms)
+
+    def _cloud(self) -> bool:
+        """Is there a cloud to fall back to? As the agent: the endpoint the desired state names (the server
+        always names the fleet's), unless the scenario says that endpoint is down (``cloud_fallback = false``)."""
+        fallback = self.desired.fallback if self.desired is not None else None
+        return self.fleet.cloud_fallback and fallback is not None and bool(fallback.url)
 
     def _answer_from_cloud(self, manifest: Manifest, model: ModelBehaviour, answer: Answer, reason: str) -> None:
         """The serving pipeline's fallback, shortcut: the cloud answers with the golden outputs after the

@@ -49,7 +49,8 @@ def rollout_rows(result: SimulationResult) -> list[dict[str, Any]]:
 
 def print_summary(result: SimulationResult, console: Console) -> None:
     table = Table(title=f"{result.scenario}: {result.devices} devices, {result.database}, "
-                        f"{result.processes} server process(es), {result.duration_s:.0f} s")  # fmt: skip
+                        f"{result.processes} server process(es), {result.workers} simulator process(es), "
+                        f"{result.duration_s:.0f} s")  # fmt: skip
     for column in ("rollout", "expected", "ended", "decided after", "converged after", "exposed", "no working model"):
         table.add_column(column)
     for row in rollout_rows(result):
@@ -71,6 +72,8 @@ def print_summary(result: SimulationResult, console: Console) -> None:
         ("injected network faults, refused by TUF", f"{t['injected_faults']:.0f}, {t['trust_errors']:.0f}"),
         ("rollout tick p50 / p99", f"{s.get('rollout_tick_p50_ms', 0):.0f} / {s.get('rollout_tick_p99_ms', 0):.0f} ms"),
         ("server CPU, peak RSS", f"{s.get('server_cpu_s', 0):.0f} CPU-s, {s.get('server_peak_rss_mb', 0):.0f} MB"),
+        ("simulator CPU, peak RSS",
+         f"{s.get('simulator_cpu_s', 0):.0f} CPU-s, {s.get('simulator_peak_rss_mb', 0):.0f} MB"),
     ):  # fmt: skip
         figures.add_row(key, value)
     console.print(figures)
@@ -85,7 +88,8 @@ def write_report(result: SimulationResult, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {
         "scenario": result.scenario, "devices": result.devices, "enrolled": result.enrolled,
-        "database": result.database, "processes": result.processes, "duration_s": round(result.duration_s, 1),
+        "database": result.database, "processes": result.processes, "workers": result.workers,
+        "duration_s": round(result.duration_s, 1),
         "ok": result.ok, "rollouts": rollout_rows(result), "totals": result.totals, "server": result.server,
         "events": result.events, "timeline": [dataclasses.asdict(s) for s in result.timeline],
     }  # fmt: skip

@@ -49,8 +49,17 @@ class FleetSpec:
     requests_per_s: float = 1.0  # inference requests each device serves (its app's load)
     concurrency: int = 32  # worker threads running device steps (the devices themselves are tasks on one loop)
     enroll_per_s: float = 200.0  # enrollment pace at start (a fleet is not switched on in one instant)
-    cloud_fallback: bool = False  # a failed or late local answer is answered by the cloud (counted as a fallback)
+    # as the real agent: a failed or late local answer falls back to the cloud endpoint the desired state
+    # names (counted as a fallback); false: that endpoint is down, the failure is recorded as an error
+    cloud_fallback: bool = True
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SimulatorSpec:
+    """How the simulator itself runs (not part of what is simulated)."""
+
+    workers: int = 0  # simulator processes the fleet is sharded over; 0: one per 2,500 devices, at most one per core
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class Scenario:
     rollouts: tuple[RolloutSpec, ...]
     faults: FaultSpec
     source: Path | None = None
+    simulator: SimulatorSpec = field(default_factory=SimulatorSpec)
 
     def bundle(self, version: int) -> BundleSpec:
         return next((b for b in self.bundles if b.version == version), BundleSpec(version))
@@ -125,7 +135,7 @@ def _build(kind: Any, data: Any, where: str) -> Any:
 
 def parse_scenario(data: Mapping[str, Any], name: str = "scenario", source: Path | None = None) -> Scenario:
     """Check decoded TOML and build the :class:`Scenario` (ConfigError names the bad key)."""
-    known = {"name", "server", "fleet", "bundles", "rollouts", "faults"}
+    known = {"name", "server", "fleet", "bundles", "rollouts", "faults", "simulator"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"scenario: unknown section {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -140,6 +150,7 @@ def parse_scenario(data: Mapping[str, Any], name: str = "scenario", source: Path
         rollouts=tuple(_build(RolloutSpec, r, f"rollouts[{i}]") for i, r in enumerate(data.get("rollouts", []))),
         faults=_build(FaultSpec, data.get("faults", {}), "faults"),
         source=source,
+        simulator=_build(SimulatorSpec, data.get("simulator", {}), "simulator"),
     )
     if "profiles" in fleet_data:
         scenario = dataclasses.replace(
@@ -159,6 +170,8 @@ def check(scenario: Scenario) -> None:
             raise ConfigError(f"scenario: unknown hardware profile {profile!r} (known: {', '.join(PROFILES)})")
         if not isinstance(share, int | float) or share < 0:
             raise ConfigError(f"scenario: profile share of {profile!r} must be a number >= 0")
+    if not isinstance(scenario.simulator.workers, int) or scenario.simulator.workers < 0:
+        raise ConfigError("scenario: [simulator] workers must be an integer >= 0 (0: chosen from the core count)")
     if server.database not in ("sqlite", "postgresql") or server.processes < 1:
         raise ConfigError("scenario: [server] database must be sqlite or postgresql, processes >= 1")
     for bundle in scenario.bundles:

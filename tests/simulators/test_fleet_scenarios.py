@@ -1,10 +1,11 @@
 """The fleet simulator at small scale: real fleet servers on loopback, virtual devices running the agent's
 real client code (enrollment, ETag polls, TUF, telemetry uploader), scenario outcomes asserted.
 
-Two simulations (about a minute each): a bad version stopped at its first wave and rolled back, and a
-good version rolled out on a bad day (packet loss, slow links, cut and tampered downloads, power cuts
-during installs, devices offline and returning, skewed clocks) on PostgreSQL with two server processes,
-one of which (the background leader) is killed mid-rollout.
+Two simulations (about a minute each), each with its fleet sharded over two simulator processes: a bad
+version stopped at its first wave and rolled back, and a good version rolled out on a bad day (packet
+loss, slow links, cut and tampered downloads, power cuts during installs, devices offline and
+returning, skewed clocks) on PostgreSQL with two server processes, one of which (the background leader)
+is killed mid-rollout. A simulator process that dies ends the run with an error naming it.
 """
 
 from __future__ import annotations
@@ -21,27 +22,29 @@ from rich.console import Console
 from bundles.errors import ConfigError
 from simulators.fleet.report import write_report
 from simulators.fleet.runner import Simulation
-from simulators.fleet.scenario import load_scenario, parse_scenario
+from simulators.fleet.scenario import SimulatorSpec, load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "simulators" / "scenarios"
 
 
-def _run(scenario_file: str, tmp_path: Path, **fleet: object):
+def _run(scenario_file: str, tmp_path: Path, workers: int = 2, **fleet: object):
     scenario = load_scenario(SCENARIOS / scenario_file)
-    scenario = dataclasses.replace(scenario, fleet=dataclasses.replace(scenario.fleet, **fleet))
+    scenario = dataclasses.replace(scenario, fleet=dataclasses.replace(scenario.fleet, **fleet),
+                                   simulator=SimulatorSpec(workers=workers))  # fmt: skip
     console = Console(file=open(tmp_path / "console.txt", "w"), width=120)  # noqa: SIM115
     return Simulation(scenario, tmp_path / "run", console=console, progress=False).run()
 
 
 def test_bad_version_is_halted_at_its_first_wave_and_rolled_back(tmp_path: Path) -> None:
     result = _run("bad-rollout.toml", tmp_path, devices=24)
+    assert result.workers == 2
     baseline, bad = result.rollouts
     assert baseline.state == "completed" and baseline.converged_s is not None
     assert bad.state == "rolled_back", bad.decisions
     rollback = bad.decisions[-1]
     assert (rollback["action"], rollback["wave"]) == ("rollback", 1)
-    assert "error_rate" in rollback["reason"]
+    assert "fallback_rate" in rollback["reason"]  # the devices fell back to the cloud, as real agents do
     first_wave = bad.waves[0]["devices"]
     assert 1 <= bad.exposed <= first_wave  # only the first wave ever ran the bad version
     assert [w["state"] for w in bad.waves][1:] == ["cancelled", "cancelled"]
@@ -50,7 +53,8 @@ def test_bad_version_is_halted_at_its_first_wave_and_rolled_back(tmp_path: Path)
     page = write_report(result, tmp_path / "report")
     assert page.read_text().startswith("<!doctype html>") and "data:image/png;base64," in page.read_text()
     data = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert data["rollouts"][1]["state"] == "rolled_back" and data["timeline"]
+    assert data["rollouts"][1]["state"] == "rolled_back" and data["timeline"] and data["workers"] == 2
+    assert data["totals"]["fallbacks"] > 0 and data["totals"]["errors"] == 0
 
 
 @pytest.mark.postgres
