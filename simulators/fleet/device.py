@@ -225,7 +225,7 @@ class VirtualDevice:
             return self._backoff_s()
         self.failures = 0
         self._serve(t)
-        self._maybe_upload(t)
+        self._maybe_upload(t, every_round=True)
         return self._poll_wait_s()
 
     def _backoff_s(self) -> float:
@@ -441,8 +441,11 @@ class VirtualDevice:
 
     rate = 1.0
 
-    def _maybe_upload(self, t: float) -> None:
-        if t - self.last_upload_at < self.upload_interval_s or self.recorder is None or self.uploader is None:
+    def _maybe_upload(self, t: float, every_round: bool = False) -> None:
+        """Heartbeat, close due windows, upload. Online, every step does it, as the agent's daemon reports at the end
+        of every poll round (so an install is reported in the round that made it); offline, every upload interval."""
+        due = every_round or t - self.last_upload_at >= self.upload_interval_s
+        if not due or self.recorder is None or self.uploader is None:
             return
         self.recorder.tick()
         if self.running is not None:
