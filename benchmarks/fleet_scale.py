@@ -16,10 +16,12 @@ one was stopped and how much of the fleet ran it, polls/s over the run, poll lat
 devices saw it, rollout tick p50/p99 (the servers' histogram), server and simulator CPU seconds, server
 peak RSS, bytes downloaded, and the largest fleet that behaved as expected.
 
-Usage: ``python benchmarks/fleet_scale.py [--runs sqlite:10000:1,postgresql:10000:2] [--parallel]``
-(``database:devices:server_processes``; ``--parallel`` runs them at the same time, each in its own
-process, which the table says). Writes ``docs/benchmarks.md`` between ``<!-- BEGIN fleet_scale -->`` and
-``<!-- END fleet_scale -->`` after each run, so a long series keeps the rows it finished.
+Usage: ``python benchmarks/fleet_scale.py [--runs sqlite:10000:1,postgresql:10000:2] [--parallel]
+[--include ROW.json]`` (``database:devices:server_processes``; ``--parallel`` runs them at the same time,
+each in its own process, which the table says; ``--include`` shows the row of an earlier run first, from
+the ``row-N.json`` a run leaves in its work directory). Writes ``docs/benchmarks.md`` between
+``<!-- BEGIN fleet_scale -->`` and ``<!-- END fleet_scale -->`` after each run, so a long series keeps the
+rows it finished.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def table(rows: list[dict[str, Any]], load: tuple[float, float], parallel: bool)
         f"device timeout {DEVICE_TIMEOUT}, rollout tick {TICK_S:g} s. After enrollment and a one-wave rollout of "
         f"v1: a good v2 in waves `{WAVES_GOOD}`, then a bad v3 (errors on 20 % of requests, answered by the "
         f"cloud fallback as real agents do) in waves `{WAVES_BAD}`, both gated on `{'`, `'.join(GATES)}`. "
-        "Command: `nice -n 10 python benchmarks/fleet_scale.py --runs sqlite:10000:1,postgresql:10000:2 --parallel`.",
+        f"Command: `nice -n 10 python benchmarks/fleet_scale.py {' '.join(sys.argv[1:])}`.",
         "",
         "| database | server processes | devices | simulator processes | as expected | good v2 converged after "
         "| bad v3 | bad v3 stopped after | exposed to v3 | polls/s | poll p50 / p99 ms | rollout tick p50 / p99 ms "
@@ -191,10 +193,15 @@ def _parse_runs(text: str) -> list[tuple[str, int, int]]:
 def run_one(spec: str, work: Path, out: Path) -> None:
     """One run (the ``--one`` child of ``--parallel``): its row as JSON in ``out``."""
     database, devices, processes = _parse_runs(spec)[0]
+    started = time.monotonic()
     try:
         data = row(run(devices, database, processes, work))
     except Exception as e:  # noqa: BLE001 - the table says why the run did not finish
         data = {"database": database, "processes": processes, "devices": devices, "error": str(e)[:300]}
+    except KeyboardInterrupt:
+        minutes = (time.monotonic() - started) / 60
+        data = {"database": database, "processes": processes, "devices": devices,
+                "error": f"stopped by hand after {minutes:.0f} min"}  # fmt: skip
     out.write_text(json.dumps(data))
 
 
@@ -203,6 +210,8 @@ def main() -> None:
     parser.add_argument("--runs", default="sqlite:10000:1,postgresql:10000:2")
     parser.add_argument("--parallel", action="store_true", help="run them at the same time, one process each")
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--include", type=Path, action="append", default=[],
+                        help="a row (JSON) of an earlier run to show first in the table (repeatable)")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -211,9 +220,10 @@ def main() -> None:
         run_one(args.one, work, args.row_out)
         return
     load_before = os.getloadavg()[0]
-    specs = args.runs.split(",")
+    specs = [spec for spec in args.runs.split(",") if spec]  # none: only the table of the --include rows
     children: dict[int, tuple[subprocess.Popen[bytes], Path]] = {}
-    done: dict[int, dict[str, Any]] = {}
+    done = {i - len(args.include): json.loads(path.read_text()) for i, path in enumerate(args.include)}
+    runs = len(done)
 
     def collect() -> None:
         for i, (child, out) in children.items():
@@ -233,10 +243,12 @@ def main() -> None:
         while not args.parallel and i not in done:
             collect()
             time.sleep(5)
-    while len(done) < len(children):
+    while len(done) < runs + len(children):
         collect()
         time.sleep(5)
-    print(table([done[k] for k in sorted(done)], (load_before, os.getloadavg()[0]), args.parallel))
+    text = table([done[k] for k in sorted(done)], (load_before, os.getloadavg()[0]), args.parallel)
+    write_section("fleet_scale", "Fleet scale: simulated devices against real fleet servers", text)
+    print(text)
 
 
 if __name__ == "__main__":
