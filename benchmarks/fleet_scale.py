@@ -140,7 +140,7 @@ def _f(value: Any, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def table(rows: list[dict[str, Any]], load: tuple[float, float], parallel: bool) -> str:
+def table(rows: list[dict[str, Any]], load: tuple[float, float] | None, parallel: bool, note: str = "") -> str:
     together = "at the same time (each in its own process)" if parallel and len(rows) > 1 else "one after the other"
     lines = [
         f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
@@ -153,17 +153,18 @@ def table(rows: list[dict[str, Any]], load: tuple[float, float], parallel: bool)
         f"device timeout {DEVICE_TIMEOUT}, rollout tick {TICK_S:g} s. After enrollment and a one-wave rollout of "
         f"v1: a good v2 in waves `{WAVES_GOOD}`, then a bad v3 (errors on 20 % of requests, answered by the "
         f"cloud fallback as real agents do) in waves `{WAVES_BAD}`, both gated on `{'`, `'.join(GATES)}`. "
-        f"Command: `nice -n 10 python benchmarks/fleet_scale.py {' '.join(sys.argv[1:])}`.",
+        f"Command: `nice -n 10 python benchmarks/fleet_scale.py {' '.join(sys.argv[1:])}`. {note}".rstrip(),
         "",
         "| database | server processes | devices | simulator processes | as expected | good v2 converged after "
         "| bad v3 | bad v3 stopped after | exposed to v3 | polls/s | poll p50 / p99 ms | rollout tick p50 / p99 ms "
-        "| server CPU s | simulator CPU s | server peak RSS MB | MB downloaded | without a working model |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU s | simulator CPU s | server peak RSS MB | MB downloaded | without a working model "
+        "| run length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['database']} | {r['processes']} | {r['devices']:,} | - | **no**: {r['error']} |"
-                         + " - |" * 12)  # fmt: skip
+                         + " - |" * 13)  # fmt: skip
             continue
         lines.append(
             f"| {r['database']} | {r['processes']} | {r['devices']:,} | {r['workers']} "
@@ -172,13 +173,14 @@ def table(rows: list[dict[str, Any]], load: tuple[float, float], parallel: bool)
             f"| {_f(r['bad_exposed_pct'], 2)} % | {_f(r['polls_per_s'], 1)} "
             f"| {_f(r['poll_p50_ms'], 1)} / {_f(r['poll_p99_ms'], 1)} "
             f"| {_f(r['tick_p50_ms'])} / {_f(r['tick_p99_ms'])} | {_f(r['cpu_s'])} | {_f(r['sim_cpu_s'])} "
-            f"| {_f(r['rss_mb'])} | {_f(r['mb_down'], 1)} | {r['without']} |"
+            f"| {_f(r['rss_mb'])} | {_f(r['mb_down'], 1)} | {r['without']} | {_f(r['duration_s'] / 60)} min |"
         )
     largest = {db: max((r["devices"] for r in rows if r.get("ok") and r["database"] == db), default=0)
                for db in dict.fromkeys(r["database"] for r in rows)}  # fmt: skip
-    reached = ", ".join(f"{db} {n:,} devices" for db, n in largest.items())
-    lines += ["", f"Largest fleet that behaved as expected in this series: **{reached}**. Load average "
-              f"before / after: {load[0]:.1f} / {load[1]:.1f} (above 2: more work than cores)."]  # fmt: skip
+    reached = ", ".join(f"{db} {n:,} devices" if n else f"{db} none" for db, n in largest.items())
+    lines += ["", f"Largest fleet that behaved as expected in this series: **{reached}**."]
+    if load is not None:  # not known when the table is only remade from --include rows
+        lines[-1] += f" Load average before / after: {load[0]:.1f} / {load[1]:.1f} (above 2: more work than cores)."
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--runs", default="sqlite:10000:1,postgresql:10000:2")
     parser.add_argument("--parallel", action="store_true", help="run them at the same time, one process each")
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--note", default="", help="a sentence for the table's header (how the runs went)")
     parser.add_argument("--include", type=Path, action="append", default=[],
                         help="a row (JSON) of an earlier run to show first in the table (repeatable)")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -233,7 +236,7 @@ def main() -> None:
             failed = {"database": database, "processes": processes, "devices": devices,
                       "error": f"the run exited with {child.returncode}"}  # fmt: skip
             done[i] = json.loads(out.read_text()) if out.exists() else failed
-            text = table([done[k] for k in sorted(done)], (load_before, os.getloadavg()[0]), args.parallel)
+            text = table([done[k] for k in sorted(done)], (load_before, os.getloadavg()[0]), args.parallel, args.note)
             write_section("fleet_scale", "Fleet scale: simulated devices against real fleet servers", text)
 
     for i, spec in enumerate(specs):
@@ -246,7 +249,8 @@ def main() -> None:
     while len(done) < runs + len(children):
         collect()
         time.sleep(5)
-    text = table([done[k] for k in sorted(done)], (load_before, os.getloadavg()[0]), args.parallel)
+    load = (load_before, os.getloadavg()[0]) if specs else None
+    text = table([done[k] for k in sorted(done)], load, args.parallel, args.note)
     write_section("fleet_scale", "Fleet scale: simulated devices against real fleet servers", text)
     print(text)
 
