@@ -130,6 +130,7 @@ def row(result: SimulationResult) -> dict[str, Any]:
             "tick_p99_ms": result.server.get("rollout_tick_p99_ms"),
             "cpu_s": result.server.get("server_cpu_s"), "rss_mb": result.server.get("server_peak_rss_mb"),
             "sim_cpu_s": result.server.get("simulator_cpu_s"),
+            "sim_rss_mb": result.server.get("simulator_peak_rss_mb"),
             "mb_down": result.totals["bytes_down"] / 1e6,
             "without": max(r.without_working_model for r in result.rollouts),
             "enrolled": result.enrolled, "duration_s": result.duration_s,
