@@ -143,6 +143,8 @@ def _f(value: Any, digits: int = 0) -> str:
 
 def table(rows: list[dict[str, Any]], load: tuple[float, float] | None, parallel: bool, note: str = "") -> str:
     together = "at the same time (each in its own process)" if parallel and len(rows) > 1 else "one after the other"
+    if load is None:
+        together = "as the note at the end of this paragraph says"
     lines = [
         f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
         f"({platform.machine()}), Python {platform.python_version()}, runs {together}, under `nice -n 10`; the "
