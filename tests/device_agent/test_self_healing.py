@@ -69,7 +69,14 @@ def test_requests_during_start_up_wait_for_the_slot_that_verifies_and_none_gets_
     agent.updater.expect_recovery()  # as `edgefleet-agent run` (Daemon.run): start-up announced, HTTP, then recover
     server = AgentHttpServer(agent, "127.0.0.1", 0).start()
     answers: list[tuple[float, int, dict[str, Any]]] = []
-    began: list[float] = []
+    waiting: list[float] = []  # requests that reached the agent and wait for start-up
+    wait_recovered = agent.updater.wait_recovered
+
+    def counted_wait(timeout_s: float) -> bool:
+        waiting.append(time.monotonic())
+        return wait_recovered(timeout_s)
+
+    agent.updater.wait_recovered = counted_wait  # type: ignore[method-assign]
     stop = threading.Event()
 
     def hammer() -> None:
@@ -77,7 +84,6 @@ def test_requests_during_start_up_wait_for_the_slot_that_verifies_and_none_gets_
         with httpx.Client(timeout=30) as client:
             while not stop.is_set():
                 sent = time.monotonic()
-                began.append(sent)
                 answer = client.post(f"{server.url}/v2/models/tiny/infer", json=body)
                 answers.append((sent, answer.status_code, answer.json()))
 
@@ -89,19 +95,20 @@ def test_requests_during_start_up_wait_for_the_slot_that_verifies_and_none_gets_
         app = threading.Thread(target=lambda: from_python.append(agent.predict(X, model="tiny")))
         app.start()
         deadline = time.monotonic() + 20
-        while len(began) < len(clients) and time.monotonic() < deadline:
+        while len(waiting) < len(clients) + 1 and time.monotonic() < deadline:  # every client and the app
             time.sleep(0.01)
-        time.sleep(0.3)  # every client has sent a request that start-up has not verified anything for yet
         recover_began = time.monotonic()
         agent.updater.recover()
-        time.sleep(0.2)
+        while len(answers) < 4 * len(clients) and time.monotonic() < deadline:  # and some after start-up
+            time.sleep(0.01)
     finally:
         stop.set()
         for thread in [*clients, app]:
             thread.join(timeout=30)
         server.stop()
         agent.close()
-    assert sum(sent < recover_began for sent, _, _ in answers) >= 4, "no request came during start-up"
+    assert len(waiting) >= len(clients) + 1, "the requests never reached the agent during start-up"
+    assert sum(sent < recover_began for sent, _, _ in answers) >= len(clients), "no request came during start-up"
     assert {status for _, status, _ in answers} == {200}, [a for _, s, a in answers if s != 200][:3]
     assert {(a["model_version"], a["parameters"]["source"]) for _, _, a in answers} == {("1", "local")}
     assert (from_python[0].source, from_python[0].version) == ("local", 1)

@@ -32,7 +32,7 @@ from device_agent.identity import Enrollment
 from fleet_server.inference.app import create_inference_app
 from tests.fleet_server.conftest import auth
 from tests.fleet_server.inference import conftest as inference_fixtures
-from tests.fleet_server.inference.conftest import Fleet, configured_for, publish_dir, serve
+from tests.fleet_server.inference.conftest import Fleet, configured_for, publish_dir, serve, write_graph_variant
 
 fleet = inference_fixtures.fleet  # this module's fleet server with published bundles (a fixture)
 
@@ -45,11 +45,9 @@ COUNTS = np.array([[1, -2, 3], [40, 50, -60]])
 
 def build_counter_bundle(bundle_dir: Path) -> Any:
     """``counter@1``: an ONNX model that doubles an INT64 input (golden case included)."""
-    import onnx
     from onnx import TensorProto, helper
 
-    from bundles.archive import sha256_file
-    from bundles.manifest import DriftBaseline, FileRef, Golden, GoldenCase, TensorSpec
+    from bundles.manifest import DriftBaseline, Golden, GoldenCase, TensorSpec
     from bundles.tensors import encode_tensor
     from bundles.testing import write_manifest
 
@@ -59,13 +57,7 @@ def build_counter_bundle(bundle_dir: Path) -> Any:
         [helper.make_tensor_value_info("n", TensorProto.INT64, ["batch", 3])],
         [helper.make_tensor_value_info("n_out", TensorProto.INT64, ["batch", 3])],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = bundle_dir / "onnx-fp32" / "model.onnx"
-    onnx.save_model(model, str(path))
-    variant = dataclasses.replace(
-        base.variants[0], files=(FileRef("onnx-fp32/model.onnx", sha256_file(path), path.stat().st_size),)
-    )
+    variant = write_graph_variant(bundle_dir, base, graph)
     counts = COUNTS.astype(np.int64)
     manifest = dataclasses.replace(
         base, name="counter", task="other", inputs=(TensorSpec("n", "int64", (-1, 3)),),

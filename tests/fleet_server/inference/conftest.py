@@ -66,13 +66,28 @@ class Served:
         return self.url.removeprefix("http://")
 
 
-def build_echo_bundle(bundle_dir: Path, name: str = "echo", version: int = 1) -> Any:
-    """A bundle whose ONNX model echoes a BYTES input and doubles an FP16 one (golden cases included)."""
+def write_graph_variant(bundle_dir: Path, base: Any, graph: Any) -> Any:
+    """``graph`` saved as the model of ``base``'s first variant (opset 17); that variant with its new file."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from bundles.archive import sha256_file
-    from bundles.manifest import DriftBaseline, FileRef, Golden, GoldenCase, TensorSpec
+    from bundles.manifest import FileRef
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = bundle_dir / "onnx-fp32" / "model.onnx"
+    onnx.save_model(model, str(path))
+    return dataclasses.replace(
+        base.variants[0], files=(FileRef("onnx-fp32/model.onnx", sha256_file(path), path.stat().st_size),)
+    )
+
+
+def build_echo_bundle(bundle_dir: Path, name: str = "echo", version: int = 1) -> Any:
+    """A bundle whose ONNX model echoes a BYTES input and doubles an FP16 one (golden cases included)."""
+    from onnx import TensorProto, helper
+
+    from bundles.manifest import DriftBaseline, Golden, GoldenCase, TensorSpec
     from bundles.tensors import encode_tensor
     from bundles.testing import build_bundle_dir, write_manifest
 
@@ -85,13 +100,7 @@ def build_echo_bundle(bundle_dir: Path, name: str = "echo", version: int = 1) ->
         [helper.make_tensor_value_info("text_out", TensorProto.STRING, ["batch"]),
          helper.make_tensor_value_info("half_out", TensorProto.FLOAT16, ["batch", 2])],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = bundle_dir / "onnx-fp32" / "model.onnx"
-    onnx.save_model(model, str(path))
-    variant = dataclasses.replace(
-        base.variants[0], files=(FileRef("onnx-fp32/model.onnx", sha256_file(path), path.stat().st_size),)
-    )
+    variant = write_graph_variant(bundle_dir, base, graph)
     half = np.array([[1.5, -2.0], [0.25, 4.0]], dtype=np.float16)
     text = np.array(["héllo", "wörld"], dtype=object)
     case = GoldenCase(inputs={"text": encode_tensor(text), "half": encode_tensor(half)},
