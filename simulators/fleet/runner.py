@@ -187,6 +187,8 @@ class Workers:
             with contextlib.suppress(SimulationError):
                 self.pump()
             time.sleep(0.1)
+        with contextlib.suppress(SimulationError):
+            self.pump()  # a worker that sent its totals and exited between two reads: they wait in the pipe
         for process in self.processes:
             process.join(timeout=5)
             if process.is_alive():
