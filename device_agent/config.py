@@ -85,6 +85,7 @@ class AgentConfig:
     http_read_timeout_s: float = 10.0  # headers and body of one request must be in within this...
     http_min_read_rate_bytes_s: int = 500  # ...plus a second per this many bytes received (a body still arriving)
     http_idle_timeout_s: float = 30.0  # an idle keep-alive connection is closed after this
+    http_inline_max_cpu_ms: float = 1.0  # a model answering within this much CPU runs on the I/O thread (0 = never)
     max_body_bytes: int = 0  # 0 = derived from the memory budget (1 to 64 MiB)
     memory_budget_bytes: int = 0  # 0 = half of what this process may still allocate
     max_batch: int = 64  # largest batch a request may carry when the model does not bound it
@@ -235,7 +236,14 @@ def _validate(config: AgentConfig) -> AgentConfig:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(config, key)}")
     if config.max_state_saves < 4:
         raise ConfigError(f"max_state_saves: must be at least 4, got {config.max_state_saves}")
-    for key in ("max_waiting", "threads", "http_threads", "max_body_bytes", "memory_budget_bytes"):
+    for key in (
+        "max_waiting",
+        "threads",
+        "http_threads",
+        "max_body_bytes",
+        "memory_budget_bytes",
+        "http_inline_max_cpu_ms",
+    ):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}: must not be negative, got {getattr(config, key)}")
     from bundles.selection import RUNTIME_DISTRIBUTIONS

@@ -59,6 +59,7 @@ from device_agent.admission import (
     model_max_elements,
     parse_cost_bytes,
 )
+from device_agent.fastpath import FastPath, FastPathDispatcher, FastPathSettings
 from device_agent.version import AGENT_VERSION
 
 log = logging.getLogger(__name__)
@@ -181,10 +182,11 @@ class InferenceApi:
             raise HttpError(400, f"model '{model}' has no output(s) {', '.join(missing)}")
         tensors, binary_out = oip.encode_outputs(available if wanted else result.outputs, wanted,
                                                  oip.binary_output_default(header))  # fmt: skip
+        parameters = {"source": result.source, "latency_ms": round(result.latency_ms, 3), "postprocessed": True}
+        if result.fallback_reason is not None:  # OIP parameters are strings, numbers or booleans, never null
+            parameters["fallback_reason"] = result.fallback_reason
         answer = {"model_name": model, "model_version": None if result.version is None else str(result.version),
-                  "outputs": tensors,
-                  "parameters": {"source": result.source, "fallback_reason": result.fallback_reason,
-                                 "latency_ms": round(result.latency_ms, 3), "postprocessed": True}}  # fmt: skip
+                  "outputs": tensors, "parameters": parameters}  # fmt: skip
         if "id" in header:
             answer["id"] = header["id"]
         return answer, binary_out
@@ -259,6 +261,7 @@ class HttpSettings:
     memory_budget_bytes: int = 256 * 2**20
     max_batch: int = 64
     queue_timeout_s: float = 1.0
+    fast_path: FastPathSettings = FastPathSettings()
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 415: "Unsupported Media Type",
@@ -270,8 +273,8 @@ _PRESCAN_BYTES = 64 * 1024
 class OipApp:
     """The WSGI application: routing, body limits, decoding, admission; :class:`InferenceApi` does the rest."""
 
-    def __init__(self, api: InferenceApi, settings: HttpSettings) -> None:
-        self.api, self.settings = api, settings
+    def __init__(self, api: InferenceApi, settings: HttpSettings, fast_path: FastPath | None = None) -> None:
+        self.api, self.settings, self.fast_path = api, settings, fast_path
         self.budget = MemoryBudget(settings.memory_budget_bytes, settings.queue_timeout_s)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -375,9 +378,21 @@ class OipApp:
         try:
             del raw, body
             header = oip.parse_header(header_bytes, allow_constants=True)
-            return self.api.infer(model, header, payload, manifest, version)
+            answer, binary_out = self.api.infer(model, header, payload, manifest, version)
+        except (InferenceError, ModelNotReadyError, BusyError):  # the fallback chain was tried, or the device is full
+            self._route_blocked(environ)
+            raise
         finally:
             self.budget.release(cost)
+        if "fallback_reason" in answer["parameters"]:
+            self._route_blocked(environ)
+        return answer, binary_out
+
+    def _route_blocked(self, environ: dict[str, Any]) -> None:
+        """Tell the fast path that this route's answers may wait (on the network, on admission)."""
+        route = FastPath.route(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))
+        if self.fast_path is not None and route is not None:
+            self.fast_path.blocked(route)
 
     def _body_cap(self, manifest: Manifest | None, binary: bool) -> int:
         """The largest decoded body accepted for this model (its schema), never over the device's limit."""
@@ -423,6 +438,8 @@ def http_settings(config: Any) -> HttpSettings:
         idle_timeout_s=config.http_idle_timeout_s,
         max_body_bytes=config.max_body_bytes or default_max_body_bytes(budget), memory_budget_bytes=budget,
         max_batch=config.max_batch, queue_timeout_s=config.queue_timeout_s,
+        fast_path=FastPathSettings(enabled=config.http_inline_max_cpu_ms > 0,
+                                   fast_cpu_s=config.http_inline_max_cpu_ms / 1000),
     )  # fmt: skip
 
 
@@ -447,7 +464,8 @@ class AgentHttpServer:
         import waitress.server
 
         self.settings = dataclasses.replace(settings or HttpSettings(), host=host, port=port)
-        self.app = OipApp(InferenceApi(agent), self.settings)
+        self.fast_path = FastPath(self.settings.fast_path, _engine_has_room(agent))
+        self.app = OipApp(InferenceApi(agent), self.settings, self.fast_path)
         cfg = self.settings
         self.server: Any = waitress.server.create_server(
             app or self.app, host=cfg.host, port=cfg.port, threads=cfg.threads, backlog=cfg.backlog,
@@ -457,6 +475,8 @@ class AgentHttpServer:
             asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
         )  # fmt: skip
         self.server.channel_class = _deadline_channel(self.server.channel_class)
+        self.dispatcher = FastPathDispatcher(self.server.task_dispatcher, self.fast_path)
+        self.server.task_dispatcher = self.dispatcher
         maintenance = self.server.maintenance
 
         def maintenance_with_deadline(now: float) -> None:
@@ -485,8 +505,11 @@ class AgentHttpServer:
     def _loop(self) -> None:
         from waitress import wasyncore
 
+        self.dispatcher.io_thread = threading.get_ident()
         while not self._stop.is_set():
-            wasyncore.loop(timeout=0.05, map=self.server._map, use_poll=True, count=1)  # noqa: SLF001
+            timeout_s = 0.0 if self.dispatcher.has_pending else 0.05
+            wasyncore.loop(timeout=timeout_s, map=self.server._map, use_poll=True, count=1)  # noqa: SLF001
+            self.dispatcher.run_pending()
         self.server.task_dispatcher.shutdown()
         wasyncore.close_all(self.server._map)  # noqa: SLF001
 
@@ -494,6 +517,15 @@ class AgentHttpServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def _engine_has_room(agent: Any) -> Callable[[], bool]:
+    """Whether the agent's engine would admit a request now without waiting (a stand-in agent always would)."""
+    engine = getattr(agent, "engine", None)
+    stats, limit = getattr(engine, "stats", None), getattr(engine, "max_concurrency", None)
+    if stats is None or not isinstance(limit, int):
+        return lambda: True
+    return lambda: stats.running < limit and not stats.waiting
 
 
 def _deadline_channel(base: type) -> type:

@@ -1,0 +1,188 @@
+"""Fast inference requests on the HTTP server's I/O thread; the rest on its worker threads.
+
+waitress reads every connection on one I/O thread and hands each complete request to a worker thread.
+For a model that answers in tens of microseconds that hand-off is most of the cost: the worker and the
+I/O thread pass the GIL back and forth (every socket call, every ONNX Runtime call releases it), and at
+concurrency 64 they queue behind each other for it (a convoy: the agent answered about a tenth of what
+the same stack answers with a fixed response). The cloud endpoint's batcher met the same thing and
+runs a fast model on its event loop (ADR 0007); this module does the same for the agent's API.
+
+The decision is per route (the request path: a model, or a model at a version), from measurements:
+
+1. A route starts on the workers, which measure each request's thread CPU time.
+2. Once the median CPU time of its last ``warm_up_runs`` requests is at most ``fast_cpu_s`` (a median:
+   the first, cold request of a model costs many times the rest), its requests of at
+   most ``max_body_bytes`` run on the I/O thread, after the loop iteration that read them (never inside
+   waitress's ``received``, which holds the channel's lock) and only while the engine has a free slot
+   (an inline request never waits for admission).
+3. On the I/O thread the wall time is the measure: a route whose inline requests average more than
+   ``max_inline_wall_s``, or one request more than ``stall_wall_s``, goes back to the workers for
+   ``cooldown_s``. So does a route whose answer involved the fallback chain (a cloud call can wait on
+   the network): :meth:`FastPath.blocked`, called by the application.
+
+Everything else (language-model routes, health and metadata, large bodies) always goes to the workers.
+The measure is the route's, not the request's: one slow request on a fast route delays the requests
+read in the same loop iteration by its own time, once, and then sends the route back to the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FastPathSettings:
+    """When a route may run on the I/O thread (``[http]`` ``inline_*`` in agent.toml, see docs/agent.md)."""
+
+    enabled: bool = True
+    fast_cpu_s: float = 0.001
+    warm_up_runs: int = 8
+    max_body_bytes: int = 64 * 1024
+    max_inline_wall_s: float = 0.002
+    stall_wall_s: float = 0.05
+    cooldown_s: float = 60.0
+
+
+@dataclass
+class _RouteStats:
+    cpu_s: collections.deque[float]  # the last requests' thread CPU times (their median decides)
+    inline_wall_s: float = 0.0  # moving average of an inline request's wall time
+    demoted_until: float = -math.inf
+
+    def median_cpu_s(self) -> float:
+        return statistics.median(self.cpu_s)
+
+
+_SMOOTHING = 0.1
+
+
+class FastPath:
+    """Which inference routes run on the I/O thread, from their measured cost (thread-safe)."""
+
+    def __init__(self, settings: FastPathSettings, has_room: Callable[[], bool],
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        """``has_room``: whether a request would be admitted by the engine now, without waiting."""
+        self.settings, self.has_room, self.clock = settings, has_room, clock
+        self._routes: dict[str, _RouteStats] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def route(method: str, path: str) -> str | None:
+        """The route an inference request is measured under (None: not an inference request)."""
+        if method == "POST" and path.startswith("/v2/models/") and path.rstrip("/").endswith("/infer"):
+            return path.rstrip("/")
+        return None
+
+    def fast(self, route: str, body_bytes: int) -> bool:
+        """Whether a request of ``body_bytes`` on ``route`` may run on the I/O thread now."""
+        stats = self._routes.get(route)
+        cfg = self.settings
+        return (
+            cfg.enabled and stats is not None and body_bytes <= cfg.max_body_bytes
+            and len(stats.cpu_s) >= cfg.warm_up_runs and stats.median_cpu_s() <= cfg.fast_cpu_s
+            and self.clock() >= stats.demoted_until and self.has_room()
+        )  # fmt: skip
+
+    def observe(self, route: str, cpu_s: float, wall_s: float, inline: bool) -> None:
+        """Record one served request (``wall_s`` counts only on the I/O thread: a worker's includes GIL waits)."""
+        with self._lock:
+            stats = self._stats(route)
+            stats.cpu_s.append(cpu_s)
+            if not inline:
+                return
+            stats.inline_wall_s += _SMOOTHING * (wall_s - stats.inline_wall_s)
+            if wall_s > self.settings.stall_wall_s or stats.inline_wall_s > self.settings.max_inline_wall_s:
+                self._demote(route, stats, f"inline requests took {stats.inline_wall_s * 1e3:.1f} ms "
+                                           f"(this one {wall_s * 1e3:.1f} ms)")  # fmt: skip
+
+    def blocked(self, route: str) -> None:
+        """The route's last answer involved the fallback chain: it may wait on the network, so not inline."""
+        with self._lock:
+            stats = self._stats(route)
+            if self.clock() >= stats.demoted_until:
+                self._demote(route, stats, "its answer involved the fallback chain")
+
+    def _stats(self, route: str) -> _RouteStats:
+        stats = self._routes.get(route)
+        if stats is None:
+            stats = self._routes[route] = _RouteStats(collections.deque(maxlen=self.settings.warm_up_runs))
+        return stats
+
+    def _demote(self, route: str, stats: _RouteStats, why: str) -> None:
+        stats.demoted_until = self.clock() + self.settings.cooldown_s
+        stats.inline_wall_s = 0.0
+        stats.cpu_s.clear()
+        log.info("http: %s runs on worker threads for %.0f s: %s", route, self.settings.cooldown_s, why)
+
+
+class FastPathDispatcher:
+    """waitress's task dispatcher with a fast lane: fast requests are kept for the I/O thread, which
+    runs them (:meth:`run_pending`) after each loop iteration; the others go to ``workers``, measured."""
+
+    def __init__(self, workers: Any, fast_path: FastPath) -> None:
+        self.workers, self.fast_path = workers, fast_path
+        self.io_thread: int | None = None  # set by the loop's thread when it starts
+        self._pending: collections.deque[tuple[Any, str]] = collections.deque()
+
+    def add_task(self, channel: Any) -> None:
+        """waitress's hook: ``channel`` has a complete request to serve (called with the channel's lock held)."""
+        request = channel.requests[0]
+        route = None if request.error else self.fast_path.route(request.command, request.path)
+        if route is not None and threading.get_ident() == self.io_thread:
+            if self.fast_path.fast(route, request.content_length):
+                self._pending.append((channel, route))
+                return
+        self.workers.add_task(_MeasuredTask(channel, route, self.fast_path))
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def run_pending(self) -> None:
+        """Serve the requests kept for the I/O thread (those read before this call; later ones wait a turn)."""
+        for _ in range(len(self._pending)):
+            channel, route = self._pending.popleft()
+            if not self.fast_path.has_room():  # the engine filled up meanwhile: a worker may wait, this thread not
+                self.workers.add_task(_MeasuredTask(channel, route, self.fast_path))
+                continue
+            _serve_measured(channel, route, self.fast_path, inline=True)
+
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
+        while self._pending:
+            self._pending.popleft()[0].cancel()
+        return bool(self.workers.shutdown(cancel_pending=cancel_pending, timeout=timeout))
+
+
+class _MeasuredTask:
+    """A channel's request for a worker thread, its CPU time recorded for its route."""
+
+    def __init__(self, channel: Any, route: str | None, fast_path: FastPath) -> None:
+        self.channel, self.route, self.fast_path = channel, route, fast_path
+
+    def service(self) -> None:
+        _serve_measured(self.channel, self.route, self.fast_path, inline=False)
+
+    def cancel(self) -> None:
+        self.channel.cancel()
+
+
+def _serve_measured(channel: Any, route: str | None, fast_path: FastPath, inline: bool) -> None:
+    if route is None:
+        channel.service()
+        return
+    wall_began, cpu_began = time.perf_counter(), time.thread_time()
+    try:
+        channel.service()
+    except Exception:  # waitress's own worker loop logs and goes on; so does the I/O thread
+        log.exception("http: unexpected error serving %s", route)
+    fast_path.observe(route, time.thread_time() - cpu_began, time.perf_counter() - wall_began, inline)

@@ -1,0 +1,240 @@
+"""The HTTP server's fast lane: a route measured fast runs on the I/O thread, anything that may wait does not."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from device_agent.agent import Agent
+from device_agent.fastpath import FastPath, FastPathSettings
+from device_agent.httpapi import AgentHttpServer
+from device_agent.serving import PredictResult
+from tests.device_agent.helpers import Device, entry
+
+INFER = "/v2/models/tiny/infer"
+IO_THREAD = "edgefleet-http"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def policy(clock: Clock, room: list[bool] | None = None, **settings: Any) -> FastPath:
+    has_room = (lambda: room[0]) if room is not None else (lambda: True)
+    return FastPath(FastPathSettings(**settings), has_room, clock)
+
+
+def warm(fast_path: FastPath, route: str, cpu_s: float, runs: int = 8) -> None:
+    for _ in range(runs):
+        fast_path.observe(route, cpu_s, cpu_s * 3, inline=False)
+
+
+# --- the policy ---------------------------------------------------------------------------------------
+
+
+def test_only_inference_posts_are_routes_of_the_fast_lane() -> None:
+    assert FastPath.route("POST", "/v2/models/m/infer") == "/v2/models/m/infer"
+    assert FastPath.route("POST", "/v2/models/m/versions/2/infer/") == "/v2/models/m/versions/2/infer"
+    assert FastPath.route("GET", "/v2/models/m/infer") is None
+    assert FastPath.route("POST", "/v1/chat/completions") is None
+    assert FastPath.route("GET", "/v2/health/ready") is None
+
+
+def test_a_route_runs_inline_once_its_requests_measured_fast_on_the_workers() -> None:
+    fast_path = policy(Clock())
+    assert not fast_path.fast(INFER, 100), "an unmeasured route starts on the workers"
+    warm(fast_path, INFER, 0.0002, runs=7)
+    assert not fast_path.fast(INFER, 100), "seven requests are not yet a measurement"
+    warm(fast_path, INFER, 0.0002, runs=1)
+    assert fast_path.fast(INFER, 100)
+
+
+def test_a_route_whose_requests_cost_more_cpu_than_the_limit_stays_on_the_workers() -> None:
+    fast_path = policy(Clock(), fast_cpu_s=0.001)
+    warm(fast_path, INFER, 0.003, runs=50)
+    assert not fast_path.fast(INFER, 100)
+
+
+def test_a_large_body_a_full_engine_or_the_lane_switched_off_never_runs_inline() -> None:
+    room = [True]
+    fast_path = policy(Clock(), room, max_body_bytes=1000)
+    warm(fast_path, INFER, 0.0001)
+    assert fast_path.fast(INFER, 1000) and not fast_path.fast(INFER, 1001)
+    room[0] = False
+    assert not fast_path.fast(INFER, 100), "an inline request must never wait for admission"
+    off = policy(Clock(), enabled=False)
+    warm(off, INFER, 0.0001)
+    assert not off.fast(INFER, 100)
+
+
+def test_a_stalled_inline_request_sends_its_route_back_to_the_workers_for_the_cooldown() -> None:
+    clock = Clock()
+    fast_path = policy(clock, stall_wall_s=0.05, cooldown_s=60)
+    warm(fast_path, INFER, 0.0001)
+    fast_path.observe(INFER, 0.0001, 0.2, inline=True)  # little CPU, long wall: it waited on something
+    assert not fast_path.fast(INFER, 100)
+    clock.now += 59
+    warm(fast_path, INFER, 0.0001)
+    assert not fast_path.fast(INFER, 100), "still cooling down"
+    clock.now += 2
+    assert fast_path.fast(INFER, 100), "measured fast again after the cooldown"
+
+
+def test_inline_requests_slower_on_average_than_the_wall_limit_go_back_to_the_workers() -> None:
+    fast_path = policy(Clock(), max_inline_wall_s=0.002, stall_wall_s=1.0)
+    warm(fast_path, INFER, 0.0001)
+    for _ in range(40):
+        if not fast_path.fast(INFER, 100):
+            break
+        fast_path.observe(INFER, 0.0001, 0.004, inline=True)  # ORT threads computing while this one waits
+    assert not fast_path.fast(INFER, 100)
+
+
+def test_an_answer_from_the_fallback_chain_sends_its_route_back_to_the_workers() -> None:
+    clock = Clock()
+    fast_path = policy(clock, cooldown_s=60)
+    warm(fast_path, INFER, 0.0001)
+    fast_path.blocked(INFER)
+    warm(fast_path, INFER, 0.0001)
+    assert not fast_path.fast(INFER, 100)
+    clock.now += 61
+    assert fast_path.fast(INFER, 100)
+
+
+# --- the real server ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent(tmp_path: Path, published: Path) -> Iterator[Agent]:
+    device = Device.start(tmp_path / "device", published)
+    assert device.updater.deploy(entry("tiny", 1)).status.value == "installed"
+    device.engine.close()
+    a = Agent.from_config(environ={}, state_dir=tmp_path / "device")
+    yield a
+    a.close()
+
+
+class ThreadRecorder:
+    """Wraps an agent's predict, noting the thread each request ran on."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent, self.threads = agent, []
+        self.predict_inner = agent.predict
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.agent, name)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return self.predict_inner(*args, **kwargs)
+
+
+def infer_body(x: np.ndarray) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+def test_a_fast_models_requests_move_to_the_io_thread_and_answer_the_same(agent: Agent) -> None:
+    recorder = ThreadRecorder(agent)
+    server = AgentHttpServer(recorder, "127.0.0.1", 0).start()
+    try:
+        x = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
+        expected = agent.predict({"x": x}).outputs["class_index"].ravel().tolist()
+        with httpx.Client(base_url=server.url) as client:
+            answers = [client.post(INFER, json=infer_body(x)).json() for _ in range(30)]
+    finally:
+        server.stop()
+    assert all({o["name"]: o for o in a["outputs"]}["class_index"]["data"] == expected for a in answers)
+    assert recorder.threads[0].startswith("waitress-"), "measured on a worker first"
+    assert recorder.threads[-10:] == [IO_THREAD] * 10, recorder.threads
+
+
+class StandIn:
+    """An agent whose answers say they came from the fallback chain (a cloud call may wait on the network)."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def predict(self, inputs: dict[str, np.ndarray], model: str, **_: Any) -> PredictResult:
+        self.threads.append(threading.current_thread().name)
+        outputs = {"y": np.zeros((1,), np.float32)}
+        return PredictResult(outputs, "cloud", model, 1, 0.1, fallback_reason="low_confidence")
+
+
+def test_a_route_answered_by_the_fallback_chain_stays_on_worker_threads() -> None:
+    stand_in = StandIn()
+    server = AgentHttpServer(stand_in, "127.0.0.1", 0).start()
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(30):
+                answer = client.post(INFER, json=infer_body(np.zeros((1, 4), np.float32))).json()
+                assert answer["parameters"]["fallback_reason"] == "low_confidence"
+    finally:
+        server.stop()
+    assert IO_THREAD not in stand_in.threads
+
+
+def test_a_route_that_waits_without_using_cpu_goes_back_to_the_workers_after_one_inline_stall() -> None:
+    """A request that sleeps costs no CPU, so its route looks fast; its first inline run shows the wait."""
+    threads: list[str] = []
+
+    def sleepy_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.08)
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+        return [b"{}"]
+
+    server = AgentHttpServer(StandIn(), "127.0.0.1", 0, app=sleepy_app).start()
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(14):
+                assert client.post(INFER, content=b"{}").status_code == 200
+    finally:
+        server.stop()
+    assert IO_THREAD not in threads[:8], "measured on the workers first"
+    assert threads.count(IO_THREAD) == 1, threads
+    assert threads[8] == IO_THREAD and all(t != IO_THREAD for t in threads[9:])
+
+
+def test_fast_requests_are_answered_while_a_slow_one_holds_a_worker(agent: Agent) -> None:
+    """The I/O thread keeps serving the fast lane while a worker is busy with something long."""
+    release = threading.Event()
+
+    class Mixed(ThreadRecorder):
+        def predict(self, inputs: dict[str, np.ndarray], model: str | None = None, **kw: Any) -> Any:
+            if float(inputs["x"][0, 0]) == 99.0:
+                release.wait(10)
+            return super().predict(inputs, model=model, **kw)
+
+    recorder = Mixed(agent)
+    server = AgentHttpServer(recorder, "127.0.0.1", 0).start()
+    x = np.zeros((1, 4), np.float32)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(10):
+                client.post(INFER, json=infer_body(x))
+            slow_body = infer_body(np.full((1, 4), 99.0, np.float32))
+            slow = threading.Thread(target=httpx.post, args=(server.url + "/v2/models/tiny/versions/1/infer",),
+                                    kwargs={"json": slow_body, "timeout": 20})  # fmt: skip
+            slow.start()
+            began = time.perf_counter()
+            for _ in range(20):
+                assert client.post(INFER, json=infer_body(x)).status_code == 200
+            fast_s = time.perf_counter() - began
+            release.set()
+            slow.join()
+    finally:
+        release.set()
+        server.stop()
+    assert fast_s < 5, f"20 fast requests took {fast_s:.1f} s beside a slow one"
+    assert recorder.threads.count(IO_THREAD) >= 20
