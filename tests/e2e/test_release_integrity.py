@@ -301,6 +301,25 @@ def test_a_device_refuses_to_be_directed_below_the_release_floor_and_reports_why
     assert [e["downgrade"] for e in scene.fleet.install_events(device_id) if e["to_version"] == 2] == [False]
 
 
+def test_a_director_rollback_at_or_above_the_floor_installs_and_the_install_event_says_downgrade(
+    scene: Scene,
+) -> None:
+    assert scene.publish("tiny@2").returncode == 0
+    done = convert_process(scene.home, "floor", "tiny@1", "--server", scene.fleet.url, "--api-key",
+                           scene.fleet.admin_key, "--yes")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    state_dir, device_id = enroll(scene)
+    scene.fleet.assign(device_id, "tiny", 2)
+    assert device_round(state_dir)["last_update"]["status"] == "installed"
+
+    scene.fleet.assign(device_id, "tiny", 1)  # rollback by the director: allowed, the floor is 1
+    status = device_round(state_dir)
+    assert status["last_update"]["status"] == "installed" and status["last_update"]["version"] == 1, status
+    events = {e["to_version"]: e for e in scene.fleet.install_events(device_id) if e["result"] == "installed"}
+    assert events[1]["downgrade"] is True and events[1]["from_version"] == 2, events
+    assert events[2]["downgrade"] is False
+
+
 def test_a_revoked_version_leaves_the_signed_targets_and_takes_no_new_assignment(scene: Scene) -> None:
     assert scene.publish("tiny@2").returncode == 0
     done = convert_process(scene.home, "revoke", "tiny@1", "--server", scene.fleet.url, "--api-key",
