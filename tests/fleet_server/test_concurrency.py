@@ -299,6 +299,18 @@ def test_simultaneous_pauses_of_a_rollout_record_one_transition(server: TwoWorke
     assert [d["action"] for d in shown["decisions"]].count("pause") == 1
 
 
+def test_simultaneous_rollbacks_of_a_rollout_roll_it_back_once(server: TwoWorkerServer, tmp_path: Path) -> None:
+    rollout_id = _running_rollout(server, tmp_path)
+    answers = race(RACERS, lambda http: http.post(f"/api/v1/admin/rollouts/{rollout_id}/rollback",
+                                                   headers=server.admin))  # fmt: skip
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] + [409] * (RACERS - 1), [a.text for a in answers]
+    shown = httpx.get(f"{server.url}/api/v1/admin/rollouts/{rollout_id}", headers=server.admin).json()
+    assert shown["state"] == "rolled_back"
+    assert [d["action"] for d in shown["decisions"]].count("rollback") == 1
+    assert server.audit_count("rollout.rollback", str(rollout_id)) == 1
+
+
 def _running_rollout(server: TwoWorkerServer, tmp_path: Path) -> int:
     """Publish tiny@1 (a real signed bundle), enroll and approve a device, start a rollout to it."""
     from bundles.tuf.keys import generate_key, key_from_dict
