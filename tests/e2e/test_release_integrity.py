@@ -269,6 +269,15 @@ def test_a_server_replaying_an_older_targets_version_is_refused(scene: Scene) ->
 
 
 def test_an_honest_server_still_takes_the_next_publication_from_the_ledger(scene: Scene) -> None:
+    before = scene.metadata_files()
+    dry = convert_process(scene.home, "publish", "tiny@2", "--server", scene.fleet.url, "--api-key",
+                          scene.fleet.admin_key, "--json")  # fmt: skip
+    assert dry.returncode == 2 and "rerun with --yes" in dry.stderr, (dry.stdout, dry.stderr)
+    shown = json.loads(dry.stdout)  # the diff, as JSON, and nothing signed without --yes
+    assert shown["signed"] is False and shown["plan"]["targets_version"] == 2 and shown["plan"]["removed"] == []
+    assert shown["plan"]["added"] == ["tiny/2/manifest.json", "tiny/2/onnx-fp32.tar.gz"]
+    assert scene.metadata_files() == before
+
     done = scene.publish("tiny@2")
     assert done.returncode == 0, done.stderr
     assert "targets v2 for" in done.stdout and "+ tiny/2/manifest.json" in done.stdout
