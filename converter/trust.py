@@ -327,11 +327,14 @@ def _require_release_signature(root: Root, md: Metadata[Targets], ledger: Ledger
     try:
         verify_signatures(root, "targets", md, f"targets v{version}")
     except BadSignatureError as e:
-        unknown = sorted(set(md.signed.targets) - set(ledger.targets))
-        shown = f"; it lists {len(unknown)} target(s) this workstation never signed: {_sample(unknown)}"
+        listed, ours = set(md.signed.targets), set(ledger.targets)
+        unknown, dropped = sorted(listed - ours), sorted(ours - listed)
+        shown = "".join(f"; it {verb} {len(paths)} target(s) this workstation {what}: {_sample(paths)}"
+                        for verb, what, paths in (("lists", "never signed", unknown), ("drops", "signed", dropped))
+                        if paths)  # fmt: skip
         raise UntrustedRecordError(
             f"the targets v{version} that {ledger.destination} serves are not signed by the release key of root "
-            f"v{root.version}{shown if unknown else ''}; nothing was signed"
+            f"v{root.version}{shown}; nothing was signed"
         ) from e
 
 

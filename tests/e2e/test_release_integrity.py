@@ -256,7 +256,8 @@ def test_a_targets_version_dropping_one_of_the_engineers_targets_is_refused(scen
     attacker = Attacker(scene.fleet, scene.work)
     version = attacker.serve_targets({}, drop=("tiny/1/onnx-fp32.tar.gz",))
     before = scene.metadata_files()
-    assert_refused_and_nothing_signed(scene, before, f"targets v{version}", "not signed by the release key")
+    assert_refused_and_nothing_signed(scene, before, f"targets v{version}", "not signed by the release key",
+                                      "drops 1 target(s) this workstation signed: tiny/1/onnx-fp32.tar.gz")  # fmt: skip
 
 
 def test_a_server_replaying_an_older_targets_version_is_refused(scene: Scene) -> None:
@@ -268,6 +269,15 @@ def test_a_server_replaying_an_older_targets_version_is_refused(scene: Scene) ->
 
 
 def test_an_honest_server_still_takes_the_next_publication_from_the_ledger(scene: Scene) -> None:
+    before = scene.metadata_files()
+    dry = convert_process(scene.home, "publish", "tiny@2", "--server", scene.fleet.url, "--api-key",
+                          scene.fleet.admin_key, "--json")  # fmt: skip
+    assert dry.returncode == 2 and "rerun with --yes" in dry.stderr, (dry.stdout, dry.stderr)
+    shown = json.loads(dry.stdout)  # the diff, as JSON, and nothing signed without --yes
+    assert shown["signed"] is False and shown["plan"]["targets_version"] == 2 and shown["plan"]["removed"] == []
+    assert shown["plan"]["added"] == ["tiny/2/manifest.json", "tiny/2/onnx-fp32.tar.gz"]
+    assert scene.metadata_files() == before
+
     done = scene.publish("tiny@2")
     assert done.returncode == 0, done.stderr
     assert "targets v2 for" in done.stdout and "+ tiny/2/manifest.json" in done.stdout
@@ -298,6 +308,25 @@ def test_a_device_refuses_to_be_directed_below_the_release_floor_and_reports_why
     reported = [e for e in scene.fleet.install_events(device_id) if e["to_version"] == 1]
     assert reported and reported[-1]["result"] == "failed" and "minimum version" in reported[-1]["reason"]
     assert [e["downgrade"] for e in scene.fleet.install_events(device_id) if e["to_version"] == 2] == [False]
+
+
+def test_a_director_rollback_at_or_above_the_floor_installs_and_the_install_event_says_downgrade(
+    scene: Scene,
+) -> None:
+    assert scene.publish("tiny@2").returncode == 0
+    done = convert_process(scene.home, "floor", "tiny@1", "--server", scene.fleet.url, "--api-key",
+                           scene.fleet.admin_key, "--yes")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    state_dir, device_id = enroll(scene)
+    scene.fleet.assign(device_id, "tiny", 2)
+    assert device_round(state_dir)["last_update"]["status"] == "installed"
+
+    scene.fleet.assign(device_id, "tiny", 1)  # rollback by the director: allowed, the floor is 1
+    status = device_round(state_dir)
+    assert status["last_update"]["status"] == "installed" and status["last_update"]["version"] == 1, status
+    events = {e["to_version"]: e for e in scene.fleet.install_events(device_id) if e["result"] == "installed"}
+    assert events[1]["downgrade"] is True and events[1]["from_version"] == 2, events
+    assert events[2]["downgrade"] is False
 
 
 def test_a_revoked_version_leaves_the_signed_targets_and_takes_no_new_assignment(scene: Scene) -> None:

@@ -167,6 +167,7 @@ def race(count: int, action: Callable[[httpx.Client], httpx.Response]) -> list[h
 
     def one(index: int, client: httpx.Client) -> None:
         try:
+            client.get("/healthz").raise_for_status()  # the connection is open before the race starts
             barrier.wait(timeout=30)
             answers[index] = action(client)
         except BaseException as e:  # reported below
@@ -243,9 +244,11 @@ def test_a_reused_enrollment_nonce_enrolls_one_device(server: TwoWorkerServer) -
     assert _token_uses(server, token["id"]) == 1
 
 
-def test_api_key_last_use_is_written_once_by_simultaneous_requests(server: TwoWorkerServer) -> None:
+@pytest.mark.parametrize("round_", range(4))  # a lost race is a matter of microseconds: several fresh keys
+def test_api_key_last_use_is_written_once_by_simultaneous_requests(server: TwoWorkerServer, round_: int) -> None:
+    name = f"fresh-{round_}"
     created = httpx.post(f"{server.url}/api/v1/admin/api-keys", headers=server.admin,
-                         json={"name": "fresh", "role": "viewer"})  # fmt: skip
+                         json={"name": name, "role": "viewer"})  # fmt: skip
     assert created.status_code == 201, created.text
     before = server.changes("api_keys")
     headers = auth(created.json()["secret"])
@@ -253,7 +256,7 @@ def test_api_key_last_use_is_written_once_by_simultaneous_requests(server: TwoWo
     assert {a.status_code for a in answers} == {200}
     assert server.changes("api_keys") - before == 1
     listed = httpx.get(f"{server.url}/api/v1/admin/api-keys", headers=server.admin).json()
-    assert next(k for k in listed if k["name"] == "fresh")["last_used_at"] is not None
+    assert next(k for k in listed if k["name"] == name)["last_used_at"] is not None
 
 
 def test_simultaneous_approvals_move_a_pending_device_once(server: TwoWorkerServer) -> None:
@@ -297,6 +300,18 @@ def test_simultaneous_pauses_of_a_rollout_record_one_transition(server: TwoWorke
     shown = httpx.get(f"{server.url}/api/v1/admin/rollouts/{rollout_id}", headers=server.admin).json()
     assert shown["state"] == "paused"
     assert [d["action"] for d in shown["decisions"]].count("pause") == 1
+
+
+def test_simultaneous_rollbacks_of_a_rollout_roll_it_back_once(server: TwoWorkerServer, tmp_path: Path) -> None:
+    rollout_id = _running_rollout(server, tmp_path)
+    answers = race(RACERS, lambda http: http.post(f"/api/v1/admin/rollouts/{rollout_id}/rollback",
+                                                   headers=server.admin))  # fmt: skip
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] + [409] * (RACERS - 1), [a.text for a in answers]
+    shown = httpx.get(f"{server.url}/api/v1/admin/rollouts/{rollout_id}", headers=server.admin).json()
+    assert shown["state"] == "rolled_back"
+    assert [d["action"] for d in shown["decisions"]].count("rollback") == 1
+    assert server.audit_count("rollout.rollback", str(rollout_id)) == 1
 
 
 def _running_rollout(server: TwoWorkerServer, tmp_path: Path) -> int:
