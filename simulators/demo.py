@@ -255,6 +255,18 @@ def wait_until_serving(http_port: int, agent: subprocess.Popen[bytes]) -> dict[s
         return dict(wait_for("the device to install digits and report ready", ready, 180, agent))
 
 
+def served_variant(http_port: int, target: str, runtime: str) -> str:
+    """The variant the device's daemon serves for digits, checked to be a ``target`` variant run on ``runtime``."""
+    status = httpx.get(f"http://127.0.0.1:{http_port}/edgefleet/status", timeout=5).json()
+    served = status.get("models", {}).get("digits", {}).get("served") or {}
+    variant, on = str(served.get("variant")), served.get("runtime")
+    if not variant.startswith(f"{target}-") or on != runtime:
+        raise DemoFailed(
+            f"the device on port {http_port} serves {variant} on {on}, not a {target} variant on {runtime}"
+        )
+    return variant
+
+
 def predict_on_device(http_port: int, eval_path: Path, count: int = 12, device: str = "device-1") -> float:
     """Chapter 4: send real held-out digits to the device's OIP endpoint; print answers and accuracy."""
     data = np.load(eval_path)
@@ -463,7 +475,9 @@ def story() -> None:
             console.print(f"device-1 serves digits version {metadata.get('versions')} on localhost:{http_port}")
             wait_until_serving(lite_port, lite_agent)
             run(["edgefleet-agent", "status"], device_env)
+            lite_variant = served_variant(lite_port, target="tflite", runtime="litert")
             console.print(f"{LITERT_DEVICE} is a board with LiteRT only: the server directed it to a TFLite variant")
+            console.print(f"{LITERT_DEVICE} serves {lite_variant} on litert")
             run(["edgefleet-agent", "status"], lite_env)
             run(["edgefleet-server", "devices", "list", "--filter", "runtime=litert>=2.3"], server_env)
             chapter("4. The apps on the devices: predictions over the localhost Open Inference Protocol API")

@@ -9,6 +9,7 @@ JOURNEYS.md true. Training is shortened; everything else is the real thing.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,5 +26,6 @@ def test_make_demo_ends_with_a_verified_prediction_from_the_device(tmp_path: Pat
     assert result.returncode == 0, output[-4000:]
     assert "verified prediction" in output
     assert "installed" in output  # edgefleet-agent status shows the committed install
+    assert re.search(r"device-2 serves tflite-\S+ on litert", output), output[-4000:]  # the LiteRT-only board
     assert "running -> completed" in output  # the good rollout passed its gates on live traffic
     assert "running -> rolled_back" in output and "gate breached: psi=" in output  # the faulty retrain was stopped

@@ -13,6 +13,7 @@ the telemetry summary are split by variant.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -128,6 +129,22 @@ def _roll_out_and_check(fleet: Fleet, digits: ConvertedDigits, ids: dict[str, st
     by_variant = {row["variant"]: row for row in summary.json() if row["version"] == 1}
     assert set(by_variant) == {lite_variant, onnx_variant}  # (version 0: requests before anything was installed)
     assert by_variant[lite_variant]["devices_reporting"] == 1 and by_variant[lite_variant]["requests"] > 0
+    _check_the_dashboard_splits_the_wave_by_variant(fleet, rollout_id, [lite_variant, onnx_variant])
+
+
+def _check_the_dashboard_splits_the_wave_by_variant(fleet: Fleet, rollout_id: int, variants: list[str]) -> None:
+    with httpx.Client(base_url=fleet.url, timeout=30) as browser:
+        form = browser.get("/ui/login").text
+        csrf = re.search(r'name="csrf_token" value="([0-9a-f]+)"', form)
+        assert csrf is not None
+        login = browser.post("/ui/login", data={"csrf_token": csrf.group(1), "api_key": fleet.admin_key, "next": "/"})
+        assert login.status_code == 303, login.text
+        page = browser.get(f"/ui/rollouts/{rollout_id}")
+    assert page.status_code == 200, page.text
+    table = page.text.split('data-testid="by-variant-1"', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">1 \(1\)</td>\s*<td class=\"num\">([0-9,]+)</td>", table)
+    assert sorted(variant for variant, _ in rows) == sorted(variants), table
+    assert all(int(requests.replace(",", "")) > 0 for _, requests in rows), table
 
 
 def _check_what_the_litert_device_reports(fleet: Fleet, device_id: str, variant: str, daemon: Daemon) -> None:
