@@ -264,7 +264,7 @@ def dynamic_extremes(runner: Runner, predict: Callable[[dict[str, np.ndarray]], 
     for tensor in spec.inputs:
         for key, bounds in sorted(tensor.dim_ranges.items()):
             for size in sorted(set(bounds)):
-                feeds = _resized(data, tensor.name, int(key), size)
+                feeds = resized(data, tensor.name, int(key), size)
                 label = f"{tensor.name}[{key}]={size}"
                 try:
                     got, want = runner.run(feeds), predict(feeds)
@@ -274,7 +274,8 @@ def dynamic_extremes(runner: Runner, predict: Callable[[dict[str, np.ndarray]], 
     return results
 
 
-def _resized(data: Dataset, name: str, axis: int, size: int) -> dict[str, np.ndarray]:
+def resized(data: Dataset, name: str, axis: int, size: int) -> dict[str, np.ndarray]:
+    """Evaluation rows with ``name``'s dimension ``axis`` at ``size`` (rows repeated; other axes cut or zero-padded)."""
     if axis == 0:
         return feeds_at(data, size)
     feeds = feeds_at(data, 2)

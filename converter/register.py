@@ -3,11 +3,12 @@
 Everything is validated before anything is written: the eval and calibration files against the
 declared inputs; the source model against the spec (:meth:`SourceModel.check`: a scikit-learn
 model is exported here, so an estimator skl2onnx cannot convert is refused now, and a dtype,
-width or feature names that are not the model's too); then the model runs on evaluation rows, and
-from its outputs and the labels the *readout* is inferred (which output the metric reads, in which
-form, the class names: :mod:`converter.readout`) and the metric checked against the one table of
-valid task/metric pairs (:mod:`converter.metrics`), with every label of the eval file encoded as
-the metric will read it. A labels file must name as many classes as the output has.
+width or feature names that are not the model's too); then the model runs on evaluation rows (and
+at both ends of every dynamic dimension the spec declares), and from its outputs and the labels
+the *readout* is inferred (which output the metric reads, in which form, the class names:
+:mod:`converter.readout`) and the metric checked against the one table of valid task/metric pairs
+(:mod:`converter.metrics`), with every label of the eval file encoded as the metric will read it.
+A labels file must name as many classes as the output has.
 
 The files are copied into a staging directory, the registry row is inserted in a transaction, the
 directory is renamed to ``artifacts/<name>/<version>`` and only then is the transaction committed;
@@ -30,7 +31,7 @@ from bundles.canonical import canonical_json, sha256_bytes, sha256_file
 from bundles.errors import ConfigError, EdgeFleetError
 from converter.context import about
 from converter.datasets import Dataset, load_dataset
-from converter.gates import run_in_chunks
+from converter.gates import resized, run_in_chunks
 from converter.home import publish_dir, staging_dir
 from converter.metrics import DEFAULT_METRIC, check_metric, check_metric_task, check_task
 from converter.readout import check_target_shape, encode_targets, infer_readout
@@ -105,7 +106,28 @@ def _run_source(model: SourceModel, spec: ModelSpec, eval_data: Dataset) -> dict
         raise ConfigError(f"the source model cannot run on the declared inputs (check --input): {cause}") from e
     if not outputs:
         raise ConfigError("the source model produced no outputs")
+    _check_dynamic_dims(model, spec, sample)
     return outputs
+
+
+def _check_dynamic_dims(model: SourceModel, spec: ModelSpec, sample: Dataset) -> None:
+    """The source runs at both ends of every dynamic dimension the spec declares, or the spec is refused.
+
+    A torch module takes any shape until it is exported: ``x: float32[-1,-1]`` for a ``Linear(30, ...)``
+    registered, and the conversion failed later. (ONNX and scikit-learn sources have their fixed sizes
+    checked against the spec already; this covers their batch range too.)
+    """
+    for tensor in spec.inputs:
+        for key, (low, high) in sorted(tensor.dim_ranges.items()):
+            for size in sorted({low, high}):
+                try:
+                    model.predict(resized(sample, tensor.name, int(key), size))
+                except Exception as e:
+                    cause = str(e) if isinstance(e, EdgeFleetError) else f"{type(e).__name__}: {e}"
+                    raise ConfigError(
+                        f"input '{tensor.name}' declares dimension {key} dynamic ({low}..{high}), but the source "
+                        f"model fails at size {size}: {cause.splitlines()[0][:300]}"
+                    ) from e
 
 
 def _with_readout(spec: ModelSpec, model: SourceModel, outputs: dict[str, np.ndarray], eval_data: Dataset,

@@ -107,7 +107,12 @@ class TorchSource:
         import torch
 
         example = tuple(torch.from_numpy(_example_input(s)) for s in self.spec.inputs)
-        probe = self.predict({s.name: a.numpy() for s, a in zip(self.spec.inputs, example, strict=True)})
+        try:
+            probe = self.predict({s.name: a.numpy() for s, a in zip(self.spec.inputs, example, strict=True)})
+        except Exception as e:  # the example input has every dynamic dimension at 2 (or its minimum)
+            shapes = ", ".join(f"{s.name} {list(a.shape)}" for s, a in zip(self.spec.inputs, example, strict=True))
+            raise ConversionError(f"the model cannot run on the export's example input ({shapes}): "
+                                  f"{type(e).__name__}: {first_line(e)}") from e  # fmt: skip
         target = self.exported if self.exported is not None else self.module
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error
+from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_score, root_mean_squared_error
 
 from converter.home import Home
 from converter.registry import Registry
@@ -26,20 +26,26 @@ BINARY_MLP = textwrap.dedent(
 
 
     class TabularMLP(torch.nn.Module):
-        \"\"\"A tabular binary classifier with one logit (LayerNorm and GELU).\"\"\"
+        \"\"\"A tabular binary classifier with one logit (LayerNorm and GELU), or its sigmoid.\"\"\"
 
-        def __init__(self, features=30, outputs=1):
+        def __init__(self, features=30, outputs=1, probability=False):
             super().__init__()
             self.body = torch.nn.Sequential(
                 torch.nn.Linear(features, 32), torch.nn.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, outputs)
             )
+            self.probability = probability
 
         def forward(self, x):
-            return self.body(x)
+            scores = self.body(x)
+            return torch.sigmoid(scores) if self.probability else scores
 
 
     def make_model():
         return TabularMLP()
+
+
+    def make_probability():
+        return TabularMLP(probability=True)
 
 
     def make_multilabel():
@@ -135,6 +141,20 @@ def test_a_one_logit_binary_classifier_is_scored_by_its_decision_and_the_accurac
     assert manifest.readout.classes == ("0", "1")
 
 
+def test_a_one_probability_binary_classifier_is_scored_by_its_decision(
+    home: Path, binary_mlp: Trained, tmp_path: Path
+) -> None:
+    out = ok("register", "cancer-p", "--source", f"torch:{binary_mlp.factory}:make_probability", "--weights",
+             binary_mlp.weights, "--input", "x: float32[-1,30]", "--task", "classification", "--eval", binary_mlp.eval,
+             "--prefer", "size")  # fmt: skip
+    assert "metric accuracy reads output 'logits' as binary-probability (2 classes)" in out
+    ok("convert", "cancer-p", "--targets", "onnx", "--quantize", "fp32,int8-dynamic")
+    results, _ = latest(home, "cancer-p")
+    assert results["onnx-fp32"]["metrics"]["metric_value"] == pytest.approx(binary_mlp.source_accuracy)
+    assert_reported_metric(home, "cancer-p", {"x": binary_mlp.x},
+                           lambda o: accuracy_score(binary_mlp.y, o["logits"][:, 0] >= 0.5), tmp_path)  # fmt: skip
+
+
 def test_a_threshold_is_a_probability_applied_through_the_sigmoid(
     home: Path, binary_mlp: Trained, tmp_path: Path
 ) -> None:
@@ -192,17 +212,33 @@ def test_a_multi_label_classifier_is_scored_per_label(home: Path, tmp_path: Path
     )
 
 
-def test_an_mae_regressor_is_judged_by_a_relative_default_budget(home: Path, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Regressor:
+    model: Path
+    eval: Path
+    x: np.ndarray
+    y: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def diabetes(tmp_path_factory: pytest.TempPathFactory) -> Regressor:
+    """An MLP regressor on the diabetes data, the target in its own units (MAE about 45)."""
     from sklearn.datasets import load_diabetes
     from sklearn.neural_network import MLPRegressor
 
+    directory = tmp_path_factory.mktemp("diabetes")
     x, y = load_diabetes(return_X_y=True)
-    x, y = (x * 10).astype(np.float32), y.astype(np.float32)  # the target in its own units: MAE about 45
+    x, y = (x * 10).astype(np.float32), y.astype(np.float32)
     model = MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=200, learning_rate_init=0.01, random_state=0)
-    (tmp_path / "mlp.pkl").write_bytes(pickle.dumps(model.fit(x[:350], y[:350])))
-    np.savez(tmp_path / "eval.npz", x=x[350:], y=y[350:])
-    out = ok("register", "diabetes", "--source", tmp_path / "mlp.pkl", "--input", "x: float32[-1,10]", "--task",
-             "regression", "--eval", tmp_path / "eval.npz", "--prefer", "size")  # fmt: skip
+    (directory / "mlp.pkl").write_bytes(pickle.dumps(model.fit(x[:350], y[:350])))
+    np.savez(directory / "eval.npz", x=x[350:], y=y[350:])
+    return Regressor(directory / "mlp.pkl", directory / "eval.npz", x[350:], y[350:].astype(np.float64))
+
+
+def test_an_mae_regressor_is_judged_by_a_relative_default_budget(home: Path, diabetes: Regressor,
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    out = ok("register", "diabetes", "--source", diabetes.model, "--input", "x: float32[-1,10]", "--task",
+             "regression", "--eval", diabetes.eval, "--prefer", "size")  # fmt: skip
     assert "metric mae reads output 'variable' as values" in out
     ok("convert", "diabetes", "--targets", "onnx", "--quantize", "fp32,int8-dynamic")
     results, _ = latest(home, "diabetes")
@@ -213,13 +249,30 @@ def test_an_mae_regressor_is_judged_by_a_relative_default_budget(home: Path, tmp
     assert 0.01 < dynamic["metrics"]["metric_drop"] < 0.02 * source
     assert dynamic["status"] == "passed", dynamic["reasons"]
     assert dynamic["metrics"]["gates"]["max_drop"] == 0.02 and dynamic["metrics"]["gates"]["max_drop_relative"]
-    truth = y[350:].astype(np.float64)
     assert_reported_metric(
-        home, "diabetes", {"x": x[350:]},
-        lambda o: float(mean_absolute_error(truth, o["variable"][:, 0].astype(np.float64))), tmp_path,
+        home, "diabetes", {"x": diabetes.x},
+        lambda o: float(mean_absolute_error(diabetes.y, o["variable"][:, 0].astype(np.float64))), tmp_path,
     )  # fmt: skip
     report = (Home(home).reports_dir("diabetes", 1) / "conversion-1" / "report.md").read_text()
     assert "mae (lower is better)" in report and "max_drop=2% (mae default)" in report
+
+
+@pytest.mark.parametrize(("metric", "budget", "title"), [("rmse", (0.02, True), "rmse (lower is better)"),
+                                                         ("r2", (0.01, False), "| r2 |")])  # fmt: skip
+def test_rmse_and_r2_read_the_values_with_their_own_default_budgets(
+    home: Path, diabetes: Regressor, tmp_path: Path, metric: str, budget: tuple[float, bool], title: str
+) -> None:
+    ok("register", "diabetes", "--source", diabetes.model, "--input", "x: float32[-1,10]", "--task", "regression",
+       "--metric", metric, "--eval", diabetes.eval, "--prefer", "size")  # fmt: skip
+    ok("convert", "diabetes", "--targets", "onnx", "--quantize", "fp32,int8-dynamic")
+    results, _ = latest(home, "diabetes")
+    gates = results["onnx-fp32"]["metrics"]["gates"]
+    assert (gates["max_drop"], gates["max_drop_relative"]) == budget
+    score = {"rmse": root_mean_squared_error, "r2": r2_score}[metric]
+    assert_reported_metric(home, "diabetes", {"x": diabetes.x},
+                           lambda o: float(score(diabetes.y, o["variable"][:, 0].astype(np.float64))),
+                           tmp_path)  # fmt: skip
+    assert title in (Home(home).reports_dir("diabetes", 1) / "conversion-1" / "report.md").read_text()
 
 
 def _encoder(path: Path) -> Path:
@@ -287,3 +340,25 @@ def test_an_onnx_sentence_encoder_is_gated_on_nearest_neighbours_and_leaves_noth
         lambda o: float(np.mean(_nearest(o["sentence_embedding"]) == _nearest(source))), tmp_path,
     )  # fmt: skip
     assert Registry(Home(home)).get("encoder").spec.budgets.drop_budget("nn_agreement") == (0.05, False)
+
+
+def test_an_embedding_is_gated_by_default_on_its_cosine_with_the_source_vectors(home: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = _encoder(tmp_path / "encoder.onnx")
+    ids = np.random.default_rng(5).integers(0, 500, size=(96, 12)).astype(np.int64)
+    np.savez(tmp_path / "eval.npz", input_ids=ids)
+    out = ok("register", "encoder", "--source", model, "--input", "input_ids: int64[-1,12]", "--task", "embedding",
+             "--eval", tmp_path / "eval.npz", "--prefer", "size")  # fmt: skip
+    assert "metric cosine reads output 'sentence_embedding' as embedding" in out
+    ok("convert", "encoder", "--targets", "onnx", "--quantize", "fp32,int8-dynamic")
+    results, _ = latest(home, "encoder")
+    assert results["onnx-int8-dynamic"]["metrics"]["gates"]["max_drop"] == 0.01
+    source = ort.InferenceSession(str(model)).run(None, {"input_ids": ids})[0].astype(np.float64)
+
+    def mean_cosine(outputs: dict[str, np.ndarray]) -> float:
+        vectors = outputs["sentence_embedding"].astype(np.float64)
+        dots = np.sum(vectors * source, axis=1)
+        return float(np.mean(dots / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(source, axis=1))))
+
+    assert_reported_metric(home, "encoder", {"input_ids": ids}, mean_cosine, tmp_path)

@@ -147,6 +147,35 @@ def test_a_torch_factory_needs_weights_unless_random_init_is_asked_for(home: Pat
     assert first.golden.cases == second.golden.cases  # the factory's initial weights are seeded: the same model
 
 
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("x: float64[-1,30]", "the source model cannot run on the declared inputs (check --input): RuntimeError: "
+         "mat1 and mat2 must have the same dtype"),
+        # a torch module takes any shape until it is exported: this one registered, and its conversion failed
+        ("x: float32[-1,-1]", "input 'x' declares dimension 1 dynamic (1..32), but the source model fails at size 1: "
+         "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ],
+)  # fmt: skip
+def test_a_torch_spec_the_module_cannot_take_is_refused_at_registration(
+    home: Path, tmp_path: Path, spec: str, expected: str
+) -> None:
+    factory = tmp_path / "tabular.py"
+    factory.write_text(
+        "import torch\n\n\ndef make_model():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+    )
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(0).normal(size=(40, 30)).astype(np.float32),
+             y=np.zeros(40, dtype=np.int64))  # fmt: skip
+    code, out, err = cli("register", "refused", "--source", f"torch:{factory}:make_model", "--random-init",
+                         "--input", spec, "--task", "classification", "--eval", tmp_path / "eval.npz")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, err, out)
+    assert lines[0].startswith("error: model refused (new version), variant source: " + expected), lines[0]
+    assert Registry(Home(home)).versions() == []
+    assert not (home / "artifacts").exists()
+
+
 def test_string_eval_labels_without_class_names_are_refused(home: Path, tmp_path: Path) -> None:
     factory = tmp_path / "mlp.py"
     factory.write_text("import torch\n\ndef make_model():\n    return torch.nn.Linear(4, 2)\n")

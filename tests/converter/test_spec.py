@@ -73,3 +73,19 @@ def test_drop_budgets_parse_as_absolute_or_relative() -> None:
         with pytest.raises(ConfigError, match="--max-drop"):
             parse_drop(bad)
     assert Budgets().describe("mae").startswith("max_drop=2% (mae default), ")
+
+
+def test_every_binary_form_reads_a_threshold_as_the_probability_of_class_1() -> None:
+    import numpy as np
+
+    from converter.metrics import METRICS, Reading
+
+    logits = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 0.5]])  # probability of class 1: 0.73, 0.27, 0.62
+    probability = np.exp(logits[:, 1:]) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([1, 0, 1])  # at threshold 0.7 the third row is class 0: accuracy 2/3 (at 0.5 it would be 1)
+    forms = {"logits": logits, "probabilities": np.hstack([1 - probability, probability]),
+             "binary-logit": logits[:, 1:] - logits[:, :1], "binary-probability": probability}  # fmt: skip
+    for form, scores in forms.items():
+        reading = Reading(form=form, threshold=0.7, classes=2)
+        assert METRICS["accuracy"].compute(scores, labels, scores, reading) == pytest.approx(2 / 3), form
+        assert METRICS["accuracy"].compute(scores, labels, scores, Reading(form=form, classes=2)) == 1.0, form
