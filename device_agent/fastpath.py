@@ -15,9 +15,9 @@ The decision is per route (the request path: a model, or a model at a version), 
    most ``max_body_bytes`` run on the I/O thread, after the loop iteration that read them (never inside
    waitress's ``received``, which holds the channel's lock) and only while the engine has a free slot
    (an inline request never waits for admission).
-3. On the I/O thread the wall time is the measure: a route whose inline requests average more than
-   ``max_inline_wall_s``, or one request more than ``stall_wall_s``, goes back to the workers for
-   ``cooldown_s``. So does a route whose answer involved the fallback chain (a cloud call can wait on
+3. On the I/O thread the wall time is the measure: a route whose last inline requests' median is over
+   ``max_inline_wall_s`` (a median: a request preempted by another process on a busy device is not the
+   route's fault), or one request over ``stall_wall_s``, goes back to the workers for ``cooldown_s``. So does a route whose answer involved the fallback chain (a cloud call can wait on
    the network): :meth:`FastPath.blocked`, called by the application.
 
 Everything else (language-model routes, health and metadata, large bodies) always goes to the workers.
@@ -49,21 +49,21 @@ class FastPathSettings:
     warm_up_runs: int = 8
     max_body_bytes: int = 64 * 1024
     max_inline_wall_s: float = 0.002
-    stall_wall_s: float = 0.05
+    stall_wall_s: float = 1.0
     cooldown_s: float = 60.0
 
 
 @dataclass
 class _RouteStats:
     cpu_s: collections.deque[float]  # the last requests' thread CPU times (their median decides)
-    inline_wall_s: float = 0.0  # moving average of an inline request's wall time
+    inline_wall_s: collections.deque[float]  # the last inline requests' wall times (their median decides)
     demoted_until: float = -math.inf
 
     def median_cpu_s(self) -> float:
         return statistics.median(self.cpu_s)
 
 
-_SMOOTHING = 0.1
+_MIN_INLINE_RUNS = 4
 
 
 class FastPath:
@@ -100,10 +100,12 @@ class FastPath:
             stats.cpu_s.append(cpu_s)
             if not inline:
                 return
-            stats.inline_wall_s += _SMOOTHING * (wall_s - stats.inline_wall_s)
-            if wall_s > self.settings.stall_wall_s or stats.inline_wall_s > self.settings.max_inline_wall_s:
-                self._demote(route, stats, f"inline requests took {stats.inline_wall_s * 1e3:.1f} ms "
-                                           f"(this one {wall_s * 1e3:.1f} ms)")  # fmt: skip
+            stats.inline_wall_s.append(wall_s)
+            typical_s = statistics.median_low(stats.inline_wall_s)
+            slow = len(stats.inline_wall_s) >= _MIN_INLINE_RUNS and typical_s > self.settings.max_inline_wall_s
+            if slow or wall_s > self.settings.stall_wall_s:
+                self._demote(route, stats, f"inline requests took {typical_s * 1e3:.1f} ms (median; "
+                                           f"this one {wall_s * 1e3:.1f} ms)")  # fmt: skip
 
     def blocked(self, route: str) -> None:
         """The route's last answer involved the fallback chain: it may wait on the network, so not inline."""
@@ -115,12 +117,13 @@ class FastPath:
     def _stats(self, route: str) -> _RouteStats:
         stats = self._routes.get(route)
         if stats is None:
-            stats = self._routes[route] = _RouteStats(collections.deque(maxlen=self.settings.warm_up_runs))
+            runs = self.settings.warm_up_runs
+            stats = self._routes[route] = _RouteStats(collections.deque(maxlen=runs), collections.deque(maxlen=runs))
         return stats
 
     def _demote(self, route: str, stats: _RouteStats, why: str) -> None:
         stats.demoted_until = self.clock() + self.settings.cooldown_s
-        stats.inline_wall_s = 0.0
+        stats.inline_wall_s.clear()
         stats.cpu_s.clear()
         log.info("http: %s runs on worker threads for %.0f s: %s", route, self.settings.cooldown_s, why)
 

@@ -14,12 +14,14 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.fastpath import FastPath, FastPathSettings
-from device_agent.httpapi import AgentHttpServer
+from device_agent.httpapi import AgentHttpServer, HttpSettings
 from device_agent.serving import PredictResult
 from tests.device_agent.helpers import Device, entry
 
 INFER = "/v2/models/tiny/infer"
 IO_THREAD = "edgefleet-http"
+# a loaded test host may preempt half the inline requests past the 2 ms default; these tests are about routing
+TOLERANT = HttpSettings(fast_path=FastPathSettings(max_inline_wall_s=0.05))
 
 
 class Clock:
@@ -80,9 +82,9 @@ def test_a_large_body_a_full_engine_or_the_lane_switched_off_never_runs_inline()
 
 def test_a_stalled_inline_request_sends_its_route_back_to_the_workers_for_the_cooldown() -> None:
     clock = Clock()
-    fast_path = policy(clock, stall_wall_s=0.05, cooldown_s=60)
+    fast_path = policy(clock, stall_wall_s=1.0, cooldown_s=60)
     warm(fast_path, INFER, 0.0001)
-    fast_path.observe(INFER, 0.0001, 0.2, inline=True)  # little CPU, long wall: it waited on something
+    fast_path.observe(INFER, 0.0001, 1.5, inline=True)  # little CPU, long wall: it waited on something
     assert not fast_path.fast(INFER, 100)
     clock.now += 59
     warm(fast_path, INFER, 0.0001)
@@ -91,14 +93,23 @@ def test_a_stalled_inline_request_sends_its_route_back_to_the_workers_for_the_co
     assert fast_path.fast(INFER, 100), "measured fast again after the cooldown"
 
 
-def test_inline_requests_slower_on_average_than_the_wall_limit_go_back_to_the_workers() -> None:
+def test_inline_requests_typically_slower_than_the_wall_limit_go_back_to_the_workers() -> None:
     fast_path = policy(Clock(), max_inline_wall_s=0.002, stall_wall_s=1.0)
     warm(fast_path, INFER, 0.0001)
-    for _ in range(40):
-        if not fast_path.fast(INFER, 100):
-            break
+    inline_runs = 0
+    while fast_path.fast(INFER, 100) and inline_runs < 40:
         fast_path.observe(INFER, 0.0001, 0.004, inline=True)  # ORT threads computing while this one waits
-    assert not fast_path.fast(INFER, 100)
+        inline_runs += 1
+    assert inline_runs == 4 and not fast_path.fast(INFER, 100)
+
+
+def test_an_inline_request_preempted_now_and_then_does_not_send_its_route_back() -> None:
+    """On a busy device another process may take the CPU in the middle of a request: that is not the route."""
+    fast_path = policy(Clock(), max_inline_wall_s=0.002, stall_wall_s=1.0)
+    warm(fast_path, INFER, 0.0001)
+    for i in range(100):
+        fast_path.observe(INFER, 0.0001, 0.3 if i % 3 == 0 else 0.0002, inline=True)
+    assert fast_path.fast(INFER, 100)
 
 
 def test_an_answer_from_the_fallback_chain_sends_its_route_back_to_the_workers() -> None:
@@ -146,7 +157,7 @@ def infer_body(x: np.ndarray) -> dict[str, Any]:
 
 def test_a_fast_models_requests_move_to_the_io_thread_and_answer_the_same(agent: Agent) -> None:
     recorder = ThreadRecorder(agent)
-    server = AgentHttpServer(recorder, "127.0.0.1", 0).start()
+    server = AgentHttpServer(recorder, "127.0.0.1", 0, settings=TOLERANT).start()
     try:
         x = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
         expected = agent.predict({"x": x}).outputs["class_index"].ravel().tolist()
@@ -185,7 +196,7 @@ def test_a_route_answered_by_the_fallback_chain_stays_on_worker_threads() -> Non
 
 
 def test_a_route_that_waits_without_using_cpu_goes_back_to_the_workers_after_one_inline_stall() -> None:
-    """A request that sleeps costs no CPU, so its route looks fast; its first inline run shows the wait."""
+    """A request that sleeps costs no CPU, so its route looks fast; its first inline runs show the wait."""
     threads: list[str] = []
 
     def sleepy_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -197,13 +208,13 @@ def test_a_route_that_waits_without_using_cpu_goes_back_to_the_workers_after_one
     server = AgentHttpServer(StandIn(), "127.0.0.1", 0, app=sleepy_app).start()
     try:
         with httpx.Client(base_url=server.url) as client:
-            for _ in range(14):
+            for _ in range(20):
                 assert client.post(INFER, content=b"{}").status_code == 200
     finally:
         server.stop()
     assert IO_THREAD not in threads[:8], "measured on the workers first"
-    assert threads.count(IO_THREAD) == 1, threads
-    assert threads[8] == IO_THREAD and all(t != IO_THREAD for t in threads[9:])
+    assert threads[8:12] == [IO_THREAD] * 4, "four inline requests show the route's typical wall time"
+    assert IO_THREAD not in threads[12:], threads
 
 
 def test_fast_requests_are_answered_while_a_slow_one_holds_a_worker(agent: Agent) -> None:
@@ -217,7 +228,7 @@ def test_fast_requests_are_answered_while_a_slow_one_holds_a_worker(agent: Agent
             return super().predict(inputs, model=model, **kw)
 
     recorder = Mixed(agent)
-    server = AgentHttpServer(recorder, "127.0.0.1", 0).start()
+    server = AgentHttpServer(recorder, "127.0.0.1", 0, settings=TOLERANT).start()
     x = np.zeros((1, 4), np.float32)
     try:
         with httpx.Client(base_url=server.url) as client:
