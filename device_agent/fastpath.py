@@ -17,12 +17,14 @@ The decision is per route (the request path: a model, or a model at a version), 
    (an inline request never waits for admission).
 3. On the I/O thread the wall time is the measure: a route whose last inline requests' median is over
    ``max_inline_wall_s`` (a median: a request preempted by another process on a busy device is not the
-   route's fault), or one request over ``stall_wall_s``, goes back to the workers for ``cooldown_s``. So does a route whose answer involved the fallback chain (a cloud call can wait on
-   the network): :meth:`FastPath.blocked`, called by the application.
+   route's fault), or one request over ``stall_wall_s``, goes back to the workers for ``cooldown_s``.
+   So does a route whose answer involved the fallback chain (a cloud call can wait on the network):
+   :meth:`FastPath.blocked`, called by the application.
 
 Everything else (language-model routes, health and metadata, large bodies) always goes to the workers.
-The measure is the route's, not the request's: one slow request on a fast route delays the requests
-read in the same loop iteration by its own time, once, and then sends the route back to the workers.
+The measure is the route's, not the request's: a slow request on a fast route delays the requests read
+in the same loop iteration by its own time; a few of them (four, or one over ``stall_wall_s``) send the
+route back to the workers.
 """
 
 from __future__ import annotations
