@@ -6,17 +6,22 @@ target tests and by the end-to-end TFLite rollout. ``--prefer size`` keeps quant
 are slower than their fp32 parent on this x86 host (with the finding as a note), so what is
 published does not depend on the load of a shared machine; refusals by measured accuracy still
 refuse.
+
+This file is collected with every test, including the agent's subset that ``make check-arm64`` runs on a
+device root without the workstation's packages: the converter's helpers (typer, torch) are imported
+inside the fixtures that use them, never at module level.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.converter.conftest import DigitsCnn, train_digits_cnn
-from tests.converter.helpers import ok, register_cnn
+if TYPE_CHECKING:
+    from tests.converter.conftest import DigitsCnn
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class ConvertedDigits:
 
 @pytest.fixture(scope="session")
 def digits_all_targets(tmp_path_factory: pytest.TempPathFactory) -> ConvertedDigits:
+    from tests.converter.conftest import train_digits_cnn
+    from tests.converter.helpers import ok, register_cnn
+
     cnn = train_digits_cnn(tmp_path_factory.mktemp("digits_cnn_all_targets"))
     root = tmp_path_factory.mktemp("home-all-targets")
     with pytest.MonkeyPatch.context() as patch:
@@ -76,6 +84,8 @@ def tiny_llama_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> ConvertedLlm:
+    from tests.converter.helpers import ok
+
     root = tmp_path_factory.mktemp("home-llm")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGEFLEET_HOME", str(root))

@@ -10,11 +10,15 @@ takes many minutes, so it is not part of ``make test``. What is checked here, in
   ``python_version`` and ``platform_machine`` markers against the host, so it would miss ``tomli`` and
   ``exceptiongroup`` on 3.10). This asks the package index, like the device would.
 - ``scripts/arm64-tests.txt``, the selection the ARM check runs, names only tests that exist and leaves out no
-  test module of ``tests/bundles`` or ``tests/device_agent`` without saying why.
+  test module of ``tests/bundles`` or ``tests/device_agent``, nor an agent end-to-end test
+  (``tests/e2e/test_agent_*.py``), without saying why;
+- the selection collects in an interpreter where the server's and the workstation's packages cannot be
+  imported, as in the device root (a conftest importing typer or torch at module level stops the whole ARM run).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -82,15 +86,63 @@ def test_the_arm64_selection_names_only_tests_that_exist() -> None:
 
 def test_the_arm64_selection_covers_every_device_test_module() -> None:
     listed = [line.removeprefix("--ignore=").split("::")[0] for line in selection_lines()]
-    modules = sorted((ROOT / "tests" / "bundles").rglob("test_*.py")) + sorted(
-        (ROOT / "tests" / "device_agent").rglob("test_*.py")
-    )
+    modules = [
+        *sorted((ROOT / "tests" / "bundles").rglob("test_*.py")),
+        *sorted((ROOT / "tests" / "device_agent").rglob("test_*.py")),
+        *sorted((ROOT / "tests" / "e2e").glob("test_agent_*.py")),
+    ]
     missing = [
         str(m.relative_to(ROOT))
         for m in modules
         if not any(m == ROOT / p or (ROOT / p).is_dir() and (ROOT / p) in m.parents for p in listed)
     ]
     assert not missing, f"add to {SELECTION.relative_to(ROOT)} (or --ignore with a reason): {missing}"
+
+
+# What the device root does not have: the server's, the workstation's and the developer's packages (the root has
+# the agent,onnx,tflite extras and the test tools pytest, pytest-timeout, hypothesis and onnx).
+NOT_IN_THE_DEVICE_ROOT = (
+    "fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "pydantic", "pydantic_settings", "psycopg",
+    "prometheus_client", "typer", "rich", "zstandard", "pyarrow", "jinja2", "itsdangerous", "torch", "onnxscript",
+    "skl2onnx", "sklearn", "matplotlib", "litert_torch", "ai_edge_quantizer", "coremltools", "llama_cpp", "gguf",
+    "transformers", "sentencepiece", "safetensors", "schemathesis", "tritonclient", "playwright", "openai", "mkdocs",
+)  # fmt: skip
+_COLLECT = """
+import sys
+import pytest
+BLOCKED = set({blocked!r})
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"not in the device root: {{name}}")
+        return None
+
+sys.meta_path.insert(0, Block())
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-p", "pytest_timeout", *sys.argv[1:]]))
+"""
+
+
+def collect_without_server_packages(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # plugins of the host's venv (schemathesis, ...)
+    probe = _COLLECT.format(blocked=NOT_IN_THE_DEVICE_ROOT)
+    return subprocess.run([sys.executable, "-c", probe, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_the_arm64_selection_collects_without_the_server_and_workstation_packages() -> None:
+    result = collect_without_server_packages(selection_lines(), ROOT)
+    assert result.returncode == 0, f"the ARM run could not collect its tests:\n{result.stdout[-4000:]}{result.stderr}"
+    assert re.search(r"^\d{3,} tests collected", result.stdout, re.M), result.stdout[-2000:]
+
+
+def test_the_collection_probe_catches_a_module_level_import_of_a_server_package(tmp_path: Path) -> None:
+    """Guard against a probe that cannot fail: a conftest importing typer at module level stops collection."""
+    (tmp_path / "conftest.py").write_text("import typer\n")
+    (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
+    result = collect_without_server_packages([str(tmp_path)], tmp_path)
+    assert result.returncode != 0
+    assert "not in the device root: typer" in result.stdout + result.stderr
 
 
 def test_the_arm64_check_script_parses() -> None:
