@@ -7,6 +7,7 @@ broken link or anchor, a page missing from the nav, or a generator failure fails
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import re
@@ -56,6 +57,38 @@ def test_the_site_builds_in_strict_mode_with_every_page_of_docs(site: Path) -> N
         page = source.relative_to(ROOT / "docs").with_suffix("")
         built = site / (page.parent if page.name == "index" else page) / "index.html"
         assert built.is_file(), f"docs/{page}.md was not built"
+
+
+# The pages a reader of the site is promised, each with the sections it must have (heading text, as built).
+PROMISED = {
+    "quickstart": ["Quickstart"],
+    "architecture": ["Architecture", "Packages and what each may import"],
+    "bundle-format": ["The edgefleet bundle format", "2. Manifest fields", "3. Archives",
+                      "4. Distribution through TUF"],
+    "security": ["Security model", "What a compromised fleet server can and cannot do", "Threats, by attacker",
+                 "Key rotation"],
+    "operations": ["PostgreSQL", "TLS termination", "Backups and restore", "Scaling", "Key rotation drills"],
+    "install-device": ["Raspberry Pi OS", "NVIDIA Jetson (JetPack 6", "Run it under systemd",
+                       "Update the agent itself"],
+    "reference/api": ["edgefleet fleet server", "device", "admin", "rollouts", "Schemas"],
+    **{f"reference/cli/{program}": [program] for program, _, _ in hooks.CLIS},
+    "exceptions": ["Errors"],
+    "benchmarks": ["Benchmarks"],
+}  # fmt: skip
+
+
+def headings(site: Path, page: str) -> list[str]:
+    text = (site / page / "index.html").read_text(encoding="utf-8")
+    found = re.findall(r"<h[1-3][^>]*>(.*?)</h[1-3]>", text, flags=re.S)
+    return [html.unescape(re.sub(r"<[^>]+>", "", h)).replace("¶", "").strip() for h in found]
+
+
+@pytest.mark.parametrize("page", sorted(PROMISED))
+def test_each_promised_page_is_built_with_its_sections(site: Path, page: str) -> None:
+    assert (site / page / "index.html").is_file(), f"the site has no {page} page"
+    built = headings(site, page)
+    missing = [want for want in PROMISED[page] if not any(h.startswith(want) for h in built)]
+    assert not missing, f"{page}: no section starting {missing} among {built}"
 
 
 def test_the_api_reference_lists_every_route_of_the_server(site: Path) -> None:
