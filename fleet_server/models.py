@@ -4,7 +4,8 @@ Admin side: ``api_keys`` (hashed, with a role), ``audit_log`` (every mutation, b
 ``enrollment_tokens``. Devices: ``devices`` (identity, status, hashed access token, inventory as
 JSON plus indexed columns for filtering), ``device_tags``, ``device_groups`` and
 ``device_group_members`` (static groups, with an optional poll interval override),
-``saved_filters``. Registry: ``bundles`` (records derived from accepted TUF targets).
+``saved_filters``. Registry: ``bundles`` (records derived from accepted TUF targets), ``bundle_plots``
+(the converter's report plots of a version, uploaded for the dashboard: revision ``0011``).
 Desired state: ``assignments`` (one row per device and model; written by admins and by the rollout
 engine, read by the desired-state endpoint). Telemetry intake (raw rows; payloads are opaque JSON
 whose shapes ``docs/telemetry.md`` defines): ``telemetry_batches`` (idempotency by device and batch
@@ -18,7 +19,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_server.db import Base, utcnow
@@ -167,6 +180,25 @@ class BundleRecord(Base):
     deprecated: Mapped[bool] = mapped_column(default=False)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class BundlePlot(Base):
+    """One of the converter's report plots of a bundle version (PNG), shown on the dashboard's bundle page.
+
+    Display only: the plots carry timings, so they are not part of the signed bundle (whose bytes are
+    reproducible) and never reach a device; an operator's key uploads them after the signed publication.
+    """
+
+    __tablename__ = "bundle_plots"
+    __table_args__ = (UniqueConstraint("bundle_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64))
+    uploaded_by: Mapped[str] = mapped_column(String(200))
+    uploaded_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class Assignment(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -14,7 +14,7 @@ from fleet_server.api.bodies import read_capped, spool_capped
 from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
 from fleet_server.audit import record
 from fleet_server.schemas import BundleDetail, BundleOut, DbInt, PublicationOut, RootInstalled, TufStateOut
-from fleet_server.services import registry
+from fleet_server.services import plots, registry
 
 log = logging.getLogger("fleet_server.bundles")
 router = APIRouter(prefix="/api/v1/admin", tags=["bundles"])
@@ -27,6 +27,9 @@ MAX_ROOT_BYTES = 1024 * 1024
 BINARY_BODY = {
     "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
 }
+PNG_BODY = {"requestBody": {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+PNG_ANSWER: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "the PNG image"}}
+PlotKind = Literal["report", "agreement"]
 
 
 @router.get("/tuf/state", response_model=TufStateOut, responses=ERRORS)
@@ -99,6 +102,24 @@ def deprecate_bundle(
     """Mark a version deprecated (``undo=true`` reverses it)."""
     bundle = registry.set_deprecated(session, name=name, version=version, deprecated=not undo, actor=caller.actor)
     return BundleOut(**registry.describe_bundle(bundle))
+
+
+@router.put("/bundles/{name}/{version}/plots/{kind}", status_code=204, responses=ERRORS, openapi_extra=PNG_BODY)
+async def put_plot(
+    name: str, version: DbInt, kind: PlotKind, request: Request, caller: OperatorDep, session: SessionDep
+) -> Response:
+    """Store one of the converter's report plots of a published version (PNG, shown on the dashboard)."""
+    png = await read_capped(request, plots.MAX_PLOT_BYTES)
+    await run_in_threadpool(plots.put_plot, session, name=name, version=version, kind=kind, png=png,
+                            actor=caller.actor)  # fmt: skip
+    return Response(status_code=204)
+
+
+@router.get("/bundles/{name}/{version}/plots/{kind}", response_class=Response, responses={**ERRORS, **PNG_ANSWER})
+def get_plot(name: str, version: DbInt, kind: PlotKind, _caller: ViewerDep, session: SessionDep) -> Response:
+    """One of the converter's report plots of a version, as uploaded."""
+    plot = plots.get_plot(session, name=name, version=version, kind=kind)
+    return Response(plot.png, media_type="image/png", headers={"etag": f'"{plot.sha256}"'})
 
 
 @router.delete("/bundles/{name}/{version}", status_code=204, responses=ERRORS)

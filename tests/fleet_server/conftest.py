@@ -26,6 +26,7 @@ Stable fixture names (other helpers' tests import them; do not rename):
   signed publication, ``release.publish(name, version)`` also uploads it (201) and returns the answer.
 
 Helpers: ``default_inventory(hw_class)``, ``auth(token)`` (an ``Authorization`` header dict),
+``png_image(width, height)`` (the bytes of a real, decodable PNG of one colour),
 ``enroll_device(http, token, inventory, key=None)`` (the enrollment handshake with any client: a
 ``TestClient`` or an ``httpx.Client`` on ``live_server``), ``serve_on_loopback(app, port=0)`` (a context
 manager: any app on uvicorn, yields its URL), ``empty_all_tables(engine)``, and the
@@ -37,9 +38,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +69,17 @@ TEST_PEPPER = "test-pepper-0123456789abcdef"
 def auth(token: str) -> dict[str, str]:
     """An ``Authorization: Bearer`` header dict."""
     return {"Authorization": f"Bearer {token}"}
+
+
+def png_image(width: int = 40, height: int = 20, rgb: tuple[int, int, int] = (31, 95, 191)) -> bytes:
+    """A real PNG (8-bit RGB, one colour) a browser can decode."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def default_inventory(hw_class: str = "pi4") -> dict[str, Any]:
