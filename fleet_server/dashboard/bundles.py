@@ -1,10 +1,12 @@
-"""Bundle pages: the registry's versions, and one version's variants with the converter's gate results.
+"""Bundle pages: the registry's versions, and one version's variants with the converter's gate results and plots.
 
 A bundle's manifest carries, per variant, the converter's verdict (``status``: ``passed`` when it ran
 in its real runtime and met its gates, ``structural`` when the host could not execute it) and the
 reproducible figures it measured (``metrics``: parity, task metric and its drop, size, the budgets it
-was checked against under ``gates``). The converter's report plots stay on the workstation (they are
-not part of the signed bundle), so the page draws its own chart from those figures.
+was checked against under ``gates``); the page draws a size chart from those. The converter's report
+plots (size, metric and latency per variant against the budgets; agreement across runtimes) carry
+timings, so they are not in the signed bundle: ``edgefleet-convert publish --server`` uploads them
+beside it (:mod:`fleet_server.services.plots`) and the page shows those it has.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy.orm import Session
 from fleet_server.dashboard.charts import Bar, bar_chart, number
 from fleet_server.rollouts.models import Rollout
 from fleet_server.rollouts.views import summarise_rollout
+from fleet_server.services.plots import plot_kinds
 from fleet_server.services.registry import describe_bundle, get_bundle, list_bundles, users_of
 
 METRIC_ORDER = (
@@ -37,6 +40,7 @@ class BundlePage:
     manifest: dict[str, Any]
     variants: list[dict[str, Any]]
     chart: Markup
+    plots: list[str]
     users: list[str]
     users_total: int
     rollouts: list[dict[str, Any]]
@@ -58,7 +62,8 @@ def bundle_page(session: Session, name: str, version: int) -> BundlePage:
                                .order_by(Rollout.id.desc()))  # fmt: skip
     return BundlePage(
         bundle=describe_bundle(record), manifest=manifest, variants=variants, chart=_chart(variants),
-        users=users[:USERS_SHOWN], users_total=len(users), rollouts=[summarise_rollout(r) for r in rollouts],
+        plots=plot_kinds(session, record.id), users=users[:USERS_SHOWN], users_total=len(users),
+        rollouts=[summarise_rollout(r) for r in rollouts],
     )  # fmt: skip
 
 

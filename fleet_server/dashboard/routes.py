@@ -5,7 +5,8 @@
 | ``GET /login``, ``POST /login``, ``POST /logout`` | log in with an admin API key; log out | anyone |
 | ``GET /`` | fleet overview and device list (``?filter=``) | viewer |
 | ``GET /devices/{id}`` | one device | viewer |
-| ``GET /bundles``, ``GET /bundles/{name}/{version}`` | the registry; one version's variants | viewer |
+| ``GET /bundles``, ``GET /bundles/{name}/{version}`` | the registry; one version's variants and plots | viewer |
+| ``GET /bundles/{name}/{version}/plots/{kind}.png`` | a converter's plot (``report``, ``agreement``) | viewer |
 | ``GET /rollouts``, ``GET /rollouts/{id}`` | rollouts; one rollout | viewer |
 | ``POST /rollouts/{id}/{action}`` | start, approve, pause, resume, abort, rollback | operator |
 | ``GET /drift``, ``GET /drift/{model}`` | PSI per feature over time (``?hours=``) | viewer |
@@ -43,6 +44,8 @@ from fleet_server.db import session_scope, utcnow
 from fleet_server.models import ApiKey
 from fleet_server.ratelimit import RateLimiter
 from fleet_server.rollouts import service
+from fleet_server.schemas import DbInt
+from fleet_server.services import plots
 from fleet_server.services.api_keys import authenticate_api_key
 
 router = APIRouter()
@@ -51,6 +54,7 @@ Fields = Annotated[dict[str, str], Depends(form_fields)]
 MAX_FILTER_CHARS = 500
 FilterText = Annotated[str, Query(max_length=MAX_FILTER_CHARS)]
 Hours = Annotated[int, Query(ge=1, le=24 * 90)]
+PlotKind = Literal["report", "agreement"]
 
 
 def _factory(request: Request) -> sessionmaker[Session]:
@@ -135,6 +139,14 @@ def bundle(request: Request, ctx: ViewerPage, name: str, version: int) -> Respon
     with session_scope(_factory(request)) as session:
         data = bundles.bundle_page(session, name, version)
     return render(request, ctx, "bundle.html", page="bundles", view=data)
+
+
+@router.get("/bundles/{name}/{version}/plots/{kind}.png")
+def bundle_plot(_ctx: ViewerPage, request: Request, name: str, version: DbInt, kind: PlotKind) -> Response:
+    """One of the converter's plots of a version (PNG)."""
+    with session_scope(_factory(request)) as session:
+        png = plots.get_plot(session, name=name, version=version, kind=kind).png
+    return Response(png, media_type="image/png", headers={"cache-control": "private, no-cache"})
 
 
 @router.get("/rollouts")

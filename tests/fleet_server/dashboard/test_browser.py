@@ -1,6 +1,6 @@
 """The dashboard in a real headless Chromium: Debian's ``/usr/bin/chromium`` driven by Playwright (which
 never downloads a browser here), against the real fleet server on loopback (uvicorn, PostgreSQL) with
-devices, bundles, a rollout and telemetry arranged through the real device and admin APIs.
+devices, bundles (with a converter's plot), a rollout and telemetry arranged through the real device and admin APIs.
 
 One browser for the module, a fresh browser context (cookies, storage) per test. Screenshots of every
 page go to ``build/test-artifacts/dashboard/`` (the path is printed).
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from fleet_server.dashboard.sessions import COOKIE_NAME
-from tests.fleet_server.conftest import auth
+from tests.fleet_server.conftest import auth, png_image
 from tests.fleet_server.dashboard.fleet_data import (
     ROLLOUTS,
     XSS_PAYLOADS,
@@ -119,6 +119,9 @@ def run_first_wave(live_server: str, operator: httpx.Client, fleet: Fleet) -> No
 def test_an_operator_walks_every_page_with_real_data(page, live_server, operator, fleet_factory, make_api_key):
     fleet = fleet_factory()
     run_first_wave(live_server, operator, fleet)
+    plot = png_image(640, 160)  # as edgefleet-convert publish --server uploads the report's plot.png
+    operator.put("/api/v1/admin/bundles/digits/2/plots/report", content=plot,
+                 headers={"Content-Type": "image/png"}).raise_for_status()  # fmt: skip
     with httpx.Client(base_url=live_server) as attacker:  # session fixation: a planted pre-login cookie
         attacker.get("/ui/login")
         planted = attacker.cookies[COOKIE_NAME]
@@ -146,6 +149,8 @@ def test_an_operator_walks_every_page_with_real_data(page, live_server, operator
     page.get_by_role("link", name="digits@2").click()
     assert "onnx-fp32" in page.get_by_test_id("variants").inner_text()
     assert page.locator("svg.chart.bars rect.bar").count() == 1
+    image = page.get_by_test_id("plots").locator("img")
+    assert image.count() == 1 and image.evaluate("img => img.complete && img.naturalWidth") == 640  # decoded
     shoot(page, "03-bundle")
 
     page.get_by_role("link", name="Rollouts", exact=True).click()

@@ -18,6 +18,7 @@ from fleet_server.db import session_scope
 from fleet_server.models import AuditEntry
 from fleet_server.rollouts.models import Rollout
 from fleet_server.services.api_keys import revoke_api_key
+from tests.fleet_server.conftest import png_image
 from tests.fleet_server.dashboard.fleet_data import XSS_PAYLOADS, build_fleet, publish_digits
 
 UI = "/ui"
@@ -236,6 +237,26 @@ def test_device_supplied_strings_are_escaped_everywhere_they_appear(https, fleet
     device = https.get(f"{UI}/devices/{fleet.hostile}").text
     assert "&lt;svg onload=window.__xss=1&gt;" in device and "&lt;img src=x onerror=window.__xss=2&gt;" in device
     assert "&#34;&gt;&lt;script&gt;window.__xss=3&lt;/script&gt;" in device
+
+
+def test_the_bundle_page_shows_the_converters_plots_to_a_logged_in_key_only(https, fleet, make_api_key,
+                                                                            operator_headers):  # fmt: skip
+    image = png_image(80, 40)
+    upload = {**operator_headers, "Content-Type": "image/png"}
+    assert https.put("/api/v1/admin/bundles/digits/2/plots/report", content=image, headers=upload).status_code == 204
+    plot = f"{UI}/bundles/digits/2/plots/report.png"
+    assert https.get(plot, follow_redirects=False).status_code == 303  # to the login form
+    login(https, make_api_key("viewer"))
+    page = https.get(f"{UI}/bundles/digits/2").text
+    assert f'src="{plot}"' in page and "plots/agreement.png" not in page
+    answer = https.get(plot)
+    assert answer.status_code == 200 and answer.content == image and answer.headers["content-type"] == "image/png"
+    assert answer.headers["x-content-type-options"] == "nosniff" and "default-src 'none'" in answer.headers[
+        "content-security-policy"]  # fmt: skip
+    assert "None uploaded" in https.get(f"{UI}/bundles/digits/1").text
+    missing = https.get(f"{UI}/bundles/digits/1/plots/report.png")
+    assert missing.status_code == 404 and "digits@1 has no report plot" in missing.text
+    assert https.get(f"{UI}/bundles/digits/1/plots/latency.png").status_code == 400
 
 
 def test_unknown_things_get_an_html_page_with_the_reason(https, make_api_key):
