@@ -494,10 +494,10 @@ def _confirmation(yes: bool, as_json: bool) -> Callable[[Any], bool]:
     return confirm
 
 
-def _report(released: Any, as_json: bool, done: str) -> None:
+def _report(released: Any, as_json: bool, done: str, plots: list[str] | None = None) -> None:
     if as_json:
-        console.print_json(json.dumps({"plan": released.plan.to_dict(), "signed": released.signed,
-                                       "accepted": released.accepted}))  # fmt: skip
+        answer = {"plan": released.plan.to_dict(), "signed": released.signed, "accepted": released.accepted}
+        console.print_json(json.dumps(answer if plots is None else {**answer, "plots": plots}))
     elif not released.signed:
         err_console.print("nothing signed")
     else:
@@ -519,7 +519,8 @@ def publish(
 ) -> None:
     """Sign a conversion's bundle (the latest by default) with the release key into a TUF repository or a server.
 
-    The new targets version is built from this workstation's ledger and shown as a diff first.
+    The new targets version is built from this workstation's ledger and shown as a diff first. A fleet server
+    also gets the conversion report's plots, unsigned, for its dashboard.
     """
     from converter.publish import publish_bundle
 
@@ -530,14 +531,29 @@ def publish(
     destination = _destination(registry.home, repo, server, api_key)
     try:
         released = publish_bundle(registry.home, destination, bundle_dir, _confirmation(yes, as_json))
+        report_dir = registry.home.reports_dir(model.name, model.version) / f"conversion-{conversion.number}"
+        plots = _upload_plots(destination, model, report_dir) if released.signed else None
     finally:
         destination.close()
     if released.signed:
         registry.record_publication(conversion, destination.name, released.accepted)
     listing = "".join(f"\n  {target}" for target in released.accepted)
-    _report(
-        released, as_json, f"published {model.ref} to {destination.name}: {len(released.accepted)} targets{listing}"
-    )
+    shown = f"\n  plots for the dashboard: {', '.join(plots)}" if plots else ""
+    done = f"published {model.ref} to {destination.name}: {len(released.accepted)} targets{listing}{shown}"
+    _report(released, as_json, done, plots)
+
+
+def _upload_plots(destination: Any, model: ModelVersion, report_dir: Path) -> list[str] | None:
+    """The report plots uploaded to a fleet server (None for a repository); a failure is a warning only."""
+    from converter.publish import ServerDestination, upload_plots
+
+    if not isinstance(destination, ServerDestination):
+        return None
+    try:
+        return upload_plots(destination, model.name, model.version, report_dir)
+    except EdgeFleetError as e:
+        err_console.print(f"warning: published, but the report plots were not uploaded: {e}", markup=False)
+        return []
 
 
 @app.command()

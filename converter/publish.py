@@ -300,6 +300,26 @@ class ServerDestination:
         return bytes(response.content)
 
 
+REPORT_PLOTS = {"report": "plot.png", "agreement": "agreement.png"}
+"""The conversion report's plots a fleet server keeps for its dashboard: kind -> file in the report directory."""
+
+
+def upload_plots(destination: ServerDestination, name: str, version: int, report_dir: Path) -> list[str]:
+    """Upload the report plots found in ``report_dir`` beside the published ``name@version``; their kinds.
+
+    Display only: not signed (the plots carry timings, which the reproducible bundle leaves out), never
+    sent to a device; a later upload replaces them.
+    """
+    uploaded = []
+    for kind, filename in REPORT_PLOTS.items():
+        path = report_dir / filename
+        if path.is_file():
+            _call(destination.client, "PUT", f"/api/v1/admin/bundles/{name}/{version}/plots/{kind}",
+                  content=path.read_bytes(), headers={"Content-Type": "image/png"})  # fmt: skip
+            uploaded.append(kind)
+    return uploaded
+
+
 def _root_sha(data: bytes) -> str:
     return signed_sha256(parse_metadata(data, Root, "root"))
 

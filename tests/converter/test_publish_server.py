@@ -63,6 +63,11 @@ def test_publish_to_a_fleet_server_installs_root_uploads_and_devices_can_verify(
     assert code == 1 and err.startswith("error: fleet server refused the API key (401")
     out = ok("publish", "digits", "--server", url, "--api-key", api_key, "--yes")
     assert "digits/1/manifest.json" in out and "digits/1/onnx-int8-static.tar.gz" in out
+    assert "plots for the dashboard: report, agreement" in out
+    report_dir, bearer = home / "reports" / "digits" / "1" / "conversion-1", {"Authorization": f"Bearer {api_key}"}
+    for kind, filename in (("report", "plot.png"), ("agreement", "agreement.png")):
+        plot = httpx.get(f"{url}/api/v1/admin/bundles/digits/1/plots/{kind}", headers=bearer)
+        assert plot.status_code == 200 and plot.content == (report_dir / filename).read_bytes()  # unsigned, as made
 
     listed = httpx.get(f"{url}/api/v1/admin/bundles", headers={"Authorization": f"Bearer {api_key}"}).json()
     assert [(b["name"], b["version"]) for b in listed] == [("digits", 1)]
