@@ -22,7 +22,7 @@ INFER = "/v2/models/tiny/infer"
 IO_THREAD = "edgefleet-http"
 # These tests are about routing, not timing: a loaded or emulated host (qemu) may take more than the 1 ms of
 # CPU default for the tiny model's request, and preempt inline requests past the 2 ms default.
-TOLERANT = HttpSettings(fast_path=FastPathSettings(fast_cpu_s=0.05, max_inline_wall_s=0.05))
+TOLERANT = HttpSettings(fast_path=FastPathSettings(fast_cpu_s=1.0, max_inline_wall_s=5.0, stall_wall_s=10.0))
 
 
 class Clock:
@@ -206,7 +206,7 @@ def test_a_route_that_waits_without_using_cpu_goes_back_to_the_workers_after_one
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
         return [b"{}"]
 
-    slow_allowed = HttpSettings(fast_path=FastPathSettings(fast_cpu_s=0.05))  # the sleep is 80 ms of wall, little CPU
+    slow_allowed = HttpSettings(fast_path=FastPathSettings(fast_cpu_s=1.0))  # the sleep is 80 ms of wall, little CPU
     server = AgentHttpServer(StandIn(), "127.0.0.1", 0, settings=slow_allowed, app=sleepy_app).start()
     try:
         with httpx.Client(base_url=server.url) as client:
