@@ -13,6 +13,7 @@ last-seen flush is per process (it writes what this process buffered).
 
 Everything request handlers need hangs off ``app.state``: ``settings``, ``engine``,
 ``session_factory``, ``metrics``, ``desired_state`` (the memoised desired-state renderer),
+``telemetry_committer`` (PostgreSQL: telemetry group commit, ``services.telemetry_group_commit``; else None),
 ``enroll_limiter``, ``tuf`` (the hosted repository) and ``leadership``.
 """
 
@@ -41,6 +42,7 @@ from fleet_server.observability import Metrics, MetricsMiddleware, forget_this_p
 from fleet_server.ratelimit import RateLimiter
 from fleet_server.rollouts import api as rollouts_api
 from fleet_server.services.desired_state import DesiredStateService, listen_for_changes
+from fleet_server.services.telemetry_group_commit import GroupCommitter
 from fleet_server.services.tuf_host import TufHost, refresh_loop
 from fleet_server.settings import Settings
 from fleet_server.telemetry import api as telemetry_api
@@ -92,6 +94,8 @@ def _attach_state(app: FastAPI, settings: Settings) -> None:
     app.state.session_factory = make_session_factory(engine)
     app.state.metrics = Metrics()
     app.state.desired_state = DesiredStateService(engine, settings)
+    pool = app.state.desired_state.async_pool
+    app.state.telemetry_committer = GroupCommitter(pool) if pool is not None else None
     app.state.enroll_limiter = RateLimiter(settings.enroll_rate_per_minute)
     app.state.tuf = TufHost(settings)
     app.state.leadership = Leadership(engine)

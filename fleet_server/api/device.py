@@ -22,7 +22,7 @@ from fleet_server.errors import ForbiddenError
 from fleet_server.schemas import ChallengeOut, EnrollIn, EnrollOut, TelemetryOut, TufInfo
 from fleet_server.services import devices
 from fleet_server.services.desired_state import DesiredStateService, etag_matches
-from fleet_server.services.telemetry_intake import decompress, parse_batch, store_batch, store_batch_async
+from fleet_server.services.telemetry_intake import batch_rows, decompress, parse_batch, store_batch
 
 router = APIRouter(prefix="/api/v1", tags=["device"])
 
@@ -113,9 +113,10 @@ async def post_telemetry(
         raise ConfigError("the telemetry body is empty")
     batch = parse_batch(decompress(raw, content_encoding, settings.max_telemetry_bytes), settings.max_telemetry_items)
     _check_typed_events(batch.items.get("events", []))
-    pool = request.app.state.desired_state.async_pool
-    if pool is not None:  # PostgreSQL: one statement on the asyncio pool, no thread hop
-        result = await store_batch_async(pool, device.device_id, batch, len(raw))
+    committer = request.app.state.telemetry_committer
+    if committer is not None:  # PostgreSQL: group commit on the asyncio pool, no thread hop
+        rows = batch_rows(batch, device.device_id)
+        result = await committer.store(device.device_id, batch.batch_id, rows, len(raw))
     else:
         result = await run_in_threadpool(store_batch, request.app.state.engine, device.device_id, batch, len(raw))
     _count_telemetry(request, result.accepted, result.duplicate)
