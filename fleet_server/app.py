@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server import __version__
 from fleet_server.api import ROUTERS
-from fleet_server.api.fast_path import DesiredStateFastPath
+from fleet_server.api.fast_path import DesiredStateFastPath, TelemetryFastPath
 from fleet_server.api.guard import RequestGuard
 from fleet_server.api.openapi import publish as publish_schema
 from fleet_server.dashboard import mount_dashboard
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (*ROUTERS, telemetry_api.router, rollouts_api.router):
         app.include_router(router)
     mount_dashboard(app)
+    app.add_middleware(TelemetryFastPath)  # behind the guard: its limits apply to uploads
     app.add_middleware(RequestGuard, settings=settings)
     app.add_middleware(DesiredStateFastPath, service=app.state.desired_state, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times the fast path too

@@ -106,7 +106,16 @@ def put_inventory(body: Inventory, device: AnyDeviceDep, session: SessionDep) ->
 async def post_telemetry(
     request: Request, device: UploaderDep, content_encoding: str | None = Header(default=None, max_length=50)
 ) -> Response:
-    """Store a telemetry batch (gzip/zstd allowed); a retried ``batch_id`` is stored once."""
+    """Store a telemetry batch (gzip/zstd allowed); a retried ``batch_id`` is stored once.
+
+    Well-formed uploads are answered by :mod:`fleet_server.api.fast_path` before routing, through
+    :func:`store_upload` too; this route documents the endpoint and answers the requests it declines.
+    """
+    return Response(await store_upload(request, device, content_encoding), media_type="application/json")
+
+
+async def store_upload(request: Request, device: DevicePrincipal, content_encoding: str | None) -> bytes:
+    """Read, check and store one upload of ``device``; the JSON answer (``TelemetryOut``)."""
     settings = request.app.state.settings
     raw = await read_capped(request, settings.max_telemetry_bytes)
     if not raw:
@@ -120,8 +129,7 @@ async def post_telemetry(
     else:
         result = await run_in_threadpool(store_batch, request.app.state.engine, device.device_id, batch, len(raw))
     _count_telemetry(request, result.accepted, result.duplicate)
-    body = TelemetryOut(accepted=result.accepted, duplicate=result.duplicate)
-    return Response(body.model_dump_json(), media_type="application/json")  # (validated: no second pass)
+    return TelemetryOut(accepted=result.accepted, duplicate=result.duplicate).model_dump_json().encode()
 
 
 def _check_typed_events(events: list[tuple[dict[str, Any], str]]) -> None:
