@@ -13,6 +13,7 @@ last-seen flush is per process (it writes what this process buffered).
 
 Everything request handlers need hangs off ``app.state``: ``settings``, ``engine``,
 ``session_factory``, ``metrics``, ``desired_state`` (the memoised desired-state renderer),
+``telemetry_committer`` (PostgreSQL: telemetry group commit, ``services.telemetry_group_commit``; else None),
 ``enroll_limiter``, ``tuf`` (the hosted repository) and ``leadership``.
 """
 
@@ -29,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server import __version__
 from fleet_server.api import ROUTERS
-from fleet_server.api.fast_path import DesiredStateFastPath
+from fleet_server.api.fast_path import DesiredStateFastPath, TelemetryFastPath
 from fleet_server.api.guard import RequestGuard
 from fleet_server.api.openapi import publish as publish_schema
 from fleet_server.dashboard import mount_dashboard
@@ -41,6 +42,7 @@ from fleet_server.observability import Metrics, MetricsMiddleware, forget_this_p
 from fleet_server.ratelimit import RateLimiter
 from fleet_server.rollouts import api as rollouts_api
 from fleet_server.services.desired_state import DesiredStateService, listen_for_changes
+from fleet_server.services.telemetry_group_commit import GroupCommitter
 from fleet_server.services.tuf_host import TufHost, refresh_loop
 from fleet_server.settings import Settings
 from fleet_server.telemetry import api as telemetry_api
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (*ROUTERS, telemetry_api.router, rollouts_api.router):
         app.include_router(router)
     mount_dashboard(app)
+    app.add_middleware(TelemetryFastPath)  # behind the guard: its limits apply to uploads
     app.add_middleware(RequestGuard, settings=settings)
     app.add_middleware(DesiredStateFastPath, service=app.state.desired_state, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times the fast path too
@@ -92,6 +95,8 @@ def _attach_state(app: FastAPI, settings: Settings) -> None:
     app.state.session_factory = make_session_factory(engine)
     app.state.metrics = Metrics()
     app.state.desired_state = DesiredStateService(engine, settings)
+    pool = app.state.desired_state.async_pool
+    app.state.telemetry_committer = GroupCommitter(pool) if pool is not None else None
     app.state.enroll_limiter = RateLimiter(settings.enroll_rate_per_minute)
     app.state.tuf = TufHost(settings)
     app.state.leadership = Leadership(engine)

@@ -22,7 +22,7 @@ from fleet_server.errors import ForbiddenError
 from fleet_server.schemas import ChallengeOut, EnrollIn, EnrollOut, TelemetryOut, TufInfo
 from fleet_server.services import devices
 from fleet_server.services.desired_state import DesiredStateService, etag_matches
-from fleet_server.services.telemetry_intake import decompress, parse_batch, store_batch, store_batch_async
+from fleet_server.services.telemetry_intake import batch_rows, decompress, parse_batch, store_batch
 
 router = APIRouter(prefix="/api/v1", tags=["device"])
 
@@ -106,21 +106,30 @@ def put_inventory(body: Inventory, device: AnyDeviceDep, session: SessionDep) ->
 async def post_telemetry(
     request: Request, device: UploaderDep, content_encoding: str | None = Header(default=None, max_length=50)
 ) -> Response:
-    """Store a telemetry batch (gzip/zstd allowed); a retried ``batch_id`` is stored once."""
+    """Store a telemetry batch (gzip/zstd allowed); a retried ``batch_id`` is stored once.
+
+    Well-formed uploads are answered by :mod:`fleet_server.api.fast_path` before routing, through
+    :func:`store_upload` too; this route documents the endpoint and answers the requests it declines.
+    """
+    return Response(await store_upload(request, device, content_encoding), media_type="application/json")
+
+
+async def store_upload(request: Request, device: DevicePrincipal, content_encoding: str | None) -> bytes:
+    """Read, check and store one upload of ``device``; the JSON answer (``TelemetryOut``)."""
     settings = request.app.state.settings
     raw = await read_capped(request, settings.max_telemetry_bytes)
     if not raw:
         raise ConfigError("the telemetry body is empty")
     batch = parse_batch(decompress(raw, content_encoding, settings.max_telemetry_bytes), settings.max_telemetry_items)
     _check_typed_events(batch.items.get("events", []))
-    pool = request.app.state.desired_state.async_pool
-    if pool is not None:  # PostgreSQL: one statement on the asyncio pool, no thread hop
-        result = await store_batch_async(pool, device.device_id, batch, len(raw))
+    committer = request.app.state.telemetry_committer
+    if committer is not None:  # PostgreSQL: group commit on the asyncio pool, no thread hop
+        rows = batch_rows(batch, device.device_id)
+        result = await committer.store(device.device_id, batch.batch_id, rows, len(raw))
     else:
         result = await run_in_threadpool(store_batch, request.app.state.engine, device.device_id, batch, len(raw))
     _count_telemetry(request, result.accepted, result.duplicate)
-    body = TelemetryOut(accepted=result.accepted, duplicate=result.duplicate)
-    return Response(body.model_dump_json(), media_type="application/json")  # (validated: no second pass)
+    return TelemetryOut(accepted=result.accepted, duplicate=result.duplicate).model_dump_json().encode()
 
 
 def _check_typed_events(events: list[tuple[dict[str, Any], str]]) -> None:

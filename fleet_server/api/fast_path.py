@@ -1,4 +1,4 @@
-"""The desired-state poll answered before FastAPI's router: the hot path of a fleet.
+"""The desired-state poll (and telemetry uploads) answered before FastAPI's router: the hot paths of a fleet.
 
 Every device polls ``GET /api/v1/device/desired-state`` every few minutes, and almost every answer is
 a 304. Routing through FastAPI (route matching over every route, dependency solving, response
@@ -10,15 +10,20 @@ declines, e.g. an over-long header, which then get the route's 422).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from sqlalchemy.exc import OperationalError
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bundles.errors import AuthError, EdgeFleetError
+from fleet_server.api.device import store_upload, uploading_device
 from fleet_server.errors import RETRY_AFTER_S, UNAVAILABLE, status_for
 from fleet_server.observability import Metrics
 from fleet_server.services.desired_state import DesiredStateService, etag_matches
@@ -89,3 +94,59 @@ def _error(
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     return status, headers, body
+
+
+UPLOAD_PATH = "/api/v1/device/telemetry"
+MAX_ENCODING_BYTES = 50  # the route's ``Content-Encoding`` bound (longer: the route's 422)
+
+
+class TelemetryFastPath:
+    """Answers telemetry uploads before FastAPI's router, with the route's own code (``device.store_upload``).
+
+    It sits behind the request guard (rate limits and body limits apply as to every route); the
+    route's errors are answered by the app's own exception handlers, so statuses and bodies are the
+    route's. Requests with a repeated or over-long ``Authorization`` or ``Content-Encoding`` header go
+    on to the route.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != UPLOAD_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        authorizations = [value for name, value in scope["headers"] if name == b"authorization"]
+        encodings = [value for name, value in scope["headers"] if name == b"content-encoding"]
+        if len(authorizations) > 1 or len(encodings) > 1 or any(len(v) > MAX_HEADER_BYTES for v in authorizations):
+            await self.app(scope, receive, send)
+            return
+        if encodings and len(encodings[0]) > MAX_ENCODING_BYTES:
+            await self.app(scope, receive, send)
+            return
+        scope["edgefleet.route"] = UPLOAD_PATH
+        request = Request(scope, receive)
+        try:
+            device = await uploading_device(request)
+            body = await store_upload(request, device, encodings[0].decode("latin-1") if encodings else None)
+        except Exception as error:
+            handler = _exception_handler(scope["app"], error)
+            if handler is None:
+                raise
+            response = handler(request, error)
+            if inspect.isawaitable(response):
+                response = await response
+            await response(scope, receive, send)
+            return
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _exception_handler(app: Any, error: Exception) -> Callable[..., Any] | None:
+    """The handler the app registered for ``error``'s class or its nearest base (as Starlette looks it up)."""
+    handlers = app.exception_handlers
+    for cls in type(error).__mro__:
+        if cls in handlers:
+            return handlers[cls]  # type: ignore[no-any-return]
+    return None

@@ -12,7 +12,9 @@ loop (tests create a loop per client; a server has one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import Engine
@@ -36,16 +38,19 @@ class AsyncPgPool:
 
     async def fetchall(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run one query on a pooled connection; a broken connection is dropped, not returned."""
+        async with self.connection() as connection:
+            return await run_query(connection, sql, params)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection for a few statements; dropped (not returned) if anything raised meanwhile."""
         connection = await self._acquire()
         try:
-            async with connection.cursor() as cursor:
-                await cursor.execute(sql, params)
-                rows = [tuple(row) for row in await cursor.fetchall()]
+            yield connection
         except BaseException:
             await self._discard(connection)
             raise
         self._queue().put_nowait(connection)
-        return rows
 
     def _queue(self) -> asyncio.Queue[Any]:
         loop = asyncio.get_running_loop()
@@ -79,3 +84,10 @@ class AsyncPgPool:
         queue = self._queue()
         while not queue.empty():
             await self._discard(queue.get_nowait())
+
+
+async def run_query(connection: Any, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """One statement on ``connection`` (autocommit: its own transaction); its rows."""
+    async with connection.cursor() as cursor:
+        await cursor.execute(sql, params)
+        return [tuple(row) for row in await cursor.fetchall()]

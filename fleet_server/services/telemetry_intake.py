@@ -13,8 +13,9 @@ checked for type, length and range. A bad item refuses the whole batch with a 40
 
 Idempotency: a ``telemetry_batches`` row with a unique (device, batch id) is inserted first; if it
 already exists the batch is a retry and nothing else is written. Rows are bulk-inserted per table
-(PostgreSQL ``COPY``, SQLite ``executemany``; no ORM objects) because sampled prediction logs arrive
-by the thousand.
+(:func:`store_batch`: PostgreSQL ``COPY``, SQLite ``executemany``; no ORM objects) because sampled
+prediction logs arrive by the thousand. The server on PostgreSQL stores uploads through
+:mod:`.telemetry_group_commit` instead (the uploads that arrive together in one statement).
 """
 
 from __future__ import annotations
@@ -208,13 +209,20 @@ def sample_rows(items: list[tuple[dict[str, Any], str]], device_id: str) -> list
     return rows
 
 
-def store_batch(engine: Engine, device_id: str, batch: ParsedBatch, size_bytes: int) -> IntakeResult:
-    """Validate every item, then store the batch and its rows in one transaction (or detect a retry)."""
-    rows = {
+def batch_rows(batch: ParsedBatch, device_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The batch's rows per kind, their indexed keys checked (a 400 naming the field if one is bad)."""
+    return {
         "events": event_rows(batch.items["events"], device_id),
         "windows": window_rows(batch.items["windows"], device_id),
         "samples": sample_rows(batch.items["samples"], device_id),
     }
+
+
+def store_batch(engine: Engine, device_id: str, batch: ParsedBatch, size_bytes: int) -> IntakeResult:
+    """Validate every item, then store the batch and its rows in one transaction (or detect a retry).
+
+    (On PostgreSQL the server stores uploads with :mod:`.telemetry_group_commit` instead.)"""
+    rows = batch_rows(batch, device_id)
     counts = {kind: len(kind_rows) for kind, kind_rows in rows.items()}
     try:
         with engine.begin() as connection:
@@ -227,64 +235,6 @@ def store_batch(engine: Engine, device_id: str, batch: ParsedBatch, size_bytes: 
         with engine.connect() as connection:
             return IntakeResult(accepted=_stored_counts(connection, device_id, batch.batch_id), duplicate=True)
     return IntakeResult(accepted=counts, duplicate=False)
-
-
-# PostgreSQL: the whole batch in one statement (one round trip, autocommit): the batch row first, and
-# the items only if it was new (a retry inserts nothing and returns no id).
-_PG_STORE_SQL = """
-WITH b AS (
-    INSERT INTO telemetry_batches (device_id, batch_id, received_at, events, windows, samples, size_bytes)
-    VALUES (%(device)s, %(batch)s, %(now)s, %(n_events)s, %(n_windows)s, %(n_samples)s, %(size)s)
-    ON CONFLICT (device_id, batch_id) DO NOTHING RETURNING id
-), e AS (
-    INSERT INTO device_events (batch_pk, device_id, type, model_name, bundle_version, at, payload, folded)
-    SELECT b.id, %(device)s, t.type, t.model, t.version, t.at, CAST(t.payload AS json), t.folded FROM b,
-        unnest(%(e_type)s::text[], %(e_model)s::text[], %(e_version)s::int[], %(e_at)s::timestamptz[],
-               %(e_payload)s::text[], %(e_folded)s::bool[]) AS t(type, model, version, at, payload, folded)
-), w AS (
-    INSERT INTO metric_windows (batch_pk, device_id, model_name, bundle_version, window_start, window_end, payload)
-    SELECT b.id, %(device)s, t.model, t.version, t.start, t.end_, CAST(t.payload AS json) FROM b,
-        unnest(%(w_model)s::text[], %(w_version)s::int[], %(w_start)s::timestamptz[], %(w_end)s::timestamptz[],
-               %(w_payload)s::text[]) AS t(model, version, start, end_, payload)
-), s AS (
-    INSERT INTO prediction_samples (batch_pk, device_id, model_name, bundle_version, reason, at, payload)
-    SELECT b.id, %(device)s, t.model, t.version, t.reason, t.at, CAST(t.payload AS json) FROM b,
-        unnest(%(s_model)s::text[], %(s_version)s::int[], %(s_reason)s::text[], %(s_at)s::timestamptz[],
-               %(s_payload)s::text[]) AS t(model, version, reason, at, payload)
-)
-SELECT id FROM b
-"""
-_STORED_COUNTS_SQL = (
-    "SELECT events, windows, samples FROM telemetry_batches WHERE device_id = %(device)s AND batch_id = %(batch)s"
-)
-
-
-async def store_batch_async(pool: Any, device_id: str, batch: ParsedBatch, size_bytes: int) -> IntakeResult:
-    """:func:`store_batch` on PostgreSQL's asyncio pool (``async_pg``), in one statement and one round trip."""
-    rows = {"events": event_rows(batch.items["events"], device_id),
-            "windows": window_rows(batch.items["windows"], device_id),
-            "samples": sample_rows(batch.items["samples"], device_id)}  # fmt: skip
-    counts = {kind: len(kind_rows) for kind, kind_rows in rows.items()}
-    params = {"device": device_id, "batch": batch.batch_id, "now": utcnow(), "size": size_bytes,
-              **{f"n_{kind}": n for kind, n in counts.items()}, **_columns(rows)}  # fmt: skip
-    if await pool.fetchall(_PG_STORE_SQL, params):
-        return IntakeResult(accepted=counts, duplicate=False)
-    stored = await pool.fetchall(_STORED_COUNTS_SQL, params)
-    events, windows, samples = stored[0]
-    return IntakeResult(accepted={"events": events, "windows": windows, "samples": samples}, duplicate=True)
-
-
-def _columns(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[Any]]:
-    """The items as one array per column (what ``unnest`` reads)."""
-    spec = {"e": ("events", ("type", "model_name", "bundle_version", "at", "payload", "folded")),
-            "w": ("windows", ("model_name", "bundle_version", "window_start", "window_end", "payload")),
-            "s": ("samples", ("model_name", "bundle_version", "reason", "at", "payload"))}  # fmt: skip
-    names = {"model_name": "model", "bundle_version": "version", "window_start": "start", "window_end": "end"}
-    out: dict[str, list[Any]] = {}
-    for prefix, (kind, columns) in spec.items():
-        for column in columns:
-            out[f"{prefix}_{names.get(column, column)}"] = [row[column] for row in rows[kind]]
-    return out
 
 
 def _insert_batch(

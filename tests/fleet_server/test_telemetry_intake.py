@@ -8,14 +8,17 @@ import uuid
 
 import pytest
 import zstandard
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from bundles.errors import ConfigError
+from fleet_server.api.fast_path import TelemetryFastPath
 from fleet_server.db import session_scope
 from fleet_server.models import DeviceEvent, MetricWindow, PredictionSample
 from fleet_server.services.json_items import parse_object_with_item_texts
+from tests.fleet_server.conftest import auth
 
 AT = "2026-11-29T12:00:00+00:00"
 
@@ -155,3 +158,35 @@ def test_concurrent_retries_of_one_batch_store_it_once(app, make_device, session
     assert sorted(r.duplicate for r in results) == [False, True, True, True]
     assert all(r.accepted == {"events": 1, "windows": 1, "samples": 50} for r in results)
     assert counts(session_factory) == (1, 1, 50)
+
+
+def test_the_upload_fast_path_answers_well_formed_uploads_and_errors_itself_and_declines_odd_headers(
+    app, client, make_device
+):
+    declined: list[str] = []
+
+    async def route(scope, receive, send):  # stands for the router: records what reached it
+        declined.append(dict(scope["headers"]).get(b"content-encoding", b"").decode())
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    fast = TelemetryFastPath(route)
+
+    async def served(scope, receive, send):
+        scope["app"] = app
+        await fast(scope, receive, send)
+
+    device = make_device()
+    http = TestClient(served)  # (no lifespan: the app's ran in the client fixture)
+    stored = http.post("/api/v1/device/telemetry", headers=device.headers, json=batch(2))
+    unknown = http.post("/api/v1/device/telemetry", headers=auth("efd_unknown"), json=batch(1))
+    bad = http.post("/api/v1/device/telemetry", headers=device.headers, content=b'{"batch_id": 5}')
+    odd = http.post("/api/v1/device/telemetry", headers={**device.headers, "Content-Encoding": "g" * 51},
+                    content=b"{}")  # fmt: skip
+    assert stored.status_code == 200 and stored.json() == {"accepted": {"events": 1, "windows": 1, "samples": 2},
+                                                           "duplicate": False}  # fmt: skip
+    assert unknown.status_code == 401 and unknown.headers["www-authenticate"] == "Bearer"
+    assert bad.status_code == 400 and bad.json()["detail"].startswith("batch_id")
+    assert odd.status_code == 299 and declined == ["g" * 51]
+    assert client.post("/api/v1/device/telemetry", headers={**device.headers, "Content-Encoding": "g" * 51},
+                       content=b"{}").status_code == 422  # the route itself  # fmt: skip
