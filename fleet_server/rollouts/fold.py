@@ -47,7 +47,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles import jsonio
-from bundles.windows import is_valid_window, merge_fields
+from bundles.windows import PartsShape, is_valid_window, merge_fields, merge_window_parts, window_parts
 from fleet_server.db import among, utcnow
 from fleet_server.locks import serialized
 from fleet_server.models import DeviceEvent, MetricWindow
@@ -180,10 +180,11 @@ class _Member:
     shadow: bool = False
     target: int = 0
     stamp: int = 0  # the rollout's evaluations: what ``evidence_seq`` is set to when the evidence changes
+    stored: dict[str, Any] | None = None  # ``evidence_text`` parsed
 
     def loaded_evidence(self) -> Evidence:
         if self.evidence is None:
-            self.evidence = Evidence.from_json(_json_object(self.evidence_text), self.start_after)
+            self.evidence = Evidence.from_json(self._stored(), self.start_after)
             if self.running_since is not None:  # found before evidence was kept
                 self.evidence.running(self.running_since)
         return self.evidence
@@ -193,8 +194,13 @@ class _Member:
         this, and most devices' answer does not change)."""
         if self.evidence is not None:
             return self.evidence.counted
-        label = (_json_object(self.evidence_text) or {}).get("counted")
+        label = self._stored().get("counted")
         return label if isinstance(label, str) else None
+
+    def _stored(self) -> dict[str, Any]:
+        if self.stored is None:
+            self.stored = _json_object(self.evidence_text) or {}
+        return self.stored
 
 
 @dataclass
@@ -210,7 +216,8 @@ class _Rollout:
 
 @dataclass
 class _Rollup:
-    payloads: list[dict[str, Any]] = field(default_factory=list)
+    parts: list[tuple[PartsShape, list[int], list[float]]] = field(default_factory=list)  # usual windows, apart
+    others: list[dict[str, Any]] = field(default_factory=list)  # valid windows of other shapes
     windows: int = 0
     invalid: int = 0
     devices: int = 0
@@ -225,6 +232,7 @@ class _Plan:
     by_device: dict[str, list[tuple[_Rollout, _Member]]]
     rollups: dict[RollupKey, _Rollup] = field(default_factory=lambda: defaultdict(_Rollup))
     invalid: int = 0
+    labels: dict[RollupKey, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, session: Session, device_ids: set[str]) -> _Plan:
@@ -272,19 +280,23 @@ class _Plan:
     def _count(self, member: _Member, key: RollupKey, payload_text: str, also: RollupKey | None = None) -> None:
         """Add a window to ``key``'s rollup (and to ``also``'s, the device's variant cohort of the same wave)."""
         rollups = [self.rollups[key]] + ([self.rollups[also]] if also is not None else [])
-        payload = _window_payload(payload_text)
-        if payload is None:
+        payload = _json_object(payload_text)
+        parts = window_parts(payload) if payload is not None else None  # the usual window: checked in bulk
+        if parts is None and (payload is None or not is_valid_window(payload)):
             for rollup in rollups:
                 rollup.invalid += 1
             self.invalid += 1
             return
-        label = ":".join(str(part) for part in key)
+        label = self.labels.get(key) or self.labels.setdefault(key, ":".join(str(part) for part in key))
         new_device = member.counted() != label
         if new_device:
             member.loaded_evidence().counted = label
             member.changed = True
         for rollup in rollups:
-            rollup.payloads.append(payload)
+            if parts is not None:
+                rollup.parts.append(parts)
+            else:
+                rollup.others.append(typing.cast(dict[str, Any], payload))
             rollup.windows += 1
             rollup.devices += int(new_device)
 
@@ -308,9 +320,9 @@ class _Plan:
         existing = _existing_rollups(session, list(self.rollups))
         sums: dict[tuple[int, ...], dict[str, Any]] = {}  # a wave's and its one variant's windows: added once
         for key, delta in self.rollups.items():
-            same = tuple(map(id, delta.payloads))
+            same = (*map(id, delta.parts), -1, *map(id, delta.others))
             if same not in sums:
-                sums[same] = merge_fields(delta.payloads)
+                sums[same] = merge_window_parts(delta.parts, delta.others)
             _write_rollup(session, key, delta, sums[same], existing.get(key), now)
         changed = [m for _, m in self.members.values() if m.changed]
         _write_evidence(session, changed)
@@ -357,12 +369,6 @@ def _json_object(payload_text: Any) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None
-
-
-def _window_payload(payload_text: Any) -> dict[str, Any] | None:
-    """A stored window payload if it parses and keeps the window contract, else None (never raises)."""
-    payload = _json_object(payload_text)
-    return payload if payload is not None and is_valid_window(payload) else None
 
 
 def _existing_rollups(session: Session, keys: list[RollupKey]) -> dict[RollupKey, RolloutRollup]:
