@@ -315,17 +315,20 @@ class _Plan:
                 member.changed = True
 
     def write(self, session: Session, window_ids: list[int], event_ids: list[int]) -> None:
-        """Every write of the chunk, in one burst: rollups, evidence, then the folded marks."""
+        """Every write of the chunk, in one burst after all the computing (on SQLite the first write takes the
+        database's write lock): evidence, rollups, then the queue."""
         now = utcnow()
-        existing = _existing_rollups(session, list(self.rollups))
         sums: dict[tuple[int, ...], dict[str, Any]] = {}  # a wave's and its one variant's windows: added once
+        added = {}
         for key, delta in self.rollups.items():
             same = (*map(id, delta.parts), -1, *map(id, delta.others))
             if same not in sums:
                 sums[same] = merge_window_parts(delta.parts, delta.others)
-            _write_rollup(session, key, delta, sums[same], existing.get(key), now)
-        changed = [m for _, m in self.members.values() if m.changed]
-        _write_evidence(session, changed)
+            added[key] = sums[same]
+        existing = _existing_rollups(session, list(self.rollups))
+        _write_evidence(session, [m for _, m in self.members.values() if m.changed])
+        for key, delta in self.rollups.items():
+            _write_rollup(session, key, delta, added[key], existing.get(key), now)
         _dequeue(session, UnfoldedWindow.window_id, window_ids)
         _dequeue(session, UnfoldedEvent.event_id, event_ids)
 
@@ -428,11 +431,14 @@ def _write_evidence(session: Session, members: list[_Member]) -> None:
     if postgresql:  # times as epoch seconds (finite: plain JSON)
         session.execute(_PG_EVIDENCE_SQL, {"rows": orjson.dumps(rows).decode()})
         return
+    for row in rows:  # serialized here, before the statement takes the write lock
+        row["evidence"] = orjson.dumps(row["evidence"]).decode()
     table = typing.cast(Table, RolloutDevice.__table__)
+    values: dict[str, Any] = {name: bindparam(name) for name in ("evidence_seq", *SUMMARY)}
     statement = (
         update(table)
         .where(table.c.rollout_id == bindparam("r"), table.c.device_id == bindparam("d"))
-        .values({name: bindparam(name) for name in ("evidence", "evidence_seq", *SUMMARY)})
+        .values({**values, "evidence": bindparam("evidence", type_=Text)})  # the JSON text as it is
     )
     session.execute(statement, rows)
 
