@@ -19,6 +19,7 @@ and counted rather than able to stop an aggregation.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -114,30 +115,27 @@ def window_parts(payload: Mapping[str, Any]) -> tuple[PartsShape, list[int], lis
     Windows of one shape add up column by column (:func:`merge_window_parts`), which costs a fraction
     of :func:`merge_fields`'s walk of each window's fields.
     """
-    if payload.get("llm") is not None:  # a language model's generations: the field-by-field checks
+    get = payload.get
+    if get("llm") is not None:  # a language model's generations: the field-by-field checks
         return None
-    counters, latency, shadow = payload.get("counters", {}), payload.get("latency_ms", {}), payload.get("shadow", {})
-    if not (type(counters) is dict and type(latency) is dict and type(shadow) is dict):
+    counters, latency, shadow = get("counters", _EMPTY), get("latency_ms", _EMPTY), get("shadow", _EMPTY)
+    features, output = get("features", _EMPTY), get("output", _EMPTY)
+    if not (type(counters) is type(latency) is type(shadow) is type(features) is type(output) is dict):
         return None
-    if len(counters) > MAX_NAMES or len(latency) > 8 or len(shadow) > 16 or not _names(counters, latency, shadow):
+    if len(counters) > MAX_NAMES or len(latency) > 8 or len(shadow) > 16 or len(features) > MAX_HISTOGRAMS:
         return None
-    latency_counts = latency.get("counts", [])
+    if len(output) > MAX_HISTOGRAMS or not _names([*counters, *latency, *shadow, *features, *output]):
+        return None
+    latency_counts = latency.get("counts", _NO_COUNTS)
     if type(latency_counts) is not list or len(latency_counts) > len(LATENCY_EDGES_MS) + 1:
         return None
-    counts: list[Any] = [*latency_counts, *counters.values()]
-    histogram_shapes: list[tuple[tuple[str, ...], tuple[int, ...]] | None] = []
-    for key in ("features", "output"):
-        histograms = payload.get(key, {})
-        if type(histograms) is not dict or len(histograms) > MAX_HISTOGRAMS or not _names(histograms):
-            return None
-        for histogram in histograms.values():
-            if type(histogram) is not list or len(histogram) > MAX_BINS:
-                return None
-            counts.extend(histogram)
-        histogram_shapes.append((tuple(histograms), tuple(map(len, histograms.values()))) if key in payload else None)
+    histograms = [*features.values(), *output.values()]
+    if histograms and (not set(map(type, histograms)) == {list} or max(map(len, histograms)) > MAX_BINS):
+        return None
+    counts: list[Any] = [*latency_counts, *counters.values(), *itertools.chain.from_iterable(histograms)]
     sums = [value for key, value in latency.items() if key != "counts"]
-    sums += [value for key, value in shadow.items() if key in SUM_KEYS]
-    counts += [value for key, value in shadow.items() if key not in SUM_KEYS]
+    for key, value in shadow.items():
+        (sums if key in SUM_KEYS else counts).append(value)
     if any(type(value) not in (int, float) or not 0 <= value <= MAX_SUM for value in sums):  # NaN compares False
         return None
     if counts and not _plain_counts(counts):
@@ -147,8 +145,18 @@ def window_parts(payload: Mapping[str, Any]) -> tuple[PartsShape, list[int], lis
             and shadow.get("agreed", 0) <= shadow.get("compared", 0)):  # fmt: skip
         return None
     shape = (tuple(counters) if "counters" in payload else None, tuple(latency) if "latency_ms" in payload else None,
-             len(latency_counts), *histogram_shapes, tuple(shadow) if "shadow" in payload else None)  # fmt: skip
+             len(latency_counts), _histogram_shape(payload, "features"), _histogram_shape(payload, "output"),
+             tuple(shadow) if "shadow" in payload else None)  # fmt: skip
     return shape, counts, sums
+
+
+_EMPTY: dict[str, Any] = {}
+_NO_COUNTS: list[int] = []
+
+
+def _histogram_shape(payload: Mapping[str, Any], key: str) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+    histograms = payload.get(key)
+    return (tuple(histograms), tuple(map(len, histograms.values()))) if histograms is not None else None
 
 
 def merge_window_parts(
@@ -201,8 +209,14 @@ def _assemble(shape: PartsShape, counts: list[int], sums: list[float]) -> dict[s
     return out
 
 
-def _names(*objects: dict[Any, Any]) -> bool:
-    return all(type(key) is str and 0 < len(key) <= MAX_NAME_CHARS for value in objects for key in value)
+def _names(keys: list[Any]) -> bool:
+    """Whether every key is a name: a string of 1 to :data:`MAX_NAME_CHARS` characters (three passes in C)."""
+    if not keys:
+        return True
+    if set(map(type, keys)) != {str}:
+        return False
+    lengths = list(map(len, keys))
+    return min(lengths) > 0 and max(lengths) <= MAX_NAME_CHARS
 
 
 def _check_counters(value: Any, where: str) -> None:
