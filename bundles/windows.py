@@ -19,6 +19,7 @@ and counted rather than able to stop an aggregation.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -100,39 +101,122 @@ def _plainly_valid(payload: Mapping[str, Any]) -> bool:
     counts at once; anything else (groups of counters, float counts, a bad value) returns False and
     gets the field-by-field checks, which name what is wrong.
     """
-    if payload.get("llm") is not None:  # a language model's generations: the field-by-field checks
-        return False
-    counters, latency, shadow = payload.get("counters", {}), payload.get("latency_ms", {}), payload.get("shadow", {})
-    if not (type(counters) is dict and type(latency) is dict and type(shadow) is dict):
-        return False
-    if len(counters) > MAX_NAMES or len(latency) > 8 or len(shadow) > 16 or not _names(counters, latency, shadow):
-        return False
-    latency_counts = latency.get("counts", [])
+    return window_parts(payload) is not None
+
+
+PartsShape = tuple[Any, ...]
+"""Which merged fields a window has, their keys in order and each list's length (see :func:`window_parts`)."""
+
+
+def window_parts(payload: Mapping[str, Any]) -> tuple[PartsShape, list[int], list[float]] | None:
+    """A window the bulk check vouches for (:func:`_plainly_valid`), taken apart: its shape, its counts and its
+    sums (each in shape order); None for any other window.
+
+    Windows of one shape add up column by column (:func:`merge_window_parts`), which costs a fraction
+    of :func:`merge_fields`'s walk of each window's fields.
+    """
+    get = payload.get
+    if get("llm") is not None:  # a language model's generations: the field-by-field checks
+        return None
+    counters, latency, shadow = get("counters", _EMPTY), get("latency_ms", _EMPTY), get("shadow", _EMPTY)
+    features, output = get("features", _EMPTY), get("output", _EMPTY)
+    if not (type(counters) is type(latency) is type(shadow) is type(features) is type(output) is dict):
+        return None
+    if len(counters) > MAX_NAMES or len(latency) > 8 or len(shadow) > 16 or len(features) > MAX_HISTOGRAMS:
+        return None
+    if len(output) > MAX_HISTOGRAMS or not _names([*counters, *latency, *shadow, *features, *output]):
+        return None
+    latency_counts = latency.get("counts", _NO_COUNTS)
     if type(latency_counts) is not list or len(latency_counts) > len(LATENCY_EDGES_MS) + 1:
-        return False
-    counts: list[Any] = [*latency_counts, *counters.values()]
-    for key in ("features", "output"):
-        histograms = payload.get(key, {})
-        if type(histograms) is not dict or len(histograms) > MAX_HISTOGRAMS or not _names(histograms):
-            return False
-        for histogram in histograms.values():
-            if type(histogram) is not list or len(histogram) > MAX_BINS:
-                return False
-            counts.extend(histogram)
+        return None
+    histograms = [*features.values(), *output.values()]
+    if histograms and (not set(map(type, histograms)) == {list} or max(map(len, histograms)) > MAX_BINS):
+        return None
+    counts: list[Any] = [*latency_counts, *counters.values(), *itertools.chain.from_iterable(histograms)]
     sums = [value for key, value in latency.items() if key != "counts"]
-    sums += [value for key, value in shadow.items() if key in SUM_KEYS]
-    counts += [value for key, value in shadow.items() if key not in SUM_KEYS]
+    for key, value in shadow.items():
+        (sums if key in SUM_KEYS else counts).append(value)
     if any(type(value) not in (int, float) or not 0 <= value <= MAX_SUM for value in sums):  # NaN compares False
-        return False
+        return None
     if counts and not _plain_counts(counts):
-        return False
+        return None
     requests: int = counters.get("requests", 0)
-    return bool(counters.get("errors", 0) <= requests and counters.get("fallbacks", 0) <= requests
-                and shadow.get("agreed", 0) <= shadow.get("compared", 0))  # fmt: skip
+    if not (counters.get("errors", 0) <= requests and counters.get("fallbacks", 0) <= requests
+            and shadow.get("agreed", 0) <= shadow.get("compared", 0)):  # fmt: skip
+        return None
+    shape = (tuple(counters) if "counters" in payload else None, tuple(latency) if "latency_ms" in payload else None,
+             len(latency_counts), _histogram_shape(payload, "features"), _histogram_shape(payload, "output"),
+             tuple(shadow) if "shadow" in payload else None)  # fmt: skip
+    return shape, counts, sums
 
 
-def _names(*objects: dict[Any, Any]) -> bool:
-    return all(type(key) is str and 0 < len(key) <= MAX_NAME_CHARS for value in objects for key in value)
+_EMPTY: dict[str, Any] = {}
+_NO_COUNTS: list[int] = []
+
+
+def _histogram_shape(payload: Mapping[str, Any], key: str) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+    histograms = payload.get(key)
+    return (tuple(histograms), tuple(map(len, histograms.values()))) if histograms is not None else None
+
+
+def merge_window_parts(
+    parts: Iterable[tuple[PartsShape, list[int], list[float]]], others: Iterable[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """What :func:`merge_fields` gives for the windows taken apart as ``parts`` and the windows ``others``."""
+    by_shape: dict[PartsShape, tuple[list[list[int]], list[list[float]]]] = {}
+    for shape, counts, sums in parts:
+        group = by_shape.setdefault(shape, ([], []))
+        group[0].append(counts)
+        group[1].append(sums)
+    merged = [_assemble(shape, _column_sums(counts), _column_sums(sums)) for shape, (counts, sums) in by_shape.items()]
+    rest = list(others)
+    return merged[0] if len(merged) == 1 and not rest else merge_fields([*merged, *rest])
+
+
+def _column_sums(rows: list[list[Any]]) -> list[Any]:
+    return [sum(column) for column in zip(*rows, strict=True)]
+
+
+def _assemble(shape: PartsShape, counts: list[int], sums: list[float]) -> dict[str, Any]:
+    """The window of ``shape`` whose counts and sums (in :func:`window_parts`'s order) are these."""
+    counter_keys, latency_keys, latency_len, features, output, shadow_keys = shape
+    out: dict[str, Any] = {}
+    at, sum_at = latency_len, 0
+    if counter_keys is not None:
+        out["counters"] = dict(zip(counter_keys, counts[at : at + len(counter_keys)], strict=True))
+        at += len(counter_keys)
+    if latency_keys is not None:
+        latency: dict[str, Any] = {}
+        for key in latency_keys:
+            if key == "counts":
+                latency[key] = counts[:latency_len]
+            else:
+                latency[key], sum_at = sums[sum_at], sum_at + 1
+        out["latency_ms"] = latency
+    for field, histograms in (("features", features), ("output", output)):
+        if histograms is not None:
+            out[field] = {}
+            for name, length in zip(*histograms, strict=True):
+                out[field][name], at = counts[at : at + length], at + length
+    if shadow_keys is not None:
+        shadow: dict[str, Any] = {}
+        for key in shadow_keys:
+            if key in SUM_KEYS:
+                shadow[key], sum_at = sums[sum_at], sum_at + 1
+            else:
+                shadow[key], at = counts[at], at + 1
+        out["shadow"] = shadow
+    return out
+
+
+def _names(keys: list[Any]) -> bool:
+    """Whether every key is a name: a string of 1 to :data:`MAX_NAME_CHARS` characters (three passes in C)."""
+    if not keys:
+        return True
+    if set(map(type, keys)) != {str}:
+        return False
+    lengths = list(map(len, keys))
+    return min(lengths) > 0 and max(lengths) <= MAX_NAME_CHARS
 
 
 def _check_counters(value: Any, where: str) -> None:
@@ -308,5 +392,7 @@ __all__ = [
     "is_valid_window",
     "merge_fields",
     "merge_valid",
+    "merge_window_parts",
     "sum_nested",
+    "window_parts",
 ]

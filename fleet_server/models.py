@@ -30,7 +30,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
-    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -243,10 +242,7 @@ class DeviceEvent(Base):
     """An event from a device (install steps, heartbeats, rollbacks); payload shape in docs/telemetry.md."""
 
     __tablename__ = "device_events"
-    __table_args__ = (
-        Index("ix_device_events_device_id_at", "device_id", "at"),
-        Index("ix_device_events_unfolded", "id", postgresql_where=text("NOT folded"), sqlite_where=text("NOT folded")),
-    )
+    __table_args__ = (Index("ix_device_events_device_id_at", "device_id", "at"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     batch_pk: Mapped[int] = mapped_column(BigId)
@@ -257,7 +253,8 @@ class DeviceEvent(Base):
     at: Mapped[dt.datetime]
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     folded: Mapped[bool] = mapped_column(default=False, server_default=false())
-    """Read by the rollout engine (``fleet_server.rollouts.fold``); intake stores events it never reads as folded."""
+    """True for the event types the rollout engine never reads (intake's choice); an event stored with False is
+    queued for the engine's fold by an insert trigger (``unfolded_events``, see ``fleet_server.rollouts.fold``)."""
 
 
 class MetricWindow(Base):
@@ -267,7 +264,6 @@ class MetricWindow(Base):
     __table_args__ = (
         Index("ix_metric_windows_model_version_start", "model_name", "bundle_version", "window_start"),
         Index("ix_metric_windows_device_id_start", "device_id", "window_start"),
-        Index("ix_metric_windows_unfolded", "id", postgresql_where=text("NOT folded"), sqlite_where=text("NOT folded")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -278,8 +274,6 @@ class MetricWindow(Base):
     window_start: Mapped[dt.datetime]
     window_end: Mapped[dt.datetime]
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    folded: Mapped[bool] = mapped_column(default=False, server_default=false())
-    """Added into the rollout engine's aggregates (``fleet_server.rollouts.fold``)."""
 
 
 class PredictionSample(Base):

@@ -32,6 +32,8 @@ def upsert_assignments(
 ) -> None:
     """Create or update the (device, model) rows with each device's values, reading them in one query
     (a wave of thousands is one SELECT, not thousands)."""
+    if not values_by_device:
+        return
     existing = assignments_for(session, model, list(values_by_device))
     for device_id, values in values_by_device.items():
         row = existing.get(device_id)

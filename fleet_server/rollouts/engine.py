@@ -56,7 +56,14 @@ from fleet_server.rollouts.decisions import (
 )
 from fleet_server.rollouts.fold import CONTROL, ENGINE_LOCK, WAVE, FoldReport, fold_pending, variant_cohort
 from fleet_server.rollouts.gates import CohortFigures, Gate, evaluate_gate, evaluate_per_variant, parse_gates
-from fleet_server.rollouts.members import Member, wave_members, write_changes
+from fleet_server.rollouts.members import (
+    Member,
+    Tally,
+    members_to_visit,
+    shadow_versions,
+    wave_tally,
+    write_changes,
+)
 from fleet_server.rollouts.models import Rollout, RolloutDecision, RolloutDevice, RolloutRollup, RolloutWave
 from fleet_server.rollouts.observe import observation_of
 from fleet_server.rollouts.service import (
@@ -219,6 +226,7 @@ def evaluate_rollout(session: Session, rollout: Rollout, now: dt.datetime) -> li
             break
         made.append(_apply(session, rollout, wave, decision, now))
     rollout.evaluated_at = now
+    rollout.evaluations += 1  # evidence the fold changes from now on is stamped for the next evaluation
     return made
 
 
@@ -245,17 +253,23 @@ def evaluate_wave(
     wave_count: int,
     now: dt.datetime,
 ) -> Decision:
-    """Classify, release, measure and decide for the rollout's current wave."""
-    members = wave_members(session, rollout.id, wave.index)
+    """Classify, release, measure and decide for the rollout's current wave (counting its devices in SQL, loading
+    only those the tick may change: :mod:`.members`)."""
+    tally = wave_tally(session, rollout.id, wave.index)
+    members = members_to_visit(session, rollout.id, wave.index, rollout.evaluations, _timeout_before(policy, now))
     with session.no_autoflush:  # on SQLite, writes (and its write lock) wait for the end of the tick
+        before = [m.key() for m in members]
         _classify(session, policy, wave, members, now)  # first, so settled devices free download slots
-        _release(session, rollout, policy, wave, members, now)
-        outcomes = Counter(DeviceOutcome(m.outcome or DeviceOutcome.WAITING.value) for m in members)
-        if wave.state == WaveState.RUNNING.value and members and not _unreleased_or_installing(outcomes):
+        tally.moved(before, members)
+        before = [m.key() for m in members]
+        released = _release(session, rollout, policy, wave, members, tally, now)
+        tally.moved(before, members)
+        outcomes = tally.outcomes()
+        if wave.state == WaveState.RUNNING.value and tally.total() and not _unreleased_or_installing(outcomes):
             set_wave_state(wave, WaveEvent.SETTLED, now)
-        control = _control_figures(session, rollout, wave, members)
-        canary = _canary_figures(session, rollout, wave, members, outcomes)
-        by_variant = _variant_figures(session, rollout, wave, members, canary)
+        control = _control_figures(session, rollout, wave, released)
+        canary = _canary_figures(session, rollout, wave, tally, released)
+        by_variant = _variant_figures(session, rollout, wave, tally, canary)
     write_changes(session, rollout.id, members)
     results = [evaluate_per_variant(g, by_variant, control) if g.per_variant else evaluate_gate(g, canary, control)
                for g in gates]  # fmt: skip
@@ -275,28 +289,38 @@ def _unreleased_or_installing(outcomes: Counter[DeviceOutcome]) -> bool:
     return bool(outcomes[DeviceOutcome.WAITING] or outcomes[DeviceOutcome.INSTALLING])
 
 
+def _timeout_before(policy: RolloutPolicy, now: dt.datetime) -> dt.datetime:
+    """The start-after time before which a device's timeout has come (:func:`.decisions.classify_device`)."""
+    try:
+        return now - dt.timedelta(seconds=policy.soak_s) - dt.timedelta(seconds=policy.device_timeout_s)
+    except OverflowError:  # no device can have started that long ago
+        return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+
 def _release(
     session: Session,
     rollout: Rollout,
     policy: RolloutPolicy,
     wave: RolloutWave,
     members: Sequence[Member],
+    tally: Tally,
     now: dt.datetime,
-) -> None:
-    """Tell more devices of the wave to download, within the concurrency cap, in cohort order."""
+) -> list[Member]:
+    """Tell more devices of the wave to download, within the concurrency cap, in cohort order; returns them.
+
+    ``members`` holds every device of the wave not released yet; ``tally`` counts the wave's devices."""
     waiting = [m for m in members if m.released_at is None]
-    in_flight = sum(
-        1 for m in members if m.released_at is not None and m.outcome in (None, DeviceOutcome.INSTALLING.value)
-    )
-    quota = cohorts.release_quota(in_flight, len(waiting), policy.max_concurrent_downloads)
+    quota = cohorts.release_quota(tally.in_flight(), len(waiting), policy.max_concurrent_downloads)
     order = cohorts.order_devices([m.device_id for m in waiting], rollout.id)[:quota]
     by_id = {m.device_id: m for m in waiting}
     writes = {device_id: _release_one(rollout, policy, wave, by_id[device_id], now) for device_id in order}
     assign.upsert_assignments(session, rollout.model_name, writes, now)
-    if order:
+    released = [by_id[device_id] for device_id in order]
+    if released:
         soak_and_timeout = dt.timedelta(seconds=policy.soak_s + policy.device_timeout_s)
-        latest_start = max(m.start_after for m in members if m.start_after is not None)
-        wave.deadline_at = latest_start + soak_and_timeout
+        starts = [m.start_after for m in released if m.start_after is not None]
+        wave.deadline_at = max([*starts, *([tally.latest_start] if tally.latest_start else [])]) + soak_and_timeout
+    return released
 
 
 def _release_one(
@@ -307,6 +331,7 @@ def _release_one(
     device.clear_evidence()  # what it reported as a control device is not evidence of the new bundle
     device.set(released_at=now, start_after=start_after, outcome=DeviceOutcome.INSTALLING.value,
                outcome_reason="told to install")  # fmt: skip
+    device.changed["evidence_seq"] = rollout.evaluations + 1  # the next evaluation classifies it
     values: dict[str, Any] = {"bundle_version": rollout.bundle_version, "variant": device.variant,
                               "shadow_version": None}  # fmt: skip
     if _is_shadow(wave, device):
@@ -349,50 +374,42 @@ def _last_polls(session: Session, device_ids: list[str]) -> dict[str, dt.datetim
     return dict(rows.tuples().all())
 
 
+def _device_counts(tally: Tally) -> dict[str, int]:
+    outcomes = tally.outcomes()
+    return {"devices_total": tally.total(), "devices_healthy": outcomes[DeviceOutcome.HEALTHY],
+            "devices_failed": outcomes[DeviceOutcome.FAILED],
+            "devices_timed_out": outcomes[DeviceOutcome.TIMED_OUT]}  # fmt: skip
+
+
 def _canary_figures(
-    session: Session,
-    rollout: Rollout,
-    wave: RolloutWave,
-    members: Sequence[Member],
-    outcomes: Counter[DeviceOutcome],
+    session: Session, rollout: Rollout, wave: RolloutWave, tally: Tally, released: Sequence[Member]
 ) -> CohortFigures:
-    counts = {
-        "devices_total": len(members),
-        "devices_healthy": outcomes[DeviceOutcome.HEALTHY],
-        "devices_failed": outcomes[DeviceOutcome.FAILED],
-        "devices_timed_out": outcomes[DeviceOutcome.TIMED_OUT],
-    }
-    released = [m for m in members if m.released_at is not None]
-    if not released or wave.started_at is None:
+    """The wave's figures (``released``: its devices released by this tick, not written yet)."""
+    counts = _device_counts(tally)
+    if not tally.released() or wave.started_at is None:
         return CohortFigures(**counts)
-    shadow = [m for m in released if _is_shadow(wave, m)]
     version = rollout.bundle_version
-    if shadow:  # shadow results ride in the windows of the version the device still serves
-        version = int(Counter(m.previous_version for m in shadow).most_common(1)[0][0] or 0)
+    if wave.shadow and tally.released(with_previous=True):  # shadow results ride in the windows of the version
+        versions = shadow_versions(session, rollout.id, wave.index, released)  # the device still serves
+        version = int(next(iter(versions), 0) or 0)
     cohort = _rollup_stats(session, rollout, wave.index, WAVE, version)
     return CohortFigures.from_stats(cohort, **counts)
 
 
 def _variant_figures(
-    session: Session, rollout: Rollout, wave: RolloutWave, members: Sequence[Member], canary: CohortFigures
+    session: Session, rollout: Rollout, wave: RolloutWave, tally: Tally, canary: CohortFigures
 ) -> dict[str, CohortFigures]:
     """The wave's figures per variant the server directed its devices to (from per-variant rollups, when several).
 
     A shadow wave's devices keep serving their previous version beside the target: its figures stay whole.
     """
-    groups: dict[str, list[Member]] = {}
-    for member in members:
-        groups.setdefault(member.variant or "unknown", []).append(member)
-    if len(groups) <= 1 or any(_is_shadow(wave, m) for m in members if m.released_at is not None):
+    groups = tally.by_variant()
+    if len(groups) <= 1 or (wave.shadow and tally.released(with_previous=True)):
         return dict.fromkeys(groups, canary)
     out = {}
-    for variant, group in sorted(groups.items()):
-        outcomes = Counter(DeviceOutcome(m.outcome or DeviceOutcome.WAITING.value) for m in group)
-        counts = {
-            "devices_total": len(group), "devices_healthy": outcomes[DeviceOutcome.HEALTHY],
-            "devices_failed": outcomes[DeviceOutcome.FAILED], "devices_timed_out": outcomes[DeviceOutcome.TIMED_OUT],
-        }  # fmt: skip
-        if wave.started_at is None or not any(m.released_at is not None for m in group):
+    for variant, group in groups.items():
+        counts = _device_counts(group)
+        if wave.started_at is None or not group.released():
             out[variant] = CohortFigures(**counts)
             continue
         cohort = _rollup_stats(session, rollout, wave.index, variant_cohort(variant), rollout.bundle_version)
@@ -401,10 +418,10 @@ def _variant_figures(
 
 
 def _control_figures(
-    session: Session, rollout: Rollout, wave: RolloutWave, members: Sequence[Member]
+    session: Session, rollout: Rollout, wave: RolloutWave, released: Sequence[Member]
 ) -> CohortFigures | None:
     """The rollout's members not released yet, on their (most common) previous version, since the wave started
-    (``members``: the current wave's, whose releases of this tick are not written yet)."""
+    (``released``: the current wave's devices released by this tick, not written yet)."""
     if wave.started_at is None:
         return None
     query = (
@@ -414,8 +431,7 @@ def _control_figures(
         .group_by(RolloutDevice.previous_version)
     )  # fmt: skip
     counts = Counter(dict(session.execute(query).tuples().all()))
-    released_now = [m.previous_version for m in members if "released_at" in m.changed]
-    counts.subtract(v for v in released_now if v is not None)
+    counts.subtract(m.previous_version for m in released if m.previous_version is not None)
     counts = +counts  # drop the versions no unreleased member runs any more
     if not counts:
         return None

@@ -12,8 +12,11 @@ once into what the engine keeps:
 - windows, ``install`` events and heartbeats of a released device into its **evidence**
   (``rollout_devices.evidence``, :class:`.observe.Evidence`), from which the tick classifies it.
 
-Rows are folded in chunks of at most :data:`CHUNK_ROWS`, each in one short transaction that also
-marks them ``folded``, so a row is added exactly once whatever crashes; the whole fold runs in a
+What is left to fold is queued: an insert trigger puts the id of every new window, and of every new
+``install`` or heartbeat event, into ``unfolded_windows`` / ``unfolded_events`` (migration ``0012``),
+whoever writes the row. Rows are folded in chunks of at most :data:`CHUNK_ROWS`, each in one short
+transaction that also deletes their ids from the queue, so a row is added exactly once whatever
+crashes (a queued id whose row is gone, purged by retention, is only dequeued); the whole fold runs in a
 critical section (:func:`fleet_server.locks.serialized`, shared with the engine's evaluations), so
 two processes (the background leader and an operator's ``evaluate``) never fold the same rows, nor
 fold a device's reports while the other releases it. A window whose payload does not parse or
@@ -30,24 +33,32 @@ device's membership in the active rollout of that model: only the rollout's curr
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
-import json
 import logging
 import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, Table, Text, any_, bindparam, cast, select, text, update
+import orjson
+from sqlalchemy import BigInteger, Select, Table, Text, any_, bindparam, cast, delete, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles import jsonio
-from bundles.windows import is_valid_window, merge_fields
+from bundles.windows import PartsShape, is_valid_window, merge_fields, merge_window_parts, window_parts
 from fleet_server.db import among, utcnow
 from fleet_server.locks import serialized
 from fleet_server.models import DeviceEvent, MetricWindow
-from fleet_server.rollouts.models import Rollout, RolloutDevice, RolloutRollup, RolloutWave
+from fleet_server.rollouts.models import (
+    Rollout,
+    RolloutDevice,
+    RolloutRollup,
+    RolloutWave,
+    UnfoldedEvent,
+    UnfoldedWindow,
+)
 from fleet_server.rollouts.observe import Evidence
 from fleet_server.rollouts.states import RolloutState
 
@@ -60,14 +71,10 @@ WAVE, CONTROL = "wave", "control"
 ENGINE_LOCK = "rollout-engine"
 """The critical section of the fold and of every evaluation: one at a time per database."""
 
-UNFOLDED_WINDOWS, UNFOLDED_EVENTS = text("NOT metric_windows.folded"), text("NOT device_events.folded")
-"""The partial indexes' own condition (migration 0005), written out: SQLite uses a partial index only for a
-query that repeats its condition, and SQLAlchemy renders ``~folded`` there as ``folded = 0`` (a scan of the
-whole table for every chunk)."""
-
 RollupKey = tuple[int, int, str, int]  # rollout id, wave index, cohort, bundle version
 
 
+@functools.lru_cache(maxsize=1024)
 def variant_cohort(variant: str) -> str:
     """The rollup cohort of a wave's devices directed to ``variant`` (16 characters: the column's width)."""
     return "v:" + hashlib.sha256(variant.encode("utf-8")).hexdigest()[:14]
@@ -108,37 +115,50 @@ def fold_chunk(session: Session) -> FoldReport:
     limit = CHUNK_ROWS.get(session.get_bind().dialect.name, 500)
     with serialized(session, ENGINE_LOCK):
         connection = session.connection()  # Core: plain columns need no ORM row layer (thousands of rows)
-        windows = connection.execute(unfolded_windows(limit)).all()
-        events = connection.execute(unfolded_events(limit)).all()
-        if not windows and not events:
+        window_ids = list(connection.execute(unfolded_windows(limit)).scalars())
+        event_ids = list(connection.execute(unfolded_events(limit)).scalars())
+        if not window_ids and not event_ids:
             session.rollback()
             return FoldReport(drained=True)
+        windows = connection.execute(windows_by_id(session, window_ids)).all() if window_ids else []
+        events = connection.execute(events_by_id(session, event_ids)).all() if event_ids else []
         plan = _Plan.load(session, {w.device_id for w in windows} | {e.device_id for e in events})
-        for window in windows:
+        for window in windows:  # in id order; an id whose row was purged since (retention) is only dequeued
             plan.add_window(window)
         for event in events:
             plan.add_event(event)
-        plan.write(session, [w.id for w in windows], [e.id for e in events])
+        plan.write(session, window_ids, event_ids)
         session.commit()
-    drained = len(windows) < limit and len(events) < limit
-    return FoldReport(len(windows), len(events), plan.invalid, 1, drained)
+    drained = len(window_ids) < limit and len(event_ids) < limit
+    return FoldReport(len(window_ids), len(event_ids), plan.invalid, 1, drained)
 
 
-def unfolded_windows(limit: int) -> Select[int, str, str, int, dt.datetime, dt.datetime, str]:
-    """The oldest ``limit`` windows not folded yet (through the partial index ``ix_metric_windows_unfolded``)."""
+def unfolded_windows(limit: int) -> Select[int]:
+    """The ids of the oldest ``limit`` queued windows."""
+    return select(UnfoldedWindow.window_id).order_by(UnfoldedWindow.window_id).limit(limit)
+
+
+def unfolded_events(limit: int) -> Select[int]:
+    """The ids of the oldest ``limit`` queued events."""
+    return select(UnfoldedEvent.event_id).order_by(UnfoldedEvent.event_id).limit(limit)
+
+
+def windows_by_id(session: Session, ids: list[int]) -> Select[int, str, str, int, dt.datetime, dt.datetime, str]:
+    """The windows of ``ids`` that are still stored, in id order (a separate query from the queue's: a join lets
+    PostgreSQL pick a merge join that walks ``metric_windows`` from its first row)."""
     return (
         select(MetricWindow.id, MetricWindow.device_id, MetricWindow.model_name, MetricWindow.bundle_version,
                MetricWindow.window_start, MetricWindow.window_end, cast(MetricWindow.payload, Text))
-        .where(UNFOLDED_WINDOWS).order_by(MetricWindow.id).limit(limit)
+        .where(_among_ids(session, MetricWindow.id, ids)).order_by(MetricWindow.id)
     )  # fmt: skip
 
 
-def unfolded_events(limit: int) -> Select[int, str, str, str | None, int | None, dt.datetime, str]:
-    """The oldest ``limit`` events not folded yet (through the partial index ``ix_device_events_unfolded``)."""
+def events_by_id(session: Session, ids: list[int]) -> Select[int, str, str, str | None, int | None, dt.datetime, str]:
+    """The events of ``ids`` that are still stored, in id order."""
     return (
         select(DeviceEvent.id, DeviceEvent.device_id, DeviceEvent.type, DeviceEvent.model_name,
                DeviceEvent.bundle_version, DeviceEvent.at, cast(DeviceEvent.payload, Text))
-        .where(UNFOLDED_EVENTS).order_by(DeviceEvent.id).limit(limit)
+        .where(_among_ids(session, DeviceEvent.id, ids)).order_by(DeviceEvent.id)
     )  # fmt: skip
 
 
@@ -152,20 +172,35 @@ class _Member:
     released_at: dt.datetime | None
     start_after: dt.datetime | None
     previous_version: int | None
-    evidence_json: dict[str, Any] | None
+    evidence_text: str | None
     running_since: dt.datetime | None
     variant: str | None = None
     evidence: Evidence | None = None
     changed: bool = False
     shadow: bool = False
     target: int = 0
+    stamp: int = 0  # the rollout's evaluations: what ``evidence_seq`` is set to when the evidence changes
+    stored: dict[str, Any] | None = None  # ``evidence_text`` parsed
 
     def loaded_evidence(self) -> Evidence:
         if self.evidence is None:
-            self.evidence = Evidence.from_json(self.evidence_json, self.start_after)
+            self.evidence = Evidence.from_json(self._stored(), self.start_after)
             if self.running_since is not None:  # found before evidence was kept
                 self.evidence.running(self.running_since)
         return self.evidence
+
+    def counted(self) -> str | None:
+        """The rollup the device was last counted in (read without building its evidence: most windows ask only
+        this, and most devices' answer does not change)."""
+        if self.evidence is not None:
+            return self.evidence.counted
+        label = self._stored().get("counted")
+        return label if isinstance(label, str) else None
+
+    def _stored(self) -> dict[str, Any]:
+        if self.stored is None:
+            self.stored = _json_object(self.evidence_text) or {}
+        return self.stored
 
 
 @dataclass
@@ -176,11 +211,13 @@ class _Rollout:
     wave: int
     wave_started_at: dt.datetime | None
     wave_shadow: bool
+    evaluations: int = 0
 
 
 @dataclass
 class _Rollup:
-    payloads: list[dict[str, Any]] = field(default_factory=list)
+    parts: list[tuple[PartsShape, list[int], list[float]]] = field(default_factory=list)  # usual windows, apart
+    others: list[dict[str, Any]] = field(default_factory=list)  # valid windows of other shapes
     windows: int = 0
     invalid: int = 0
     devices: int = 0
@@ -195,6 +232,7 @@ class _Plan:
     by_device: dict[str, list[tuple[_Rollout, _Member]]]
     rollups: dict[RollupKey, _Rollup] = field(default_factory=lambda: defaultdict(_Rollup))
     invalid: int = 0
+    labels: dict[RollupKey, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, session: Session, device_ids: set[str]) -> _Plan:
@@ -204,12 +242,13 @@ class _Plan:
         if rollouts and device_ids:
             query = select(RolloutDevice.rollout_id, RolloutDevice.device_id, RolloutDevice.wave_index,
                            RolloutDevice.released_at, RolloutDevice.start_after, RolloutDevice.previous_version,
-                           RolloutDevice.evidence, RolloutDevice.running_since, RolloutDevice.variant).where(
+                           cast(RolloutDevice.evidence, Text), RolloutDevice.running_since,
+                           RolloutDevice.variant).where(
                 RolloutDevice.rollout_id.in_(list(rollouts)), _among(session, RolloutDevice.device_id, device_ids),
                 RolloutDevice.membership == "member")  # fmt: skip
-            for row in session.connection().execute(query):
+            for row in session.connection().execute(query).all():  # evidence as text: parsed only when needed
                 rollout, member = rollouts[row[0]], _Member(*row)
-                member.target = rollout.version
+                member.target, member.stamp = rollout.version, rollout.evaluations
                 member.shadow = rollout.wave_shadow and member.previous_version is not None
                 members[(member.device_id, rollout.model)] = (rollout, member)
                 by_device[member.device_id].append((rollout, member))
@@ -241,20 +280,23 @@ class _Plan:
     def _count(self, member: _Member, key: RollupKey, payload_text: str, also: RollupKey | None = None) -> None:
         """Add a window to ``key``'s rollup (and to ``also``'s, the device's variant cohort of the same wave)."""
         rollups = [self.rollups[key]] + ([self.rollups[also]] if also is not None else [])
-        payload = _window_payload(payload_text)
-        if payload is None:
+        payload = _json_object(payload_text)
+        parts = window_parts(payload) if payload is not None else None  # the usual window: checked in bulk
+        if parts is None and (payload is None or not is_valid_window(payload)):
             for rollup in rollups:
                 rollup.invalid += 1
             self.invalid += 1
             return
-        label = ":".join(str(part) for part in key)
-        evidence = member.loaded_evidence()
-        new_device = evidence.counted != label
+        label = self.labels.get(key) or self.labels.setdefault(key, ":".join(str(part) for part in key))
+        new_device = member.counted() != label
         if new_device:
-            evidence.counted = label
+            member.loaded_evidence().counted = label
             member.changed = True
         for rollup in rollups:
-            rollup.payloads.append(payload)
+            if parts is not None:
+                rollup.parts.append(parts)
+            else:
+                rollup.others.append(typing.cast(dict[str, Any], payload))
             rollup.windows += 1
             rollup.devices += int(new_device)
 
@@ -273,19 +315,22 @@ class _Plan:
                 member.changed = True
 
     def write(self, session: Session, window_ids: list[int], event_ids: list[int]) -> None:
-        """Every write of the chunk, in one burst: rollups, evidence, then the folded marks."""
+        """Every write of the chunk, in one burst after all the computing (on SQLite the first write takes the
+        database's write lock): evidence, rollups, then the queue."""
         now = utcnow()
-        existing = _existing_rollups(session, list(self.rollups))
         sums: dict[tuple[int, ...], dict[str, Any]] = {}  # a wave's and its one variant's windows: added once
+        added = {}
         for key, delta in self.rollups.items():
-            same = tuple(map(id, delta.payloads))
+            same = (*map(id, delta.parts), -1, *map(id, delta.others))
             if same not in sums:
-                sums[same] = merge_fields(delta.payloads)
-            _write_rollup(session, key, delta, sums[same], existing.get(key), now)
-        changed = [m for _, m in self.members.values() if m.changed]
-        _write_evidence(session, changed)
-        _mark_folded(session, "metric_windows", window_ids)
-        _mark_folded(session, "device_events", event_ids)
+                sums[same] = merge_window_parts(delta.parts, delta.others)
+            added[key] = sums[same]
+        existing = _existing_rollups(session, list(self.rollups))
+        _write_evidence(session, [m for _, m in self.members.values() if m.changed])
+        for key, delta in self.rollups.items():
+            _write_rollup(session, key, delta, added[key], existing.get(key), now)
+        _dequeue(session, UnfoldedWindow.window_id, window_ids)
+        _dequeue(session, UnfoldedEvent.event_id, event_ids)
 
 
 def _among(session: Session, column: Any, values: set[str]) -> Any:
@@ -296,24 +341,28 @@ def _among(session: Session, column: Any, values: set[str]) -> Any:
     return among(column, values)
 
 
-def _mark_folded(session: Session, table: str, ids: list[int]) -> None:
-    if not ids:
-        return
-    if session.get_bind().dialect.name == "postgresql":  # one array parameter, not thousands
-        session.execute(text(f"UPDATE {table} SET folded = true WHERE id = ANY(:ids)"), {"ids": ids})  # noqa: S608
-        return
-    model = MetricWindow if table == "metric_windows" else DeviceEvent
-    session.execute(update(model).where(model.id.in_(ids)).values(folded=True))
+def _among_ids(session: Session, column: Any, ids: list[int]) -> Any:
+    """``column IN ids``: one array parameter on PostgreSQL, bound values on SQLite (at most a chunk of them)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(f"{column.key}_ids", ids, type_=ARRAY(BigInteger)))
+    return column.in_(ids)
+
+
+def _dequeue(session: Session, column: Any, ids: list[int]) -> None:
+    """Delete folded ids from their queue (``column``: the queue table's only column)."""
+    if ids:
+        session.execute(delete(column.class_.__table__).where(_among_ids(session, column, ids)))
 
 
 def _active_rollouts(session: Session) -> dict[int, _Rollout]:
     query = (
         select(Rollout.id, Rollout.model_name, Rollout.bundle_version, Rollout.current_wave, RolloutWave.started_at,
-               RolloutWave.shadow)
+               RolloutWave.shadow, Rollout.evaluations)
         .outerjoin(RolloutWave, (RolloutWave.rollout_id == Rollout.id) & (RolloutWave.index == Rollout.current_wave))
         .where(Rollout.state.in_(ACTIVE_STATES))
     )  # fmt: skip
-    return {row[0]: _Rollout(row[0], row[1], row[2], row[3], row[4], bool(row[5])) for row in session.execute(query)}
+    return {row[0]: _Rollout(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
+            for row in session.execute(query)}  # fmt: skip
 
 
 def _json_object(payload_text: Any) -> dict[str, Any] | None:
@@ -323,12 +372,6 @@ def _json_object(payload_text: Any) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None
-
-
-def _window_payload(payload_text: Any) -> dict[str, Any] | None:
-    """A stored window payload if it parses and keeps the window contract, else None (never raises)."""
-    payload = _json_object(payload_text)
-    return payload if payload is not None and is_valid_window(payload) else None
 
 
 def _existing_rollups(session: Session, keys: list[RollupKey]) -> dict[RollupKey, RolloutRollup]:
@@ -364,40 +407,38 @@ def _write_rollup(
 _PG_EVIDENCE_SQL = text(
     "UPDATE rollout_devices AS t SET evidence = u.evidence, running_since = to_timestamp(u.running_since),"
     " last_report_at = to_timestamp(u.last_report_at), last_on_target_at = to_timestamp(u.last_on_target_at),"
-    " left_target_at = to_timestamp(u.left_target_at), failure = u.failure"
+    " left_target_at = to_timestamp(u.left_target_at), failure = u.failure, evidence_seq = u.evidence_seq"
     " FROM json_to_recordset(CAST(:rows AS json)) AS u(r integer, d text, evidence json, running_since float8,"
-    " last_report_at float8, last_on_target_at float8, left_target_at float8, failure text)"
+    " last_report_at float8, last_on_target_at float8, left_target_at float8, failure text, evidence_seq integer)"
     " WHERE t.rollout_id = u.r AND t.device_id = u.d"
 )
-"""One statement, one parameter: the rows as a JSON array (times as epoch seconds), which ``json.dumps`` writes
-in one call, where per-column arrays cost a Python conversion per value."""
+"""One statement, one parameter: the rows as a JSON array (times as epoch seconds), which orjson writes in one
+call, where per-column arrays cost a Python conversion per value."""
 SUMMARY = ("running_since", "last_report_at", "last_on_target_at", "left_target_at", "failure")
-SUMMARY_TIMES = SUMMARY[:4]
-
-
-def _epoch(value: dt.datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
 
 
 def _write_evidence(session: Session, members: list[_Member]) -> None:
     """Store the changed evidence and its summary: one statement on PostgreSQL, one executemany on SQLite."""
     if not members:
         return
+    postgresql = session.get_bind().dialect.name == "postgresql"
     rows = []
     for member in members:
         evidence = member.loaded_evidence()
-        summary = evidence.summary(member.target, member.shadow)
-        rows.append({"r": member.rollout_id, "d": member.device_id, "evidence": evidence.to_json(), **summary})
-    if session.get_bind().dialect.name == "postgresql":
-        for row in rows:
-            row.update({name: _epoch(row[name]) for name in SUMMARY_TIMES})
-        session.execute(_PG_EVIDENCE_SQL, {"rows": json.dumps(rows)})
+        summary = (evidence.stamps if postgresql else evidence.summary)(member.target, member.shadow)
+        rows.append({"r": member.rollout_id, "d": member.device_id, "evidence": evidence.to_json(),
+                     "evidence_seq": member.stamp, **summary})  # fmt: skip
+    if postgresql:  # times as epoch seconds (finite: plain JSON)
+        session.execute(_PG_EVIDENCE_SQL, {"rows": orjson.dumps(rows).decode()})
         return
+    for row in rows:  # serialized here, before the statement takes the write lock
+        row["evidence"] = orjson.dumps(row["evidence"]).decode()
     table = typing.cast(Table, RolloutDevice.__table__)
+    values: dict[str, Any] = {name: bindparam(name) for name in ("evidence_seq", *SUMMARY)}
     statement = (
         update(table)
         .where(table.c.rollout_id == bindparam("r"), table.c.device_id == bindparam("d"))
-        .values({name: bindparam(name) for name in ("evidence", *SUMMARY)})
+        .values({**values, "evidence": bindparam("evidence", type_=Text)})  # the JSON text as it is
     )
     session.execute(statement, rows)
 
@@ -409,6 +450,8 @@ __all__ = [
     "FoldReport",
     "fold_chunk",
     "fold_pending",
+    "events_by_id",
     "unfolded_events",
     "unfolded_windows",
+    "windows_by_id",
 ]

@@ -1,4 +1,4 @@
-"""Rollout tables (schema revisions ``0003`` and ``0005``).
+"""Rollout tables (schema revisions ``0003``, ``0005`` and ``0012``).
 
 - ``rollouts``: one row per rollout: the target bundle (model, version), the state, the policy (waves,
   gates, soak, timeouts, breach action, approval, download pacing) as JSON, and what was targeted.
@@ -12,7 +12,12 @@
 - ``rollout_rollups`` (``0005``): per wave, cohort and version, the running sum of the metric windows
   the engine has folded in (``.fold``), so that a tick reads a few rows instead of every window; each
   rollout device's ``evidence`` (also ``0005``) is what it reported since its release, folded the
-  same way. ``metric_windows.folded`` and ``device_events.folded`` mark what was folded.
+  same way.
+- ``unfolded_windows``, ``unfolded_events`` (``0012``): the ids of the metric windows and events the
+  fold has not added yet, put there by insert triggers on ``metric_windows`` and ``device_events``
+  and deleted by the fold as it adds them. ``rollouts.evaluations`` counts a rollout's evaluations and
+  ``rollout_devices.evidence_seq`` is that count when the device's evidence last changed: the next
+  evaluation classifies only the devices stamped with its number (and those whose timeout has come).
 
 Everything the engine needs to resume after a restart is in these rows; nothing lives in memory.
 """
@@ -48,6 +53,8 @@ class Rollout(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     state_changed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     evaluated_at: Mapped[dt.datetime | None]
+    evaluations: Mapped[int] = mapped_column(default=0, server_default="0")
+    """How many evaluations ran (``.engine``): the fold stamps changed evidence with it (``evidence_seq``)."""
 
 
 class RolloutWave(Base):
@@ -99,6 +106,9 @@ class RolloutDevice(Base):
     left_target_at: Mapped[dt.datetime | None]
     failure: Mapped[str | None] = mapped_column(Text)
     """The evidence as the tick classifies it (kept by the fold beside ``evidence`` and ``running_since``)."""
+    evidence_seq: Mapped[int] = mapped_column(default=0, server_default="0")
+    """The rollout's ``evaluations`` when the fold last changed this evidence (or the engine released the device):
+    the evaluation of that number classifies the device again."""
 
 
 class RolloutRollup(Base):
@@ -121,6 +131,22 @@ class RolloutRollup(Base):
     devices: Mapped[int] = mapped_column(default=0)
     merged: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class UnfoldedWindow(Base):
+    """The id of a metric window the fold has not added yet (queued by an insert trigger, ``0012``)."""
+
+    __tablename__ = "unfolded_windows"
+
+    window_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+
+
+class UnfoldedEvent(Base):
+    """The id of a device event the fold has not added yet (queued by an insert trigger, ``0012``)."""
+
+    __tablename__ = "unfolded_events"
+
+    event_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
 
 
 class RolloutDecision(Base):

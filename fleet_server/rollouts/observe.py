@@ -22,6 +22,7 @@ inspection).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,60 +38,68 @@ FAILED_RESULTS = frozenset({"failed", "rolled_back"})
 RUNNING_STATES = frozenset({"active", "trial", "shadow"})
 
 
+EARLIEST_S, LATEST_S = -62135596800.0, 253402300799.0
+"""The epoch seconds of 0001-01-01 and 9999-12-31 23:59:59 UTC: the times a datetime can hold."""
+
+
 def _epoch(value: dt.datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-def _time(value: Any) -> dt.datetime | None:
-    """A stored time (epoch seconds: cheap to read back for thousands of devices a tick)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
-    except (ValueError, OverflowError, OSError):
-        return None
+def _datetime(value: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(value, dt.timezone.utc) if value is not None else None
 
 
-def _later(a: dt.datetime | None, b: dt.datetime) -> dt.datetime:
-    return b if a is None else max(a, b)
+def _stamp(value: Any) -> float | None:
+    """A stored time (epoch seconds), or None if it is not one a datetime can hold (NaN fails both comparisons)."""
+    if type(value) in (int, float) and EARLIEST_S <= value <= LATEST_S:
+        return float(value)
+    return None
 
 
-def _earlier(a: dt.datetime | None, b: dt.datetime) -> dt.datetime:
-    return b if a is None else min(a, b)
+def _later(a: float | None, b: float) -> float:
+    return b if a is None or b > a else a
+
+
+def _earlier(a: float | None, b: float) -> float:
+    return b if a is None or b < a else a
 
 
 @dataclass
 class Evidence:
-    """What one released device reported on a rollout's target since its start (minus the skew allowance)."""
+    """What one released device reported on a rollout's target since its start (minus the skew allowance).
 
-    start: dt.datetime
-    running_since: dt.datetime | None = None
-    last_on_target: dt.datetime | None = None
-    last_report: dt.datetime | None = None
-    installed_at: dt.datetime | None = None
+    Times are epoch seconds (what is stored, so that reading back thousands of devices a tick converts
+    nothing); the methods take and give datetimes.
+    """
+
+    start: float
+    running_since: float | None = None
+    last_on_target: float | None = None
+    last_report: float | None = None
+    installed_at: float | None = None
     failure: str | None = None
-    failure_at: dt.datetime | None = None
-    windows: dict[int, tuple[dt.datetime, dt.datetime]] = field(default_factory=dict)
-    heartbeat: tuple[dt.datetime, int, bool, bool] | None = None  # at, event id, lists target, lists any
+    failure_at: float | None = None
+    windows: dict[int, tuple[float, float]] = field(default_factory=dict)  # version -> first start, last end
+    heartbeat: tuple[float, int, bool, bool] | None = None  # at, event id, lists target, lists any
     counted: str | None = None  # the rollup this device was last counted in (``fold``)
 
     @classmethod
     def starting(cls, started_at: dt.datetime) -> Evidence:
         """Empty evidence for a device allowed to start at ``started_at``."""
-        return cls(start=started_at - dt.timedelta(seconds=CLOCK_SKEW_S))
+        return cls(start=started_at.timestamp() - CLOCK_SKEW_S)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None, started_at: dt.datetime | None) -> Evidence:
         """Stored evidence (whatever is unreadable in it is dropped, never raised)."""
-        found = (
-            cls.starting(started_at)
-            if started_at is not None
-            else cls(start=dt.datetime.max.replace(tzinfo=dt.timezone.utc))
-        )
+        found = cls.starting(started_at) if started_at is not None else cls(start=math.inf)
         data = data if isinstance(data, Mapping) else {}
-        found.running_since, found.last_on_target = _time(data.get("running_since")), _time(data.get("last_on_target"))
-        found.last_report, found.installed_at = _time(data.get("last_report")), _time(data.get("installed_at"))
-        found.failure_at = _time(data.get("failure_at"))
+        found.running_since, found.last_on_target = (
+            _stamp(data.get("running_since")),
+            _stamp(data.get("last_on_target")),
+        )
+        found.last_report, found.installed_at = _stamp(data.get("last_report")), _stamp(data.get("installed_at"))
+        found.failure_at = _stamp(data.get("failure_at"))
         found.failure = data["failure"] if isinstance(data.get("failure"), str) else None
         found.counted = data["counted"] if isinstance(data.get("counted"), str) else None
         found.windows = _windows_from_json(data.get("windows"))
@@ -99,74 +108,71 @@ class Evidence:
 
     def to_json(self) -> dict[str, Any]:
         """The stored form (times as epoch seconds; versions as string keys)."""
-        heartbeat = None
-        if self.heartbeat is not None:
-            at, event_id, on_target, any_version = self.heartbeat
-            heartbeat = [at.timestamp(), event_id, on_target, any_version]
         return {
-            "running_since": _epoch(self.running_since), "last_on_target": _epoch(self.last_on_target),
-            "last_report": _epoch(self.last_report), "installed_at": _epoch(self.installed_at),
-            "failure": self.failure, "failure_at": _epoch(self.failure_at), "counted": self.counted,
-            "windows": {str(v): [s.timestamp(), e.timestamp()] for v, (s, e) in self.windows.items()},
-            "heartbeat": heartbeat,
+            "running_since": self.running_since, "last_on_target": self.last_on_target,
+            "last_report": self.last_report, "installed_at": self.installed_at,
+            "failure": self.failure, "failure_at": self.failure_at, "counted": self.counted,
+            "windows": {str(v): [s, e] for v, (s, e) in self.windows.items()},
+            "heartbeat": list(self.heartbeat) if self.heartbeat is not None else None,
         }  # fmt: skip
 
     # --- folding reports in -------------------------------------------------------------------------
 
     def running(self, at: dt.datetime) -> None:
+        """Known to run the target since ``at`` (or earlier)."""
+        self.running_since = _earlier(self.running_since, at.timestamp())
+
+    def _on_target(self, at: float) -> None:
         self.running_since = _earlier(self.running_since, at)
-
-    def seen_on_target(self, at: dt.datetime) -> None:
         self.last_on_target = _later(self.last_on_target, at)
-        self.seen(at)
-
-    def seen(self, at: dt.datetime) -> None:
         self.last_report = _later(self.last_report, at)
 
     def fold_install(self, at: dt.datetime, version: int | None, payload: Mapping[str, Any], target: int) -> None:
         """An ``install`` event of the rollout's model."""
-        if at < self.start or version != target:
+        when = at.timestamp()
+        if when < self.start or version != target:
             return
         result = str(payload.get("result") or "")
         if result == "installed":
-            self.running(at)
-            self.seen_on_target(at)
-            self.installed_at = _later(self.installed_at, at)
-            if self.failure_at is None or at >= self.failure_at:
+            self._on_target(when)
+            self.installed_at = _later(self.installed_at, when)
+            if self.failure_at is None or when >= self.failure_at:
                 self.failure, self.failure_at = None, None
-        elif result in FAILED_RESULTS and (self.installed_at is None or at >= self.installed_at):
+        elif result in FAILED_RESULTS and (self.installed_at is None or when >= self.installed_at):
             reason = payload.get("reason") or "no reason given"
-            self.failure, self.failure_at = f"install {result.replace('_', ' ')}: {str(reason)[:300]}", at
+            self.failure, self.failure_at = f"install {result.replace('_', ' ')}: {str(reason)[:300]}", when
 
     def fold_heartbeat(
         self, at: dt.datetime, event_id: int, payload: Mapping[str, Any], model: str, target: int
     ) -> None:
         """A heartbeat: a report; running the target if it lists it; the latest one says what runs now."""
-        if at < self.start:
+        when = at.timestamp()
+        if when < self.start:
             return
         versions = running_versions(payload, model)
-        self.seen(at)
+        self.last_report = _later(self.last_report, when)
         if target in versions:
-            self.running(at)
-            self.seen_on_target(at)
-        if self.heartbeat is None or (at, event_id) > self.heartbeat[:2]:
-            self.heartbeat = (at, event_id, target in versions, bool(versions))
+            self._on_target(when)
+        if self.heartbeat is None or (when, event_id) > self.heartbeat[:2]:
+            self.heartbeat = (when, event_id, target in versions, bool(versions))
 
     def fold_window(self, start: dt.datetime, end: dt.datetime, version: int, target: int, shadow: bool) -> None:
         """A metric window of the rollout's model."""
-        if end < self.start:
+        first, last = start.timestamp(), end.timestamp()
+        if last < self.start:
             return
-        first, last = self.windows.get(version, (start, end))
-        self.windows[version] = (min(first, start), max(last, end))
+        span = self.windows.get(version)
+        self.windows[version] = (first, last) if span is None else (min(span[0], first), max(span[1], last))
         if shadow or version != target:
-            self.seen(end)
+            self.last_report = _later(self.last_report, last)
         else:
-            self.running(max(start, self.start))
-            self.seen_on_target(end)
+            self.running_since = _earlier(self.running_since, max(first, self.start))
+            self.last_on_target = _later(self.last_on_target, last)
+            self.last_report = _later(self.last_report, last)
 
     # --- reading it out -----------------------------------------------------------------------------
 
-    def left_target_at(self, target: int, shadow: bool) -> dt.datetime | None:
+    def left_target_at(self, target: int, shadow: bool) -> float | None:
         """When the device was last seen on another version after running the target (None: it still runs it)."""
         if self.running_since is None:
             return None
@@ -180,11 +186,15 @@ class Evidence:
                 left = max(later)
         return left
 
-    def summary(self, target: int, shadow: bool) -> dict[str, Any]:
-        """What the tick classifies from, as the ``rollout_devices`` columns that hold it."""
+    def stamps(self, target: int, shadow: bool) -> dict[str, Any]:
+        """What the tick classifies from, as the ``rollout_devices`` columns that hold it (times as epoch seconds)."""
         return {"running_since": self.running_since, "last_report_at": self.last_report,
                 "last_on_target_at": self.last_on_target, "left_target_at": self.left_target_at(target, shadow),
                 "failure": self.failure}  # fmt: skip
+
+    def summary(self, target: int, shadow: bool) -> dict[str, Any]:
+        """:meth:`stamps` with the times as datetimes."""
+        return {k: v if k == "failure" else _datetime(v) for k, v in self.stamps(target, shadow).items()}
 
     def observation(
         self, device_id: str, started_at: dt.datetime, polled_at: dt.datetime | None, target: int, shadow: bool
@@ -223,22 +233,22 @@ def running_versions(payload: Mapping[str, Any], model: str) -> set[int]:
     return {m["version"] for m in running if isinstance(m.get("version"), int) and not isinstance(m["version"], bool)}
 
 
-def _windows_from_json(value: Any) -> dict[int, tuple[dt.datetime, dt.datetime]]:
-    out: dict[int, tuple[dt.datetime, dt.datetime]] = {}
+def _windows_from_json(value: Any) -> dict[int, tuple[float, float]]:
+    out: dict[int, tuple[float, float]] = {}
     if not isinstance(value, Mapping):
         return out
     for version, span in value.items():
         if isinstance(span, list) and len(span) == 2 and str(version).isdigit():
-            first, last = _time(span[0]), _time(span[1])
+            first, last = _stamp(span[0]), _stamp(span[1])
             if first is not None and last is not None:
                 out[int(version)] = (first, last)
     return out
 
 
-def _heartbeat_from_json(value: Any) -> tuple[dt.datetime, int, bool, bool] | None:
+def _heartbeat_from_json(value: Any) -> tuple[float, int, bool, bool] | None:
     if not isinstance(value, list) or len(value) != 4:
         return None
-    at = _time(value[0])
+    at = _stamp(value[0])
     if at is None or not isinstance(value[1], int):
         return None
     return at, value[1], bool(value[2]), bool(value[3])
@@ -263,7 +273,7 @@ def observe_devices(
     for device_id, since_at in (known_running_since or {}).items():
         if since_at is not None and device_id in evidence:
             evidence[device_id].running(since_at)
-    since = min(e.start for e in evidence.values())
+    since = dt.datetime.fromtimestamp(min(e.start for e in evidence.values()), dt.timezone.utc)
     ids = list(starts)
     for event in _events(session, ids, since):
         found = evidence[event.device_id]

@@ -13,7 +13,9 @@ from bundles.windows import (
     _plainly_valid,
     is_valid_window,
     merge_fields,
+    merge_window_parts,
     sum_nested,
+    window_parts,
 )
 
 counts = st.lists(st.integers(min_value=0, max_value=1000), min_size=1, max_size=6)
@@ -104,3 +106,35 @@ def test_a_window_as_agents_write_it_takes_the_bulk_check() -> None:
     assert _plainly_valid(payload)
     assert not _plainly_valid({**payload, "counters": {"requests": 60, "errors": 61}})
     assert not _plainly_valid({**payload, "latency_ms": {"counts": [1], "sum": float("nan")}})
+
+
+quarters = st.integers(0, 4000).map(lambda k: k / 4)  # sums whose additions are exact in any order
+small_counts = st.lists(st.integers(0, 50), max_size=4)
+plain_window = st.fixed_dictionaries(
+    {},
+    optional={
+        "counters": st.dictionaries(st.sampled_from(["requests", "rows", "low_confidence"]), st.integers(0, 100)),
+        "latency_ms": st.fixed_dictionaries({}, optional={"counts": small_counts, "sum": quarters}),
+        "features": st.dictionaries(st.sampled_from(["f0", "f1"]), small_counts),
+        "output": st.dictionaries(st.sampled_from(["label"]), small_counts),
+        "shadow": st.fixed_dictionaries({"compared": st.integers(5, 9)},
+                                        optional={"agreed": st.integers(0, 5), "latency_ms_sum": quarters}),
+        "id": st.text(max_size=3),
+    },
+)  # fmt: skip
+
+
+@given(st.lists(plain_window, min_size=1, max_size=10))
+def test_windows_taken_apart_add_up_to_what_merging_them_gives(windows: list) -> None:
+    """The fold sums windows of one shape column by column; the result is the merge rule's, whatever the shapes."""
+    parts = [window_parts(w) for w in windows]
+    assert all(p is not None for p in parts)  # every one of these is a window as agents write it
+    assert merge_window_parts([p for p in parts if p is not None]) == merge_fields(windows)
+
+
+@given(st.lists(plain_window, max_size=4), st.lists(loose_window, max_size=4))
+def test_windows_taken_apart_and_whole_windows_merge_together(plain: list, loose: list) -> None:
+    others = [w for w in loose if is_valid_window(w) and window_parts(w) is None]
+    parts = [p for p in map(window_parts, plain) if p is not None]
+    if parts or others:
+        assert merge_window_parts(parts, others) == merge_fields([merge_fields(plain), *others] if plain else others)
