@@ -6,12 +6,12 @@ transaction with the rollout row locked (``SKIP LOCKED`` on PostgreSQL; on SQLit
 loop runs in one process, see ``fleet_server.locks``):
 
 1. start the current wave if it is pending (promoting the devices of a passed shadow wave into it);
-2. classify the released devices from their evidence (:mod:`.observe`,
-   :func:`.decisions.classify_device`);
+2. classify the released devices whose outcome can have changed from their evidence (:mod:`.members`
+   says which; :mod:`.observe`, :func:`.decisions.classify_device`);
 3. release devices of the wave under the download cap: write their assignment (live, or shadow) with
    a start-after time carrying their own jitter;
-4. read the wave's figures and the control cohort's (members still on their previous version) from
-   the rollups and evaluate the gates;
+4. count the wave's devices (:func:`.members.wave_tally`), read the wave's figures and the control
+   cohort's (members still on their previous version) from the rollups and evaluate the gates;
 5. decide (:func:`.decisions.decide`) and apply: advance to the next wave (and go round again),
    pause for approval, pause on a breach, complete, or roll back.
 
