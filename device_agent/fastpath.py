@@ -15,11 +15,21 @@ The decision is per route (the request path: a model, or a model at a version), 
    most ``max_body_bytes`` run on the I/O thread, after the loop iteration that read them (never inside
    waitress's ``received``, which holds the channel's lock) and only while the engine has a free slot
    (an inline request never waits for admission).
-3. On the I/O thread the wall time is the measure: a route whose last inline requests' median is over
-   ``max_inline_wall_s`` (a median: a request preempted by another process on a busy device is not the
-   route's fault), or one request over ``stall_wall_s``, goes back to the workers for ``cooldown_s``.
-   So does a route whose answer involved the fallback chain (a cloud call can wait on the network):
-   :meth:`FastPath.blocked`, called by the application.
+3. The CPU median keeps deciding, inline requests included: a model that got heavier goes back to the
+   workers with its next request. On the I/O thread the wall time is measured too: a route whose last
+   inline requests' median is over ``max_inline_wall_s`` (it waits on something: a lock, a sleep,
+   another thread), or one of whose requests took over ``stall_wall_s``, goes back to the workers for
+   ``cooldown_s``. So does a route whose answer involved the fallback chain (a cloud call can wait on
+   the network): :meth:`FastPath.blocked`, called by the application. A route whose answer was computed
+   on the serving pipeline's deadline thread while this one waited is measured again from scratch
+   (:meth:`FastPath.remeasure`): it earns the lane once the pipeline runs the model inline.
+
+   The wall limit is generous (20 ms) on purpose: an inline request also waits for the GIL while
+   another of the agent's threads holds it, and for a core while another process runs. Neither is the
+   route's doing, and the workers suffer both worse: right after a route moves inline, the workers
+   still drain its queue and its first inline requests wait a few milliseconds each for the GIL. A
+   2 ms wall limit sent routes back for exactly that, to workers that at concurrency 64 spent 4 to 35
+   times more CPU per answer than the lane, convoying on the GIL (ADR 0012).
 
 Everything else (language-model routes, health and metadata, large bodies) always goes to the workers.
 The measure is the route's, not the request's: a slow request on a fast route delays the requests read
@@ -50,7 +60,7 @@ class FastPathSettings:
     fast_cpu_s: float = 0.001
     warm_up_runs: int = 8
     max_body_bytes: int = 64 * 1024
-    max_inline_wall_s: float = 0.002
+    max_inline_wall_s: float = 0.020
     stall_wall_s: float = 1.0
     cooldown_s: float = 60.0
 
@@ -115,6 +125,15 @@ class FastPath:
             stats = self._stats(route)
             if self.clock() >= stats.demoted_until:
                 self._demote(route, stats, "its answer involved the fallback chain")
+
+    def remeasure(self, route: str) -> None:
+        """Forget the route's measurements (no cooldown): it runs on the workers until ``warm_up_runs`` fresh
+        requests measure it fast again. For a wait that ends on its own (the deadline thread, until the
+        serving pipeline lets the model run inline)."""
+        with self._lock:
+            stats = self._stats(route)
+            stats.cpu_s.clear()
+            stats.inline_wall_s.clear()
 
     def _stats(self, route: str) -> _RouteStats:
         stats = self._routes.get(route)
