@@ -40,6 +40,7 @@ route back to the workers.
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import math
 import statistics
@@ -48,6 +49,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from waitress import wasyncore
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class _RouteStats:
 
 
 _MIN_INLINE_RUNS = 4
+_NEVER_BYTES = 1 << 62  # a send_bytes that buffers every write (the poll phase sends it)
 
 
 class FastPath:
@@ -151,10 +155,21 @@ class FastPath:
 
 class FastPathDispatcher:
     """waitress's task dispatcher with a fast lane: fast requests are kept for the I/O thread, which
-    runs them (:meth:`run_pending`) after each loop iteration; the others go to ``workers``, measured."""
+    runs them (:meth:`run_pending`) after each loop iteration; the others go to ``workers``, measured.
 
-    def __init__(self, workers: Any, fast_path: FastPath) -> None:
+    An inline answer is not sent as it is written: it stays in its channel's buffer until the answers of
+    one :meth:`run_pending` are all computed, and they are sent together at its end. ``adjustments``
+    (the server's waitress settings) are copied with ``send_bytes`` raised for the inline requests only;
+    workers keep sending at once, which a streamed answer needs. Measured at concurrency 64 with the
+    digits-sized model: about 140 instead of 175 µs of server CPU per JSON answer, and 40 instead of
+    50 µs for the fixed answer (ADR 0012).
+    """
+
+    def __init__(self, workers: Any, fast_path: FastPath, adjustments: Any = None) -> None:
         self.workers, self.fast_path = workers, fast_path
+        self.deferred_adjustments = None if adjustments is None else copy.copy(adjustments)
+        if self.deferred_adjustments is not None:
+            self.deferred_adjustments.send_bytes = _NEVER_BYTES
         self.io_thread: int | None = None  # set by the loop's thread when it starts
         self._pending: collections.deque[tuple[Any, str]] = collections.deque()
 
@@ -173,13 +188,30 @@ class FastPathDispatcher:
         return bool(self._pending)
 
     def run_pending(self) -> None:
-        """Serve the requests kept for the I/O thread (those read before this call; later ones wait a turn)."""
+        """Serve the requests kept for the I/O thread (those read before this call; later ones wait a turn),
+        then send their answers."""
+        served = []
         for _ in range(len(self._pending)):
             channel, route = self._pending.popleft()
             if not self.fast_path.has_room():  # the engine filled up meanwhile: a worker may wait, this thread not
                 self.workers.add_task(_MeasuredTask(channel, route, self.fast_path))
                 continue
+            self._serve_inline(channel, route)
+            served.append(channel)
+        for channel in served:
+            if channel.total_outbufs_len:
+                wasyncore.write(channel)  # as the poll would on a writable socket (errors: the channel's handle_error)
+
+    def _serve_inline(self, channel: Any, route: str) -> None:
+        """One request on this (the I/O) thread, its answer left in the channel's buffer."""
+        if self.deferred_adjustments is None:
             _serve_measured(channel, route, self.fast_path, inline=True)
+            return
+        adjustments, channel.adj = channel.adj, self.deferred_adjustments  # only this thread holds the channel now
+        try:
+            _serve_measured(channel, route, self.fast_path, inline=True)
+        finally:
+            channel.adj = adjustments
 
     def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
         while self._pending:

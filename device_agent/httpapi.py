@@ -486,7 +486,7 @@ class AgentHttpServer:
             asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
         )  # fmt: skip
         self.server.channel_class = _deadline_channel(self.server.channel_class)
-        self.dispatcher = FastPathDispatcher(self.server.task_dispatcher, self.fast_path)
+        self.dispatcher = FastPathDispatcher(self.server.task_dispatcher, self.fast_path, self.server.adj)
         self.server.task_dispatcher = self.dispatcher
         maintenance = self.server.maintenance
 
