@@ -13,6 +13,7 @@ import time
 import uuid
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -169,7 +170,7 @@ def raw_request(base_url: str, head: str, body: bytes = b"", timeout_s: float = 
     url = urlparse(base_url)
     with socket.create_connection((url.hostname, url.port), timeout=timeout_s) as sock:
         started = time.perf_counter()
-        sock.sendall(head.encode() + body)
+        sock.sendall(head.encode("latin-1") + body)
         answer = b""
         while b"\r\n\r\n" not in answer:
             chunk = sock.recv(65536)
@@ -216,6 +217,27 @@ def test_the_enrollment_rate_limit_answers_before_the_body_is_read(live_server, 
            "Content-Length: 10000\r\n\r\n")  # fmt: skip
     status, elapsed_s, answer = raw_request(live_server, big)  # the body never comes: 429 at once
     assert status == 429 and b"retry-after: 60" in answer.lower() and elapsed_s < 2.0
+
+
+@pytest.mark.parametrize(
+    "content_types",
+    [("application/json", "text/plain"), ("",), ("application/json\x85",)],
+    ids=["repeated", "empty", "trailing-nel"],
+)
+def test_no_content_type_header_slips_a_json_body_past_the_strict_check(live_server, make_device, admin_headers,
+                                                                          session_factory, content_types):  # fmt: skip
+    """FastAPI parses a body as JSON by its own reading of the headers (the first Content-Type, ``email``'s
+    parsing of it, none or an empty one); the guard must check every body FastAPI will parse."""
+    device = make_device()
+    body = b'{"capabilities": {"arch": "aarch64", "os": "linux", "extra": "\\udfff"}, "installed": []}'
+    lines = "".join(f"Content-Type: {value}\r\n" for value in content_types)
+    head = (f"PUT /api/v1/device/inventory HTTP/1.1\r\nHost: t\r\nAuthorization: {device.headers['Authorization']}\r\n"
+            f"{lines}Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    status, _, answer = raw_request(live_server, head, body)
+    assert status == 400, answer[-300:]
+    with session_scope(session_factory) as session:
+        assert "extra" not in session.get(Device, device.device_id).capabilities
+    assert httpx.get(f"{live_server}/api/v1/admin/devices", headers=admin_headers).status_code == 200
 
 
 def test_json_nested_2000_deep_is_a_400_on_every_json_route(client, admin_headers, make_device):
