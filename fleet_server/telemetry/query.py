@@ -2,8 +2,10 @@
 
 Everything is computed from the raw ``metric_windows`` rows (merged by addition, see
 ``aggregate``) and the bundle's drift baseline in ``bundles.manifest``; nothing here writes. The
-merge is total: a stored window that breaks the window contract (``bundles.windows.check_window``)
-is left out and counted as ``invalid_windows``, so no stored row can turn a query into an error.
+merge is total: payloads are read as text and parsed here (:func:`stored_json`: a payload that does not
+parse, integers past Python's 4,300 digits or nesting past the recursion limit included, reads as
+nothing), and a stored window that breaks the window contract (``bundles.windows.check_window``) is
+left out and counted as ``invalid_windows``, so no stored row can turn a query into an error.
 The rollout engine reads the same figures from its rollups (``fleet_server.rollouts.fold``) through
 :func:`stats_of`.
 """
@@ -15,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Text, cast, delete, select
 from sqlalchemy.orm import Session
 
+from bundles import jsonio
 from bundles.errors import ConfigError
 from bundles.windows import TOKENS_PER_S_EDGES, merge_valid
 from fleet_server.models import BundleRecord, DeviceEvent, MetricWindow, PredictionSample
@@ -58,6 +61,31 @@ class CohortStats:
         return {**asdict(self), "error_rate": self.error_rate, "fallback_rate": self.fallback_rate}
 
 
+def stored_json(text: Any) -> Any:
+    """A stored JSON payload (read as text) parsed, or None when it does not parse; never raises.
+
+    The ORM's JSON columns parse with :func:`json.loads`, which raises on what intake now refuses but older
+    rows may hold (an integer of 5,000 digits, nesting 3,000 deep): reads that aggregate stored payloads
+    parse them here instead."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return jsonio.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """A stored metric window, its payload parsed by :func:`stored_json` (None when it does not parse)."""
+
+    device_id: str
+    bundle_version: int
+    window_start: dt.datetime
+    window_end: dt.datetime
+    payload: Any
+
+
 def window_rows(
     session: Session,
     model: str,
@@ -65,9 +93,10 @@ def window_rows(
     device_ids: Sequence[str] | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-) -> list[MetricWindow]:
+) -> list[StoredWindow]:
     """The metric windows of ``model`` (optionally one version, some devices, a time range)."""
-    query = select(MetricWindow).where(MetricWindow.model_name == model)
+    columns = (MetricWindow.device_id, MetricWindow.bundle_version, MetricWindow.window_start, MetricWindow.window_end)
+    query = select(*columns, cast(MetricWindow.payload, Text)).where(MetricWindow.model_name == model)
     if version is not None:
         query = query.where(MetricWindow.bundle_version == version)
     if device_ids is not None:
@@ -76,7 +105,7 @@ def window_rows(
         query = query.where(MetricWindow.window_end > since)
     if until is not None:
         query = query.where(MetricWindow.window_start < until)
-    return list(session.scalars(query))
+    return [StoredWindow(*row[:4], stored_json(row[4])) for row in session.execute(query)]
 
 
 def baseline_of(session: Session, model: str, version: int) -> dict[str, Any]:
@@ -151,7 +180,7 @@ def summarize(
         raise ConfigError(f"group by must be one of {', '.join(GROUPINGS)}, got {by!r}")
     rows_found = window_rows(session, model, since=since, until=until)
     variants = installed_variants(session, model, {r.device_id for r in rows_found}) if by == "variant" else {}
-    groups: dict[tuple[Any, ...], list[MetricWindow]] = {}
+    groups: dict[tuple[Any, ...], list[StoredWindow]] = {}
     for row in rows_found:
         key = (row.bundle_version, variants.get((row.device_id, row.bundle_version), "unknown"))
         groups.setdefault(key if by == "variant" else _group_key(row, by), []).append(row)
@@ -166,7 +195,7 @@ def summarize(
     return out
 
 
-def _group_key(row: MetricWindow, by: str) -> tuple[Any, ...]:
+def _group_key(row: StoredWindow, by: str) -> tuple[Any, ...]:
     if by == "version":
         return (row.bundle_version,)
     if by == "device":
@@ -179,15 +208,17 @@ def installed_variants(session: Session, model: str, device_ids: set[str]) -> di
     if not device_ids:
         return {}
     query = (
-        select(DeviceEvent.device_id, DeviceEvent.bundle_version, DeviceEvent.payload)
+        select(DeviceEvent.device_id, DeviceEvent.bundle_version, cast(DeviceEvent.payload, Text))
         .where(DeviceEvent.type == "install", DeviceEvent.model_name == model,
                DeviceEvent.device_id.in_(sorted(device_ids)))
         .order_by(DeviceEvent.at, DeviceEvent.id)
     )  # fmt: skip
     found: dict[tuple[str, int], str] = {}
-    for device_id, version, payload in session.execute(query):
-        variant = (payload or {}).get("variant")
-        if version is not None and (payload or {}).get("result") == "installed" and isinstance(variant, str):
+    for device_id, version, text in session.execute(query):
+        payload = stored_json(text)
+        payload = payload if isinstance(payload, dict) else {}
+        variant = payload.get("variant")
+        if version is not None and payload.get("result") == "installed" and isinstance(variant, str):
             found[(device_id, int(version))] = variant
     return found
 
