@@ -37,6 +37,9 @@ from fleet_server.services.json_guard import loads
 from fleet_server.settings import Settings
 
 UNAUTHENTICATED = frozenset({("POST", "/api/v1/enroll"), ("POST", "/api/v1/enroll/challenge")})
+"""The unauthenticated writes of the API: rate-limited per address here, and the smallest body limit."""
+SMALL_BODIES = UNAUTHENTICATED | {("POST", "/ui/login")}
+"""Routes anyone can post to without credentials (the dashboard's login form too): ``max_unauthenticated_bytes``."""
 STREAMED = {("POST", "/api/v1/device/telemetry"): "max_telemetry_bytes",
             ("POST", "/api/v1/admin/publications"): "max_publication_bytes"}  # fmt: skip
 BODILESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -53,7 +56,7 @@ class Refusal:
 
 def body_limit(settings: Settings, method: str, path: str) -> tuple[int, bool]:
     """The body limit of a route in bytes, and whether its handler streams the body itself."""
-    if (method, path) in UNAUTHENTICATED:
+    if (method, path) in SMALL_BODIES:
         return settings.max_unauthenticated_bytes, False
     streamed = STREAMED.get((method, path))
     if streamed is not None:

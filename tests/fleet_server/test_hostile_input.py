@@ -199,6 +199,13 @@ def test_a_chunked_body_is_cut_off_at_the_route_limit(live_server, settings):
     assert status == 413, answer[:300]
 
 
+def test_the_dashboard_login_an_unauthenticated_form_has_the_smallest_body_limit(live_server, settings):
+    head = ("POST /ui/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {settings.max_unauthenticated_bytes + 1}\r\n\r\n")  # fmt: skip
+    status, elapsed_s, _ = raw_request(live_server, head)  # not one byte of the body is sent
+    assert status == 413 and elapsed_s < 2.0
+
+
 def test_an_oversized_admin_body_is_refused_even_with_a_bogus_key(live_server):
     head = ("POST /api/v1/admin/groups HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer efk_bogus\r\n"
             f"Content-Type: application/json\r\nContent-Length: {50 * 1024 * 1024}\r\n\r\n")  # fmt: skip
