@@ -24,6 +24,7 @@ from bundles import jsonio
 from bundles.errors import ConfigError
 from bundles.windows import TOKENS_PER_S_EDGES, merge_valid
 from fleet_server.models import BundleRecord, DeviceEvent, MetricWindow, PredictionSample
+from fleet_server.services.json_guard import printable_json
 from fleet_server.telemetry.aggregate import counter, latency_percentile, psi_by_feature
 
 
@@ -238,9 +239,26 @@ class SampleFilter:
     until: dt.datetime | None = None
 
 
-def samples(session: Session, where: SampleFilter, limit: int = 1000) -> list[PredictionSample]:
-    """Sampled prediction logs matching ``where``, newest first, at most ``limit``."""
-    query = select(PredictionSample).order_by(PredictionSample.at.desc(), PredictionSample.id.desc())
+@dataclass(frozen=True)
+class StoredSample:
+    """A stored sampled prediction log, its payload parsed by :func:`stored_json` (None when it does not parse)."""
+
+    id: int
+    device_id: str
+    model_name: str
+    bundle_version: int
+    reason: str
+    at: dt.datetime
+    payload: Any
+
+
+def samples(session: Session, where: SampleFilter, limit: int = 1000) -> list[StoredSample]:
+    """Sampled prediction logs matching ``where``, newest first, at most ``limit`` (payloads read as text and
+    parsed by :func:`stored_json`, like windows)."""
+    columns = (PredictionSample.id, PredictionSample.device_id, PredictionSample.model_name,
+               PredictionSample.bundle_version, PredictionSample.reason, PredictionSample.at)  # fmt: skip
+    query = select(*columns, cast(PredictionSample.payload, Text))
+    query = query.order_by(PredictionSample.at.desc(), PredictionSample.id.desc())
     for column, value in (
         (PredictionSample.model_name, where.model),
         (PredictionSample.bundle_version, where.version),
@@ -253,12 +271,13 @@ def samples(session: Session, where: SampleFilter, limit: int = 1000) -> list[Pr
         query = query.where(PredictionSample.at >= where.since)
     if where.until is not None:
         query = query.where(PredictionSample.at < where.until)
-    return list(session.scalars(query.limit(limit)))
+    return [StoredSample(*row[:6], stored_json(row[6])) for row in session.execute(query.limit(limit))]
 
 
-def sample_dict(row: PredictionSample) -> dict[str, Any]:
-    """A stored sample as the API shows it: indexed columns plus the device's payload."""
-    payload = row.payload or {}
+def sample_dict(row: StoredSample) -> dict[str, Any]:
+    """A stored sample as the API shows it: indexed columns plus the device's payload (as it can always be answered:
+    ``json_guard.printable_json``; a payload that is not an object shows nothing)."""
+    payload = printable_json(row.payload) if isinstance(row.payload, dict) else {}
     return {
         "id": row.id,
         "device_id": row.device_id,
@@ -283,7 +302,7 @@ PARQUET_COLUMNS = (
 )  # fmt: skip
 
 
-def samples_to_parquet(rows: Sequence[PredictionSample], out: Any) -> int:
+def samples_to_parquet(rows: Sequence[StoredSample], out: Any) -> int:
     """Write samples to Parquet (``out``: a path or a binary file); tensors as JSON text columns.
 
     One row per sample with ``inclusion_probability`` as a column, so an offline analysis can weight
@@ -297,9 +316,15 @@ def samples_to_parquet(rows: Sequence[PredictionSample], out: Any) -> int:
     records = []
     for row in rows:
         data = sample_dict(row)
-        records.append({**data, "at": row.at, "sample_id": (row.payload or {}).get("id"),
+        for key in ("inclusion_probability", "latency_ms", "confidence"):  # a stored value of another type: null
+            data[key] = _number(data[key])
+        for key in ("source", "fallback_reason"):
+            data[key] = data[key] if isinstance(data[key], str) else None
+        sample_id = (row.payload if isinstance(row.payload, dict) else {}).get("id")
+        records.append({**data, "at": row.at, "sample_id": sample_id if isinstance(sample_id, str) else None,
                         "inputs_json": json.dumps(data.pop("inputs")), "outputs_json": json.dumps(data.pop("outputs")),
-                        "redacted": ",".join(data.get("redacted") or [])})  # fmt: skip
+                        "redacted": ",".join(map(str, redacted)) if isinstance(redacted := data.get("redacted"), list)
+                        else ""})  # fmt: skip
     schema = pa.schema([
         ("id", pa.int64()), ("device_id", pa.string()), ("model", pa.string()), ("version", pa.int64()),
         ("reason", pa.string()), ("at", pa.timestamp("us", tz="UTC")), ("inclusion_probability", pa.float64()),
@@ -310,6 +335,11 @@ def samples_to_parquet(rows: Sequence[PredictionSample], out: Any) -> int:
     table = pa.Table.from_pylist([{k: r.get(k) for k in PARQUET_COLUMNS} for r in records], schema=schema)
     pq.write_table(table, out, compression="zstd")
     return len(records)
+
+
+def _number(value: Any) -> float | None:
+    """A number column's value (a stored value of another type, from before intake checked samples, is null)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 # --- retention -------------------------------------------------------------------------------------

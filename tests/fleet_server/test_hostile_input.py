@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import func, select
 
 from fleet_server.db import session_scope
@@ -160,6 +161,30 @@ def test_admin_reads_with_edge_timestamps_and_huge_ids_are_4xx(client, admin_hea
     method = "DELETE" if "api-keys" in path or "enroll-tokens" in path else "GET"
     response = client.request(method, path, headers=admin_headers)
     assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:200])
+
+
+def test_reads_of_an_inventory_stored_with_a_lone_surrogate_answer_with_it_escaped(
+    app, admin_headers, make_device, make_api_key, db_engine
+):
+    """Rows stored before the strict check (any JSON column: PostgreSQL's json type keeps a ``\\udfff`` escape)
+    must not turn the device list, a device's API read or its dashboard page into a 500."""
+    from fastapi.testclient import TestClient
+
+    from tests.fleet_server.dashboard.test_pages import login
+
+    device = make_device()
+    with db_engine.begin() as connection:
+        connection.execute(sa.text("UPDATE devices SET capabilities = :c WHERE id = :d"),
+                           {"c": '{"arch": "aarch64", "os": "linux", "extra": "worn \\udfff flash"}',
+                            "d": device.device_id})  # fmt: skip
+    with TestClient(app, base_url="https://testserver") as http:
+        listing = http.get("/api/v1/admin/devices", headers=admin_headers)
+        one = http.get(f"/api/v1/admin/devices/{device.device_id}", headers=admin_headers)
+        login(http, make_api_key("viewer"))
+        page = http.get(f"/ui/devices/{device.device_id}")
+    assert listing.status_code == 200 and one.status_code == 200 and page.status_code == 200, page.text[:300]
+    assert one.json()["capabilities"]["extra"] == "worn \\udfff flash"
+    assert "worn \\\\udfff flash" in page.text  # (the JSON on the page escapes the backslash again)
 
 
 # --- bodies and rate limits, through a real socket ----------------------------------------------------

@@ -4,7 +4,9 @@ stored in windows made ``/telemetry/cohort`` and ``/telemetry/summary`` answer 5
 Intake refuses such windows now, but rows stored before it checked them (or written past it) stay in the
 database. Here they are written straight into it as JSON text, beside two devices' windows sent through the real
 device API; every aggregate read (summary by version, device, fleet and variant, cohort, drift) must answer 200
-with the good windows' figures and the bad ones counted as ``invalid_windows``, on SQLite and PostgreSQL.
+with the good windows' figures and the bad ones counted as ``invalid_windows``, on SQLite and PostgreSQL. Stored
+samples of any shape (not an object, a lone surrogate, NaN, text where a number goes, 5,000 digits) are listed
+and exported.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def store_past_intake(engine: sa.Engine, device_id: str, table: str, payload: st
             if table == "metric_windows":
                 sql = ("INSERT INTO metric_windows (batch_pk, device_id, model_name, bundle_version, window_start,"
                        " window_end, payload) VALUES (:pk, :d, 'digits', 2, :s, :e, :p)")  # fmt: skip
-            else:
+            elif table == "device_events":
                 sql = ("INSERT INTO device_events (batch_pk, device_id, type, model_name, bundle_version, at, payload,"
                        " folded) VALUES (:pk, :d, 'install', 'digits', 2, :s, :p, true)")  # fmt: skip
+            else:
+                sql = ("INSERT INTO prediction_samples (batch_pk, device_id, model_name, bundle_version, reason, at,"
+                       " payload) VALUES (:pk, :d, 'digits', 2, 'rate', :s, :p)")  # fmt: skip
             connection.execute(sa.text(sql), values)
     except DBAPIError:
         return False
@@ -98,3 +103,15 @@ def test_a_cohort_and_drift_over_stored_bad_windows_answer_with_the_good_ones(cl
     assert cohort.json()["invalid_windows"] == len(stored)
     drift = client.get("/api/v1/admin/drift/digits", headers=admin_headers, params={"since": SINCE})
     assert drift.status_code == 200, drift.text[:300]
+
+
+def test_stored_samples_of_any_shape_are_listed_and_exported(client, admin_headers, make_device, db_engine):
+    device = make_device()
+    payloads = ["[1, 2]", '{"inputs": {"x": "worn \\udfff"}, "latency_ms": {"a": 1}, "redacted": "f1", "id": 7}',
+                '{"inputs": [NaN], "confidence": "high", "source": 3}', '{"outputs": 1' + "0" * 5000 + "}"]  # fmt: skip
+    stored = sum(store_past_intake(db_engine, device.device_id, "prediction_samples", text) for text in payloads)
+    listed = client.get("/api/v1/admin/telemetry/samples", headers=admin_headers, params={"model": "digits"})
+    assert listed.status_code == 200, listed.text[:300]
+    assert len(listed.json()) == stored
+    exported = client.get("/api/v1/admin/telemetry/samples.parquet", headers=admin_headers, params={"model": "digits"})
+    assert exported.status_code == 200, exported.text[:300]
