@@ -210,13 +210,25 @@ def _assemble(shape: PartsShape, counts: list[int], sums: list[float]) -> dict[s
 
 
 def _names(keys: list[Any]) -> bool:
-    """Whether every key is a name: a string of 1 to :data:`MAX_NAME_CHARS` characters (three passes in C)."""
+    """Whether every key is a name: a string of 1 to :data:`MAX_NAME_CHARS` characters of valid Unicode text
+    (passes in C; only non-ASCII names are encoded)."""
     if not keys:
         return True
     if set(map(type, keys)) != {str}:
         return False
     lengths = list(map(len, keys))
-    return min(lengths) > 0 and max(lengths) <= MAX_NAME_CHARS
+    if not (min(lengths) > 0 and max(lengths) <= MAX_NAME_CHARS):
+        return False
+    return all(map(str.isascii, keys)) or all(map(_is_text, keys))
+
+
+def _is_text(name: str) -> bool:
+    """Whether ``name`` is valid Unicode text (no lone UTF-16 surrogate, which no UTF-8 store or answer can hold)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_counters(value: Any, where: str) -> None:
@@ -285,8 +297,8 @@ def _object(value: Any, where: str, max_keys: int) -> Mapping[str, Any]:
     if len(value) > max_keys:
         raise ConfigError(f"{where}: {len(value)} keys; at most {max_keys}")
     for key in value:
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME_CHARS:
-            raise ConfigError(f"{where}: keys must be names of 1 to {MAX_NAME_CHARS} characters")
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME_CHARS or not _is_text(key):
+            raise ConfigError(f"{where}: keys must be names of 1 to {MAX_NAME_CHARS} characters of valid Unicode text")
     return value
 
 

@@ -80,6 +80,14 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.rollout_tick_failures = Counter(
+            "edgefleet_rollout_tick_failures_total", "Rollout engine ticks that raised (retried at the next tick)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.invalid_events = Counter(
+            "edgefleet_telemetry_invalid_events_total", "Stored install events and heartbeats the fold left out",
+            registry=self.registry,
+        )  # fmt: skip
         self.invalid_windows = Counter(
             "edgefleet_telemetry_invalid_windows_total", "Stored windows left out of rollout figures (broken contract)",
             registry=self.registry,

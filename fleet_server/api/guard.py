@@ -13,13 +13,17 @@ no body):
    own limits (``max_telemetry_bytes``, ``max_publication_bytes``) and only counted here.
 3. **JSON shape before parsing into models**: a buffered JSON body is decoded strictly once
    (:mod:`fleet_server.services.json_guard`: no NaN or infinities, 64-bit integers, valid Unicode,
-   bounded string lengths and nesting depth); a violation is a 400 naming the field.
+   bounded string lengths and nesting depth); a violation is a 400 naming the field. Which bodies are
+   JSON is decided by FastAPI's own rule (:func:`_is_json`), and a repeated ``Content-Type`` is refused:
+   otherwise a header the guard reads one way and FastAPI another (Starlette takes the first of two,
+   ``email`` strips characters ``bytes.strip`` keeps) would let a body past the check into a handler.
 
 Refusals are JSON ``{"detail": ...}`` bodies like every other error of the API.
 """
 
 from __future__ import annotations
 
+import email.message
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +37,9 @@ from fleet_server.services.json_guard import loads
 from fleet_server.settings import Settings
 
 UNAUTHENTICATED = frozenset({("POST", "/api/v1/enroll"), ("POST", "/api/v1/enroll/challenge")})
+"""The unauthenticated writes of the API: rate-limited per address here, and the smallest body limit."""
+SMALL_BODIES = UNAUTHENTICATED | {("POST", "/ui/login")}
+"""Routes anyone can post to without credentials (the dashboard's login form too): ``max_unauthenticated_bytes``."""
 STREAMED = {("POST", "/api/v1/device/telemetry"): "max_telemetry_bytes",
             ("POST", "/api/v1/admin/publications"): "max_publication_bytes"}  # fmt: skip
 BODILESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -49,7 +56,7 @@ class Refusal:
 
 def body_limit(settings: Settings, method: str, path: str) -> tuple[int, bool]:
     """The body limit of a route in bytes, and whether its handler streams the body itself."""
-    if (method, path) in UNAUTHENTICATED:
+    if (method, path) in SMALL_BODIES:
         return settings.max_unauthenticated_bytes, False
     streamed = STREAMED.get((method, path))
     if streamed is not None:
@@ -77,6 +84,8 @@ class RequestGuard:
                 limiter.check(client[0] if client else "unknown", "enrollment requests")
             limit, streamed = body_limit(self.settings, method, path)
             declared = _declared_length(headers, limit)
+            if sum(1 for name, _ in scope["headers"] if name == b"content-type") > 1:
+                raise ConfigError("Content-Type is given more than once")
         except (ConfigError, RateLimitedError) as error:
             await _refuse(send, _refusal(error))
             return
@@ -163,11 +172,14 @@ def _counting(receive: Receive, limit: int) -> Receive:
 
 
 def _is_json(content_type: bytes | None) -> bool:
-    """Whether FastAPI would parse the body as JSON (it does when no content type is given)."""
-    if content_type is None:
+    """Whether FastAPI parses the body as JSON, by its own rule (``fastapi.routing``): when no or an empty
+    content type is given, or when ``email.message`` reads it as ``application/json`` or ``application/*+json``."""
+    if not content_type or content_type == b"application/json":
         return True
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or media.endswith(b"+json")
+    message = email.message.Message()
+    message["content-type"] = content_type.decode("latin-1")
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def _refusal(error: ConfigError | RateLimitedError) -> Refusal:

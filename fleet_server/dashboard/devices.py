@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from fleet_server.models import DeviceEvent, MetricWindow
 from fleet_server.rollouts.models import Rollout, RolloutDevice
 from fleet_server.services.fleet import describe_assignment, device_detail, list_assignments
+from fleet_server.services.json_guard import printable_json
 from fleet_server.telemetry.query import SampleFilter, cohort_stats, sample_dict, samples
 
 HEALTH_LOOKBACK_S = 86_400
@@ -65,7 +66,8 @@ def _events(session: Session, device_id: str, types: tuple[str, ...], limit: int
         .limit(limit)
     )
     return [{"type": e.type, "at": e.at, "model": e.model_name, "version": e.bundle_version,
-             "payload": e.payload if isinstance(e.payload, dict) else {}} for e in session.scalars(query)]  # fmt: skip
+             "payload": printable_json(e.payload) if isinstance(e.payload, dict) else {}}
+            for e in session.scalars(query)]  # fmt: skip
 
 
 def _health(session: Session, device_id: str, since: dt.datetime) -> list[dict[str, Any]]:

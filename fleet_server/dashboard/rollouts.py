@@ -22,14 +22,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.dashboard.charts import Series, Threshold, line_chart, stacked_bar
-from fleet_server.models import MetricWindow
 from fleet_server.rollouts.gates import CohortFigures, Gate, parse_gates
 from fleet_server.rollouts.models import Rollout, RolloutDevice, RolloutWave
 from fleet_server.rollouts.service import MANUAL_ACTIONS, devices_of, get_rollout, waves_of
 from fleet_server.rollouts.states import OPERATOR_EVENTS, ROLLOUT_TRANSITIONS, RolloutState
 from fleet_server.rollouts.views import describe_rollout, summarise_rollout
 from fleet_server.telemetry.aggregate import merge_windows
-from fleet_server.telemetry.query import baseline_of, stats_of, window_rows
+from fleet_server.telemetry.query import StoredWindow, baseline_of, stats_of, window_rows
 
 POINTS_PER_WAVE = 24
 OUTCOMES = ("healthy", "soaking", "installing", "waiting", "failed", "timed_out")
@@ -115,7 +114,7 @@ def _figures_over_time(
     """What the wave's gates would have read at each moment: cumulative telemetry and final outcomes."""
     released = [m for m in members if m.released_at is not None]
     version = _version_served(rollout, wave, released)
-    rows: list[MetricWindow] = []
+    rows: list[StoredWindow] = []
     if released:
         ids = [m.device_id for m in released]
         rows = sorted(window_rows(session, rollout.model_name, version, ids, since=wave.started_at),

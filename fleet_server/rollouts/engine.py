@@ -123,7 +123,21 @@ class RolloutEngine:
         report = fold_pending(self.session_factory)
         if self.metrics is not None and report.invalid_windows:
             self.metrics.invalid_windows.inc(report.invalid_windows)
+        if self.metrics is not None and report.invalid_events:
+            self.metrics.invalid_events.inc(report.invalid_events)
         return report
+
+    def tick_guarded(self) -> list[RolloutDecision]:
+        """:meth:`tick`, with any error logged and counted (``edgefleet_rollout_tick_failures_total``) instead of
+        raised: the loop's next tick retries, and an operator sees a stalled engine in the metrics, not only in
+        the logs."""
+        try:
+            return self.tick()
+        except Exception:
+            log.exception("rollout tick failed")
+            if self.metrics is not None:
+                self.metrics.rollout_tick_failures.inc()
+            return []
 
     def tick_one(self, rollout_id: int) -> list[RolloutDecision]:
         """Fold new telemetry and evaluate one rollout now (an operator's ``evaluate``)."""
@@ -181,8 +195,8 @@ class RolloutEngine:
         while True:
             try:
                 if await asyncio.to_thread(self.is_leader):
-                    await asyncio.to_thread(self.tick)
-            except Exception:  # a bad tick must not stop the loop; the next tick retries
+                    await asyncio.to_thread(self.tick_guarded)
+            except Exception:  # a failed leadership check must not stop the loop either
                 log.exception("rollout tick failed")
             await asyncio.sleep(interval_s)
 

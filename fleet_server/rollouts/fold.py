@@ -21,8 +21,11 @@ critical section (:func:`fleet_server.locks.serialized`, shared with the engine'
 two processes (the background leader and an operator's ``evaluate``) never fold the same rows, nor
 fold a device's reports while the other releases it. A window whose payload does not parse or
 breaks the window contract (``bundles.windows.check_window``: it was stored before intake checked
-it, or written past intake) is left out and counted as ``invalid_windows``; the fold never raises on
-stored data. On SQLite every write of a chunk happens at its end, so the database's write lock is
+it, or written past intake) is left out and counted as ``invalid_windows``; an event is read
+leniently (what it does not say right is ignored; a reason is kept with any lone surrogate escaped);
+and a row whose folding raises anyway is left out, logged and counted (``invalid_windows`` or
+``invalid_events``), so that no stored row can stop the fold, which every rollout waits for. On
+SQLite every write of a chunk happens at its end, so the database's write lock is
 held for the few milliseconds the writes take, never while windows are parsed and added.
 
 A window is routed by the indexed columns the intake wrote (device, model, version, times) and the
@@ -89,12 +92,14 @@ class FoldReport:
     invalid_windows: int = 0
     chunks: int = 0
     drained: bool = False  # the last chunk found fewer rows than it could take: nothing was left to fold
+    invalid_events: int = 0  # stored events whose folding raised (left out, logged)
 
     def add(self, other: FoldReport) -> None:
         self.windows += other.windows
         self.events += other.events
         self.invalid_windows += other.invalid_windows
         self.chunks += other.chunks
+        self.invalid_events += other.invalid_events
         self.drained = other.drained
 
 
@@ -124,13 +129,21 @@ def fold_chunk(session: Session) -> FoldReport:
         events = connection.execute(events_by_id(session, event_ids)).all() if event_ids else []
         plan = _Plan.load(session, {w.device_id for w in windows} | {e.device_id for e in events})
         for window in windows:  # in id order; an id whose row was purged since (retention) is only dequeued
-            plan.add_window(window)
+            try:
+                plan.add_window(window)
+            except Exception:  # a stored row nothing here foresaw: it must not stop every rollout's fold
+                plan.invalid += 1
+                log.exception("window %s left out of the fold: folding it raised", window[0])
         for event in events:
-            plan.add_event(event)
+            try:
+                plan.add_event(event)
+            except Exception:  # (the same)
+                plan.invalid_events += 1
+                log.exception("event %s left out of the fold: folding it raised", event[0])
         plan.write(session, window_ids, event_ids)
         session.commit()
     drained = len(window_ids) < limit and len(event_ids) < limit
-    return FoldReport(len(window_ids), len(event_ids), plan.invalid, 1, drained)
+    return FoldReport(len(window_ids), len(event_ids), plan.invalid, 1, drained, plan.invalid_events)
 
 
 def unfolded_windows(limit: int) -> Select[int]:
@@ -232,6 +245,7 @@ class _Plan:
     by_device: dict[str, list[tuple[_Rollout, _Member]]]
     rollups: dict[RollupKey, _Rollup] = field(default_factory=lambda: defaultdict(_Rollup))
     invalid: int = 0
+    invalid_events: int = 0
     labels: dict[RollupKey, str] = field(default_factory=dict)
 
     @classmethod

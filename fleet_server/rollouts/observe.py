@@ -139,8 +139,8 @@ class Evidence:
             if self.failure_at is None or when >= self.failure_at:
                 self.failure, self.failure_at = None, None
         elif result in FAILED_RESULTS and (self.installed_at is None or when >= self.installed_at):
-            reason = payload.get("reason") or "no reason given"
-            self.failure, self.failure_at = f"install {result.replace('_', ' ')}: {str(reason)[:300]}", when
+            reason = printable(str(payload.get("reason") or "no reason given")[:300])
+            self.failure, self.failure_at = f"install {result.replace('_', ' ')}: {reason}", when
 
     def fold_heartbeat(
         self, at: dt.datetime, event_id: int, payload: Mapping[str, Any], model: str, target: int
@@ -229,8 +229,14 @@ def running_versions(payload: Mapping[str, Any], model: str) -> set[int]:
     if not isinstance(models, list):
         return set()
     entries = [m for m in models if isinstance(m, dict) and m.get("name") == model]
-    running = [m for m in entries if m.get("state", "active") in RUNNING_STATES]
+    running = [m for m in entries if isinstance(state := m.get("state", "active"), str) and state in RUNNING_STATES]
     return {m["version"] for m in running if isinstance(m.get("version"), int) and not isinstance(m["version"], bool)}
+
+
+def printable(text: str) -> str:
+    """``text`` with any lone UTF-16 surrogate escaped (``\\ud800``): a reason stored before intake checked
+    text, kept in the evidence, which is written as UTF-8 JSON."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _windows_from_json(value: Any) -> dict[int, tuple[float, float]]:

@@ -34,6 +34,7 @@ from fleet_server.errors import ConflictError, ForbiddenError, NotFoundError
 from fleet_server.models import DEVICE_STATUSES, Device, DeviceTag, EnrollmentNonce, EnrollmentToken
 from fleet_server.principals import DevicePrincipal
 from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
+from fleet_server.services.json_guard import printable_json
 from fleet_server.settings import Settings
 
 MAX_INSTALLED = 100
@@ -289,7 +290,7 @@ def describe_device(device: Device, session: Session | None = None) -> dict[str,
         "id": device.id, "fleet": device.fleet, "status": device.status, "public_key": device.public_key,
         "hw_class": device.hw_class, "arch": device.arch, "os": device.os, "python": device.python,
         "agent_version": device.agent_version, "memory_mb": device.memory_mb, "disk_free_mb": device.disk_free_mb,
-        "capabilities": device.capabilities, "installed": device.installed,
+        "capabilities": printable_json(device.capabilities), "installed": printable_json(device.installed),
         "enrolled_at": device.enrolled_at.isoformat() if device.enrolled_at else None,
         "last_seen_at": device.last_seen_at.isoformat() if device.last_seen_at else None,
     }  # fmt: skip

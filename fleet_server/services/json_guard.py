@@ -151,10 +151,35 @@ def _check_text(text: Any, max_chars: int) -> None:
             raise _BadValue("not valid Unicode text (a lone UTF-16 surrogate)") from None
 
 
+def printable_json(value: Any) -> Any:
+    """Stored JSON as it can always be answered: lone surrogates in strings and keys escaped (``\\udfff``),
+    non-finite floats as None, nesting past the interpreter's limit as None.
+
+    Rows stored before intake's strict check (or written past it) may hold either, and an answer that
+    echoes them would fail to encode (a 500 on every read of the row): views of device-sent JSON (an
+    inventory, event payloads, samples) go through this first."""
+    try:
+        return _printable_value(value)
+    except RecursionError:
+        return None
+
+
+def _printable_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if value.isascii() else value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_printable_value(k): _printable_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable_value(v) for v in value]
+    return value
+
+
 def _printable(key: Any) -> str:
     """A key as it can be shown in an error message (lone surrogates escaped, long keys cut)."""
     text = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["MAX_DEPTH", "MAX_TEXT_CHARS", "check_value", "loads", "raw_decode"]
+__all__ = ["MAX_DEPTH", "MAX_TEXT_CHARS", "check_value", "loads", "printable_json", "raw_decode"]

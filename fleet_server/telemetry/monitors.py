@@ -29,7 +29,7 @@ from fleet_server.telemetry.models import (
     DriftAlert,
     DriftMonitor,
 )
-from fleet_server.telemetry.query import baseline_of, window_rows
+from fleet_server.telemetry.query import StoredWindow, baseline_of, window_rows
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def drift_by_version(
     """PSI per feature and output for every version of ``model`` that reported in [since, until)."""
     settings = settings or monitor_settings(session, model)
     rows = window_rows(session, model, since=since, until=until)
-    by_version: dict[int, list[MetricWindow]] = {}
+    by_version: dict[int, list[StoredWindow]] = {}
     for row in rows:
         by_version.setdefault(row.bundle_version, []).append(row)
     out = []

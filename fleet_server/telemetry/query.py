@@ -2,8 +2,10 @@
 
 Everything is computed from the raw ``metric_windows`` rows (merged by addition, see
 ``aggregate``) and the bundle's drift baseline in ``bundles.manifest``; nothing here writes. The
-merge is total: a stored window that breaks the window contract (``bundles.windows.check_window``)
-is left out and counted as ``invalid_windows``, so no stored row can turn a query into an error.
+merge is total: payloads are read as text and parsed here (:func:`stored_json`: a payload that does not
+parse, integers past Python's 4,300 digits or nesting past the recursion limit included, reads as
+nothing), and a stored window that breaks the window contract (``bundles.windows.check_window``) is
+left out and counted as ``invalid_windows``, so no stored row can turn a query into an error.
 The rollout engine reads the same figures from its rollups (``fleet_server.rollouts.fold``) through
 :func:`stats_of`.
 """
@@ -15,12 +17,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Text, cast, delete, select
 from sqlalchemy.orm import Session
 
+from bundles import jsonio
 from bundles.errors import ConfigError
 from bundles.windows import TOKENS_PER_S_EDGES, merge_valid
 from fleet_server.models import BundleRecord, DeviceEvent, MetricWindow, PredictionSample
+from fleet_server.services.json_guard import printable_json
 from fleet_server.telemetry.aggregate import counter, latency_percentile, psi_by_feature
 
 
@@ -58,6 +62,31 @@ class CohortStats:
         return {**asdict(self), "error_rate": self.error_rate, "fallback_rate": self.fallback_rate}
 
 
+def stored_json(text: Any) -> Any:
+    """A stored JSON payload (read as text) parsed, or None when it does not parse; never raises.
+
+    The ORM's JSON columns parse with :func:`json.loads`, which raises on what intake now refuses but older
+    rows may hold (an integer of 5,000 digits, nesting 3,000 deep): reads that aggregate stored payloads
+    parse them here instead."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return jsonio.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """A stored metric window, its payload parsed by :func:`stored_json` (None when it does not parse)."""
+
+    device_id: str
+    bundle_version: int
+    window_start: dt.datetime
+    window_end: dt.datetime
+    payload: Any
+
+
 def window_rows(
     session: Session,
     model: str,
@@ -65,9 +94,10 @@ def window_rows(
     device_ids: Sequence[str] | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-) -> list[MetricWindow]:
+) -> list[StoredWindow]:
     """The metric windows of ``model`` (optionally one version, some devices, a time range)."""
-    query = select(MetricWindow).where(MetricWindow.model_name == model)
+    columns = (MetricWindow.device_id, MetricWindow.bundle_version, MetricWindow.window_start, MetricWindow.window_end)
+    query = select(*columns, cast(MetricWindow.payload, Text)).where(MetricWindow.model_name == model)
     if version is not None:
         query = query.where(MetricWindow.bundle_version == version)
     if device_ids is not None:
@@ -76,7 +106,7 @@ def window_rows(
         query = query.where(MetricWindow.window_end > since)
     if until is not None:
         query = query.where(MetricWindow.window_start < until)
-    return list(session.scalars(query))
+    return [StoredWindow(*row[:4], stored_json(row[4])) for row in session.execute(query)]
 
 
 def baseline_of(session: Session, model: str, version: int) -> dict[str, Any]:
@@ -151,7 +181,7 @@ def summarize(
         raise ConfigError(f"group by must be one of {', '.join(GROUPINGS)}, got {by!r}")
     rows_found = window_rows(session, model, since=since, until=until)
     variants = installed_variants(session, model, {r.device_id for r in rows_found}) if by == "variant" else {}
-    groups: dict[tuple[Any, ...], list[MetricWindow]] = {}
+    groups: dict[tuple[Any, ...], list[StoredWindow]] = {}
     for row in rows_found:
         key = (row.bundle_version, variants.get((row.device_id, row.bundle_version), "unknown"))
         groups.setdefault(key if by == "variant" else _group_key(row, by), []).append(row)
@@ -166,7 +196,7 @@ def summarize(
     return out
 
 
-def _group_key(row: MetricWindow, by: str) -> tuple[Any, ...]:
+def _group_key(row: StoredWindow, by: str) -> tuple[Any, ...]:
     if by == "version":
         return (row.bundle_version,)
     if by == "device":
@@ -179,15 +209,17 @@ def installed_variants(session: Session, model: str, device_ids: set[str]) -> di
     if not device_ids:
         return {}
     query = (
-        select(DeviceEvent.device_id, DeviceEvent.bundle_version, DeviceEvent.payload)
+        select(DeviceEvent.device_id, DeviceEvent.bundle_version, cast(DeviceEvent.payload, Text))
         .where(DeviceEvent.type == "install", DeviceEvent.model_name == model,
                DeviceEvent.device_id.in_(sorted(device_ids)))
         .order_by(DeviceEvent.at, DeviceEvent.id)
     )  # fmt: skip
     found: dict[tuple[str, int], str] = {}
-    for device_id, version, payload in session.execute(query):
-        variant = (payload or {}).get("variant")
-        if version is not None and (payload or {}).get("result") == "installed" and isinstance(variant, str):
+    for device_id, version, text in session.execute(query):
+        payload = stored_json(text)
+        payload = payload if isinstance(payload, dict) else {}
+        variant = payload.get("variant")
+        if version is not None and payload.get("result") == "installed" and isinstance(variant, str):
             found[(device_id, int(version))] = variant
     return found
 
@@ -207,9 +239,26 @@ class SampleFilter:
     until: dt.datetime | None = None
 
 
-def samples(session: Session, where: SampleFilter, limit: int = 1000) -> list[PredictionSample]:
-    """Sampled prediction logs matching ``where``, newest first, at most ``limit``."""
-    query = select(PredictionSample).order_by(PredictionSample.at.desc(), PredictionSample.id.desc())
+@dataclass(frozen=True)
+class StoredSample:
+    """A stored sampled prediction log, its payload parsed by :func:`stored_json` (None when it does not parse)."""
+
+    id: int
+    device_id: str
+    model_name: str
+    bundle_version: int
+    reason: str
+    at: dt.datetime
+    payload: Any
+
+
+def samples(session: Session, where: SampleFilter, limit: int = 1000) -> list[StoredSample]:
+    """Sampled prediction logs matching ``where``, newest first, at most ``limit`` (payloads read as text and
+    parsed by :func:`stored_json`, like windows)."""
+    columns = (PredictionSample.id, PredictionSample.device_id, PredictionSample.model_name,
+               PredictionSample.bundle_version, PredictionSample.reason, PredictionSample.at)  # fmt: skip
+    query = select(*columns, cast(PredictionSample.payload, Text))
+    query = query.order_by(PredictionSample.at.desc(), PredictionSample.id.desc())
     for column, value in (
         (PredictionSample.model_name, where.model),
         (PredictionSample.bundle_version, where.version),
@@ -222,12 +271,13 @@ def samples(session: Session, where: SampleFilter, limit: int = 1000) -> list[Pr
         query = query.where(PredictionSample.at >= where.since)
     if where.until is not None:
         query = query.where(PredictionSample.at < where.until)
-    return list(session.scalars(query.limit(limit)))
+    return [StoredSample(*row[:6], stored_json(row[6])) for row in session.execute(query.limit(limit))]
 
 
-def sample_dict(row: PredictionSample) -> dict[str, Any]:
-    """A stored sample as the API shows it: indexed columns plus the device's payload."""
-    payload = row.payload or {}
+def sample_dict(row: StoredSample) -> dict[str, Any]:
+    """A stored sample as the API shows it: indexed columns plus the device's payload (as it can always be answered:
+    ``json_guard.printable_json``; a payload that is not an object shows nothing)."""
+    payload = printable_json(row.payload) if isinstance(row.payload, dict) else {}
     return {
         "id": row.id,
         "device_id": row.device_id,
@@ -252,7 +302,7 @@ PARQUET_COLUMNS = (
 )  # fmt: skip
 
 
-def samples_to_parquet(rows: Sequence[PredictionSample], out: Any) -> int:
+def samples_to_parquet(rows: Sequence[StoredSample], out: Any) -> int:
     """Write samples to Parquet (``out``: a path or a binary file); tensors as JSON text columns.
 
     One row per sample with ``inclusion_probability`` as a column, so an offline analysis can weight
@@ -266,9 +316,15 @@ def samples_to_parquet(rows: Sequence[PredictionSample], out: Any) -> int:
     records = []
     for row in rows:
         data = sample_dict(row)
-        records.append({**data, "at": row.at, "sample_id": (row.payload or {}).get("id"),
+        for key in ("inclusion_probability", "latency_ms", "confidence"):  # a stored value of another type: null
+            data[key] = _number(data[key])
+        for key in ("source", "fallback_reason"):
+            data[key] = data[key] if isinstance(data[key], str) else None
+        sample_id = (row.payload if isinstance(row.payload, dict) else {}).get("id")
+        records.append({**data, "at": row.at, "sample_id": sample_id if isinstance(sample_id, str) else None,
                         "inputs_json": json.dumps(data.pop("inputs")), "outputs_json": json.dumps(data.pop("outputs")),
-                        "redacted": ",".join(data.get("redacted") or [])})  # fmt: skip
+                        "redacted": ",".join(map(str, redacted)) if isinstance(redacted := data.get("redacted"), list)
+                        else ""})  # fmt: skip
     schema = pa.schema([
         ("id", pa.int64()), ("device_id", pa.string()), ("model", pa.string()), ("version", pa.int64()),
         ("reason", pa.string()), ("at", pa.timestamp("us", tz="UTC")), ("inclusion_probability", pa.float64()),
@@ -279,6 +335,11 @@ def samples_to_parquet(rows: Sequence[PredictionSample], out: Any) -> int:
     table = pa.Table.from_pylist([{k: r.get(k) for k in PARQUET_COLUMNS} for r in records], schema=schema)
     pq.write_table(table, out, compression="zstd")
     return len(records)
+
+
+def _number(value: Any) -> float | None:
+    """A number column's value (a stored value of another type, from before intake checked samples, is null)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 # --- retention -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -65,6 +66,12 @@ class ServerProcess:
         text = httpx.get(f"{self.url}/metrics", timeout=timeout_s).text
         pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.MULTILINE)
         return sum(float(value) for value in pattern.findall(text))
+
+    def metric_in_scrapes(self, name: str, scrapes: int = 16) -> list[float]:
+        """:meth:`metric` in ``scrapes`` scrapes sent at once on separate connections, so that every worker
+        process answers some of them (a worker's own registry would show only what that worker counted)."""
+        with ThreadPoolExecutor(scrapes) as pool:
+            return list(pool.map(lambda _: self.metric(name, timeout_s=15.0), range(scrapes)))
 
     def kill(self) -> None:
         """SIGKILL to the supervisor and every worker (no shutdown hook runs)."""

@@ -13,7 +13,9 @@ import time
 import uuid
 from urllib.parse import urlparse
 
+import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import func, select
 
 from fleet_server.db import session_scope
@@ -161,6 +163,30 @@ def test_admin_reads_with_edge_timestamps_and_huge_ids_are_4xx(client, admin_hea
     assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:200])
 
 
+def test_reads_of_an_inventory_stored_with_a_lone_surrogate_answer_with_it_escaped(
+    app, admin_headers, make_device, make_api_key, db_engine
+):
+    """Rows stored before the strict check (any JSON column: PostgreSQL's json type keeps a ``\\udfff`` escape)
+    must not turn the device list, a device's API read or its dashboard page into a 500."""
+    from fastapi.testclient import TestClient
+
+    from tests.fleet_server.dashboard.test_pages import login
+
+    device = make_device()
+    with db_engine.begin() as connection:
+        connection.execute(sa.text("UPDATE devices SET capabilities = :c WHERE id = :d"),
+                           {"c": '{"arch": "aarch64", "os": "linux", "extra": "worn \\udfff flash"}',
+                            "d": device.device_id})  # fmt: skip
+    with TestClient(app, base_url="https://testserver") as http:
+        listing = http.get("/api/v1/admin/devices", headers=admin_headers)
+        one = http.get(f"/api/v1/admin/devices/{device.device_id}", headers=admin_headers)
+        login(http, make_api_key("viewer"))
+        page = http.get(f"/ui/devices/{device.device_id}")
+    assert listing.status_code == 200 and one.status_code == 200 and page.status_code == 200, page.text[:300]
+    assert one.json()["capabilities"]["extra"] == "worn \\udfff flash"
+    assert "worn \\\\udfff flash" in page.text  # (the JSON on the page escapes the backslash again)
+
+
 # --- bodies and rate limits, through a real socket ----------------------------------------------------
 
 
@@ -169,7 +195,7 @@ def raw_request(base_url: str, head: str, body: bytes = b"", timeout_s: float = 
     url = urlparse(base_url)
     with socket.create_connection((url.hostname, url.port), timeout=timeout_s) as sock:
         started = time.perf_counter()
-        sock.sendall(head.encode() + body)
+        sock.sendall(head.encode("latin-1") + body)
         answer = b""
         while b"\r\n\r\n" not in answer:
             chunk = sock.recv(65536)
@@ -198,6 +224,13 @@ def test_a_chunked_body_is_cut_off_at_the_route_limit(live_server, settings):
     assert status == 413, answer[:300]
 
 
+def test_the_dashboard_login_an_unauthenticated_form_has_the_smallest_body_limit(live_server, settings):
+    head = ("POST /ui/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {settings.max_unauthenticated_bytes + 1}\r\n\r\n")  # fmt: skip
+    status, elapsed_s, _ = raw_request(live_server, head)  # not one byte of the body is sent
+    assert status == 413 and elapsed_s < 2.0
+
+
 def test_an_oversized_admin_body_is_refused_even_with_a_bogus_key(live_server):
     head = ("POST /api/v1/admin/groups HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer efk_bogus\r\n"
             f"Content-Type: application/json\r\nContent-Length: {50 * 1024 * 1024}\r\n\r\n")  # fmt: skip
@@ -216,6 +249,27 @@ def test_the_enrollment_rate_limit_answers_before_the_body_is_read(live_server, 
            "Content-Length: 10000\r\n\r\n")  # fmt: skip
     status, elapsed_s, answer = raw_request(live_server, big)  # the body never comes: 429 at once
     assert status == 429 and b"retry-after: 60" in answer.lower() and elapsed_s < 2.0
+
+
+@pytest.mark.parametrize(
+    "content_types",
+    [("application/json", "text/plain"), ("",), ("application/json\x85",)],
+    ids=["repeated", "empty", "trailing-nel"],
+)
+def test_no_content_type_header_slips_a_json_body_past_the_strict_check(live_server, make_device, admin_headers,
+                                                                          session_factory, content_types):  # fmt: skip
+    """FastAPI parses a body as JSON by its own reading of the headers (the first Content-Type, ``email``'s
+    parsing of it, none or an empty one); the guard must check every body FastAPI will parse."""
+    device = make_device()
+    body = b'{"capabilities": {"arch": "aarch64", "os": "linux", "extra": "\\udfff"}, "installed": []}'
+    lines = "".join(f"Content-Type: {value}\r\n" for value in content_types)
+    head = (f"PUT /api/v1/device/inventory HTTP/1.1\r\nHost: t\r\nAuthorization: {device.headers['Authorization']}\r\n"
+            f"{lines}Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    status, _, answer = raw_request(live_server, head, body)
+    assert status == 400, answer[-300:]
+    with session_scope(session_factory) as session:
+        assert "extra" not in session.get(Device, device.device_id).capabilities
+    assert httpx.get(f"{live_server}/api/v1/admin/devices", headers=admin_headers).status_code == 200
 
 
 def test_json_nested_2000_deep_is_a_400_on_every_json_route(client, admin_headers, make_device):

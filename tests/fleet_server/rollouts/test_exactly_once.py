@@ -3,7 +3,8 @@
 The server runs as a user runs it (``edgefleet-server run``, real worker processes, a 0.2 s tick) on
 a rollout with a one-second soak; the test plays the devices, writing their install events and
 windows as intake stores them when each is released. Every decision must be recorded once, and one
-process must hold the background leadership. On PostgreSQL the leader is then killed with SIGKILL
+process must hold the background leadership; with two workers, every scrape of ``/metrics`` (sixteen
+at once, so that both workers answer) must show the sum over both. On PostgreSQL the leader is then killed with SIGKILL
 in the middle of the rollout: another server process must take over and finish it, still deciding
 everything once.
 """
@@ -60,12 +61,15 @@ def actions(factory, rollout_id: int) -> list[str]:
         return list(session.scalars(query.order_by(RolloutDecision.id)))
 
 
-def test_two_workers_decide_every_step_once(database_url, fleet, factory, tmp_path):
+def test_two_workers_decide_every_step_once_and_every_scrape_shows_the_sum_over_both(database_url, fleet, factory,
+                                                                                     tmp_path):  # fmt: skip
     rollout_id = start_rollout(fleet, factory)
     with ServerProcess(database_url, tmp_path / "data", workers=2, **FAST) as server:
         play_devices(fleet, factory, rollout_id, "completed")
-        assert server.metric("edgefleet_background_leader") == 1  # summed over both workers
-        assert server.metric("edgefleet_rollout_decisions_total") == 2  # advance, complete
+        # scrapes at once reach both workers; each must answer the sum over both, not its own registry
+        assert server.metric_in_scrapes("edgefleet_background_leader") == [1] * 16
+        assert server.metric_in_scrapes("edgefleet_rollout_decisions_total") == [2] * 16  # advance, complete
+        assert min(server.metric_in_scrapes("edgefleet_rollout_tick_duration_seconds_count")) > 0
     assert actions(factory, rollout_id) == ["create", "start", "advance", "complete"]
 
 

@@ -6,6 +6,10 @@ rollout sends a window with ``1e309`` requests (the finding of issue 15 that fro
 and a window that breaks the contract is also written straight into the database, as if stored
 before intake checked windows. The bad rollout must still be rolled back on the other devices'
 numbers, with the stored bad window left out and counted, and the good rollout must advance.
+
+The fold that every rollout waits for must not stop on a stored event either (heartbeats and install
+events that break their contract, written past intake), nor on a row whose folding raises for a
+reason nobody foresaw; and a tick that raises is counted, the next one running as usual.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from fleet_server.db import session_scope
 from fleet_server.models import Assignment, DeviceGroup, DeviceGroupMember, MetricWindow
 from fleet_server.observability import Metrics
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.rollouts.models import Rollout, RolloutDecision, RolloutDevice, RolloutWave
+from fleet_server.rollouts.observe import Evidence
 from fleet_server.rollouts.service import CreateRequest, create_rollout
 from tests.fleet_server.rollouts.conftest import SOAK_S, policy
 from tests.fleet_server.rollouts.fleetsim import T0, publish, window_payload
@@ -130,3 +135,106 @@ def test_a_rollout_whose_evaluation_fails_pauses_itself_and_the_others_go_on(cli
     assert engine.metrics.rollout_evaluation_failures._value.get() == 1
     assert engine.metrics.rollout_decisions.labels("advance")._value.get() == 1
     assert engine.tick() == []  # a paused rollout is not evaluated again until an operator resumes it
+
+
+def store_event_past_intake(engine, device_id: str, kind: str, payload_text: str) -> None:
+    """An event row whose payload is this JSON text, written as if stored before intake checked events."""
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO telemetry_batches (device_id, batch_id, received_at, events, windows,"
+                                " samples, size_bytes) VALUES (:d, :b, :t, 1, 0, 0, 1)"),
+                           {"d": device_id, "b": uuid.uuid4().hex, "t": T0})  # fmt: skip
+        batch_pk = connection.execute(text("SELECT max(id) FROM telemetry_batches")).scalar_one()
+        connection.execute(text("INSERT INTO device_events (batch_pk, device_id, type, model_name, bundle_version,"
+                                " at, payload, folded) VALUES (:pk, :d, :k, :m, 2, :at, :p, false)"),
+                           {"pk": batch_pk, "d": device_id, "k": kind, "m": "digits" if kind == "install" else None,
+                            "at": T0 + dt.timedelta(seconds=30), "p": payload_text})  # fmt: skip
+
+
+BROKEN_EVENTS = [  # each breaks the event contract in a way that once raised while folding
+    ("heartbeat", '{"type": "heartbeat", "models": [{"name": "digits", "version": 2, "state": []}]}'),
+    ("heartbeat", '{"type": "heartbeat", "models": [{"name": "other", "version": 2, "state": {"a": 1}}]}'),
+    ("install", '{"type": "install", "result": "failed", "reason": "flash \\ud800 worn"}'),
+    ("heartbeat", '{"type": "heartbeat", "models": "all of them"}'),
+    ("install", "[1, 2, 3]"),
+]
+
+
+def test_stored_events_that_break_their_contract_cannot_stop_the_fold_nor_any_rollout(
+    client, fleet, factory, clock, two_rollouts, db_engine
+):
+    engine, ids, wave1 = two_rollouts
+    bad, good = wave1["digits"], wave1["other"]
+    for device in (*bad, *good):
+        for kind, payload in BROKEN_EVENTS:
+            store_event_past_intake(db_engine, device.device_id, kind, payload)
+    for device in bad:
+        assert report(client, device, fleet.manifests[2], "digits", requests=100, errors=30).status_code == 200
+    for device in good:
+        assert report(client, device, fleet.manifests[("other", 2)], "other", requests=100).status_code == 200
+    clock.advance(SOAK_S + 2)
+    engine.tick()
+    with factory() as session:
+        assert session.get(Rollout, ids["digits"]).state == "rolled_back"
+        assert session.get(Rollout, ids["other"]).state == "running"
+        assert session.get(Rollout, ids["other"]).current_wave == 1
+        (failure,) = {d.failure for d in session.scalars(select(RolloutDevice).where(
+            RolloutDevice.rollout_id == ids["digits"], RolloutDevice.released_at.is_not(None)))}  # fmt: skip
+    assert failure == "install failed: flash \\ud800 worn"  # the reason kept, its lone surrogate escaped
+    assert engine.metrics.invalid_events._value.get() == 0  # each read for what it says right, none left out
+    assert engine.metrics.rollout_tick_s._sum.get() > 0
+
+
+def test_a_report_whose_folding_raises_is_left_out_and_the_fold_goes_on(client, fleet, factory, clock, two_rollouts,
+                                                                        monkeypatch):  # fmt: skip
+    engine, ids, wave1 = two_rollouts
+    for device in wave1["digits"]:
+        assert report(client, device, fleet.manifests[2], "digits", requests=100, errors=30).status_code == 200
+    for device in wave1["other"]:
+        assert report(client, device, fleet.manifests[("other", 2)], "other", requests=100).status_code == 200
+    fold_install = Evidence.fold_install
+    calls = []
+
+    def fails_once(self, *args, **kwargs):  # a bug met by one stored row, whatever it is
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("a bug met by one row")
+        return fold_install(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evidence, "fold_install", fails_once)
+    clock.advance(SOAK_S + 2)
+    engine.tick()
+    with factory() as session:
+        assert session.get(Rollout, ids["digits"]).state == "rolled_back"
+        assert session.get(Rollout, ids["other"]).current_wave == 1
+    assert engine.metrics.invalid_events._value.get() == 1
+
+
+def test_a_tick_that_raises_is_counted_and_the_next_tick_runs(factory, clock, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    engine = RolloutEngine(factory, clock=clock, metrics=Metrics())
+
+    def unavailable(_factory):
+        raise OperationalError("SELECT 1", {}, Exception("the database went away"))
+
+    monkeypatch.setattr("fleet_server.rollouts.engine.fold_pending", unavailable)
+    assert engine.tick_guarded() == []
+    assert engine.metrics.rollout_tick_failures._value.get() == 1
+    monkeypatch.undo()
+    assert engine.tick_guarded() == [] and engine.metrics.rollout_tick_failures._value.get() == 1
+
+
+@pytest.mark.xfail(strict=True, reason="open gap: gates pool counts over the wave's devices, and one device may claim "
+                   "up to 10**12 requests a window within the contract, outweighing every other device")  # fmt: skip
+def test_one_device_claiming_a_trillion_clean_requests_cannot_pass_a_failing_wave(client, fleet, factory, clock,
+                                                                                  two_rollouts):  # fmt: skip
+    engine, ids, wave1 = two_rollouts
+    bad = wave1["digits"]
+    for device in bad:
+        assert report(client, device, fleet.manifests[2], "digits", requests=100, errors=30).status_code == 200
+    inflated = report(client, bad[0], fleet.manifests[2], "digits", requests=10**12 - 1)  # one window, no errors
+    assert inflated.status_code == 200  # within the window contract
+    clock.advance(SOAK_S + 2)
+    engine.tick()
+    with factory() as session:
+        assert session.get(Rollout, ids["digits"]).state == "rolled_back"
