@@ -12,7 +12,16 @@ are sums, so no count is lost, only time resolution): ``compact`` is the merge f
 
 Uploads are idempotent: :meth:`TelemetryBuffer.next_batch` marks the items it hands out with a
 batch id and returns the same batch (same id, same items) until :meth:`ack` deletes them, so a
-retry after a lost answer is the same batch and the server counts it once.
+retry after a lost answer is the same batch and the server counts it once. ``next_batch(exclude=...)``
+hands out another batch while one is in flight (the uploader's probe after a 5xx), and
+:meth:`strike` counts, on the batch's rows, the 5xx answers the batch got while the server was
+answering others, so that the count survives a restart (the uploader drops a batch after
+``MAX_STRIKES`` of them: ``device_agent.telemetry.uploader``).
+
+Schema versions: ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`. Changes are additive (a new
+column with a default), so a file of an older agent is migrated in place at open and an older agent
+still reads a newer file; a damaged file is refused at open (``PRAGMA quick_check``) and the agent
+sets it aside (``device_agent.agent``).
 
 Size accounting: the payload bytes plus :data:`ROW_OVERHEAD_BYTES` per row are kept under a budget
 that leaves room in ``cap_bytes`` for the WAL (capped at 1 MiB or 1/32 of the cap), the shared-memory
@@ -29,7 +38,7 @@ import sqlite3
 import threading
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +73,9 @@ MAX_PRIORITY = max(PRIORITIES.values())
 COALESCED = frozenset({"event:heartbeat"})
 """Labels of which only the newest item is kept (a heartbeat replaces the previous one)."""
 
+SCHEMA_VERSION = 1
+"""0: the first schema; 1: ``items.strikes`` (5xx answers a batch got while the server answered others)."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -72,7 +84,8 @@ CREATE TABLE IF NOT EXISTS items (
     priority INTEGER NOT NULL,
     size_bytes INTEGER NOT NULL,
     body BLOB NOT NULL,
-    batch_id TEXT
+    batch_id TEXT,
+    strikes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ix_items_evict ON items (priority, seq);
 CREATE INDEX IF NOT EXISTS ix_items_label ON items (label);
@@ -127,6 +140,7 @@ class TelemetryBuffer:
         try:
             self._configure()
             self._check_integrity()
+            self._migrate()
             self.used_bytes = self._measure()
         except sqlite3.DatabaseError:
             self._db.close()
@@ -137,6 +151,21 @@ class TelemetryBuffer:
         problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)").fetchall()]
         if problems != ["ok"]:
             raise sqlite3.DatabaseError(f"telemetry database is damaged: {'; '.join(map(str, problems))}")
+
+    def _migrate(self) -> None:
+        """Bring a file of an older schema to :data:`SCHEMA_VERSION` (additive: older agents still read it)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)").fetchall()}
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if "strikes" not in columns:
+                    self._db.execute("ALTER TABLE items ADD COLUMN strikes INTEGER NOT NULL DEFAULT 0")
+                if int(self._db.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _configure(self) -> None:
         for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; older files are tightened
@@ -325,26 +354,38 @@ class TelemetryBuffer:
         with self._lock:
             return {label: int(n) for label, n, _ in self._db.execute("SELECT label, items, size_bytes FROM drops")}
 
-    def next_batch(self, max_items: int = 500, max_bytes: int = 1_000_000) -> Batch | None:
-        """The in-flight batch if there is one, else a new one (highest priority, oldest first)."""
+    def next_batch(
+        self, max_items: int = 500, max_bytes: int = 1_000_000, exclude: Collection[str] = ()
+    ) -> Batch | None:
+        """The oldest in-flight batch not in ``exclude`` if there is one, else a new one from the items not
+        in flight (highest priority, oldest first). ``exclude``: batches the caller holds back for now."""
         with self._transaction() as db:
-            row = db.execute("SELECT batch_id FROM items WHERE batch_id IS NOT NULL LIMIT 1").fetchone()
-            if row is None:
+            batch_id = self._in_flight(db, exclude)
+            if batch_id is None:
                 self._report_drops(db)
                 batch_id = uuid.uuid4().hex
                 picked = self._pick(db, max_items, max_bytes)
                 if not picked:
                     return None
                 db.executemany("UPDATE items SET batch_id = ? WHERE seq = ?", [(batch_id, seq) for seq in picked])
-            else:
-                batch_id = row[0]
             rows = db.execute("SELECT kind, body FROM items WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
         return _assemble(batch_id, rows)
+
+    def _in_flight(self, db: sqlite3.Connection, exclude: Collection[str]) -> str | None:
+        excluded = list(exclude)
+        marks = ",".join("?" * len(excluded))
+        query = "SELECT batch_id FROM items WHERE batch_id IS NOT NULL"
+        query += f" AND batch_id NOT IN ({marks}) ORDER BY seq LIMIT 1" if excluded else " ORDER BY seq LIMIT 1"
+        row = db.execute(query, excluded).fetchone()
+        return None if row is None else str(row[0])
 
     def _pick(self, db: sqlite3.Connection, max_items: int, max_bytes: int) -> list[int]:
         picked: list[int] = []
         total = 0
-        cursor = db.execute("SELECT seq, size_bytes FROM items ORDER BY priority ASC, seq ASC LIMIT ?", (max_items,))
+        cursor = db.execute(
+            "SELECT seq, size_bytes FROM items WHERE batch_id IS NULL ORDER BY priority ASC, seq ASC LIMIT ?",
+            (max_items,),
+        )
         for seq, size in cursor.fetchall():
             if picked and total + size > max_bytes:
                 break
@@ -370,8 +411,15 @@ class TelemetryBuffer:
         with self._transaction() as db:
             seqs = self._seqs(db, "SELECT seq FROM items WHERE batch_id = ? ORDER BY seq", (batch_id,))
             released = seqs[max(keep, 0) :]
-            db.executemany("UPDATE items SET batch_id = NULL WHERE seq = ?", [(seq,) for seq in released])
+            db.executemany("UPDATE items SET batch_id = NULL, strikes = 0 WHERE seq = ?", [(seq,) for seq in released])
         return len(released)
+
+    def strike(self, batch_id: str) -> int:
+        """Count a 5xx the batch got while the server acknowledged another batch; its strikes so far."""
+        with self._transaction() as db:
+            db.execute("UPDATE items SET strikes = strikes + 1 WHERE batch_id = ?", (batch_id,))
+            row = db.execute("SELECT MAX(strikes) FROM items WHERE batch_id = ?", (batch_id,)).fetchone()
+        return int(row[0] or 0)
 
     def ack(self, batch_id: str) -> int:
         """The server has the batch: delete its items. Returns how many were deleted."""

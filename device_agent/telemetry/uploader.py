@@ -8,6 +8,20 @@ e.g. a 400 naming a field it will not take) is dropped, counted as ``<kind>:reje
 the server in the next batch's ``drops`` event) and draining goes on, since sending the same bytes
 again cannot help and must not hold back what follows.
 
+A 5xx is either an outage (keep everything, back off) or a server bug that fails on this one batch
+(a poison batch, which would otherwise be sent again forever with every later item queued behind it).
+To tell them apart, the batch that got the 5xx is held back and the next batch (other items, its own
+id) is sent at once, up to ``max_probes`` (2) batches in a row. If the server acknowledges one (or
+refuses it with a 4xx: it is up and answering), every batch held back before it takes a *strike*,
+stored on its rows in the buffer (a restart keeps it), and draining goes on; the struck batches are
+sent again, first, at the next drain, with the same id. A batch with ``max_strikes``
+(:data:`MAX_STRIKES`, 3) strikes is dropped with a WARNING naming it and the status, and counted as
+``<kind>:server_error`` (reported like the other drops). If the probes fail too (or nothing is left
+to probe with), it is an outage: the error is raised, the uploader backs off, no strike is counted
+and nothing is dropped. Two poison batches in a row are told from an outage (``max_probes`` 2); more
+in a row look like an outage and are kept. A transport error (refused, reset, timeout) is always
+treated as an outage.
+
 The buffer picks batches by their compressed size, but the server limits the decompressed body
 (``max_telemetry_bytes``, 4 MiB by default). Before its first send, a batch whose JSON is over
 ``max_body_bytes`` is halved (the rest goes back to the buffer for later batches) until it fits; a
@@ -24,7 +38,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -37,6 +51,20 @@ RETRIED_CLIENT_STATUSES = (408, 429)
 """4xx answers that say "later", not "never": the batch is kept and sent again."""
 MAX_BODY_BYTES = 4 * 1024**2
 """The fleet server's default limit on a decompressed telemetry body (``max_telemetry_bytes``)."""
+MAX_STRIKES = 3
+"""5xx answers a batch may get, each while the server acknowledged another batch, before it is dropped
+(``<kind>:server_error``): one strike per drain, so at the default 60 s upload interval a poison batch
+holds nothing back and is gone after about three minutes, while a transient failure is retried."""
+MAX_PROBES = 2
+"""Batches sent at once after a 5xx to learn whether the server is up (module docstring)."""
+
+
+class BatchServerError(ServerError):
+    """A 5xx answer to one batch: an outage, or a server bug on this batch; ``status`` is the answer's."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -47,6 +75,27 @@ class UploadReport:
     items: int
     duplicates: int
     rejected: int = 0
+    strikes: int = 0
+    """Strikes counted: 5xx answers to a batch while the server acknowledged another."""
+    server_errors: int = 0
+    """Batches dropped after :data:`MAX_STRIKES` strikes (``<kind>:server_error``)."""
+
+
+@dataclass
+class _Drain:
+    """The bookkeeping of one drain: counts, batches held back, suspects (5xx, server not yet proven up)."""
+
+    batches: int = 0
+    items: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    strikes: int = 0
+    server_errors: int = 0
+    held_back: set[str] = field(default_factory=set)
+    suspects: dict[str, BatchServerError] = field(default_factory=dict)
+
+    def report(self) -> UploadReport:
+        return UploadReport(self.batches, self.items, self.duplicates, self.rejected, self.strikes, self.server_errors)
 
 
 class TelemetryUploader:
@@ -64,6 +113,8 @@ class TelemetryUploader:
         backoff_initial_s: float = 5.0,
         backoff_max_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        max_strikes: int = MAX_STRIKES,
+        max_probes: int = MAX_PROBES,
     ) -> None:
         self.buffer, self.client, self.headers, self.url = buffer, client, headers, url
         self.batch_max_items, self.batch_max_bytes = batch_max_items, batch_max_bytes
@@ -73,10 +124,14 @@ class TelemetryUploader:
         self.failures = 0
         self.next_attempt_at = 0.0
         self.rejected_batches = 0
+        self.max_strikes, self.max_probes = max(1, max_strikes), max(1, max_probes)
+        self.server_error_batches = 0
+        """Batches dropped so far after :data:`MAX_STRIKES` strikes."""
 
     def send(self, batch: Batch, raw: bytes | None = None) -> bool | None:
         """POST one batch (``raw``: its JSON, if already made); True if the server says it already had it,
-        None if it refused it for good (the batch is dropped and counted). Raises on failure."""
+        None if it refused it for good (the batch is dropped and counted). Raises on failure
+        (:class:`BatchServerError` on a 5xx)."""
         body = gzip.compress(raw if raw is not None else _json_of(batch), 6)
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", **self.headers()}
         try:
@@ -91,30 +146,64 @@ class TelemetryUploader:
             log.warning("telemetry batch %s refused (%d), dropped: %s", batch.batch_id, response.status_code,
                         response.text[:300])  # fmt: skip
             return None
+        if response.status_code >= 500:
+            raise BatchServerError(f"telemetry upload got {response.status_code} from the server", response.status_code)
         if response.status_code >= 300:
             raise ServerError(f"telemetry upload got {response.status_code} from the server")
         self.buffer.ack(batch.batch_id)
         return bool(_json_or_empty(response).get("duplicate", False))
 
     def drain(self, max_batches: int = 100) -> UploadReport:
-        """Send batches until the buffer is empty, ``max_batches`` were sent, or one fails (re-raised)."""
-        batches = items = duplicates = rejected = 0
+        """Send batches until the buffer is empty, ``max_batches`` were sent, or the server is down (raised).
+
+        A 5xx holds the batch back and the next batches go at once (module docstring): an answer to
+        one of them strikes the batches held back before it; ``max_probes`` 5xx in a row after the
+        first, or nothing left to probe with, is an outage (raised, no strike).
+        """
+        run = _Drain()
         for _ in range(max_batches):
-            fitting = self._next_fitting_batch()
+            fitting = self._next_fitting_batch(run.held_back)
             if fitting is None:
                 break
             batch, raw = fitting
-            answer = self.send(batch, raw)
-            if answer is None:
-                rejected += 1
+            try:
+                answer = self.send(batch, raw)
+            except BatchServerError as e:
+                run.held_back.add(batch.batch_id)
+                run.suspects[batch.batch_id] = e
+                if len(run.suspects) > self.max_probes:
+                    raise
                 continue
-            duplicates += answer
-            batches, items = batches + 1, items + len(batch)
-        return UploadReport(batches, items, duplicates, rejected)
+            self._strike_suspects(run)
+            if answer is None:
+                run.rejected += 1
+                continue
+            run.duplicates += answer
+            run.batches, run.items = run.batches + 1, run.items + len(batch)
+        if run.suspects:  # no batch answered after them: the server may be down
+            raise next(reversed(run.suspects.values()))
+        return run.report()
 
-    def _next_fitting_batch(self) -> tuple[Batch, bytes] | None:
-        """The next batch and its JSON, halved until it fits ``max_body_bytes`` (module docstring)."""
-        while (batch := self.buffer.next_batch(self.batch_max_items, self.batch_max_bytes)) is not None:
+    def _strike_suspects(self, run: _Drain) -> None:
+        """The server answered a batch: each batch that got a 5xx before it in this drain takes a strike
+        (persisted in the buffer); one with ``max_strikes`` is dropped as ``<kind>:server_error``."""
+        for batch_id, error in run.suspects.items():
+            strikes = self.buffer.strike(batch_id)
+            run.strikes += 1
+            if strikes < self.max_strikes:
+                log.info("telemetry batch %s got %d while the server took another batch: strike %d of %d, held back",
+                         batch_id, error.status, strikes, self.max_strikes)  # fmt: skip
+                continue
+            self.buffer.reject(batch_id, "server_error")
+            run.server_errors += 1
+            self.server_error_batches += 1
+            log.warning("telemetry batch %s dropped: the server answered %d to it %d times while it took other "
+                        "batches", batch_id, error.status, strikes)  # fmt: skip
+        run.suspects.clear()
+
+    def _next_fitting_batch(self, held_back: set[str] | frozenset[str] = frozenset()) -> tuple[Batch, bytes] | None:
+        """The next batch not held back and its JSON, halved until it fits ``max_body_bytes`` (module docstring)."""
+        while (batch := self.buffer.next_batch(self.batch_max_items, self.batch_max_bytes, held_back)) is not None:
             raw = _json_of(batch)
             if len(raw) <= self.max_body_bytes:
                 return batch, raw

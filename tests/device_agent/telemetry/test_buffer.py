@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import sqlite3
 import uuid
 import zlib
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from bundles.testing import build_bundle_dir
 from device_agent.inference import LocalEngine
 from device_agent.serving import ServingConfig, ServingPipeline
-from device_agent.telemetry.buffer import TelemetryBuffer
+from device_agent.telemetry.buffer import SCHEMA_VERSION, TelemetryBuffer
 from device_agent.telemetry.events import install_event, make_event
 from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
 
@@ -192,3 +193,62 @@ def test_a_rejected_batch_is_dropped_and_counted(tmp_path: Path) -> None:
     assert batch is not None
     buffer.reject(batch.batch_id, "rejected")
     assert buffer.drops() == {"window:rejected": 1} and buffer.stats()["items"] == 0
+
+
+SCHEMA_0 = """
+CREATE TABLE items (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, label TEXT NOT NULL,
+                    priority INTEGER NOT NULL, size_bytes INTEGER NOT NULL, body BLOB NOT NULL, batch_id TEXT);
+CREATE INDEX ix_items_evict ON items (priority, seq);
+CREATE INDEX ix_items_label ON items (label);
+CREATE TABLE drops (label TEXT PRIMARY KEY, items INTEGER NOT NULL, size_bytes INTEGER NOT NULL);
+CREATE TABLE checkpoints (owner TEXT NOT NULL, key TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (owner, key));
+"""
+
+
+def test_a_buffer_file_of_the_first_schema_is_migrated_in_place_and_keeps_its_batch_in_flight(tmp_path: Path) -> None:
+    path = tmp_path / "telemetry.db"
+    body = zlib.compress(json.dumps(install_event("m", 2, "installed")).encode())
+    with sqlite3.connect(path) as db:  # an agent before strikes: one item, handed out as batch "b1"
+        db.executescript(SCHEMA_0)
+        db.execute("INSERT INTO items (kind, label, priority, size_bytes, body, batch_id) "
+                   "VALUES ('event', 'install', 0, ?, ?, 'b1')", (len(body), body))  # fmt: skip
+    db.close()
+    buffer = TelemetryBuffer(path, cap_bytes=1_000_000)
+    batch = buffer.next_batch()
+    assert batch is not None and batch.batch_id == "b1" and batch.events[0]["type"] == "install"
+    assert buffer.strike("b1") == 1
+    buffer.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("SELECT strikes FROM items WHERE batch_id = 'b1'").fetchone()[0] == 1
+    db.close()
+    reopened = TelemetryBuffer(path, cap_bytes=1_000_000)  # migrating twice changes nothing
+    assert reopened.strike("b1") == 2 and reopened.stats()["items"] == 1
+
+
+def test_a_held_back_batch_keeps_its_items_while_the_next_batch_is_handed_out(tmp_path: Path) -> None:
+    buffer = TelemetryBuffer(tmp_path / "t.db", cap_bytes=1_000_000)
+    for i in range(6):
+        buffer.put("event", "error", make_event("error", error="X", message=str(i)))
+    head = buffer.next_batch(max_items=3)
+    assert head is not None
+    probe = buffer.next_batch(max_items=3, exclude={head.batch_id})
+    assert probe is not None and probe.batch_id != head.batch_id
+    assert {e["message"] for e in head.events}.isdisjoint(e["message"] for e in probe.events) and len(probe) == 3
+    again, probe_again = buffer.next_batch(max_items=3), buffer.next_batch(max_items=3, exclude={head.batch_id})
+    assert again is not None and again.batch_id == head.batch_id  # the oldest batch in flight first
+    assert probe_again is not None and probe_again.batch_id == probe.batch_id
+    assert buffer.strike(head.batch_id) == 1 and buffer.strike(head.batch_id) == 2
+    buffer.reject(head.batch_id, "server_error")
+    assert buffer.drops() == {"event:server_error": 3}
+
+
+def test_items_released_by_shrink_lose_their_batch_strikes(tmp_path: Path) -> None:
+    buffer = TelemetryBuffer(tmp_path / "t.db", cap_bytes=1_000_000)
+    for i in range(4):
+        buffer.put("event", "error", make_event("error", error="X", message=str(i)))
+    batch = buffer.next_batch()
+    assert batch is not None and buffer.strike(batch.batch_id) == 1
+    assert buffer.shrink(batch.batch_id, 2) == 2
+    fresh = buffer.next_batch(exclude={batch.batch_id})
+    assert fresh is not None and len(fresh) == 2 and buffer.strike(fresh.batch_id) == 1
