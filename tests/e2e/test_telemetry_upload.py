@@ -1,4 +1,5 @@
-"""A device's telemetry over real HTTP: an answer lost in transit, a retried batch counted once.
+"""A device's telemetry over real HTTP: an answer lost in transit, a retried batch counted once, a batch
+the server fails on (an injected intake bug) dropped after three strikes while everything else arrives.
 
 The device is the real agent stack (serving pipeline on a real ONNX bundle, recorder, SQLite buffer,
 uploader over httpx); the server is the real app under uvicorn on loopback (the fleet-server test
@@ -17,10 +18,11 @@ import pytest
 from sqlalchemy import func, select
 
 from device_agent.telemetry.buffer import TelemetryBuffer
+from device_agent.telemetry.events import make_event
 from device_agent.telemetry.sampling import Candidate, sample_record
-from device_agent.telemetry.uploader import TelemetryUploader
+from device_agent.telemetry.uploader import MAX_STRIKES, TelemetryUploader
 from fleet_server.db import session_scope
-from fleet_server.models import MetricWindow, PredictionSample, TelemetryBatch
+from fleet_server.models import DeviceEvent, MetricWindow, PredictionSample, TelemetryBatch
 from fleet_server.telemetry.query import cohort_stats
 from tests.fleet_server.conftest import (  # noqa: F401 - fixtures
     admin_headers,
@@ -112,3 +114,46 @@ def test_samples_over_the_servers_body_limit_as_one_batch_all_arrive_in_several(
     assert report.items == 24 and report.batches > 1 and buffer.drops() == {}
     with session_scope(sessions) as session:
         assert session.scalar(select(func.count()).select_from(PredictionSample)) == 24
+
+
+@pytest.mark.usefixtures("live_server", "release", "make_device", "session_factory")
+def test_a_batch_the_server_keeps_failing_on_is_dropped_after_three_strikes_and_the_rest_arrives(
+    request, tmp_path, monkeypatch
+):
+    """A server bug that answers 500 to one batch's content (injected in the intake, on both databases):
+    the device strikes it three times, drops and reports it, and nothing else waits behind it."""
+    import fleet_server.api.device as device_api
+
+    checked = device_api._check_typed_events
+
+    def buggy(events):
+        if any(item.get("message") == "poison" for item, _text in events):
+            raise RuntimeError("a bug the intake hits on this batch only")
+        checked(events)
+
+    monkeypatch.setattr(device_api, "_check_typed_events", buggy)
+    server_url, publisher = request.getfixturevalue("live_server"), request.getfixturevalue("release")
+    enroll, sessions = request.getfixturevalue("make_device"), request.getfixturevalue("session_factory")
+    publisher.publish("tiny", 1)
+    device = enroll()
+    buffer = simulate(publisher.work_dir / "tiny-1", tmp_path, uniform(300, 9), NOW - dt.timedelta(minutes=10))
+    windows = buffer.count_by_label()["window:window"]
+    buffer.put("event", "error", make_event("error", error="ValueError", message="poison"))  # priority 0: first
+    clock = [0.0]
+    with httpx.Client(base_url=server_url, timeout=10) as http:
+        uploader = TelemetryUploader(buffer, http, lambda: device.headers, batch_max_items=1, clock=lambda: clock[0])
+        reports = []
+        for round_ in range(MAX_STRIKES + 1):
+            reports.append(uploader.maybe_drain())
+            buffer.put("event", "error", make_event("error", error="ValueError", message=f"round {round_}"))
+            clock[0] += 60.0
+        uploader.maybe_drain()
+
+    assert all(r is not None for r in reports) and [r.server_errors for r in reports] == [0, 0, 1, 0]
+    assert buffer.stats()["items"] == 0 and uploader.failures == 0
+    with session_scope(sessions) as session:
+        assert session.scalar(select(func.count()).select_from(MetricWindow)) == windows
+        events = session.scalars(select(DeviceEvent).where(DeviceEvent.device_id == device.device_id)).all()
+    messages = sorted(e.payload.get("message") for e in events if e.type == "error")
+    assert messages == [f"round {i}" for i in range(MAX_STRIKES + 1)]
+    assert [e.payload["dropped"] for e in events if e.type == "drops"] == [{"event:server_error": 1}]
