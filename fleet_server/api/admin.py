@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import select
 
-from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, SettingsDep, ViewerDep
+from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, SessionRoute, SettingsDep, ViewerDep
 from fleet_server.models import AuditEntry
 from fleet_server.schemas import (
     MAX_INT32,
@@ -36,7 +36,7 @@ from fleet_server.schemas import (
 )
 from fleet_server.services import api_keys, devices, enroll_tokens, fleet
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"], route_class=SessionRoute)
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or revoked API key"}, 403: {"description": "role too weak"},
     404: {"description": "not found"}, 409: {"description": "conflicts with the current state"},

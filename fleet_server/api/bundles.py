@@ -11,13 +11,13 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from fleet_server.api.bodies import read_capped, spool_capped
-from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, SessionRoute, ViewerDep
 from fleet_server.audit import record
 from fleet_server.schemas import BundleDetail, BundleOut, DbInt, PublicationOut, RootInstalled, TufStateOut
 from fleet_server.services import plots, registry
 
 log = logging.getLogger("fleet_server.bundles")
-router = APIRouter(prefix="/api/v1/admin", tags=["bundles"])
+router = APIRouter(prefix="/api/v1/admin", tags=["bundles"], route_class=SessionRoute)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "bad signature, hash or manifest"}, 401: {"description": "missing or revoked API key"},
     403: {"description": "role too weak"}, 404: {"description": "not found"},

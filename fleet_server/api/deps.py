@@ -1,6 +1,8 @@
 """FastAPI dependencies shared by every router (core, telemetry, rollouts).
 
-- ``SessionDep``: a SQLAlchemy session, committed when the handler returns, rolled back on error.
+- ``SessionDep``: a SQLAlchemy session, committed when the handler returns, rolled back on error. Routers
+  use :class:`SessionRoute`, so that a synchronous handler's session is committed in the handler's own
+  worker thread, before the response is validated (see the class).
 - ``SettingsDep``: the app's :class:`~fleet_server.settings.Settings`.
 - ``ViewerDep`` / ``OperatorDep`` / ``AdminDep``: the calling admin API key (an :class:`AdminPrincipal`)
   with at least that role; ``viewer`` < ``operator`` < ``admin``. A missing or revoked key is a 401,
@@ -11,10 +13,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.errors import AuthError
@@ -32,6 +37,7 @@ __all__ = [
     "DeviceDep",
     "OperatorDep",
     "SessionDep",
+    "SessionRoute",
     "SettingsDep",
     "ViewerDep",
     "require_role",
@@ -52,6 +58,44 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # commit before the response is sent
+
+
+class SessionRoute(APIRoute):
+    """A route whose synchronous handler commits its ``SessionDep`` session before it returns, in its own thread.
+
+    FastAPI validates a synchronous handler's response on another thread of the shared pool (40
+    threads) and only then runs the dependency's exit (the commit). On SQLite a transaction that has
+    written holds the database's write lock until that commit, so when every pool thread was taken
+    by requests waiting for that lock (a burst of enrollments or uploads), the holder could not get a
+    thread to finish on, and nothing moved until the waiters gave up at the busy timeout (10 s, then
+    503s, then the same again). Committed here, a write transaction never waits for a thread while
+    it holds the lock. The exit's commit then has nothing left to do; a handler that raises is still
+    rolled back there.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, commits_before_returning(endpoint), **kwargs)
+
+
+def commits_before_returning(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``endpoint`` (if synchronous) wrapped to commit every session among its arguments when it returns.
+
+    ``functools.wraps`` keeps the signature FastAPI reads the parameters and dependencies from."""
+    if inspect.iscoroutinefunction(endpoint) or getattr(endpoint, "commits_before_returning", False):
+        return endpoint
+
+    @functools.wraps(endpoint)
+    def committing(*args: Any, **kwargs: Any) -> Any:
+        result = endpoint(*args, **kwargs)
+        for value in kwargs.values():
+            if isinstance(value, Session):
+                value.commit()
+        return result
+
+    committing.commits_before_returning = True  # type: ignore[attr-defined]
+    return committing
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

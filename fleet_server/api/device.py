@@ -17,14 +17,14 @@ from fastapi.concurrency import run_in_threadpool
 from bundles.contract import EVENT_MODELS, Inventory, parse, to_dict
 from bundles.errors import ConfigError
 from fleet_server.api.bodies import read_capped
-from fleet_server.api.deps import AnyDeviceDep, DevicePrincipal, SessionDep, SettingsDep, bearer_token
+from fleet_server.api.deps import AnyDeviceDep, DevicePrincipal, SessionDep, SessionRoute, SettingsDep, bearer_token
 from fleet_server.errors import ForbiddenError
 from fleet_server.schemas import ChallengeOut, EnrollIn, EnrollOut, TelemetryOut, TufInfo
 from fleet_server.services import devices
 from fleet_server.services.desired_state import DesiredStateService, etag_matches
 from fleet_server.services.telemetry_intake import batch_rows, decompress, parse_batch, store_batch
 
-router = APIRouter(prefix="/api/v1", tags=["device"])
+router = APIRouter(prefix="/api/v1", tags=["device"], route_class=SessionRoute)
 
 
 async def uploading_device(request: Request) -> DevicePrincipal:

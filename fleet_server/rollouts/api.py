@@ -23,7 +23,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 
-from fleet_server.api.deps import OperatorDep, SessionDep, ViewerDep
+from fleet_server.api.deps import OperatorDep, SessionDep, SessionRoute, ViewerDep
 from fleet_server.background import app_task
 from fleet_server.durations import parse_duration_s
 from fleet_server.rollouts import service
@@ -41,7 +41,9 @@ def _rollout_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
     return engine.run(app.state.settings.rollout_tick_s)
 
 
-router = APIRouter(prefix="/api/v1/admin", tags=["rollouts"], lifespan=app_task(_rollout_loop))
+router = APIRouter(
+    prefix="/api/v1/admin", tags=["rollouts"], lifespan=app_task(_rollout_loop), route_class=SessionRoute
+)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid request"}, 401: {"description": "missing or revoked API key"},
     403: {"description": "role too weak"}, 404: {"description": "not found"},

@@ -28,7 +28,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, Response
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 
 from bundles.errors import ConfigError
-from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.api.deps import AdminDep, OperatorDep, SessionDep, SessionRoute, ViewerDep
 from fleet_server.background import app_task
 from fleet_server.telemetry import monitors, query
 from fleet_server.telemetry.tasks import Maintenance
@@ -40,7 +40,9 @@ def _maintenance_loop(app: FastAPI) -> Coroutine[Any, Any, None]:
     return Maintenance(app.state.session_factory, is_leader=lambda: leadership.held).run()
 
 
-router = APIRouter(prefix="/api/v1/admin", tags=["telemetry"], lifespan=app_task(_maintenance_loop))
+router = APIRouter(
+    prefix="/api/v1/admin", tags=["telemetry"], lifespan=app_task(_maintenance_loop), route_class=SessionRoute
+)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid parameter"}, 401: {"description": "missing or revoked API key"},
     403: {"description": "role too weak"},
