@@ -124,6 +124,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await app.state.desired_state.async_pool.close()
         leadership.release()
         forget_this_process()
+        if app.state.desired_state.reader is not None:
+            app.state.desired_state.reader.dispose()
         app.state.engine.dispose()
 
 

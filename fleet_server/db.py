@@ -143,16 +143,46 @@ def private_sqlite_file(url: str) -> None:
 
 
 def make_engine(database_url: str, pool_size: int = 10, sqlite_busy_timeout_ms: int = 10_000) -> Engine:
-    """An engine for a SQLite file or a PostgreSQL server, tuned for the API's short transactions."""
+    """An engine for a SQLite file or a PostgreSQL server, tuned for the API's short transactions.
+
+    On SQLite the pool has no overflow limit: a SQLite connection is a file handle, and a request
+    that must wait for the database then waits in one place only, SQLite's busy handler, for the
+    documented ``busy_timeout`` (then a 503). A bounded pool made requests queue for a connection
+    behind holders that were themselves waiting for the write lock (30 s, then a 500).
+    """
     url = normalize_url(database_url)
     if url.startswith("sqlite"):
         private_sqlite_file(url)
-        engine = create_engine(url, pool_size=pool_size, max_overflow=20, connect_args={"check_same_thread": False})
+        engine = create_engine(url, pool_size=pool_size, max_overflow=-1, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas(sqlite_busy_timeout_ms))
         return engine
     # No pre-ping (a round trip per checkout on the poll path): a dropped connection fails one request
     # with a 503 and SQLAlchemy then replaces the whole pool; ``pool_recycle`` retires idle connections.
     return create_engine(url, pool_size=pool_size, max_overflow=20, pool_recycle=1800)
+
+
+def make_sqlite_reader(engine: Engine, busy_timeout_ms: int) -> Engine | None:
+    """A read-only engine of its own on ``engine``'s SQLite file (None for an in-memory database).
+
+    For the reads that run inline on the event loop (the desired-state poll): one at a time, so its
+    connection is always back in this pool when the next one comes, and taking it never waits (no
+    overflow limit), whereas waiting for the shared pool there stalls every request of the process,
+    and an overflow connection of the shared pool would be opened and closed on the event loop.
+    ``query_only`` makes any write through it an error.
+    """
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    reader = create_engine(engine.url, pool_size=2, max_overflow=-1, connect_args={"check_same_thread": False})
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA query_only=ON")
+        cursor.close()
+
+    event.listen(reader, "connect", on_connect)
+    return reader
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bundles.errors import (
@@ -146,13 +147,14 @@ def _driver_error(_request: Request, error: Exception) -> JSONResponse:
 
 def _database_error(_request: Request, error: Exception) -> JSONResponse:
     """Out-of-range input the validation missed is a 400; a unique row that a concurrent request created
-    first is a 409; a database that is down is a 503 (retry later); anything else is our bug, a 500."""
+    first is a 409; a database that is down, locked or out of pooled connections is a 503 (retry later);
+    anything else is our bug, a 500."""
     if isinstance(error, DataError):
         return error_response(f"a value does not fit the database column ({error.orig})", 400)
     if isinstance(error, IntegrityError):  # a unique row two requests raced to create
         log.warning("integrity conflict: %s", error.orig)
         return error_response("a concurrent request changed the same record; retry", 409)
-    if isinstance(error, OperationalError):
+    if isinstance(error, (OperationalError, PoolTimeoutError)):  # down, locked, or every connection busy
         log.error("database unavailable: %s", error)
         return unavailable()
     return _unexpected(_request, error)

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,7 +31,7 @@ from fleet_server.services.desired_state import DesiredStateService, etag_matche
 
 log = logging.getLogger("fleet_server.api.fast_path")
 PATH = "/api/v1/device/desired-state"
-DATABASE_ERRORS = (OperationalError, psycopg.OperationalError, sqlite3.OperationalError, OSError)
+DATABASE_ERRORS = (OperationalError, PoolTimeoutError, psycopg.OperationalError, sqlite3.OperationalError, OSError)
 MAX_HEADER_BYTES = 1000
 
 

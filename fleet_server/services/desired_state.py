@@ -34,7 +34,7 @@ from sqlalchemy import Engine, bindparam, text
 
 from bundles.contract import DesiredState, parse
 from bundles.errors import AuthError
-from fleet_server.db import UTCDateTime, utcnow
+from fleet_server.db import UTCDateTime, make_sqlite_reader, utcnow
 from fleet_server.errors import ForbiddenError
 from fleet_server.security import DEVICE_TOKEN_PREFIX, hash_secret
 from fleet_server.services.async_pg import AsyncPgPool, conninfo_for
@@ -93,6 +93,8 @@ class DesiredStateService:
         self._sql = _STATE_SQL.format(p=_PARAM_MARKERS[engine.dialect.name])
         is_postgres = engine.dialect.name == "postgresql"
         self.async_pool = AsyncPgPool(conninfo_for(engine), settings.poll_db_connections) if is_postgres else None
+        # SQLite: the query runs inline on the event loop, on a connection of its own (never a pool wait)
+        self.reader = None if is_postgres else make_sqlite_reader(engine, settings.sqlite_busy_timeout_ms)
         self._memo: dict[str, tuple[tuple[Any, ...], RenderedState]] = {}
         self._seen: dict[str, dt.datetime] = {}
         self._seen_lock = threading.Lock()
@@ -158,8 +160,9 @@ class DesiredStateService:
         return self._rendered(device_id, status, tuple(rows))
 
     def _query(self, token_hash: str) -> list[tuple[Any, ...]]:
-        """Run the state query on a pooled raw DBAPI connection (a SELECT: no transaction to commit)."""
-        connection = self.engine.raw_connection()
+        """Run the state query on a raw DBAPI connection (a SELECT: no transaction to commit): SQLite's
+        read-only pool, or a pooled connection (PostgreSQL callers outside an event loop)."""
+        connection = (self.reader or self.engine).raw_connection()
         try:
             cursor = connection.cursor()
             cursor.execute(self._sql, {"token_hash": token_hash})

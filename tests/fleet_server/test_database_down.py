@@ -15,10 +15,12 @@ import threading
 import uuid
 
 import pytest
+import sqlalchemy
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from fleet_server.app import create_app
-from fleet_server.errors import NO_DATABASE
+from fleet_server.errors import NO_DATABASE, install_error_handlers
 
 SKIPPED_PATHS = NO_DATABASE | {"/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"}
 
@@ -115,3 +117,24 @@ def test_a_sqlite_database_locked_past_the_busy_timeout_is_a_503(settings, make_
             holder.close()
     assert [(a.status_code, a.headers.get("retry-after")) for a in answers] == [(503, "5"), (503, "5")]
     assert all(a.json()["detail"] == "the database is unavailable; retry later" for a in answers)
+
+
+def test_a_request_that_finds_every_pooled_connection_taken_past_the_pool_timeout_is_a_503(tmp_path):
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'pool.db'}", pool_size=1, max_overflow=0,
+                                      pool_timeout=0.1)  # fmt: skip
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/needs-the-database")
+    def needs_the_database() -> dict[str, int]:
+        with engine.connect() as connection:
+            return {"one": connection.exec_driver_sql("SELECT 1").scalar_one()}
+
+    held = engine.connect()  # the only connection of the pool, kept
+    try:
+        answer = TestClient(app).get("/needs-the-database")
+    finally:
+        held.close()
+        engine.dispose()
+    assert (answer.status_code, answer.headers.get("retry-after")) == (503, "5")
+    assert answer.json() == {"detail": "the database is unavailable; retry later"}

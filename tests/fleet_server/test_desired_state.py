@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
 from fleet_server.db import session_scope, utcnow
 from fleet_server.models import Assignment, Device
@@ -92,3 +94,16 @@ def test_fallback_endpoint_is_announced_when_configured(app, client, make_device
     with session_scope(session_factory) as session:
         session.add(Assignment(device_id=device.device_id, model_name="digits", bundle_version=1))
     assert _poll(client, device).json()["fallback"] == {"url": "https://cloud.test/v2", "model": "digits"}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sqlite_polls_read_on_a_connection_of_their_own_that_cannot_write(app, client, make_device):
+    """The poll's query runs inline on the event loop: waiting there for the shared pool stalled every request."""
+    device = make_device()
+    checkouts = []
+    event.listen(app.state.engine, "checkout", lambda *_: checkouts.append(1))
+    for _ in range(3):
+        assert _poll(client, device).status_code == 200
+    assert checkouts == []
+    with app.state.desired_state.reader.connect() as connection, pytest.raises(OperationalError, match="readonly"):
+        connection.exec_driver_sql("DELETE FROM devices")
