@@ -123,7 +123,16 @@ class TransportError(EdgeFleetError):
 
 
 class ServerError(TransportError):
-    """A peer answered with an error status that a retry may fix (5xx, 429)."""
+    """A peer answered with an error status that a retry may fix (5xx, 429).
+
+    ``retry_after_s`` is the wait the peer asked for (``Retry-After``), when it said: retrying sooner
+    only adds load where the peer has just said it has none to spare (a fleet server whose database
+    is busy answers 503 with ``Retry-After``).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class AuthError(EdgeFleetError):

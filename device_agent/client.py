@@ -1,8 +1,9 @@
 """The fleet server's device API over httpx: enrollment, desired state with ETag, inventory.
 
 Every call maps failures to :mod:`bundles.errors` at this boundary: no answer is a
-:class:`TransportError`, 5xx and 429 a :class:`ServerError` (both: retry with backoff), 401/403 an
-:class:`AuthError`, other 4xx a :class:`ConfigError` carrying the server's ``detail`` sentence.
+:class:`TransportError`, 5xx and 429 a :class:`ServerError` (both: retry with backoff, and not before
+the server's ``Retry-After``: :mod:`device_agent.retry_after`), 401/403 an :class:`AuthError`, other 4xx a
+:class:`ConfigError` carrying the server's ``detail`` sentence.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 from bundles.contract import DesiredState, Inventory, parse, parse_json, to_dict
 from bundles.errors import AuthError, ConfigError, ServerError, TransportError
 from device_agent.identity import Enrollment, public_key_hex
+from device_agent.retry_after import retry_after_s
 from device_agent.version import AGENT_VERSION
 
 
@@ -98,5 +100,5 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
     if code in (401, 403):
         raise AuthError(f"{what}: the server refused the device's credentials ({code}): {_detail(response)}")
     if code >= 500 or code == 429:
-        raise ServerError(f"{what}: the server answered {code}: {_detail(response)}")
+        raise ServerError(f"{what}: the server answered {code}: {_detail(response)}", retry_after_s(response.headers))
     raise ConfigError(f"{what}: the server answered {code}: {_detail(response)}")

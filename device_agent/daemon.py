@@ -30,6 +30,7 @@ from bundles.errors import AuthError, EdgeFleetError, TransportError
 from device_agent.agent import Agent
 from device_agent.client import FleetClient
 from device_agent.identity import Enrollment, trusted_root_bytes
+from device_agent.retry_after import retry_wait_s
 from device_agent.shadow import ShadowMode
 from device_agent.update.backoff import backoff_s
 from device_agent.update.source import TufSource
@@ -159,7 +160,8 @@ class Daemon:
             return self.config.backoff_max_s
         except TransportError as e:
             self.failures += 1
-            wait_s = backoff_s(self.failures, self.config.backoff_initial_s, self.config.backoff_max_s)
+            backoff = backoff_s(self.failures, self.config.backoff_initial_s, self.config.backoff_max_s)
+            wait_s = retry_wait_s(e, backoff, self.config.backoff_max_s)
             log.warning("cannot reach the fleet server (%s); next try in %.0f s", e, wait_s)
             return wait_s
         except EdgeFleetError as e:

@@ -3,7 +3,8 @@
 A batch keeps its ``batch_id`` until the server acknowledges it, so a retry after a timeout or a
 lost answer is the same batch and the server counts it once (idempotent by device and batch id).
 Failures (transport errors, 5xx, 408, 429) back off exponentially with jitter (``backoff_initial_s``
-doubling up to ``backoff_max_s``); a batch the server refuses for good (any other 4xx but 401/403,
+doubling up to ``backoff_max_s``), and never retry before the server's ``Retry-After``
+(:mod:`device_agent.retry_after`); a batch the server refuses for good (any other 4xx but 401/403,
 e.g. a 400 naming a field it will not take) is dropped, counted as ``<kind>:rejected`` (reported to
 the server in the next batch's ``drops`` event) and draining goes on, since sending the same bytes
 again cannot help and must not hold back what follows.
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bundles.errors import AuthError, ServerError, TransportError
+from device_agent.retry_after import retry_after_s, retry_wait_s
 from device_agent.telemetry.buffer import Batch, TelemetryBuffer
 
 log = logging.getLogger("device_agent.telemetry.uploader")
@@ -149,7 +151,8 @@ class TelemetryUploader:
         if response.status_code >= 500:
             raise BatchServerError(f"telemetry upload got {response.status_code} from the server", response.status_code)
         if response.status_code >= 300:
-            raise ServerError(f"telemetry upload got {response.status_code} from the server")
+            raise ServerError(f"telemetry upload got {response.status_code} from the server",
+                              retry_after_s(response.headers))  # fmt: skip
         self.buffer.ack(batch.batch_id)
         return bool(_json_or_empty(response).get("duplicate", False))
 
@@ -219,9 +222,9 @@ class TelemetryUploader:
             return None
         try:
             report = self.drain()
-        except (TransportError, AuthError):
+        except (TransportError, AuthError) as error:
             self.failures += 1
-            self.next_attempt_at = self.clock() + self.backoff_s()
+            self.next_attempt_at = self.clock() + retry_wait_s(error, self.backoff_s(), self.backoff_max_s)
             return None
         self.failures, self.next_attempt_at = 0, 0.0
         return report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,41 @@ def test_an_unreachable_server_backs_off_and_keeps_serving(tmp_path: Path) -> No
     assert 2 <= waits[0] <= 4 and 4 <= waits[1] <= 8 and 8 <= waits[2] <= 16
     assert daemon.failures == 3
     agent.close()
+
+
+class BusyServer(BaseHTTPRequestHandler):
+    """A fleet server whose database is busy: every request gets the documented 503 with ``Retry-After``."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server name
+        body = b'{"detail": "the database is unavailable; retry later"}'
+        self.send_response(503)
+        self.send_header("Retry-After", "40")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_a_server_that_says_retry_after_is_not_polled_again_sooner(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BusyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    Enrollment(url, "dev-1", "token", "accepted", f"{url}/tuf/metadata/", f"{url}/tuf/targets/").save(
+        tmp_path / "identity", {"signed": {"_type": "root"}}
+    )
+    agent = Agent.from_config(environ={}, state_dir=tmp_path, backoff_initial_s=4, backoff_max_s=60)
+    daemon = Daemon(agent)
+    try:
+        assert daemon.connect()
+        assert daemon.round() == 40.0  # its own backoff would have been 2 to 4 s
+        assert daemon.failures == 1
+    finally:
+        agent.close()
+        server.shutdown()
+        server.server_close()
 
 
 def agent_with_model(tmp_path: Path) -> Agent:

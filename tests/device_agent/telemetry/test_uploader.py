@@ -20,15 +20,18 @@ from device_agent.telemetry.uploader import TelemetryUploader
 
 
 class Server:
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], headers: dict[str, str] | None = None) -> None:
         self.statuses = statuses
+        self.headers = headers or {}
         self.bodies: list[dict] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         assert request.headers["content-encoding"] == "gzip"
         self.bodies.append(json.loads(gzip.decompress(request.content)))
         status = self.statuses.pop(0) if self.statuses else 200
-        return httpx.Response(status, json={"accepted": {}, "duplicate": False} if status == 200 else {"detail": "x"})
+        if status == 200:
+            return httpx.Response(200, json={"accepted": {}, "duplicate": False})
+        return httpx.Response(status, json={"detail": "x"}, headers=self.headers)
 
 
 def uploader(tmp_path: Path, server: Server, clock: list[float]) -> TelemetryUploader:
@@ -51,6 +54,16 @@ def test_server_errors_back_off_exponentially_and_resend_the_same_batch(tmp_path
     report = up.maybe_drain()
     assert report is not None and report.items == 1 and up.failures == 0
     assert len({body["batch_id"] for body in server.bodies}) == 1  # four sends, one batch id
+
+
+@pytest.mark.parametrize(("retry_after", "low", "high"), [("30", 30.0, 30.0), ("100000", 600.0, 600.0)])
+def test_a_503_with_retry_after_is_not_retried_sooner_and_never_later_than_the_cap(
+    tmp_path: Path, retry_after: str, low: float, high: float
+) -> None:
+    clock = [0.0]
+    up = uploader(tmp_path, Server([503], {"Retry-After": retry_after}), clock)
+    assert up.maybe_drain() is None
+    assert low <= up.next_attempt_at - clock[0] <= high  # the backoff alone would be 2.5 to 5 s
 
 
 @pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
