@@ -21,7 +21,8 @@ sent again, first, at the next drain, with the same id. A batch with ``max_strik
 to probe with), it is an outage: the error is raised, the uploader backs off, no strike is counted
 and nothing is dropped. Two poison batches in a row are told from an outage (``max_probes`` 2); more
 in a row look like an outage and are kept. A transport error (refused, reset, timeout) is always
-treated as an outage.
+treated as an outage, and so is a 5xx with ``Retry-After`` (the fleet server's 503 while its database
+is busy or down): nothing is sent before the time it asked for.
 
 The buffer picks batches by their compressed size, but the server limits the decompressed body
 (``max_telemetry_bytes``, 4 MiB by default). Before its first send, a batch whose JSON is over
@@ -62,10 +63,11 @@ MAX_PROBES = 2
 
 
 class BatchServerError(ServerError):
-    """A 5xx answer to one batch: an outage, or a server bug on this batch; ``status`` is the answer's."""
+    """A 5xx answer to one batch: an outage, or a server bug on this batch; ``status`` is the answer's
+    (``retry_after_s``: the server said it is unavailable until then, an outage)."""
 
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int, retry_after_s: float | None = None) -> None:
+        super().__init__(message, retry_after_s)
         self.status = status
 
 
@@ -149,7 +151,8 @@ class TelemetryUploader:
                         response.text[:300])  # fmt: skip
             return None
         if response.status_code >= 500:
-            raise BatchServerError(f"telemetry upload got {response.status_code} from the server", response.status_code)
+            raise BatchServerError(f"telemetry upload got {response.status_code} from the server", response.status_code,
+                                   retry_after_s(response.headers))  # fmt: skip
         if response.status_code >= 300:
             raise ServerError(f"telemetry upload got {response.status_code} from the server",
                               retry_after_s(response.headers))  # fmt: skip
@@ -172,6 +175,8 @@ class TelemetryUploader:
             try:
                 answer = self.send(batch, raw)
             except BatchServerError as e:
+                if e.retry_after_s is not None:  # "unavailable, come back then": an outage, nothing to probe
+                    raise
                 run.held_back.add(batch.batch_id)
                 run.suspects[batch.batch_id] = e
                 if len(run.suspects) > self.max_probes:

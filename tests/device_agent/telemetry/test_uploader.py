@@ -66,6 +66,16 @@ def test_a_503_with_retry_after_is_not_retried_sooner_and_never_later_than_the_c
     assert low <= up.next_attempt_at - clock[0] <= high  # the backoff alone would be 2.5 to 5 s
 
 
+def test_a_503_with_retry_after_is_an_outage_no_batch_is_sent_after_it(tmp_path: Path) -> None:
+    clock = [0.0]
+    server = Server([503], {"Retry-After": "30"})
+    up = uploader(tmp_path, server, clock)
+    up.buffer.put("event", "install", install_event("m", 3, "installed"))
+    up.batch_max_items = 1  # two batches: a probe would be sent at once without Retry-After
+    assert up.maybe_drain() is None
+    assert len(server.bodies) == 1 and up.next_attempt_at - clock[0] >= 30.0
+
+
 @pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
 def test_a_refused_batch_is_dropped_counted_and_draining_goes_on(tmp_path: Path, status: int) -> None:
     server = Server([status])
