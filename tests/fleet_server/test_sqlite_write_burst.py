@@ -32,7 +32,7 @@ from tests.fleet_server.conftest import TEST_PEPPER, auth, default_inventory, en
 from tests.fleet_server.server_process import ServerProcess
 
 BURST = 200
-RATE_PER_S = 150.0
+RATE_PER_S = 200.0
 STEADY_DEVICES = 8
 MAX_ATTEMPTS = 6  # a device that is told to retry later tries again, as the agent does
 REQUEST_TIMEOUT_S = 30.0
