@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 from sqlalchemy import BigInteger, Select, Table, Text, any_, bindparam, cast, delete, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles import jsonio
@@ -57,6 +58,7 @@ from fleet_server.models import DeviceEvent, MetricWindow
 from fleet_server.rollouts.models import (
     Rollout,
     RolloutDevice,
+    RolloutDeviceSum,
     RolloutRollup,
     RolloutWave,
     UnfoldedEvent,
@@ -64,6 +66,7 @@ from fleet_server.rollouts.models import (
 )
 from fleet_server.rollouts.observe import Evidence
 from fleet_server.rollouts.states import RolloutState
+from fleet_server.rollouts.weights import samples_of
 
 log = logging.getLogger("fleet_server.rollouts.fold")
 
@@ -247,6 +250,8 @@ class _Plan:
     invalid: int = 0
     invalid_events: int = 0
     labels: dict[RollupKey, str] = field(default_factory=dict)
+    shares: dict[tuple[RollupKey, str], _Rollup] = field(default_factory=lambda: defaultdict(_Rollup))
+    """Per (rollup, device): the device's windows added to the rollup (its share, ``rollout_device_sums``)."""
 
     @classmethod
     def load(cls, session: Session, device_ids: set[str]) -> _Plan:
@@ -306,6 +311,8 @@ class _Plan:
         if new_device:
             member.loaded_evidence().counted = label
             member.changed = True
+        share = self.shares[(key, member.device_id)]  # the variant cohort's share is the wave's: one variant a device
+        rollups.append(share)
         for rollup in rollups:
             if parts is not None:
                 rollup.parts.append(parts)
@@ -340,9 +347,11 @@ class _Plan:
                 sums[same] = merge_window_parts(delta.parts, delta.others)
             added[key] = sums[same]
         existing = _existing_rollups(session, list(self.rollups))
+        shares = _serialized(session, _shares_after(session, self.shares))
         _write_evidence(session, [m for _, m in self.members.values() if m.changed])
         for key, delta in self.rollups.items():
             _write_rollup(session, key, delta, added[key], existing.get(key), now)
+        _write_shares(session, shares)
         _dequeue(session, UnfoldedWindow.window_id, window_ids)
         _dequeue(session, UnfoldedEvent.event_id, event_ids)
 
@@ -416,6 +425,73 @@ def _write_rollup(
     row.invalid_windows += delta.invalid
     row.devices += delta.devices
     row.updated_at = now
+
+
+def _shares_after(session: Session, deltas: dict[tuple[RollupKey, str], _Rollup]) -> list[dict[str, Any]]:
+    """The devices' shares with this chunk's windows added, as rows of ``rollout_device_sums`` (read and summed
+    before any write: on SQLite the first write takes the write lock)."""
+    by_key: dict[RollupKey, list[str]] = defaultdict(list)
+    for key, device_id in deltas:
+        by_key[key].append(device_id)
+    stored: dict[tuple[RollupKey, str], str] = {}
+    table = RolloutDeviceSum
+    for key, device_ids in by_key.items():
+        query = select(table.device_id, cast(table.merged, Text)).where(
+            table.rollout_id == key[0], table.wave_index == key[1], table.cohort == key[2],
+            table.bundle_version == key[3], _among(session, table.device_id, set(device_ids)))  # fmt: skip
+        stored.update(((key, row[0]), row[1]) for row in session.connection().execute(query))
+    rows = []
+    for (key, device_id), delta in deltas.items():
+        added = merge_window_parts(delta.parts, delta.others)
+        before = _json_object(stored.get((key, device_id)))
+        merged = merge_fields([before, added]) if before else added
+        rows.append({"r": key[0], "w": key[1], "c": key[2], "v": key[3], "d": device_id, **samples_of(merged),
+                     "merged": merged})  # fmt: skip
+    return rows
+
+
+def _dumps(value: Any) -> str:
+    """JSON text (orjson, or the standard library for integers past 64 bits, which orjson refuses)."""
+    return jsonio.dumps(value).decode()
+
+
+_PG_SHARES_SQL = text(
+    "INSERT INTO rollout_device_sums (rollout_id, wave_index, cohort, bundle_version, device_id, requests,"
+    " shadow_samples, generations, merged) SELECT r, w, c, v, d, requests, shadow_samples, generations, merged"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS u(r integer, w integer, c text, v integer, d text,"
+    " requests float8, shadow_samples float8, generations float8, merged json)"
+    " ON CONFLICT (rollout_id, wave_index, cohort, bundle_version, device_id) DO UPDATE SET"
+    " requests = excluded.requests, shadow_samples = excluded.shadow_samples, generations = excluded.generations,"
+    " merged = excluded.merged"
+)
+
+
+def _serialized(session: Session, rows: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """The shares' rows as JSON before any write: one parameter on PostgreSQL, each row's sum on SQLite."""
+    if rows and session.get_bind().dialect.name == "postgresql":
+        return _dumps(rows)
+    return [{**row, "merged": _dumps(row["merged"])} for row in rows]
+
+
+def _write_shares(session: Session, rows: str | list[dict[str, Any]]) -> None:
+    """Store the devices' shares: one statement on PostgreSQL (the rows as one JSON parameter), an executemany of
+    upserts on SQLite."""
+    if isinstance(rows, str):
+        session.execute(_PG_SHARES_SQL, {"rows": rows})
+        return
+    if not rows:
+        return
+    table = typing.cast(Table, RolloutDeviceSum.__table__)
+    names = {"rollout_id": "r", "wave_index": "w", "cohort": "c", "bundle_version": "v", "device_id": "d"}
+    statement = sqlite_insert(table).values(
+        {**{column: bindparam(name) for column, name in names.items()},
+         **{name: bindparam(name) for name in ("requests", "shadow_samples", "generations")},
+         "merged": bindparam("merged", type_=Text)})  # fmt: skip
+    samples = ("requests", "shadow_samples", "generations", "merged")
+    statement = statement.on_conflict_do_update(
+        index_elements=list(names), set_={name: statement.excluded[name] for name in samples}
+    )
+    session.execute(statement, rows)
 
 
 _PG_EVIDENCE_SQL = text(
