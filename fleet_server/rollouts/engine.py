@@ -282,7 +282,7 @@ def evaluate_wave(
         outcomes = tally.outcomes()
         if wave.state == WaveState.RUNNING.value and tally.total() and not _unreleased_or_installing(outcomes):
             set_wave_state(wave, WaveEvent.SETTLED, now)
-        control = _control_figures(session, rollout, wave, released)
+        control = _control_figures(session, rollout, wave, released, any(g.relative for g in gates))
         canary = _canary_figures(session, rollout, wave, tally, released)
         by_variant = _variant_figures(session, rollout, wave, tally, canary)
     write_changes(session, rollout.id, members)
@@ -432,10 +432,12 @@ def _variant_figures(
 
 
 def _control_figures(
-    session: Session, rollout: Rollout, wave: RolloutWave, released: Sequence[Member]
+    session: Session, rollout: Rollout, wave: RolloutWave, released: Sequence[Member], relative: bool
 ) -> CohortFigures | None:
     """The rollout's members not released yet, on their (most common) previous version, since the wave started
-    (``released``: the current wave's devices released by this tick, not written yet)."""
+    (``released``: the current wave's devices released by this tick, not written yet). Each device is counted at a
+    bounded weight when a gate is ``relative`` to these figures; otherwise they are context, pooled (the fold keeps
+    no shares of the control for such a rollout)."""
     if wave.started_at is None:
         return None
     query = (
@@ -450,11 +452,17 @@ def _control_figures(
     if not counts:
         return None
     version = max(sorted(v for v in counts if v is not None), key=lambda v: counts[v])
-    return _rollup_figures(session, rollout, (rollout.id, wave.index, CONTROL, int(version or 0)), {})
+    key = (rollout.id, wave.index, CONTROL, int(version or 0))
+    return _rollup_figures(session, rollout, key, {}, bounded=relative)
 
 
 def _rollup_figures(
-    session: Session, rollout: Rollout, key: weights.ShareKey, counts: dict[str, int], variant: str | None = None
+    session: Session,
+    rollout: Rollout,
+    key: weights.ShareKey,
+    counts: dict[str, int],
+    variant: str | None = None,
+    bounded: bool = True,
 ) -> CohortFigures:
     """A cohort's figures from its rollup (empty before its first window), each device counted at most as twice
     the median device (:mod:`.weights`; ``variant``: the key is a variant cohort, whose devices' shares are their
@@ -466,7 +474,7 @@ def _rollup_figures(
         stats = stats_of({}, {}, 0)
         return CohortFigures.from_stats(stats, **counts)
     share_key = key if variant is None else (key[0], key[1], WAVE, key[3])
-    bound = weights.bound(weights.shares_of(session, share_key, variant))
+    bound = weights.bound_of(session, share_key, variant) if bounded else weights.Bound()
     merged = weights.bounded(session, share_key, row.merged or {}, bound.weights)
     stats = stats_of(merged, baseline_of(session, rollout.model_name, key[3]), row.devices)
     extra: dict[str, Any] = {"invalid_windows": row.invalid_windows, "request_cap": bound.caps.get("requests")}

@@ -51,10 +51,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles import jsonio
+from bundles.errors import ConfigError
 from bundles.windows import PartsShape, is_valid_window, merge_fields, merge_window_parts, window_parts
 from fleet_server.db import among, utcnow
 from fleet_server.locks import serialized
 from fleet_server.models import DeviceEvent, MetricWindow
+from fleet_server.rollouts.gates import parse_gates
 from fleet_server.rollouts.models import (
     Rollout,
     RolloutDevice,
@@ -66,7 +68,7 @@ from fleet_server.rollouts.models import (
 )
 from fleet_server.rollouts.observe import Evidence
 from fleet_server.rollouts.states import RolloutState
-from fleet_server.rollouts.weights import samples_of
+from fleet_server.rollouts.weights import SAMPLE_KINDS, added_share, samples_of
 
 log = logging.getLogger("fleet_server.rollouts.fold")
 
@@ -228,6 +230,7 @@ class _Rollout:
     wave_started_at: dt.datetime | None
     wave_shadow: bool
     evaluations: int = 0
+    control_shares: bool = True  # a gate is relative to the control cohort: its devices' shares are kept too
 
 
 @dataclass
@@ -237,6 +240,24 @@ class _Rollup:
     windows: int = 0
     invalid: int = 0
     devices: int = 0
+
+
+@dataclass
+class _Share:
+    """A device's windows of the chunk for one rollup (added to its row of ``rollout_device_sums``)."""
+
+    parts: list[tuple[PartsShape, list[int], list[float]]] = field(default_factory=list)
+    others: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # weights.SAMPLE_KINDS
+
+    def add(self, parts: tuple[PartsShape, list[int], list[float]] | None, payload: dict[str, Any]) -> None:
+        if parts is not None:
+            self.parts.append(parts)
+        else:
+            self.others.append(payload)
+        requests, shadow, generations = samples_of(payload)
+        samples = self.samples
+        samples[0], samples[1], samples[2] = samples[0] + requests, samples[1] + shadow, samples[2] + generations
 
 
 @dataclass
@@ -250,7 +271,7 @@ class _Plan:
     invalid: int = 0
     invalid_events: int = 0
     labels: dict[RollupKey, str] = field(default_factory=dict)
-    shares: dict[tuple[RollupKey, str], _Rollup] = field(default_factory=lambda: defaultdict(_Rollup))
+    shares: dict[tuple[RollupKey, str], _Share] = field(default_factory=lambda: defaultdict(_Share))
     """Per (rollup, device): the device's windows added to the rollup (its share, ``rollout_device_sums``)."""
 
     @classmethod
@@ -284,7 +305,8 @@ class _Plan:
         released = member.released_at is not None and end > member.released_at
         if not released:
             if version == member.previous_version:
-                self._count(member, (rollout.id, rollout.wave, CONTROL, version), payload_text)
+                self._count(member, (rollout.id, rollout.wave, CONTROL, version), payload_text,
+                            share=rollout.control_shares)  # fmt: skip
             return
         if member.wave_index != rollout.wave or member.start_after is None:
             return
@@ -296,8 +318,10 @@ class _Plan:
         member.loaded_evidence().fold_window(start, end, int(version), rollout.version, shadow)
         member.changed = True
 
-    def _count(self, member: _Member, key: RollupKey, payload_text: str, also: RollupKey | None = None) -> None:
-        """Add a window to ``key``'s rollup (and to ``also``'s, the device's variant cohort of the same wave)."""
+    def _count(self, member: _Member, key: RollupKey, payload_text: str, also: RollupKey | None = None,
+               share: bool = True) -> None:  # fmt: skip
+        """Add a window to ``key``'s rollup (and to ``also``'s, the device's variant cohort of the same wave), and
+        unless ``share`` is False to the device's share of it."""
         rollups = [self.rollups[key]] + ([self.rollups[also]] if also is not None else [])
         payload = _json_object(payload_text)
         parts = window_parts(payload) if payload is not None else None  # the usual window: checked in bulk
@@ -311,8 +335,8 @@ class _Plan:
         if new_device:
             member.loaded_evidence().counted = label
             member.changed = True
-        share = self.shares[(key, member.device_id)]  # the variant cohort's share is the wave's: one variant a device
-        rollups.append(share)
+        if share:  # the device's share (its variant cohort's share is the wave's: one variant a device)
+            self.shares[(key, member.device_id)].add(parts, typing.cast(dict[str, Any], payload))
         for rollup in rollups:
             if parts is not None:
                 rollup.parts.append(parts)
@@ -380,12 +404,21 @@ def _dequeue(session: Session, column: Any, ids: list[int]) -> None:
 def _active_rollouts(session: Session) -> dict[int, _Rollout]:
     query = (
         select(Rollout.id, Rollout.model_name, Rollout.bundle_version, Rollout.current_wave, RolloutWave.started_at,
-               RolloutWave.shadow, Rollout.evaluations)
+               RolloutWave.shadow, Rollout.evaluations, Rollout.policy)
         .outerjoin(RolloutWave, (RolloutWave.rollout_id == Rollout.id) & (RolloutWave.index == Rollout.current_wave))
         .where(Rollout.state.in_(ACTIVE_STATES))
     )  # fmt: skip
-    return {row[0]: _Rollout(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
+    return {row[0]: _Rollout(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], has_relative_gate(row[7]))
             for row in session.execute(query)}  # fmt: skip
+
+
+def has_relative_gate(policy: Any) -> bool:
+    """Whether a stored policy has a gate relative to the control cohort (``p99_ms<1.2x``): then the control's
+    figures decide too, and count each device at a bounded weight like the wave's (True when it does not parse)."""
+    try:
+        return any(gate.relative for gate in parse_gates(list(policy.get("gates") or ())))
+    except (ConfigError, AttributeError, TypeError):
+        return True
 
 
 def _json_object(payload_text: Any) -> dict[str, Any] | None:
@@ -427,27 +460,37 @@ def _write_rollup(
     row.updated_at = now
 
 
-def _shares_after(session: Session, deltas: dict[tuple[RollupKey, str], _Rollup]) -> list[dict[str, Any]]:
+def _shares_after(session: Session, deltas: dict[tuple[RollupKey, str], _Share]) -> list[dict[str, Any]]:
     """The devices' shares with this chunk's windows added, as rows of ``rollout_device_sums`` (read and summed
     before any write: on SQLite the first write takes the write lock)."""
     by_key: dict[RollupKey, list[str]] = defaultdict(list)
     for key, device_id in deltas:
         by_key[key].append(device_id)
-    stored: dict[tuple[RollupKey, str], str] = {}
+    stored: dict[tuple[RollupKey, str], tuple[Any, ...]] = {}
     table = RolloutDeviceSum
     for key, device_ids in by_key.items():
-        query = select(table.device_id, cast(table.merged, Text)).where(
+        query = select(table.device_id, table.requests, table.shadow_samples, table.generations,
+                       cast(table.merged, Text)).where(
             table.rollout_id == key[0], table.wave_index == key[1], table.cohort == key[2],
             table.bundle_version == key[3], _among(session, table.device_id, set(device_ids)))  # fmt: skip
-        stored.update(((key, row[0]), row[1]) for row in session.connection().execute(query))
+        stored.update(((key, row[0]), tuple(row[1:])) for row in session.connection().execute(query))
     rows = []
     for (key, device_id), delta in deltas.items():
-        added = merge_window_parts(delta.parts, delta.others)
-        before = _json_object(stored.get((key, device_id)))
-        merged = merge_fields([before, added]) if before else added
-        rows.append({"r": key[0], "w": key[1], "c": key[2], "v": key[3], "d": device_id, **samples_of(merged),
-                     "merged": merged})  # fmt: skip
+        before = stored.get((key, device_id))
+        samples = [a + b for a, b in zip(before[:3], delta.samples, strict=True)] if before else delta.samples
+        share = added_share(_stored_share(before[3]) if before else None, delta.parts, delta.others)
+        rows.append({"r": key[0], "w": key[1], "c": key[2], "v": key[3], "d": device_id,
+                     **dict(zip(SAMPLE_KINDS, samples, strict=True)), "merged": share})  # fmt: skip
     return rows
+
+
+def _stored_share(text: Any) -> dict[str, Any] | None:
+    """A stored share (JSON the fold wrote: orjson reads it; anything else, the lenient way)."""
+    try:
+        value = orjson.loads(text) if isinstance(text, str) else text
+    except orjson.JSONDecodeError:
+        return _json_object(text)
+    return value if isinstance(value, dict) else None
 
 
 def _dumps(value: Any) -> str:
