@@ -28,9 +28,9 @@ from tests.fleet_server.rollouts.fleetsim import T0, window_payload
 TRILLION = 10**12 - 1  # the most one window may claim (the contract's bound) on top of a device's usual window
 
 
-def start_rollout(factory, clock, make_device, gates, devices=6):
-    """Enroll ``devices`` devices on digits@1, roll out digits@2 in waves 50%,100% with ``gates``; tick once.
-    Returns the engine, the rollout id and wave 1's devices."""
+def start_rollout(factory, clock, make_device, gates, devices=6, waves="50%,100%"):
+    """Enroll ``devices`` devices on digits@1, roll out digits@2 in ``waves`` with ``gates``; tick once.
+    Returns the engine, the rollout id and wave 1's devices (and, as ``engine.control``, the others)."""
     enrolled = [make_device() for _ in range(devices)]
     with session_scope(factory) as session:
         group = DeviceGroup(name="lab")
@@ -40,7 +40,7 @@ def start_rollout(factory, clock, make_device, gates, devices=6):
             session.add(DeviceGroupMember(group_id=group.id, device_id=device.device_id))
             session.add(Assignment(device_id=device.device_id, model_name="digits", bundle_version=1,
                                    variant="onnx-fp32", pinned=False, updated_at=T0))  # fmt: skip
-        request = CreateRequest("digits", 2, ("group:lab",), policy(waves="50%,100%", gates=gates))
+        request = CreateRequest("digits", 2, ("group:lab",), policy(waves=waves, gates=gates))
         rollout_id = create_rollout(session, request, "test", clock()).id
     engine = RolloutEngine(factory, clock=clock)
     engine.tick()
@@ -50,16 +50,18 @@ def start_rollout(factory, clock, make_device, gates, devices=6):
                                                       RolloutDevice.released_at.is_not(None))  # fmt: skip
         wave1 = sorted((by_id[d] for d in session.scalars(query)), key=lambda d: d.device_id)
     assert len(wave1) == 3
+    engine.control = sorted((d for d in enrolled if d not in wave1), key=lambda d: d.device_id)
     return engine, rollout_id, wave1
 
 
-def report(client, device, manifest, **window):
-    """An install event and one window of ``digits@2`` covering the soak, through the real device API."""
+def report(client, device, manifest, version=2, **window):
+    """An install event (of version 2) and one window of ``digits@version`` covering the soak, through the real
+    device API."""
     start = T0 + dt.timedelta(seconds=10)
-    body = {"batch_id": uuid.uuid4().hex, "samples": [],
-            "events": [{"id": uuid.uuid4().hex, "type": "install", "at": (T0 + dt.timedelta(seconds=5)).isoformat(),
-                        "model": "digits", "version": 2, "result": "installed"}],
-            "windows": [{"id": uuid.uuid4().hex, "model": "digits", "version": 2, "start": start.isoformat(),
+    install = {"id": uuid.uuid4().hex, "type": "install", "at": (T0 + dt.timedelta(seconds=5)).isoformat(),
+               "model": "digits", "version": 2, "result": "installed"}  # fmt: skip
+    body = {"batch_id": uuid.uuid4().hex, "samples": [], "events": [install] if version == 2 else [],
+            "windows": [{"id": uuid.uuid4().hex, "model": "digits", "version": version, "start": start.isoformat(),
                          "end": (start + dt.timedelta(seconds=SOAK_S + 1)).isoformat(),
                          **window_payload(manifest, **window)}]}  # fmt: skip
     response = client.post("/api/v1/device/telemetry", json=body, headers=device.headers)
@@ -144,6 +146,24 @@ def test_devices_with_similar_traffic_are_summed_as_they_always_were(client, fle
     assert canary["bounded_devices"] == 0 and canary["request_cap"] == 300
     assert canary["requests"] == 440 and type(canary["requests"]) is int and canary["errors"] == 1
     assert state == "running" and "error_rate=0.002273 within <0.01 over 440 requests" in decision.reason
+
+
+def test_a_gate_relative_to_the_previous_version_is_not_fooled_by_one_device_still_on_it(
+    client, fleet, factory, clock, make_device
+):
+    engine, rollout_id, wave1 = start_rollout(factory, clock, make_device, ("error_rate<2x min=50",), devices=10,
+                                              waves="30%,100%")  # fmt: skip
+    for device in wave1:  # the new bundle: 30 % errors
+        report(client, device, fleet.manifests[2], requests=100, errors=30)
+    for device in engine.control:  # the previous version: 1 %
+        report(client, device, fleet.manifests[1], version=1, requests=100, errors=1)
+    liar = engine.control[0]  # claims its previous version fails half of a trillion requests
+    report(client, liar, fleet.manifests[1], version=1, requests=TRILLION, errors=TRILLION // 2)
+    state, evaluation, decision = outcome(factory, clock, engine, rollout_id)
+    assert state == "rolled_back" and "error_rate=0.3 breached <0.265" in decision.reason
+    control = evaluation["control"]
+    assert control["bounded_devices"] == 1 and control["requests"] == pytest.approx(800)  # 6 x 100 and 200
+    assert control["error_rate"] == pytest.approx((6 + 100) / 800, rel=1e-6)  # the liar's half of its 200: 2x is 0.265
 
 
 def shares(*rows):
