@@ -11,7 +11,8 @@ loop runs in one process, see ``fleet_server.locks``):
 3. release devices of the wave under the download cap: write their assignment (live, or shadow) with
    a start-after time carrying their own jitter;
 4. count the wave's devices (:func:`.members.wave_tally`), read the wave's figures and the control
-   cohort's (members still on their previous version) from the rollups and evaluate the gates;
+   cohort's (members still on their previous version) from the rollups, each device counted at most as
+   twice the median device (:mod:`.weights`), and evaluate the gates;
 5. decide (:func:`.decisions.decide`) and apply: advance to the next wave (and go round again),
    pause for approval, pause on a breach, complete, or roll back.
 

@@ -9,6 +9,10 @@ once into what the engine keeps:
   released yet on their previous version, and :func:`variant_cohort` for the wave's devices of one
   variant, so gates and views can split a wave by variant) and bundle version, the element-wise sum
   of the windows (``bundles.windows``), their count and the number of devices that contributed;
+- each such window also into its device's **share** of the rollup (``rollout_device_sums``: the sum of
+  that device's windows there, kept as column sums per window shape, and its sample counts), from
+  which an evaluation bounds what one device weighs (:mod:`.weights`); control windows only for a
+  rollout with a gate relative to the control cohort (otherwise its figures decide nothing);
 - windows, ``install`` events and heartbeats of a released device into its **evidence**
   (``rollout_devices.evidence``, :class:`.observe.Evidence`), from which the tick classifies it.
 
