@@ -11,7 +11,8 @@ loop runs in one process, see ``fleet_server.locks``):
 3. release devices of the wave under the download cap: write their assignment (live, or shadow) with
    a start-after time carrying their own jitter;
 4. count the wave's devices (:func:`.members.wave_tally`), read the wave's figures and the control
-   cohort's (members still on their previous version) from the rollups and evaluate the gates;
+   cohort's (members still on their previous version) from the rollups, each device counted at most as
+   twice the median device (:mod:`.weights`), and evaluate the gates;
 5. decide (:func:`.decisions.decide`) and apply: advance to the next wave (and go round again),
    pause for approval, pause on a breach, complete, or roll back.
 
@@ -35,6 +36,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import func, select
@@ -44,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from fleet_server.db import among, utcnow
 from fleet_server.locks import serialized
 from fleet_server.models import Device
-from fleet_server.rollouts import assign, cohorts
+from fleet_server.rollouts import assign, cohorts, weights
 from fleet_server.rollouts.decisions import (
     SETTLED,
     Action,
@@ -78,7 +80,7 @@ from fleet_server.rollouts.service import (
 )
 from fleet_server.rollouts.spec import RolloutPolicy
 from fleet_server.rollouts.states import RolloutEvent, RolloutState, WaveEvent, WaveState
-from fleet_server.telemetry.query import CohortStats, baseline_of, stats_of
+from fleet_server.telemetry.query import baseline_of, stats_of
 
 log = logging.getLogger("fleet_server.rollouts.engine")
 
@@ -281,7 +283,7 @@ def evaluate_wave(
         outcomes = tally.outcomes()
         if wave.state == WaveState.RUNNING.value and tally.total() and not _unreleased_or_installing(outcomes):
             set_wave_state(wave, WaveEvent.SETTLED, now)
-        control = _control_figures(session, rollout, wave, released)
+        control = _control_figures(session, rollout, wave, released, any(g.relative for g in gates))
         canary = _canary_figures(session, rollout, wave, tally, released)
         by_variant = _variant_figures(session, rollout, wave, tally, canary)
     write_changes(session, rollout.id, members)
@@ -406,8 +408,7 @@ def _canary_figures(
     if wave.shadow and tally.released(with_previous=True):  # shadow results ride in the windows of the version
         versions = shadow_versions(session, rollout.id, wave.index, released)  # the device still serves
         version = int(next(iter(versions), 0) or 0)
-    cohort = _rollup_stats(session, rollout, wave.index, WAVE, version)
-    return CohortFigures.from_stats(cohort, **counts)
+    return _rollup_figures(session, rollout, (rollout.id, wave.index, WAVE, version), counts)
 
 
 def _variant_figures(
@@ -426,16 +427,18 @@ def _variant_figures(
         if wave.started_at is None or not group.released():
             out[variant] = CohortFigures(**counts)
             continue
-        cohort = _rollup_stats(session, rollout, wave.index, variant_cohort(variant), rollout.bundle_version)
-        out[variant] = CohortFigures.from_stats(cohort, **counts)
+        key = (rollout.id, wave.index, variant_cohort(variant), rollout.bundle_version)
+        out[variant] = _rollup_figures(session, rollout, key, counts, variant)
     return out
 
 
 def _control_figures(
-    session: Session, rollout: Rollout, wave: RolloutWave, released: Sequence[Member]
+    session: Session, rollout: Rollout, wave: RolloutWave, released: Sequence[Member], relative: bool
 ) -> CohortFigures | None:
     """The rollout's members not released yet, on their (most common) previous version, since the wave started
-    (``released``: the current wave's devices released by this tick, not written yet)."""
+    (``released``: the current wave's devices released by this tick, not written yet). Each device is counted at a
+    bounded weight when a gate is ``relative`` to these figures; otherwise they are context, pooled (the fold keeps
+    no shares of the control for such a rollout)."""
     if wave.started_at is None:
         return None
     query = (
@@ -450,18 +453,35 @@ def _control_figures(
     if not counts:
         return None
     version = max(sorted(v for v in counts if v is not None), key=lambda v: counts[v])
-    return CohortFigures.from_stats(_rollup_stats(session, rollout, wave.index, CONTROL, int(version or 0)))
+    key = (rollout.id, wave.index, CONTROL, int(version or 0))
+    return _rollup_figures(session, rollout, key, {}, bounded=relative)
 
 
-def _rollup_stats(session: Session, rollout: Rollout, wave_index: int, cohort: str, version: int) -> CohortStats:
-    """A cohort's figures from its rollup (empty figures before its first window)."""
+def _rollup_figures(
+    session: Session,
+    rollout: Rollout,
+    key: weights.ShareKey,
+    counts: dict[str, int],
+    variant: str | None = None,
+    bounded: bool = True,
+) -> CohortFigures:
+    """A cohort's figures from its rollup (empty before its first window), each device counted at most as twice
+    the median device (:mod:`.weights`; ``variant``: the key is a variant cohort, whose devices' shares are their
+    wave's)."""
     row = session.scalar(select(RolloutRollup).where(
-        RolloutRollup.rollout_id == rollout.id, RolloutRollup.wave_index == wave_index,
-        RolloutRollup.cohort == cohort, RolloutRollup.bundle_version == version))  # fmt: skip
-    merged = row.merged if row is not None else {}
-    baseline = baseline_of(session, rollout.model_name, version)
-    stats = stats_of(merged or {}, baseline, row.devices if row is not None else 0)
-    return CohortStats(**{**stats.__dict__, "invalid_windows": row.invalid_windows if row is not None else 0})
+        RolloutRollup.rollout_id == key[0], RolloutRollup.wave_index == key[1],
+        RolloutRollup.cohort == key[2], RolloutRollup.bundle_version == key[3]))  # fmt: skip
+    if row is None:
+        stats = stats_of({}, {}, 0)
+        return CohortFigures.from_stats(stats, **counts)
+    share_key = key if variant is None else (key[0], key[1], WAVE, key[3])
+    bound = weights.bound_of(session, share_key, variant) if bounded else weights.Bound()
+    merged = weights.bounded(session, share_key, row.merged or {}, bound.weights)
+    stats = stats_of(merged, baseline_of(session, rollout.model_name, key[3]), row.devices)
+    extra: dict[str, Any] = {"invalid_windows": row.invalid_windows, "request_cap": bound.caps.get("requests")}
+    if bound.weights:
+        extra |= {**weights.weighted_counts(merged), "bounded_devices": len(bound.weights)}
+    return replace(CohortFigures.from_stats(stats, **counts), **extra)
 
 
 def _figures_dict(figures: CohortFigures) -> dict[str, Any]:

@@ -9,6 +9,10 @@ once into what the engine keeps:
   released yet on their previous version, and :func:`variant_cohort` for the wave's devices of one
   variant, so gates and views can split a wave by variant) and bundle version, the element-wise sum
   of the windows (``bundles.windows``), their count and the number of devices that contributed;
+- each such window also into its device's **share** of the rollup (``rollout_device_sums``: the sum of
+  that device's windows there, kept as column sums per window shape, and its sample counts), from
+  which an evaluation bounds what one device weighs (:mod:`.weights`); control windows only for a
+  rollout with a gate relative to the control cohort (otherwise its figures decide nothing);
 - windows, ``install`` events and heartbeats of a released device into its **evidence**
   (``rollout_devices.evidence``, :class:`.observe.Evidence`), from which the tick classifies it.
 
@@ -47,16 +51,20 @@ from typing import Any
 import orjson
 from sqlalchemy import BigInteger, Select, Table, Text, any_, bindparam, cast, delete, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles import jsonio
+from bundles.errors import ConfigError
 from bundles.windows import PartsShape, is_valid_window, merge_fields, merge_window_parts, window_parts
 from fleet_server.db import among, utcnow
 from fleet_server.locks import serialized
 from fleet_server.models import DeviceEvent, MetricWindow
+from fleet_server.rollouts.gates import parse_gates
 from fleet_server.rollouts.models import (
     Rollout,
     RolloutDevice,
+    RolloutDeviceSum,
     RolloutRollup,
     RolloutWave,
     UnfoldedEvent,
@@ -64,6 +72,7 @@ from fleet_server.rollouts.models import (
 )
 from fleet_server.rollouts.observe import Evidence
 from fleet_server.rollouts.states import RolloutState
+from fleet_server.rollouts.weights import SAMPLE_KINDS, added_share, samples_of
 
 log = logging.getLogger("fleet_server.rollouts.fold")
 
@@ -225,6 +234,7 @@ class _Rollout:
     wave_started_at: dt.datetime | None
     wave_shadow: bool
     evaluations: int = 0
+    control_shares: bool = True  # a gate is relative to the control cohort: its devices' shares are kept too
 
 
 @dataclass
@@ -234,6 +244,24 @@ class _Rollup:
     windows: int = 0
     invalid: int = 0
     devices: int = 0
+
+
+@dataclass
+class _Share:
+    """A device's windows of the chunk for one rollup (added to its row of ``rollout_device_sums``)."""
+
+    parts: list[tuple[PartsShape, list[int], list[float]]] = field(default_factory=list)
+    others: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # weights.SAMPLE_KINDS
+
+    def add(self, parts: tuple[PartsShape, list[int], list[float]] | None, payload: dict[str, Any]) -> None:
+        if parts is not None:
+            self.parts.append(parts)
+        else:
+            self.others.append(payload)
+        requests, shadow, generations = samples_of(payload)
+        samples = self.samples
+        samples[0], samples[1], samples[2] = samples[0] + requests, samples[1] + shadow, samples[2] + generations
 
 
 @dataclass
@@ -247,6 +275,8 @@ class _Plan:
     invalid: int = 0
     invalid_events: int = 0
     labels: dict[RollupKey, str] = field(default_factory=dict)
+    shares: dict[tuple[RollupKey, str], _Share] = field(default_factory=lambda: defaultdict(_Share))
+    """Per (rollup, device): the device's windows added to the rollup (its share, ``rollout_device_sums``)."""
 
     @classmethod
     def load(cls, session: Session, device_ids: set[str]) -> _Plan:
@@ -279,7 +309,8 @@ class _Plan:
         released = member.released_at is not None and end > member.released_at
         if not released:
             if version == member.previous_version:
-                self._count(member, (rollout.id, rollout.wave, CONTROL, version), payload_text)
+                self._count(member, (rollout.id, rollout.wave, CONTROL, version), payload_text,
+                            share=rollout.control_shares)  # fmt: skip
             return
         if member.wave_index != rollout.wave or member.start_after is None:
             return
@@ -291,8 +322,10 @@ class _Plan:
         member.loaded_evidence().fold_window(start, end, int(version), rollout.version, shadow)
         member.changed = True
 
-    def _count(self, member: _Member, key: RollupKey, payload_text: str, also: RollupKey | None = None) -> None:
-        """Add a window to ``key``'s rollup (and to ``also``'s, the device's variant cohort of the same wave)."""
+    def _count(self, member: _Member, key: RollupKey, payload_text: str, also: RollupKey | None = None,
+               share: bool = True) -> None:  # fmt: skip
+        """Add a window to ``key``'s rollup (and to ``also``'s, the device's variant cohort of the same wave), and
+        unless ``share`` is False to the device's share of it."""
         rollups = [self.rollups[key]] + ([self.rollups[also]] if also is not None else [])
         payload = _json_object(payload_text)
         parts = window_parts(payload) if payload is not None else None  # the usual window: checked in bulk
@@ -306,6 +339,8 @@ class _Plan:
         if new_device:
             member.loaded_evidence().counted = label
             member.changed = True
+        if share:  # the device's share (its variant cohort's share is the wave's: one variant a device)
+            self.shares[(key, member.device_id)].add(parts, typing.cast(dict[str, Any], payload))
         for rollup in rollups:
             if parts is not None:
                 rollup.parts.append(parts)
@@ -340,9 +375,11 @@ class _Plan:
                 sums[same] = merge_window_parts(delta.parts, delta.others)
             added[key] = sums[same]
         existing = _existing_rollups(session, list(self.rollups))
+        shares = _serialized(session, _shares_after(session, self.shares))
         _write_evidence(session, [m for _, m in self.members.values() if m.changed])
         for key, delta in self.rollups.items():
             _write_rollup(session, key, delta, added[key], existing.get(key), now)
+        _write_shares(session, shares)
         _dequeue(session, UnfoldedWindow.window_id, window_ids)
         _dequeue(session, UnfoldedEvent.event_id, event_ids)
 
@@ -371,12 +408,21 @@ def _dequeue(session: Session, column: Any, ids: list[int]) -> None:
 def _active_rollouts(session: Session) -> dict[int, _Rollout]:
     query = (
         select(Rollout.id, Rollout.model_name, Rollout.bundle_version, Rollout.current_wave, RolloutWave.started_at,
-               RolloutWave.shadow, Rollout.evaluations)
+               RolloutWave.shadow, Rollout.evaluations, Rollout.policy)
         .outerjoin(RolloutWave, (RolloutWave.rollout_id == Rollout.id) & (RolloutWave.index == Rollout.current_wave))
         .where(Rollout.state.in_(ACTIVE_STATES))
     )  # fmt: skip
-    return {row[0]: _Rollout(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
+    return {row[0]: _Rollout(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], has_relative_gate(row[7]))
             for row in session.execute(query)}  # fmt: skip
+
+
+def has_relative_gate(policy: Any) -> bool:
+    """Whether a stored policy has a gate relative to the control cohort (``p99_ms<1.2x``): then the control's
+    figures decide too, and count each device at a bounded weight like the wave's (True when it does not parse)."""
+    try:
+        return any(gate.relative for gate in parse_gates(list(policy.get("gates") or ())))
+    except (ConfigError, AttributeError, TypeError):
+        return True
 
 
 def _json_object(payload_text: Any) -> dict[str, Any] | None:
@@ -416,6 +462,83 @@ def _write_rollup(
     row.invalid_windows += delta.invalid
     row.devices += delta.devices
     row.updated_at = now
+
+
+def _shares_after(session: Session, deltas: dict[tuple[RollupKey, str], _Share]) -> list[dict[str, Any]]:
+    """The devices' shares with this chunk's windows added, as rows of ``rollout_device_sums`` (read and summed
+    before any write: on SQLite the first write takes the write lock)."""
+    by_key: dict[RollupKey, list[str]] = defaultdict(list)
+    for key, device_id in deltas:
+        by_key[key].append(device_id)
+    stored: dict[tuple[RollupKey, str], tuple[Any, ...]] = {}
+    table = RolloutDeviceSum
+    for key, device_ids in by_key.items():
+        query = select(table.device_id, table.requests, table.shadow_samples, table.generations,
+                       cast(table.merged, Text)).where(
+            table.rollout_id == key[0], table.wave_index == key[1], table.cohort == key[2],
+            table.bundle_version == key[3], _among(session, table.device_id, set(device_ids)))  # fmt: skip
+        stored.update(((key, row[0]), tuple(row[1:])) for row in session.connection().execute(query))
+    rows = []
+    for (key, device_id), delta in deltas.items():
+        before = stored.get((key, device_id))
+        samples = [a + b for a, b in zip(before[:3], delta.samples, strict=True)] if before else delta.samples
+        share = added_share(_stored_share(before[3]) if before else None, delta.parts, delta.others)
+        rows.append({"r": key[0], "w": key[1], "c": key[2], "v": key[3], "d": device_id,
+                     **dict(zip(SAMPLE_KINDS, samples, strict=True)), "merged": share})  # fmt: skip
+    return rows
+
+
+def _stored_share(text: Any) -> dict[str, Any] | None:
+    """A stored share (JSON the fold wrote: orjson reads it; anything else, the lenient way)."""
+    try:
+        value = orjson.loads(text) if isinstance(text, str) else text
+    except orjson.JSONDecodeError:
+        return _json_object(text)
+    return value if isinstance(value, dict) else None
+
+
+def _dumps(value: Any) -> str:
+    """JSON text (orjson, or the standard library for integers past 64 bits, which orjson refuses)."""
+    return jsonio.dumps(value).decode()
+
+
+_PG_SHARES_SQL = text(
+    "INSERT INTO rollout_device_sums (rollout_id, wave_index, cohort, bundle_version, device_id, requests,"
+    " shadow_samples, generations, merged) SELECT r, w, c, v, d, requests, shadow_samples, generations, merged"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS u(r integer, w integer, c text, v integer, d text,"
+    " requests float8, shadow_samples float8, generations float8, merged json)"
+    " ON CONFLICT (rollout_id, wave_index, cohort, bundle_version, device_id) DO UPDATE SET"
+    " requests = excluded.requests, shadow_samples = excluded.shadow_samples, generations = excluded.generations,"
+    " merged = excluded.merged"
+)
+
+
+def _serialized(session: Session, rows: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """The shares' rows as JSON before any write: one parameter on PostgreSQL, each row's sum on SQLite."""
+    if rows and session.get_bind().dialect.name == "postgresql":
+        return _dumps(rows)
+    return [{**row, "merged": _dumps(row["merged"])} for row in rows]
+
+
+def _write_shares(session: Session, rows: str | list[dict[str, Any]]) -> None:
+    """Store the devices' shares: one statement on PostgreSQL (the rows as one JSON parameter), an executemany of
+    upserts on SQLite."""
+    if isinstance(rows, str):
+        session.execute(_PG_SHARES_SQL, {"rows": rows})
+        return
+    if not rows:
+        return
+    table = typing.cast(Table, RolloutDeviceSum.__table__)
+    names = {"rollout_id": "r", "wave_index": "w", "cohort": "c", "bundle_version": "v", "device_id": "d"}
+    statement = sqlite_insert(table).values(
+        {**{column: bindparam(name) for column, name in names.items()},
+         **{name: bindparam(name) for name in ("requests", "shadow_samples", "generations")},
+         "merged": bindparam("merged", type_=Text)})  # fmt: skip
+    samples = ("requests", "shadow_samples", "generations", "merged")
+    statement = statement.on_conflict_do_update(
+        index_elements=list(names), set_={name: statement.excluded[name] for name in samples}
+    )
+    session.execute(statement, rows)
 
 
 _PG_EVIDENCE_SQL = text(

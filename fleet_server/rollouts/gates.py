@@ -116,19 +116,23 @@ class CohortFigures:
     devices_failed: int = 0
     devices_timed_out: int = 0
     devices_reporting: int = 0
-    requests: int = 0
-    errors: int = 0
-    fallbacks: int = 0
+    requests: float = 0  # an integer, unless some devices were counted at a bounded weight
+    errors: float = 0
+    fallbacks: float = 0
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
     psi_max_input: float | None = None
     psi_output: float | None = None
     shadow_agreement: float | None = None
-    shadow_samples: int = 0
+    shadow_samples: float = 0
     invalid_windows: int = 0  # stored windows left out of the figures: they broke the window contract
-    generations: int = 0
+    generations: float = 0
     ttft_p95_ms: float | None = None
     tokens_per_s_p50: float | None = None
+    bounded_devices: int = 0
+    """Devices counted at a weight under 1: they claimed more than twice the median device (``.weights``); the
+    counts above are then weighted sums, fractions."""
+    request_cap: float | None = None  # the most requests one device counts for (twice the median device's)
 
     @classmethod
     def from_stats(cls, stats: Any, **outcomes: int) -> CohortFigures:
@@ -154,7 +158,7 @@ class CohortFigures:
             return direct[metric]
         return getattr(self, metric, None)  # type: ignore[no-any-return]
 
-    def sample(self, kind: str) -> int:
+    def sample(self, kind: str) -> float:
         """The sample size of a kind: requests, shadow samples or settled devices."""
         samples = {"requests": self.requests, "shadow_samples": self.shadow_samples, "generations": self.generations}
         return samples.get(kind, self.devices_settled)
@@ -169,7 +173,7 @@ class GateResult:
     status: str  # "pass" | "fail" | "wait"
     value: float | None
     threshold: float | None
-    sample: int
+    sample: float
     min_samples: int
     control_value: float | None
     reason: str
@@ -199,11 +203,12 @@ def evaluate_gate(gate: Gate, canary: CohortFigures, control: CohortFigures | No
         return GateResult(gate.text, gate.metric, status, value, threshold, sample, minimum, control_value, reason)
 
     if value is None or sample < minimum:
-        return result("wait", f"needs {minimum} {metric.sample}, has {sample}")
+        return result("wait", f"needs {minimum} {metric.sample}, has {_count(sample)}")
     if threshold is None:
         return result("wait", why_no_threshold)
     verdict = _OPS[gate.op](value, threshold) or (gate.relative and value == threshold == 0.0)
-    return result("pass" if verdict else "fail", _describe(gate, value, threshold, sample, metric, control_value))
+    reason = _describe(gate, value, threshold, sample, metric, control_value) + _bounded(canary)
+    return result("pass" if verdict else "fail", reason)
 
 
 def evaluate_per_variant(gate: Gate, by_variant: Mapping[str, CohortFigures],
@@ -233,10 +238,23 @@ def _threshold(gate: Gate, control: CohortFigures | None, minimum: int) -> tuple
     return gate.threshold * float(control.value(gate.metric) or 0.0), ""
 
 
-def _describe(gate: Gate, value: float, threshold: float, sample: int, metric: Metric, control: float | None) -> str:
+def _describe(gate: Gate, value: float, threshold: float, sample: float, metric: Metric, control: float | None) -> str:
     verb = "within" if _OPS[gate.op](value, threshold) or (gate.relative and value == threshold == 0.0) else "breached"
-    text = f"{gate.metric}={value:.4g} {verb} {gate.op}{threshold:.4g} over {sample} {metric.sample}"
+    text = f"{gate.metric}={value:.4g} {verb} {gate.op}{threshold:.4g} over {_count(sample)} {metric.sample}"
     return text + (f" (previous version: {control:.4g})" if control is not None else "")
+
+
+def _count(sample: float) -> str:
+    """A sample size as text: a weighted one (a fraction) to one decimal."""
+    return str(sample) if isinstance(sample, int) else f"{sample:.1f}".rstrip("0").rstrip(".")
+
+
+def _bounded(figures: CohortFigures) -> str:
+    """What the reason adds when some devices were counted at a bounded weight."""
+    if not figures.bounded_devices:
+        return ""
+    plural = "s" if figures.bounded_devices > 1 else ""
+    return f"; {figures.bounded_devices} device{plural} counted at most as twice the median device"
 
 
 def _evaluate_install_success(gate: Gate, canary: CohortFigures) -> GateResult:

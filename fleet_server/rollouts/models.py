@@ -1,4 +1,4 @@
-"""Rollout tables (schema revisions ``0003``, ``0005`` and ``0012``).
+"""Rollout tables (schema revisions ``0003``, ``0005``, ``0012`` and ``0013``).
 
 - ``rollouts``: one row per rollout: the target bundle (model, version), the state, the policy (waves,
   gates, soak, timeouts, breach action, approval, download pacing) as JSON, and what was targeted.
@@ -18,6 +18,8 @@
   and deleted by the fold as it adds them. ``rollouts.evaluations`` counts a rollout's evaluations and
   ``rollout_devices.evidence_seq`` is that count when the device's evidence last changed: the next
   evaluation classifies only the devices stamped with its number (and those whose timeout has come).
+- ``rollout_device_sums`` (``0013``): each device's own share of a rollup (the sum of its windows counted
+  there, and its sample counts), so that gates can bound what one device weighs (``.weights``).
 
 Everything the engine needs to resume after a restart is in these rows; nothing lives in memory.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Double, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_server.db import Base, utcnow
@@ -131,6 +133,29 @@ class RolloutRollup(Base):
     devices: Mapped[int] = mapped_column(default=0)
     merged: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RolloutDeviceSum(Base):
+    """One device's share of a ``wave`` or ``control`` rollup: the sum of the windows of its that were counted there.
+
+    Kept by the fold beside the rollup (the same windows, added once), so that an evaluation can find
+    the devices that claim far more than the others and count them at a bounded weight
+    (:mod:`.weights`) without reading any window again. The sample counts are their own columns (as
+    floats: sums of counts of up to 10^12 a window) for the evaluation to read them without the JSON.
+    A wave's variant cohorts use its ``wave`` rows (a device runs one variant).
+    """
+
+    __tablename__ = "rollout_device_sums"
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    wave_index: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    cohort: Mapped[str] = mapped_column(String(16), primary_key=True)
+    bundle_version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    device_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    requests: Mapped[float] = mapped_column(Double)
+    shadow_samples: Mapped[float] = mapped_column(Double)
+    generations: Mapped[float] = mapped_column(Double)
+    merged: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class UnfoldedWindow(Base):

@@ -224,8 +224,6 @@ def test_a_tick_that_raises_is_counted_and_the_next_tick_runs(factory, clock, mo
     assert engine.tick_guarded() == [] and engine.metrics.rollout_tick_failures._value.get() == 1
 
 
-@pytest.mark.xfail(strict=True, reason="open gap: gates pool counts over the wave's devices, and one device may claim "
-                   "up to 10**12 requests a window within the contract, outweighing every other device")  # fmt: skip
 def test_one_device_claiming_a_trillion_clean_requests_cannot_pass_a_failing_wave(client, fleet, factory, clock,
                                                                                   two_rollouts):  # fmt: skip
     engine, ids, wave1 = two_rollouts
