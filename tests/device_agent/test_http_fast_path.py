@@ -196,8 +196,8 @@ def test_a_fast_models_requests_move_to_the_io_thread_and_answer_the_same(agent:
 def test_inline_answers_to_pipelined_requests_come_back_whole_in_order_then_the_connection_closes(
     agent: Agent,
 ) -> None:
-    """Inline answers wait in their channel's buffer until the batch is computed: none may be lost,
-    reordered or cut, and ``Connection: close`` still closes the connection once they are sent."""
+    """A pipelined connection's requests are served inline one per loop pass: none may be lost, reordered
+    or cut, and ``Connection: close`` still closes the connection once they are sent."""
     recorder = ThreadRecorder(agent)
     server = AgentHttpServer(recorder, "127.0.0.1", 0, settings=TOLERANT).start()
     rng = np.random.default_rng(3)
@@ -231,6 +231,48 @@ def test_inline_answers_to_pipelined_requests_come_back_whole_in_order_then_the_
         received = rest[length:]
     assert [{o["name"]: o for o in a["outputs"]}["class_index"]["data"] for a in answers] == expected
     assert recorder.threads == [IO_THREAD] * len(xs), recorder.threads
+
+
+def test_inline_answers_computed_together_each_reach_their_own_connection_whole(agent: Agent) -> None:
+    """Requests read in the same loop pass are computed first and their answers sent together at its end:
+    each connection gets its own answer, whole, and ``Connection: close`` closes each after it."""
+    recorder = ThreadRecorder(agent)
+    server = AgentHttpServer(recorder, "127.0.0.1", 0, settings=TOLERANT).start()
+    batches: list[int] = []
+    run_pending = server.dispatcher.run_pending
+    server.dispatcher.run_pending = lambda: (batches.append(len(server.dispatcher._pending)), run_pending())[1]
+    rng = np.random.default_rng(5)
+    xs = [rng.normal(size=(1, 4)).astype(np.float32) for _ in range(8)]
+    expected = [agent.predict({"x": x}).outputs["class_index"].ravel().tolist() for x in xs]
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(50):  # until the route runs inline
+                client.post(INFER, json=infer_body(xs[0]))
+        for _ in range(20):  # until one loop pass has read several of them (usually the first burst)
+            batches.clear()
+            sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in xs]
+            for sock, x in zip(sockets, xs, strict=True):
+                body = json.dumps(infer_body(x)).encode()
+                sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                             f"Connection: close\r\n\r\n".encode() + body)  # fmt: skip
+            answers = []
+            for sock in sockets:
+                with sock:
+                    received = b""
+                    while chunk := sock.recv(65536):  # ends when the server closes the connection
+                        received += chunk
+                head, _, rest = received.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                assert len(rest) == length, "one whole answer, then the connection closed"
+                answers.append({o["name"]: o for o in json.loads(rest)["outputs"]}["class_index"]["data"])
+            assert answers == expected
+            if max(batches, default=0) > 1:
+                break
+    finally:
+        server.stop()
+    assert max(batches, default=0) > 1, f"no loop pass served several requests: {batches}"
 
 
 class StandIn:
