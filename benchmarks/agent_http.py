@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -107,6 +108,7 @@ def measure(seconds: float, rounds: int) -> dict[str, dict[int, dict[str, float]
         try:
             for server, _ in arms.values():
                 server.start()
+            gc.freeze()  # as the daemon does once started (device_agent/daemon.py): start-up objects out of full GCs
             for round_no in range(rounds):
                 for name, (server, request) in arms.items():
                     for c in CONCURRENCY:
@@ -120,6 +122,7 @@ def measure(seconds: float, rounds: int) -> dict[str, dict[int, dict[str, float]
                     flush=True,
                 )
         finally:
+            gc.unfreeze()
             for server, _ in arms.values():
                 server.stop()
             agent.close()

@@ -25,6 +25,7 @@ every datatype and layout.
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -48,6 +49,11 @@ MANIFEST_TO_OIP: dict[str, str] = {
 """Manifest dtype name -> OIP datatype."""
 _OIP_BY_DTYPE = {np.dtype(np_name): name for name, np_name in DATATYPES.items() if name != "BYTES"}
 _LENGTH = struct.Struct("<I")
+_NATIVE_DTYPES = {name: np.dtype(np_name) for name, np_name in DATATYPES.items()}
+_WIRE_DTYPES = {name: dtype.newbyteorder("<") for name, dtype in _NATIVE_DTYPES.items()}
+# A JSON number too large for a float32 input becomes infinity, which decode_tensor refuses by name; numpy's
+# warning about the cast would only repeat that (np.errstate costs more than the cast it would wrap).
+warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
 
 
 def oip_datatype(dtype: np.dtype[Any]) -> str:
@@ -187,9 +193,8 @@ def decode_tensor(
     try:
         if datatype == "BYTES":
             array = _bytes_array(binary, name) if binary is not None else _json_strings(spec.get("data"), name)
-        elif binary is not None:
-            array = np.frombuffer(binary, dtype=np.dtype(DATATYPES[datatype]).newbyteorder("<"))
-            array = array.astype(DATATYPES[datatype])
+        elif binary is not None:  # little-endian on the wire; a private, writable array in native order
+            array = np.frombuffer(binary, dtype=_WIRE_DTYPES[datatype]).astype(_NATIVE_DTYPES[datatype])
         else:
             array = _json_numbers(spec.get("data"), DATATYPES[datatype])
         array = array.reshape(shape)
@@ -219,9 +224,13 @@ def _json_numbers(data: Any, dtype: str) -> np.ndarray:
     """
     if not isinstance(data, list):
         raise ValueError("'data' must be a list")
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.dtype(dtype).kind == "f":  # via float64, which JSON numbers are: 6x faster than a list to float32
+    if np.dtype(dtype).kind == "f":  # via float64, which JSON numbers are: 6x faster than a list to float32
+        try:  # too large for float32: infinity, refused by the caller (this module ignores numpy's warning)
             return np.asarray(data, dtype=np.float64).astype(dtype, copy=False)
+        except FloatingPointError:  # the process raises on overflow (np.seterr): the same cast, saturating
+            with np.errstate(over="ignore", invalid="ignore"):
+                return np.asarray(data, dtype=np.float64).astype(dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
         array = np.asarray(data, dtype=dtype)
         if not np.array_equal(array, np.asarray(data)):
             raise ValueError(f"'data' holds values a {dtype} tensor cannot hold exactly")
@@ -296,10 +305,10 @@ def binary_output_default(header: Mapping[str, Any]) -> bool:
 
 def encode_output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], bytes | None]:
     """One output tensor as OIP JSON, or as a header plus raw bytes when ``binary``."""
-    array = np.asarray(value)
-    datatype = oip_datatype(array.dtype)
+    array = value if type(value) is np.ndarray else np.asarray(value)
+    datatype = _OIP_BY_DTYPE.get(array.dtype) or oip_datatype(array.dtype)
     tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
-    flat = array.reshape(-1)
+    flat = array if array.ndim == 1 else array.reshape(-1)
     if binary:
         if datatype == "BYTES":
             raw = b"".join(_LENGTH.pack(len(b)) + b for b in (_utf8(v) for v in flat))

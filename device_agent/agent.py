@@ -193,6 +193,14 @@ class Agent:
         name = self._model_name(model)
         return self.pipeline.predict_batch(name, [_as_arrays(inputs) for inputs in batch])
 
+    def predict_together(
+        self, batch: Sequence[Mapping[str, Any]], model: str | None = None, inputs_private: bool = False
+    ) -> list[PredictResult] | None:
+        """Local answers to several requests from one model call, or None when each must be predicted alone
+        (see ``ServingPipeline.predict_together``; the HTTP API batches concurrent requests through it)."""
+        name = self._model_name(model)
+        return self.pipeline.predict_together(name, [_as_arrays(inputs) for inputs in batch], inputs_private)
+
     def await_start_up(self) -> None:
         """Before answering: let start-up finish verifying and loading the installed slots (at most
         ``startup_wait_s``), so that a request that comes meanwhile is answered by the slot that verifies

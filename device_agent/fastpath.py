@@ -166,8 +166,14 @@ class FastPathDispatcher:
     50 µs for the fixed answer (ADR 0012).
     """
 
-    def __init__(self, workers: Any, fast_path: FastPath, adjustments: Any = None) -> None:
-        self.workers, self.fast_path = workers, fast_path
+    def __init__(
+        self, workers: Any, fast_path: FastPath, adjustments: Any = None,
+        prepare: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:  # fmt: skip
+        """``prepare``: computes the answers of several requests of one route at once (dynamic batching), each
+        left in its WSGI environ for the application to send (``OipApp.prepare_together``)."""
+        self.workers, self.fast_path, self.prepare = workers, fast_path, prepare
+        self._shares: dict[Any, tuple[float, float]] = {}  # channel -> its share of a prepare call (CPU s, wall s)
         self.deferred_adjustments = None if adjustments is None else copy.copy(adjustments)
         if self.deferred_adjustments is not None:
             self.deferred_adjustments.send_bytes = _NEVER_BYTES
@@ -193,28 +199,52 @@ class FastPathDispatcher:
         then send their answers."""
         served = []
         together = len(self._pending) > 1  # one request alone is sent at once (deferring it costs it a pass)
+        if together and self.prepare is not None:
+            self._prepare_together()
         for _ in range(len(self._pending)):
             channel, route = self._pending.popleft()
+            share = self._shares.pop(channel, _NO_SHARE)
             if not self.fast_path.has_room():  # the engine filled up meanwhile: a worker may wait, this thread not
                 self.workers.add_task(_MeasuredTask(channel, route, self.fast_path))
                 continue
             if together:
-                self._serve_inline(channel, route)
+                self._serve_inline(channel, route, share)
                 served.append(channel)
             else:
-                _serve_measured(channel, route, self.fast_path, inline=True)
+                _serve_measured(channel, route, self.fast_path, True, share)
         for channel in served:
             if channel.total_outbufs_len:
                 wasyncore.write(channel)  # as the poll would on a writable socket (errors: the channel's handle_error)
 
-    def _serve_inline(self, channel: Any, route: str) -> None:
+    def _prepare_together(self) -> None:
+        """For each route with several pending requests, compute their answers with one ``prepare`` call (one
+        model call: dynamic batching); each request's measure gets its share of the call's CPU and wall time."""
+        by_route: dict[str, list[Any]] = {}
+        for channel, route in self._pending:
+            by_route.setdefault(route, []).append(channel)
+        for route, channels in by_route.items():
+            if len(channels) < 2 or not self.fast_path.has_room():
+                continue
+            environs = [prepared_environ(channel) for channel in channels]
+            wall_began, cpu_began = time.perf_counter(), time.thread_time()
+            try:
+                self.prepare(environs)  # type: ignore[misc]  # run_pending checked it
+            except Exception:  # a bug: each request is then served alone, from its body again
+                log.exception("http: unexpected error answering %d requests of %s together", len(channels), route)
+                _unprepare(environs)
+            n = len(channels)
+            share = ((time.thread_time() - cpu_began) / n, (time.perf_counter() - wall_began) / n)
+            for channel in channels:
+                self._shares[channel] = share
+
+    def _serve_inline(self, channel: Any, route: str, share: tuple[float, float]) -> None:
         """One request on this (the I/O) thread, its answer left in the channel's buffer."""
         if self.deferred_adjustments is None:
-            _serve_measured(channel, route, self.fast_path, inline=True)
+            _serve_measured(channel, route, self.fast_path, True, share)
             return
         adjustments, channel.adj = channel.adj, self.deferred_adjustments  # only this thread holds the channel now
         try:
-            _serve_measured(channel, route, self.fast_path, inline=True)
+            _serve_measured(channel, route, self.fast_path, True, share)
         finally:
             channel.adj = adjustments
 
@@ -237,7 +267,17 @@ class _MeasuredTask:
         self.channel.cancel()
 
 
-def _serve_measured(channel: Any, route: str | None, fast_path: FastPath, inline: bool) -> None:
+_NO_SHARE = (0.0, 0.0)
+PREPARED_ANSWER = "edgefleet.prepared"
+"""The WSGI environ key of an answer computed ahead of its request's turn (``OipApp.prepare_together``)."""
+PREPARED_ENVIRON = "edgefleet_environ"
+"""The attribute of a waitress request that holds its WSGI environ when it was built ahead of its turn."""
+
+
+def _serve_measured(
+    channel: Any, route: str | None, fast_path: FastPath, inline: bool, share: tuple[float, float] = _NO_SHARE
+) -> None:
+    """Serve the channel's request, its CPU and wall time (plus ``share``, its part of a shared call) measured."""
     if route is None:
         channel.service()
         return
@@ -246,4 +286,34 @@ def _serve_measured(channel: Any, route: str | None, fast_path: FastPath, inline
         channel.service()
     except Exception:  # waitress's own worker loop logs and goes on; so does the I/O thread
         log.exception("http: unexpected error serving %s", route)
-    fast_path.observe(route, time.thread_time() - cpu_began, time.perf_counter() - wall_began, inline)
+    cpu_s, wall_s = time.thread_time() - cpu_began + share[0], time.perf_counter() - wall_began + share[1]
+    fast_path.observe(route, cpu_s, wall_s, inline)
+
+
+def prepared_environ(channel: Any) -> dict[str, Any]:
+    """The WSGI environ of the channel's request, built now (as waitress's task would) and kept on the request,
+    where :func:`prepared_task_class` finds it when the request's turn comes."""
+    request = channel.requests[0]
+    environ: dict[str, Any] = channel.task_class(channel, request).get_environment()
+    setattr(request, PREPARED_ENVIRON, environ)
+    return environ
+
+
+def _unprepare(environs: list[dict[str, Any]]) -> None:
+    """Forget what a failed prepare call left: the requests are read and answered again, one by one."""
+    for environ in environs:
+        environ.pop(PREPARED_ANSWER, None)
+        environ["wsgi.input"].seek(0)
+
+
+def prepared_task_class(base: type) -> type:
+    """waitress's task class, serving a request with the environ :func:`prepared_environ` built for it."""
+
+    class PreparedTask(base):  # type: ignore[valid-type, misc]
+        def get_environment(self) -> Any:
+            prepared: Any = getattr(self.request, PREPARED_ENVIRON, None)
+            if prepared is not None and getattr(self, "environ", None) is None:
+                setattr(self, "environ", prepared)  # noqa: B010 - waitress's cache of the environ
+            return super().get_environment()
+
+    return PreparedTask

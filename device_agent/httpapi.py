@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,7 +59,13 @@ from device_agent.admission import (
     model_max_elements,
     parse_cost_bytes,
 )
-from device_agent.fastpath import FastPath, FastPathDispatcher, FastPathSettings
+from device_agent.fastpath import (
+    PREPARED_ANSWER,
+    FastPath,
+    FastPathDispatcher,
+    FastPathSettings,
+    prepared_task_class,
+)
 from device_agent.version import AGENT_VERSION
 
 log = logging.getLogger(__name__)
@@ -177,18 +183,45 @@ class InferenceApi:
 
         ``version`` (``/versions/{v}/``, checked by :meth:`check_target`) is also what the fallback asks for.
         """
-        inputs = self._inputs(header, binary, manifest)
+        return self.infer_decoded(model, header, self.decode(header, binary, manifest), version)
+
+    def infer_decoded(
+        self, model: str, header: dict[str, Any], inputs: dict[str, np.ndarray], version: str | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """:meth:`infer` on inputs already decoded (:meth:`decode`)."""
         if version is None:
             result = self.agent.predict(inputs, model=model)
         else:
             result = self.agent.predict(inputs, model=model, version=int(version))
+        return self.answer(model, header, result)
+
+    def infer_together(
+        self, model: str, requests: list[tuple[dict[str, Any], dict[str, np.ndarray]]], version: str | None = None
+    ) -> list[tuple[dict[str, Any], bytes] | Exception]:
+        """Several decoded requests on one model: one model call when the pipeline can batch them
+        (``Agent.predict_together``), else each alone. Each gets its answer, or the error that is its answer."""
+        together = getattr(self.agent, "predict_together", None)
+        inputs = [inputs for _, inputs in requests]  # freshly decoded: private to this call
+        results = together(inputs, model=model, inputs_private=True) if callable(together) else None
+        answers: list[tuple[dict[str, Any], bytes] | Exception] = []
+        for index, (header, decoded) in enumerate(requests):
+            try:
+                if results is None:
+                    answers.append(self.infer_decoded(model, header, decoded, version))
+                else:
+                    answers.append(self.answer(model, header, results[index]))
+            except Exception as e:  # noqa: BLE001 - one request's error is its own answer, never its neighbours'
+                answers.append(e)
+        return answers
+
+    def answer(self, model: str, header: dict[str, Any], result: Any) -> tuple[dict[str, Any], bytes]:
+        """The OIP answer to ``header`` from a ``PredictResult``: the outputs it asks for, JSON or binary."""
         wanted = oip.requested_outputs(header)
-        available = {**result.raw, **result.outputs}
+        available = {**result.raw, **result.outputs} if wanted else result.outputs
         missing = [n for n in wanted if n not in available]
         if missing:
             raise HttpError(400, f"model '{model}' has no output(s) {', '.join(missing)}")
-        tensors, binary_out = oip.encode_outputs(available if wanted else result.outputs, wanted,
-                                                 oip.binary_output_default(header))  # fmt: skip
+        tensors, binary_out = oip.encode_outputs(available, wanted, oip.binary_output_default(header))
         parameters = {"source": result.source, "latency_ms": round(result.latency_ms, 3), "postprocessed": True}
         if result.fallback_reason is not None:  # OIP parameters are strings, numbers or booleans, never null
             parameters["fallback_reason"] = result.fallback_reason
@@ -198,7 +231,7 @@ class InferenceApi:
             answer["id"] = header["id"]
         return answer, binary_out
 
-    def _inputs(self, header: dict[str, Any], binary: bytes, manifest: Manifest | None) -> dict[str, np.ndarray]:
+    def decode(self, header: dict[str, Any], binary: bytes, manifest: Manifest | None) -> dict[str, np.ndarray]:
         """The request's tensors; NaN and infinities only in inputs whose schema allows them.
 
         The shapes are checked by the serving pipeline, so that a bundle that cannot take live inputs
@@ -283,6 +316,7 @@ class OipApp:
     def __init__(self, api: InferenceApi, settings: HttpSettings, fast_path: FastPath | None = None) -> None:
         self.api, self.settings, self.fast_path = api, settings, fast_path
         self.budget = MemoryBudget(settings.memory_budget_bytes, settings.queue_timeout_s)
+        self._caps: dict[tuple[str | None, bool], tuple[Manifest | None, int]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "").startswith("/v1/"):
@@ -345,12 +379,16 @@ class OipApp:
         return oip.inflate(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
 
     def _route(self, environ: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        prepared = environ.pop(PREPARED_ANSWER, None)
+        if isinstance(prepared, Exception):
+            raise prepared
+        if prepared is not None:
+            return prepared  # type: ignore[no-any-return]
+        target = _inference_target(environ)
+        if target is not None:
+            return self._infer(environ, *target)
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "").rstrip("/")
         parts = path.split("/")
-        if method == "POST" and len(parts) in (5, 7) and parts[:3] == ["", "v2", "models"] and parts[-1] == "infer":
-            if len(parts) == 7 and parts[4] != "versions":
-                raise HttpError(404, f"no such endpoint: POST {path}")
-            return self._infer(environ, parts[3], parts[5] if len(parts) == 7 else None)
         if method not in ("GET", "HEAD"):
             raise HttpError(404, f"no such endpoint: {method} {path}")
         api = self.api
@@ -367,9 +405,30 @@ class OipApp:
         raise HttpError(404, f"no such endpoint: GET {path}")
 
     def _infer(self, environ: dict[str, Any], model: str, version: str | None) -> tuple[dict[str, Any], bytes]:
+        staged = self._stage(environ, model, version, _UNKNOWN)
+        try:
+            outcome: tuple[dict[str, Any], bytes] | Exception = self.api.infer_decoded(
+                model, staged.header, staged.inputs, version
+            )
+        except (InferenceError, ModelNotReadyError, BusyError) as e:
+            outcome = e
+        finally:
+            self.budget.release(staged.cost)
+        return self._after(environ, model, outcome)
+
+    def _target_manifest(self, model: str, version: str | None) -> Manifest | None:
+        """404 for a model or version this device does not serve; else the served manifest (None: no schema)."""
         self.api.await_start_up()  # the version served and the model's schema are known once start-up loaded it
         self.api.check_target(model, version)
-        manifest = self.api.manifest(model)
+        return self.api.manifest(model)
+
+    def _stage(
+        self, environ: dict[str, Any], model: str, version: str | None, manifest: Manifest | None | _Unknown
+    ) -> _Staged:
+        """An inference request up to its decoded inputs (404, limits, inflation, parsing), its parse cost held
+        in the memory budget (the caller releases ``cost``). ``manifest``: the route's, when already checked."""
+        if isinstance(manifest, _Unknown):
+            manifest = self._target_manifest(model, version)
         binary = "HTTP_INFERENCE_HEADER_CONTENT_LENGTH" in environ
         length = int(environ.get("CONTENT_LENGTH") or 0)  # the server refused a malformed one (400)
         cap = self._body_cap(manifest, binary)
@@ -385,19 +444,72 @@ class OipApp:
         try:
             del raw, body
             header = oip.parse_header(header_bytes, allow_constants=True)
-            answer, binary_out = self.api.infer(model, header, payload, manifest, version)
-        except (InferenceError, ModelNotReadyError, BusyError):  # the fallback chain was tried, or the device is full
-            self._route_blocked(environ)
-            raise
-        finally:
+            return _Staged(header, self.api.decode(header, payload, manifest), cost)
+        except BaseException:
             self.budget.release(cost)
-        if "fallback_reason" in answer["parameters"]:
+            raise
+
+    def _after(
+        self, environ: dict[str, Any], model: str, outcome: tuple[dict[str, Any], bytes] | Exception,
+        deadline_thread: bool | None = None,
+    ) -> tuple[dict[str, Any], bytes]:  # fmt: skip
+        """Tell the fast path what an inference answer says of its route; the answer, or its error raised.
+        ``deadline_thread``: whether the model's calls run on the deadline thread, if the caller knows."""
+        if isinstance(outcome, (InferenceError, ModelNotReadyError, BusyError)):
+            self._route_blocked(environ)  # the fallback chain was tried, or the device is full
+        if isinstance(outcome, Exception):
+            raise outcome
+        if "fallback_reason" in outcome[0]["parameters"]:
             self._route_blocked(environ)
-        elif self.api.waits_on_deadline_thread(model) and self.fast_path is not None:
+        elif self.fast_path is not None and (
+            self.api.waits_on_deadline_thread(model) if deadline_thread is None else deadline_thread
+        ):
             route = FastPath.route(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))
             if route is not None:  # its thread's CPU time does not show the model's: not a measurement
                 self.fast_path.remeasure(route)
-        return answer, binary_out
+        return outcome
+
+    def prepare_together(self, environs: list[dict[str, Any]]) -> None:
+        """Answer several inference requests of one route with one model call (the fast lane's dynamic
+        batching, :class:`~device_agent.fastpath.FastPathDispatcher`): each environ gets its answer, or the
+        error that is its answer, under ``PREPARED_ANSWER``, which :meth:`__call__` then sends as its own.
+
+        Each request is staged alone (a bad one is refused alone, with the same error as when it comes by
+        itself); those staged run together when the pipeline can batch them, else one by one.
+        """
+        target = _inference_target(environs[0]) if environs else None
+        if target is None:
+            return
+        model, version = target
+        path = environs[0]["PATH_INFO"]
+        try:
+            manifest = self._target_manifest(model, version)  # the same for every request of the route
+        except Exception as e:  # noqa: BLE001 - a 404 (or start-up's error): every request's answer
+            for environ in environs:
+                if environ["PATH_INFO"] == path:
+                    environ[PREPARED_ANSWER] = e
+            return
+        staged: list[tuple[dict[str, Any], _Staged]] = []
+        try:
+            for environ in environs:
+                if environ["PATH_INFO"] != path or environ["REQUEST_METHOD"] != "POST":
+                    continue  # not this route's (the caller groups by route): served on its own turn
+                try:
+                    staged.append((environ, self._stage(environ, model, version, manifest)))
+                except Exception as e:  # noqa: BLE001 - the request's own answer, sent by __call__
+                    environ[PREPARED_ANSWER] = e
+            if not staged:
+                return
+            outcomes = self.api.infer_together(model, [(s.header, s.inputs) for _, s in staged], version)
+        finally:
+            for _, s in staged:
+                self.budget.release(s.cost)
+        deadline_thread = self.api.waits_on_deadline_thread(model)  # once for the route's requests
+        for (environ, _), outcome in zip(staged, outcomes, strict=True):
+            try:
+                environ[PREPARED_ANSWER] = self._after(environ, model, outcome, deadline_thread)
+            except Exception as e:  # noqa: BLE001 - as above
+                environ[PREPARED_ANSWER] = e
 
     def _route_blocked(self, environ: dict[str, Any]) -> None:
         """Tell the fast path that this route's answers may wait (on the network, on admission)."""
@@ -406,13 +518,45 @@ class OipApp:
             self.fast_path.blocked(route)
 
     def _body_cap(self, manifest: Manifest | None, binary: bool) -> int:
-        """The largest decoded body accepted for this model (its schema), never over the device's limit."""
+        """The largest decoded body accepted for this model (its schema), never over the device's limit;
+        remembered for the manifest served (computed again when another is)."""
+        key = (None if manifest is None else manifest.name, binary)
+        known = self._caps.get(key)
+        if known is not None and known[0] is manifest:
+            return known[1]
         device = self.settings.max_body_bytes
         model = None if manifest is None else model_max_body_bytes(manifest, self.settings.max_batch, binary)
-        return device if model is None else min(device, model)
+        cap = device if model is None else min(device, model)
+        self._caps[key] = (manifest, cap)
+        return cap
 
 
 _OPENAI_MAX_BODY_BYTES = 4 * 2**20
+
+
+class _Unknown:
+    """Stands for "the manifest is not looked up yet" (None is a result: no local schema)."""
+
+
+_UNKNOWN = _Unknown()
+
+
+class _Staged(NamedTuple):
+    """An inference request decoded, waiting for its model call; ``cost`` is held in the memory budget."""
+
+    header: dict[str, Any]
+    inputs: dict[str, np.ndarray]
+    cost: int
+
+
+def _inference_target(environ: dict[str, Any]) -> tuple[str, str | None] | None:
+    """(model, version or None) of an inference request, else None (the same rule as ``OipApp._route``)."""
+    parts = environ.get("PATH_INFO", "").rstrip("/").split("/")
+    if environ["REQUEST_METHOD"] != "POST" or len(parts) not in (5, 7) or parts[:3] != ["", "v2", "models"]:
+        return None
+    if parts[-1] != "infer" or (len(parts) == 7 and parts[4] != "versions"):
+        return None
+    return parts[3], parts[5] if len(parts) == 7 else None
 
 
 def _json_answer(start_response: Callable[..., Any], status: int, answer: dict[str, Any],
@@ -486,7 +630,8 @@ class AgentHttpServer:
             asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
         )  # fmt: skip
         self.server.channel_class = _deadline_channel(self.server.channel_class)
-        self.dispatcher = FastPathDispatcher(self.server.task_dispatcher, self.fast_path, self.server.adj)
+        prepare = self.app.prepare_together if app is None else None  # dynamic batching: the OIP application's
+        self.dispatcher = FastPathDispatcher(self.server.task_dispatcher, self.fast_path, self.server.adj, prepare)
         self.server.task_dispatcher = self.dispatcher
         maintenance = self.server.maintenance
 
@@ -544,6 +689,7 @@ def _deadline_channel(base: type) -> type:
     (for ``read_timeout_s`` and ``min_read_rate_bytes_s``)."""
 
     class DeadlineChannel(base):  # type: ignore[valid-type, misc]
+        task_class = prepared_task_class(getattr(base, "task_class"))  # noqa: B009 - a waitress attribute
         request_began: float | None = None
         request_bytes = 0
 

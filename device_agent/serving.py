@@ -62,13 +62,16 @@ class LocalEngine(Protocol):
     """The agent's local inference engine, as the pipeline uses it.
 
     ``predict`` returns a ``bundles.predictor.Prediction`` (``.outputs`` post-processed, ``.raw``
-    model outputs); ``previous_predictor`` the previous version's ``Predictor`` (with ``.manifest``
-    and ``.predict(inputs)``), if one is still loaded.
+    model outputs), ``predict_batch`` one per request, from one model call where it can;
+    ``previous_predictor`` the previous version's ``Predictor`` (with ``.manifest`` and
+    ``.predict(inputs)``), if one is still loaded.
     """
 
     def ready(self, model: str) -> bool: ...
 
     def predict(self, model: str, inputs: dict[str, np.ndarray], timeout_s: float | None = None) -> Any: ...
+
+    def predict_batch(self, model: str, batch: list[dict[str, np.ndarray]]) -> list[Any]: ...
 
     def active_manifest(self, model: str) -> Manifest | None: ...
 
@@ -391,8 +394,66 @@ class ServingPipeline:
         return result
 
     def predict_batch(self, model: str, batch: Sequence[dict[str, np.ndarray]]) -> list[PredictResult]:
-        """Several predictions, each with its own provenance."""
-        return [self.predict(model, inputs) for inputs in batch]
+        """Several predictions, each with its own provenance: one model call when they can share it
+        (:meth:`predict_together`), else one :meth:`predict` each."""
+        together = self.predict_together(model, batch)
+        return together if together is not None else [self.predict(model, inputs) for inputs in batch]
+
+    def predict_together(
+        self, model: str, batch: Sequence[dict[str, np.ndarray]], inputs_private: bool = False
+    ) -> list[PredictResult] | None:
+        """Local answers to several requests from one model call per ``max_rows`` rows (dynamic batching), or
+        None when they must be answered one by one with :meth:`predict`.
+
+        None when the model's policy decides per request (a deadline, a confidence threshold: each request's
+        own), when no local model is ready, when the requests do not stack (input names, dtypes, shapes) or
+        the model cannot take them together (a fixed batch dimension, a declared batch range), and when the
+        call fails: each request then meets the fallback chain alone, with its own error. Each answer is
+        recorded, cached and offered to the shadow as :meth:`predict` would; its latency is the shared call's.
+        ``inputs_private``: nobody else holds the arrays (freshly decoded), so the cache keeps them uncopied.
+        A batched call's numbers may differ from one row's in the last bits (the runtime's kernels for a
+        larger batch), never in what a classifier answers beyond that.
+        """
+        if len(batch) < 2:
+            return None
+        manifest = self.local.active_manifest(model)
+        policy = self._policy(model, manifest)
+        if manifest is None or policy.deadline_s is not None or policy.confidence_threshold is not None:
+            return None
+        chunks = _row_chunks(batch, _max_batch_rows(manifest))
+        if chunks is None or not self.local.ready(model):
+            return None
+        start = time.perf_counter()
+        predictions: list[Any] = []
+        try:
+            for chunk in chunks:
+                predictions += self.local.predict_batch(model, list(chunk))
+        except Exception:  # noqa: BLE001 - each request is tried alone: its own error, its own fallback
+            return None
+        latency_ms = _elapsed_ms(start)
+        return [self._together_result(model, manifest, policy, inputs, p, latency_ms, inputs_private)
+                for inputs, p in zip(batch, predictions, strict=True)]  # fmt: skip
+
+    def _together_result(
+        self, model: str, manifest: Manifest, policy: _Policy, inputs: dict[str, np.ndarray], prediction: Any,
+        latency_ms: float, inputs_private: bool,
+    ) -> PredictResult:  # fmt: skip
+        """One request's answer out of a shared call, remembered and recorded as :meth:`predict` does."""
+        outputs = prediction.outputs
+        raw = getattr(prediction, "raw", None) or {}
+        result = PredictResult(outputs, "local", model, manifest.version, latency_ms, None, None,
+                               dict(raw) if raw is outputs else raw)  # fmt: skip
+        if policy.cacheable:
+            private = inputs if inputs_private else _private_copy(inputs)
+            self.cache.remember(model, manifest.version, private or inputs, outputs,
+                                self.config.cache_max_input_bytes, copied=private is not None)  # fmt: skip
+        if self._shadows:
+            self._offer_shadow(model, inputs, outputs)
+        if self._record_local is not None:
+            self._record_local(model, manifest, inputs, outputs, latency_ms, None)
+        elif self._recorder is not None:
+            self._recorder.record(model, manifest, inputs, outputs, "local", latency_ms, None, None, None, False)
+        return result
 
     def breaker(self, model: str) -> CircuitBreaker:
         """The cloud circuit breaker of ``model`` (one per model, so one bad model does not close all)."""
@@ -728,6 +789,55 @@ def _postprocessed(outputs: dict[str, np.ndarray], policy: _Policy) -> dict[str,
         return dict(policy.postprocess(outputs))
     except InferenceError:
         return outputs
+
+
+def _max_batch_rows(manifest: Manifest) -> int | None:
+    """The most rows one call of the model takes (None: no declared limit); 1 when its batch is fixed."""
+    limit: int | None = None
+    for spec in manifest.inputs:
+        if not spec.shape or spec.shape[0] != -1:
+            return 1
+        declared = spec.dim_ranges.get("0")
+        if declared is not None:
+            limit = declared[1] if limit is None else min(limit, declared[1])
+    return limit
+
+
+def _row_chunks(
+    batch: Sequence[dict[str, np.ndarray]], max_rows: int | None
+) -> list[Sequence[dict[str, np.ndarray]]] | None:
+    """``batch`` cut into runs of at most ``max_rows`` rows, or None when its requests cannot be stacked."""
+    first = batch[0]
+    names = list(first)
+    if not names or max_rows == 1:
+        return None
+    chunks: list[Sequence[dict[str, np.ndarray]]] = []
+    begin, rows = 0, 0
+    for index, inputs in enumerate(batch):
+        if list(inputs) != names:
+            return None
+        n = _stackable_rows(inputs, first)
+        if n is None or (max_rows is not None and n > max_rows):
+            return None
+        if max_rows is not None and rows + n > max_rows:
+            chunks.append(batch[begin:index])
+            begin, rows = index, 0
+        rows += n
+    chunks.append(batch[begin:])
+    return chunks
+
+
+def _stackable_rows(inputs: Mapping[str, Any], first: Mapping[str, Any]) -> int | None:
+    """The rows of one request whose arrays stack onto ``first``'s (same dtype and trailing shape), else None."""
+    rows = None
+    for name, value in inputs.items():
+        model = first[name]
+        if type(value) is not np.ndarray or value.ndim == 0 or value.dtype != model.dtype:
+            return None
+        if value.shape[1:] != model.shape[1:] or (rows is not None and value.shape[0] != rows):
+            return None
+        rows = value.shape[0]
+    return rows
 
 
 def _private_copy(inputs: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
