@@ -402,23 +402,27 @@ class ServingPipeline:
     def predict_together(
         self, model: str, batch: Sequence[dict[str, np.ndarray]], inputs_private: bool = False
     ) -> list[PredictResult] | None:
-        """Local answers to several requests from one model call per ``max_rows`` rows (dynamic batching), or
-        None when they must be answered one by one with :meth:`predict`.
+        """Local answers to several requests from one model call (dynamic batching; one call per run of rows
+        the model's declared batch range allows), or None when each must be answered alone by :meth:`predict`.
 
-        None when the model's policy decides per request (a deadline, a confidence threshold: each request's
-        own), when no local model is ready, when the requests do not stack (input names, dtypes, shapes) or
-        the model cannot take them together (a fixed batch dimension, a declared batch range), and when the
-        call fails: each request then meets the fallback chain alone, with its own error. Each answer is
-        recorded, cached and offered to the shadow as :meth:`predict` would; its latency is the shared call's.
-        ``inputs_private``: nobody else holds the arrays (freshly decoded), so the cache keeps them uncopied.
-        A batched call's numbers may differ from one row's in the last bits (the runtime's kernels for a
-        larger batch), never in what a classifier answers beyond that.
+        None when the policy decides per request (a confidence threshold; a deadline while the calls race it on
+        the deadline thread), when no local model is ready, when the requests do not stack (input names,
+        dtypes, shapes) or the model cannot take them together (a fixed batch dimension, a batch range too
+        small), and when the call fails or misses the deadline: each request then meets the fallback chain
+        alone, with its own error. A deadline-bound model runs together only while :class:`DeadlineGuard`
+        lets it run inline; the guard observes the shared call's latency.
+
+        Each answer is recorded, cached and offered to the shadow as :meth:`predict` does; its latency is the
+        shared call's. ``inputs_private``: nobody else holds the arrays (freshly decoded), so the cache keeps
+        them without a copy. A row's numbers may differ from a batch-1 call's in the last bits (the runtime
+        picks other kernels for a larger batch).
         """
         if len(batch) < 2:
             return None
         manifest = self.local.active_manifest(model)
         policy = self._policy(model, manifest)
-        if manifest is None or policy.deadline_s is not None or policy.confidence_threshold is not None:
+        guard = policy.guard
+        if manifest is None or policy.confidence_threshold is not None or (guard is not None and not guard.inline):
             return None
         chunks = _row_chunks(batch, _max_batch_rows(manifest))
         if chunks is None or not self.local.ready(model):
@@ -431,6 +435,11 @@ class ServingPipeline:
         except Exception:  # noqa: BLE001 - each request is tried alone: its own error, its own fallback
             return None
         latency_ms = _elapsed_ms(start)
+        if guard is not None:
+            if latency_ms > guard.deadline_s * 1000.0:
+                guard.missed()  # the requests are tried alone, on the deadline thread
+                return None
+            guard.observe(latency_ms / 1000.0)
         return [self._together_result(model, manifest, policy, inputs, p, latency_ms, inputs_private)
                 for inputs, p in zip(batch, predictions, strict=True)]  # fmt: skip
 

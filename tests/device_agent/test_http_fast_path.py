@@ -275,6 +275,108 @@ def test_inline_answers_computed_together_each_reach_their_own_connection_whole(
     assert max(batches, default=0) > 1, f"no loop pass served several requests: {batches}"
 
 
+def burst(server: AgentHttpServer, bodies: list[bytes], path: str = INFER) -> tuple[list[tuple[int, Any]], list[int]]:
+    """Send each body on its own connection at once, until one ``prepare_together`` call took several of them;
+    the answers (status, JSON) in the bodies' order, and the sizes of the prepare calls of the last burst."""
+    prepared: list[int] = []
+    prepare = server.dispatcher.prepare
+    assert prepare is not None
+    server.dispatcher.prepare = lambda environs: (prepared.append(len(environs)), prepare(environs))[1]
+    host, port = server.url.removeprefix("http://").split(":")
+    for _ in range(20):  # usually the first burst
+        prepared.clear()
+        sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in bodies]
+        for sock, body in zip(sockets, bodies, strict=True):
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)  # fmt: skip
+        answers = []
+        for sock in sockets:
+            with sock:
+                received = b""
+                while chunk := sock.recv(65536):
+                    received += chunk
+            head, _, rest = received.partition(b"\r\n\r\n")
+            answers.append((int(head.split(b" ")[1]), json.loads(rest)))
+        if max(prepared, default=0) > 1:
+            return answers, prepared
+    raise AssertionError("no loop pass served several requests")
+
+
+def warm_inline(server: AgentHttpServer, x: np.ndarray) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        for _ in range(50):  # the pipeline runs the model inline after 32 answers (its deadline), the lane 8 later
+            assert client.post(INFER, json=infer_body(x)).status_code == 200
+
+
+class TogetherRecorder(ThreadRecorder):
+    """Also notes how many requests each ``predict_together`` call took."""
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        self.together: list[int] = []
+
+    def predict_together(self, batch: Any, **kwargs: Any) -> Any:
+        self.together.append(len(batch))
+        return self.agent.predict_together(batch, **kwargs)
+
+
+def test_requests_read_in_one_loop_pass_are_answered_by_one_model_call_each_its_own_answer(agent: Agent) -> None:
+    recorder = TogetherRecorder(agent)
+    server = AgentHttpServer(recorder, "127.0.0.1", 0, settings=TOLERANT).start()
+    rng = np.random.default_rng(8)
+    xs = [rng.normal(size=(1, 4)).astype(np.float32) for _ in range(8)]
+    expected = [agent.predict({"x": x}).outputs for x in xs]
+    try:
+        warm_inline(server, xs[0])
+        recorder.threads.clear()
+        answers, prepared = burst(server, [json.dumps(infer_body(x)).encode() for x in xs])
+    finally:
+        server.stop()
+    assert [status for status, _ in answers] == [200] * len(xs)
+    for (_, answer), want in zip(answers, expected, strict=True):
+        outputs = {o["name"]: o for o in answer["outputs"]}
+        assert outputs["class_index"]["data"] == want["class_index"].ravel().tolist()
+        np.testing.assert_allclose(outputs["probabilities"]["data"], want["probabilities"].ravel(), rtol=1e-5)
+        assert answer["parameters"]["source"] == "local"
+    assert max(recorder.together) > 1 and max(recorder.together) == max(prepared)
+    assert recorder.threads == [], "no request of the burst was predicted alone"
+
+
+def test_a_bad_request_among_requests_answered_together_gets_its_own_error_and_the_others_their_answers(
+    agent: Agent,
+) -> None:
+    server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
+    x = np.zeros((1, 4), np.float32)
+    good = json.dumps(infer_body(x)).encode()
+    wrong_width = json.dumps(infer_body(np.zeros((1, 5), np.float32))).encode()
+    not_finite = good.replace(b"0.0", b"NaN", 1)
+    try:
+        warm_inline(server, x)
+        answers, _ = burst(server, [good, b"{not json", good, wrong_width, not_finite, good])
+    finally:
+        server.stop()
+    statuses = [status for status, _ in answers]
+    assert statuses == [200, 400, 200, 400, 400, 200], answers
+    assert "not valid JSON" in answers[1][1]["error"] and "NaN" in answers[4][1]["error"]
+    assert "x" in answers[3][1]["error"]
+
+
+def test_requests_for_a_version_the_device_does_not_serve_are_refused_together_with_404(agent: Agent) -> None:
+    server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
+    x = np.zeros((1, 4), np.float32)
+    path = "/v2/models/tiny/versions/9/infer"
+    try:
+        warm_inline(server, x)
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(10):  # the 404 route is measured fast too
+                assert client.post(path, json=infer_body(x)).status_code == 404
+        answers, _ = burst(server, [json.dumps(infer_body(x)).encode()] * 4, path)
+    finally:
+        server.stop()
+    assert [status for status, _ in answers] == [404] * 4
+    assert all("version 9 is not on this device" in answer["error"] for _, answer in answers)
+
+
 class StandIn:
     """An agent whose answers say they came from the fallback chain (a cloud call may wait on the network)."""
 
