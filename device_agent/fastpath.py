@@ -31,6 +31,13 @@ The decision is per route (the request path: a model, or a model at a version), 
    2 ms wall limit sent routes back for exactly that, to workers that at concurrency 64 spent 4 to 35
    times more CPU per answer than the lane, convoying on the GIL (ADR 0012).
 
+When one loop pass holds several inline requests of a route, they are answered together: the
+application's ``prepare`` hook (``OipApp.prepare_together``) decodes each, answers them with one model call
+(dynamic batching, ``ServingPipeline.predict_together``) and leaves each answer, or its own error, in the
+request's WSGI environ (built ahead by :func:`prepared_environ`, found by the task of
+:func:`prepared_task_class`); waitress then serves each request as usual, and the application sends the
+answer it finds. Each request's measure gets its share of the shared call's CPU and wall time.
+
 Everything else (language-model routes, health and metadata, large bodies) always goes to the workers.
 The measure is the route's, not the request's: a slow request on a fast route delays the requests read
 in the same loop iteration by its own time; a few of them (four, or one over ``stall_wall_s``) send the
