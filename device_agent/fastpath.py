@@ -36,7 +36,7 @@ application's ``prepare`` hook (``OipApp.prepare_together``) decodes each, answe
 (dynamic batching, ``ServingPipeline.predict_together``) and leaves each answer, or its own error, in the
 request's WSGI environ (built ahead by :func:`prepared_environ`, found by the task of
 :func:`prepared_task_class`); waitress then serves each request as usual, and the application sends the
-answer it finds. Each request's measure gets its share of the shared call's CPU and wall time.
+answer it finds. The requests of a route served in one pass are measured once, as one observation of each one's share.
 
 Everything else (language-model routes, health and metadata, large bodies) always goes to the workers.
 The measure is the route's, not the request's: a slow request on a fast route delays the requests read
@@ -116,8 +116,10 @@ class FastPath:
             and self.clock() >= stats.demoted_until and self.has_room()
         )  # fmt: skip
 
-    def observe(self, route: str, cpu_s: float, wall_s: float, inline: bool) -> None:
-        """Record one served request (``wall_s`` counts only on the I/O thread: a worker's includes GIL waits)."""
+    def observe(self, route: str, cpu_s: float, wall_s: float, inline: bool, group_wall_s: float | None = None) -> None:
+        """Record one served request, or a group of inline requests served in one loop pass as one observation
+        of each one's share (``wall_s`` counts only on the I/O thread: a worker's includes GIL waits).
+        ``group_wall_s``: how long the group held the I/O thread, which the stall limit applies to."""
         with self._lock:
             stats = self._stats(route)
             stats.cpu_s.append(cpu_s)
@@ -126,9 +128,10 @@ class FastPath:
             stats.inline_wall_s.append(wall_s)
             typical_s = statistics.median_low(stats.inline_wall_s)
             slow = len(stats.inline_wall_s) >= _MIN_INLINE_RUNS and typical_s > self.settings.max_inline_wall_s
-            if slow or wall_s > self.settings.stall_wall_s:
+            held_s = wall_s if group_wall_s is None else group_wall_s
+            if slow or held_s > self.settings.stall_wall_s:
                 self._demote(route, stats, f"inline requests took {typical_s * 1e3:.1f} ms (median; "
-                                           f"this one {wall_s * 1e3:.1f} ms)")  # fmt: skip
+                                           f"this one {held_s * 1e3:.1f} ms)")  # fmt: skip
 
     def blocked(self, route: str) -> None:
         """The route's last answer involved the fallback chain: it may wait on the network, so not inline."""
@@ -180,7 +183,6 @@ class FastPathDispatcher:
         """``prepare``: computes the answers of several requests of one route at once (dynamic batching), each
         left in its WSGI environ for the application to send (``OipApp.prepare_together``)."""
         self.workers, self.fast_path, self.prepare = workers, fast_path, prepare
-        self._shares: dict[Any, tuple[float, float]] = {}  # channel -> its share of a prepare call (CPU s, wall s)
         self.deferred_adjustments = None if adjustments is None else copy.copy(adjustments)
         if self.deferred_adjustments is not None:
             self.deferred_adjustments.send_bytes = _NEVER_BYTES
@@ -203,55 +205,63 @@ class FastPathDispatcher:
 
     def run_pending(self) -> None:
         """Serve the requests kept for the I/O thread (those read before this call; later ones wait a turn),
-        then send their answers."""
-        served = []
-        together = len(self._pending) > 1  # one request alone is sent at once (deferring it costs it a pass)
-        if together and self.prepare is not None:
-            self._prepare_together()
-        for _ in range(len(self._pending)):
+        then send their answers.
+
+        A request alone is served and sent at once, measured alone. Several are served route by route: a
+        route's requests are answered together (``prepare``) when there are several, their answers sent at
+        the end, and the route measured once for them all (each request's share of the CPU and wall time;
+        the whole group's wall time for the stall limit): two clock reads per route instead of per request.
+        """
+        if len(self._pending) == 1:  # deferring a lone answer costs it a pass
             channel, route = self._pending.popleft()
-            share = self._shares.pop(channel, _NO_SHARE)
-            if not self.fast_path.has_room():  # the engine filled up meanwhile: a worker may wait, this thread not
-                self.workers.add_task(_MeasuredTask(channel, route, self.fast_path))
-                continue
-            if together:
-                self._serve_inline(channel, route, share)
-                served.append(channel)
+            if self.fast_path.has_room():
+                _serve_measured(channel, route, self.fast_path, inline=True)
             else:
-                _serve_measured(channel, route, self.fast_path, True, share)
+                self.workers.add_task(_MeasuredTask(channel, route, self.fast_path))
+            return
+        by_route: dict[str, list[Any]] = {}
+        while self._pending:
+            channel, route = self._pending.popleft()
+            by_route.setdefault(route, []).append(channel)
+        served: list[Any] = []
+        for route, channels in by_route.items():
+            self._serve_route(route, channels, served)
         for channel in served:
             if channel.total_outbufs_len:
                 wasyncore.write(channel)  # as the poll would on a writable socket (errors: the channel's handle_error)
 
-    def _prepare_together(self) -> None:
-        """For each route with several pending requests, compute their answers with one ``prepare`` call (one
-        model call: dynamic batching); each request's measure gets its share of the call's CPU and wall time."""
-        by_route: dict[str, list[Any]] = {}
-        for channel, route in self._pending:
-            by_route.setdefault(route, []).append(channel)
-        for route, channels in by_route.items():
-            if len(channels) < 2 or not self.fast_path.has_room():
-                continue
+    def _serve_route(self, route: str, channels: list[Any], served: list[Any]) -> None:
+        """Serve one route's pending requests on this thread, their answers left in their channels' buffers
+        (appended to ``served``); answered together when there are several; measured once for them all."""
+        wall_began, cpu_began = time.perf_counter(), time.thread_time()
+        if len(channels) > 1 and self.prepare is not None and self.fast_path.has_room():
             environs = [prepared_environ(channel) for channel in channels]
-            wall_began, cpu_began = time.perf_counter(), time.thread_time()
             try:
-                self.prepare(environs)  # type: ignore[misc]  # run_pending checked it
+                self.prepare(environs)
             except Exception:  # a bug: each request is then served alone, from its body again
                 log.exception("http: unexpected error answering %d requests of %s together", len(channels), route)
                 _unprepare(environs)
-            n = len(channels)
-            share = ((time.thread_time() - cpu_began) / n, (time.perf_counter() - wall_began) / n)
-            for channel in channels:
-                self._shares[channel] = share
+        inline = 0
+        for channel in channels:
+            if not self.fast_path.has_room():  # the engine filled up meanwhile: a worker may wait, this thread not
+                self.workers.add_task(_MeasuredTask(channel, route, self.fast_path))
+                continue
+            self._serve_deferred(channel, route)
+            served.append(channel)
+            inline += 1
+        if inline:
+            cpu_s, wall_s = time.thread_time() - cpu_began, time.perf_counter() - wall_began
+            self.fast_path.observe(route, cpu_s / inline, wall_s / inline, inline=True, group_wall_s=wall_s)
 
-    def _serve_inline(self, channel: Any, route: str, share: tuple[float, float]) -> None:
-        """One request on this (the I/O) thread, its answer left in the channel's buffer."""
-        if self.deferred_adjustments is None:
-            _serve_measured(channel, route, self.fast_path, True, share)
-            return
-        adjustments, channel.adj = channel.adj, self.deferred_adjustments  # only this thread holds the channel now
+    def _serve_deferred(self, channel: Any, route: str) -> None:
+        """One request on this (the I/O) thread, its answer left in the channel's buffer (not measured)."""
+        adjustments = channel.adj
+        if self.deferred_adjustments is not None:
+            channel.adj = self.deferred_adjustments  # only this thread holds the channel now
         try:
-            _serve_measured(channel, route, self.fast_path, True, share)
+            channel.service()
+        except Exception:  # waitress's own worker loop logs and goes on; so does the I/O thread
+            log.exception("http: unexpected error serving %s", route)
         finally:
             channel.adj = adjustments
 
@@ -274,17 +284,14 @@ class _MeasuredTask:
         self.channel.cancel()
 
 
-_NO_SHARE = (0.0, 0.0)
 PREPARED_ANSWER = "edgefleet.prepared"
 """The WSGI environ key of an answer computed ahead of its request's turn (``OipApp.prepare_together``)."""
 PREPARED_ENVIRON = "edgefleet_environ"
 """The attribute of a waitress request that holds its WSGI environ when it was built ahead of its turn."""
 
 
-def _serve_measured(
-    channel: Any, route: str | None, fast_path: FastPath, inline: bool, share: tuple[float, float] = _NO_SHARE
-) -> None:
-    """Serve the channel's request, its CPU and wall time (plus ``share``, its part of a shared call) measured."""
+def _serve_measured(channel: Any, route: str | None, fast_path: FastPath, inline: bool) -> None:
+    """Serve the channel's request, its CPU and wall time measured for its route."""
     if route is None:
         channel.service()
         return
@@ -293,8 +300,7 @@ def _serve_measured(
         channel.service()
     except Exception:  # waitress's own worker loop logs and goes on; so does the I/O thread
         log.exception("http: unexpected error serving %s", route)
-    cpu_s, wall_s = time.thread_time() - cpu_began + share[0], time.perf_counter() - wall_began + share[1]
-    fast_path.observe(route, cpu_s, wall_s, inline)
+    fast_path.observe(route, time.thread_time() - cpu_began, time.perf_counter() - wall_began, inline)
 
 
 def prepared_environ(channel: Any) -> dict[str, Any]:

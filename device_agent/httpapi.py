@@ -35,7 +35,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -239,10 +239,19 @@ class InferenceApi:
         nothing local serves the model the device has no schema: the cloud, which applies the model's,
         decides about non-finite values (it refuses them where the schema does not allow them).
         """
+        return oip.decode_inputs(header, binary, self._non_finite_allowed(manifest))
+
+    def decode_many(
+        self, requests: list[tuple[dict[str, Any], bytes]], manifest: Manifest | None
+    ) -> list[dict[str, np.ndarray] | InputError]:
+        """:meth:`decode` for several requests of one model (:func:`bundles.oip.decode_inputs_many`): each
+        gets its tensors or its own error."""
+        return oip.decode_inputs_many(requests, self._non_finite_allowed(manifest))
+
+    def _non_finite_allowed(self, manifest: Manifest | None) -> Collection[str]:
         if manifest is None and getattr(self.agent, "engine", None) is not None:
-            return oip.decode_inputs(header, binary, _EVERY_INPUT)
-        allowed = () if manifest is None else {t.name for t in manifest.inputs if _allows_non_finite(t)}
-        return oip.decode_inputs(header, binary, allowed)
+            return _EVERY_INPUT
+        return () if manifest is None else {t.name for t in manifest.inputs if _allows_non_finite(t)}
 
 
 class _EveryName:
@@ -429,6 +438,18 @@ class OipApp:
         in the memory budget (the caller releases ``cost``). ``manifest``: the route's, when already checked."""
         if isinstance(manifest, _Unknown):
             manifest = self._target_manifest(model, version)
+        header, payload, cost = self._parse(environ, model, manifest)
+        try:
+            return _Staged(header, self.api.decode(header, payload, manifest), cost)
+        except BaseException:
+            self.budget.release(cost)
+            raise
+
+    def _parse(
+        self, environ: dict[str, Any], model: str, manifest: Manifest | None
+    ) -> tuple[dict[str, Any], bytes, int]:
+        """A request's JSON header and binary payload (limits, inflation, parsing), and its parse cost, held in
+        the memory budget (the caller releases it)."""
         binary = "HTTP_INFERENCE_HEADER_CONTENT_LENGTH" in environ
         length = int(environ.get("CONTENT_LENGTH") or 0)  # the server refused a malformed one (400)
         cap = self._body_cap(manifest, binary)
@@ -443,8 +464,7 @@ class OipApp:
         self.budget.acquire(cost)
         try:
             del raw, body
-            header = oip.parse_header(header_bytes, allow_constants=True)
-            return _Staged(header, self.api.decode(header, payload, manifest), cost)
+            return oip.parse_header(header_bytes, allow_constants=True), payload, cost
         except BaseException:
             self.budget.release(cost)
             raise
@@ -489,23 +509,33 @@ class OipApp:
                 if environ["PATH_INFO"] == path:
                     environ[PREPARED_ANSWER] = e
             return
-        staged: list[tuple[dict[str, Any], _Staged]] = []
+        parsed: list[tuple[dict[str, Any], dict[str, Any], bytes]] = []
+        cost = 0
         try:
             for environ in environs:
                 if environ["PATH_INFO"] != path or environ["REQUEST_METHOD"] != "POST":
                     continue  # not this route's (the caller groups by route): served on its own turn
                 try:
-                    staged.append((environ, self._stage(environ, model, version, manifest)))
+                    header, payload, one_cost = self._parse(environ, model, manifest)
                 except Exception as e:  # noqa: BLE001 - the request's own answer, sent by __call__
                     environ[PREPARED_ANSWER] = e
+                    continue
+                cost += one_cost
+                parsed.append((environ, header, payload))
+            staged: list[tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]] = []
+            decoded = self.api.decode_many([(header, payload) for _, header, payload in parsed], manifest)
+            for (environ, header, _), inputs in zip(parsed, decoded, strict=True):
+                if isinstance(inputs, Exception):
+                    environ[PREPARED_ANSWER] = inputs
+                else:
+                    staged.append((environ, header, inputs))
             if not staged:
                 return
-            outcomes = self.api.infer_together(model, [(s.header, s.inputs) for _, s in staged], version)
+            outcomes = self.api.infer_together(model, [(header, inputs) for _, header, inputs in staged], version)
         finally:
-            for _, s in staged:
-                self.budget.release(s.cost)
+            self.budget.release(cost)
         deadline_thread = self.api.waits_on_deadline_thread(model)  # once for the route's requests
-        for (environ, _), outcome in zip(staged, outcomes, strict=True):
+        for (environ, _, _), outcome in zip(staged, outcomes, strict=True):
             try:
                 environ[PREPARED_ANSWER] = self._after(environ, model, outcome, deadline_thread)
             except Exception as e:  # noqa: BLE001 - as above

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -161,3 +162,81 @@ def test_a_model_answering_nan_or_infinity_is_written_with_the_literals_clients_
     body = oip.dumps_answer({"outputs": tensors_json})
     assert b"NaN" in body and b"-Infinity" in body and b"null" not in body
     assert oip.decode_answer(json.loads(body), b"")["y"].tobytes() == y.tobytes()
+
+
+def _outcome(result: Any) -> Any:
+    if isinstance(result, InputError):
+        return ("error", str(result))
+    return {name: (a.dtype.str, a.shape, a.tobytes()) for name, a in result.items()}  # NaN compares by its bits
+
+
+def _alone(header: dict[str, Any], payload: bytes, allowed: Any = ()) -> Any:
+    try:
+        return _outcome(oip.decode_inputs(header, payload, allowed))
+    except InputError as e:
+        return ("error", str(e))
+
+
+def _json_input(data: Any, shape: Any = None, name: Any = "x", datatype: Any = "FP32") -> dict[str, Any]:
+    return {"inputs": [{"name": name, "shape": [1, len(data)] if shape is None else shape, "datatype": datatype,
+                        "data": data}]}  # fmt: skip
+
+
+def test_decoding_many_requests_gives_each_exactly_what_it_would_get_alone() -> None:
+    x = np.arange(4, dtype=np.float32)
+    binary_header = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                 "parameters": {"binary_data_size": 16}}]}  # fmt: skip
+    requests: list[tuple[dict[str, Any], bytes]] = [
+        (_json_input([0.5, 1.0, -2.0, 3.0]), b""),
+        (_json_input([1, 2, 3, 4], shape=[2, 2]), b""),  # other shape, same elements: a row of its own shape
+        (_json_input([0.5, float("nan"), 0.0, 1.0]), b""),  # NaN: its own error
+        (_json_input([1e39, 0.0, 0.0, 1.0]), b""),  # too large for float32: its own error
+        (_json_input([0.5, 1.0, 2.0]), b""),  # another length: alone
+        (_json_input([0.5, 1.0, 2.0, 3.0], shape=[1, 3]), b""),  # shape and data disagree: its own error
+        (_json_input([[0.5, 1.0], [2.0, 3.0]], shape=[2, 2]), b""),  # nested data: alone
+        (_json_input([0.5, 1.0, 2.0, 3.0], datatype=["FP32"]), b""),  # an unhashable datatype: its own error
+        (_json_input([0.5, 1.0, 2.0, 3.0], name=7), b""),  # a name that is not a string: its own error
+        (_json_input([0.5, "x", 2.0, 3.0]), b""),  # a string among the numbers
+        (binary_header, x.tobytes()),
+        (_json_input([1.0, 2.0, 3.0, 4.0], datatype="INT64"), b""),
+        (_json_input([9.0, 8.0, 7.0, 6.0]), b""),
+    ]
+    many = oip.decode_inputs_many(requests)
+    assert [_outcome(r) for r in many] == [_alone(h, p) for h, p in requests]
+    assert sum(isinstance(r, InputError) for r in many) == 6, [_outcome(r) for r in many]
+
+
+def test_inputs_allowed_non_finite_values_keep_them_when_decoded_together() -> None:
+    requests = [(_json_input([0.5, float("nan"), float("inf"), 1.0]), b""), (_json_input([1.0, 2.0, 3.0, 4.0]), b"")]
+    many = oip.decode_inputs_many(requests, allow_non_finite={"x"})
+    assert [_outcome(r) for r in many] == [_alone(h, p, {"x"}) for h, p in requests]
+    assert not isinstance(many[0], InputError) and np.isnan(many[0]["x"][0, 1])
+
+
+def test_an_integer_input_decoded_together_refuses_a_value_it_cannot_hold_exactly_in_its_own_request() -> None:
+    requests = [
+        (_json_input([1, 2, 3, 4], datatype="INT32"), b""),
+        (_json_input([1, 2.5, 3, 4], datatype="INT32"), b""),
+    ]
+    many = oip.decode_inputs_many(requests)
+    assert [_outcome(r) for r in many] == [_alone(h, p) for h, p in requests]
+    assert not isinstance(many[0], InputError) and isinstance(many[1], InputError)
+
+
+@st.composite
+def json_requests(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
+    n = draw(st.sampled_from([3, 4]))
+    numbers = st.one_of(st.floats(width=64), st.integers(-(2**70), 2**70), st.booleans())
+    data = draw(st.lists(numbers, min_size=n, max_size=n))
+    shape = draw(st.sampled_from([[1, n], [n], [2, 2], [1, 3]]))
+    return _json_input(data, shape=shape, datatype=draw(st.sampled_from(["FP32", "FP64", "INT32", "FP16"]))), b""
+
+
+@given(st.lists(json_requests(), min_size=2, max_size=8), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_any_requests_decoded_together_get_what_each_would_get_alone(
+    requests: list[tuple[dict[str, Any], bytes]], allow: bool
+) -> None:
+    allowed = {"x"} if allow else set()
+    many = oip.decode_inputs_many(requests, allowed)
+    assert [_outcome(r) for r in many] == [_alone(h, p, allowed) for h, p in requests]
