@@ -421,6 +421,40 @@ def encode_outputs(
     return tensors, b"".join(chunks)
 
 
+def encode_outputs_many(outputs_list: Sequence[Mapping[str, np.ndarray]]) -> list[list[dict[str, Any]]]:
+    """``encode_outputs(outputs, {}, False)[0]`` for each answer (every output, as JSON), the same tensors as one
+    by one; outputs of the same name, dtype and one-row shape in every answer are converted together (one
+    ``tolist`` for all: a server's concurrent batch-1 answers, typically)."""
+    names = list(outputs_list[0]) if outputs_list else []
+    if any(list(outputs) != names for outputs in outputs_list):
+        return [encode_outputs(outputs, {}, False)[0] for outputs in outputs_list]
+    answers: list[list[dict[str, Any]]] = [[] for _ in outputs_list]
+    for name in names:
+        arrays = [outputs[name] for outputs in outputs_list]
+        column = _row_tensors(name, arrays)
+        if column is None:
+            column = [encode_output(name, array, False)[0] for array in arrays]
+        for tensors, tensor in zip(answers, column, strict=True):
+            tensors.append(tensor)
+    return answers
+
+
+def _row_tensors(name: str, arrays: list[Any]) -> list[dict[str, Any]] | None:
+    """One output of several answers as JSON tensors, when each is a one-row array of one dtype and shape."""
+    first = arrays[0]
+    if type(first) is not np.ndarray or first.ndim not in (1, 2) or first.shape[0] != 1:
+        return None
+    dtype, shape = first.dtype, first.shape
+    if any(type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape for a in arrays):
+        return None
+    datatype = oip_datatype(dtype)
+    rows = np.concatenate(arrays).tolist()
+    if datatype == "BYTES":
+        rows = [[_text(v) for v in row] for row in rows] if first.ndim == 2 else [_text(v) for v in rows]
+    data = rows if first.ndim == 2 else [[v] for v in rows]
+    return [{"name": name, "shape": list(shape), "datatype": datatype, "data": d} for d in data]
+
+
 # --- the client's side -------------------------------------------------------------------------------
 
 

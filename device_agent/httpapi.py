@@ -203,25 +203,31 @@ class InferenceApi:
         together = getattr(self.agent, "predict_together", None)
         inputs = [inputs for _, inputs in requests]  # freshly decoded: private to this call
         results = together(inputs, model=model, inputs_private=True) if callable(together) else None
+        encoded = _encoded_together(requests, results)
         answers: list[tuple[dict[str, Any], bytes] | Exception] = []
         for index, (header, decoded) in enumerate(requests):
             try:
                 if results is None:
                     answers.append(self.infer_decoded(model, header, decoded, version))
                 else:
-                    answers.append(self.answer(model, header, results[index]))
+                    answers.append(self.answer(model, header, results[index], encoded.get(index)))
             except Exception as e:  # noqa: BLE001 - one request's error is its own answer, never its neighbours'
                 answers.append(e)
         return answers
 
-    def answer(self, model: str, header: dict[str, Any], result: Any) -> tuple[dict[str, Any], bytes]:
-        """The OIP answer to ``header`` from a ``PredictResult``: the outputs it asks for, JSON or binary."""
-        wanted = oip.requested_outputs(header)
-        available = {**result.raw, **result.outputs} if wanted else result.outputs
-        missing = [n for n in wanted if n not in available]
-        if missing:
-            raise HttpError(400, f"model '{model}' has no output(s) {', '.join(missing)}")
-        tensors, binary_out = oip.encode_outputs(available, wanted, oip.binary_output_default(header))
+    def answer(
+        self, model: str, header: dict[str, Any], result: Any, tensors: list[dict[str, Any]] | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The OIP answer to ``header`` from a ``PredictResult``: the outputs it asks for, JSON or binary.
+        ``tensors``: every output already encoded as JSON (for a request that names none and wants no binary)."""
+        binary_out = b""
+        if tensors is None:
+            wanted = oip.requested_outputs(header)
+            available = {**result.raw, **result.outputs} if wanted else result.outputs
+            missing = [n for n in wanted if n not in available]
+            if missing:
+                raise HttpError(400, f"model '{model}' has no output(s) {', '.join(missing)}")
+            tensors, binary_out = oip.encode_outputs(available, wanted, oip.binary_output_default(header))
         parameters = {"source": result.source, "latency_ms": round(result.latency_ms, 3), "postprocessed": True}
         if result.fallback_reason is not None:  # OIP parameters are strings, numbers or booleans, never null
             parameters["fallback_reason"] = result.fallback_reason
@@ -252,6 +258,19 @@ class InferenceApi:
         if manifest is None and getattr(self.agent, "engine", None) is not None:
             return _EVERY_INPUT
         return () if manifest is None else {t.name for t in manifest.inputs if _allows_non_finite(t)}
+
+
+def _encoded_together(
+    requests: list[tuple[dict[str, Any], dict[str, np.ndarray]]], results: list[Any] | None
+) -> dict[int, list[dict[str, Any]]]:
+    """The JSON output tensors of the requests answered together that ask for every output as JSON (most),
+    encoded in one pass (:func:`bundles.oip.encode_outputs_many`), by request index."""
+    if results is None:
+        return {}
+    plain = [i for i, (header, _) in enumerate(requests) if "outputs" not in header and not header.get("parameters")]
+    if len(plain) < 2:
+        return {}
+    return dict(zip(plain, oip.encode_outputs_many([results[i].outputs for i in plain]), strict=True))
 
 
 class _EveryName:
