@@ -162,6 +162,14 @@ class MemoryBudget:
                 raise BusyError(f"the device is busy: {_mib(self.reserved_bytes)} MiB of request memory in use")
             self.reserved_bytes += nbytes
 
+    def try_acquire(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of the budget if it fits now, without waiting (False: nothing taken)."""
+        with self._changed:
+            if self.reserved_bytes + nbytes > self.budget_bytes:
+                return False
+            self.reserved_bytes += nbytes
+            return True
+
     def release(self, nbytes: int) -> None:
         with self._changed:
             self.reserved_bytes -= nbytes

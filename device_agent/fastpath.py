@@ -34,9 +34,10 @@ The decision is per route (the request path: a model, or a model at a version), 
 When one loop pass holds several inline requests of a route, they are answered together: the
 application's ``prepare`` hook (``OipApp.prepare_together``) decodes each, answers them with one model call
 (dynamic batching, ``ServingPipeline.predict_together``) and leaves each answer, or its own error, in the
-request's WSGI environ (built ahead by :func:`prepared_environ`, found by the task of
-:func:`prepared_task_class`); waitress then serves each request as usual, and the application sends the
-answer it finds. The requests of a route served in one pass are measured once, as one observation of each one's share.
+request's WSGI environ. That environ is built ahead by :func:`prepared_environ` with the task that will
+serve the request, which :func:`prepared_task_factory` gives back when its turn comes; waitress then
+serves each request as usual, and the application sends the answer it finds. The requests of a route
+served in one pass are measured once, as one observation of each one's share.
 
 Everything else (language-model routes, health and metadata, large bodies) always goes to the workers.
 The measure is the route's, not the request's: a slow request on a fast route delays the requests read
@@ -286,8 +287,8 @@ class _MeasuredTask:
 
 PREPARED_ANSWER = "edgefleet.prepared"
 """The WSGI environ key of an answer computed ahead of its request's turn (``OipApp.prepare_together``)."""
-PREPARED_ENVIRON = "edgefleet_environ"
-"""The attribute of a waitress request that holds its WSGI environ when it was built ahead of its turn."""
+PREPARED_TASK = "edgefleet_task"
+"""The attribute of a waitress request that holds the task built ahead of its turn (:func:`prepared_environ`)."""
 
 
 def _serve_measured(channel: Any, route: str | None, fast_path: FastPath, inline: bool) -> None:
@@ -304,11 +305,12 @@ def _serve_measured(channel: Any, route: str | None, fast_path: FastPath, inline
 
 
 def prepared_environ(channel: Any) -> dict[str, Any]:
-    """The WSGI environ of the channel's request, built now (as waitress's task would) and kept on the request,
-    where :func:`prepared_task_class` finds it when the request's turn comes."""
+    """The WSGI environ of the channel's request, built now by the task that will serve it (as waitress would
+    build it), the task kept on the request, where :func:`prepared_task_factory` finds it when its turn comes."""
     request = channel.requests[0]
-    environ: dict[str, Any] = channel.task_class(channel, request).get_environment()
-    setattr(request, PREPARED_ENVIRON, environ)
+    task = channel.task_class(channel, request)
+    environ: dict[str, Any] = task.get_environment()
+    setattr(request, PREPARED_TASK, task)
     return environ
 
 
@@ -319,14 +321,12 @@ def _unprepare(environs: list[dict[str, Any]]) -> None:
         environ["wsgi.input"].seek(0)
 
 
-def prepared_task_class(base: type) -> type:
-    """waitress's task class, serving a request with the environ :func:`prepared_environ` built for it."""
+def prepared_task_factory(base: type) -> Callable[[Any, Any], Any]:
+    """waitress's task class as a channel calls it (``task_class(channel, request)``), giving back the task
+    :func:`prepared_environ` built for the request, if any (its environ then holds the answer)."""
 
-    class PreparedTask(base):  # type: ignore[valid-type, misc]
-        def get_environment(self) -> Any:
-            prepared: Any = getattr(self.request, PREPARED_ENVIRON, None)
-            if prepared is not None and getattr(self, "environ", None) is None:
-                setattr(self, "environ", prepared)  # noqa: B010 - waitress's cache of the environ
-            return super().get_environment()
+    def task_for(channel: Any, request: Any) -> Any:
+        prepared = getattr(request, PREPARED_TASK, None)
+        return prepared if prepared is not None else base(channel, request)
 
-    return PreparedTask
+    return task_for

@@ -64,7 +64,7 @@ from device_agent.fastpath import (
     FastPath,
     FastPathDispatcher,
     FastPathSettings,
-    prepared_task_class,
+    prepared_task_factory,
 )
 from device_agent.version import AGENT_VERSION
 
@@ -469,6 +469,17 @@ class OipApp:
     ) -> tuple[dict[str, Any], bytes, int]:
         """A request's JSON header and binary payload (limits, inflation, parsing), and its parse cost, held in
         the memory budget (the caller releases it)."""
+        header_bytes, payload, cost = self._body(environ, model, manifest)
+        self.budget.acquire(cost)
+        try:
+            return oip.parse_header(header_bytes, allow_constants=True), payload, cost
+        except BaseException:
+            self.budget.release(cost)
+            raise
+
+    def _body(self, environ: dict[str, Any], model: str, manifest: Manifest | None) -> tuple[bytes, bytes, int]:
+        """A request's body read, inflated and split (limits first; the declared shapes pre-scanned): its JSON
+        header, its binary payload, and what parsing it may cost in memory."""
         binary = "HTTP_INFERENCE_HEADER_CONTENT_LENGTH" in environ
         length = int(environ.get("CONTENT_LENGTH") or 0)  # the server refused a malformed one (400)
         cap = self._body_cap(manifest, binary)
@@ -479,14 +490,33 @@ class OipApp:
         header_bytes, payload = oip.split_body(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
         if manifest is not None and not binary:
             _prescan_shapes(header_bytes, manifest, self.settings.max_batch)
-        cost = parse_cost_bytes(len(body), binary)
-        self.budget.acquire(cost)
-        try:
-            del raw, body
-            return oip.parse_header(header_bytes, allow_constants=True), payload, cost
-        except BaseException:
-            self.budget.release(cost)
-            raise
+        return header_bytes, payload, parse_cost_bytes(len(body), binary)
+
+    def _parse_group(
+        self, environs: list[dict[str, Any]], model: str, manifest: Manifest | None
+    ) -> tuple[list[tuple[dict[str, Any], dict[str, Any], bytes]], int]:
+        """:meth:`_parse` for a route's requests: (environ, header, payload) of those parsed, and the budget
+        they hold (the caller releases it). Their parse costs are reserved with one lock round trip when they
+        fit now; otherwise each waits for its own. A request that fails gets its error as its answer."""
+        bodies: list[tuple[dict[str, Any], bytes, bytes, int]] = []
+        for environ in environs:
+            try:
+                bodies.append((environ, *self._body(environ, model, manifest)))
+            except Exception as e:  # noqa: BLE001 - the request's own answer, sent by __call__
+                environ[PREPARED_ANSWER] = e
+        total = sum(cost for *_, cost in bodies)
+        reserved_together = self.budget.try_acquire(total)
+        held = total if reserved_together else 0
+        parsed: list[tuple[dict[str, Any], dict[str, Any], bytes]] = []
+        for environ, header_bytes, payload, cost in bodies:
+            try:
+                if not reserved_together:
+                    self.budget.acquire(cost)  # held with the others until the group is answered
+                    held += cost
+                parsed.append((environ, oip.parse_header(header_bytes, allow_constants=True), payload))
+            except Exception as e:  # noqa: BLE001 - as above
+                environ[PREPARED_ANSWER] = e
+        return parsed, held
 
     def _after(
         self, environ: dict[str, Any], model: str, outcome: tuple[dict[str, Any], bytes] | Exception,
@@ -528,19 +558,9 @@ class OipApp:
                 if environ["PATH_INFO"] == path:
                     environ[PREPARED_ANSWER] = e
             return
-        parsed: list[tuple[dict[str, Any], dict[str, Any], bytes]] = []
-        cost = 0
+        mine = [e for e in environs if e["PATH_INFO"] == path and e["REQUEST_METHOD"] == "POST"]  # the caller groups
+        parsed, cost = self._parse_group(mine, model, manifest)  # by route: others are served on their own turn
         try:
-            for environ in environs:
-                if environ["PATH_INFO"] != path or environ["REQUEST_METHOD"] != "POST":
-                    continue  # not this route's (the caller groups by route): served on its own turn
-                try:
-                    header, payload, one_cost = self._parse(environ, model, manifest)
-                except Exception as e:  # noqa: BLE001 - the request's own answer, sent by __call__
-                    environ[PREPARED_ANSWER] = e
-                    continue
-                cost += one_cost
-                parsed.append((environ, header, payload))
             staged: list[tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]] = []
             decoded = self.api.decode_many([(header, payload) for _, header, payload in parsed], manifest)
             for (environ, header, _), inputs in zip(parsed, decoded, strict=True):
@@ -738,7 +758,7 @@ def _deadline_channel(base: type) -> type:
     (for ``read_timeout_s`` and ``min_read_rate_bytes_s``)."""
 
     class DeadlineChannel(base):  # type: ignore[valid-type, misc]
-        task_class = prepared_task_class(getattr(base, "task_class"))  # noqa: B009 - a waitress attribute
+        task_class = staticmethod(prepared_task_factory(getattr(base, "task_class")))  # noqa: B009 - waitress's
         request_began: float | None = None
         request_bytes = 0
 
