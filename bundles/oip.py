@@ -421,26 +421,34 @@ def encode_outputs(
     return tensors, b"".join(chunks)
 
 
-def encode_outputs_many(outputs_list: Sequence[Mapping[str, np.ndarray]]) -> list[list[dict[str, Any]]]:
-    """``encode_outputs(outputs, {}, False)[0]`` for each answer (every output, as JSON), the same tensors as one
-    by one; outputs of the same name, dtype and one-row shape in every answer are converted together (one
-    ``tolist`` for all: a server's concurrent batch-1 answers, typically)."""
+def encode_answers_many(
+    head: Mapping[str, Any], outputs_list: Sequence[Mapping[str, np.ndarray]], tail: Mapping[str, Any]
+) -> list[bytes]:
+    """``dumps_answer({**head, "outputs": encode_outputs(outputs, {}, False)[0], **tail})`` for each answer
+    (every output as JSON), byte for byte, built from pieces: ``head`` and ``tail`` are written once, and an
+    output of the same name, dtype and one-row shape in every answer is converted in one ``tolist`` and
+    written row by row (a server's concurrent batch-1 answers, typically)."""
+    opening = dumps_answer(head)[:-1] + (b',"outputs":[' if head else b'"outputs":[')
+    closing = b"]" + (b"," + dumps_answer(tail)[1:] if tail else b"}")
     names = list(outputs_list[0]) if outputs_list else []
-    if any(list(outputs) != names for outputs in outputs_list):
-        return [encode_outputs(outputs, {}, False)[0] for outputs in outputs_list]
-    answers: list[list[dict[str, Any]]] = [[] for _ in outputs_list]
+    if not names or any(list(outputs) != names for outputs in outputs_list):
+        return [
+            opening + b",".join(dumps_answer(t) for t in encode_outputs(outputs, {}, False)[0]) + closing
+            for outputs in outputs_list
+        ]
+    columns = []
     for name in names:
         arrays = [outputs[name] for outputs in outputs_list]
-        column = _row_tensors(name, arrays)
-        if column is None:
-            column = [encode_output(name, array, False)[0] for array in arrays]
-        for tensors, tensor in zip(answers, column, strict=True):
-            tensors.append(tensor)
-    return answers
+        column = _row_tensor_bytes(name, arrays)
+        columns.append(
+            column if column is not None else [dumps_answer(encode_output(name, a, False)[0]) for a in arrays]
+        )
+    return [opening + b",".join(tensors) + closing for tensors in zip(*columns, strict=True)]
 
 
-def _row_tensors(name: str, arrays: list[Any]) -> list[dict[str, Any]] | None:
-    """One output of several answers as JSON tensors, when each is a one-row array of one dtype and shape."""
+def _row_tensor_bytes(name: str, arrays: list[Any]) -> list[bytes] | None:
+    """One output of several answers as JSON tensor bytes, when each is a one-row array of one dtype and
+    shape with finite numbers or text (else None: each is written alone)."""
     first = arrays[0]
     if type(first) is not np.ndarray or first.ndim not in (1, 2) or first.shape[0] != 1:
         return None
@@ -448,11 +456,16 @@ def _row_tensors(name: str, arrays: list[Any]) -> list[dict[str, Any]] | None:
     if any(type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape for a in arrays):
         return None
     datatype = oip_datatype(dtype)
-    rows = np.concatenate(arrays).tolist()
+    stacked = np.concatenate(arrays)
+    if dtype.kind == "f" and not np.isfinite(stacked).all():
+        return None  # NaN and infinities are written as Python writes them, by dumps_answer
+    rows = stacked.tolist()
     if datatype == "BYTES":
         rows = [[_text(v) for v in row] for row in rows] if first.ndim == 2 else [_text(v) for v in rows]
-    data = rows if first.ndim == 2 else [[v] for v in rows]
-    return [{"name": name, "shape": list(shape), "datatype": datatype, "data": d} for d in data]
+    prefix = dumps_answer({"name": name, "shape": list(shape), "datatype": datatype})[:-1] + b',"data":'
+    if first.ndim == 1:
+        return [prefix + jsonio.dumps([v]) + b"}" for v in rows]
+    return [prefix + jsonio.dumps(row) + b"}" for row in rows]
 
 
 # --- the client's side -------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth
 MAX_BODY_BYTES = 64 * 2**20
 
 
+Answer = tuple[dict[str, Any] | bytes, bytes]
+"""An inference answer: its JSON header (an object, or already written as bytes) and its binary outputs."""
+
+
 class HttpError(Exception):
     """An answer other than 200, with its status and one readable sentence."""
 
@@ -197,37 +201,34 @@ class InferenceApi:
 
     def infer_together(
         self, model: str, requests: list[tuple[dict[str, Any], dict[str, np.ndarray]]], version: str | None = None
-    ) -> list[tuple[dict[str, Any], bytes] | Exception]:
+    ) -> list[Answer | Exception]:
         """Several decoded requests on one model: one model call when the pipeline can batch them
         (``Agent.predict_together``), else each alone. Each gets its answer, or the error that is its answer."""
         together = getattr(self.agent, "predict_together", None)
         inputs = [inputs for _, inputs in requests]  # freshly decoded: private to this call
         results = together(inputs, model=model, inputs_private=True) if callable(together) else None
-        encoded = _encoded_together(requests, results)
-        answers: list[tuple[dict[str, Any], bytes] | Exception] = []
+        encoded = _encoded_together(model, requests, results)
+        answers: list[Answer | Exception] = []
         for index, (header, decoded) in enumerate(requests):
             try:
                 if results is None:
                     answers.append(self.infer_decoded(model, header, decoded, version))
+                elif index in encoded:
+                    answers.append((encoded[index], b""))
                 else:
-                    answers.append(self.answer(model, header, results[index], encoded.get(index)))
+                    answers.append(self.answer(model, header, results[index]))
             except Exception as e:  # noqa: BLE001 - one request's error is its own answer, never its neighbours'
                 answers.append(e)
         return answers
 
-    def answer(
-        self, model: str, header: dict[str, Any], result: Any, tensors: list[dict[str, Any]] | None = None
-    ) -> tuple[dict[str, Any], bytes]:
-        """The OIP answer to ``header`` from a ``PredictResult``: the outputs it asks for, JSON or binary.
-        ``tensors``: every output already encoded as JSON (for a request that names none and wants no binary)."""
-        binary_out = b""
-        if tensors is None:
-            wanted = oip.requested_outputs(header)
-            available = {**result.raw, **result.outputs} if wanted else result.outputs
-            missing = [n for n in wanted if n not in available]
-            if missing:
-                raise HttpError(400, f"model '{model}' has no output(s) {', '.join(missing)}")
-            tensors, binary_out = oip.encode_outputs(available, wanted, oip.binary_output_default(header))
+    def answer(self, model: str, header: dict[str, Any], result: Any) -> tuple[dict[str, Any], bytes]:
+        """The OIP answer to ``header`` from a ``PredictResult``: the outputs it asks for, JSON or binary."""
+        wanted = oip.requested_outputs(header)
+        available = {**result.raw, **result.outputs} if wanted else result.outputs
+        missing = [n for n in wanted if n not in available]
+        if missing:
+            raise HttpError(400, f"model '{model}' has no output(s) {', '.join(missing)}")
+        tensors, binary_out = oip.encode_outputs(available, wanted, oip.binary_output_default(header))
         parameters = {"source": result.source, "latency_ms": round(result.latency_ms, 3), "postprocessed": True}
         if result.fallback_reason is not None:  # OIP parameters are strings, numbers or booleans, never null
             parameters["fallback_reason"] = result.fallback_reason
@@ -261,16 +262,25 @@ class InferenceApi:
 
 
 def _encoded_together(
-    requests: list[tuple[dict[str, Any], dict[str, np.ndarray]]], results: list[Any] | None
-) -> dict[int, list[dict[str, Any]]]:
-    """The JSON output tensors of the requests answered together that ask for every output as JSON (most),
-    encoded in one pass (:func:`bundles.oip.encode_outputs_many`), by request index."""
+    model: str, requests: list[tuple[dict[str, Any], dict[str, np.ndarray]]], results: list[Any] | None
+) -> dict[int, bytes]:
+    """The JSON answers of the requests answered together that ask for every output as JSON and carry no id
+    (most), written in one pass by request index (:func:`bundles.oip.encode_answers_many`: the bytes
+    :meth:`InferenceApi.answer` and ``dumps_answer`` would give). Their provenance is the shared call's."""
     if results is None:
         return {}
-    plain = [i for i, (header, _) in enumerate(requests) if "outputs" not in header and not header.get("parameters")]
+    plain = [i for i, (header, _) in enumerate(requests) if not ({"outputs", "parameters", "id"} & header.keys())]
     if len(plain) < 2:
         return {}
-    return dict(zip(plain, oip.encode_outputs_many([results[i].outputs for i in plain]), strict=True))
+    first = results[plain[0]]
+    if first.fallback_reason is not None or any(
+        (r.source, r.version, r.latency_ms, r.fallback_reason) != (first.source, first.version, first.latency_ms, None)
+        for r in (results[i] for i in plain)
+    ):
+        return {}  # not one shared call's local answers: each is written alone
+    head = {"model_name": model, "model_version": None if first.version is None else str(first.version)}
+    tail = {"parameters": {"source": first.source, "latency_ms": round(first.latency_ms, 3), "postprocessed": True}}
+    return dict(zip(plain, oip.encode_answers_many(head, [results[i].outputs for i in plain], tail), strict=True))
 
 
 class _EveryName:
@@ -358,7 +368,7 @@ class OipApp:
             if status == 500:
                 log.exception("http: unexpected error")
             answer, binary = {"error": str(e) if status != 500 else "internal error"}, b""
-        body = oip.dumps_answer(answer)
+        body = answer if isinstance(answer, bytes) else oip.dumps_answer(answer)
         headers = [("Content-Type", "application/json" if not binary else "application/octet-stream"),
                    ("Content-Length", str(len(body) + len(binary)))]  # fmt: skip
         if binary:
@@ -406,7 +416,7 @@ class OipApp:
         raw = environ["wsgi.input"].read(length) if length else b""
         return oip.inflate(raw, environ.get("HTTP_CONTENT_ENCODING", ""), cap)
 
-    def _route(self, environ: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    def _route(self, environ: dict[str, Any]) -> Answer:
         prepared = environ.pop(PREPARED_ANSWER, None)
         if isinstance(prepared, Exception):
             raise prepared
@@ -432,12 +442,10 @@ class OipApp:
             return api.model_ready(parts[3]), b""
         raise HttpError(404, f"no such endpoint: GET {path}")
 
-    def _infer(self, environ: dict[str, Any], model: str, version: str | None) -> tuple[dict[str, Any], bytes]:
+    def _infer(self, environ: dict[str, Any], model: str, version: str | None) -> Answer:
         staged = self._stage(environ, model, version, _UNKNOWN)
         try:
-            outcome: tuple[dict[str, Any], bytes] | Exception = self.api.infer_decoded(
-                model, staged.header, staged.inputs, version
-            )
+            outcome: Answer | Exception = self.api.infer_decoded(model, staged.header, staged.inputs, version)
         except (InferenceError, ModelNotReadyError, BusyError) as e:
             outcome = e
         finally:
@@ -519,16 +527,15 @@ class OipApp:
         return parsed, held
 
     def _after(
-        self, environ: dict[str, Any], model: str, outcome: tuple[dict[str, Any], bytes] | Exception,
-        deadline_thread: bool | None = None,
-    ) -> tuple[dict[str, Any], bytes]:  # fmt: skip
+        self, environ: dict[str, Any], model: str, outcome: Answer | Exception, deadline_thread: bool | None = None
+    ) -> Answer:
         """Tell the fast path what an inference answer says of its route; the answer, or its error raised.
         ``deadline_thread``: whether the model's calls run on the deadline thread, if the caller knows."""
         if isinstance(outcome, (InferenceError, ModelNotReadyError, BusyError)):
             self._route_blocked(environ)  # the fallback chain was tried, or the device is full
         if isinstance(outcome, Exception):
             raise outcome
-        if "fallback_reason" in outcome[0]["parameters"]:
+        if isinstance(outcome[0], dict) and "fallback_reason" in outcome[0]["parameters"]:  # bytes: local answers
             self._route_blocked(environ)
         elif self.fast_path is not None and (
             self.api.waits_on_deadline_thread(model) if deadline_thread is None else deadline_thread

@@ -240,3 +240,43 @@ def test_any_requests_decoded_together_get_what_each_would_get_alone(
     allowed = {"x"} if allow else set()
     many = oip.decode_inputs_many(requests, allowed)
     assert [_outcome(r) for r in many] == [_alone(h, p, allowed) for h, p in requests]
+
+
+def _answers_one_by_one(head: dict[str, Any], outputs_list: list[dict[str, Any]], tail: dict[str, Any]) -> list[bytes]:
+    return [oip.dumps_answer({**head, "outputs": oip.encode_outputs(o, {}, False)[0], **tail}) for o in outputs_list]
+
+
+def _labels(*texts: Any) -> np.ndarray:
+    out = np.empty(len(texts), dtype=object)
+    out[:] = texts
+    return out
+
+
+HEAD = {"model_name": "m", "model_version": "3"}
+TAIL = {"parameters": {"source": "local", "latency_ms": 0.25, "postprocessed": True}}
+
+
+def test_answers_written_together_are_byte_for_byte_the_answers_written_one_by_one() -> None:
+    rng = np.random.default_rng(2)
+    alike = [{"scores": rng.random((1, 3), dtype=np.float32), "label": _labels("cat"), "index": np.array([2])}
+             for _ in range(4)]  # fmt: skip
+    odd = [
+        {**alike[0], "scores": np.array([[np.nan, 1.0, np.inf]], np.float32)},  # NaN is written as Python writes it
+        {**alike[1], "label": _labels(b"\xc3\xa9t\xc3\xa9")},  # bytes labels are decoded text
+        {**alike[2], "scores": rng.random((2, 3), dtype=np.float32)},  # two rows
+        {"index": np.array([1]), "scores": rng.random((1, 3), dtype=np.float32)},  # other names, other order
+        {**alike[3], "scores": rng.random((1, 3)).astype(np.float64)},  # another dtype
+        {**alike[0], "extra": np.zeros((1, 2, 2), np.float32)},  # three dimensions
+    ]
+    for outputs_list in (alike, alike + odd[:1], alike + odd[1:2], alike + odd[2:3], alike + odd[3:4], alike + odd[4:5],
+                         [*odd[5:], *odd[5:]], [alike[0]]):  # fmt: skip
+        assert oip.encode_answers_many(HEAD, outputs_list, TAIL) == _answers_one_by_one(HEAD, outputs_list, TAIL)
+    assert oip.encode_answers_many({}, alike, {}) == _answers_one_by_one({}, alike, {})
+
+
+@given(st.lists(_finite_arrays(np.dtype("float32")).filter(lambda a: a.ndim in (1, 2) and a.shape[0] == 1),
+                min_size=1, max_size=5))  # fmt: skip
+@settings(max_examples=100, deadline=None)
+def test_any_one_row_outputs_written_together_match_one_by_one(arrays: list[np.ndarray]) -> None:
+    outputs_list = [{"y": a, "label": _labels(str(i))} for i, a in enumerate(arrays)]
+    assert oip.encode_answers_many(HEAD, outputs_list, TAIL) == _answers_one_by_one(HEAD, outputs_list, TAIL)
