@@ -148,69 +148,80 @@ def decode_inputs_many(
 ) -> list[dict[str, np.ndarray] | InputError]:
     """:func:`decode_inputs` for several requests: each gets its tensors or its own :class:`InputError`.
 
-    The requests whose only input is a flat list of JSON numbers with the first one's name, datatype and
-    length (a server's concurrent batch-1 requests, typically) are converted by one numpy call and checked
-    for NaN and infinities in one pass; their arrays are rows of one array, which nobody else holds. A request
-    that is anything else, or whose row fails a check, is decoded alone by :func:`decode_inputs`, so its
-    tensors and its error are exactly what it would get alone.
+    Requests whose only input is alike (the same name and datatype, and either a flat list of as many JSON
+    numbers or as many bytes of the binary extension: a server's concurrent batch-1 requests, typically)
+    are converted by one numpy call and checked for NaN and infinities in one pass; their arrays are rows of
+    one array, which nobody else holds. A request that is anything else, or whose row fails a check, is
+    decoded alone by :func:`decode_inputs`, so its tensors and its error are exactly what it would get alone.
     """
     results: list[dict[str, np.ndarray] | InputError | None] = [None] * len(requests)
-    alike: list[tuple[int, Mapping[str, Any]]] = []
+    groups: dict[tuple[str, str, str, int], list[tuple[int, Mapping[str, Any]]]] = {}
     for index, (header, payload) in enumerate(requests):
-        spec = _flat_json_input(header, payload)
-        if spec is not None and (not alike or _same_kind(spec, alike[0][1])):
-            alike.append((index, spec))
-        else:
+        found = _one_input(header, payload)
+        if found is None:
             results[index] = _decoded_or_error(header, payload, allow_non_finite)
-    if len(alike) > 1:
-        _decode_alike(requests, alike, allow_non_finite, results)
-    else:
-        for index, _ in alike:
-            results[index] = _decoded_or_error(*requests[index], allow_non_finite)
+        else:
+            groups.setdefault(found[0], []).append((index, found[1]))
+    for kind, members in groups.items():
+        rows = _alike_rows(kind, members, requests) if len(members) > 1 else None
+        _take_rows(kind[1], rows, members, requests, allow_non_finite, results)
     return [r if r is not None else InputError("not decoded") for r in results]
 
 
-def _flat_json_input(header: Mapping[str, Any], payload: bytes) -> Mapping[str, Any] | None:
-    """The request's one input spec when it is a flat list of JSON numbers and nothing else is sent, else None."""
+def _one_input(header: Mapping[str, Any], payload: bytes) -> tuple[tuple[str, str, str, int], Mapping[str, Any]] | None:
+    """(form, name, datatype, size) of the request's one numeric input and its spec, when it is a flat list of
+    JSON numbers (size: their count) or the whole binary payload (size: its bytes); else None."""
     specs = header.get("inputs")
-    if payload or not isinstance(specs, list) or len(specs) != 1 or not isinstance(specs[0], dict):
+    if not isinstance(specs, list) or len(specs) != 1 or not isinstance(specs[0], dict):
         return None
     spec = specs[0]
-    data, name, datatype = spec.get("data"), spec.get("name"), spec.get("datatype")
-    if spec.get("parameters") or not isinstance(name, str) or not name or not isinstance(datatype, str):
+    name, datatype, parameters = spec.get("name"), spec.get("datatype"), spec.get("parameters")
+    if not isinstance(name, str) or not name or not isinstance(datatype, str) or datatype not in _NUMERIC:
         return None
-    if datatype not in _NUMERIC or not isinstance(data, list):
+    if parameters:
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if type(size) is not int or not 0 < size == len(payload) or size % _NATIVE_DTYPES[datatype].itemsize:
+            return None
+        return ("binary", name, datatype, size), spec
+    data = spec.get("data")
+    if payload or not isinstance(data, list) or not data or isinstance(data[0], list):
         return None
-    return spec if data and not isinstance(data[0], list) else None
+    return ("json", name, datatype, len(data)), spec
 
 
-def _same_kind(spec: Mapping[str, Any], first: Mapping[str, Any]) -> bool:
-    return (
-        spec["name"] == first["name"]
-        and spec["datatype"] == first["datatype"]
-        and len(spec["data"]) == len(first["data"])
-    )
-
-
-def _decode_alike(
-    requests: Sequence[tuple[Mapping[str, Any], bytes]], alike: list[tuple[int, Mapping[str, Any]]],
-    allow_non_finite: Collection[str], results: list[dict[str, np.ndarray] | InputError | None],
-) -> None:  # fmt: skip
-    """Decode requests of one flat input of the same name, datatype and length with one conversion."""
-    first = alike[0][1]
-    name, dtype = first["name"], DATATYPES[first["datatype"]]
+def _alike_rows(
+    kind: tuple[str, str, str, int], members: list[tuple[int, Mapping[str, Any]]],
+    requests: Sequence[tuple[Mapping[str, Any], bytes]],
+) -> np.ndarray | None:  # fmt: skip
+    """The alike inputs as the rows of one 2-D array (None when one of them does not convert: each alone
+    then says which)."""
+    form, _, datatype, _ = kind
+    if form == "binary":
+        joined = b"".join(requests[index][1] for index, _ in members)
+        flat = np.frombuffer(joined, dtype=_WIRE_DTYPES[datatype]).astype(_NATIVE_DTYPES[datatype])
+        return flat.reshape(len(members), -1)
     try:
-        rows = _json_numbers([spec["data"] for _, spec in alike], dtype)
+        rows = _json_numbers([spec["data"] for _, spec in members], DATATYPES[datatype])
     except (ValueError, TypeError, OverflowError):
-        rows = None  # a string, a nested list, an inexact integer somewhere: each alone says which
-    if rows is None or rows.ndim != 2:
-        for index, _ in alike:
+        return None  # a string, a nested list, an inexact integer somewhere
+    return rows if rows.ndim == 2 else None
+
+
+def _take_rows(
+    name: str, rows: np.ndarray | None, members: list[tuple[int, Mapping[str, Any]]],
+    requests: Sequence[tuple[Mapping[str, Any], bytes]], allow_non_finite: Collection[str],
+    results: list[dict[str, np.ndarray] | InputError | None],
+) -> None:  # fmt: skip
+    """Each member's row reshaped to its declared shape; a member whose shape or values do not pass (or all of
+    them, without ``rows``) decoded alone."""
+    if rows is None:
+        for index, _ in members:
             results[index] = _decoded_or_error(*requests[index], allow_non_finite)
         return
     finite = None
     if name not in allow_non_finite and rows.dtype.kind == "f":
         finite = np.isfinite(rows).all(axis=1)
-    for row, (index, spec) in enumerate(alike):
+    for row, (index, spec) in enumerate(members):
         shape: Any = spec.get("shape")
         fits = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
         if fits and math.prod(shape) == rows.shape[1] and (finite is None or finite[row]):

@@ -280,3 +280,28 @@ def test_answers_written_together_are_byte_for_byte_the_answers_written_one_by_o
 def test_any_one_row_outputs_written_together_match_one_by_one(arrays: list[np.ndarray]) -> None:
     outputs_list = [{"y": a, "label": _labels(str(i))} for i, a in enumerate(arrays)]
     assert oip.encode_answers_many(HEAD, outputs_list, TAIL) == _answers_one_by_one(HEAD, outputs_list, TAIL)
+
+
+@st.composite
+def binary_requests(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
+    datatype = draw(st.sampled_from(["FP32", "FP16", "INT64", "UINT8"]))
+    dtype = np.dtype(oip.DATATYPES[datatype])
+    n = draw(st.sampled_from([3, 4]))
+    elements = None if dtype.kind != "f" else st.floats(width=16, allow_nan=True, allow_infinity=True)
+    array = draw(hnp.arrays(dtype, (n,), elements=elements))
+    payload = array.tobytes()
+    payload += draw(st.sampled_from([b"", b"", b"\x00"]))  # a byte that no input claims, now and then
+    size = draw(st.sampled_from([len(payload), len(payload), len(payload) - 1]))
+    shape = draw(st.sampled_from([[1, n], [n], [2, 2]]))
+    spec = {"name": "x", "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": size}}
+    return {"inputs": [spec]}, payload
+
+
+@given(st.lists(st.one_of(binary_requests(), json_requests()), min_size=2, max_size=8), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_any_binary_and_json_requests_decoded_together_get_what_each_would_get_alone(
+    requests: list[tuple[dict[str, Any], bytes]], allow: bool
+) -> None:
+    allowed = {"x"} if allow else set()
+    many = oip.decode_inputs_many(requests, allowed)
+    assert [_outcome(r) for r in many] == [_alone(h, p, allowed) for h, p in requests]
