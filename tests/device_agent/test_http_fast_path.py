@@ -360,6 +360,28 @@ def test_a_bad_request_among_requests_answered_together_gets_its_own_error_and_t
     assert "x" in answers[3][1]["error"] and "datatype ['FP32']" in answers[6][1]["error"]
 
 
+def test_a_prepare_call_that_fails_leaves_each_request_to_be_answered_alone_from_its_body(agent: Agent) -> None:
+    """A bug in answering together must not cost the requests of the pass: each is read again and answered."""
+    server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
+    rng = np.random.default_rng(9)
+    xs = [rng.normal(size=(1, 4)).astype(np.float32) for _ in range(6)]
+    expected = [agent.predict({"x": x}).outputs["class_index"].ravel().tolist() for x in xs]
+
+    def broken(environs: list[dict[str, Any]]) -> None:
+        for environ in environs:
+            environ["wsgi.input"].read()  # what a prepare call does first
+        raise RuntimeError("a bug in prepare_together")
+
+    try:
+        warm_inline(server, xs[0])
+        server.dispatcher.prepare = broken
+        answers, _ = burst(server, [json.dumps(infer_body(x)).encode() for x in xs])
+    finally:
+        server.stop()
+    assert [status for status, _ in answers] == [200] * len(xs)
+    assert [{o["name"]: o for o in a["outputs"]}["class_index"]["data"] for _, a in answers] == expected
+
+
 def test_requests_for_a_version_the_device_does_not_serve_are_refused_together_with_404(agent: Agent) -> None:
     server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
     x = np.zeros((1, 4), np.float32)
