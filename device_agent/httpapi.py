@@ -443,7 +443,7 @@ class OipApp:
         raise HttpError(404, f"no such endpoint: GET {path}")
 
     def _infer(self, environ: dict[str, Any], model: str, version: str | None) -> Answer:
-        staged = self._stage(environ, model, version, _UNKNOWN)
+        staged = self._stage(environ, model, version)
         try:
             outcome: Answer | Exception = self.api.infer_decoded(model, staged.header, staged.inputs, version)
         except (InferenceError, ModelNotReadyError, BusyError) as e:
@@ -458,13 +458,10 @@ class OipApp:
         self.api.check_target(model, version)
         return self.api.manifest(model)
 
-    def _stage(
-        self, environ: dict[str, Any], model: str, version: str | None, manifest: Manifest | None | _Unknown
-    ) -> _Staged:
+    def _stage(self, environ: dict[str, Any], model: str, version: str | None) -> _Staged:
         """An inference request up to its decoded inputs (404, limits, inflation, parsing), its parse cost held
-        in the memory budget (the caller releases ``cost``). ``manifest``: the route's, when already checked."""
-        if isinstance(manifest, _Unknown):
-            manifest = self._target_manifest(model, version)
+        in the memory budget (the caller releases ``cost``)."""
+        manifest = self._target_manifest(model, version)
         header, payload, cost = self._parse(environ, model, manifest)
         try:
             return _Staged(header, self.api.decode(header, payload, manifest), cost)
@@ -608,13 +605,6 @@ class OipApp:
 
 
 _OPENAI_MAX_BODY_BYTES = 4 * 2**20
-
-
-class _Unknown:
-    """Stands for "the manifest is not looked up yet" (None is a result: no local schema)."""
-
-
-_UNKNOWN = _Unknown()
 
 
 class _Staged(NamedTuple):

@@ -236,70 +236,82 @@ def test_inline_answers_to_pipelined_requests_come_back_whole_in_order_then_the_
 def test_inline_answers_computed_together_each_reach_their_own_connection_whole(agent: Agent) -> None:
     """Requests read in the same loop pass are computed first and their answers sent together at its end:
     each connection gets its own answer, whole, and ``Connection: close`` closes each after it."""
-    recorder = ThreadRecorder(agent)
-    server = AgentHttpServer(recorder, "127.0.0.1", 0, settings=TOLERANT).start()
-    batches: list[int] = []
-    run_pending = server.dispatcher.run_pending
-    server.dispatcher.run_pending = lambda: (batches.append(len(server.dispatcher._pending)), run_pending())[1]
+    server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
     rng = np.random.default_rng(5)
     xs = [rng.normal(size=(1, 4)).astype(np.float32) for _ in range(8)]
     expected = [agent.predict({"x": x}).outputs["class_index"].ravel().tolist() for x in xs]
-    host, port = server.url.removeprefix("http://").split(":")
     try:
-        with httpx.Client(base_url=server.url) as client:
-            for _ in range(50):  # until the route runs inline
-                client.post(INFER, json=infer_body(xs[0]))
-        for _ in range(20):  # until one loop pass has read several of them (usually the first burst)
-            batches.clear()
-            sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in xs]
-            for sock, x in zip(sockets, xs, strict=True):
-                body = json.dumps(infer_body(x)).encode()
-                sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                             f"Connection: close\r\n\r\n".encode() + body)  # fmt: skip
-            answers = []
-            for sock in sockets:
-                with sock:
-                    received = b""
-                    while chunk := sock.recv(65536):  # ends when the server closes the connection
-                        received += chunk
-                head, _, rest = received.partition(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 200"), head
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                assert len(rest) == length, "one whole answer, then the connection closed"
-                answers.append({o["name"]: o for o in json.loads(rest)["outputs"]}["class_index"]["data"])
-            assert answers == expected
-            if max(batches, default=0) > 1:
-                break
+        warm_inline(server, xs[0])
+        answers, prepared = burst(server, [json.dumps(infer_body(x)).encode() for x in xs])
     finally:
         server.stop()
-    assert max(batches, default=0) > 1, f"no loop pass served several requests: {batches}"
+    assert [status for status, _ in answers] == [200] * len(xs)
+    assert [{o["name"]: o for o in a["outputs"]}["class_index"]["data"] for _, a in answers] == expected
+    assert prepared == [len(xs)], "one loop pass read them all"
+
+
+class HeldLoop:
+    """Holds the server's I/O thread before it serves its next pass of requests, until :meth:`release`: what
+    is sent meanwhile waits in the sockets, and the next pass reads it all (one pass, several requests)."""
+
+    def __init__(self, server: AgentHttpServer) -> None:
+        self.held, self.released = threading.Event(), threading.Event()
+        dispatcher = server.dispatcher
+        run_pending = dispatcher.run_pending
+
+        def gated() -> None:
+            if dispatcher.has_pending and not self.released.is_set():
+                self.held.set()
+                self.released.wait(10)
+            run_pending()
+
+        dispatcher.run_pending = gated  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        self.released.set()
 
 
 def burst(server: AgentHttpServer, bodies: list[bytes], path: str = INFER) -> tuple[list[tuple[int, Any]], list[int]]:
-    """Send each body on its own connection at once, until one ``prepare_together`` call took several of them;
-    the answers (status, JSON) in the bodies' order, and the sizes of the prepare calls of the last burst."""
+    """Send each body on its own connection while the I/O thread is held (behind an opening request of the
+    route), so that one loop pass reads them all; the answers (status, JSON) in the bodies' order, each whole
+    and its connection closed after it, and the number of requests each ``prepare_together`` call took."""
     prepared: list[int] = []
     prepare = server.dispatcher.prepare
     assert prepare is not None
     server.dispatcher.prepare = lambda environs: (prepared.append(len(environs)), prepare(environs))[1]
+    held = HeldLoop(server)
     host, port = server.url.removeprefix("http://").split(":")
-    for _ in range(20):  # usually the first burst
-        prepared.clear()
-        sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in bodies]
-        for sock, body in zip(sockets, bodies, strict=True):
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    opening = json.dumps(infer_body(np.zeros((1, 4), np.float32))).encode()
+    sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in range(len(bodies) + 1)]
+    accepted(server, sockets)  # waitress accepts one connection per loop pass: none may be left for later
+    try:
+        for i, (sock, body) in enumerate(zip(sockets, [opening, *bodies], strict=True)):
+            sock.sendall(f"POST {INFER if i == 0 else path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)  # fmt: skip
-        answers = []
-        for sock in sockets:
-            with sock:
-                received = b""
-                while chunk := sock.recv(65536):
-                    received += chunk
-            head, _, rest = received.partition(b"\r\n\r\n")
-            answers.append((int(head.split(b" ")[1]), json.loads(rest)))
-        if max(prepared, default=0) > 1:
-            return answers, prepared
-    raise AssertionError("no loop pass served several requests")
+            if i == 0:
+                assert held.held.wait(10), "the opening request never reached the fast lane"
+    finally:
+        held.release()
+    answers = []
+    for sock in sockets:
+        with sock:
+            received = b""
+            while chunk := sock.recv(65536):  # ends when the server closes the connection
+                received += chunk
+        head, _, rest = received.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert len(rest) == length, "one whole answer, then the connection closed"
+        answers.append((int(head.split(b" ")[1]), json.loads(rest)))
+    return answers[1:], prepared
+
+
+def accepted(server: AgentHttpServer, sockets: list[socket.socket]) -> None:
+    """Wait until the server has accepted every one of ``sockets`` (each has its channel)."""
+    ports = {sock.getsockname()[1] for sock in sockets}
+    deadline = time.monotonic() + 10
+    while not ports <= {channel.addr[1] for channel in list(server.server.active_channels.values())}:
+        assert time.monotonic() < deadline, "the server did not accept the connections"
+        time.sleep(0.001)
 
 
 def warm_inline(server: AgentHttpServer, x: np.ndarray) -> None:
@@ -337,7 +349,7 @@ def test_requests_read_in_one_loop_pass_are_answered_by_one_model_call_each_its_
         assert outputs["class_index"]["data"] == want["class_index"].ravel().tolist()
         np.testing.assert_allclose(outputs["probabilities"]["data"], want["probabilities"].ravel(), rtol=1e-5)
         assert answer["parameters"]["source"] == "local"
-    assert max(recorder.together) > 1 and max(recorder.together) == max(prepared), (recorder.together, prepared)
+    assert prepared == [len(xs)] and recorder.together == [len(xs)], "one pass, one model call for all"
 
 
 def test_a_bad_request_among_requests_answered_together_gets_its_own_error_and_the_others_their_answers(
@@ -391,10 +403,10 @@ def test_requests_for_a_version_the_device_does_not_serve_are_refused_together_w
         with httpx.Client(base_url=server.url) as client:
             for _ in range(10):  # the 404 route is measured fast too
                 assert client.post(path, json=infer_body(x)).status_code == 404
-        answers, _ = burst(server, [json.dumps(infer_body(x)).encode()] * 4, path)
+        answers, prepared = burst(server, [json.dumps(infer_body(x)).encode()] * 4, path)
     finally:
         server.stop()
-    assert [status for status, _ in answers] == [404] * 4
+    assert [status for status, _ in answers] == [404] * 4 and prepared == [4]
     assert all("version 9 is not on this device" in answer["error"] for _, answer in answers)
 
 
