@@ -502,7 +502,9 @@ class OipApp:
     ) -> tuple[list[tuple[dict[str, Any], dict[str, Any], bytes]], int]:
         """:meth:`_parse` for a route's requests: (environ, header, payload) of those parsed, and the budget
         they hold (the caller releases it). Their parse costs are reserved with one lock round trip when they
-        fit now; otherwise each waits for its own. A request that fails gets its error as its answer."""
+        fit now; otherwise each that fits beside those reserved is, and the rest are left to their own turn,
+        their body read again (never waiting here: the budget they would wait for is their neighbours', held on
+        this thread until the group is answered). A request that fails gets its error as its answer."""
         bodies: list[tuple[dict[str, Any], bytes, bytes, int]] = []
         for environ in environs:
             try:
@@ -514,10 +516,12 @@ class OipApp:
         held = total if reserved_together else 0
         parsed: list[tuple[dict[str, Any], dict[str, Any], bytes]] = []
         for environ, header_bytes, payload, cost in bodies:
+            if not reserved_together:
+                if not self.budget.try_acquire(cost):
+                    environ["wsgi.input"].seek(0)  # served alone on its turn: it waits for room, as it would alone
+                    continue
+                held += cost
             try:
-                if not reserved_together:
-                    self.budget.acquire(cost)  # held with the others until the group is answered
-                    held += cost
                 parsed.append((environ, oip.parse_header(header_bytes, allow_constants=True), payload))
             except Exception as e:  # noqa: BLE001 - as above
                 environ[PREPARED_ANSWER] = e
