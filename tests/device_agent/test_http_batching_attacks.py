@@ -382,3 +382,29 @@ def test_pipelined_requests_among_a_pass_answered_together_each_get_their_answer
     got += [Reply(read_all(sock)) for sock in sockets[1:]]
     assert max(gate.prepared) >= 5, gate.prepared
     assert_same_answers(got, [alone(server, http_request(body)) for body in bodies])
+
+
+def test_answers_computed_together_are_sent_by_the_workers_when_the_engine_fills_up_meanwhile(
+    served: tuple[AgentHttpServer, Gate],
+) -> None:
+    """Once a pass's answers are computed, a request whose turn comes when the engine has no free slot is
+    handed to a worker (the I/O thread never waits for admission): the worker sends the answer computed."""
+    server, gate = served
+    full = threading.Event()
+    has_room = server.fast_path.has_room
+    server.fast_path.has_room = lambda: not full.is_set() and has_room()  # type: ignore[method-assign]
+    prepare = server.dispatcher.prepare
+    assert prepare is not None
+
+    def prepare_then_fill(environs: list[dict[str, Any]]) -> None:
+        prepare(environs)
+        full.set()  # as if other requests took every slot meanwhile
+
+    server.dispatcher.prepare = prepare_then_fill
+    requests = [http_request(x_body(row(i))) for i in range(3)] + [http_request(b"{not json")]
+    requests += [http_request(x_body(row(3), id="seven", outputs=[{"name": "label"}]))]
+    got = together(server, gate, requests)
+    full.clear()
+    assert max(gate.prepared) == len(requests), gate.prepared
+    assert_same_answers(got, [alone(server, r) for r in requests])
+    assert server.app.budget.reserved_bytes == 0
