@@ -236,8 +236,9 @@ class FastPathDispatcher:
         (appended to ``served``); answered together when there are several; measured once for them all."""
         wall_began, cpu_began = time.perf_counter(), time.thread_time()
         if len(channels) > 1 and self.prepare is not None and self.fast_path.has_room():
-            environs = [prepared_environ(channel) for channel in channels]
+            environs: list[dict[str, Any]] = []
             try:
+                environs += (prepared_environ(channel) for channel in channels)
                 self.prepare(environs)
             except Exception:  # a bug: each request is then served alone, from its body again
                 log.exception("http: unexpected error answering %d requests of %s together", len(channels), route)

@@ -394,6 +394,35 @@ def test_a_prepare_call_that_fails_leaves_each_request_to_be_answered_alone_from
     assert [{o["name"]: o for o in a["outputs"]}["class_index"]["data"] for _, a in answers] == expected
 
 
+def test_a_request_whose_environ_cannot_be_built_ahead_leaves_the_pass_to_be_answered_alone(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error while building the pass's environs must not stop the I/O thread (nothing would answer)."""
+    from device_agent import fastpath
+
+    server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
+    built = fastpath.prepared_environ
+    calls = [0]
+
+    def second_fails(channel: Any) -> dict[str, Any]:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("an environ that cannot be built")
+        return built(channel)
+
+    x = np.zeros((1, 4), np.float32)
+    try:
+        warm_inline(server, x)
+        monkeypatch.setattr(fastpath, "prepared_environ", second_fails)
+        answers, prepared = burst(server, [json.dumps(infer_body(x)).encode()] * 4)
+        monkeypatch.undo()
+        with httpx.Client(base_url=server.url) as client:
+            assert client.post(INFER, json=infer_body(x)).status_code == 200, "the server still answers"
+    finally:
+        server.stop()
+    assert [status for status, _ in answers] == [200] * 4 and prepared == [] and calls[0] == 2
+
+
 def test_requests_for_a_version_the_device_does_not_serve_are_refused_together_with_404(agent: Agent) -> None:
     server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
     x = np.zeros((1, 4), np.float32)
