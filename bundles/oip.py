@@ -470,13 +470,13 @@ def _row_tensor_bytes(name: str, arrays: list[Any]) -> list[bytes] | None:
     stacked = np.concatenate(arrays)
     if dtype.kind == "f" and not np.isfinite(stacked).all():
         return None  # NaN and infinities are written as Python writes them, by dumps_answer
-    rows = stacked.tolist()
-    if datatype == "BYTES":
-        rows = [[_text(v) for v in row] for row in rows] if first.ndim == 2 else [_text(v) for v in rows]
-    prefix = dumps_answer({"name": name, "shape": list(shape), "datatype": datatype})[:-1] + b',"data":'
-    if first.ndim == 1:
-        return [prefix + jsonio.dumps([v]) + b"}" for v in rows]
-    return [prefix + jsonio.dumps(row) + b"}" for row in rows]
+    rows = stacked.reshape(len(arrays), -1).tolist()  # each answer's data, flat
+    prefix = dumps_answer({"name": name, "shape": list(shape), "datatype": datatype})[:-1] + b',"data":['
+    if datatype == "BYTES":  # text may hold anything: written answer by answer
+        return [prefix + jsonio.dumps([_text(v) for v in row])[1:] + b"}" for row in rows]
+    # Numbers never hold "],[": the whole column is written once and cut between its rows.
+    pieces = jsonio.dumps(rows)[2:-2].split(b"],[")
+    return [prefix + piece + b"]}" for piece in pieces]
 
 
 # --- the client's side -------------------------------------------------------------------------------

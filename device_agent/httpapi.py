@@ -269,7 +269,7 @@ def _encoded_together(
     :meth:`InferenceApi.answer` and ``dumps_answer`` would give). Their provenance is the shared call's."""
     if results is None:
         return {}
-    plain = [i for i, (header, _) in enumerate(requests) if not ({"outputs", "parameters", "id"} & header.keys())]
+    plain = [i for i, (h, _) in enumerate(requests) if "outputs" not in h and "parameters" not in h and "id" not in h]
     if len(plain) < 2:
         return {}
     first = results[plain[0]]
@@ -583,6 +583,9 @@ class OipApp:
             self.budget.release(cost)
         deadline_thread = self.api.waits_on_deadline_thread(model)  # once for the route's requests
         for (environ, _, _), outcome in zip(staged, outcomes, strict=True):
+            if not deadline_thread and type(outcome) is tuple and type(outcome[0]) is bytes:
+                environ[PREPARED_ANSWER] = outcome  # a local answer written together: nothing to tell the lane
+                continue
             try:
                 environ[PREPARED_ANSWER] = self._after(environ, model, outcome, deadline_thread)
             except Exception as e:  # noqa: BLE001 - as above

@@ -267,9 +267,10 @@ def test_answers_written_together_are_byte_for_byte_the_answers_written_one_by_o
         {"index": np.array([1]), "scores": rng.random((1, 3), dtype=np.float32)},  # other names, other order
         {**alike[3], "scores": rng.random((1, 3)).astype(np.float64)},  # another dtype
         {**alike[0], "extra": np.zeros((1, 2, 2), np.float32)},  # three dimensions
+        {**alike[1], "empty": np.zeros((1, 0), np.float32)},  # no values
     ]
     for outputs_list in (alike, alike + odd[:1], alike + odd[1:2], alike + odd[2:3], alike + odd[3:4], alike + odd[4:5],
-                         [*odd[5:], *odd[5:]], [alike[0]]):  # fmt: skip
+                         [*odd[5:6], *odd[5:6]], [odd[6]] * 3, [alike[0]]):  # fmt: skip
         assert oip.encode_answers_many(HEAD, outputs_list, TAIL) == _answers_one_by_one(HEAD, outputs_list, TAIL)
     assert oip.encode_answers_many({}, alike, {}) == _answers_one_by_one({}, alike, {})
 
