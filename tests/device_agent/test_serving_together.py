@@ -17,7 +17,7 @@ import pytest
 from bundles.errors import InputError
 from bundles.testing import write_manifest
 from device_agent.inference import LocalEngine
-from device_agent.serving import ServingConfig, ServingPipeline
+from device_agent.serving import DeadlineGuard, ServingConfig, ServingPipeline
 from device_agent.telemetry.buffer import TelemetryBuffer
 from device_agent.telemetry.recorder import TelemetryRecorder, TelemetrySettings
 from tests.device_agent.telemetry.conftest import make_bundle
@@ -68,6 +68,16 @@ def engine_for(root: Path, dim_ranges: dict[str, tuple[int, int]] | None = None,
     engine = LocalEngine()
     engine.load("tiny", root, "onnx-fp32")
     return CountingEngine(engine)
+
+
+def run_inline(pipeline: ServingPipeline) -> DeadlineGuard:
+    """Answer requests one by one until the deadline guard lets the model run inline; its guard."""
+    guard = pipeline.deadline_guard("tiny")
+    assert guard is not None
+    for inputs in rows(guard.MIN_SAMPLES):
+        pipeline.predict("tiny", inputs)
+    assert guard.inline
+    return guard
 
 
 def test_requests_answered_together_take_one_model_call_and_answer_as_each_would_alone(tmp_path: Path) -> None:
@@ -149,11 +159,8 @@ def test_a_deadline_bound_model_runs_together_once_it_runs_inline_and_its_guard_
 ) -> None:
     engine = engine_for(tmp_path / "b", deadline_ms=10_000.0)
     pipeline = ServingPipeline(engine, ServingConfig(inline_deadline_margin=1.0))
-    guard = pipeline.deadline_guard("tiny")
-    assert guard is not None and pipeline.predict_together("tiny", rows(3)) is None, "raced on its thread at first"
-    for inputs in rows(guard.MIN_SAMPLES):
-        pipeline.predict("tiny", inputs)
-    assert guard.inline
+    assert pipeline.predict_together("tiny", rows(3)) is None, "raced on its thread at first"
+    guard = run_inline(pipeline)
     seen = guard.count
     assert pipeline.predict_together("tiny", rows(3)) is not None and engine.batch_calls == [3]
     assert guard.count == seen + 1
@@ -164,10 +171,7 @@ def test_a_shared_call_past_the_deadline_counts_as_a_miss_and_leaves_requests_to
 ) -> None:
     engine = engine_for(tmp_path / "b", deadline_ms=10_000.0)
     pipeline = ServingPipeline(engine, ServingConfig(inline_deadline_margin=1.0))
-    guard = pipeline.deadline_guard("tiny")
-    assert guard is not None
-    for inputs in rows(guard.MIN_SAMPLES):
-        pipeline.predict("tiny", inputs)
+    guard = run_inline(pipeline)
     guard.deadline_s = 1e-9  # every call is late now
     assert pipeline.predict_together("tiny", rows(3)) is None
     assert guard.misses == 1 and not guard.inline
