@@ -232,16 +232,6 @@ def json_requests(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
     return _json_input(data, shape=shape, datatype=draw(st.sampled_from(["FP32", "FP64", "INT32", "FP16"]))), b""
 
 
-@given(st.lists(json_requests(), min_size=2, max_size=8), st.booleans())
-@settings(max_examples=200, deadline=None)
-def test_any_requests_decoded_together_get_what_each_would_get_alone(
-    requests: list[tuple[dict[str, Any], bytes]], allow: bool
-) -> None:
-    allowed = {"x"} if allow else set()
-    many = oip.decode_inputs_many(requests, allowed)
-    assert [_outcome(r) for r in many] == [_alone(h, p, allowed) for h, p in requests]
-
-
 def _answers_one_by_one(head: dict[str, Any], outputs_list: list[dict[str, Any]], tail: dict[str, Any]) -> list[bytes]:
     return [oip.dumps_answer({**head, "outputs": oip.encode_outputs(o, {}, False)[0], **tail}) for o in outputs_list]
 
@@ -300,7 +290,7 @@ def binary_requests(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
 
 @given(st.lists(st.one_of(binary_requests(), json_requests()), min_size=2, max_size=8), st.booleans())
 @settings(max_examples=200, deadline=None)
-def test_any_binary_and_json_requests_decoded_together_get_what_each_would_get_alone(
+def test_any_requests_decoded_together_json_or_binary_get_what_each_would_get_alone(
     requests: list[tuple[dict[str, Any], bytes]], allow: bool
 ) -> None:
     allowed = {"x"} if allow else set()

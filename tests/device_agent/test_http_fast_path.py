@@ -233,23 +233,6 @@ def test_inline_answers_to_pipelined_requests_come_back_whole_in_order_then_the_
     assert recorder.threads == [IO_THREAD] * len(xs), recorder.threads
 
 
-def test_inline_answers_computed_together_each_reach_their_own_connection_whole(agent: Agent) -> None:
-    """Requests read in the same loop pass are computed first and their answers sent together at its end:
-    each connection gets its own answer, whole, and ``Connection: close`` closes each after it."""
-    server = AgentHttpServer(agent, "127.0.0.1", 0, settings=TOLERANT).start()
-    rng = np.random.default_rng(5)
-    xs = [rng.normal(size=(1, 4)).astype(np.float32) for _ in range(8)]
-    expected = [agent.predict({"x": x}).outputs["class_index"].ravel().tolist() for x in xs]
-    try:
-        warm_inline(server, xs[0])
-        answers, prepared = burst(server, [json.dumps(infer_body(x)).encode() for x in xs])
-    finally:
-        server.stop()
-    assert [status for status, _ in answers] == [200] * len(xs)
-    assert [{o["name"]: o for o in a["outputs"]}["class_index"]["data"] for _, a in answers] == expected
-    assert prepared == [len(xs)], "one loop pass read them all"
-
-
 class HeldLoop:
     """Holds the server's I/O thread before it serves its next pass of requests, until :meth:`release`: what
     is sent meanwhile waits in the sockets, and the next pass reads it all (one pass, several requests)."""
@@ -333,6 +316,8 @@ class TogetherRecorder(ThreadRecorder):
 
 
 def test_requests_read_in_one_loop_pass_are_answered_by_one_model_call_each_its_own_answer(agent: Agent) -> None:
+    """Their answers are computed together and sent together at the pass's end: each connection gets its own
+    answer, whole, and ``Connection: close`` closes each after it (``burst`` checks both)."""
     recorder = TogetherRecorder(agent)
     server = AgentHttpServer(recorder, "127.0.0.1", 0, settings=TOLERANT).start()
     rng = np.random.default_rng(8)
